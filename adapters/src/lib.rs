@@ -1,0 +1,361 @@
+//! Provider dialects for wsbridge, and faithful simulators of the providers' servers.
+//!
+//! Each provider gets one module (`voicepact`, `voipbin`, `hashi`) that owns *every* wire shape
+//! of that provider: how to build the connect request and its credentials, the subscribe and
+//! unsubscribe frames, the heartbeat and what answers it, which inbound frames are control
+//! frames and how every event frame decodes into a [`DecodedEvent`]. The same module's `sim`
+//! submodule is the simulator of that provider's server, so an adapter and its simulator change
+//! together and cannot drift apart.
+//!
+//! The crate is deliberately free of the bridge's runtime concerns (journal, routing, fan-out):
+//! an adapter is a pure translator between one connection's frames and provider-neutral events,
+//! which keeps the golden tests exact and the adapters easy to add.
+
+pub mod hashi;
+pub mod sim;
+pub mod voicepact;
+pub mod voipbin;
+
+mod canonical;
+mod secret;
+mod time;
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+
+pub use canonical::{canonical_json, event_id};
+pub use secret::Secret;
+pub use time::parse_provider_time;
+
+/// The providers wsbridge speaks to. The name is the envelope's `provider` extension and the
+/// prefix of every event type, so it is part of the external contract.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Provider {
+    /// VoicePact: `type` dialect, one connection per `client_id`, no auth.
+    VoicePact,
+    /// VoIPBIN: `event_type` dialect, token auth, topic subscriptions.
+    Voipbin,
+    /// Hashi: wrapped `contract:event` dialect, token auth, lobby rooms.
+    Hashi,
+}
+
+impl Provider {
+    /// Every provider, in a stable order (used by the demo and `check-config` messages).
+    pub const ALL: [Provider; 3] = [Provider::VoicePact, Provider::Voipbin, Provider::Hashi];
+
+    /// The lower-case name used in config (`adapter = "voipbin"`) and in envelopes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Provider::VoicePact => "voicepact",
+            Provider::Voipbin => "voipbin",
+            Provider::Hashi => "hashi",
+        }
+    }
+}
+
+impl fmt::Display for Provider {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Provider {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Provider::ALL
+            .into_iter()
+            .find(|p| p.name() == s)
+            .ok_or_else(|| {
+                format!(
+                    "unknown adapter {s:?}; expected one of \"voicepact\", \"voipbin\", \"hashi\""
+                )
+            })
+    }
+}
+
+/// What an adapter needs to know about the one upstream connection it serves. The bridge's
+/// config layer validates these before an adapter is built, so adapters only re-check what
+/// their own wire format requires.
+#[derive(Clone, Debug)]
+pub struct UpstreamSettings {
+    /// The configured base URL; each adapter appends its own path or query (see its module).
+    pub url: url::Url,
+    /// VoicePact's connection identity (appended as the last path segment).
+    pub client_id: Option<String>,
+    /// Bearer token for VoIPBIN and Hashi; sent as `?token=` and never logged.
+    pub token: Option<Secret>,
+    /// VoIPBIN topic subscriptions (`<scope>:<scope_id>:<resource>:<resource_id>`).
+    pub topics: Vec<String>,
+    /// Hashi lobby rooms to join.
+    pub lobbies: Vec<String>,
+}
+
+/// Why an adapter could not be built from its settings.
+#[derive(Debug, thiserror::Error)]
+pub enum AdapterError {
+    /// A setting the adapter needs is absent.
+    #[error("{provider} needs `{key}`")]
+    Missing {
+        /// The provider whose adapter refused.
+        provider: Provider,
+        /// The config key that is missing.
+        key: &'static str,
+    },
+    /// A setting is present but unusable for this provider.
+    #[error("{key}: {reason}")]
+    Invalid {
+        /// The config key at fault.
+        key: &'static str,
+        /// Why it is refused.
+        reason: String,
+    },
+}
+
+/// A frame that could not be decoded. It is counted and logged by the caller and the
+/// connection stays up: one bad frame must never cost the events after it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}")]
+pub struct DecodeError {
+    /// Human-readable reason, safe to log (it never contains the frame itself).
+    pub reason: String,
+}
+
+impl DecodeError {
+    pub(crate) fn new(reason: impl Into<String>) -> Self {
+        DecodeError {
+            reason: reason.into(),
+        }
+    }
+}
+
+/// An event in provider-neutral form, before the bridge stamps it with its source, receive time
+/// and journal position. The fields map one to one onto the envelope's CloudEvents attributes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DecodedEvent {
+    /// The provider's event id, or a deterministic digest of (provider, host, canonical frame).
+    pub id: String,
+    /// `<provider>.<event>`, e.g. `voipbin.call.status`.
+    pub event_type: String,
+    /// The natural key (`contract/<id>`, a VoIPBIN topic, ...), when the frame carries one.
+    pub subject: Option<String>,
+    /// The provider's timestamp; `None` when absent or unreadable (the receive time is used).
+    pub time: Option<DateTime<Utc>>,
+    /// The provider's payload, unchanged (see DESIGN §3 for which member that is per dialect).
+    pub data: Value,
+}
+
+/// A frame that is not an event. The supervisor uses these to drive the connection's state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Control {
+    /// An answer to our heartbeat.
+    Pong,
+    /// The server's greeting; adapters with [`Greeting::AwaitConnected`] subscribe after it.
+    Connected,
+    /// A reply to a request of ours that is not an event (e.g. VoicePact contract status).
+    Reply,
+    /// The server refused our credentials: the upstream goes to `auth_failed`.
+    AuthFailed {
+        /// The provider's message, safe to log.
+        message: String,
+    },
+    /// Any other error the server reported; logged, the connection stays up.
+    Error {
+        /// The provider's error code, if any.
+        code: Option<String>,
+        /// The provider's message.
+        message: String,
+    },
+}
+
+/// One decoded inbound text frame.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Inbound {
+    /// A provider event, to be journalled and routed.
+    Event(DecodedEvent),
+    /// A control frame, consumed by the supervisor.
+    Control(Control),
+}
+
+/// How an adapter keeps its connection alive and proves it is not stale.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Heartbeat {
+    /// Send this application-level text frame; the provider answers with [`Control::Pong`].
+    Text(String),
+    /// Send a WebSocket protocol ping; the server answers with a protocol pong.
+    Protocol,
+}
+
+/// What the connection must see before the upstream counts as connected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Greeting {
+    /// The successful upgrade is the whole handshake.
+    Upgrade,
+    /// Wait for a [`Control::Connected`] frame (an auth error may arrive instead).
+    AwaitConnected,
+}
+
+/// One provider dialect bound to one configured upstream connection.
+///
+/// Implementations are cheap, immutable and shared between the supervisor task and any status
+/// reader; everything that changes per connection lives in the supervisor.
+pub trait Adapter: Send + Sync + 'static {
+    /// Which provider this dialect speaks.
+    fn provider(&self) -> Provider;
+
+    /// The upgrade request to send: the final URL with credentials, and any headers.
+    fn connect_request(&self) -> Result<http::Request<()>, AdapterError>;
+
+    /// The connect URL with credentials redacted, for logs and the status API.
+    fn display_url(&self) -> String;
+
+    /// What has to arrive after the upgrade before subscribing.
+    fn greeting(&self) -> Greeting;
+
+    /// The configured subscriptions (topics, lobbies), as shown in the status API.
+    fn subscriptions(&self) -> &[String];
+
+    /// The frames that subscribe to `subs` (sent after every (re)connect).
+    fn subscribe_frames(&self, subs: &[String]) -> Vec<String>;
+
+    /// The frames that end the subscriptions `subs` (used when a reload removes them).
+    fn unsubscribe_frames(&self, subs: &[String]) -> Vec<String>;
+
+    /// The heartbeat to send every ping interval, given the current unix time in seconds.
+    fn heartbeat(&self, now_unix: i64) -> Heartbeat;
+
+    /// Classify and decode one inbound text frame.
+    fn decode(&self, text: &str) -> Result<Inbound, DecodeError>;
+}
+
+/// Builds the adapter for `provider` from validated settings.
+pub fn build_adapter(
+    provider: Provider,
+    settings: UpstreamSettings,
+) -> Result<Arc<dyn Adapter>, AdapterError> {
+    Ok(match provider {
+        Provider::VoicePact => Arc::new(voicepact::VoicePactAdapter::new(settings)?),
+        Provider::Voipbin => Arc::new(voipbin::VoipbinAdapter::new(settings)?),
+        Provider::Hashi => Arc::new(hashi::HashiAdapter::new(settings)?),
+    })
+}
+
+/// `host[:port]` of an upstream URL: the part of the connection that goes into event ids, so
+/// that two connections to the same server (two VoicePact client ids, two bridge instances)
+/// produce the same id for the same frame.
+pub(crate) fn id_host(url: &url::Url) -> String {
+    match (url.host_str(), url.port()) {
+        (Some(h), Some(p)) => format!("{h}:{p}"),
+        (Some(h), None) => h.to_string(),
+        _ => String::new(),
+    }
+}
+
+/// Parses a frame as a JSON object, the common first step of every dialect.
+pub(crate) fn parse_object(text: &str) -> Result<serde_json::Map<String, Value>, DecodeError> {
+    match serde_json::from_str::<Value>(text) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(other) => Err(DecodeError::new(format!(
+            "frame is JSON but not an object (a {})",
+            json_kind(&other)
+        ))),
+        Err(e) => Err(DecodeError::new(format!("frame is not valid JSON: {e}"))),
+    }
+}
+
+pub(crate) fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}
+
+/// A string or number member rendered as a string (ids arrive as either).
+pub(crate) fn str_or_number(v: Option<&Value>) -> Option<String> {
+    match v? {
+        Value::String(s) if !s.is_empty() => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// Sets `?token=<token>` (percent-encoded) on a URL, replacing any token already in it and
+/// keeping the other query parameters.
+pub(crate) fn with_token(url: &url::Url, token: &Secret) -> url::Url {
+    let mut u = url.clone();
+    let others: Vec<(String, String)> = url
+        .query_pairs()
+        .filter(|(k, _)| k != "token")
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect();
+    u.query_pairs_mut()
+        .clear()
+        .extend_pairs(others)
+        .append_pair("token", token.expose());
+    u
+}
+
+/// The URL with any `token` query value replaced by `***`.
+pub(crate) fn redacted_url(url: &url::Url) -> String {
+    let mut u = url.clone();
+    let pairs: Vec<(String, String)> = url
+        .query_pairs()
+        .map(|(k, v)| {
+            let v = if k == "token" {
+                "***".to_string()
+            } else {
+                v.into_owned()
+            };
+            (k.into_owned(), v)
+        })
+        .collect();
+    if pairs.is_empty() {
+        return u.to_string();
+    }
+    u.query_pairs_mut().clear().extend_pairs(pairs);
+    u.to_string().replace("%2A%2A%2A", "***")
+}
+
+/// A complete WebSocket upgrade request for `url` (key, version and host headers included).
+pub(crate) fn upgrade_request(url: &url::Url) -> Result<http::Request<()>, AdapterError> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    url.as_str()
+        .into_client_request()
+        .map_err(|e| AdapterError::Invalid {
+            key: "url",
+            reason: format!("not a WebSocket URL: {e}"),
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn provider_names_round_trip() {
+        for p in Provider::ALL {
+            assert_eq!(p.name().parse::<Provider>(), Ok(p));
+        }
+        assert!("slack".parse::<Provider>().is_err());
+    }
+
+    #[test]
+    fn redaction_hides_the_token_only() {
+        let u = url::Url::parse("ws://h:1/ws?a=b").unwrap();
+        let u = with_token(&u, &Secret::new("s3cr3t"));
+        let shown = redacted_url(&u);
+        assert!(!shown.contains("s3cr3t"), "{shown}");
+        assert!(shown.contains("token=***"), "{shown}");
+        assert!(shown.contains("a=b"), "{shown}");
+        let again = with_token(&u, &Secret::new("other"));
+        assert_eq!(again.query(), Some("a=b&token=other"));
+    }
+}

@@ -1,0 +1,3 @@
+module wsbridge.example/receiver
+
+go 1.19

@@ -1,0 +1,275 @@
+//! The admin API under `/v1/admin/` (DESIGN §4): what operators use to see and steer
+//! upstreams and webhook deliveries.
+//!
+//! Authentication is `Authorization: Bearer <server.admin_token>` (401 otherwise, compared in
+//! constant time); with no admin token configured the whole API is off and answers 404.
+//! Answers are JSON and never contain a secret or token.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+use wsbridge_adapters::Secret;
+
+use crate::delivery::DeliveryService;
+use crate::storage::{DeliveryState, ReplaySelection, Store};
+
+/// What the admin handlers read and act on.
+pub struct AdminState {
+    /// The configured admin token; `None` turns the API off.
+    pub token: Option<Secret>,
+    /// The store (delivery lists, replays).
+    pub store: Arc<dyn Store>,
+    /// The webhook dispatchers.
+    pub delivery: Arc<DeliveryService>,
+    /// The upstream supervisors.
+    pub upstreams: crate::bridge::UpstreamSet,
+}
+
+/// Routes of the admin API, to be merged at the server root. Every route is behind the
+/// bearer check.
+pub fn router(state: Arc<AdminState>) -> Router {
+    Router::new()
+        .route("/v1/admin/upstreams", get(upstreams))
+        .route("/v1/admin/webhooks", get(webhooks))
+        .route("/v1/admin/webhooks/{name}/deliveries", get(deliveries))
+        .route("/v1/admin/webhooks/{name}/replay", post(replay))
+        .route("/v1/admin/webhooks/{name}/enable", post(enable))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_admin,
+        ))
+        .with_state(state)
+}
+
+/// A JSON error answer.
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(json!({"error": message.into()}))).into_response()
+}
+
+/// The bearer check in front of every admin route.
+async fn require_admin(
+    State(state): State<Arc<AdminState>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Some(token) = &state.token else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "the admin API is off (no server.admin_token)",
+        );
+    };
+    let presented = request
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if constant_time_eq(presented.as_bytes(), token.expose().as_bytes()) {
+        next.run(request).await
+    } else {
+        error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token")
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn upstreams(State(state): State<Arc<AdminState>>) -> Response {
+    let upstreams = state
+        .upstreams
+        .read()
+        .map(|u| u.clone())
+        .unwrap_or_default();
+    let list: Vec<_> = upstreams
+        .iter()
+        .map(|u| {
+            let status = u.status();
+            json!({
+                "name": u.name(),
+                "provider": u.adapter().provider().name(),
+                "url": u.adapter().display_url(),
+                "state": status.state,
+                "since": status.since,
+                "last_error": status.last_error,
+                "retry_in_ms": status.retry_in.map(|d| d.as_millis() as u64),
+                "subscriptions": u.adapter().subscriptions(),
+                "counters": u.counters(),
+            })
+        })
+        .collect();
+    Json(json!({ "upstreams": list })).into_response()
+}
+
+async fn webhooks(State(state): State<Arc<AdminState>>) -> Response {
+    let mut list = Vec::new();
+    for view in state.delivery.views() {
+        let counts = match state.store.counts(&view.name).await {
+            Ok(c) => c,
+            Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        };
+        let mut v = json!(view);
+        v["pending"] = json!(counts.pending);
+        v["dead"] = json!(counts.dead);
+        list.push(v);
+    }
+    Json(json!({ "webhooks": list })).into_response()
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    state: Option<DeliveryState>,
+    limit: Option<usize>,
+}
+
+async fn deliveries(
+    State(state): State<Arc<AdminState>>,
+    Path(name): Path<String>,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    if !state.delivery.has(&name) {
+        return error(StatusCode::NOT_FOUND, format!("no webhook named {name:?}"));
+    }
+    let Ok(Query(q)) = query else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "state must be pending or dead; limit a number",
+        );
+    };
+    let which = q.state.unwrap_or(DeliveryState::Pending);
+    let limit = q.limit.unwrap_or(100).min(10_000);
+    match state.store.deliveries(&name, which, limit).await {
+        Ok(list) => {
+            Json(json!({ "webhook": name, "state": which, "deliveries": list })).into_response()
+        }
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+/// The replay request body: exactly one selection.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ReplayBody {
+    dead: Option<bool>,
+    ids: Option<Vec<String>>,
+    from_seq: Option<u64>,
+    to_seq: Option<u64>,
+    since: Option<chrono::DateTime<chrono::Utc>>,
+    until: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+impl ReplayBody {
+    fn selection(self) -> Result<ReplaySelection, String> {
+        let chosen = [
+            self.dead == Some(true),
+            self.ids.is_some(),
+            self.from_seq.is_some() || self.to_seq.is_some(),
+            self.since.is_some() || self.until.is_some(),
+        ];
+        if chosen.iter().filter(|c| **c).count() != 1 {
+            return Err("give exactly one of {\"dead\": true}, {\"ids\": [..]}, {\"from_seq\", \"to_seq\"} or {\"since\", \"until\"}".into());
+        }
+        if self.dead == Some(true) {
+            return Ok(ReplaySelection::Dead);
+        }
+        if let Some(ids) = self.ids {
+            return Ok(ReplaySelection::Ids(ids));
+        }
+        if let (Some(from), Some(to)) = (self.from_seq, self.to_seq) {
+            if from > to {
+                return Err("from_seq is after to_seq".into());
+            }
+            return Ok(ReplaySelection::Seqs { from, to });
+        }
+        if let (Some(since), Some(until)) = (self.since, self.until) {
+            if since > until {
+                return Err("since is after until".into());
+            }
+            return Ok(ReplaySelection::Received {
+                since_ms: since.timestamp_millis(),
+                until_ms: until.timestamp_millis(),
+            });
+        }
+        Err("a range needs both ends (from_seq and to_seq, or since and until)".into())
+    }
+}
+
+async fn replay(
+    State(state): State<Arc<AdminState>>,
+    Path(name): Path<String>,
+    body: Result<Json<ReplayBody>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    if !state.delivery.has(&name) {
+        return error(StatusCode::NOT_FOUND, format!("no webhook named {name:?}"));
+    }
+    let selection = match body
+        .map_err(|e| e.body_text())
+        .and_then(|Json(b)| b.selection())
+    {
+        Ok(s) => s,
+        Err(reason) => return error(StatusCode::BAD_REQUEST, reason),
+    };
+    match state.store.replay(&name, selection).await {
+        Ok(n) => {
+            tracing::info!(webhook = %name, queued = n, "replay queued");
+            state.delivery.wake(&name);
+            Json(json!({ "queued": n })).into_response()
+        }
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+async fn enable(State(state): State<Arc<AdminState>>, Path(name): Path<String>) -> Response {
+    match state.delivery.enable(&name, state.store.as_ref()).await {
+        Ok(true) => Json(json!({ "webhook": name, "enabled": true })).into_response(),
+        Ok(false) => error(StatusCode::NOT_FOUND, format!("no webhook named {name:?}")),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replay_body_needs_exactly_one_selection() {
+        let parse = |s: &str| {
+            serde_json::from_str::<ReplayBody>(s)
+                .map_err(|e| e.to_string())
+                .and_then(|b| b.selection())
+        };
+        assert_eq!(parse(r#"{"dead": true}"#), Ok(ReplaySelection::Dead));
+        assert_eq!(
+            parse(r#"{"ids": ["a"]}"#),
+            Ok(ReplaySelection::Ids(vec!["a".into()]))
+        );
+        assert_eq!(
+            parse(r#"{"from_seq": 2, "to_seq": 5}"#),
+            Ok(ReplaySelection::Seqs { from: 2, to: 5 })
+        );
+        assert!(
+            parse(r#"{"since": "2024-01-01T00:00:00Z", "until": "2024-01-02T00:00:00Z"}"#).is_ok()
+        );
+        assert!(parse(r#"{}"#).is_err());
+        assert!(parse(r#"{"dead": true, "ids": []}"#).is_err());
+        assert!(parse(r#"{"from_seq": 5, "to_seq": 2}"#).is_err());
+        assert!(parse(r#"{"from_seq": 5}"#).is_err());
+        assert!(parse(r#"{"colour": 1}"#).is_err());
+    }
+
+    #[test]
+    fn token_comparison() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+    }
+}

@@ -1,0 +1,352 @@
+//! The service assembled: supervisors → ingest (route, journal) → webhooks and subscribers,
+//! plus the HTTP server, under one shutdown token.
+//!
+//! `serve`, the demo and the black-box tests all start the bridge through [`Bridge::start`],
+//! so what the tests prove is what runs.
+//!
+//! Shutdown order (SIGTERM/SIGINT in `serve`): cancel the token: the HTTP server stops
+//! accepting, consumers are closed with 1001 "going away", supervisors close their upstream
+//! connections with a normal close frame, dispatchers stop starting attempts. Then wait for
+//! the supervisors, let ingest journal what they had already queued (every append is
+//! committed before it is acknowledged, so the journal is flushed when ingest ends), and give
+//! webhook attempts in flight `server.shutdown_grace` to finish. An attempt cut short stays
+//! pending in the store and is sent again after the restart: nothing journalled is lost.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::sync::{broadcast, mpsc};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::admin::{self, AdminState};
+use crate::config::{Config, StorageBackend};
+use crate::delivery::worker::DeliveryError;
+use crate::delivery::DeliveryService;
+use crate::downstream::{self, Hub};
+use crate::ingest::{self, IngestSnapshot, IngestStats, Published, Sinks};
+use crate::status::{self, StatusState};
+use crate::storage::embedded::EmbeddedStore;
+use crate::storage::{Store, StoreError};
+use crate::upstream::{self, UpstreamHandle};
+
+/// Why the bridge could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum BridgeError {
+    /// An upstream's adapter refused its settings (normally caught by config validation).
+    #[error("upstream {name}: {source}")]
+    Adapter {
+        /// The upstream's name.
+        name: String,
+        /// The adapter's reason.
+        #[source]
+        source: wsbridge_adapters::AdapterError,
+    },
+    /// The journal could not be opened.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The configured backend is not available in this build.
+    #[error("storage backend {0:?} is not available")]
+    Backend(StorageBackend),
+    /// A webhook endpoint could not be set up.
+    #[error(transparent)]
+    Delivery(#[from] DeliveryError),
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The configured address.
+        addr: SocketAddr,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The upstream supervisors, replaceable one by one by a reload.
+pub type UpstreamSet = Arc<std::sync::RwLock<Vec<Arc<UpstreamHandle>>>>;
+
+/// What a reload changed, and what it could not change without a restart.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ReloadReport {
+    /// One line per applied change.
+    pub applied: Vec<String>,
+    /// Settings that changed but only take effect after a restart.
+    pub needs_restart: Vec<String>,
+}
+
+/// A running bridge.
+pub struct Bridge {
+    upstreams: UpstreamSet,
+    /// Feeds new upstreams started by a reload; dropped at shutdown so ingest can finish.
+    queue: std::sync::Mutex<Option<mpsc::Sender<crate::envelope::Envelope>>>,
+    router: Arc<arc_swap::ArcSwap<crate::routing::Router>>,
+    /// The config currently applied (a reload diffs against it).
+    current: tokio::sync::Mutex<Config>,
+    store: Arc<dyn Store>,
+    delivery: Arc<DeliveryService>,
+    hub: Arc<Hub>,
+    publish: broadcast::Sender<Arc<Published>>,
+    stats: Arc<IngestStats>,
+    shutdown: CancellationToken,
+    ingest_task: JoinHandle<()>,
+    server_task: JoinHandle<()>,
+    local_addr: SocketAddr,
+}
+
+impl Bridge {
+    /// Opens the store, starts the webhook dispatchers, the upstreams, ingest and the HTTP
+    /// server on the current Tokio runtime.
+    pub async fn start(config: &Config) -> Result<Bridge, BridgeError> {
+        // reqwest and tokio-tungstenite share rustls; pick its crypto once per process.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let store: Arc<dyn Store> = match config.storage.backend {
+            StorageBackend::Embedded => {
+                EmbeddedStore::open(&config.storage.path, config.storage.durability)?
+            }
+            other => return Err(BridgeError::Backend(other)),
+        };
+        let shutdown = CancellationToken::new();
+        let delivery = Arc::new(
+            DeliveryService::start(&config.webhooks, store.clone(), shutdown.child_token()).await?,
+        );
+
+        let listener = tokio::net::TcpListener::bind(config.server.listen)
+            .await
+            .map_err(|source| BridgeError::Listen {
+                addr: config.server.listen,
+                source,
+            })?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(|source| BridgeError::Listen {
+                addr: config.server.listen,
+                source,
+            })?;
+
+        let (queue_tx, queue_rx) = mpsc::channel(ingest::INGEST_QUEUE);
+        let (publish, _) = broadcast::channel(ingest::PUBLISH_CAPACITY);
+        let stats = Arc::new(IngestStats::default());
+        let mut upstreams = Vec::with_capacity(config.upstreams.len());
+        for u in &config.upstreams {
+            let adapter = wsbridge_adapters::build_adapter(u.adapter, u.adapter_settings())
+                .map_err(|source| BridgeError::Adapter {
+                    name: u.name.clone(),
+                    source,
+                })?;
+            upstreams.push(Arc::new(upstream::spawn(
+                u,
+                adapter,
+                queue_tx.clone(),
+                shutdown.child_token(),
+            )));
+        }
+        let upstreams: UpstreamSet = Arc::new(std::sync::RwLock::new(upstreams));
+        let router = Arc::new(arc_swap::ArcSwap::new(config.router.clone()));
+        let ingest_task = ingest::spawn(
+            queue_rx,
+            store.clone(),
+            Sinks {
+                router: router.clone(),
+                delivery: delivery.clone(),
+                publish: publish.clone(),
+            },
+            stats.clone(),
+        );
+
+        let hub = Hub::new(
+            config.consumers.clone(),
+            store.clone(),
+            publish.clone(),
+            shutdown.clone(),
+        );
+        let app = axum::Router::new()
+            .merge(status::router(Arc::new(StatusState {
+                store: store.clone(),
+                upstreams: upstreams.clone(),
+                delivery: delivery.clone(),
+                hub: hub.clone(),
+                ingest: stats.clone(),
+                started: std::time::Instant::now(),
+            })))
+            .merge(downstream::router(hub.clone()))
+            .merge(admin::router(Arc::new(AdminState {
+                token: config.server.admin_token.clone(),
+                store: store.clone(),
+                delivery: delivery.clone(),
+                upstreams: upstreams.clone(),
+            })));
+        let server_shutdown = shutdown.clone();
+        let server_task = tokio::spawn(async move {
+            let served = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { server_shutdown.cancelled().await })
+                .await;
+            if let Err(e) = served {
+                warn!(error = %e, "HTTP server ended with an error");
+            }
+        });
+        info!(listen = %local_addr, upstreams = config.upstreams.len(), webhooks = config.webhooks.len(), "bridge started");
+        Ok(Bridge {
+            upstreams,
+            queue: std::sync::Mutex::new(Some(queue_tx)),
+            router,
+            current: tokio::sync::Mutex::new(config.clone()),
+            store,
+            delivery,
+            hub,
+            publish,
+            stats,
+            shutdown,
+            ingest_task,
+            server_task,
+            local_addr,
+        })
+    }
+
+    /// The address the HTTP server listens on (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// A receiver of every event published from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Published>> {
+        self.publish.subscribe()
+    }
+
+    /// The upstream supervisors, in config order (a snapshot).
+    pub fn upstreams(&self) -> Vec<Arc<UpstreamHandle>> {
+        self.upstreams.read().map(|u| u.clone()).unwrap_or_default()
+    }
+
+    /// The supervisor called `name`.
+    pub fn upstream(&self, name: &str) -> Option<Arc<UpstreamHandle>> {
+        self.upstreams().into_iter().find(|u| u.name() == name)
+    }
+
+    /// Applies a new, already validated config without dropping what it does not change:
+    /// routes and consumers are swapped, webhook endpoints and upstreams are reconciled by
+    /// name (only new, removed or changed ones start or stop). `server` and `storage` changes
+    /// need a restart and are reported, not applied.
+    pub async fn reload(&self, new: Config) -> Result<ReloadReport, BridgeError> {
+        let mut current = self.current.lock().await;
+        let mut report = ReloadReport::default();
+        if new.server.listen != current.server.listen {
+            report.needs_restart.push("server.listen".into());
+        }
+        if new.storage.path != current.storage.path
+            || new.storage.backend != current.storage.backend
+            || new.storage.durability != current.storage.durability
+        {
+            report.needs_restart.push("storage".into());
+        }
+        // Webhooks before routes, so a new route never points at an endpoint not yet running.
+        report
+            .applied
+            .extend(self.delivery.reconcile(&new.webhooks).await?);
+        if new.routes != current.routes {
+            self.router.store(new.router.clone());
+            report
+                .applied
+                .push(format!("routes: {} route(s) now", new.routes.len()));
+        }
+        report
+            .applied
+            .extend(self.hub.set_consumers(new.consumers.clone()));
+        report.applied.extend(self.reconcile_upstreams(&new).await?);
+        if new.server.admin_token != current.server.admin_token {
+            report.needs_restart.push("server.admin_token".into());
+        }
+        *current = new;
+        Ok(report)
+    }
+
+    async fn reconcile_upstreams(&self, new: &Config) -> Result<Vec<String>, BridgeError> {
+        let Some(queue) = self.queue.lock().ok().and_then(|q| q.clone()) else {
+            return Ok(Vec::new());
+        };
+        let running = self.upstreams();
+        let mut changes = Vec::new();
+        let mut next = Vec::with_capacity(new.upstreams.len());
+        let mut to_stop = Vec::new();
+        for u in &new.upstreams {
+            match running.iter().find(|r| r.name() == u.name) {
+                Some(r) if r.config() == u => next.push(r.clone()),
+                existing => {
+                    let adapter = wsbridge_adapters::build_adapter(u.adapter, u.adapter_settings())
+                        .map_err(|source| BridgeError::Adapter {
+                            name: u.name.clone(),
+                            source,
+                        })?;
+                    if let Some(old) = existing {
+                        to_stop.push(old.clone());
+                        changes.push(format!(
+                            "upstream {}: reconnecting with new settings",
+                            u.name
+                        ));
+                    } else {
+                        changes.push(format!("upstream {}: added", u.name));
+                    }
+                    next.push(Arc::new(upstream::spawn(
+                        u,
+                        adapter,
+                        queue.clone(),
+                        self.shutdown.child_token(),
+                    )));
+                }
+            }
+        }
+        for r in &running {
+            if !new.upstreams.iter().any(|u| u.name == r.name()) {
+                to_stop.push(r.clone());
+                changes.push(format!("upstream {}: removed", r.name()));
+            }
+        }
+        if let Ok(mut set) = self.upstreams.write() {
+            *set = next;
+        }
+        for old in to_stop {
+            old.stop().await;
+        }
+        Ok(changes)
+    }
+
+    /// The store (journal and delivery queue).
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// The webhook dispatchers.
+    pub fn delivery(&self) -> &Arc<DeliveryService> {
+        &self.delivery
+    }
+
+    /// The downstream hub (consumer counters).
+    pub fn hub(&self) -> &Arc<Hub> {
+        &self.hub
+    }
+
+    /// Ingest counters.
+    pub fn ingest_stats(&self) -> IngestSnapshot {
+        self.stats.snapshot()
+    }
+
+    /// Stops everything in order and waits for it.
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        let upstreams = self.upstreams();
+        let _ = self.server_task.await;
+        for u in upstreams {
+            u.stop().await;
+        }
+        // Ingest ends once every sender of its queue is gone.
+        if let Ok(mut q) = self.queue.lock() {
+            q.take();
+        }
+        if let Err(e) = self.ingest_task.await {
+            warn!(error = %e, "ingest task ended abnormally");
+        }
+        let grace = self.current.lock().await.server.shutdown_grace;
+        self.delivery.join(grace).await;
+        info!("bridge stopped");
+    }
+}

@@ -1,0 +1,780 @@
+//! The delivery engine: one dispatcher task per webhook endpoint, attempts as tasks.
+//!
+//! A dispatcher asks the store for due deliveries of its endpoint (never more than
+//! `max_in_flight` at once), sends each as a signed POST on its own task, records the outcome
+//! in the store, and sleeps until something changes: an attempt finished, ingest enqueued new
+//! events, an admin replayed or re-enabled, or the next retry falls due. Endpoints share
+//! nothing but the store, so a dead or slow endpoint only ever fills its own in-flight slots;
+//! the others and ingest carry on (DESIGN §1, isolation).
+//!
+//! Outcome of an attempt (DESIGN §4):
+//! - 2xx: delivered (the row is removed);
+//! - 410 Gone: the endpoint is disabled until an admin re-enables it; the delivery stays
+//!   pending and goes out after re-enabling;
+//! - 429/503 with `Retry-After`: retried no sooner than it says (clamped to an hour), and the
+//!   whole endpoint pauses that long; 429/502/503/504 without it pause the endpoint until the
+//!   scheduled retry ("slow down");
+//! - anything else, timeouts and connection errors: retried after the next `retry` delay
+//!   (±20 % jitter); once the schedule is exhausted the delivery is dead-lettered.
+//!
+//! A delivery in flight when the process dies is still pending in the store and is sent
+//! again after restart: at-least-once, same `webhook-id`.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use chrono::Utc;
+use serde::Serialize;
+use tokio::sync::{mpsc, Notify};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use super::config::{Mode, WebhookConfig};
+use super::signing::{Signer, HEADER_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP};
+use super::ssrf;
+use crate::envelope::{Envelope, CLOUDEVENTS_JSON};
+use crate::storage::{AttemptRecord, DueDelivery, NextStep, Store};
+
+/// Longest `Retry-After` honoured.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
+/// Why the delivery engine could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DeliveryError {
+    /// An endpoint's secrets are unusable (normally caught by config validation).
+    #[error("webhook {name}: {reason}")]
+    Endpoint {
+        /// The endpoint.
+        name: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Live counters of one endpoint.
+#[derive(Debug, Default)]
+pub struct EndpointStats {
+    in_flight: AtomicU64,
+    delivered: AtomicU64,
+    failed_attempts: AtomicU64,
+    dead_lettered: AtomicU64,
+}
+
+/// Plain-number copy of [`EndpointStats`].
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct EndpointCounters {
+    /// Attempts running now.
+    pub in_flight: u64,
+    /// Deliveries completed since start.
+    pub delivered: u64,
+    /// Attempts that failed since start.
+    pub failed_attempts: u64,
+    /// Deliveries dead-lettered since start.
+    pub dead_lettered: u64,
+}
+
+/// Everything a dispatcher and its attempts share.
+struct Endpoint {
+    name: Arc<str>,
+    /// Attempt durations (shared family; this endpoint's series).
+    latency: prometheus_client::metrics::histogram::Histogram,
+    config: WebhookConfig,
+    signer: Signer,
+    client: reqwest::Client,
+    static_headers: reqwest::header::HeaderMap,
+    wake: Notify,
+    /// `Some(reason)` while disabled by a 410.
+    disabled: Mutex<Option<String>>,
+    stats: EndpointStats,
+}
+
+impl Endpoint {
+    fn disabled_reason(&self) -> Option<String> {
+        self.disabled.lock().map(|d| d.clone()).unwrap_or(None)
+    }
+
+    fn set_disabled(&self, reason: Option<String>) {
+        if let Ok(mut d) = self.disabled.lock() {
+            *d = reason;
+        }
+    }
+}
+
+/// The running delivery engine: one dispatcher per configured endpoint. The set of endpoints
+/// can change at runtime ([`DeliveryService::reconcile`], used by hot reload).
+pub struct DeliveryService {
+    store: Arc<dyn Store>,
+    shutdown: CancellationToken,
+    endpoints: RwLock<HashMap<Arc<str>, Running>>,
+    /// Every attempt in flight, so shutdown can let them finish within a grace period.
+    attempts: tokio_util::task::TaskTracker,
+    /// Attempt latency per endpoint, for `/metrics`.
+    latency: LatencyFamily,
+}
+
+/// Attempt latency histograms, one series per endpoint (`webhook` label).
+pub type LatencyFamily = prometheus_client::metrics::family::Family<
+    Vec<(String, String)>,
+    prometheus_client::metrics::histogram::Histogram,
+    fn() -> prometheus_client::metrics::histogram::Histogram,
+>;
+
+fn latency_histogram() -> prometheus_client::metrics::histogram::Histogram {
+    // 1 ms .. ~16 s.
+    prometheus_client::metrics::histogram::Histogram::new(
+        prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 15),
+    )
+}
+
+/// One endpoint's dispatcher.
+struct Running {
+    endpoint: Arc<Endpoint>,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+/// What the admin API shows of one endpoint.
+#[derive(Clone, Debug, Serialize)]
+pub struct EndpointView {
+    /// The endpoint's name.
+    pub name: String,
+    /// The URL without credentials.
+    pub url: String,
+    /// False after a 410 until an admin re-enables it.
+    pub enabled: bool,
+    /// Why it is disabled.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disabled_reason: Option<String>,
+    /// Live counters.
+    #[serde(flatten)]
+    pub counters: EndpointCounters,
+}
+
+impl DeliveryService {
+    /// Starts a dispatcher for every endpoint. Endpoints disabled before a restart stay
+    /// disabled.
+    pub async fn start(
+        webhooks: &[WebhookConfig],
+        store: Arc<dyn Store>,
+        shutdown: CancellationToken,
+    ) -> Result<DeliveryService, DeliveryError> {
+        let service = DeliveryService {
+            store,
+            shutdown,
+            endpoints: RwLock::new(HashMap::new()),
+            attempts: tokio_util::task::TaskTracker::new(),
+            latency: LatencyFamily::new_with_constructor(latency_histogram),
+        };
+        service.reconcile(webhooks).await?;
+        Ok(service)
+    }
+
+    /// Makes the running endpoints match `webhooks`: new ones start, removed ones stop,
+    /// changed ones restart with their new settings, unchanged ones are left alone. Pending
+    /// deliveries stay in the store throughout (a removed endpoint's resume if it comes back).
+    /// Every new endpoint is built before anything is stopped, so an error changes nothing.
+    /// Returns a line per change.
+    pub async fn reconcile(
+        &self,
+        webhooks: &[WebhookConfig],
+    ) -> Result<Vec<String>, DeliveryError> {
+        let mut fresh = Vec::new();
+        for config in webhooks {
+            let same = self
+                .read()
+                .get(config.name.as_str())
+                .is_some_and(|r| r.endpoint.config == *config);
+            if !same {
+                let latency = self
+                    .latency
+                    .get_or_create(&vec![("webhook".to_string(), config.name.clone())])
+                    .clone();
+                fresh.push(build_endpoint(config, self.store.as_ref(), latency).await?);
+            }
+        }
+        let mut changes = Vec::new();
+        let mut stopped = Vec::new();
+        {
+            let mut map = self.write();
+            let wanted: Vec<&str> = webhooks.iter().map(|w| w.name.as_str()).collect();
+            let gone: Vec<Arc<str>> = map
+                .keys()
+                .filter(|k| !wanted.contains(&k.as_ref()))
+                .cloned()
+                .collect();
+            for name in gone {
+                if let Some(r) = map.remove(&name) {
+                    changes.push(format!("webhook {name}: removed"));
+                    stopped.push(r);
+                }
+            }
+            for endpoint in fresh {
+                let stop = self.shutdown.child_token();
+                let task = tokio::spawn(dispatch(
+                    endpoint.clone(),
+                    self.store.clone(),
+                    stop.clone(),
+                    self.attempts.clone(),
+                ));
+                let name = endpoint.name.clone();
+                let previous = map.insert(
+                    name.clone(),
+                    Running {
+                        endpoint,
+                        stop,
+                        task,
+                    },
+                );
+                match previous {
+                    Some(old) => {
+                        changes.push(format!("webhook {name}: updated"));
+                        stopped.push(old);
+                    }
+                    None => changes.push(format!("webhook {name}: added")),
+                }
+            }
+        }
+        for r in stopped {
+            r.stop.cancel();
+            let _ = r.task.await;
+        }
+        Ok(changes)
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<Arc<str>, Running>> {
+        self.endpoints
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<Arc<str>, Running>> {
+        self.endpoints
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Tells an endpoint's dispatcher that it has new work (new events, a replay).
+    pub fn wake(&self, endpoint: &str) {
+        if let Some(r) = self.read().get(endpoint) {
+            r.endpoint.wake.notify_one();
+        }
+    }
+
+    /// The attempt-latency histograms, for `/metrics`.
+    pub fn latency(&self) -> &LatencyFamily {
+        &self.latency
+    }
+
+    /// Whether `name` is a configured endpoint.
+    pub fn has(&self, name: &str) -> bool {
+        self.read().contains_key(name)
+    }
+
+    /// Re-enables an endpoint disabled by a 410 and wakes it; false for an unknown name.
+    pub async fn enable(
+        &self,
+        name: &str,
+        store: &dyn Store,
+    ) -> Result<bool, crate::storage::StoreError> {
+        let Some(endpoint) = self.read().get(name).map(|r| r.endpoint.clone()) else {
+            return Ok(false);
+        };
+        store.set_disabled(name, None).await?;
+        endpoint.set_disabled(None);
+        info!(webhook = %name, "endpoint re-enabled");
+        endpoint.wake.notify_one();
+        Ok(true)
+    }
+
+    /// Every endpoint's state, in name order.
+    pub fn views(&self) -> Vec<EndpointView> {
+        let mut out: Vec<EndpointView> = self
+            .read()
+            .values()
+            .map(|r| {
+                let e = &r.endpoint;
+                let reason = e.disabled_reason();
+                let mut url = e.config.url.clone();
+                let _ = url.set_username("");
+                let _ = url.set_password(None);
+                EndpointView {
+                    name: e.name.to_string(),
+                    url: url.to_string(),
+                    enabled: reason.is_none(),
+                    disabled_reason: reason,
+                    counters: EndpointCounters {
+                        in_flight: e.stats.in_flight.load(Ordering::Relaxed),
+                        delivered: e.stats.delivered.load(Ordering::Relaxed),
+                        failed_attempts: e.stats.failed_attempts.load(Ordering::Relaxed),
+                        dead_lettered: e.stats.dead_lettered.load(Ordering::Relaxed),
+                    },
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    /// Waits for every dispatcher to stop (after the shutdown token is cancelled), then for
+    /// the attempts in flight, at most `grace`: an attempt cut short stays pending in the
+    /// store and is sent again after the restart. Returns how many were cut short.
+    pub async fn join(&self, grace: Duration) -> usize {
+        let running: Vec<Running> = self.write().drain().map(|(_, r)| r).collect();
+        for r in running {
+            let _ = r.task.await;
+        }
+        self.attempts.close();
+        if tokio::time::timeout(grace, self.attempts.wait())
+            .await
+            .is_err()
+        {
+            let left = self.attempts.len();
+            warn!(in_flight = left, grace_ms = grace.as_millis() as u64, "webhook attempts still in flight after the grace period; they will be retried after restart");
+            return left;
+        }
+        0
+    }
+}
+
+/// Builds an endpoint (client, signer, headers, persisted disabled state) from its config.
+async fn build_endpoint(
+    config: &WebhookConfig,
+    store: &dyn Store,
+    latency: prometheus_client::metrics::histogram::Histogram,
+) -> Result<Arc<Endpoint>, DeliveryError> {
+    let fail = |reason: String| DeliveryError::Endpoint {
+        name: config.name.clone(),
+        reason,
+    };
+    let signer = config.signer().map_err(|e| fail(e.to_string()))?;
+    let client = reqwest::Client::builder()
+        .timeout(config.timeout)
+        .connect_timeout(config.timeout.min(Duration::from_secs(10)))
+        .redirect(reqwest::redirect::Policy::none())
+        .pool_max_idle_per_host(config.max_in_flight)
+        .user_agent(concat!("wsbridge/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| fail(format!("HTTP client: {e}")))?;
+    let mut static_headers = reqwest::header::HeaderMap::new();
+    for (k, v) in &config.headers {
+        let name = reqwest::header::HeaderName::from_bytes(k.as_bytes())
+            .map_err(|e| fail(format!("header {k:?}: {e}")))?;
+        let mut value = reqwest::header::HeaderValue::from_str(v.expose())
+            .map_err(|_| fail(format!("header {k:?}: bad value")))?;
+        value.set_sensitive(true);
+        static_headers.insert(name, value);
+    }
+    let disabled = store.disabled(&config.name).await.unwrap_or_else(|e| {
+        error!(webhook = %config.name, error = %e, "cannot read endpoint state; assuming enabled");
+        None
+    });
+    Ok(Arc::new(Endpoint {
+        name: Arc::from(config.name.as_str()),
+        latency,
+        config: config.clone(),
+        signer,
+        client,
+        static_headers,
+        wake: Notify::new(),
+        disabled: Mutex::new(disabled),
+        stats: EndpointStats::default(),
+    }))
+}
+
+/// What an attempt tells its dispatcher.
+struct Finished {
+    seq: u64,
+    /// Pause the whole endpoint until then (429/5xx slow-down).
+    pause_until: Option<Instant>,
+    /// The endpoint answered 410 Gone.
+    gone: bool,
+}
+
+/// A simple token bucket for `max_per_second`.
+struct RateLimit {
+    per_second: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl RateLimit {
+    fn new(per_second: u32) -> Self {
+        RateLimit {
+            per_second: f64::from(per_second),
+            tokens: f64::from(per_second),
+            last: Instant::now(),
+        }
+    }
+
+    /// Takes a token, or says how long until one is available.
+    fn take(&mut self) -> Result<(), Duration> {
+        let now = Instant::now();
+        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.per_second)
+            .min(self.per_second);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64(
+                (1.0 - self.tokens) / self.per_second,
+            ))
+        }
+    }
+}
+
+async fn dispatch(
+    endpoint: Arc<Endpoint>,
+    store: Arc<dyn Store>,
+    shutdown: CancellationToken,
+    attempts: tokio_util::task::TaskTracker,
+) {
+    let name = endpoint.name.clone();
+    let max = endpoint.config.max_in_flight;
+    let mut in_flight: HashSet<u64> = HashSet::new();
+    let (done_tx, mut done_rx) = mpsc::channel::<Finished>(max);
+    let mut paused_until: Option<Instant> = None;
+    let mut rate = endpoint.config.max_per_second.map(RateLimit::new);
+    let mut store_backoff = Duration::from_millis(100);
+    loop {
+        let now = Instant::now();
+        let mut wake_at: Option<Instant> = None;
+        let paused = paused_until.is_some_and(|p| p > now);
+        if paused {
+            wake_at = paused_until;
+        }
+        let disabled = endpoint.disabled_reason().is_some();
+        if !disabled && !paused && in_flight.len() < max {
+            let now_ms = Utc::now().timestamp_millis();
+            // In-flight rows are still pending in the store: ask for enough to skip them.
+            match store
+                .due(
+                    &name,
+                    now_ms,
+                    max + in_flight.len(),
+                    endpoint.config.ordered,
+                )
+                .await
+            {
+                Ok(due) => {
+                    store_backoff = Duration::from_millis(100);
+                    for d in due {
+                        if in_flight.len() >= max {
+                            break;
+                        }
+                        if in_flight.contains(&d.seq) {
+                            continue;
+                        }
+                        if let Some(limit) = rate.as_mut() {
+                            if let Err(wait) = limit.take() {
+                                wake_at = Some(wake_at.map_or(now + wait, |w| w.min(now + wait)));
+                                break;
+                            }
+                        }
+                        in_flight.insert(d.seq);
+                        endpoint
+                            .stats
+                            .in_flight
+                            .store(in_flight.len() as u64, Ordering::Relaxed);
+                        attempts.spawn(attempt(
+                            endpoint.clone(),
+                            store.clone(),
+                            d,
+                            done_tx.clone(),
+                        ));
+                    }
+                    // Sleep until the next retry falls due (rows due now are either in
+                    // flight, waiting behind an older one of their subject, or rate limited,
+                    // and all of those wake us otherwise).
+                    match store.next_due(&name, now_ms).await {
+                        Ok(Some(at_ms)) => {
+                            let wait =
+                                Duration::from_millis(u64::try_from(at_ms - now_ms).unwrap_or(0));
+                            let at = now + wait;
+                            wake_at = Some(wake_at.map_or(at, |w| w.min(at)));
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            warn!(webhook = %name, error = %e, "cannot read the next due time")
+                        }
+                    }
+                }
+                Err(e) => {
+                    error!(webhook = %name, error = %e, "cannot read due deliveries; retrying");
+                    wake_at = Some(now + store_backoff);
+                    store_backoff = (store_backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        let sleep = async {
+            match wake_at {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            Some(done) = done_rx.recv() => {
+                in_flight.remove(&done.seq);
+                endpoint.stats.in_flight.store(in_flight.len() as u64, Ordering::Relaxed);
+                if let Some(until) = done.pause_until {
+                    paused_until = Some(paused_until.map_or(until, |p| p.max(until)));
+                }
+                if done.gone && endpoint.disabled_reason().is_none() {
+                    let reason = "the endpoint answered 410 Gone".to_string();
+                    warn!(webhook = %name, "endpoint answered 410 Gone: disabled until an admin re-enables it");
+                    if let Err(e) = store.set_disabled(&name, Some(reason.clone())).await {
+                        error!(webhook = %name, error = %e, "cannot persist the disabled state");
+                    }
+                    endpoint.set_disabled(Some(reason));
+                }
+            }
+            _ = endpoint.wake.notified() => {}
+            _ = sleep => {}
+            _ = shutdown.cancelled() => break,
+        }
+    }
+    debug!(webhook = %name, in_flight = in_flight.len(), "dispatcher stopped");
+}
+
+/// Sends one delivery, records the outcome, tells the dispatcher.
+async fn attempt(
+    endpoint: Arc<Endpoint>,
+    store: Arc<dyn Store>,
+    due: DueDelivery,
+    done: mpsc::Sender<Finished>,
+) {
+    let name = &endpoint.name;
+    let started_ms = Utc::now().timestamp_millis();
+    let t0 = Instant::now();
+    let result = send(&endpoint, &due).await;
+    let elapsed = t0.elapsed();
+    endpoint.latency.observe(elapsed.as_secs_f64());
+    let duration_ms = elapsed.as_millis() as u64;
+    let attempts_after = due.attempts + 1;
+    let schedule = &endpoint.config.retry;
+    let scheduled = schedule.get(due.attempts as usize).map(|d| jitter(*d));
+    let mut finished = Finished {
+        seq: due.seq,
+        pause_until: None,
+        gone: false,
+    };
+    let (status, error, next) = match result {
+        Ok(Response { status, .. }) if (200..300).contains(&status) => {
+            (Some(status), None, NextStep::Delivered)
+        }
+        Ok(Response { status: 410, .. }) => {
+            finished.gone = true;
+            // Stays pending and due: it goes out as soon as the endpoint is re-enabled.
+            (
+                Some(410),
+                Some("410 Gone: endpoint disabled".to_string()),
+                NextStep::RetryAt(started_ms),
+            )
+        }
+        Ok(Response {
+            status,
+            retry_after,
+        }) => {
+            let slow_down = matches!(status, 429 | 502 | 503 | 504);
+            let honoured = retry_after
+                .filter(|_| matches!(status, 429 | 503))
+                .map(|d| d.min(MAX_RETRY_AFTER));
+            let next = match (honoured, scheduled) {
+                (Some(after), _) if attempts_after as usize <= schedule.len() => {
+                    NextStep::RetryAt(started_ms + duration_ms as i64 + after.as_millis() as i64)
+                }
+                (_, Some(delay)) => {
+                    NextStep::RetryAt(Utc::now().timestamp_millis() + delay.as_millis() as i64)
+                }
+                _ => NextStep::Dead,
+            };
+            if slow_down {
+                if let NextStep::RetryAt(at) = next {
+                    let wait = Duration::from_millis(
+                        u64::try_from(at - Utc::now().timestamp_millis()).unwrap_or(0),
+                    );
+                    finished.pause_until = Some(Instant::now() + wait);
+                }
+            }
+            (Some(status), Some(format!("HTTP {status}")), next)
+        }
+        Err(reason) => {
+            let next = match scheduled {
+                Some(delay) => {
+                    NextStep::RetryAt(Utc::now().timestamp_millis() + delay.as_millis() as i64)
+                }
+                None => NextStep::Dead,
+            };
+            (None, Some(reason), next)
+        }
+    };
+    match next {
+        NextStep::Delivered => {
+            endpoint.stats.delivered.fetch_add(1, Ordering::Relaxed);
+            debug!(webhook = %name, seq = due.seq, id = %due.id, duration_ms, "delivered");
+        }
+        NextStep::Dead => {
+            endpoint
+                .stats
+                .failed_attempts
+                .fetch_add(1, Ordering::Relaxed);
+            endpoint.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+            warn!(webhook = %name, seq = due.seq, id = %due.id, attempts = attempts_after, error = error.as_deref().unwrap_or(""), "delivery dead-lettered");
+        }
+        NextStep::RetryAt(at) => {
+            endpoint
+                .stats
+                .failed_attempts
+                .fetch_add(1, Ordering::Relaxed);
+            info!(webhook = %name, seq = due.seq, id = %due.id, attempt = attempts_after,
+                error = error.as_deref().unwrap_or(""), retry_in_ms = at - Utc::now().timestamp_millis(), "delivery failed; will retry");
+        }
+    }
+    let record = AttemptRecord {
+        at_ms: started_ms,
+        status,
+        error,
+        duration_ms,
+    };
+    if let Err(e) = store.record(name, due.seq, record, next).await {
+        // The delivery stays pending and is attempted again: at-least-once holds.
+        error!(webhook = %name, seq = due.seq, error = %e, "cannot record the attempt");
+    }
+    let _ = done.send(finished).await;
+}
+
+struct Response {
+    status: u16,
+    retry_after: Option<Duration>,
+}
+
+/// Builds, signs and sends the request; `Err` is a failure without a response.
+async fn send(endpoint: &Endpoint, due: &DueDelivery) -> Result<Response, String> {
+    let config = &endpoint.config;
+    if !config.allow_private {
+        ssrf::check_resolved(&config.url).await?;
+    }
+    let mut request = endpoint
+        .client
+        .post(config.url.clone())
+        .headers(endpoint.static_headers.clone());
+    let body: Bytes = match config.mode {
+        Mode::Structured => {
+            request = request.header(reqwest::header::CONTENT_TYPE, CLOUDEVENTS_JSON);
+            due.bytes.clone()
+        }
+        Mode::Binary => {
+            let envelope: Envelope = serde_json::from_slice(&due.bytes)
+                .map_err(|e| format!("journalled envelope unreadable: {e}"))?;
+            request = request
+                .header(
+                    reqwest::header::CONTENT_TYPE,
+                    envelope.datacontenttype.as_str(),
+                )
+                .header("ce-specversion", envelope.specversion.as_str())
+                .header("ce-id", envelope.id.as_str())
+                .header("ce-source", envelope.source.as_str())
+                .header("ce-type", envelope.event_type.as_str())
+                .header("ce-time", envelope.time.as_str())
+                .header("ce-provider", envelope.provider.as_str())
+                .header("ce-recvtime", envelope.recvtime.as_str());
+            if let Some(subject) = &envelope.subject {
+                request = request.header("ce-subject", subject.as_str());
+            }
+            if let Some(seq) = envelope.seq {
+                request = request.header("ce-seq", seq.to_string());
+            }
+            Bytes::from(serde_json::to_vec(&envelope.data).map_err(|e| e.to_string())?)
+        }
+    };
+    // Signed just before sending: receivers reject timestamps older than a few minutes.
+    let timestamp = Utc::now().timestamp();
+    let signature = endpoint.signer.sign(&due.id, timestamp, &body);
+    let response = request
+        .header(HEADER_ID, due.id.as_str())
+        .header(HEADER_TIMESTAMP, timestamp.to_string())
+        .header(HEADER_SIGNATURE, signature)
+        .body(body)
+        .send()
+        .await
+        .map_err(describe)?;
+    let status = response.status().as_u16();
+    let retry_after = response
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_retry_after);
+    Ok(Response {
+        status,
+        retry_after,
+    })
+}
+
+/// `Retry-After` as delta-seconds or an HTTP date.
+fn parse_retry_after(v: &str) -> Option<Duration> {
+    let v = v.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = chrono::DateTime::parse_from_rfc2822(v).ok()?;
+    let ms = at.timestamp_millis() - Utc::now().timestamp_millis();
+    Some(Duration::from_millis(u64::try_from(ms).unwrap_or(0)))
+}
+
+fn describe(e: reqwest::Error) -> String {
+    if e.is_timeout() {
+        "timed out".to_string()
+    } else if e.is_connect() {
+        "connection failed".to_string()
+    } else {
+        // reqwest's message names the URL; ours never carry credentials in it (they go in
+        // headers), so it is safe to keep.
+        e.to_string()
+    }
+}
+
+/// A retry delay with ±20 % jitter, so that many failed deliveries do not retry in lockstep.
+fn jitter(d: Duration) -> Duration {
+    d.mul_f64(rand::random_range(0.8..=1.2))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_forms() {
+        assert_eq!(parse_retry_after("2"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_retry_after(" 120 "), Some(Duration::from_secs(120)));
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(parse_retry_after("soon"), None);
+    }
+
+    #[test]
+    fn rate_limit_spaces_attempts() {
+        let mut r = RateLimit::new(2);
+        assert!(r.take().is_ok());
+        assert!(r.take().is_ok());
+        let wait = r.take().unwrap_err();
+        assert!(
+            wait > Duration::ZERO && wait <= Duration::from_millis(500),
+            "{wait:?}"
+        );
+    }
+
+    #[test]
+    fn jitter_stays_within_a_fifth() {
+        for _ in 0..100 {
+            let d = jitter(Duration::from_secs(10));
+            assert!(d >= Duration::from_secs(8) && d <= Duration::from_secs(12));
+        }
+    }
+}

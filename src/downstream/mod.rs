@@ -1,0 +1,253 @@
+//! Downstream: the unified WebSocket endpoint (`GET /v1/ws`) and its SSE twin
+//! (`GET /v1/events`) through which consumers receive the event stream (DESIGN §5).
+//!
+//! - [`ConsumerConfig`]: `[[consumers]]`, a token and what that consumer may ever see;
+//! - [`subscription`]: the core both protocols share: replay from the journal, then live,
+//!   with no gap and no duplicate, and the slow-consumer rule;
+//! - [`ws`] and [`sse`]: the two wire protocols.
+//!
+//! Memory is bounded per connection: a subscription's queue holds shared pointers to events
+//! (each serialised once by the journal) and is at most [`subscription::QUEUE`] long; a
+//! consumer whose queue fills is closed (`4001 slow consumer` on WebSocket) and resumes from
+//! its cursor. WebSocket buffers are sized for small JSON frames.
+
+pub mod sse;
+pub mod subscription;
+pub mod ws;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use axum::http::HeaderMap;
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+use wsbridge_adapters::Secret;
+
+use crate::ingest::Published;
+use crate::routing::{Filter, FilterConfig, RouteIssue};
+use crate::storage::Store;
+
+/// `[[consumers]]`: one consumer identity.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsumerConfig {
+    /// Unique name, shown in `ready` and in logs.
+    pub name: String,
+    /// The consumer's bearer token (unique; never logged).
+    #[serde(deserialize_with = "de_secret")]
+    pub token: Secret,
+    /// What this consumer may ever see, whatever it subscribes to (empty = everything).
+    #[serde(default)]
+    pub allow: FilterConfig,
+}
+
+fn de_secret<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Secret, D::Error> {
+    Ok(Secret::new(String::deserialize(d)?))
+}
+
+/// A consumer with its `allow` compiled.
+#[derive(Debug)]
+pub struct Consumer {
+    /// The configured name.
+    pub name: Arc<str>,
+    token: Secret,
+    /// The consumer's ceiling: an event outside it is never sent.
+    pub allow: Filter,
+    /// Cancelled when a reload removes or changes this consumer: its sessions close.
+    revoked: tokio_util::sync::CancellationToken,
+}
+
+impl Consumer {
+    /// Same identity and same ceiling (a reload keeps such a consumer's sessions open).
+    fn same_as(&self, other: &Consumer) -> bool {
+        self.name == other.name && self.token == other.token && self.allow == other.allow
+    }
+}
+
+/// Compiles `[[consumers]]`; problems come back as `(key, reason)` with keys relative to the
+/// consumers list (`[1].allow.types[0]`).
+pub fn compile_consumers(
+    configs: &[ConsumerConfig],
+) -> Result<Vec<Arc<Consumer>>, Vec<RouteIssue>> {
+    let mut issues = Vec::new();
+    let mut out = Vec::new();
+    for (i, c) in configs.iter().enumerate() {
+        if c.token.expose().len() < 8 {
+            issues.push(RouteIssue {
+                key: format!("[{i}].token"),
+                reason: "must be at least 8 characters".into(),
+            });
+        }
+        if configs[..i].iter().any(|o| o.token == c.token) {
+            issues.push(RouteIssue {
+                key: format!("[{i}].token"),
+                reason: "is the same as another consumer's token".into(),
+            });
+        }
+        if configs[..i].iter().any(|o| o.name == c.name) {
+            issues.push(RouteIssue {
+                key: format!("[{i}].name"),
+                reason: format!("{:?} is already used", c.name),
+            });
+        }
+        match Filter::from_config(&c.allow) {
+            Ok(allow) => out.push(Arc::new(Consumer {
+                name: Arc::from(c.name.as_str()),
+                token: c.token.clone(),
+                allow,
+                revoked: tokio_util::sync::CancellationToken::new(),
+            })),
+            Err(list) => issues.extend(list.into_iter().map(|mut p| {
+                p.key = format!("[{i}].allow.{}", p.key);
+                p
+            })),
+        }
+    }
+    if issues.is_empty() {
+        Ok(out)
+    } else {
+        Err(issues)
+    }
+}
+
+/// Live counters of the downstream side.
+#[derive(Debug, Default)]
+pub struct HubStats {
+    connected: AtomicU64,
+    sessions: AtomicU64,
+    frames_sent: AtomicU64,
+    slow_disconnects: AtomicU64,
+}
+
+/// Plain-number copy of [`HubStats`].
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct HubCounters {
+    /// Consumers connected now (WebSocket and SSE).
+    pub connected: u64,
+    /// Sessions opened since start.
+    pub sessions: u64,
+    /// Event frames sent since start.
+    pub frames_sent: u64,
+    /// Consumers closed for being too slow since start.
+    pub slow_disconnects: u64,
+}
+
+/// What the downstream handlers share: the consumers, the store and the live stream.
+pub struct Hub {
+    consumers: arc_swap::ArcSwap<Vec<Arc<Consumer>>>,
+    store: Arc<dyn Store>,
+    publish: broadcast::Sender<Arc<Published>>,
+    stats: HubStats,
+    /// Cancelled at shutdown: every session closes ("going away") so the server can stop.
+    shutdown: tokio_util::sync::CancellationToken,
+}
+
+impl Hub {
+    /// A hub over `store` and the live `publish` stream.
+    pub fn new(
+        consumers: Vec<Arc<Consumer>>,
+        store: Arc<dyn Store>,
+        publish: broadcast::Sender<Arc<Published>>,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> Arc<Hub> {
+        Arc::new(Hub {
+            consumers: arc_swap::ArcSwap::from_pointee(consumers),
+            store,
+            publish,
+            stats: HubStats::default(),
+            shutdown,
+        })
+    }
+
+    /// The consumer presenting `Authorization: Bearer <token>` or `?token=<token>`, if any.
+    /// Tokens are compared in constant time.
+    pub fn authenticate(
+        &self,
+        headers: &HeaderMap,
+        query_token: Option<&str>,
+    ) -> Option<Arc<Consumer>> {
+        let header = headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        let presented = header.or(query_token)?;
+        self.consumers
+            .load()
+            .iter()
+            .find(|c| constant_time_eq(presented.as_bytes(), c.token.expose().as_bytes()))
+            .cloned()
+    }
+
+    /// Replaces the consumer list (hot reload). Consumers that are unchanged keep their
+    /// sessions; sessions of removed or changed consumers are closed (their token or ceiling
+    /// no longer holds). Returns a line per change.
+    pub fn set_consumers(&self, new: Vec<Arc<Consumer>>) -> Vec<String> {
+        let old = self.consumers.load_full();
+        let mut changes = Vec::new();
+        let merged: Vec<Arc<Consumer>> = new
+            .into_iter()
+            .map(|c| match old.iter().find(|o| o.same_as(&c)) {
+                Some(kept) => kept.clone(),
+                None => {
+                    changes.push(format!("consumer {}: added or changed", c.name));
+                    c
+                }
+            })
+            .collect();
+        for o in old.iter() {
+            if !merged.iter().any(|c| Arc::ptr_eq(c, o)) {
+                changes.push(format!(
+                    "consumer {}: sessions closed (removed or changed)",
+                    o.name
+                ));
+                o.revoked.cancel();
+            }
+        }
+        self.consumers.store(Arc::new(merged));
+        changes
+    }
+
+    /// Counters for metrics and status.
+    pub fn counters(&self) -> HubCounters {
+        HubCounters {
+            connected: self.stats.connected.load(Ordering::Relaxed),
+            sessions: self.stats.sessions.load(Ordering::Relaxed),
+            frames_sent: self.stats.frames_sent.load(Ordering::Relaxed),
+            slow_disconnects: self.stats.slow_disconnects.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Counts a session for as long as the guard lives.
+    fn session(self: &Arc<Self>) -> SessionGuard {
+        self.stats.connected.fetch_add(1, Ordering::Relaxed);
+        let n = self.stats.sessions.fetch_add(1, Ordering::Relaxed) + 1;
+        SessionGuard {
+            hub: self.clone(),
+            id: n,
+        }
+    }
+}
+
+/// Decrements the connected gauge when a session ends, however it ends.
+struct SessionGuard {
+    hub: Arc<Hub>,
+    id: u64,
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        self.hub.stats.connected.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The routes of both endpoints, to be merged at the server root.
+pub fn router(hub: Arc<Hub>) -> axum::Router {
+    axum::Router::new()
+        .route("/v1/ws", axum::routing::get(ws::upgrade))
+        .route("/v1/events", axum::routing::get(sse::stream))
+        .with_state(hub)
+}

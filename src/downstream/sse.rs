@@ -1,0 +1,195 @@
+//! `GET /v1/events`: the same stream as Server-Sent Events, for consumers that cannot speak
+//! WebSocket (DESIGN §5).
+//!
+//! Filters are query parameters (`providers`, `types`, `subjects`: comma-separated, repeated
+//! keys also accepted) and `from` as in `subscribe`; `Last-Event-ID` resumes after that seq.
+//! Each event is `id: <seq>` and one `data:` line with the envelope. A comment every 15 s keeps
+//! proxies from closing an idle stream. A consumer too slow to keep up gets a final
+//! `event: error` (`slow consumer`) and the stream ends; it reconnects with `Last-Event-ID`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{RawQuery, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures_util::stream;
+use serde_json::json;
+
+use super::subscription::{self, FeedControl, FeedEnd, FeedItem, OpenError, Start};
+use super::Hub;
+use crate::routing::{Filter, FilterConfig};
+
+/// Query parameters of `/v1/events`, each list accepting commas and repeats.
+#[derive(Default)]
+struct SseQuery {
+    token: Option<String>,
+    filter: FilterConfig,
+    from: Option<String>,
+}
+
+fn parse_query(raw: Option<&str>) -> SseQuery {
+    let mut q = SseQuery::default();
+    for (k, v) in url::form_urlencoded::parse(raw.unwrap_or("").as_bytes()) {
+        let list = |v: &str| {
+            v.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(String::from)
+                .collect::<Vec<_>>()
+        };
+        match k.as_ref() {
+            "token" => q.token = Some(v.into_owned()),
+            "providers" => q.filter.providers.extend(list(&v)),
+            "types" => q.filter.types.extend(list(&v)),
+            "subjects" => q.filter.subjects.extend(list(&v)),
+            "from" => q.from = Some(v.into_owned()),
+            _ => {}
+        }
+    }
+    q
+}
+
+fn bad(status: StatusCode, code: &str, message: String) -> Response {
+    (
+        status,
+        axum::Json(json!({"code": code, "message": message})),
+    )
+        .into_response()
+}
+
+/// The SSE handler.
+pub async fn stream(
+    State(hub): State<Arc<Hub>>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Response {
+    let q = parse_query(raw.as_deref());
+    let Some(consumer) = hub.authenticate(&headers, q.token.as_deref()) else {
+        return (
+            StatusCode::UNAUTHORIZED,
+            "unknown or missing consumer token\n",
+        )
+            .into_response();
+    };
+    let filter = match Filter::from_config(&q.filter) {
+        Ok(f) => f,
+        Err(issues) => {
+            let msg = issues
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; ");
+            return bad(StatusCode::BAD_REQUEST, "bad_pattern", msg);
+        }
+    };
+    let last_event_id = headers.get("last-event-id").and_then(|v| v.to_str().ok());
+    let start = match (last_event_id, q.from.as_deref()) {
+        (Some(id), _) => match id.trim().parse::<u64>() {
+            Ok(seq) => Start::Seq(seq + 1),
+            Err(_) => {
+                return bad(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    format!("Last-Event-ID {id:?} is not a seq"),
+                )
+            }
+        },
+        (None, None | Some("latest")) => Start::Latest,
+        (None, Some("earliest")) => Start::Earliest,
+        (None, Some(s)) => match s.parse::<u64>() {
+            Ok(seq) if seq > 0 => Start::Seq(seq),
+            _ => {
+                return bad(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    format!("from={s:?}: use latest, earliest or a seq"),
+                )
+            }
+        },
+    };
+    let control = FeedControl::default();
+    let stop = control.stop.clone();
+    let feed = match subscription::open(
+        &hub,
+        filter,
+        Arc::new(consumer.allow.clone()),
+        start,
+        None,
+        control,
+    )
+    .await
+    {
+        Ok(rx) => rx,
+        Err(OpenError::Position(e)) => {
+            return bad(
+                StatusCode::CONFLICT,
+                "unrecoverable_position",
+                e.to_string(),
+            )
+        }
+        Err(OpenError::Store(e)) => return bad(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e),
+    };
+    let guard = hub.session();
+    let state = (feed, Some((guard, stop.drop_guard())), hub.clone());
+    let events = stream::unfold(state, |(mut feed, alive, hub)| async move {
+        // `alive` holds the session guard and stops the feeder when the stream is dropped.
+        let alive = alive?;
+        let next = tokio::select! {
+            item = feed.recv() => item,
+            // Shutting down: end the stream so the server can finish.
+            _ = hub.shutdown.cancelled() => None,
+        };
+        match next {
+            Some(FeedItem::Event(p)) => {
+                hub.stats
+                    .frames_sent
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let data = String::from_utf8_lossy(&p.bytes).into_owned();
+                let event = Event::default()
+                    .id(p.envelope.seq.unwrap_or(0).to_string())
+                    .data(data);
+                Some((Ok::<_, Infallible>(event), (feed, Some(alive), hub)))
+            }
+            Some(FeedItem::End(end)) => {
+                let message = match end {
+                    FeedEnd::SlowConsumer => {
+                        hub.stats
+                            .slow_disconnects
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        "slow consumer".to_string()
+                    }
+                    FeedEnd::Store(e) => format!("store unavailable: {e}"),
+                };
+                Some((
+                    Ok(Event::default().event("error").data(message)),
+                    (feed, None, hub),
+                ))
+            }
+            None => None,
+        }
+    });
+    Sse::new(events)
+        .keep_alive(
+            KeepAlive::new()
+                .interval(Duration::from_secs(15))
+                .text("keep-alive"),
+        )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_lists_accept_commas_and_repeats() {
+        let q = parse_query(Some("providers=voipbin,hashi&types=voipbin.call.*&types=hashi.lobby.*&from=earliest&token=t"));
+        assert_eq!(q.filter.providers, vec!["voipbin", "hashi"]);
+        assert_eq!(q.filter.types, vec!["voipbin.call.*", "hashi.lobby.*"]);
+        assert_eq!(q.from.as_deref(), Some("earliest"));
+        assert_eq!(q.token.as_deref(), Some("t"));
+    }
+}

@@ -1,0 +1,277 @@
+//! One subscription's event feed: replay from the journal, then live, with no gap and no
+//! duplicate, whatever arrives meanwhile.
+//!
+//! The feeder subscribes to the live stream *before* it reads the journal. Every event is
+//! committed to the journal before it is published, so an event is either already readable in
+//! the journal when the replay reads it, or published after the live receiver exists; the
+//! feeder keeps a cursor (`next`, the next seq it owes the consumer) and skips anything
+//! below it, so the overlap between the two sources is never sent twice.
+//!
+//! Backpressure: items go into a bounded queue ([`QUEUE`]) and the feeder waits for room, so
+//! a consumer reading at full speed is never punished for a burst. While the feeder waits,
+//! the live stream keeps moving in the shared ring ([`crate::ingest::PUBLISH_CAPACITY`]
+//! events, one copy for all consumers); a consumer that falls further behind than the ring
+//! holds cannot keep up: the feeder cancels the connection's `slow` token, the connection is
+//! closed (`4001 slow consumer`) and the consumer resumes from its cursor. Memory per
+//! consumer is the queue of shared pointers, never a copy of the backlog.
+
+use std::sync::Arc;
+
+use tokio::sync::{broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+use super::Hub;
+use crate::envelope::Envelope;
+use crate::ingest::Published;
+use crate::routing::Filter;
+use crate::storage::JournalPosition;
+
+/// Events a subscription may have queued for its connection.
+pub const QUEUE: usize = 256;
+/// Events read from the journal per page during replay.
+const PAGE: usize = 256;
+
+/// Where a subscription starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Start {
+    /// Only events published from now on.
+    Latest,
+    /// Everything the journal still holds.
+    Earliest,
+    /// From this seq (inclusive): a consumer resuming with `last seq + 1`.
+    Seq(u64),
+}
+
+/// Why a requested start position cannot be served.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Unrecoverable(pub String);
+
+/// Checks a start position against the journal; the first seq to send.
+pub fn first_seq(
+    start: Start,
+    epoch: Option<&str>,
+    pos: &JournalPosition,
+) -> Result<u64, Unrecoverable> {
+    if let Some(e) = epoch {
+        if e != pos.epoch {
+            return Err(Unrecoverable(format!(
+                "position from epoch {e:?}, but this store is epoch {:?}: re-sync from earliest or latest",
+                pos.epoch
+            )));
+        }
+    }
+    match start {
+        Start::Latest => Ok(pos.head + 1),
+        Start::Earliest => Ok(pos.first),
+        Start::Seq(s) if s < pos.first => Err(Unrecoverable(format!(
+            "seq {s} is no longer retained (the journal starts at {}): re-sync",
+            pos.first
+        ))),
+        Start::Seq(s) if s > pos.head + 1 => Err(Unrecoverable(format!(
+            "seq {s} is beyond the newest stored seq {} (a position from another store?): re-sync",
+            pos.head
+        ))),
+        Start::Seq(s) => Ok(s),
+    }
+}
+
+/// How a feed ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FeedEnd {
+    /// The consumer's queue was full while live.
+    SlowConsumer,
+    /// The journal could not be read.
+    Store(String),
+}
+
+/// What a feed puts in its queue.
+#[derive(Debug)]
+pub enum FeedItem {
+    /// The next event for this subscription.
+    Event(Arc<Published>),
+    /// The feed is over.
+    End(FeedEnd),
+}
+
+/// The tokens that end a feed: `stop` (unsubscribe, disconnect) and `slow` (cancelled by the
+/// feed itself when its consumer fell behind the ring; the connection watches it).
+#[derive(Clone, Debug, Default)]
+pub struct FeedControl {
+    /// Ends this feed.
+    pub stop: CancellationToken,
+    /// Shared by every feed of one connection; cancelled on a slow-consumer verdict.
+    pub slow: CancellationToken,
+}
+
+/// Starts a feeder for (`filter` ∩ `allow`) from seq `from`; `live` must have been taken from
+/// the hub's stream before `from` was computed. The feeder stops when `control.stop` is
+/// cancelled or the receiving side is dropped.
+pub fn spawn_feed(
+    hub: Arc<Hub>,
+    live: broadcast::Receiver<Arc<Published>>,
+    filter: Filter,
+    allow: Arc<Filter>,
+    from: u64,
+    control: FeedControl,
+) -> mpsc::Receiver<FeedItem> {
+    let (tx, rx) = mpsc::channel(QUEUE);
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = feed(&hub, live, &filter, &allow, from, &tx, &control.slow) => {}
+            _ = control.stop.cancelled() => {}
+        }
+    });
+    rx
+}
+
+async fn feed(
+    hub: &Arc<Hub>,
+    mut live: broadcast::Receiver<Arc<Published>>,
+    filter: &Filter,
+    allow: &Filter,
+    mut next: u64,
+    tx: &mpsc::Sender<FeedItem>,
+    slow: &CancellationToken,
+) {
+    let wanted = |e: &Envelope| allow.matches(e) && filter.matches(e);
+    loop {
+        // Replay: page through the journal until it has nothing at or after `next`.
+        loop {
+            let page = match hub.store.read_from(next, PAGE).await {
+                Ok(p) => p,
+                Err(e) => {
+                    let _ = tx.send(FeedItem::End(FeedEnd::Store(e.to_string()))).await;
+                    return;
+                }
+            };
+            if page.is_empty() {
+                break;
+            }
+            for stored in page {
+                next = stored.seq + 1;
+                let envelope: Envelope = match serde_json::from_slice(&stored.bytes) {
+                    Ok(e) => e,
+                    Err(e) => {
+                        warn!(seq = stored.seq, error = %e, "journalled event unreadable; skipped");
+                        continue;
+                    }
+                };
+                if wanted(&envelope) {
+                    let item = FeedItem::Event(Arc::new(Published {
+                        envelope,
+                        bytes: stored.bytes,
+                    }));
+                    if tx.send(item).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        // Live, from the receiver taken before the replay started.
+        loop {
+            match live.recv().await {
+                Ok(p) => {
+                    let seq = p.envelope.seq.unwrap_or(0);
+                    if seq < next {
+                        continue; // already sent from the journal
+                    }
+                    if seq > next {
+                        // A hole between the journal read and the live stream cannot happen
+                        // (journal before publish), but if it ever did, fill it from the journal.
+                        live = live.resubscribe();
+                        break;
+                    }
+                    next = seq + 1;
+                    if !wanted(&p.envelope) {
+                        continue;
+                    }
+                    if tx.send(FeedItem::Event(p)).await.is_err() {
+                        return;
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    // More than the ring behind: this consumer cannot keep up.
+                    slow.cancel();
+                    let _ = tx.try_send(FeedItem::End(FeedEnd::SlowConsumer));
+                    return;
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    }
+}
+
+/// Opens a feed: takes the live receiver, then checks the start against the journal.
+pub async fn open(
+    hub: &Arc<Hub>,
+    filter: Filter,
+    allow: Arc<Filter>,
+    start: Start,
+    epoch: Option<&str>,
+    control: FeedControl,
+) -> Result<mpsc::Receiver<FeedItem>, OpenError> {
+    let live = hub.publish.subscribe();
+    let pos = hub
+        .store
+        .position()
+        .await
+        .map_err(|e| OpenError::Store(e.to_string()))?;
+    let from = first_seq(start, epoch, &pos).map_err(OpenError::Position)?;
+    Ok(spawn_feed(hub.clone(), live, filter, allow, from, control))
+}
+
+/// Why a feed could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The start position is not servable.
+    #[error(transparent)]
+    Position(Unrecoverable),
+    /// The journal could not be read.
+    #[error("store unavailable: {0}")]
+    Store(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pos(first: u64, head: u64) -> JournalPosition {
+        JournalPosition {
+            epoch: "e1".into(),
+            head,
+            first,
+        }
+    }
+
+    #[test]
+    fn start_positions() {
+        let p = pos(1, 10);
+        assert_eq!(first_seq(Start::Latest, None, &p), Ok(11));
+        assert_eq!(first_seq(Start::Earliest, None, &p), Ok(1));
+        assert_eq!(first_seq(Start::Seq(5), Some("e1"), &p), Ok(5));
+        assert_eq!(
+            first_seq(Start::Seq(11), None, &p),
+            Ok(11),
+            "the next one is fine"
+        );
+        assert!(
+            first_seq(Start::Seq(12), None, &p).is_err(),
+            "from the future"
+        );
+        assert!(
+            first_seq(Start::Seq(5), Some("e0"), &p).is_err(),
+            "another epoch"
+        );
+        assert!(
+            first_seq(Start::Seq(2), None, &pos(3, 10)).is_err(),
+            "no longer retained"
+        );
+        assert_eq!(
+            first_seq(Start::Earliest, None, &pos(1, 0)),
+            Ok(1),
+            "empty journal"
+        );
+    }
+}

@@ -1,0 +1,420 @@
+//! `GET /v1/ws`: the unified WebSocket endpoint (DESIGN §5).
+//!
+//! One task per connection owns the socket. It reads client ops, and it writes whatever the
+//! connection's subscriptions produce: each `subscribe` starts a feeder (see
+//! [`super::subscription`]) whose bounded queue this task drains, so the socket's write side
+//! is the only place a frame is built (`{"op":"event",...,"event":<envelope bytes>}`, the
+//! envelope bytes as the journal serialised them, copied once into the frame).
+//!
+//! Bad client input never ends the connection: invalid JSON, an unknown op, a bad pattern or
+//! a duplicate subscription id get an `error` frame and the connection stays open. A
+//! subscription whose consumer cannot keep up closes the connection with 4001
+//! `slow consumer`; the consumer resumes with `from: last seq + 1`.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info};
+
+use super::subscription::{self, FeedControl, FeedEnd, FeedItem, OpenError, Start};
+use super::{Consumer, Hub};
+use crate::routing::{Filter, FilterConfig};
+
+/// Close code for a consumer that cannot keep up (DESIGN §5).
+pub const CLOSE_SLOW_CONSUMER: u16 = 4001;
+/// How long a slow consumer's close frame may wait behind its unread backlog.
+const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+/// Subscriptions one connection may hold (each has a feeder task and a bounded queue).
+const MAX_SUBSCRIPTIONS: usize = 64;
+/// Largest client frame accepted (client ops are small JSON).
+const MAX_CLIENT_FRAME: usize = 64 * 1024;
+
+/// `?token=` on the upgrade request.
+#[derive(Deserialize)]
+pub struct TokenQuery {
+    token: Option<String>,
+}
+
+/// The upgrade handler: authenticates before upgrading (401 otherwise).
+pub async fn upgrade(
+    State(hub): State<Arc<Hub>>,
+    headers: HeaderMap,
+    Query(q): Query<TokenQuery>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let Some(consumer) = hub.authenticate(&headers, q.token.as_deref()) else {
+        return (
+            StatusCode::UNAUTHORIZED,
+            "unknown or missing consumer token\n",
+        )
+            .into_response();
+    };
+    ws.read_buffer_size(4 * 1024)
+        .write_buffer_size(4 * 1024)
+        .max_write_buffer_size(256 * 1024)
+        .max_message_size(MAX_CLIENT_FRAME)
+        .max_frame_size(MAX_CLIENT_FRAME)
+        .on_upgrade(move |socket| session(hub, consumer, socket))
+}
+
+/// A client op.
+#[derive(Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase")]
+enum ClientOp {
+    Subscribe {
+        id: Value,
+        #[serde(default)]
+        filter: FilterConfig,
+        #[serde(default)]
+        from: Option<Value>,
+        #[serde(default)]
+        epoch: Option<String>,
+    },
+    Unsubscribe {
+        id: Value,
+    },
+    Ping,
+}
+
+fn error_frame(code: &str, message: impl Into<String>, id: Option<&Value>) -> String {
+    let mut v = json!({"op": "error", "code": code, "message": message.into()});
+    if let Some(id) = id {
+        v["id"] = id.clone();
+    }
+    v.to_string()
+}
+
+fn parse_start(from: Option<&Value>) -> Result<Start, String> {
+    match from {
+        None | Some(Value::Null) => Ok(Start::Latest),
+        Some(Value::String(s)) if s == "latest" => Ok(Start::Latest),
+        Some(Value::String(s)) if s == "earliest" => Ok(Start::Earliest),
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .filter(|s| *s > 0)
+            .map(Start::Seq)
+            .ok_or_else(|| "from must be a positive seq".into()),
+        Some(Value::String(s)) => s
+            .parse::<u64>()
+            .ok()
+            .filter(|s| *s > 0)
+            .map(Start::Seq)
+            .ok_or_else(|| format!("from must be \"latest\", \"earliest\" or a seq, not {s:?}")),
+        Some(other) => Err(format!(
+            "from must be \"latest\", \"earliest\" or a seq, not {other}"
+        )),
+    }
+}
+
+/// The subscription key: its id rendered as JSON text, so `"a"` and `1` stay distinct.
+fn sub_key(id: &Value) -> String {
+    id.to_string()
+}
+
+struct Sub {
+    stop: CancellationToken,
+    /// The `subscription` member of its event frames, pre-rendered.
+    id_json: Arc<str>,
+}
+
+async fn session(hub: Arc<Hub>, consumer: Arc<Consumer>, mut socket: WebSocket) {
+    let guard = hub.session();
+    let session_id = format!("s{}", guard.id);
+    let allow = Arc::new(consumer.allow.clone());
+    info!(consumer = %consumer.name, session = %session_id, "consumer connected");
+
+    let ready = match hub.store.position().await {
+        Ok(pos) => {
+            json!({"op": "ready", "session": session_id, "consumer": &*consumer.name, "epoch": pos.epoch, "head": pos.head})
+        }
+        Err(e) => {
+            let _ = socket
+                .send(Message::Close(Some(CloseFrame {
+                    code: 1011,
+                    reason: Utf8Bytes::from(format!("store unavailable: {e}")),
+                })))
+                .await;
+            return;
+        }
+    };
+    if socket.send(Message::text(ready.to_string())).await.is_err() {
+        return;
+    }
+
+    let mut subs: HashMap<String, Sub> = HashMap::new();
+    let slow = CancellationToken::new();
+    // Every subscription's feed, tagged with its key; drained round-robin.
+    let mut feeds = FuturesUnordered::new();
+    let close = |code: u16, reason: &str| {
+        Message::Close(Some(CloseFrame {
+            code,
+            reason: Utf8Bytes::from(reason.to_string()),
+        }))
+    };
+
+    loop {
+        tokio::select! {
+            incoming = socket.recv() => {
+                let msg = match incoming {
+                    None | Some(Err(_)) => break,
+                    Some(Ok(m)) => m,
+                };
+                let text = match msg {
+                    Message::Text(t) => t,
+                    Message::Binary(_) => {
+                        let _ = socket.send(Message::text(error_frame("bad_request", "frames are JSON text", None))).await;
+                        continue;
+                    }
+                    Message::Close(_) => break,
+                    Message::Ping(_) | Message::Pong(_) => continue,
+                };
+                let (reply, feed) = apply_op(&hub, &consumer, &allow, text.as_str(), &mut subs, &slow).await;
+                // The ack goes out before the feed is polled, so `subscribed` precedes the
+                // subscription's first event.
+                if socket.send(Message::text(reply)).await.is_err() {
+                    break;
+                }
+                if let Some((key, rx)) = feed {
+                    feeds.push(next_item(key, rx));
+                }
+            }
+            Some((key, item, rx)) = feeds.next(), if !feeds.is_empty() => {
+                match item {
+                    Some(FeedItem::Event(p)) => {
+                        feeds.push(next_item(key.clone(), rx));
+                        let Some(sub) = subs.get(&key) else { continue };
+                        let frame = event_frame(&sub.id_json, &p);
+                        // A write stuck on a consumer that stopped reading must not hide the
+                        // slow-consumer verdict.
+                        let sent = tokio::select! {
+                            r = socket.send(Message::text(frame)) => r.is_ok(),
+                            _ = slow.cancelled() => true,
+                        };
+                        if !sent {
+                            break;
+                        }
+                        hub.stats.frames_sent.fetch_add(1, Ordering::Relaxed);
+                    }
+                    // The `slow` branch below handles the verdict.
+                    Some(FeedItem::End(FeedEnd::SlowConsumer)) => {}
+                    Some(FeedItem::End(FeedEnd::Store(e))) => {
+                        let _ = socket.send(close(1011, &format!("store unavailable: {e}"))).await;
+                        break;
+                    }
+                    // The feed was stopped (unsubscribe): nothing more from it.
+                    None => {}
+                }
+            }
+            _ = hub.shutdown.cancelled() => {
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(1), socket.send(close(1001, "server shutting down"))).await;
+                break;
+            }
+            _ = consumer.revoked.cancelled() => {
+                info!(consumer = %consumer.name, session = %session_id, "consumer removed or changed by a reload; closing");
+                let _ = tokio::time::timeout(CLOSE_GRACE, socket.send(close(1008, "consumer configuration changed"))).await;
+                break;
+            }
+            _ = slow.cancelled() => {
+                hub.stats.slow_disconnects.fetch_add(1, Ordering::Relaxed);
+                info!(consumer = %consumer.name, session = %session_id, "closing a slow consumer");
+                // The close frame queues behind what the consumer has not read yet; give it a
+                // while to drain, then drop the connection.
+                let _ = tokio::time::timeout(CLOSE_GRACE, socket.send(close(CLOSE_SLOW_CONSUMER, "slow consumer"))).await;
+                break;
+            }
+        }
+    }
+    for sub in subs.values() {
+        sub.stop.cancel();
+    }
+    debug!(consumer = %consumer.name, session = %session_id, "consumer disconnected");
+    drop(guard);
+}
+
+type FeedNext = (String, Option<FeedItem>, mpsc::Receiver<FeedItem>);
+
+async fn next_item(key: String, mut rx: mpsc::Receiver<FeedItem>) -> FeedNext {
+    let item = rx.recv().await;
+    (key, item, rx)
+}
+
+/// `{"op":"event","subscription":<id>,"seq":<seq>,"event":<envelope>}` around the journal's
+/// bytes (valid UTF-8 JSON, as serde_json wrote them).
+fn event_frame(sub_id_json: &str, p: &crate::ingest::Published) -> String {
+    let envelope = std::str::from_utf8(&p.bytes).unwrap_or("null");
+    let seq = p.envelope.seq.unwrap_or(0);
+    let mut frame = String::with_capacity(envelope.len() + sub_id_json.len() + 64);
+    frame.push_str(r#"{"op":"event","subscription":"#);
+    frame.push_str(sub_id_json);
+    frame.push_str(r#","seq":"#);
+    frame.push_str(&seq.to_string());
+    frame.push_str(r#","event":"#);
+    frame.push_str(envelope);
+    frame.push('}');
+    frame
+}
+
+/// A new subscription's key and feed.
+type NewFeed = (String, mpsc::Receiver<FeedItem>);
+
+/// Applies one client op: the frame to answer with, and the feed of a new subscription.
+async fn apply_op(
+    hub: &Arc<Hub>,
+    consumer: &Consumer,
+    allow: &Arc<Filter>,
+    text: &str,
+    subs: &mut HashMap<String, Sub>,
+    slow: &CancellationToken,
+) -> (String, Option<NewFeed>) {
+    let raw: Value = match serde_json::from_str(text) {
+        Ok(v) => v,
+        Err(e) => {
+            return (
+                error_frame("bad_request", format!("not JSON: {e}"), None),
+                None,
+            )
+        }
+    };
+    let id = raw.get("id").cloned();
+    let op = match serde_json::from_value::<ClientOp>(raw.clone()) {
+        Ok(op) => op,
+        Err(e) => {
+            let known = matches!(
+                raw.get("op").and_then(Value::as_str),
+                Some("subscribe" | "unsubscribe" | "ping")
+            );
+            let (code, message) = if known {
+                ("bad_request", e.to_string())
+            } else {
+                (
+                    "unknown_op",
+                    format!(
+                        "unknown op {}; expected subscribe, unsubscribe or ping",
+                        raw.get("op").unwrap_or(&Value::Null)
+                    ),
+                )
+            };
+            return (error_frame(code, message, id.as_ref()), None);
+        }
+    };
+    match op {
+        ClientOp::Ping => (json!({"op": "pong"}).to_string(), None),
+        ClientOp::Unsubscribe { id } => match subs.remove(&sub_key(&id)) {
+            Some(sub) => {
+                sub.stop.cancel();
+                (json!({"op": "unsubscribed", "id": id}).to_string(), None)
+            }
+            None => (
+                error_frame(
+                    "unknown_subscription",
+                    "no subscription with this id",
+                    Some(&id),
+                ),
+                None,
+            ),
+        },
+        ClientOp::Subscribe {
+            id,
+            filter,
+            from,
+            epoch,
+        } => {
+            if !(id.is_string() || id.is_number()) {
+                return (
+                    error_frame("bad_request", "id must be a string or a number", Some(&id)),
+                    None,
+                );
+            }
+            let key = sub_key(&id);
+            if subs.len() >= MAX_SUBSCRIPTIONS {
+                return (
+                    error_frame(
+                        "too_many_subscriptions",
+                        format!("at most {MAX_SUBSCRIPTIONS} per connection"),
+                        Some(&id),
+                    ),
+                    None,
+                );
+            }
+            if subs.contains_key(&key) {
+                return (
+                    error_frame(
+                        "duplicate_subscription",
+                        "a subscription with this id exists",
+                        Some(&id),
+                    ),
+                    None,
+                );
+            }
+            let filter = match Filter::from_config(&filter) {
+                Ok(f) => f,
+                Err(issues) => {
+                    let msg = issues
+                        .iter()
+                        .map(|i| format!("filter.{i}"))
+                        .collect::<Vec<_>>()
+                        .join("; ");
+                    return (error_frame("bad_pattern", msg, Some(&id)), None);
+                }
+            };
+            let start = match parse_start(from.as_ref()) {
+                Ok(s) => s,
+                Err(msg) => return (error_frame("bad_request", msg, Some(&id)), None),
+            };
+            let stop = CancellationToken::new();
+            let control = FeedControl {
+                stop: stop.clone(),
+                slow: slow.clone(),
+            };
+            match subscription::open(hub, filter, allow.clone(), start, epoch.as_deref(), control)
+                .await
+            {
+                Ok(rx) => {
+                    debug!(consumer = %consumer.name, subscription = %key, ?start, "subscribed");
+                    subs.insert(
+                        key.clone(),
+                        Sub {
+                            stop,
+                            id_json: Arc::from(key.as_str()),
+                        },
+                    );
+                    (
+                        json!({"op": "subscribed", "id": id}).to_string(),
+                        Some((key, rx)),
+                    )
+                }
+                Err(OpenError::Position(e)) => (
+                    error_frame("unrecoverable_position", e.to_string(), Some(&id)),
+                    None,
+                ),
+                Err(OpenError::Store(e)) => (error_frame("unavailable", e, Some(&id)), None),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_parsing() {
+        assert_eq!(parse_start(None), Ok(Start::Latest));
+        assert_eq!(parse_start(Some(&json!("earliest"))), Ok(Start::Earliest));
+        assert_eq!(parse_start(Some(&json!(42))), Ok(Start::Seq(42)));
+        assert_eq!(parse_start(Some(&json!("42"))), Ok(Start::Seq(42)));
+        assert!(parse_start(Some(&json!(0))).is_err());
+        assert!(parse_start(Some(&json!(-3))).is_err());
+        assert!(parse_start(Some(&json!("soon"))).is_err());
+    }
+}

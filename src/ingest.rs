@@ -1,0 +1,155 @@
+//! Ingest: the one place where events from every upstream meet, are journalled (which
+//! deduplicates them and gives them their `seq` and their one serialisation) and are
+//! published.
+//!
+//! Upstream supervisors push [`Envelope`]s into one bounded queue; a single task drains it in
+//! batches and hands each batch to the journal, which commits it in one transaction (group
+//! commit). Only then is anything published: write-ahead (DESIGN §1). An event id already
+//! journalled is counted and dropped: the same VoicePact `payment_update` reaching two
+//! `client_id` connections, or a frame replayed across a reconnect, is one event.
+//!
+//! Backpressure: when the ingest queue is full, supervisors stop reading their sockets; when
+//! the journal is slow, this task waits for it, and the queue fills. The publish side is a
+//! bounded broadcast ring: a subscriber that falls more than [`PUBLISH_CAPACITY`] events
+//! behind is told how many it lost (`Lagged`) and must resume from the journal; nobody can
+//! make ingest buffer without bound.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde::Serialize;
+use tokio::sync::{broadcast, mpsc};
+use tokio::task::JoinHandle;
+use tracing::{debug, error};
+
+use crate::delivery::DeliveryService;
+use crate::envelope::Envelope;
+use crate::routing::Router;
+use crate::storage::{Appended, NewEvent, Store};
+
+/// Capacity of the queue from the supervisors to ingest.
+pub const INGEST_QUEUE: usize = 4096;
+/// Capacity of the publish ring.
+pub const PUBLISH_CAPACITY: usize = 8192;
+/// Most events taken from the queue per batch.
+const BATCH: usize = 512;
+
+/// A journalled event: the envelope (with its `seq`) and its serialised form, shared by every
+/// recipient so that nobody serialises it again.
+#[derive(Debug)]
+pub struct Published {
+    /// The envelope, `seq` set.
+    pub envelope: Envelope,
+    /// `envelope` as JSON bytes, exactly what is sent and signed.
+    pub bytes: Bytes,
+}
+
+/// Ingest counters.
+#[derive(Debug, Default)]
+pub struct IngestStats {
+    received: AtomicU64,
+    duplicates: AtomicU64,
+    published: AtomicU64,
+}
+
+/// Plain-number copy of [`IngestStats`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct IngestSnapshot {
+    /// Envelopes taken from the queue.
+    pub received: u64,
+    /// Envelopes dropped because their id was already seen.
+    pub duplicates: u64,
+    /// Envelopes given a seq and published.
+    pub published: u64,
+}
+
+impl IngestStats {
+    /// Reads every counter.
+    pub fn snapshot(&self) -> IngestSnapshot {
+        IngestSnapshot {
+            received: self.received.load(Ordering::Relaxed),
+            duplicates: self.duplicates.load(Ordering::Relaxed),
+            published: self.published.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Where ingest sends what it journalled.
+pub struct Sinks {
+    /// The routing rules: which webhook endpoints get an event (swapped by hot reload).
+    pub router: Arc<arc_swap::ArcSwap<Router>>,
+    /// The webhook dispatchers, woken for each endpoint that got new deliveries.
+    pub delivery: Arc<DeliveryService>,
+    /// The live stream for consumers.
+    pub publish: broadcast::Sender<Arc<Published>>,
+}
+
+/// Starts the ingest task. It ends when every sender of `queue` is gone and what they queued
+/// is journalled and published.
+pub fn spawn(
+    mut queue: mpsc::Receiver<Envelope>,
+    store: Arc<dyn Store>,
+    sinks: Sinks,
+    stats: Arc<IngestStats>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let Sinks {
+            router,
+            delivery,
+            publish,
+        } = sinks;
+        let mut batch = Vec::with_capacity(BATCH);
+        let mut woken: Vec<Arc<str>> = Vec::new();
+        while queue.recv_many(&mut batch, BATCH).await > 0 {
+            stats
+                .received
+                .fetch_add(batch.len() as u64, Ordering::Relaxed);
+            // Routing happens before journalling so that the event and its deliveries are
+            // committed together: after a crash, nothing journalled lacks its deliveries.
+            let router = router.load();
+            let routed: Vec<NewEvent> = batch
+                .drain(..)
+                .map(|envelope| NewEvent {
+                    targets: router.targets(&envelope),
+                    envelope,
+                })
+                .collect();
+            for target in routed.iter().flat_map(|n| n.targets.iter()) {
+                if !woken.contains(target) {
+                    woken.push(target.clone());
+                }
+            }
+            let appended = match store.append(routed).await {
+                Ok(a) => a,
+                Err(e) => {
+                    // The store only fails like this when it is closed (shutdown); its own
+                    // commit failures are retried inside it.
+                    error!(error = %e, "journal unavailable; ingest stops");
+                    return;
+                }
+            };
+            for outcome in appended {
+                match outcome {
+                    Appended::Stored {
+                        bytes, envelope, ..
+                    } => {
+                        stats.published.fetch_add(1, Ordering::Relaxed);
+                        // No receiver is not an error: nobody is listening yet.
+                        let _ = publish.send(Arc::new(Published {
+                            envelope: *envelope,
+                            bytes,
+                        }));
+                    }
+                    Appended::Duplicate => {
+                        stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                        debug!("duplicate event dropped");
+                    }
+                }
+            }
+            for endpoint in woken.drain(..) {
+                delivery.wake(&endpoint);
+            }
+        }
+    })
+}

@@ -1,0 +1,41 @@
+//! wsbridge: bridges several providers' real-time WebSocket event APIs into one stream of
+//! CloudEvents.
+//!
+//! How the pieces fit (see DESIGN.md §1):
+//! - [`config`]: one validated, immutable view of `config.toml` plus `WSBRIDGE_*` overrides;
+//! - [`upstream`]: one supervisor task per provider connection (connect, authenticate,
+//!   subscribe, heartbeat, reconnect), decoding frames with the provider's adapter from
+//!   [`wsbridge_adapters`];
+//! - [`envelope`]: the canonical CloudEvents envelope, the external contract;
+//! - [`ingest`]: the single path from upstreams to the journal and on to subscribers;
+//! - [`storage`]: the journal (write-ahead, deduplicated by id, ordered by `seq`) behind one
+//!   trait, with the embedded SQLite implementation;
+//! - [`routing`]: `[[routes]]` compiled once: which webhooks get which events;
+//! - [`delivery`]: signed webhooks with durable retries, dead letters and replay;
+//! - [`downstream`]: `/v1/ws` and `/v1/events` for consumers, resumable by `seq`;
+//! - [`admin`]: the admin API under `/v1/admin/`;
+//! - [`status`]: `/healthz`, `/readyz`, the `/v1/status` summary and the status page;
+//! - [`metrics`]: `/metrics` in Prometheus text format;
+//! - [`bridge`]: the above assembled, started and stopped as one;
+//! - [`reload`]: SIGHUP and config-file changes applied without a restart;
+//! - [`demo`]: simulators + bridge + a printing consumer, for newcomers;
+//! - [`telemetry`]: logging setup.
+
+pub mod admin;
+pub mod bridge;
+pub mod config;
+pub mod delivery;
+pub mod demo;
+pub mod downstream;
+pub mod envelope;
+pub mod explain;
+pub mod ingest;
+pub mod metrics;
+pub mod reload;
+pub mod routing;
+pub mod status;
+pub mod storage;
+pub mod telemetry;
+pub mod upstream;
+
+pub use wsbridge_adapters as adapters;

@@ -1,0 +1,226 @@
+//! The `wsbridge` binary: the command-line edge. Everything here is argument parsing,
+//! logging setup and exit codes; the work lives in the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tracing::info;
+use wsbridge::bridge::Bridge;
+use wsbridge::config::Config;
+use wsbridge::demo;
+use wsbridge::telemetry::{self, LogFormat};
+
+/// Bridges VoicePact, VoIPBIN and Hashi real-time WebSocket APIs into one CloudEvents stream.
+#[derive(Parser, Debug)]
+#[command(name = "wsbridge", version, about)]
+struct Cli {
+    /// Log format: human or json.
+    #[arg(long, global = true, default_value = "human")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the service.
+    Serve {
+        /// The config file.
+        #[arg(long, short, default_value = "config.toml")]
+        config: PathBuf,
+        /// How often the config file is checked for changes ("0s": only on SIGHUP).
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        watch_interval: Duration,
+    },
+    /// Start the provider simulators, the bridge and a printing consumer; show events flow.
+    Demo {
+        /// Print raw envelopes, one JSON object per line.
+        #[arg(long)]
+        json: bool,
+        /// Pause between scripted events (e.g. "150ms", "0s").
+        #[arg(long, default_value = "150ms", value_parser = humantime::parse_duration)]
+        interval: Duration,
+        /// How many times the script is played.
+        #[arg(long, default_value_t = 1)]
+        rounds: u32,
+    },
+    /// Validate a config file: prints every problem with its key, exits 1 if there is any.
+    CheckConfig {
+        /// The config file.
+        file: PathBuf,
+    },
+    /// Show which routes an event matches and why the others do not.
+    Route {
+        /// The event: a canonical envelope, or a raw provider frame (decoded first).
+        #[arg(long, value_name = "EVENT.json")]
+        explain: PathBuf,
+        /// The config whose routes are checked.
+        #[arg(long, short, default_value = "config.toml")]
+        config: PathBuf,
+        /// Decode a raw frame with this upstream's adapter (default: guessed from its shape).
+        #[arg(long)]
+        upstream: Option<String>,
+    },
+    /// Run the three provider simulators on their default ports (what config.toml points at),
+    /// replaying every documented event type in a loop.
+    Simulate {
+        /// Pause between scripted events.
+        #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
+        interval: Duration,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let quiet_default = matches!(
+        cli.command,
+        Command::Demo { .. } | Command::CheckConfig { .. }
+    );
+    telemetry::init(cli.log_format, if quiet_default { "warn" } else { "info" });
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::CheckConfig { file } => match Config::load(&file) {
+            Ok(c) => {
+                println!("{}: ok ({} upstreams)", file.display(), c.upstreams.len());
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => {
+                eprintln!("{}: {e}", file.display());
+                Ok(ExitCode::FAILURE)
+            }
+        },
+        Command::Serve {
+            config: path,
+            watch_interval,
+        } => {
+            let config =
+                Config::load(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            let bridge = Bridge::start(&config)
+                .await
+                .context("starting the bridge")?;
+            let mut events = bridge.subscribe();
+            info!(
+                upstreams = config.upstreams.len(),
+                "wsbridge running; Ctrl-C or SIGTERM stops"
+            );
+            let stop = shutdown_signal();
+            tokio::pin!(stop);
+            let mut hangup = hangup_signal()?;
+            let mut watch = wsbridge::reload::FileWatch::new(&path);
+            let mut poll = tokio::time::interval(if watch_interval.is_zero() {
+                Duration::from_secs(3600)
+            } else {
+                watch_interval
+            });
+            poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = &mut stop => break,
+                    _ = hangup.recv() => {
+                        info!(config = %path.display(), "SIGHUP: reloading the config");
+                        watch.changed();
+                        let _ = wsbridge::reload::reload_file(&bridge, &path).await;
+                    }
+                    _ = poll.tick(), if !watch_interval.is_zero() => {
+                        if watch.changed() {
+                            info!(config = %path.display(), "config file changed: reloading");
+                            let _ = wsbridge::reload::reload_file(&bridge, &path).await;
+                        }
+                    }
+                    got = events.recv() => match got {
+                        Ok(p) => tracing::debug!(seq = p.envelope.seq.unwrap_or(0), r#type = %p.envelope.event_type,
+                            subject = p.envelope.subject.as_deref().unwrap_or(""), source = %p.envelope.source, "event"),
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => info!(skipped = n, "event log fell behind"),
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                    }
+                }
+            }
+            info!("shutting down");
+            bridge.shutdown().await;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo {
+            json,
+            interval,
+            rounds,
+        } => {
+            demo::run(demo::DemoOptions {
+                json,
+                interval,
+                rounds,
+            })
+            .await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Route {
+            explain,
+            config,
+            upstream,
+        } => {
+            let config =
+                Config::load(&config).map_err(|e| anyhow::anyhow!("{}: {e}", config.display()))?;
+            let input = std::fs::read_to_string(&explain)
+                .with_context(|| format!("reading {}", explain.display()))?;
+            let (envelope, how) =
+                wsbridge::explain::to_envelope(&config, &input, upstream.as_deref())?;
+            print!("{}", wsbridge::explain::report(&config, &envelope, &how));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Simulate { interval } => {
+            demo::simulate(interval).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// SIGHUP, the conventional "reload your config" signal.
+#[cfg(unix)]
+fn hangup_signal() -> anyhow::Result<tokio::signal::unix::Signal> {
+    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("listening for SIGHUP")
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

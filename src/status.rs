@@ -1,0 +1,129 @@
+//! Health, readiness and the status summary: what load balancers, orchestrators and the
+//! status page ask the bridge.
+//!
+//! - `GET /healthz`: the process is alive and serving HTTP (always 200 while it is);
+//! - `GET /readyz`: ready for traffic: the store answers, the config is loaded, the listener
+//!   is up (200, or 503 with the reason);
+//! - `GET /v1/status`: one JSON summary of upstreams, webhooks, consumers and the journal for
+//!   the status page. It carries names, states and counts only, never a URL with
+//!   credentials, a token or a secret, so it is served without authentication.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use axum::Json;
+use serde_json::{json, Value};
+
+use crate::bridge::UpstreamSet;
+use crate::delivery::DeliveryService;
+use crate::downstream::Hub;
+use crate::ingest::IngestStats;
+use crate::storage::Store;
+
+/// What the status handlers read.
+pub struct StatusState {
+    /// The store (journal position, delivery counts).
+    pub store: Arc<dyn Store>,
+    /// The upstream supervisors.
+    pub upstreams: UpstreamSet,
+    /// The webhook dispatchers.
+    pub delivery: Arc<DeliveryService>,
+    /// The consumer hub.
+    pub hub: Arc<Hub>,
+    /// Ingest counters.
+    pub ingest: Arc<IngestStats>,
+    /// When the bridge started.
+    pub started: Instant,
+}
+
+/// `/healthz`, `/readyz` and `/v1/status`.
+pub fn router(state: Arc<StatusState>) -> axum::Router {
+    axum::Router::new()
+        .route("/", get(page))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .route("/v1/status", get(status))
+        .route("/metrics", get(crate::metrics::handler))
+        .with_state(state)
+}
+
+/// The status page: one self-contained HTML file that polls `/v1/status`.
+async fn page() -> Html<&'static str> {
+    Html(include_str!("status_page.html"))
+}
+
+async fn ready(State(state): State<Arc<StatusState>>) -> Response {
+    match state.store.position().await {
+        Ok(_) => (StatusCode::OK, "ready\n").into_response(),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: store: {e}\n"),
+        )
+            .into_response(),
+    }
+}
+
+/// The summary, also used by the metrics endpoint's gauges.
+pub async fn summary(state: &StatusState) -> Value {
+    let upstreams = state
+        .upstreams
+        .read()
+        .map(|u| u.clone())
+        .unwrap_or_default();
+    let mut providers = serde_json::Map::new();
+    let upstreams: Vec<Value> = upstreams
+        .iter()
+        .map(|u| {
+            let s = u.status();
+            let c = u.counters();
+            let provider = u.adapter().provider().name();
+            let entry = providers
+                .entry(provider)
+                .or_insert_with(|| json!({"events": 0}));
+            entry["events"] = json!(entry["events"].as_u64().unwrap_or(0) + c.events);
+            json!({
+                "name": u.name(),
+                "provider": provider,
+                "state": s.state,
+                "since": s.since,
+                "last_error": s.last_error,
+                "subscriptions": u.adapter().subscriptions(),
+                "counters": c,
+                "last_event_unix_ms": u.last_event_unix_ms(),
+            })
+        })
+        .collect();
+    let mut webhooks = Vec::new();
+    for view in state.delivery.views() {
+        let counts = state.store.counts(&view.name).await.unwrap_or_default();
+        let mut v = json!(view);
+        v["pending"] = json!(counts.pending);
+        v["dead"] = json!(counts.dead);
+        if let Some(o) = v.as_object_mut() {
+            o.remove("url");
+        }
+        webhooks.push(v);
+    }
+    let journal = match state.store.position().await {
+        Ok(p) => json!({"head": p.head, "first": p.first, "epoch": p.epoch}),
+        Err(e) => json!({"error": e.to_string()}),
+    };
+    json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_s": state.started.elapsed().as_secs(),
+        "journal": journal,
+        "ingest": state.ingest.snapshot(),
+        "providers": providers,
+        "upstreams": upstreams,
+        "webhooks": webhooks,
+        "consumers": state.hub.counters(),
+    })
+}
+
+async fn status(State(state): State<Arc<StatusState>>) -> Json<Value> {
+    Json(summary(&state).await)
+}

@@ -1,0 +1,955 @@
+//! The embedded store: one SQLite file in WAL mode, the default backend (nothing to install).
+//!
+//! Writes go through one dedicated writer thread that owns the write connection. Each append
+//! command is one batch from ingest; the thread also drains every command already queued
+//! behind it and commits them all in a single transaction (group commit), so durability
+//! costs one fsync per burst rather than one per event. Reads use a second connection on the
+//! blocking pool; WAL lets them run while the writer commits.
+//!
+//! Durability: `synchronous = NORMAL` in WAL mode survives a process crash (SIGKILL) with no
+//! committed transaction lost; `FULL` (see [`Durability`]) also survives power loss, at the
+//! price of an fsync per commit.
+//!
+//! The writer's command queue is bounded ([`COMMAND_QUEUE`]); when it is full, `append`
+//! waits, which blocks ingest, which blocks the upstream readers: backpressure reaches the
+//! providers' sockets, never our memory.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+use tokio::sync::oneshot;
+use tracing::{error, info};
+
+use super::{
+    Appended, AttemptRecord, DeliveryCounts, DeliveryInfo, DeliveryState, DueDelivery,
+    JournalPosition, NewEvent, NextStep, ReplaySelection, Store, StoreError, StoredEvent,
+};
+
+/// Append commands that may wait for the writer thread.
+pub const COMMAND_QUEUE: usize = 64;
+/// Most commands merged into one transaction.
+const MAX_COMMANDS_PER_COMMIT: usize = 64;
+
+/// How hard a commit is pushed to disk.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Durability {
+    /// Survives a process crash (the default).
+    #[default]
+    Normal,
+    /// Also survives power loss or an OS crash.
+    Full,
+}
+
+/// Schema, applied in order; `PRAGMA user_version` records how many have run.
+const MIGRATIONS: &[&str] = &[
+    r#"
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+    CREATE TABLE events (
+        seq       INTEGER PRIMARY KEY,
+        id        TEXT NOT NULL UNIQUE,
+        recv_ms   INTEGER NOT NULL,
+        body      BLOB NOT NULL
+    );
+    "#,
+    r#"
+    -- state: 0 pending (or in flight), 1 dead. A delivered row is deleted.
+    CREATE TABLE deliveries (
+        endpoint   TEXT NOT NULL,
+        seq        INTEGER NOT NULL,
+        state      INTEGER NOT NULL DEFAULT 0,
+        attempts   INTEGER NOT NULL DEFAULT 0,
+        next_at_ms INTEGER NOT NULL,
+        subject    TEXT,
+        PRIMARY KEY (endpoint, seq)
+    ) WITHOUT ROWID;
+    CREATE INDEX deliveries_due ON deliveries (endpoint, state, next_at_ms, seq);
+    CREATE INDEX deliveries_subject ON deliveries (endpoint, subject, state, seq);
+    CREATE TABLE attempts (
+        endpoint    TEXT NOT NULL,
+        seq         INTEGER NOT NULL,
+        n           INTEGER NOT NULL,
+        at_ms       INTEGER NOT NULL,
+        status      INTEGER,
+        error       TEXT,
+        duration_ms INTEGER NOT NULL,
+        PRIMARY KEY (endpoint, seq, n)
+    ) WITHOUT ROWID;
+    CREATE TABLE endpoints (
+        name            TEXT PRIMARY KEY,
+        disabled_reason TEXT
+    ) WITHOUT ROWID;
+    "#,
+];
+
+const PENDING: i64 = 0;
+const DEAD: i64 = 1;
+
+type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+
+enum Command {
+    Append {
+        batch: Vec<NewEvent>,
+        reply: Reply<Vec<Appended>>,
+    },
+    Record {
+        endpoint: String,
+        seq: u64,
+        attempt: AttemptRecord,
+        next: NextStep,
+        reply: Reply<()>,
+    },
+    Replay {
+        endpoint: String,
+        selection: ReplaySelection,
+        now_ms: i64,
+        reply: Reply<u64>,
+    },
+    SetDisabled {
+        endpoint: String,
+        reason: Option<String>,
+        reply: Reply<()>,
+    },
+}
+
+/// Per event of an append: `Some((seq, bytes))` when stored, `None` for a duplicate id.
+type Outcome = Vec<Option<(u64, Bytes)>>;
+
+/// What a command produced inside a transaction (replied only after the commit).
+enum Done {
+    Appended(Outcome),
+    Unit,
+    Count(u64),
+}
+
+/// The embedded store. Cheap to share (`Arc`); dropping the last handle stops the writer
+/// thread after it has committed what it was given.
+pub struct EmbeddedStore {
+    commands: std::sync::mpsc::SyncSender<Command>,
+    reader: Arc<Mutex<Connection>>,
+    epoch: String,
+    head: Arc<AtomicU64>,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for EmbeddedStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedStore")
+            .field("path", &self.path)
+            .field("epoch", &self.epoch)
+            .finish()
+    }
+}
+
+fn db(op: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
+    move |source| StoreError::Database { op, source }
+}
+
+fn open_connection(path: &Path, durability: Durability) -> Result<Connection, StoreError> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|source| StoreError::Open {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let sync = match durability {
+        Durability::Normal => "NORMAL",
+        Durability::Full => "FULL",
+    };
+    conn.execute_batch(&format!(
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = {sync}; PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = ON;"
+    ))
+    .map_err(db("configure connection"))?;
+    Ok(conn)
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let done: usize = conn
+        .query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))
+        .map_err(db("read schema version"))? as usize;
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(done) {
+        let tx = conn.transaction().map_err(db("begin migration"))?;
+        tx.execute_batch(sql).map_err(db("migrate"))?;
+        tx.execute_batch(&format!("PRAGMA user_version = {}", i + 1))
+            .map_err(db("record schema version"))?;
+        tx.commit().map_err(db("commit migration"))?;
+    }
+    Ok(())
+}
+
+fn load_or_create_epoch(conn: &Connection) -> Result<String, StoreError> {
+    let existing: Option<String> = conn
+        .query_row("SELECT value FROM meta WHERE key = 'epoch'", [], |r| {
+            r.get(0)
+        })
+        .optional()
+        .map_err(db("read epoch"))?;
+    if let Some(e) = existing {
+        return Ok(e);
+    }
+    let epoch = format!("{:016x}", rand::random::<u64>());
+    conn.execute(
+        "INSERT INTO meta (key, value) VALUES ('epoch', ?1)",
+        params![epoch],
+    )
+    .map_err(db("write epoch"))?;
+    Ok(epoch)
+}
+
+impl EmbeddedStore {
+    /// Opens (creating if needed, directory included) the store at `path` and starts its
+    /// writer thread.
+    pub fn open(path: &Path, durability: Durability) -> Result<Arc<EmbeddedStore>, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|source| StoreError::Io {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        }
+        let mut writer = open_connection(path, durability)?;
+        migrate(&mut writer)?;
+        let epoch = load_or_create_epoch(&writer)?;
+        let head: u64 = writer
+            .query_row("SELECT COALESCE(MAX(seq), 0) FROM events", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .map_err(db("read head"))?
+            .try_into()
+            .unwrap_or(0);
+        let reader = open_connection(path, durability)?;
+        let head = Arc::new(AtomicU64::new(head));
+        let (tx, rx) = std::sync::mpsc::sync_channel(COMMAND_QUEUE);
+        let thread_head = head.clone();
+        thread::Builder::new()
+            .name("wsbridge-store".into())
+            .spawn(move || writer_loop(writer, rx, thread_head))
+            .map_err(|source| StoreError::Io {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        info!(path = %path.display(), epoch = %epoch, head = head.load(Ordering::Relaxed), "embedded store open");
+        Ok(Arc::new(EmbeddedStore {
+            commands: tx,
+            reader: Arc::new(Mutex::new(reader)),
+            epoch,
+            head,
+            path: path.to_path_buf(),
+        }))
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    async fn send(&self, command: Command) -> Result<(), StoreError> {
+        // The queue is bounded: a full queue waits here (on the blocking pool, not the
+        // runtime's worker threads).
+        let commands = self.commands.clone();
+        match commands.try_send(command) {
+            Ok(()) => Ok(()),
+            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => Err(StoreError::Closed),
+            Err(std::sync::mpsc::TrySendError::Full(command)) => {
+                tokio::task::spawn_blocking(move || {
+                    commands.send(command).map_err(|_| StoreError::Closed)
+                })
+                .await
+                .map_err(|_| StoreError::Closed)?
+            }
+        }
+    }
+
+    async fn with_reader<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let reader = self.reader.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = reader.lock().map_err(|_| StoreError::Closed)?;
+            f(&conn)
+        })
+        .await
+        .map_err(|_| StoreError::Closed)?
+    }
+}
+
+#[async_trait]
+impl Store for EmbeddedStore {
+    async fn append(&self, batch: Vec<NewEvent>) -> Result<Vec<Appended>, StoreError> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Append { batch, reply }).await?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    async fn read_from(&self, from: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
+        let from = to_i64(from);
+        let limit = to_i64(limit as u64);
+        self.with_reader(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT seq, id, body FROM events WHERE seq >= ?1 ORDER BY seq LIMIT ?2",
+                )
+                .map_err(db("prepare read"))?;
+            let rows = stmt
+                .query_map(params![from, limit], |r| {
+                    Ok(StoredEvent {
+                        seq: r.get::<_, i64>(0)? as u64,
+                        id: r.get(1)?,
+                        bytes: Bytes::from(r.get::<_, Vec<u8>>(2)?),
+                    })
+                })
+                .map_err(db("read events"))?;
+            rows.collect::<Result<Vec<_>, _>>()
+                .map_err(db("read events"))
+        })
+        .await
+    }
+
+    async fn position(&self) -> Result<JournalPosition, StoreError> {
+        let head = self.head.load(Ordering::Acquire);
+        let epoch = self.epoch.clone();
+        let first = self
+            .with_reader(|conn| {
+                conn.query_row("SELECT MIN(seq) FROM events", [], |r| {
+                    r.get::<_, Option<i64>>(0)
+                })
+                .map_err(db("read first seq"))
+            })
+            .await?;
+        Ok(JournalPosition {
+            epoch,
+            head,
+            first: first.map_or(head + 1, |f| f as u64),
+        })
+    }
+
+    async fn due(
+        &self,
+        endpoint: &str,
+        now_ms: i64,
+        limit: usize,
+        ordered: bool,
+    ) -> Result<Vec<DueDelivery>, StoreError> {
+        let endpoint = endpoint.to_string();
+        let limit = to_i64(limit as u64);
+        self.with_reader(move |conn| {
+            // Ordered: a delivery is eligible only when no older pending delivery of the same
+            // subject exists (the older one may be in flight or waiting for its retry).
+            let sql = if ordered {
+                "SELECT d.seq, e.id, e.body, d.attempts FROM deliveries d JOIN events e ON e.seq = d.seq
+                 WHERE d.endpoint = ?1 AND d.state = 0 AND d.next_at_ms <= ?2
+                   AND NOT EXISTS (SELECT 1 FROM deliveries p WHERE p.endpoint = d.endpoint AND p.state = 0
+                                   AND p.subject IS d.subject AND p.seq < d.seq)
+                 ORDER BY d.seq LIMIT ?3"
+            } else {
+                "SELECT d.seq, e.id, e.body, d.attempts FROM deliveries d JOIN events e ON e.seq = d.seq
+                 WHERE d.endpoint = ?1 AND d.state = 0 AND d.next_at_ms <= ?2
+                 ORDER BY d.seq LIMIT ?3"
+            };
+            let mut stmt = conn.prepare_cached(sql).map_err(db("prepare due"))?;
+            let rows = stmt
+                .query_map(params![endpoint, now_ms, limit], |r| {
+                    Ok(DueDelivery {
+                        seq: r.get::<_, i64>(0)? as u64,
+                        id: r.get(1)?,
+                        bytes: Bytes::from(r.get::<_, Vec<u8>>(2)?),
+                        attempts: r.get::<_, i64>(3)? as u32,
+                    })
+                })
+                .map_err(db("read due deliveries"))?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(db("read due deliveries"))
+        })
+        .await
+    }
+
+    async fn next_due(&self, endpoint: &str, after_ms: i64) -> Result<Option<i64>, StoreError> {
+        let endpoint = endpoint.to_string();
+        self.with_reader(move |conn| {
+            conn.query_row(
+                "SELECT MIN(next_at_ms) FROM deliveries WHERE endpoint = ?1 AND state = 0 AND next_at_ms > ?2",
+                params![endpoint, after_ms],
+                |r| r.get::<_, Option<i64>>(0),
+            )
+            .map_err(db("read next due"))
+        })
+        .await
+    }
+
+    async fn record(
+        &self,
+        endpoint: &str,
+        seq: u64,
+        attempt: AttemptRecord,
+        next: NextStep,
+    ) -> Result<(), StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Record {
+            endpoint: endpoint.to_string(),
+            seq,
+            attempt,
+            next,
+            reply,
+        })
+        .await?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    async fn deliveries(
+        &self,
+        endpoint: &str,
+        state: DeliveryState,
+        limit: usize,
+    ) -> Result<Vec<DeliveryInfo>, StoreError> {
+        let endpoint = endpoint.to_string();
+        let limit = to_i64(limit as u64);
+        let code = match state {
+            DeliveryState::Pending => PENDING,
+            DeliveryState::Dead => DEAD,
+        };
+        self.with_reader(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT d.seq, e.id, d.next_at_ms FROM deliveries d JOIN events e ON e.seq = d.seq
+                     WHERE d.endpoint = ?1 AND d.state = ?2 ORDER BY d.seq LIMIT ?3",
+                )
+                .map_err(db("prepare list"))?;
+            let rows = stmt
+                .query_map(params![endpoint, code, limit], |r| {
+                    Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?))
+                })
+                .map_err(db("list deliveries"))?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(db("list deliveries"))?;
+            let mut attempts_stmt = conn
+                .prepare_cached(
+                    "SELECT at_ms, status, error, duration_ms FROM attempts WHERE endpoint = ?1 AND seq = ?2 ORDER BY n",
+                )
+                .map_err(db("prepare attempts"))?;
+            let mut out = Vec::with_capacity(rows.len());
+            for (seq, id, next_at_ms) in rows {
+                let attempts = attempts_stmt
+                    .query_map(params![endpoint, seq], |r| {
+                        Ok(AttemptRecord {
+                            at_ms: r.get(0)?,
+                            status: r.get::<_, Option<i64>>(1)?.map(|s| s as u16),
+                            error: r.get(2)?,
+                            duration_ms: r.get::<_, i64>(3)? as u64,
+                        })
+                    })
+                    .map_err(db("list attempts"))?
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(db("list attempts"))?;
+                out.push(DeliveryInfo {
+                    id,
+                    seq: seq as u64,
+                    state,
+                    next_attempt: (state == DeliveryState::Pending).then(|| {
+                        chrono::DateTime::from_timestamp_millis(next_at_ms)
+                            .unwrap_or_default()
+                            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+                    }),
+                    attempts,
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn counts(&self, endpoint: &str) -> Result<DeliveryCounts, StoreError> {
+        let endpoint = endpoint.to_string();
+        self.with_reader(move |conn| {
+            conn.query_row(
+                "SELECT COALESCE(SUM(state = 0), 0), COALESCE(SUM(state = 1), 0) FROM deliveries WHERE endpoint = ?1",
+                params![endpoint],
+                |r| {
+                    Ok(DeliveryCounts {
+                        pending: r.get::<_, i64>(0)? as u64,
+                        dead: r.get::<_, i64>(1)? as u64,
+                    })
+                },
+            )
+            .map_err(db("count deliveries"))
+        })
+        .await
+    }
+
+    async fn replay(&self, endpoint: &str, selection: ReplaySelection) -> Result<u64, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Replay {
+            endpoint: endpoint.to_string(),
+            selection,
+            now_ms: chrono::Utc::now().timestamp_millis(),
+            reply,
+        })
+        .await?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    async fn set_disabled(&self, endpoint: &str, reason: Option<String>) -> Result<(), StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::SetDisabled {
+            endpoint: endpoint.to_string(),
+            reason,
+            reply,
+        })
+        .await?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    fn size_bytes(&self) -> Option<u64> {
+        files_size(&self.path)
+    }
+
+    async fn disabled(&self, endpoint: &str) -> Result<Option<String>, StoreError> {
+        let endpoint = endpoint.to_string();
+        self.with_reader(move |conn| {
+            conn.query_row(
+                "SELECT disabled_reason FROM endpoints WHERE name = ?1",
+                params![endpoint],
+                |r| r.get::<_, Option<String>>(0),
+            )
+            .optional()
+            .map(Option::flatten)
+            .map_err(db("read endpoint state"))
+        })
+        .await
+    }
+}
+
+/// The database file plus its write-ahead log.
+fn files_size(path: &Path) -> Option<u64> {
+    let main = std::fs::metadata(path).ok()?.len();
+    let mut wal = path.as_os_str().to_owned();
+    wal.push("-wal");
+    Some(main + std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0))
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn writer_loop(
+    mut conn: Connection,
+    commands: std::sync::mpsc::Receiver<Command>,
+    head: Arc<AtomicU64>,
+) {
+    let mut next_seq = head.load(Ordering::Acquire) + 1;
+    while let Ok(first) = commands.recv() {
+        let mut pending = vec![first];
+        while pending.len() < MAX_COMMANDS_PER_COMMIT {
+            match commands.try_recv() {
+                Ok(c) => pending.push(c),
+                Err(_) => break,
+            }
+        }
+        // A failed commit (disk full, I/O error) is retried until it succeeds: nothing was
+        // acknowledged, and while we retry the bounded queue fills and ingest stops reading
+        // upstream, so no event is dropped on the floor.
+        let mut delay = std::time::Duration::from_millis(50);
+        let (results, new_next) = loop {
+            match commit(&mut conn, &mut pending, next_seq) {
+                Ok(done) => break done,
+                Err(e) => {
+                    error!(error = %e, retry_in_ms = delay.as_millis() as u64, "store commit failed; retrying");
+                    thread::sleep(delay);
+                    delay = (delay * 2).min(std::time::Duration::from_secs(5));
+                }
+            }
+        };
+        next_seq = new_next;
+        head.store(next_seq - 1, Ordering::Release);
+        for (command, result) in pending.into_iter().zip(results) {
+            reply(command, result);
+        }
+    }
+}
+
+fn reply(command: Command, result: Done) {
+    match (command, result) {
+        (Command::Append { batch, reply }, Done::Appended(outcome)) => {
+            let results = batch
+                .into_iter()
+                .zip(outcome)
+                .map(|(new, stored)| match stored {
+                    Some((seq, bytes)) => {
+                        let mut envelope = new.envelope;
+                        envelope.seq = Some(seq);
+                        Appended::Stored {
+                            seq,
+                            bytes,
+                            envelope: Box::new(envelope),
+                        }
+                    }
+                    None => Appended::Duplicate,
+                })
+                .collect();
+            let _ = reply.send(Ok(results));
+        }
+        (Command::Replay { reply, .. }, Done::Count(n)) => {
+            let _ = reply.send(Ok(n));
+        }
+        (Command::Record { reply, .. } | Command::SetDisabled { reply, .. }, _) => {
+            let _ = reply.send(Ok(()));
+        }
+        // `commit` answers each command with its own kind of result.
+        (Command::Append { reply, .. }, _) => {
+            let _ = reply.send(Err(StoreError::Closed));
+        }
+        (Command::Replay { reply, .. }, _) => {
+            let _ = reply.send(Err(StoreError::Closed));
+        }
+    }
+}
+
+/// Applies every pending command in one transaction. Returns one result per command and the
+/// next free seq; on error nothing is committed and the caller may simply try again.
+fn commit(
+    conn: &mut Connection,
+    pending: &mut [Command],
+    mut next_seq: u64,
+) -> Result<(Vec<Done>, u64), StoreError> {
+    let tx = conn.transaction().map_err(db("begin"))?;
+    let mut all = Vec::with_capacity(pending.len());
+    for command in pending.iter_mut() {
+        let done = match command {
+            Command::Append { batch, .. } => {
+                let (outcome, next) = append_batch(&tx, batch, next_seq)?;
+                next_seq = next;
+                Done::Appended(outcome)
+            }
+            Command::Record {
+                endpoint,
+                seq,
+                attempt,
+                next,
+                ..
+            } => {
+                record_attempt(&tx, endpoint, *seq, attempt, *next)?;
+                Done::Unit
+            }
+            Command::Replay {
+                endpoint,
+                selection,
+                now_ms,
+                ..
+            } => Done::Count(replay(&tx, endpoint, selection, *now_ms)?),
+            Command::SetDisabled {
+                endpoint, reason, ..
+            } => {
+                tx.execute(
+                    "INSERT INTO endpoints (name, disabled_reason) VALUES (?1, ?2)
+                     ON CONFLICT (name) DO UPDATE SET disabled_reason = excluded.disabled_reason",
+                    params![endpoint.as_str(), reason.as_deref()],
+                )
+                .map_err(db("set endpoint state"))?;
+                Done::Unit
+            }
+        };
+        all.push(done);
+    }
+    tx.commit().map_err(db("commit"))?;
+    Ok((all, next_seq))
+}
+
+/// Per event: `Some((seq, bytes))` when stored, `None` for a duplicate id.
+fn append_batch(
+    tx: &rusqlite::Transaction<'_>,
+    batch: &mut [NewEvent],
+    mut next_seq: u64,
+) -> Result<(Outcome, u64), StoreError> {
+    let mut insert = tx
+        .prepare_cached(
+            "INSERT OR IGNORE INTO events (seq, id, recv_ms, body) VALUES (?1, ?2, ?3, ?4)",
+        )
+        .map_err(db("prepare append"))?;
+    let mut enqueue = tx
+        .prepare_cached(
+            "INSERT OR IGNORE INTO deliveries (endpoint, seq, state, attempts, next_at_ms, subject) VALUES (?1, ?2, 0, 0, ?3, ?4)",
+        )
+        .map_err(db("prepare enqueue"))?;
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    let mut outcome: Outcome = Vec::with_capacity(batch.len());
+    for new in batch.iter_mut() {
+        let envelope = &mut new.envelope;
+        envelope.seq = Some(next_seq);
+        let body = serde_json::to_vec(&*envelope)?;
+        let recv_ms = chrono::DateTime::parse_from_rfc3339(&envelope.recvtime)
+            .map(|t| t.timestamp_millis())
+            .unwrap_or(now_ms);
+        let changed = insert
+            .execute(params![to_i64(next_seq), envelope.id, recv_ms, body])
+            .map_err(db("append"))?;
+        if changed == 0 {
+            envelope.seq = None;
+            outcome.push(None);
+            continue;
+        }
+        for target in &new.targets {
+            enqueue
+                .execute(params![
+                    target.as_ref(),
+                    to_i64(next_seq),
+                    now_ms,
+                    envelope.subject
+                ])
+                .map_err(db("enqueue delivery"))?;
+        }
+        outcome.push(Some((next_seq, Bytes::from(body))));
+        next_seq += 1;
+    }
+    Ok((outcome, next_seq))
+}
+
+fn record_attempt(
+    tx: &rusqlite::Transaction<'_>,
+    endpoint: &str,
+    seq: u64,
+    attempt: &AttemptRecord,
+    next: NextStep,
+) -> Result<(), StoreError> {
+    let seq = to_i64(seq);
+    if next == NextStep::Delivered {
+        tx.execute(
+            "DELETE FROM attempts WHERE endpoint = ?1 AND seq = ?2",
+            params![endpoint, seq],
+        )
+        .map_err(db("clear attempts"))?;
+        tx.execute(
+            "DELETE FROM deliveries WHERE endpoint = ?1 AND seq = ?2",
+            params![endpoint, seq],
+        )
+        .map_err(db("complete delivery"))?;
+        return Ok(());
+    }
+    let updated = match next {
+        NextStep::RetryAt(at) => tx.execute(
+            "UPDATE deliveries SET attempts = attempts + 1, next_at_ms = ?3 WHERE endpoint = ?1 AND seq = ?2",
+            params![endpoint, seq, at],
+        ),
+        _ => tx.execute(
+            "UPDATE deliveries SET attempts = attempts + 1, state = 1 WHERE endpoint = ?1 AND seq = ?2",
+            params![endpoint, seq],
+        ),
+    }
+    .map_err(db("update delivery"))?;
+    if updated == 0 {
+        // Already completed by an earlier attempt (a replay raced it): nothing to record.
+        return Ok(());
+    }
+    tx.execute(
+        "INSERT OR REPLACE INTO attempts (endpoint, seq, n, at_ms, status, error, duration_ms)
+         VALUES (?1, ?2, (SELECT attempts FROM deliveries WHERE endpoint = ?1 AND seq = ?2), ?3, ?4, ?5, ?6)",
+        params![
+            endpoint,
+            seq,
+            attempt.at_ms,
+            attempt.status.map(i64::from),
+            attempt.error,
+            to_i64(attempt.duration_ms)
+        ],
+    )
+    .map_err(db("record attempt"))?;
+    Ok(())
+}
+
+fn replay(
+    tx: &rusqlite::Transaction<'_>,
+    endpoint: &str,
+    selection: &ReplaySelection,
+    now_ms: i64,
+) -> Result<u64, StoreError> {
+    let seqs: Vec<i64> = {
+        let (sql, args): (&str, Vec<rusqlite::types::Value>) = match selection {
+            ReplaySelection::Dead => (
+                "SELECT seq FROM deliveries WHERE endpoint = ?1 AND state = 1",
+                vec![endpoint.to_string().into()],
+            ),
+            ReplaySelection::Ids(ids) => {
+                let list = ids.iter().map(|_| "?").collect::<Vec<_>>().join(",");
+                return replay_seqs(tx, endpoint, &select_ids(tx, ids, &list)?, now_ms);
+            }
+            ReplaySelection::Seqs { from, to } => (
+                "SELECT seq FROM events WHERE seq BETWEEN ?1 AND ?2",
+                vec![to_i64(*from).into(), to_i64(*to).into()],
+            ),
+            ReplaySelection::Received { since_ms, until_ms } => (
+                "SELECT seq FROM events WHERE recv_ms BETWEEN ?1 AND ?2",
+                vec![(*since_ms).into(), (*until_ms).into()],
+            ),
+        };
+        let mut stmt = tx.prepare(sql).map_err(db("prepare replay selection"))?;
+        let rows = stmt
+            .query_map(rusqlite::params_from_iter(args), |r| r.get::<_, i64>(0))
+            .map_err(db("select replay"))?;
+        rows.collect::<Result<_, _>>()
+            .map_err(db("select replay"))?
+    };
+    replay_seqs(tx, endpoint, &seqs, now_ms)
+}
+
+fn select_ids(
+    tx: &rusqlite::Transaction<'_>,
+    ids: &[String],
+    placeholders: &str,
+) -> Result<Vec<i64>, StoreError> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut stmt = tx
+        .prepare(&format!(
+            "SELECT seq FROM events WHERE id IN ({placeholders})"
+        ))
+        .map_err(db("prepare replay selection"))?;
+    let rows = stmt
+        .query_map(rusqlite::params_from_iter(ids), |r| r.get::<_, i64>(0))
+        .map_err(db("select replay"))?;
+    rows.collect::<Result<_, _>>().map_err(db("select replay"))
+}
+
+/// Re-queues each seq for `endpoint`: pending, due now, attempts reset (an existing dead or
+/// pending row is reset, a journalled event without one gets one).
+fn replay_seqs(
+    tx: &rusqlite::Transaction<'_>,
+    endpoint: &str,
+    seqs: &[i64],
+    now_ms: i64,
+) -> Result<u64, StoreError> {
+    let mut clear = tx
+        .prepare_cached("DELETE FROM attempts WHERE endpoint = ?1 AND seq = ?2")
+        .map_err(db("prepare replay"))?;
+    let mut upsert = tx
+        .prepare_cached(
+            "INSERT INTO deliveries (endpoint, seq, state, attempts, next_at_ms, subject)
+             SELECT ?1, seq, 0, 0, ?3, json_extract(body, '$.subject') FROM events WHERE seq = ?2
+             ON CONFLICT (endpoint, seq) DO UPDATE SET state = 0, attempts = 0, next_at_ms = excluded.next_at_ms",
+        )
+        .map_err(db("prepare replay"))?;
+    let mut n = 0;
+    for seq in seqs {
+        clear
+            .execute(params![endpoint, seq])
+            .map_err(db("replay"))?;
+        n += upsert
+            .execute(params![endpoint, seq, now_ms])
+            .map_err(db("replay"))? as u64;
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::envelope::Envelope;
+    use chrono::Utc;
+    use serde_json::json;
+    use wsbridge_adapters::{DecodedEvent, Provider};
+
+    fn env(id: &str) -> Envelope {
+        Envelope::new(
+            DecodedEvent {
+                id: id.into(),
+                event_type: "voicepact.payment_update".into(),
+                subject: Some("contract/c".into()),
+                time: None,
+                data: json!({"id": id}),
+            },
+            "wsbridge://vp",
+            Provider::VoicePact,
+            Utc::now(),
+        )
+    }
+
+    fn new(id: &str) -> NewEvent {
+        NewEvent {
+            envelope: env(id),
+            targets: vec![],
+        }
+    }
+
+    fn temp_db(name: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("wsbridge-store-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir.join("nested").join("j.db")
+    }
+
+    #[tokio::test]
+    async fn appends_in_order_and_stores_each_id_once() {
+        let path = temp_db("order");
+        let store = EmbeddedStore::open(&path, Durability::Normal).unwrap();
+        let out = store
+            .append(vec![new("a"), new("b"), new("a")])
+            .await
+            .unwrap();
+        assert!(matches!(out[0], Appended::Stored { seq: 1, .. }));
+        assert!(matches!(out[1], Appended::Stored { seq: 2, .. }));
+        assert_eq!(out[2], Appended::Duplicate);
+        let again = store.append(vec![new("b"), new("c")]).await.unwrap();
+        assert_eq!(again[0], Appended::Duplicate);
+        assert!(matches!(again[1], Appended::Stored { seq: 3, .. }));
+
+        let read = store.read_from(2, 10).await.unwrap();
+        assert_eq!(read.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![2, 3]);
+        let stored: Envelope = serde_json::from_slice(&read[0].bytes).unwrap();
+        assert_eq!(stored.id, "b");
+        assert_eq!(stored.seq, Some(2), "the stored bytes carry their seq");
+        let pos = store.position().await.unwrap();
+        assert_eq!((pos.head, pos.first), (3, 1));
+        let _ = std::fs::remove_dir_all(path.parent().unwrap().parent().unwrap());
+    }
+
+    #[tokio::test]
+    async fn reopening_keeps_epoch_head_and_dedup() {
+        let path = temp_db("reopen");
+        let epoch = {
+            let store = EmbeddedStore::open(&path, Durability::Full).unwrap();
+            store.append(vec![new("x"), new("y")]).await.unwrap();
+            store.position().await.unwrap().epoch
+        };
+        let store = EmbeddedStore::open(&path, Durability::Normal).unwrap();
+        let pos = store.position().await.unwrap();
+        assert_eq!(pos.epoch, epoch);
+        assert_eq!(pos.head, 2);
+        let out = store.append(vec![new("y"), new("z")]).await.unwrap();
+        assert_eq!(out[0], Appended::Duplicate);
+        assert!(matches!(out[1], Appended::Stored { seq: 3, .. }));
+        let _ = std::fs::remove_dir_all(path.parent().unwrap().parent().unwrap());
+    }
+
+    #[tokio::test]
+    async fn concurrent_appends_get_distinct_gapless_seqs() {
+        let path = temp_db("concurrent");
+        let store = EmbeddedStore::open(&path, Durability::Normal).unwrap();
+        let mut tasks = Vec::new();
+        for t in 0..8 {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                let batch = (0..100).map(|i| new(&format!("{t}-{i}"))).collect();
+                store.append(batch).await.unwrap()
+            }));
+        }
+        let mut seqs = Vec::new();
+        for t in tasks {
+            for a in t.await.unwrap() {
+                if let Appended::Stored { seq, .. } = a {
+                    seqs.push(seq);
+                }
+            }
+        }
+        seqs.sort_unstable();
+        assert_eq!(seqs, (1..=800).collect::<Vec<_>>());
+        let _ = std::fs::remove_dir_all(path.parent().unwrap().parent().unwrap());
+    }
+}

@@ -1,0 +1,283 @@
+//! Storage: the journal of events and the webhook delivery queue, behind one trait.
+//!
+//! The journal is the bridge's write-ahead log (DESIGN §1): an event is in the journal before
+//! anyone is told about it, so after a crash every journalled event can still be delivered.
+//! It is ordered (`seq`, the resume cursor) and deduplicated by event id: appending an id
+//! that is already stored returns [`Appended::Duplicate`] and stores nothing.
+//!
+//! The store, not its caller, assigns `seq` and serialises the envelope (with its `seq`)
+//! exactly once; the bytes it returns are the bytes it stored, so a replay sends exactly what
+//! the live path sent.
+//!
+//! The delivery queue holds, per webhook endpoint, every event routed to it that has not been
+//! delivered yet (`pending`, with its attempt count and when it is next due) or that has run
+//! out of retries (`dead`). Enqueueing happens in the same atomic step as journalling, so an
+//! event is never journalled without its deliveries nor the reverse, whatever crashes when.
+//! A delivery that was in flight when the process died is still `pending` on restart and is
+//! sent again: delivery is at-least-once, and receivers deduplicate by `webhook-id`.
+//!
+//! Implementations: [`embedded::EmbeddedStore`] (one SQLite file, the default). A NATS
+//! JetStream implementation follows the same trait so that callers do not change.
+
+pub mod embedded;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use crate::envelope::Envelope;
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database could not be opened or created.
+    #[error("cannot open the store at {path}: {source}")]
+    Open {
+        /// The database file.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// A database operation failed.
+    #[error("store {op} failed: {source}")]
+    Database {
+        /// What was being done.
+        op: &'static str,
+        /// The underlying error.
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// An envelope could not be serialised (never expected for a JSON tree).
+    #[error("envelope could not be serialised: {0}")]
+    Serialise(#[from] serde_json::Error),
+    /// The store's worker is gone (the bridge is shutting down).
+    #[error("the store is closed")]
+    Closed,
+    /// I/O around the store (creating its directory).
+    #[error("store I/O on {path}: {source}")]
+    Io {
+        /// The path involved.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The outcome of journalling one event.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Appended {
+    /// Stored at `seq`; `bytes` is the serialised envelope, `seq` included.
+    Stored {
+        /// The journal position.
+        seq: u64,
+        /// The envelope as stored and as it must be sent.
+        bytes: Bytes,
+        /// The envelope itself (its `seq` set), for routing and filtering.
+        envelope: Box<Envelope>,
+    },
+    /// An event with the same id is already in the journal; nothing was stored.
+    Duplicate,
+}
+
+/// One journalled event as read back.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredEvent {
+    /// The journal position.
+    pub seq: u64,
+    /// The event id.
+    pub id: String,
+    /// The serialised envelope, byte for byte as first published.
+    pub bytes: Bytes,
+}
+
+/// Where the journal stands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JournalPosition {
+    /// Identifies this journal: changes when the store is recreated, so a cursor from an
+    /// older store is recognised instead of silently meaning something else.
+    pub epoch: String,
+    /// The newest seq stored (0 when empty).
+    pub head: u64,
+    /// The oldest seq still retained (head + 1 when empty).
+    pub first: u64,
+}
+
+/// An event to journal, with the webhook endpoints the router sent it to.
+#[derive(Clone, Debug)]
+pub struct NewEvent {
+    /// The envelope (its `seq` is assigned by the store).
+    pub envelope: Envelope,
+    /// Endpoint names that get a delivery if the event is new.
+    pub targets: Vec<Arc<str>>,
+}
+
+/// One delivery that is due now.
+#[derive(Clone, Debug)]
+pub struct DueDelivery {
+    /// The event's journal position.
+    pub seq: u64,
+    /// The event id (the `webhook-id`).
+    pub id: String,
+    /// The serialised envelope, exactly as journalled.
+    pub bytes: Bytes,
+    /// Attempts made so far.
+    pub attempts: u32,
+}
+
+/// What one attempt to deliver produced.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct AttemptRecord {
+    /// When the attempt started (unix ms).
+    #[serde(rename = "at", serialize_with = "ser_ms_rfc3339")]
+    pub at_ms: i64,
+    /// The HTTP status, when there was a response.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    /// What went wrong without a response (connect error, timeout), or why the status failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// How long the attempt took.
+    pub duration_ms: u64,
+}
+
+fn ser_ms_rfc3339<S: serde::Serializer>(ms: &i64, s: S) -> Result<S::Ok, S::Error> {
+    let t = chrono::DateTime::from_timestamp_millis(*ms).unwrap_or_default();
+    s.serialize_str(&t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+}
+
+/// What happens to a delivery after an attempt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NextStep {
+    /// Delivered: the delivery and its attempts are removed.
+    Delivered,
+    /// Try again at this unix ms.
+    RetryAt(i64),
+    /// Out of retries: moved to the endpoint's dead-letter list.
+    Dead,
+}
+
+/// A delivery's state as listed by the admin API.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeliveryState {
+    /// Waiting for its first or next attempt (or in flight).
+    Pending,
+    /// Dead-lettered.
+    Dead,
+}
+
+/// A delivery with its history, for the admin API.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct DeliveryInfo {
+    /// The event id.
+    pub id: String,
+    /// The event's journal position.
+    pub seq: u64,
+    /// Pending or dead.
+    pub state: DeliveryState,
+    /// When the next attempt is due (pending only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_attempt: Option<String>,
+    /// Every attempt so far, oldest first.
+    pub attempts: Vec<AttemptRecord>,
+}
+
+/// How many deliveries an endpoint has in each state.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct DeliveryCounts {
+    /// Pending (including in flight).
+    pub pending: u64,
+    /// Dead-lettered.
+    pub dead: u64,
+}
+
+/// Which events an admin replay re-queues for an endpoint.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReplaySelection {
+    /// Every dead letter of the endpoint.
+    Dead,
+    /// These event ids (dead letters, or any journalled event).
+    Ids(Vec<String>),
+    /// Journal positions `from..=to`.
+    Seqs {
+        /// First seq.
+        from: u64,
+        /// Last seq.
+        to: u64,
+    },
+    /// Events received within `[since, until]` (unix ms).
+    Received {
+        /// Start (unix ms).
+        since_ms: i64,
+        /// End (unix ms).
+        until_ms: i64,
+    },
+}
+
+/// The storage seam: journal and delivery queue. Methods are async so that network-backed
+/// stores fit; the embedded store runs its blocking work on its own writer thread and on the
+/// blocking pool, never on the async runtime's workers.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Journals `batch` in order, with a pending delivery per target for every new event, in
+    /// one atomic, durable step (group commit). One result per input event.
+    async fn append(&self, batch: Vec<NewEvent>) -> Result<Vec<Appended>, StoreError>;
+
+    /// Up to `limit` events with `seq >= from`, in order.
+    async fn read_from(&self, from: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError>;
+
+    /// The journal's epoch, head and first retained seq.
+    async fn position(&self) -> Result<JournalPosition, StoreError>;
+
+    /// Up to `limit` pending deliveries of `endpoint` due at `now_ms`, oldest seq first. With
+    /// `ordered`, only the oldest pending delivery of each subject is eligible.
+    async fn due(
+        &self,
+        endpoint: &str,
+        now_ms: i64,
+        limit: usize,
+        ordered: bool,
+    ) -> Result<Vec<DueDelivery>, StoreError>;
+
+    /// When the earliest pending delivery of `endpoint` due strictly after `after_ms` is due
+    /// (unix ms), if any: the dispatcher's next wake-up.
+    async fn next_due(&self, endpoint: &str, after_ms: i64) -> Result<Option<i64>, StoreError>;
+
+    /// Records an attempt and applies its outcome.
+    async fn record(
+        &self,
+        endpoint: &str,
+        seq: u64,
+        attempt: AttemptRecord,
+        next: NextStep,
+    ) -> Result<(), StoreError>;
+
+    /// Lists up to `limit` deliveries of `endpoint` in `state`, oldest first.
+    async fn deliveries(
+        &self,
+        endpoint: &str,
+        state: DeliveryState,
+        limit: usize,
+    ) -> Result<Vec<DeliveryInfo>, StoreError>;
+
+    /// Pending and dead counts of `endpoint`.
+    async fn counts(&self, endpoint: &str) -> Result<DeliveryCounts, StoreError>;
+
+    /// Re-queues the selected events for `endpoint`, due now, attempts reset; returns how many.
+    async fn replay(&self, endpoint: &str, selection: ReplaySelection) -> Result<u64, StoreError>;
+
+    /// Marks `endpoint` disabled (with the reason) or enabled (`None`); survives restarts.
+    async fn set_disabled(&self, endpoint: &str, reason: Option<String>) -> Result<(), StoreError>;
+
+    /// Why `endpoint` is disabled, if it is.
+    async fn disabled(&self, endpoint: &str) -> Result<Option<String>, StoreError>;
+
+    /// Bytes the store occupies on disk, where that is known (for metrics).
+    fn size_bytes(&self) -> Option<u64> {
+        None
+    }
+}

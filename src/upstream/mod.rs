@@ -1,0 +1,353 @@
+//! Upstream supervision: one task per configured provider connection.
+//!
+//! A supervisor owns its connection for the life of the process: it connects with the
+//! adapter's request, waits for the greeting where the dialect has one, subscribes, keeps the
+//! connection alive with the adapter's heartbeat, detects a stale connection, and on any end
+//! reconnects with exponential backoff and jitter, resubscribing every time. Every decoded
+//! event goes, stamped as an [`Envelope`], into the bridge's bounded ingest queue; when that
+//! queue is full the supervisor stops reading its socket (the provider's TCP window is the
+//! buffer), so ingest can never grow memory without bound.
+//!
+//! State machine (visible through [`UpstreamHandle::status`]):
+//! `connecting → connected → subscribed`, and from anywhere `→ backoff → connecting`, or
+//! `→ auth_failed → connecting` (the longest backoff step) when the provider refuses the
+//! credentials, and `→ stopped` at shutdown. Upstreams are independent: one upstream's
+//! failure, slowness or bad frames never touch another's task.
+//!
+//! Invariants: a malformed frame is counted, logged with the upstream's name and skipped, and
+//! the connection stays up; a token never appears in a log line (URLs are logged redacted).
+
+mod backoff;
+mod session;
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+use wsbridge_adapters::Adapter;
+
+pub use backoff::Backoff;
+pub use session::SessionEnd;
+
+use crate::config::UpstreamConfig;
+use crate::envelope::Envelope;
+
+/// The supervisor's state, as operators and tests see it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamState {
+    /// Opening TCP, the WebSocket upgrade, or waiting for the greeting.
+    Connecting,
+    /// Upgraded (and greeted); subscriptions are being sent.
+    Connected,
+    /// Subscribed; events flow.
+    Subscribed,
+    /// Waiting before the next attempt after a failure.
+    Backoff,
+    /// The provider refused the credentials; waiting the longest backoff step.
+    AuthFailed,
+    /// Shut down.
+    Stopped,
+}
+
+impl UpstreamState {
+    /// The snake_case name used in logs, metrics and the status API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpstreamState::Connecting => "connecting",
+            UpstreamState::Connected => "connected",
+            UpstreamState::Subscribed => "subscribed",
+            UpstreamState::Backoff => "backoff",
+            UpstreamState::AuthFailed => "auth_failed",
+            UpstreamState::Stopped => "stopped",
+        }
+    }
+}
+
+/// A point-in-time view of one upstream's state.
+#[derive(Clone, Debug, Serialize)]
+pub struct UpstreamStatus {
+    /// Current state.
+    pub state: UpstreamState,
+    /// When the current state began.
+    pub since: DateTime<Utc>,
+    /// Why the last connection ended (never contains a credential).
+    pub last_error: Option<String>,
+    /// In `backoff`/`auth_failed`: how long until the next attempt.
+    pub retry_in: Option<Duration>,
+    /// Consecutive failed connections (0 once a connection has been healthy).
+    pub failures: u32,
+}
+
+/// Monotonic counters of one upstream, updated lock-free on the hot path.
+#[derive(Debug, Default)]
+pub struct UpstreamCounters {
+    /// Inbound data frames (text or binary), control frames included.
+    pub frames: AtomicU64,
+    /// Frames decoded as events and handed to ingest.
+    pub events: AtomicU64,
+    /// Frames that could not be decoded (skipped, connection kept).
+    pub decode_errors: AtomicU64,
+    /// Connection attempts after the first.
+    pub reconnects: AtomicU64,
+    /// Unix milliseconds of the last event, 0 before the first.
+    pub last_event_unix_ms: AtomicI64,
+    /// Events per type (a lookup without allocation once a type has been seen).
+    events_by_type: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+}
+
+/// Plain-number copy of [`UpstreamCounters`], for status answers and tests.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct CounterSnapshot {
+    /// See [`UpstreamCounters::frames`].
+    pub frames: u64,
+    /// See [`UpstreamCounters::events`].
+    pub events: u64,
+    /// See [`UpstreamCounters::decode_errors`].
+    pub decode_errors: u64,
+    /// See [`UpstreamCounters::reconnects`].
+    pub reconnects: u64,
+}
+
+impl UpstreamCounters {
+    /// Counts one event of `event_type`.
+    pub fn count_event(&self, event_type: &str) {
+        self.events.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut map) = self.events_by_type.lock() {
+            match map.get_mut(event_type) {
+                Some(n) => *n += 1,
+                None => {
+                    map.insert(event_type.to_string(), 1);
+                }
+            }
+        }
+    }
+
+    /// Events per type so far.
+    pub fn events_by_type(&self) -> Vec<(String, u64)> {
+        let mut v: Vec<(String, u64)> = self
+            .events_by_type
+            .lock()
+            .map(|m| m.iter().map(|(k, v)| (k.clone(), *v)).collect())
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    /// Reads every counter.
+    pub fn snapshot(&self) -> CounterSnapshot {
+        CounterSnapshot {
+            frames: self.frames.load(Ordering::Relaxed),
+            events: self.events.load(Ordering::Relaxed),
+            decode_errors: self.decode_errors.load(Ordering::Relaxed),
+            reconnects: self.reconnects.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Timing knobs of one supervisor (from the upstream's config).
+#[derive(Clone, Debug)]
+pub struct Timing {
+    /// First reconnect delay.
+    pub backoff_initial: Duration,
+    /// Longest reconnect delay (and the auth-failure delay).
+    pub backoff_max: Duration,
+    /// Heartbeat period.
+    pub ping_interval: Duration,
+    /// Silence after which a connection is stale.
+    pub stale_after: Duration,
+    /// Subscribed time after which the backoff resets.
+    pub healthy_after: Duration,
+    /// Limit on connect + upgrade + greeting.
+    pub connect_timeout: Duration,
+}
+
+impl From<&UpstreamConfig> for Timing {
+    fn from(c: &UpstreamConfig) -> Self {
+        Timing {
+            backoff_initial: c.backoff_initial,
+            backoff_max: c.backoff_max,
+            ping_interval: c.ping_interval,
+            stale_after: c.stale_after,
+            healthy_after: c.healthy_after,
+            connect_timeout: c.connect_timeout,
+        }
+    }
+}
+
+/// Everything a supervisor task shares with the rest of the bridge.
+#[derive(Clone)]
+pub(crate) struct Shared {
+    pub name: Arc<str>,
+    pub source: Arc<str>,
+    pub adapter: Arc<dyn Adapter>,
+    pub timing: Timing,
+    pub counters: Arc<UpstreamCounters>,
+    pub status: Arc<watch::Sender<UpstreamStatus>>,
+}
+
+impl Shared {
+    pub(crate) fn set_state(&self, state: UpstreamState) {
+        self.status.send_modify(|s| {
+            if s.state != state {
+                s.state = state;
+                s.since = Utc::now();
+            }
+            if !matches!(state, UpstreamState::Backoff | UpstreamState::AuthFailed) {
+                s.retry_in = None;
+            }
+        });
+    }
+}
+
+/// A running supervisor: its status, counters and task.
+pub struct UpstreamHandle {
+    name: Arc<str>,
+    config: UpstreamConfig,
+    adapter: Arc<dyn Adapter>,
+    counters: Arc<UpstreamCounters>,
+    status: watch::Receiver<UpstreamStatus>,
+    stop: CancellationToken,
+    task: std::sync::Mutex<Option<JoinHandle<()>>>,
+}
+
+impl UpstreamHandle {
+    /// The configured name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The adapter (provider, subscriptions, redacted URL).
+    pub fn adapter(&self) -> &Arc<dyn Adapter> {
+        &self.adapter
+    }
+
+    /// The current status.
+    pub fn status(&self) -> UpstreamStatus {
+        self.status.borrow().clone()
+    }
+
+    /// A receiver that sees every status change; tests wait on it instead of sleeping.
+    pub fn watch_status(&self) -> watch::Receiver<UpstreamStatus> {
+        self.status.clone()
+    }
+
+    /// The counters.
+    pub fn counters(&self) -> CounterSnapshot {
+        self.counters.snapshot()
+    }
+
+    /// Events per type so far.
+    pub fn events_by_type(&self) -> Vec<(String, u64)> {
+        self.counters.events_by_type()
+    }
+
+    /// Unix milliseconds of the last event (0 before the first).
+    pub fn last_event_unix_ms(&self) -> i64 {
+        self.counters.last_event_unix_ms.load(Ordering::Relaxed)
+    }
+
+    /// The configuration it runs with (a reload compares against it).
+    pub fn config(&self) -> &UpstreamConfig {
+        &self.config
+    }
+
+    /// Stops this upstream (closing its connection) and waits for its task to end.
+    pub async fn stop(&self) {
+        self.stop.cancel();
+        let task = self.task.lock().ok().and_then(|mut t| t.take());
+        if let Some(task) = task {
+            if let Err(e) = task.await {
+                warn!(upstream = %self.name, error = %e, "upstream task ended abnormally");
+            }
+        }
+    }
+}
+
+/// Starts the supervisor of one upstream. Events go to `ingest`; the task ends when
+/// `shutdown` is cancelled (closing its connection with a normal close frame) or when the
+/// ingest queue is closed. Give each upstream its own (child) token so a reload can stop one.
+pub fn spawn(
+    config: &UpstreamConfig,
+    adapter: Arc<dyn Adapter>,
+    ingest: mpsc::Sender<Envelope>,
+    shutdown: CancellationToken,
+) -> UpstreamHandle {
+    let (status_tx, status_rx) = watch::channel(UpstreamStatus {
+        state: UpstreamState::Connecting,
+        since: Utc::now(),
+        last_error: None,
+        retry_in: None,
+        failures: 0,
+    });
+    let shared = Shared {
+        name: Arc::from(config.name.as_str()),
+        source: Arc::from(crate::envelope::source_for(&config.name)),
+        adapter: adapter.clone(),
+        timing: Timing::from(config),
+        counters: Arc::new(UpstreamCounters::default()),
+        status: Arc::new(status_tx),
+    };
+    let handle_parts = (shared.name.clone(), shared.counters.clone());
+    let task = tokio::spawn(supervise(shared, ingest, shutdown.clone()));
+    UpstreamHandle {
+        name: handle_parts.0,
+        config: config.clone(),
+        adapter,
+        counters: handle_parts.1,
+        status: status_rx,
+        stop: shutdown,
+        task: std::sync::Mutex::new(Some(task)),
+    }
+}
+
+async fn supervise(shared: Shared, ingest: mpsc::Sender<Envelope>, shutdown: CancellationToken) {
+    let name = shared.name.clone();
+    let mut backoff = Backoff::new(shared.timing.backoff_initial, shared.timing.backoff_max);
+    info!(upstream = %name, provider = %shared.adapter.provider(), url = %shared.adapter.display_url(), "upstream starting");
+    let mut first = true;
+    loop {
+        if !first {
+            shared.counters.reconnects.fetch_add(1, Ordering::Relaxed);
+        }
+        first = false;
+        shared.set_state(UpstreamState::Connecting);
+        let outcome = session::run(&shared, &ingest, &shutdown).await;
+        if outcome.healthy {
+            backoff.reset();
+        }
+        let (state, delay) = match &outcome.end {
+            SessionEnd::Shutdown => break,
+            SessionEnd::AuthRejected(_) => {
+                (UpstreamState::AuthFailed, backoff.auth_failure_delay())
+            }
+            _ => (UpstreamState::Backoff, backoff.next_delay()),
+        };
+        let reason = outcome.end.to_string();
+        if state == UpstreamState::AuthFailed {
+            warn!(upstream = %name, reason = %reason, retry_in_ms = delay.as_millis() as u64,
+                "upstream refused our credentials; check the token");
+        } else {
+            warn!(upstream = %name, reason = %reason, retry_in_ms = delay.as_millis() as u64,
+                failures = backoff.failures(), "upstream connection ended; reconnecting");
+        }
+        shared.set_state(state);
+        shared.status.send_modify(|s| {
+            s.last_error = Some(reason);
+            s.retry_in = Some(delay);
+            s.failures = backoff.failures();
+        });
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+    shared.set_state(UpstreamState::Stopped);
+    info!(upstream = %name, "upstream stopped");
+}

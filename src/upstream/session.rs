@@ -1,0 +1,280 @@
+//! One connection's life, from the upgrade request to its end.
+//!
+//! A session returns *why* it ended ([`SessionEnd`]); the supervisor decides what that means
+//! for the backoff. Within a session, every inbound frame refreshes the liveness clock
+//! (provider pongs, protocol pings and pongs, events alike), and a connection silent for
+//! `stale_after` is abandoned: a half-open TCP connection is otherwise indistinguishable from
+//! a quiet provider.
+
+use std::fmt;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use chrono::Utc;
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::time::{timeout, Instant};
+use tokio_tungstenite::tungstenite::{self, protocol::WebSocketConfig, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+use wsbridge_adapters::{Control, Greeting, Heartbeat, Inbound};
+
+use super::{Shared, UpstreamState};
+use crate::envelope::Envelope;
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Largest inbound message accepted from a provider; a larger one ends the connection (it is
+/// not an event any documented provider sends, and buffering it would be unbounded memory).
+const MAX_MESSAGE_BYTES: usize = 1 << 20;
+
+/// Why a session ended. The supervisor maps these onto backoff and state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionEnd {
+    /// The bridge is shutting down.
+    Shutdown,
+    /// The ingest queue is gone (the bridge is stopping).
+    IngestClosed,
+    /// The provider refused the credentials (HTTP 401/403, or an auth error frame).
+    AuthRejected(String),
+    /// TCP, TLS or the upgrade failed, or the greeting never came.
+    ConnectFailed(String),
+    /// The provider closed the connection, or the stream ended.
+    Closed(String),
+    /// Nothing arrived for this long.
+    Stale(Duration),
+    /// A read or write failed mid-connection.
+    Transport(String),
+}
+
+impl fmt::Display for SessionEnd {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SessionEnd::Shutdown => f.write_str("shutting down"),
+            SessionEnd::IngestClosed => f.write_str("ingest queue closed"),
+            SessionEnd::AuthRejected(m) => write!(f, "authentication failed: {m}"),
+            SessionEnd::ConnectFailed(m) => write!(f, "connect failed: {m}"),
+            SessionEnd::Closed(m) => write!(f, "connection closed: {m}"),
+            SessionEnd::Stale(d) => write!(f, "stale: nothing received for {} ms", d.as_millis()),
+            SessionEnd::Transport(m) => write!(f, "transport error: {m}"),
+        }
+    }
+}
+
+/// How a session went: why it ended, and whether it was healthy long enough to reset the
+/// backoff.
+pub(crate) struct Outcome {
+    pub end: SessionEnd,
+    pub healthy: bool,
+}
+
+/// Runs one connection to its end.
+pub(crate) async fn run(
+    shared: &Shared,
+    ingest: &mpsc::Sender<Envelope>,
+    shutdown: &CancellationToken,
+) -> Outcome {
+    let mut subscribed_at = None;
+    let end = connect_and_serve(shared, ingest, shutdown, &mut subscribed_at).await;
+    let healthy =
+        subscribed_at.is_some_and(|t: Instant| t.elapsed() >= shared.timing.healthy_after);
+    Outcome { end, healthy }
+}
+
+fn ws_config() -> WebSocketConfig {
+    // Provider frames are small JSON; no need for tungstenite's 128 KiB default read buffer.
+    WebSocketConfig::default()
+        .read_buffer_size(16 * 1024)
+        .write_buffer_size(0)
+        .max_message_size(Some(MAX_MESSAGE_BYTES))
+        .max_frame_size(Some(MAX_MESSAGE_BYTES))
+}
+
+async fn connect(shared: &Shared) -> Result<Ws, SessionEnd> {
+    let request = shared
+        .adapter
+        .connect_request()
+        .map_err(|e| SessionEnd::ConnectFailed(e.to_string()))?;
+    let attempt = tokio_tungstenite::connect_async_with_config(request, Some(ws_config()), true);
+    match timeout(shared.timing.connect_timeout, attempt).await {
+        Err(_) => Err(SessionEnd::ConnectFailed(format!(
+            "no upgrade within {} ms",
+            shared.timing.connect_timeout.as_millis()
+        ))),
+        Ok(Err(tungstenite::Error::Http(resp))) => {
+            let status = resp.status();
+            if status == http::StatusCode::UNAUTHORIZED || status == http::StatusCode::FORBIDDEN {
+                Err(SessionEnd::AuthRejected(format!(
+                    "HTTP {status} on upgrade"
+                )))
+            } else {
+                Err(SessionEnd::ConnectFailed(format!(
+                    "HTTP {status} on upgrade"
+                )))
+            }
+        }
+        // tungstenite's errors describe the failure (I/O, TLS, protocol), never the request,
+        // so they cannot carry the token from the URL.
+        Ok(Err(e)) => Err(SessionEnd::ConnectFailed(e.to_string())),
+        Ok(Ok((ws, _response))) => Ok(ws),
+    }
+}
+
+/// Where a connection is in its handshake.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Upgraded; waiting for the provider's greeting until the deadline.
+    AwaitGreeting(Instant),
+    /// Subscriptions sent; events flow.
+    Subscribed,
+}
+
+async fn connect_and_serve(
+    shared: &Shared,
+    ingest: &mpsc::Sender<Envelope>,
+    shutdown: &CancellationToken,
+    subscribed_at: &mut Option<Instant>,
+) -> SessionEnd {
+    let mut ws = tokio::select! {
+        connected = connect(shared) => match connected {
+            Ok(ws) => ws,
+            Err(end) => return end,
+        },
+        _ = shutdown.cancelled() => return SessionEnd::Shutdown,
+    };
+    let name = &shared.name;
+    let timing = &shared.timing;
+    let mut phase = match shared.adapter.greeting() {
+        Greeting::Upgrade => {
+            shared.set_state(UpstreamState::Connected);
+            if let Err(end) = subscribe(shared, &mut ws).await {
+                return end;
+            }
+            *subscribed_at = Some(Instant::now());
+            Phase::Subscribed
+        }
+        Greeting::AwaitConnected => Phase::AwaitGreeting(Instant::now() + timing.connect_timeout),
+    };
+
+    let mut ping =
+        tokio::time::interval_at(Instant::now() + timing.ping_interval, timing.ping_interval);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let check_every = (timing.stale_after / 4).max(Duration::from_millis(5));
+    let mut check = tokio::time::interval(check_every);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_seen = Instant::now();
+
+    loop {
+        tokio::select! {
+            msg = ws.next() => {
+                let msg = match msg {
+                    None => return SessionEnd::Closed("the server ended the stream".into()),
+                    Some(Err(e)) => return SessionEnd::Transport(e.to_string()),
+                    Some(Ok(m)) => m,
+                };
+                last_seen = Instant::now();
+                let text = match &msg {
+                    Message::Text(t) => t.as_str(),
+                    Message::Binary(b) => match std::str::from_utf8(b) {
+                        Ok(t) => t,
+                        Err(_) => {
+                            shared.counters.frames.fetch_add(1, Ordering::Relaxed);
+                            shared.counters.decode_errors.fetch_add(1, Ordering::Relaxed);
+                            warn!(upstream = %name, bytes = b.len(), "skipping binary frame that is not UTF-8");
+                            continue;
+                        }
+                    },
+                    Message::Close(frame) => {
+                        let why = frame.as_ref().map_or_else(
+                            || "close frame without a code".to_string(),
+                            |f| format!("close code {} {:?}", u16::from(f.code), f.reason.as_str()),
+                        );
+                        return SessionEnd::Closed(why);
+                    }
+                    // Protocol pings are answered by tungstenite itself; both only prove liveness.
+                    Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
+                };
+                shared.counters.frames.fetch_add(1, Ordering::Relaxed);
+                match shared.adapter.decode(text) {
+                    Ok(Inbound::Event(decoded)) => {
+                        let envelope = Envelope::new(decoded, &shared.source, shared.adapter.provider(), Utc::now());
+                        shared.counters.count_event(&envelope.event_type);
+                        shared.counters.last_event_unix_ms.store(Utc::now().timestamp_millis(), Ordering::Relaxed);
+                        // A full queue blocks this reader: backpressure reaches the provider's
+                        // TCP window instead of our memory.
+                        tokio::select! {
+                            sent = ingest.send(envelope) => if sent.is_err() { return SessionEnd::IngestClosed },
+                            _ = shutdown.cancelled() => return SessionEnd::Shutdown,
+                        }
+                    }
+                    Ok(Inbound::Control(control)) => match control {
+                        Control::Connected => {
+                            if let Phase::AwaitGreeting(_) = phase {
+                                shared.set_state(UpstreamState::Connected);
+                                if let Err(end) = subscribe(shared, &mut ws).await {
+                                    return end;
+                                }
+                                *subscribed_at = Some(Instant::now());
+                                phase = Phase::Subscribed;
+                            }
+                        }
+                        Control::AuthFailed { message } => {
+                            let _ = ws.close(None).await;
+                            return SessionEnd::AuthRejected(message);
+                        }
+                        Control::Error { code, message } => {
+                            warn!(upstream = %name, code = code.as_deref().unwrap_or(""), message = %message, "provider reported an error");
+                        }
+                        Control::Pong | Control::Reply => {}
+                    },
+                    Err(e) => {
+                        shared.counters.decode_errors.fetch_add(1, Ordering::Relaxed);
+                        warn!(upstream = %name, error = %e, bytes = text.len(), "skipping malformed frame");
+                    }
+                }
+            }
+            _ = ping.tick() => {
+                let beat = match shared.adapter.heartbeat(Utc::now().timestamp()) {
+                    Heartbeat::Text(t) => Message::text(t),
+                    Heartbeat::Protocol => Message::Ping(Default::default()),
+                };
+                if let Err(e) = ws.send(beat).await {
+                    return SessionEnd::Transport(format!("heartbeat not sent: {e}"));
+                }
+            }
+            _ = check.tick() => {
+                let silent = last_seen.elapsed();
+                if silent >= timing.stale_after {
+                    return SessionEnd::Stale(silent);
+                }
+                if let Phase::AwaitGreeting(deadline) = phase {
+                    if Instant::now() >= deadline {
+                        return SessionEnd::ConnectFailed("no greeting from the server".into());
+                    }
+                }
+            }
+            _ = shutdown.cancelled() => {
+                let _ = timeout(Duration::from_secs(1), ws.close(None)).await;
+                return SessionEnd::Shutdown;
+            }
+        }
+    }
+}
+
+/// Sends the adapter's subscribe frames for every configured subscription.
+async fn subscribe(shared: &Shared, ws: &mut Ws) -> Result<(), SessionEnd> {
+    let subs = shared.adapter.subscriptions();
+    for frame in shared.adapter.subscribe_frames(subs) {
+        ws.send(Message::text(frame))
+            .await
+            .map_err(|e| SessionEnd::Transport(format!("subscribe not sent: {e}")))?;
+    }
+    shared.set_state(UpstreamState::Subscribed);
+    if subs.is_empty() {
+        debug!(upstream = %shared.name, "connected (nothing to subscribe to)");
+    }
+    info!(upstream = %shared.name, subscriptions = subs.len(), "upstream subscribed");
+    Ok(())
+}

@@ -1,0 +1,232 @@
+//! Crash safety and graceful shutdown: the bridge binary is stopped with SIGKILL, or with
+//! SIGTERM, while events stream in and deliveries are in flight, then restarted on the same
+//! database file. Every event that was journalled is delivered at least once, nothing is
+//! delivered that was not journalled first, and the journal holds each id once. SIGTERM also
+//! exits 0 and closes consumers with 1001 "going away".
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::receiver::{Answer, Receiver};
+use common::*;
+use futures_util::StreamExt;
+use serde_json::json;
+use tokio_tungstenite::tungstenite::Message;
+use wsbridge_adapters::{voipbin, Provider};
+
+/// Kills the child when the test ends, however it ends.
+struct Bridge(Child);
+
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_bridge(config: &Path) -> Bridge {
+    let child = Command::new(env!("CARGO_BIN_EXE_wsbridge"))
+        .args(["serve", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("bridge starts");
+    Bridge(child)
+}
+
+fn journal_ids(db: &Path) -> Vec<String> {
+    let conn =
+        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .expect("open journal");
+    let mut stmt = conn
+        .prepare("SELECT id FROM events ORDER BY seq")
+        .expect("query");
+    let ids = stmt
+        .query_map([], |r| r.get::<_, String>(0))
+        .expect("rows")
+        .collect::<Result<Vec<_>, _>>()
+        .expect("ids");
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_stream_loses_nothing_that_was_journalled() {
+    interrupted_mid_stream(Stop::Kill).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_exits_0_closes_consumers_and_loses_nothing() {
+    interrupted_mid_stream(Stop::Term).await;
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    Kill,
+    Term,
+}
+
+async fn interrupted_mid_stream(stop: Stop) {
+    let vb = start_sim(Provider::Voipbin).await;
+    // Every third request fails once, so retries are in flight when the kill lands.
+    let script = (0..60)
+        .map(|i| Answer::status(if i % 3 == 0 { 500 } else { 200 }))
+        .collect();
+    let rx = Receiver::start(script, Answer::status(200)).await;
+    let dir = temp_dir("crash");
+    let addr = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("probe");
+        probe.local_addr().expect("addr")
+    };
+    let db = dir.join("wsbridge.db");
+    let config = dir.join("config.toml");
+    let text = format!(
+        "[server]\nlisten = \"{addr}\"\nshutdown_grace = \"2s\"\n[storage]\npath = {db:?}\n\n{}\n\
+         [[consumers]]\nname = \"watcher\"\ntoken = \"watcher-token\"\n\n\
+         [[webhooks]]\nname = \"crm\"\nurl = \"{}\"\nsecrets = [\"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"]\n\
+         allow_private = true\nretry = [\"100ms\", \"100ms\", \"200ms\", \"400ms\", \"800ms\"]\nmax_in_flight = 4\n\n\
+         [[routes]]\nname = \"all\"\nproviders = [\"voipbin\"]\nto = [\"crm\"]\n",
+        upstream_block("vb", &vb, FAST),
+        rx.url()
+    );
+    std::fs::write(&config, text).expect("write config");
+
+    let mut bridge = spawn_bridge(&config);
+    wait_sim_ready(&vb, 1).await;
+
+    // Stream events continuously from another task.
+    let streaming = Arc::new(AtomicBool::new(true));
+    let emitter = {
+        let vb = vb.clone();
+        let streaming = streaming.clone();
+        tokio::spawn(async move {
+            let mut i = 0u32;
+            while streaming.load(Ordering::Relaxed) {
+                let frame = voipbin::wire::event(
+                    "call.status",
+                    "2024-01-15T10:30:00.000000Z",
+                    &format!("customer_id:abc123:call:k{i}"),
+                    json!({"id": format!("k{i}"), "status": "ringing"}),
+                );
+                vb.emit(frame).await;
+                i += 1;
+                if i.is_multiple_of(20) {
+                    tokio::task::yield_now().await;
+                }
+            }
+            i
+        })
+    };
+
+    // A consumer connected across the stop.
+    let url = format!("ws://{addr}/v1/ws?token=watcher-token");
+    let (mut consumer, _) = tokio_tungstenite::connect_async(url)
+        .await
+        .expect("consumer connects");
+
+    // Stop once deliveries are flowing (some done, some retrying).
+    rx.wait_for(40, DEADLINE).await;
+    match stop {
+        Stop::Kill => {
+            bridge.0.kill().expect("SIGKILL");
+            let _ = bridge.0.wait();
+        }
+        Stop::Term => {
+            let pid = bridge.0.id().to_string();
+            assert!(Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .expect("kill runs")
+                .success());
+            let status = tokio::task::spawn_blocking(move || {
+                let status = bridge.0.wait();
+                (status, bridge)
+            });
+            let (status, returned) = tokio::time::timeout(DEADLINE, status)
+                .await
+                .expect("exits in time")
+                .expect("waited");
+            bridge = returned;
+            assert_eq!(
+                status.expect("exit status").code(),
+                Some(0),
+                "SIGTERM exits 0"
+            );
+            // The consumer was told the server is going away.
+            let close = loop {
+                match tokio::time::timeout(DEADLINE, consumer.next())
+                    .await
+                    .expect("a frame in time")
+                {
+                    Some(Ok(Message::Close(frame))) => break frame,
+                    Some(Ok(_)) => continue,
+                    other => panic!("expected a close frame, got {other:?}"),
+                }
+            };
+            assert_eq!(close.map(|f| u16::from(f.code)), Some(1001));
+        }
+    }
+    let before_restart: BTreeSet<String> = journal_ids(&db).into_iter().collect();
+    assert!(!before_restart.is_empty());
+
+    // Restart on the same file; the stream goes on meanwhile.
+    let restarted = spawn_bridge(&config);
+    vb.wait_until(DEADLINE, |s| {
+        s.accepted >= 2 && s.connections.iter().any(|c| !c.subscriptions.is_empty())
+    })
+    .await
+    .expect("the restarted bridge subscribed");
+    rx.wait_until(DEADLINE, "new events after the restart", |r| r.len() > 60)
+        .await;
+    streaming.store(false, Ordering::Relaxed);
+    let emitted = emitter.await.expect("emitter");
+    assert!(emitted > 0);
+
+    // Everything journalled (before and after the kill) is delivered at least once.
+    let journal = journal_ids(&db);
+    let unique: BTreeSet<&String> = journal.iter().collect();
+    assert_eq!(
+        unique.len(),
+        journal.len(),
+        "the journal holds a duplicate id"
+    );
+    assert!(
+        before_restart.iter().all(|id| unique.contains(id)),
+        "journalled events vanished"
+    );
+    let delivered = |reqs: &[common::receiver::Received]| -> BTreeSet<String> {
+        reqs.iter()
+            .filter(|r| r.answered == 200)
+            .map(|r| r.header("webhook-id").to_string())
+            .collect()
+    };
+    let final_journal: BTreeSet<String> = journal_ids(&db).into_iter().collect();
+    rx.wait_until(
+        Duration::from_secs(30),
+        "every journalled event delivered",
+        |reqs| {
+            let got = delivered(reqs);
+            before_restart.iter().all(|id| got.contains(id))
+                && final_journal.iter().all(|id| got.contains(id))
+        },
+    )
+    .await;
+    // Write-ahead: nothing was delivered that is not in the journal.
+    let all_journal: BTreeSet<String> = journal_ids(&db).into_iter().collect();
+    for id in delivered(&rx.requests()) {
+        assert!(
+            all_journal.contains(&id),
+            "{id} delivered but never journalled"
+        );
+    }
+    drop(bridge);
+    drop(restarted);
+    let _ = std::fs::remove_dir_all(&dir);
+}

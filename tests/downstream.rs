@@ -1,0 +1,425 @@
+//! The unified WebSocket endpoint and SSE, against the real bridge and simulators: auth,
+//! protocol errors that keep the connection, `allow`, resume with no gap and no duplicate
+//! while events keep flowing, the slow-consumer rule, and SSE resume.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use wsbridge::bridge::Bridge;
+use wsbridge_adapters::sim::Simulator;
+use wsbridge_adapters::{hashi, voipbin, Provider};
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+const ALL_TOKEN: &str = "token-dashboard-all";
+const VOIPBIN_ONLY_TOKEN: &str = "token-voipbin-only";
+
+fn consumers() -> String {
+    format!(
+        "[[consumers]]\nname = \"all\"\ntoken = \"{ALL_TOKEN}\"\n\n\
+         [[consumers]]\nname = \"calls\"\ntoken = \"{VOIPBIN_ONLY_TOKEN}\"\nallow = {{ providers = [\"voipbin\"] }}\n"
+    )
+}
+
+async fn setup() -> (Bridge, Simulator, Simulator) {
+    let vb = start_sim(Provider::Voipbin).await;
+    let hs = start_sim(Provider::Hashi).await;
+    let cfg = config(&[
+        upstream_block("vb", &vb, FAST),
+        upstream_block("hs", &hs, FAST),
+        consumers(),
+    ]);
+    let (bridge, _rx) = start_bridge(&cfg).await;
+    wait_sim_ready(&vb, 1).await;
+    wait_sim_ready(&hs, 1).await;
+    (bridge, vb, hs)
+}
+
+fn call(i: usize) -> Value {
+    voipbin::wire::event(
+        "call.status",
+        "2024-01-15T10:30:00.000000Z",
+        &format!("customer_id:abc123:call:c{i}"),
+        json!({"id": format!("c{i}"), "status": "ringing", "n": i}),
+    )
+}
+
+fn lobby(i: usize) -> Value {
+    hashi::wire::event(
+        "lobby",
+        "lobby.joined",
+        json!({"lobbyId": "ABC123", "timestamp": "2024-01-15T10:30:00.000Z", "payload": {"n": i}}),
+    )
+}
+
+/// A client whose socket receive buffer is small, like a stalled client behind a small window.
+async fn connect_small_window(bridge: &Bridge, token: &str) -> Ws {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(16 * 1024).expect("SO_RCVBUF");
+    let stream = socket.connect(bridge.local_addr()).await.expect("connect");
+    let mut req = format!("ws://{}/v1/ws", bridge.local_addr())
+        .into_client_request()
+        .expect("request");
+    req.headers_mut().insert(
+        "authorization",
+        format!("Bearer {token}").parse().expect("header"),
+    );
+    let (ws, _) = tokio_tungstenite::client_async(req, MaybeTlsStream::Plain(stream))
+        .await
+        .expect("handshake");
+    ws
+}
+
+async fn connect(bridge: &Bridge, token: &str) -> Ws {
+    let mut req = format!("ws://{}/v1/ws", bridge.local_addr())
+        .into_client_request()
+        .expect("request");
+    req.headers_mut().insert(
+        "authorization",
+        format!("Bearer {token}").parse().expect("header"),
+    );
+    let (ws, _) = tokio_tungstenite::connect_async(req)
+        .await
+        .expect("connect");
+    ws
+}
+
+async fn send(ws: &mut Ws, v: Value) {
+    ws.send(Message::text(v.to_string())).await.expect("send");
+}
+
+/// The next text frame as JSON (skipping protocol frames), within the deadline.
+async fn recv(ws: &mut Ws) -> Value {
+    loop {
+        match tokio::time::timeout(DEADLINE, ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => {
+                return serde_json::from_str(t.as_str()).expect("JSON frame")
+            }
+            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
+            other => panic!("expected a text frame, got {other:?}"),
+        }
+    }
+}
+
+/// Reads frames until `n` events arrived; returns them (panics on anything unexpected).
+async fn events(ws: &mut Ws, n: usize) -> Vec<Value> {
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let f = recv(ws).await;
+        assert_eq!(f["op"], "event", "unexpected frame {f}");
+        out.push(f);
+    }
+    out
+}
+
+#[tokio::test]
+async fn unknown_tokens_get_401_before_the_upgrade() {
+    let (bridge, _vb, _hs) = setup().await;
+    let mut req = format!("ws://{}/v1/ws", bridge.local_addr())
+        .into_client_request()
+        .expect("request");
+    req.headers_mut().insert(
+        "authorization",
+        "Bearer nope-nope-nope".parse().expect("header"),
+    );
+    match tokio_tungstenite::connect_async(req).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            assert_eq!(resp.status().as_u16(), 401)
+        }
+        other => panic!("expected HTTP 401, got {other:?}"),
+    }
+    // ?token= works as well as the header.
+    let url = format!("ws://{}/v1/ws?token={ALL_TOKEN}", bridge.local_addr());
+    let (mut ws, _) = tokio_tungstenite::connect_async(url)
+        .await
+        .expect("query token accepted");
+    assert_eq!(recv(&mut ws).await["consumer"], "all");
+    bridge.shutdown().await;
+}
+
+#[tokio::test]
+async fn protocol_errors_keep_the_connection_and_filters_apply() {
+    let (bridge, vb, hs) = setup().await;
+    let mut ws = connect(&bridge, ALL_TOKEN).await;
+    let ready = recv(&mut ws).await;
+    assert_eq!(ready["op"], "ready");
+    assert_eq!(ready["consumer"], "all");
+    assert!(
+        ready["epoch"].is_string() && ready["head"].is_u64() && ready["session"].is_string(),
+        "{ready}"
+    );
+
+    ws.send(Message::text("{not json")).await.expect("send");
+    assert_eq!(recv(&mut ws).await["code"], "bad_request");
+    send(&mut ws, json!({"op": "dance"})).await;
+    assert_eq!(recv(&mut ws).await["code"], "unknown_op");
+    send(
+        &mut ws,
+        json!({"op": "subscribe", "id": "x", "filter": {"types": ["a.**.b"]}}),
+    )
+    .await;
+    let err = recv(&mut ws).await;
+    assert_eq!(
+        (err["code"].as_str(), err["id"].as_str()),
+        (Some("bad_pattern"), Some("x")),
+        "{err}"
+    );
+    send(&mut ws, json!({"op": "ping"})).await;
+    assert_eq!(recv(&mut ws).await["op"], "pong");
+
+    send(
+        &mut ws,
+        json!({"op": "subscribe", "id": "lobbies", "filter": {"types": ["hashi.lobby.*"]}}),
+    )
+    .await;
+    assert_eq!(
+        recv(&mut ws).await,
+        json!({"op": "subscribed", "id": "lobbies"})
+    );
+    assert_eq!(vb.emit(call(1)).await, 1);
+    assert_eq!(hs.emit(lobby(1)).await, 1);
+    let got = events(&mut ws, 1).await;
+    assert_eq!(got[0]["subscription"], "lobbies");
+    assert_eq!(got[0]["event"]["type"], "hashi.lobby.joined");
+    assert_eq!(got[0]["seq"], got[0]["event"]["seq"]);
+
+    send(&mut ws, json!({"op": "unsubscribe", "id": "lobbies"})).await;
+    assert_eq!(
+        recv(&mut ws).await,
+        json!({"op": "unsubscribed", "id": "lobbies"})
+    );
+    send(&mut ws, json!({"op": "unsubscribe", "id": "lobbies"})).await;
+    assert_eq!(recv(&mut ws).await["code"], "unknown_subscription");
+    bridge.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_consumer_never_sees_what_its_allow_forbids() {
+    let (bridge, vb, hs) = setup().await;
+    let mut ws = connect(&bridge, VOIPBIN_ONLY_TOKEN).await;
+    recv(&mut ws).await;
+    // Asks for everything, explicitly including hashi.
+    send(&mut ws, json!({"op": "subscribe", "id": 1, "filter": {"providers": ["hashi", "voipbin"]}, "from": "earliest"})).await;
+    assert_eq!(recv(&mut ws).await["op"], "subscribed");
+    for i in 0..5 {
+        assert_eq!(hs.emit(lobby(i)).await, 1);
+        assert_eq!(vb.emit(call(i)).await, 1);
+    }
+    let got = events(&mut ws, 5).await;
+    assert!(
+        got.iter().all(|f| f["event"]["provider"] == "voipbin"),
+        "{got:?}"
+    );
+    // Nothing else is queued: a ping is answered next, not a hashi event.
+    send(&mut ws, json!({"op": "ping"})).await;
+    assert_eq!(recv(&mut ws).await["op"], "pong");
+    bridge.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_from_seq_has_no_gap_and_no_duplicate_while_events_keep_arriving() {
+    let (bridge, vb, _hs) = setup().await;
+    const TOTAL: usize = 600;
+    let emitter = {
+        let vb = vb.clone();
+        tokio::spawn(async move {
+            for i in 0..TOTAL {
+                vb.emit(call(i)).await;
+                if i % 50 == 0 {
+                    tokio::task::yield_now().await;
+                }
+            }
+        })
+    };
+    let mut seen: Vec<u64> = Vec::new();
+    let mut epoch = String::new();
+    let mut from = json!("earliest");
+    // Three sessions: each reads a slice, then drops the connection mid-stream.
+    for round in 0..3 {
+        let mut ws = connect(&bridge, ALL_TOKEN).await;
+        let ready = recv(&mut ws).await;
+        if round == 0 {
+            epoch = ready["epoch"].as_str().expect("epoch").to_string();
+        }
+        send(
+            &mut ws,
+            json!({"op": "subscribe", "id": "s", "from": from, "epoch": epoch}),
+        )
+        .await;
+        assert_eq!(recv(&mut ws).await["op"], "subscribed");
+        let take = if round < 2 { 150 } else { TOTAL - seen.len() };
+        for f in events(&mut ws, take).await {
+            seen.push(f["seq"].as_u64().expect("seq"));
+        }
+        from = json!(seen.last().expect("some") + 1);
+        drop(ws);
+    }
+    emitter.await.expect("emitter");
+    let expected: Vec<u64> = (1..=TOTAL as u64).collect();
+    assert_eq!(
+        seen, expected,
+        "every seq once, in order, across three resumes"
+    );
+
+    // A position from another epoch, or from the future, is refused, never a silent gap.
+    let mut ws = connect(&bridge, ALL_TOKEN).await;
+    recv(&mut ws).await;
+    send(
+        &mut ws,
+        json!({"op": "subscribe", "id": "old", "from": 3, "epoch": "not-this-store"}),
+    )
+    .await;
+    assert_eq!(recv(&mut ws).await["code"], "unrecoverable_position");
+    send(
+        &mut ws,
+        json!({"op": "subscribe", "id": "future", "from": 1_000_000}),
+    )
+    .await;
+    assert_eq!(recv(&mut ws).await["code"], "unrecoverable_position");
+    bridge.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_consumer_is_closed_with_4001_and_a_fast_one_gets_everything() {
+    let (bridge, vb, _hs) = setup().await;
+    let mut fast = connect(&bridge, ALL_TOKEN).await;
+    let mut slow = connect_small_window(&bridge, ALL_TOKEN).await;
+    for ws in [&mut fast, &mut slow] {
+        recv(ws).await;
+        send(ws, json!({"op": "subscribe", "id": "all"})).await;
+        assert_eq!(recv(ws).await["op"], "subscribed");
+    }
+    // The fast consumer reads concurrently; the slow one does not read at all until the end.
+    // Enough events to overflow the server's socket send buffer (up to 4 MiB here) plus the
+    // shared ring (8192 events) behind the slow one.
+    const TOTAL: usize = 30_000;
+    let reader = tokio::spawn(async move {
+        let got = events(&mut fast, TOTAL).await;
+        got.iter()
+            .map(|f| f["seq"].as_u64().expect("seq"))
+            .collect::<Vec<_>>()
+    });
+    for i in 0..TOTAL {
+        vb.emit(call(i)).await;
+    }
+    let fast_seqs = reader.await.expect("fast reader");
+    assert_eq!(fast_seqs, (1..=TOTAL as u64).collect::<Vec<_>>());
+
+    // The slow one: whatever was buffered, then a close with 4001 "slow consumer".
+    let mut received = 0usize;
+    let close = loop {
+        match tokio::time::timeout(DEADLINE, slow.next()).await {
+            Ok(Some(Ok(Message::Text(_)))) => received += 1,
+            Ok(Some(Ok(Message::Close(frame)))) => break frame,
+            Ok(Some(Ok(_))) => continue,
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    };
+    let frame = close.expect("a close frame with a code");
+    assert_eq!(u16::from(frame.code), 4001);
+    assert_eq!(frame.reason.as_str(), "slow consumer");
+    assert!(
+        received < TOTAL,
+        "the slow consumer was cut off, not fed everything"
+    );
+    assert!(bridge.hub().counters().slow_disconnects >= 1);
+    bridge.shutdown().await;
+}
+
+/// Reads SSE `id:`/`data:` pairs from a raw HTTP/1.1 response until `n` events.
+async fn sse_events(
+    bridge: &Bridge,
+    query: &str,
+    last_event_id: Option<u64>,
+    n: usize,
+) -> Vec<(u64, Value)> {
+    let mut stream = TcpStream::connect(bridge.local_addr())
+        .await
+        .expect("connect");
+    let mut head = format!("GET /v1/events?{query} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ALL_TOKEN}\r\nAccept: text/event-stream\r\n");
+    if let Some(id) = last_event_id {
+        head.push_str(&format!("Last-Event-ID: {id}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).await.expect("request");
+    let mut lines = BufReader::new(stream).lines();
+    let first = tokio::time::timeout(DEADLINE, lines.next_line())
+        .await
+        .expect("status line")
+        .expect("read")
+        .expect("line");
+    assert!(first.contains("200"), "{first}");
+    let mut out = Vec::new();
+    let mut id = None;
+    while out.len() < n {
+        let line = tokio::time::timeout(DEADLINE, lines.next_line())
+            .await
+            .expect("an SSE line in time")
+            .expect("read")
+            .expect("open");
+        // Chunked transfer encoding interleaves chunk sizes; SSE fields are recognisable.
+        if let Some(v) = line
+            .strip_prefix("id: ")
+            .or_else(|| line.strip_prefix("id:"))
+        {
+            id = v.trim().parse::<u64>().ok();
+        } else if let Some(v) = line
+            .strip_prefix("data: ")
+            .or_else(|| line.strip_prefix("data:"))
+        {
+            let envelope: Value = serde_json::from_str(v).expect("envelope JSON");
+            out.push((id.take().expect("id before data"), envelope));
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn sse_streams_with_filters_and_resumes_after_last_event_id() {
+    let (bridge, vb, hs) = setup().await;
+    for i in 0..4 {
+        assert_eq!(vb.emit(call(i)).await, 1);
+        assert_eq!(hs.emit(lobby(i)).await, 1);
+    }
+    // Only voipbin, from the start of the journal.
+    let first = sse_events(&bridge, "providers=voipbin&from=earliest", None, 2).await;
+    assert!(first.iter().all(|(_, e)| e["provider"] == "voipbin"));
+    for (id, e) in &first {
+        assert_eq!(e["seq"].as_u64(), Some(*id));
+    }
+    // Resume after the second one: the remaining two voipbin events, no repeats.
+    let last = first[1].0;
+    let rest = sse_events(
+        &bridge,
+        "providers=voipbin&types=voipbin.call.*",
+        Some(last),
+        2,
+    )
+    .await;
+    let ids: BTreeSet<u64> = first.iter().chain(rest.iter()).map(|(id, _)| *id).collect();
+    assert_eq!(ids.len(), 4, "four distinct voipbin events: {ids:?}");
+    assert!(rest.iter().all(|(id, _)| *id > last));
+    // Bad patterns are a 400, not a stream.
+    let mut s = TcpStream::connect(bridge.local_addr())
+        .await
+        .expect("connect");
+    s.write_all(format!("GET /v1/events?types=a.**.b HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ALL_TOKEN}\r\nConnection: close\r\n\r\n").as_bytes()).await.expect("write");
+    let mut lines = BufReader::new(s).lines();
+    let status = tokio::time::timeout(Duration::from_secs(5), lines.next_line())
+        .await
+        .expect("answer")
+        .expect("read")
+        .expect("line");
+    assert!(status.contains("400"), "{status}");
+    bridge.shutdown().await;
+}

@@ -1,0 +1,275 @@
+//! Hot reload: a valid new config applies without dropping unaffected connections; an
+//! invalid one is refused and the running config kept; SIGHUP and file changes trigger it.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::receiver::{Answer, Receiver};
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
+use wsbridge_adapters::{voipbin, Provider};
+
+const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+fn webhook(name: &str, url: &str) -> String {
+    format!("[[webhooks]]\nname = \"{name}\"\nurl = \"{url}\"\nsecrets = [\"{SECRET}\"]\nallow_private = true\nretry = [\"100ms\"]\n\n")
+}
+
+fn route(name: &str, to: &str) -> String {
+    format!("[[routes]]\nname = \"{name}\"\nproviders = [\"voipbin\"]\nto = [\"{to}\"]\n\n")
+}
+
+fn consumer(name: &str, token: &str) -> String {
+    format!("[[consumers]]\nname = \"{name}\"\ntoken = \"{token}\"\n\n")
+}
+
+fn call(i: usize) -> Value {
+    voipbin::wire::event(
+        "call.status",
+        "2024-01-15T10:30:00.000000Z",
+        &format!("customer_id:abc123:call:r{i}"),
+        json!({"id": format!("r{i}"), "status": "answered"}),
+    )
+}
+
+fn write(path: &Path, text: &str) {
+    // Write-then-rename, as editors and config managers do.
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).expect("write config");
+    std::fs::rename(&tmp, path).expect("replace config");
+}
+
+#[tokio::test]
+async fn a_valid_reload_applies_without_dropping_unaffected_connections_and_an_invalid_one_is_refused(
+) {
+    let vb = start_sim(Provider::Voipbin).await;
+    let first = Receiver::start(vec![], Answer::status(200)).await;
+    let second = Receiver::start(vec![], Answer::status(200)).await;
+    let dir = temp_dir("reload");
+    let path = dir.join("config.toml");
+    let base = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[storage]\npath = {:?}\n\n{}{}{}{}",
+        dir.join("j.db").display().to_string(),
+        upstream_block("vb", &vb, FAST),
+        webhook("first", &first.url()),
+        route("to-first", "first"),
+        consumer("alice", "alice-token-1"),
+    );
+    write(&path, &base);
+    let config = wsbridge::config::Config::load(&path).expect("valid config");
+    let (bridge, _rx) = start_bridge(&config).await;
+    wait_sim_ready(&vb, 1).await;
+
+    // A consumer that must survive the reload.
+    let url = format!("ws://{}/v1/ws?token=alice-token-1", bridge.local_addr());
+    let (mut ws, _) = tokio_tungstenite::connect_async(url)
+        .await
+        .expect("consumer connects");
+    let _ready = ws.next().await;
+
+    // Add a webhook, a route to it and a consumer; keep everything else.
+    let grown = format!(
+        "{base}{}{}{}",
+        webhook("second", &second.url()),
+        route("to-second", "second"),
+        consumer("bob", "bob-token-22")
+    );
+    write(&path, &grown);
+    let report = wsbridge::reload::reload_file(&bridge, &path)
+        .await
+        .expect("reload applies");
+    assert!(
+        report.applied.iter().any(|c| c == "webhook second: added"),
+        "{report:?}"
+    );
+    assert!(
+        report.applied.iter().any(|c| c.starts_with("routes:")),
+        "{report:?}"
+    );
+    assert!(
+        report.applied.iter().any(|c| c.starts_with("consumer bob")),
+        "{report:?}"
+    );
+    assert!(
+        !report
+            .applied
+            .iter()
+            .any(|c| c.contains("upstream") || c.contains("alice")),
+        "{report:?}"
+    );
+
+    // Unaffected: the upstream connection was not replaced, the consumer is still connected.
+    assert_eq!(vb.snapshot().accepted, 1, "the upstream reconnected");
+    ws.send(Message::text(json!({"op": "ping"}).to_string()))
+        .await
+        .expect("send");
+    let pong = tokio::time::timeout(DEADLINE, ws.next())
+        .await
+        .expect("answer")
+        .expect("open")
+        .expect("frame");
+    assert_eq!(pong.into_text().expect("text").as_str(), r#"{"op":"pong"}"#);
+
+    // The new route is live.
+    assert_eq!(vb.emit(call(1)).await, 1);
+    first.wait_for(1, DEADLINE).await;
+    second.wait_for(1, DEADLINE).await;
+    let bob = format!("ws://{}/v1/ws?token=bob-token-22", bridge.local_addr());
+    assert!(
+        tokio_tungstenite::connect_async(bob).await.is_ok(),
+        "the new consumer is accepted"
+    );
+
+    // An invalid config (a route to a webhook that does not exist) is refused whole.
+    write(&path, &format!("{grown}{}", route("broken", "nowhere")));
+    match wsbridge::reload::reload_file(&bridge, &path).await {
+        Err(wsbridge::reload::ReloadError::Invalid(e)) => {
+            assert!(e.to_string().contains("routes[2].to[0]"), "{e}");
+        }
+        other => panic!("expected the reload to be refused, got {other:?}"),
+    }
+    assert_eq!(vb.emit(call(2)).await, 1);
+    first.wait_for(2, DEADLINE).await;
+    second.wait_for(2, DEADLINE).await;
+    assert_eq!(vb.snapshot().accepted, 1);
+    bridge.shutdown().await;
+}
+
+struct Served(Child, std::path::PathBuf);
+
+impl Served {
+    /// Waits until the bridge's log (stderr) contains `needle`.
+    async fn wait_log(&self, needle: &str) {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        loop {
+            tick.tick().await;
+            let log = std::fs::read_to_string(&self.1).unwrap_or_default();
+            if log.contains(needle) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "log never said {needle:?}:\n{log}"
+            );
+        }
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `wsbridge serve` on a fixed free port and waits for its admin API.
+async fn serve(path: &Path, watch: &str) -> Served {
+    let log = path.with_extension("log");
+    let stderr = std::fs::File::create(&log).expect("log file");
+    let child = Command::new(env!("CARGO_BIN_EXE_wsbridge"))
+        .args([
+            "serve",
+            "--log-format",
+            "json",
+            "--watch-interval",
+            watch,
+            "--config",
+        ])
+        .arg(path)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .expect("bridge starts");
+    Served(child, log)
+}
+
+async fn webhook_names(addr: &str) -> Option<Vec<String>> {
+    let resp = reqwest::Client::new()
+        .get(format!("http://{addr}/v1/admin/webhooks"))
+        .bearer_auth("reload-admin-token")
+        .send()
+        .await
+        .ok()?;
+    let v: Value = serde_json::from_str(&resp.text().await.ok()?).ok()?;
+    Some(
+        v["webhooks"]
+            .as_array()?
+            .iter()
+            .filter_map(|w| w["name"].as_str().map(String::from))
+            .collect(),
+    )
+}
+
+/// Polls the admin API (the bridge runs in another process) until `want` is listed.
+async fn wait_for_webhooks(addr: &str, want: &[&str]) {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    loop {
+        tick.tick().await;
+        if let Some(names) = webhook_names(addr).await {
+            if names == want {
+                return;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "webhooks never became {want:?}: {:?}",
+            webhook_names(addr).await
+        );
+    }
+}
+
+fn free_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("probe");
+    l.local_addr().expect("addr").to_string()
+}
+
+#[tokio::test]
+async fn sighup_and_file_changes_reload_the_binary() {
+    let vb = start_sim(Provider::Voipbin).await;
+    let rx = Receiver::start(vec![], Answer::status(200)).await;
+    for (watch, by_signal) in [("0s", true), ("100ms", false)] {
+        let dir = temp_dir("sighup");
+        let path = dir.join("config.toml");
+        let addr = free_addr();
+        let base = format!(
+            "[server]\nlisten = \"{addr}\"\nadmin_token = \"reload-admin-token\"\n[storage]\npath = {:?}\n\n{}{}",
+            dir.join("j.db").display().to_string(),
+            upstream_block("vb", &vb, FAST),
+            webhook("one", &rx.url()),
+        );
+        write(&path, &base);
+        let served = serve(&path, watch).await;
+        wait_for_webhooks(&addr, &["one"]).await;
+
+        write(&path, &format!("{base}{}", webhook("two", &rx.url())));
+        if by_signal {
+            let sent = Command::new("kill")
+                .args(["-HUP", &served.0.id().to_string()])
+                .status()
+                .expect("kill runs");
+            assert!(sent.success());
+        }
+        wait_for_webhooks(&addr, &["one", "two"]).await;
+
+        // Broken config: refused (logged with the key), both endpoints still there.
+        write(&path, "[[webhooks]]\nname = 1\n");
+        if by_signal {
+            Command::new("kill")
+                .args(["-HUP", &served.0.id().to_string()])
+                .status()
+                .expect("kill runs");
+        }
+        served.wait_log("the running config is kept").await;
+        served.wait_log("webhooks[0].name").await;
+        wait_for_webhooks(&addr, &["one", "two"]).await;
+        drop(served);
+    }
+}
