@@ -98,8 +98,7 @@ impl Bridge {
     /// Opens the store, starts the webhook dispatchers, the upstreams, ingest and the HTTP
     /// server on the current Tokio runtime.
     pub async fn start(config: &Config) -> Result<Bridge, BridgeError> {
-        // reqwest and tokio-tungstenite share rustls; pick its crypto once per process.
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        crate::install_crypto_provider();
         let store: Arc<dyn Store> = match config.storage.backend {
             StorageBackend::Embedded => {
                 EmbeddedStore::open(&config.storage.path, config.storage.durability)?

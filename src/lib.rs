@@ -39,3 +39,11 @@ pub mod telemetry;
 pub mod upstream;
 
 pub use wsbridge_adapters as adapters;
+
+/// Selects rustls' crypto (ring) for the whole process. reqwest is built without a default
+/// provider so that we do not pull in a second crypto library; every process that builds an
+/// HTTP or TLS client must call this first (it is idempotent and cheap).
+pub fn install_crypto_provider() {
+    // An error only means a provider is already installed, which is what we want.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

@@ -74,7 +74,7 @@ async fn admin(
     path: &str,
     body: Option<Value>,
 ) -> (u16, Value) {
-    let client = reqwest::Client::new();
+    let client = http_client();
     let url = format!("http://{}{path}", bridge.local_addr());
     let mut req = match method {
         "POST" => client.post(url),
@@ -227,7 +227,9 @@ async fn an_endpoint_down_for_the_whole_schedule_is_dead_lettered_and_replay_del
     );
 
     // Admin API hygiene: no token → 401, unknown webhook → 404, bad body → 400.
-    let anon = reqwest::get(format!("http://{}/v1/admin/webhooks", bridge.local_addr()))
+    let anon = http_client()
+        .get(format!("http://{}/v1/admin/webhooks", bridge.local_addr()))
+        .send()
         .await
         .expect("call");
     assert_eq!(anon.status().as_u16(), 401);

@@ -9,7 +9,9 @@ use serde_json::{json, Value};
 use wsbridge_adapters::{voipbin, Provider};
 
 async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
-    let resp = reqwest::get(format!("http://{addr}{path}"))
+    let resp = http_client()
+        .get(format!("http://{addr}{path}"))
+        .send()
         .await
         .expect("GET");
     (resp.status().as_u16(), resp.text().await.expect("body"))

@@ -191,7 +191,7 @@ async fn serve(path: &Path, watch: &str) -> Served {
 }
 
 async fn webhook_names(addr: &str) -> Option<Vec<String>> {
-    let resp = reqwest::Client::new()
+    let resp = http_client()
         .get(format!("http://{addr}/v1/admin/webhooks"))
         .bearer_auth("reload-admin-token")
         .send()

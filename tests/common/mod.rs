@@ -20,6 +20,13 @@ pub const DEADLINE: Duration = Duration::from_secs(10);
 /// Timings that make reconnects quick in tests.
 pub const FAST: &str = "backoff_initial = \"50ms\"\nbackoff_max = \"400ms\"\nping_interval = \"100ms\"\nstale_after = \"1s\"\n";
 
+/// An HTTP client for talking to a bridge; installs rustls' crypto first, since a test process
+/// that only spawns the binary has not started a bridge that would have done it.
+pub fn http_client() -> reqwest::Client {
+    wsbridge::install_crypto_provider();
+    reqwest::Client::new()
+}
+
 /// Starts one simulator of `provider` on an ephemeral port.
 pub async fn start_sim(provider: Provider) -> Simulator {
     Simulator::start(provider, SimOptions::for_provider(provider))
