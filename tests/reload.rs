@@ -140,6 +140,121 @@ async fn a_valid_reload_applies_without_dropping_unaffected_connections_and_an_i
     bridge.shutdown().await;
 }
 
+#[tokio::test]
+async fn removing_a_consumer_closes_its_ws_and_sse_sessions_and_refuses_its_token() {
+    let vb = start_sim(Provider::Voipbin).await;
+    let dir = temp_dir("reload-revoke");
+    let path = dir.join("config.toml");
+    let head = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[storage]\npath = {:?}\n\n{}{}",
+        dir.join("j.db").display().to_string(),
+        upstream_block("vb", &vb, FAST),
+        consumer("alice", "alice-token-1"),
+    );
+    write(
+        &path,
+        &format!("{head}{}", consumer("carol", "carol-token-3")),
+    );
+    let config = wsbridge::config::Config::load(&path).expect("valid config");
+    let (bridge, _rx) = start_bridge(&config).await;
+    let addr = bridge.local_addr();
+
+    // carol on /v1/ws and on SSE, alice on /v1/ws.
+    let (mut carol_ws, _) =
+        tokio_tungstenite::connect_async(format!("ws://{addr}/v1/ws?token=carol-token-3"))
+            .await
+            .expect("carol connects");
+    let (mut alice_ws, _) =
+        tokio_tungstenite::connect_async(format!("ws://{addr}/v1/ws?token=alice-token-1"))
+            .await
+            .expect("alice connects");
+    for ws in [&mut carol_ws, &mut alice_ws] {
+        let ready = tokio::time::timeout(DEADLINE, ws.next())
+            .await
+            .expect("ready");
+        assert!(matches!(ready, Some(Ok(Message::Text(_)))), "{ready:?}");
+    }
+    let mut sse = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    tokio::io::AsyncWriteExt::write_all(
+        &mut sse,
+        b"GET /v1/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer carol-token-3\r\n\r\n",
+    )
+    .await
+    .expect("request");
+    let mut sse = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(sse));
+    let status = tokio::time::timeout(DEADLINE, sse.next_line())
+        .await
+        .expect("status line")
+        .expect("read");
+    assert!(status.is_some_and(|l| l.contains("200")));
+    // Wait until the SSE session is counted, so the reload happens while it is open.
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while bridge.hub().counters().connected < 3 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "sessions never opened"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // carol is removed from the config.
+    write(&path, &head);
+    let report = wsbridge::reload::reload_file(&bridge, &path)
+        .await
+        .expect("reload applies");
+    assert!(
+        report
+            .applied
+            .iter()
+            .any(|c| c.starts_with("consumer carol")),
+        "{report:?}"
+    );
+
+    // Her WebSocket is closed with 1008 ...
+    let closed = tokio::time::timeout(DEADLINE, carol_ws.next())
+        .await
+        .expect("carol's socket answers");
+    match closed {
+        Some(Ok(Message::Close(Some(frame)))) => assert_eq!(u16::from(frame.code), 1008),
+        other => panic!("expected a 1008 close, got {other:?}"),
+    }
+    // ... her SSE stream ends with an error event ...
+    let mut saw_error = false;
+    loop {
+        let line = tokio::time::timeout(DEADLINE, sse.next_line())
+            .await
+            .expect("the SSE stream ends in time")
+            .expect("read");
+        match line {
+            Some(l) if l.contains("consumer configuration changed") => saw_error = true,
+            Some(_) => {}
+            None => break,
+        }
+        if saw_error {
+            break;
+        }
+    }
+    assert!(saw_error, "the SSE stream ended without saying why");
+    // ... her token is refused from now on, and alice is untouched.
+    match tokio_tungstenite::connect_async(format!("ws://{addr}/v1/ws?token=carol-token-3")).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            assert_eq!(resp.status().as_u16(), 401)
+        }
+        other => panic!("carol's token must be refused, got {:?}", other.map(|_| ())),
+    }
+    alice_ws
+        .send(Message::text(json!({"op": "ping"}).to_string()))
+        .await
+        .expect("send");
+    let pong = tokio::time::timeout(DEADLINE, alice_ws.next())
+        .await
+        .expect("answer")
+        .expect("open")
+        .expect("frame");
+    assert_eq!(pong.into_text().expect("text").as_str(), r#"{"op":"pong"}"#);
+    bridge.shutdown().await;
+}
+
 struct Served(Child, std::path::PathBuf);
 
 impl Served {

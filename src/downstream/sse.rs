@@ -133,7 +133,8 @@ pub async fn stream(
         Err(OpenError::Store(e)) => return bad(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e),
     };
     let guard = hub.session();
-    let state = (feed, Some((guard, stop.drop_guard())), hub.clone());
+    let revoked = consumer.revoked.clone();
+    let state = (feed, Some((guard, stop.drop_guard(), revoked)), hub.clone());
     let events = stream::unfold(state, |(mut feed, alive, hub)| async move {
         // `alive` holds the session guard and stops the feeder when the stream is dropped.
         let alive = alive?;
@@ -141,6 +142,14 @@ pub async fn stream(
             item = feed.recv() => item,
             // Shutting down: end the stream so the server can finish.
             _ = hub.shutdown.cancelled() => None,
+            // A reload removed or changed this consumer: say so, then end the stream (the
+            // same rule as /v1/ws, which closes with 1008).
+            _ = alive.2.cancelled() => {
+                return Some((
+                    Ok(Event::default().event("error").data("consumer configuration changed")),
+                    (feed, None, hub),
+                ));
+            }
         };
         match next {
             Some(FeedItem::Event(p)) => {
