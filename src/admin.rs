@@ -155,6 +155,10 @@ async fn deliveries(
     }
 }
 
+/// The most events one replay request may select by ids or by a seq range: a replay runs in
+/// the journal writer's transaction, and a huge one would hold up ingest while it runs.
+const MAX_REPLAY_EVENTS: usize = 100_000;
+
 /// The replay request body: exactly one selection.
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -182,11 +186,21 @@ impl ReplayBody {
             return Ok(ReplaySelection::Dead);
         }
         if let Some(ids) = self.ids {
+            if ids.len() > MAX_REPLAY_EVENTS {
+                return Err(format!(
+                    "at most {MAX_REPLAY_EVENTS} ids per replay; send several requests"
+                ));
+            }
             return Ok(ReplaySelection::Ids(ids));
         }
         if let (Some(from), Some(to)) = (self.from_seq, self.to_seq) {
             if from > to {
                 return Err("from_seq is after to_seq".into());
+            }
+            if to - from >= MAX_REPLAY_EVENTS as u64 {
+                return Err(format!(
+                    "at most {MAX_REPLAY_EVENTS} seqs per replay; split the range"
+                ));
             }
             return Ok(ReplaySelection::Seqs { from, to });
         }

@@ -333,7 +333,14 @@ impl Bridge {
     pub async fn shutdown(self) {
         self.shutdown.cancel();
         let upstreams = self.upstreams();
-        let _ = self.server_task.await;
+        let grace = self.current.lock().await.server.shutdown_grace;
+        // Open connections get the grace period to finish; a client that stopped reading (an
+        // SSE body hyper is never asked to poll again) must not hold the shutdown forever.
+        let mut server_task = self.server_task;
+        if tokio::time::timeout(grace, &mut server_task).await.is_err() {
+            warn!(grace = ?grace, "HTTP connections still open after the grace period; closing them");
+            server_task.abort();
+        }
         for u in upstreams {
             u.stop().await;
         }
@@ -344,7 +351,6 @@ impl Bridge {
         if let Err(e) = self.ingest_task.await {
             warn!(error = %e, "ingest task ended abnormally");
         }
-        let grace = self.current.lock().await.server.shutdown_grace;
         self.delivery.join(grace).await;
         info!("bridge stopped");
     }

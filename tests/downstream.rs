@@ -336,6 +336,55 @@ async fn a_slow_consumer_is_closed_with_4001_and_a_fast_one_gets_everything() {
     bridge.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_replay_outrun_by_live_events_catches_up_instead_of_closing() {
+    let (bridge, vb, _hs) = setup().await;
+    // A backlog larger than the socket buffers, so the feeder is still replaying when ...
+    const BACKLOG: usize = 20_000;
+    // ... more live events than the shared ring holds arrive.
+    const LIVE: usize = 9_000;
+    let published = |n: usize| {
+        let bridge = &bridge;
+        async move {
+            let deadline = tokio::time::Instant::now() + DEADLINE;
+            while bridge.ingest_stats().published < n as u64 {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "only {:?} published",
+                    bridge.ingest_stats()
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    for i in 0..BACKLOG {
+        vb.emit(call(i)).await;
+    }
+    published(BACKLOG).await;
+    let mut ws = connect_small_window(&bridge, ALL_TOKEN).await;
+    recv(&mut ws).await;
+    send(
+        &mut ws,
+        json!({"op": "subscribe", "id": "all", "from": "earliest"}),
+    )
+    .await;
+    assert_eq!(recv(&mut ws).await["op"], "subscribed");
+    // The consumer reads nothing while the live events arrive.
+    for i in BACKLOG..BACKLOG + LIVE {
+        vb.emit(call(i)).await;
+    }
+    published(BACKLOG + LIVE).await;
+    // Now it reads at full speed: everything, in order, and no 4001.
+    let seqs: Vec<u64> = events(&mut ws, BACKLOG + LIVE)
+        .await
+        .iter()
+        .map(|f| f["seq"].as_u64().expect("seq"))
+        .collect();
+    assert_eq!(seqs, (1..=(BACKLOG + LIVE) as u64).collect::<Vec<_>>());
+    assert_eq!(bridge.hub().counters().slow_disconnects, 0);
+    bridge.shutdown().await;
+}
+
 /// Reads SSE `id:`/`data:` pairs from a raw HTTP/1.1 response until `n` events.
 async fn sse_events(
     bridge: &Bridge,

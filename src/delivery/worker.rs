@@ -136,6 +136,8 @@ struct Running {
     endpoint: Arc<Endpoint>,
     stop: CancellationToken,
     task: JoinHandle<()>,
+    /// This dispatcher's attempts (also tracked by the service-wide tracker for shutdown).
+    in_flight: tokio_util::task::TaskTracker,
 }
 
 /// What the admin API shows of one endpoint.
@@ -215,28 +217,50 @@ impl DeliveryService {
             }
             for endpoint in fresh {
                 let stop = self.shutdown.child_token();
-                let task = tokio::spawn(dispatch(
+                let in_flight = tokio_util::task::TaskTracker::new();
+                let name = endpoint.name.clone();
+                // An updated endpoint's new dispatcher starts once the old one has stopped and
+                // its attempts have finished: otherwise both would send the rows the old one
+                // has in flight (a duplicate, and for `ordered` an overtaking).
+                let predecessor = map.remove(&name).map(|old| {
+                    changes.push(format!("webhook {name}: updated"));
+                    old.stop.cancel();
+                    (old.task, old.in_flight)
+                });
+                if predecessor.is_none() {
+                    changes.push(format!("webhook {name}: added"));
+                }
+                let run = dispatch(
                     endpoint.clone(),
                     self.store.clone(),
                     stop.clone(),
                     self.attempts.clone(),
-                ));
-                let name = endpoint.name.clone();
-                let previous = map.insert(
-                    name.clone(),
+                    in_flight.clone(),
+                );
+                let wait_stop = stop.clone();
+                let task = tokio::spawn(async move {
+                    if let Some((old_task, old_in_flight)) = predecessor {
+                        let drained = async {
+                            let _ = old_task.await;
+                            old_in_flight.close();
+                            old_in_flight.wait().await;
+                        };
+                        tokio::select! {
+                            _ = drained => {}
+                            _ = wait_stop.cancelled() => return,
+                        }
+                    }
+                    run.await;
+                });
+                map.insert(
+                    name,
                     Running {
                         endpoint,
                         stop,
                         task,
+                        in_flight,
                     },
                 );
-                match previous {
-                    Some(old) => {
-                        changes.push(format!("webhook {name}: updated"));
-                        stopped.push(old);
-                    }
-                    None => changes.push(format!("webhook {name}: added")),
-                }
             }
         }
         for r in stopped {
@@ -433,6 +457,7 @@ async fn dispatch(
     store: Arc<dyn Store>,
     shutdown: CancellationToken,
     attempts: tokio_util::task::TaskTracker,
+    own_attempts: tokio_util::task::TaskTracker,
 ) {
     let name = endpoint.name.clone();
     let max = endpoint.config.max_in_flight;
@@ -481,12 +506,12 @@ async fn dispatch(
                             .stats
                             .in_flight
                             .store(in_flight.len() as u64, Ordering::Relaxed);
-                        attempts.spawn(attempt(
+                        attempts.spawn(own_attempts.track_future(attempt(
                             endpoint.clone(),
                             store.clone(),
                             d,
                             done_tx.clone(),
-                        ));
+                        )));
                     }
                     // Sleep until the next retry falls due (rows due now are either in
                     // flight, waiting behind an older one of their subject, or rate limited,
@@ -676,15 +701,15 @@ async fn send(endpoint: &Endpoint, due: &DueDelivery) -> Result<Response, String
                     reqwest::header::CONTENT_TYPE,
                     envelope.datacontenttype.as_str(),
                 )
-                .header("ce-specversion", envelope.specversion.as_str())
-                .header("ce-id", envelope.id.as_str())
-                .header("ce-source", envelope.source.as_str())
-                .header("ce-type", envelope.event_type.as_str())
-                .header("ce-time", envelope.time.as_str())
-                .header("ce-provider", envelope.provider.as_str())
-                .header("ce-recvtime", envelope.recvtime.as_str());
+                .header("ce-specversion", ce_header(&envelope.specversion))
+                .header("ce-id", ce_header(&envelope.id))
+                .header("ce-source", ce_header(&envelope.source))
+                .header("ce-type", ce_header(&envelope.event_type))
+                .header("ce-time", ce_header(&envelope.time))
+                .header("ce-provider", ce_header(&envelope.provider))
+                .header("ce-recvtime", ce_header(&envelope.recvtime));
             if let Some(subject) = &envelope.subject {
-                request = request.header("ce-subject", subject.as_str());
+                request = request.header("ce-subject", ce_header(subject));
             }
             if let Some(seq) = envelope.seq {
                 request = request.header("ce-seq", seq.to_string());
@@ -726,15 +751,30 @@ fn parse_retry_after(v: &str) -> Option<Duration> {
     Some(Duration::from_millis(u64::try_from(ms).unwrap_or(0)))
 }
 
+/// A `ce-*` header value encoded as the CloudEvents HTTP binding (§3.1.3.2) requires:
+/// space, `\"`, `%` and every byte outside printable ASCII are percent-encoded (UTF-8), so a
+/// provider's non-ASCII subject cannot make the request unbuildable.
+fn ce_header(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for &b in value.as_bytes() {
+        if (0x21..=0x7e).contains(&b) && b != b'"' && b != b'%' {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 fn describe(e: reqwest::Error) -> String {
     if e.is_timeout() {
         "timed out".to_string()
     } else if e.is_connect() {
         "connection failed".to_string()
     } else {
-        // reqwest's message names the URL; ours never carry credentials in it (they go in
-        // headers), so it is safe to keep.
-        e.to_string()
+        // Without the URL: an endpoint URL may carry a key in its query string, and this text
+        // is logged and returned by the admin API.
+        e.without_url().to_string()
     }
 }
 
@@ -746,6 +786,14 @@ fn jitter(d: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ce_headers_are_percent_encoded_per_the_http_binding() {
+        assert_eq!(ce_header("lobby/ABC123"), "lobby/ABC123");
+        assert_eq!(ce_header("a b\"c%d"), "a%20b%22c%25d");
+        assert_eq!(ce_header("salle/é"), "salle/%C3%A9");
+        assert!(reqwest::header::HeaderValue::from_str(&ce_header("x\r\ny")).is_ok());
+    }
 
     #[test]
     fn retry_after_forms() {

@@ -12,8 +12,10 @@
 //! the live stream keeps moving in the shared ring ([`crate::ingest::PUBLISH_CAPACITY`]
 //! events, one copy for all consumers); a consumer that falls further behind than the ring
 //! holds cannot keep up: the feeder cancels the connection's `slow` token, the connection is
-//! closed (`4001 slow consumer`) and the consumer resumes from its cursor. Memory per
-//! consumer is the queue of shared pointers, never a copy of the backlog.
+//! closed (`4001 slow consumer`) and the consumer resumes from its cursor. A long replay
+//! (`from` far back) that the ring outruns is not that: the feeder goes back to the journal
+//! from its cursor and catches up again (a bounded number of rounds). Memory per consumer is
+//! the queue of shared pointers, never a copy of the backlog.
 
 use std::sync::Arc;
 
@@ -31,6 +33,9 @@ use crate::storage::JournalPosition;
 pub const QUEUE: usize = 256;
 /// Events read from the journal per page during replay.
 const PAGE: usize = 256;
+/// How many times a replay may be outrun by the live ring before the consumer counts as
+/// unable to keep up (a consumer faster than ingest needs fewer rounds each time).
+const MAX_CATCH_UPS: u32 = 8;
 
 /// Where a subscription starts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -136,6 +141,10 @@ async fn feed(
     slow: &CancellationToken,
 ) {
     let wanted = |e: &Envelope| allow.matches(e) && filter.matches(e);
+    // Whether the live stream has caught up with the cursor since the last (re)subscribe,
+    // and how many times a replay has been outrun by the live ring.
+    let mut in_sync = false;
+    let mut catch_ups = 0;
     loop {
         // Replay: page through the journal until it has nothing at or after `next`.
         loop {
@@ -184,6 +193,7 @@ async fn feed(
                         break;
                     }
                     next = seq + 1;
+                    in_sync = true;
                     if !wanted(&p.envelope) {
                         continue;
                     }
@@ -191,8 +201,18 @@ async fn feed(
                         return;
                     }
                 }
+                Err(broadcast::error::RecvError::Lagged(_))
+                    if !in_sync && catch_ups < MAX_CATCH_UPS =>
+                {
+                    // The ring moved on while a long replay ran: the consumer was reading the
+                    // journal, not falling behind. Catch up from the journal again.
+                    catch_ups += 1;
+                    live = live.resubscribe();
+                    break;
+                }
                 Err(broadcast::error::RecvError::Lagged(_)) => {
-                    // More than the ring behind: this consumer cannot keep up.
+                    // More than the ring behind once live (or replays that never catch up):
+                    // this consumer cannot keep up.
                     slow.cancel();
                     let _ = tx.try_send(FeedItem::End(FeedEnd::SlowConsumer));
                     return;

@@ -23,7 +23,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use tokio::sync::oneshot;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use super::{
     Appended, AttemptRecord, DeliveryCounts, DeliveryInfo, DeliveryState, DueDelivery,
@@ -554,24 +554,119 @@ fn writer_loop(
                 Err(_) => break,
             }
         }
-        // A failed commit (disk full, I/O error) is retried until it succeeds: nothing was
-        // acknowledged, and while we retry the bounded queue fills and ingest stops reading
-        // upstream, so no event is dropped on the floor.
+        // A failed commit is retried until it succeeds when the failure is the environment's
+        // (disk full, I/O error, a lock): nothing was acknowledged, and while we retry the
+        // bounded queue fills and ingest stops reading upstream, so no event is dropped on
+        // the floor. A failure that retrying cannot cure (a statement one command makes
+        // impossible) must not wedge the writer: the batch is split and only the command
+        // that fails on its own gets the error.
         let mut delay = std::time::Duration::from_millis(50);
-        let (results, new_next) = loop {
+        loop {
             match commit(&mut conn, &mut pending, next_seq) {
-                Ok(done) => break done,
-                Err(e) => {
+                Ok((results, new_next)) => {
+                    next_seq = new_next;
+                    head.store(next_seq - 1, Ordering::Release);
+                    for (command, result) in pending.into_iter().zip(results) {
+                        reply(command, result);
+                    }
+                    break;
+                }
+                Err(e) if is_transient(&e) => {
                     error!(error = %e, retry_in_ms = delay.as_millis() as u64, "store commit failed; retrying");
                     thread::sleep(delay);
                     delay = (delay * 2).min(std::time::Duration::from_secs(5));
                 }
+                Err(e) if pending.len() == 1 => {
+                    warn!(error = %e, "store command refused");
+                    if let Some(command) = pending.pop() {
+                        reply_error(command, e);
+                    }
+                    break;
+                }
+                Err(e) => {
+                    warn!(error = %e, commands = pending.len(), "store batch failed; committing its commands one by one");
+                    // Each retried alone below; the loop ends when the last one is answered.
+                    let rest = std::mem::take(&mut pending);
+                    for command in rest {
+                        let mut one = vec![command];
+                        commit_alone(&mut conn, &mut one, &mut next_seq, &head);
+                    }
+                    break;
+                }
             }
-        };
-        next_seq = new_next;
-        head.store(next_seq - 1, Ordering::Release);
-        for (command, result) in pending.into_iter().zip(results) {
-            reply(command, result);
+        }
+    }
+}
+
+/// Commits one command on its own (after its batch failed): retried while the failure is
+/// transient, answered with the error otherwise.
+fn commit_alone(
+    conn: &mut Connection,
+    one: &mut Vec<Command>,
+    next_seq: &mut u64,
+    head: &AtomicU64,
+) {
+    let mut delay = std::time::Duration::from_millis(50);
+    loop {
+        match commit(conn, one, *next_seq) {
+            Ok((results, new_next)) => {
+                *next_seq = new_next;
+                head.store(new_next - 1, Ordering::Release);
+                for (command, result) in one.drain(..).zip(results) {
+                    reply(command, result);
+                }
+                return;
+            }
+            Err(e) if is_transient(&e) => {
+                error!(error = %e, retry_in_ms = delay.as_millis() as u64, "store commit failed; retrying");
+                thread::sleep(delay);
+                delay = (delay * 2).min(std::time::Duration::from_secs(5));
+            }
+            Err(e) => {
+                warn!(error = %e, "store command refused");
+                if let Some(command) = one.pop() {
+                    reply_error(command, e);
+                }
+                return;
+            }
+        }
+    }
+}
+
+/// Whether a failed commit may succeed if simply tried again (the environment's fault, not
+/// the command's).
+fn is_transient(e: &StoreError) -> bool {
+    use rusqlite::ErrorCode as C;
+    match e {
+        StoreError::Database {
+            source: rusqlite::Error::SqliteFailure(f, _),
+            ..
+        } => matches!(
+            f.code,
+            C::DatabaseBusy
+                | C::DatabaseLocked
+                | C::DiskFull
+                | C::SystemIoFailure
+                | C::OutOfMemory
+                | C::CannotOpen
+                | C::FileLockingProtocolFailed
+        ),
+        StoreError::Io { .. } => true,
+        _ => false,
+    }
+}
+
+/// Answers a command whose own transaction failed for good.
+fn reply_error(command: Command, e: StoreError) {
+    match command {
+        Command::Append { reply, .. } => {
+            let _ = reply.send(Err(e));
+        }
+        Command::Replay { reply, .. } => {
+            let _ = reply.send(Err(e));
+        }
+        Command::Record { reply, .. } | Command::SetDisabled { reply, .. } => {
+            let _ = reply.send(Err(e));
         }
     }
 }
@@ -777,8 +872,7 @@ fn replay(
                 vec![endpoint.to_string().into()],
             ),
             ReplaySelection::Ids(ids) => {
-                let list = ids.iter().map(|_| "?").collect::<Vec<_>>().join(",");
-                return replay_seqs(tx, endpoint, &select_ids(tx, ids, &list)?, now_ms);
+                return replay_seqs(tx, endpoint, &select_ids(tx, ids)?, now_ms);
             }
             ReplaySelection::Seqs { from, to } => (
                 "SELECT seq FROM events WHERE seq BETWEEN ?1 AND ?2",
@@ -799,23 +893,26 @@ fn replay(
     replay_seqs(tx, endpoint, &seqs, now_ms)
 }
 
-fn select_ids(
-    tx: &rusqlite::Transaction<'_>,
-    ids: &[String],
-    placeholders: &str,
-) -> Result<Vec<i64>, StoreError> {
-    if ids.is_empty() {
-        return Ok(Vec::new());
+/// The seqs of the journalled events among `ids`, looked up in chunks so that no statement
+/// exceeds SQLite's limit on bound variables.
+fn select_ids(tx: &rusqlite::Transaction<'_>, ids: &[String]) -> Result<Vec<i64>, StoreError> {
+    const CHUNK: usize = 500;
+    let mut seqs = Vec::with_capacity(ids.len());
+    for chunk in ids.chunks(CHUNK) {
+        let placeholders = vec!["?"; chunk.len()].join(",");
+        let mut stmt = tx
+            .prepare_cached(&format!(
+                "SELECT seq FROM events WHERE id IN ({placeholders})"
+            ))
+            .map_err(db("prepare replay selection"))?;
+        let rows = stmt
+            .query_map(rusqlite::params_from_iter(chunk), |r| r.get::<_, i64>(0))
+            .map_err(db("select replay"))?;
+        for row in rows {
+            seqs.push(row.map_err(db("select replay"))?);
+        }
     }
-    let mut stmt = tx
-        .prepare(&format!(
-            "SELECT seq FROM events WHERE id IN ({placeholders})"
-        ))
-        .map_err(db("prepare replay selection"))?;
-    let rows = stmt
-        .query_map(rusqlite::params_from_iter(ids), |r| r.get::<_, i64>(0))
-        .map_err(db("select replay"))?;
-    rows.collect::<Result<_, _>>().map_err(db("select replay"))
+    Ok(seqs)
 }
 
 /// Re-queues each seq for `endpoint`: pending, due now, attempts reset (an existing dead or

@@ -115,16 +115,24 @@ pub struct CounterSnapshot {
     pub reconnects: u64,
 }
 
+/// How many distinct event types one upstream counts separately.
+const MAX_COUNTED_TYPES: usize = 256;
+/// The key under which types beyond [`MAX_COUNTED_TYPES`] are counted.
+const OTHER_TYPES: &str = "(other)";
+
 impl UpstreamCounters {
     /// Counts one event of `event_type`.
     pub fn count_event(&self, event_type: &str) {
         self.events.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut map) = self.events_by_type.lock() {
-            match map.get_mut(event_type) {
-                Some(n) => *n += 1,
-                None => {
-                    map.insert(event_type.to_string(), 1);
-                }
+            if let Some(n) = map.get_mut(event_type) {
+                *n += 1;
+            } else if map.len() >= MAX_COUNTED_TYPES {
+                // Unknown types are forwarded, so the provider picks these keys: past a cap,
+                // new ones are counted together (they become metric labels, too).
+                *map.entry(OTHER_TYPES.to_string()).or_insert(0) += 1;
+            } else {
+                map.insert(event_type.to_string(), 1);
             }
         }
     }

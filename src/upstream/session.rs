@@ -208,6 +208,9 @@ async fn connect_and_serve(
                             sent = ingest.send(envelope) => if sent.is_err() { return SessionEnd::IngestClosed },
                             _ = shutdown.cancelled() => return SessionEnd::Shutdown,
                         }
+                        // Time spent blocked on a full ingest queue is our stall, not the
+                        // provider's silence: it must not make the connection look stale.
+                        last_seen = Instant::now();
                     }
                     Ok(Inbound::Control(control)) => match control {
                         Control::Connected => {
