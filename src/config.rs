@@ -560,9 +560,9 @@ fn expand_str(s: &str, env: &impl Fn(&str) -> Option<String>) -> Result<String, 
             out.push('$');
             rest = tail;
         } else if let Some(body) = after.strip_prefix('{') {
-            let end = body
-                .find('}')
-                .ok_or_else(|| format!("unclosed ${{ in {s:?}"))?;
+            let end = body.find('}').ok_or_else(|| {
+                "unclosed ${ (a `}` is missing; `$$` is a literal `$`)".to_string()
+            })?;
             let expr = &body[..end];
             let (name, default) = match expr.split_once(":-") {
                 Some((n, d)) => (n, Some(d)),
@@ -618,14 +618,25 @@ fn de_provider<'de, D: Deserializer<'de>>(d: D) -> Result<Provider, D::Error> {
 
 fn de_ws_url<'de, D: Deserializer<'de>>(d: D) -> Result<url::Url, D::Error> {
     let s = String::deserialize(d)?;
-    let u = url::Url::parse(&s)
-        .map_err(|e| serde::de::Error::custom(format!("{s:?} is not a URL: {e}")))?;
+    let u = url::Url::parse(&s).map_err(|e| serde::de::Error::custom(format!("not a URL: {e}")))?;
     if !matches!(u.scheme(), "ws" | "wss") || u.host_str().is_none() {
         return Err(serde::de::Error::custom(format!(
-            "{s:?} must be a ws:// or wss:// URL with a host"
+            "{} must be a ws:// or wss:// URL with a host",
+            shown_url(&u)
         )));
     }
     Ok(u)
+}
+
+/// A URL as it may appear in an error message or log: scheme, host, port and path only (a
+/// URL in a config may carry a password or a token in its query).
+pub fn shown_url(u: &url::Url) -> String {
+    let mut shown = u.clone();
+    let _ = shown.set_password(None);
+    let _ = shown.set_username("");
+    shown.set_query(None);
+    shown.set_fragment(None);
+    format!("{:?}", shown.as_str())
 }
 
 fn de_opt_secret<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Secret>, D::Error> {

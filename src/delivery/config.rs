@@ -77,11 +77,11 @@ fn default_max_in_flight() -> usize {
 
 fn de_http_url<'de, D: Deserializer<'de>>(d: D) -> Result<url::Url, D::Error> {
     let s = String::deserialize(d)?;
-    let u = url::Url::parse(&s)
-        .map_err(|e| serde::de::Error::custom(format!("{s:?} is not a URL: {e}")))?;
+    let u = url::Url::parse(&s).map_err(|e| serde::de::Error::custom(format!("not a URL: {e}")))?;
     if !matches!(u.scheme(), "http" | "https") || u.host_str().is_none() {
         return Err(serde::de::Error::custom(format!(
-            "{s:?} must be an http:// or https:// URL with a host"
+            "{} must be an http:// or https:// URL with a host",
+            crate::config::shown_url(&u)
         )));
     }
     Ok(u)

@@ -88,7 +88,7 @@ pub async fn stream(
     let last_event_id = headers.get("last-event-id").and_then(|v| v.to_str().ok());
     let start = match (last_event_id, q.from.as_deref()) {
         (Some(id), _) => match id.trim().parse::<u64>() {
-            Ok(seq) => Start::Seq(seq + 1),
+            Ok(seq) => Start::Seq(seq.saturating_add(1)),
             Err(_) => {
                 return bad(
                     StatusCode::BAD_REQUEST,

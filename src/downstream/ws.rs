@@ -139,10 +139,7 @@ async fn session(hub: Arc<Hub>, consumer: Arc<Consumer>, mut socket: WebSocket) 
         }
         Err(e) => {
             let _ = socket
-                .send(Message::Close(Some(CloseFrame {
-                    code: 1011,
-                    reason: Utf8Bytes::from(format!("store unavailable: {e}")),
-                })))
+                .send(close_frame(1011, &format!("store unavailable: {e}")))
                 .await;
             return;
         }
@@ -155,12 +152,7 @@ async fn session(hub: Arc<Hub>, consumer: Arc<Consumer>, mut socket: WebSocket) 
     let slow = CancellationToken::new();
     // Every subscription's feed, tagged with its key; drained round-robin.
     let mut feeds = FuturesUnordered::new();
-    let close = |code: u16, reason: &str| {
-        Message::Close(Some(CloseFrame {
-            code,
-            reason: Utf8Bytes::from(reason.to_string()),
-        }))
-    };
+    let close = close_frame;
 
     loop {
         tokio::select! {
@@ -401,6 +393,20 @@ async fn apply_op(
             }
         }
     }
+}
+
+/// A close frame whose reason fits the protocol's 123-byte limit (a longer one would make the
+/// close itself fail), cut at a character boundary.
+fn close_frame(code: u16, reason: &str) -> Message {
+    const MAX_REASON: usize = 123;
+    let mut end = reason.len().min(MAX_REASON);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    Message::Close(Some(CloseFrame {
+        code,
+        reason: Utf8Bytes::from(reason[..end].to_string()),
+    }))
 }
 
 #[cfg(test)]
