@@ -364,6 +364,10 @@ async fn run_with(sims: &[Simulator; 3], dir: &Path, options: &DemoOptions) -> a
         );
     }
     eprintln!(
+        "  status page http://{addr}/   metrics http://{addr}/metrics",
+        addr = bridge.local_addr()
+    );
+    eprintln!(
         "Playing every documented event type ({} round(s)); each line is one canonical envelope:\n",
         options.rounds
     );

@@ -598,7 +598,7 @@ async fn attempt(
             (
                 Some(410),
                 Some("410 Gone: endpoint disabled".to_string()),
-                NextStep::RetryAt(started_ms),
+                NextStep::HoldUntil(started_ms),
             )
         }
         Ok(Response {
@@ -650,6 +650,13 @@ async fn attempt(
                 .fetch_add(1, Ordering::Relaxed);
             endpoint.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
             warn!(webhook = %name, seq = due.seq, id = %due.id, attempts = attempts_after, error = error.as_deref().unwrap_or(""), "delivery dead-lettered");
+        }
+        NextStep::HoldUntil(_) => {
+            endpoint
+                .stats
+                .failed_attempts
+                .fetch_add(1, Ordering::Relaxed);
+            info!(webhook = %name, seq = due.seq, id = %due.id, "endpoint answered 410 Gone; the delivery waits until it is re-enabled");
         }
         NextStep::RetryAt(at) => {
             endpoint

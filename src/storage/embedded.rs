@@ -833,6 +833,10 @@ fn record_attempt(
             "UPDATE deliveries SET attempts = attempts + 1, next_at_ms = ?3 WHERE endpoint = ?1 AND seq = ?2",
             params![endpoint, seq, at],
         ),
+        NextStep::HoldUntil(at) => tx.execute(
+            "UPDATE deliveries SET next_at_ms = ?3 WHERE endpoint = ?1 AND seq = ?2",
+            params![endpoint, seq, at],
+        ),
         _ => tx.execute(
             "UPDATE deliveries SET attempts = attempts + 1, state = 1 WHERE endpoint = ?1 AND seq = ?2",
             params![endpoint, seq],
@@ -845,7 +849,7 @@ fn record_attempt(
     }
     tx.execute(
         "INSERT OR REPLACE INTO attempts (endpoint, seq, n, at_ms, status, error, duration_ms)
-         VALUES (?1, ?2, (SELECT attempts FROM deliveries WHERE endpoint = ?1 AND seq = ?2), ?3, ?4, ?5, ?6)",
+         VALUES (?1, ?2, (SELECT COALESCE(MAX(n), 0) + 1 FROM attempts WHERE endpoint = ?1 AND seq = ?2), ?3, ?4, ?5, ?6)",
         params![
             endpoint,
             seq,

@@ -156,6 +156,9 @@ pub enum NextStep {
     Delivered,
     /// Try again at this unix ms.
     RetryAt(i64),
+    /// Try again at this unix ms without using up a step of the retry schedule: the
+    /// endpoint, not the event, is the problem (410 Gone disables it until re-enabled).
+    HoldUntil(i64),
     /// Out of retries: moved to the endpoint's dead-letter list.
     Dead,
 }
