@@ -100,9 +100,11 @@ impl Bridge {
     pub async fn start(config: &Config) -> Result<Bridge, BridgeError> {
         crate::install_crypto_provider();
         let store: Arc<dyn Store> = match config.storage.backend {
-            StorageBackend::Embedded => {
-                EmbeddedStore::open(&config.storage.path, config.storage.durability)?
-            }
+            StorageBackend::Embedded => EmbeddedStore::open_retaining(
+                &config.storage.path,
+                config.storage.durability,
+                config.storage.retention,
+            )?,
             other => return Err(BridgeError::Backend(other)),
         };
         let shutdown = CancellationToken::new();

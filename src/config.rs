@@ -102,6 +102,10 @@ pub struct StorageConfig {
     /// `normal` (survives a process crash) or `full` (also power loss; an fsync per commit).
     #[serde(default, deserialize_with = "de_durability")]
     pub durability: Durability,
+    /// How long the journal keeps events (resume, replay and dedup reach back this far);
+    /// `None` (`"0s"` in the file) keeps everything. Bounds the database file.
+    #[serde(default = "default_retention", deserialize_with = "de_retention")]
+    pub retention: Option<Duration>,
 }
 
 impl Default for StorageConfig {
@@ -110,7 +114,25 @@ impl Default for StorageConfig {
             backend: StorageBackend::Embedded,
             path: default_storage_path(),
             durability: Durability::Normal,
+            retention: default_retention(),
         }
+    }
+}
+
+fn default_retention() -> Option<Duration> {
+    Some(Duration::from_secs(7 * 24 * 3600))
+}
+
+fn de_retention<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let d = de_duration(d)?;
+    if d.is_zero() {
+        Ok(None)
+    } else if d < Duration::from_secs(60) {
+        Err(serde::de::Error::custom(
+            "must be at least 1m (or \"0s\" to keep everything)",
+        ))
+    } else {
+        Ok(Some(d))
     }
 }
 

@@ -171,6 +171,7 @@ pub async fn stream(
                         "slow consumer".to_string()
                     }
                     FeedEnd::Store(e) => format!("store unavailable: {e}"),
+                    FeedEnd::Unrecoverable(e) => format!("unrecoverable_position: {e}"),
                 };
                 Some((
                     Ok(Event::default().event("error").data(message)),

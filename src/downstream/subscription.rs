@@ -89,6 +89,9 @@ pub enum FeedEnd {
     SlowConsumer,
     /// The journal could not be read.
     Store(String),
+    /// The feed's position was pruned by retention before the consumer read it (a consumer
+    /// far behind): it must re-sync, as with `unrecoverable_position` at subscribe time.
+    Unrecoverable(String),
 }
 
 /// What a feed puts in its queue.
@@ -150,6 +153,12 @@ async fn feed(
         loop {
             let page = match hub.store.read_from(next, PAGE).await {
                 Ok(p) => p,
+                Err(e @ crate::storage::StoreError::NotRetained { .. }) => {
+                    let _ = tx
+                        .send(FeedItem::End(FeedEnd::Unrecoverable(e.to_string())))
+                        .await;
+                    return;
+                }
                 Err(e) => {
                     let _ = tx.send(FeedItem::End(FeedEnd::Store(e.to_string()))).await;
                     return;

@@ -199,6 +199,16 @@ async fn session(hub: Arc<Hub>, consumer: Arc<Consumer>, mut socket: WebSocket) 
                     }
                     // The `slow` branch below handles the verdict.
                     Some(FeedItem::End(FeedEnd::SlowConsumer)) => {}
+                    Some(FeedItem::End(FeedEnd::Unrecoverable(e))) => {
+                        // Only this subscription ends; the connection and its others go on.
+                        if let Some(sub) = subs.remove(&key) {
+                            let id: Value = serde_json::from_str(&sub.id_json).unwrap_or(Value::Null);
+                            let frame = error_frame("unrecoverable_position", e, Some(&id));
+                            if socket.send(Message::text(frame)).await.is_err() {
+                                break;
+                            }
+                        }
+                    }
                     Some(FeedItem::End(FeedEnd::Store(e))) => {
                         let _ = socket.send(close(1011, &format!("store unavailable: {e}"))).await;
                         break;

@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -133,6 +134,8 @@ pub struct EmbeddedStore {
     reader: Arc<Mutex<Connection>>,
     epoch: String,
     head: Arc<AtomicU64>,
+    /// Every seq up to this one has been pruned by retention (0: none).
+    pruned: Arc<AtomicU64>,
     path: PathBuf,
 }
 
@@ -208,6 +211,17 @@ impl EmbeddedStore {
     /// Opens (creating if needed, directory included) the store at `path` and starts its
     /// writer thread.
     pub fn open(path: &Path, durability: Durability) -> Result<Arc<EmbeddedStore>, StoreError> {
+        Self::open_retaining(path, durability, None)
+    }
+
+    /// Like [`EmbeddedStore::open`], and prunes events received more than `retention` ago
+    /// (in the background, a bounded chunk at a time) so the file stops growing. Events a
+    /// webhook still has pending or dead-lettered are kept until that delivery ends.
+    pub fn open_retaining(
+        path: &Path,
+        durability: Durability,
+        retention: Option<Duration>,
+    ) -> Result<Arc<EmbeddedStore>, StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|source| StoreError::Io {
                 path: dir.to_path_buf(),
@@ -217,20 +231,28 @@ impl EmbeddedStore {
         let mut writer = open_connection(path, durability)?;
         migrate(&mut writer)?;
         let epoch = load_or_create_epoch(&writer)?;
-        let head: u64 = writer
+        let pruned_through = load_pruned_through(&writer)?;
+        let stored_head: u64 = writer
             .query_row("SELECT COALESCE(MAX(seq), 0) FROM events", [], |r| {
                 r.get::<_, i64>(0)
             })
             .map_err(db("read head"))?
             .try_into()
             .unwrap_or(0);
+        // Pruning may have emptied the journal: seqs are never reused within an epoch.
+        let head = stored_head.max(pruned_through);
         let reader = open_connection(path, durability)?;
         let head = Arc::new(AtomicU64::new(head));
+        let pruned = Arc::new(AtomicU64::new(pruned_through));
         let (tx, rx) = std::sync::mpsc::sync_channel(COMMAND_QUEUE);
-        let thread_head = head.clone();
+        let shared = WriterShared {
+            head: head.clone(),
+            pruned: pruned.clone(),
+            retention,
+        };
         thread::Builder::new()
             .name("wsbridge-store".into())
-            .spawn(move || writer_loop(writer, rx, thread_head))
+            .spawn(move || writer_loop(writer, rx, shared))
             .map_err(|source| StoreError::Io {
                 path: path.to_path_buf(),
                 source,
@@ -241,6 +263,7 @@ impl EmbeddedStore {
             reader: Arc::new(Mutex::new(reader)),
             epoch,
             head,
+            pruned,
             path: path.to_path_buf(),
         }))
     }
@@ -293,6 +316,14 @@ impl Store for EmbeddedStore {
     }
 
     async fn read_from(&self, from: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
+        let pruned = self.pruned.load(Ordering::Acquire);
+        if from <= pruned {
+            // Reading on would skip the pruned events silently: a reader gets told instead.
+            return Err(StoreError::NotRetained {
+                from,
+                first: pruned + 1,
+            });
+        }
         let from = to_i64(from);
         let limit = to_i64(limit as u64);
         self.with_reader(move |conn| {
@@ -319,11 +350,16 @@ impl Store for EmbeddedStore {
     async fn position(&self) -> Result<JournalPosition, StoreError> {
         let head = self.head.load(Ordering::Acquire);
         let epoch = self.epoch.clone();
+        let pruned = to_i64(self.pruned.load(Ordering::Acquire));
+        // Events kept below the pruning point only for their pending deliveries do not count:
+        // a consumer cannot resume from there without a gap.
         let first = self
-            .with_reader(|conn| {
-                conn.query_row("SELECT MIN(seq) FROM events", [], |r| {
-                    r.get::<_, Option<i64>>(0)
-                })
+            .with_reader(move |conn| {
+                conn.query_row(
+                    "SELECT MIN(seq) FROM events WHERE seq > ?1",
+                    [pruned],
+                    |r| r.get::<_, Option<i64>>(0),
+                )
                 .map_err(db("read first seq"))
             })
             .await?;
@@ -540,13 +576,127 @@ fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
+/// The retention point recorded by earlier pruning (0: nothing pruned yet).
+fn load_pruned_through(conn: &Connection) -> Result<u64, StoreError> {
+    let v: Option<String> = conn
+        .query_row(
+            "SELECT value FROM meta WHERE key = 'pruned_through'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(db("read retention point"))?;
+    Ok(v.and_then(|v| v.parse().ok()).unwrap_or(0))
+}
+
+/// Deletes up to [`PRUNE_CHUNK`] of the oldest events received before `cutoff_ms`, except
+/// those a webhook delivery still refers to, and moves the retention point past them.
+/// Returns how many seqs the retention point advanced.
+fn prune(conn: &mut Connection, cutoff_ms: i64, pruned: &AtomicU64) -> Result<u64, StoreError> {
+    let from = to_i64(pruned.load(Ordering::Acquire));
+    let tx = conn.transaction().map_err(db("begin prune"))?;
+    // Seqs follow receive order (give or take clock steps), so the oldest events are the
+    // lowest seqs: walk up from the retention point and stop at the first one to keep.
+    let through: Option<i64> = {
+        let mut stmt = tx
+            .prepare_cached("SELECT seq, recv_ms FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2")
+            .map_err(db("prepare prune"))?;
+        let rows = stmt
+            .query_map(params![from, PRUNE_CHUNK], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
+            })
+            .map_err(db("select prune"))?;
+        let mut through = None;
+        for row in rows {
+            let (seq, recv_ms) = row.map_err(db("select prune"))?;
+            if recv_ms >= cutoff_ms {
+                break;
+            }
+            through = Some(seq);
+        }
+        through
+    };
+    // Events held back below the retention point for a delivery that has since ended.
+    let released = tx
+        .execute(
+            "DELETE FROM events WHERE seq <= ?1 AND seq NOT IN (SELECT seq FROM deliveries WHERE seq <= ?1)",
+            params![from],
+        )
+        .map_err(db("prune held events"))?;
+    let Some(through) = through else {
+        if released > 0 {
+            tx.commit().map_err(db("commit prune"))?;
+        }
+        return Ok(0);
+    };
+    let deleted = tx
+        .execute(
+            "DELETE FROM events WHERE seq > ?1 AND seq <= ?2
+             AND seq NOT IN (SELECT seq FROM deliveries WHERE seq > ?1 AND seq <= ?2)",
+            params![from, through],
+        )
+        .map_err(db("prune events"))?;
+    tx.execute(
+        "INSERT INTO meta (key, value) VALUES ('pruned_through', ?1)
+         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        params![through.to_string()],
+    )
+    .map_err(db("record retention point"))?;
+    tx.commit().map_err(db("commit prune"))?;
+    pruned.store(through as u64, Ordering::Release);
+    info!(through, deleted, "journal pruned by retention");
+    Ok((through - from) as u64)
+}
+
+/// What the writer thread shares with the store handle.
+struct WriterShared {
+    head: Arc<AtomicU64>,
+    pruned: Arc<AtomicU64>,
+    retention: Option<Duration>,
+}
+
+/// How often the writer looks for events to prune, busy or idle.
+const PRUNE_EVERY: Duration = Duration::from_secs(30);
+/// The most events one pruning pass deletes (one short transaction, so ingest barely waits).
+const PRUNE_CHUNK: i64 = 20_000;
+
 fn writer_loop(
     mut conn: Connection,
     commands: std::sync::mpsc::Receiver<Command>,
-    head: Arc<AtomicU64>,
+    shared: WriterShared,
 ) {
+    let head = shared.head.as_ref();
     let mut next_seq = head.load(Ordering::Acquire) + 1;
-    while let Ok(first) = commands.recv() {
+    let mut next_prune = std::time::Instant::now();
+    loop {
+        if let Some(retention) = shared.retention {
+            if std::time::Instant::now() >= next_prune {
+                let cutoff_ms = chrono::Utc::now().timestamp_millis()
+                    - i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+                match prune(&mut conn, cutoff_ms, &shared.pruned) {
+                    // A full chunk: there is more; go again soon, between batches.
+                    Ok(n) if n >= PRUNE_CHUNK as u64 => {}
+                    Ok(_) => next_prune = std::time::Instant::now() + PRUNE_EVERY,
+                    Err(e) => {
+                        warn!(error = %e, "pruning the journal failed; will try again");
+                        next_prune = std::time::Instant::now() + PRUNE_EVERY;
+                    }
+                }
+            }
+        }
+        let first = if shared.retention.is_some() {
+            let wait = next_prune.saturating_duration_since(std::time::Instant::now());
+            match commands.recv_timeout(wait) {
+                Ok(c) => c,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        } else {
+            match commands.recv() {
+                Ok(c) => c,
+                Err(_) => break,
+            }
+        };
         let mut pending = vec![first];
         while pending.len() < MAX_COMMANDS_PER_COMMIT {
             match commands.try_recv() {
@@ -589,7 +739,7 @@ fn writer_loop(
                     let rest = std::mem::take(&mut pending);
                     for command in rest {
                         let mut one = vec![command];
-                        commit_alone(&mut conn, &mut one, &mut next_seq, &head);
+                        commit_alone(&mut conn, &mut one, &mut next_seq, head);
                     }
                     break;
                 }
@@ -1051,6 +1201,109 @@ mod tests {
         }
         seqs.sort_unstable();
         assert_eq!(seqs, (1..=800).collect::<Vec<_>>());
+        let _ = std::fs::remove_dir_all(path.parent().unwrap().parent().unwrap());
+    }
+
+    fn received(id: &str, ago: chrono::Duration, targets: &[&str]) -> NewEvent {
+        let mut e = env(id);
+        e.recvtime = (Utc::now() - ago).to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+        NewEvent {
+            envelope: e,
+            targets: targets.iter().map(|t| Arc::from(*t)).collect(),
+        }
+    }
+
+    /// Waits (with a deadline) until the store's first retained seq is `first`.
+    async fn wait_first(store: &EmbeddedStore, first: u64) -> JournalPosition {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let pos = store.position().await.unwrap();
+            if pos.first == first {
+                return pos;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "never pruned: {pos:?}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn retention_prunes_old_events_but_keeps_pending_deliveries_and_the_head() {
+        let path = temp_db("retention");
+        let old = chrono::Duration::hours(2);
+        {
+            let store = EmbeddedStore::open(&path, Durability::Normal).unwrap();
+            store
+                .append(vec![
+                    received("a", old, &[]),
+                    received("b", old, &["crm"]),
+                    received("c", old, &[]),
+                    received("d", chrono::Duration::zero(), &[]),
+                ])
+                .await
+                .unwrap();
+        }
+        let hour = Some(std::time::Duration::from_secs(3600));
+        let store = EmbeddedStore::open_retaining(&path, Durability::Normal, hour).unwrap();
+        // 1..=3 are older than the hour: the journal now starts at 4.
+        let pos = wait_first(&store, 4).await;
+        assert_eq!(pos.head, 4);
+        assert!(matches!(
+            store.read_from(2, 10).await,
+            Err(StoreError::NotRetained { from: 2, first: 4 })
+        ));
+        assert_eq!(store.read_from(4, 10).await.unwrap().len(), 1);
+        // b is still owed to a webhook: its delivery still has its bytes.
+        let due = store.due("crm", i64::MAX, 10, false).await.unwrap();
+        assert_eq!(due.len(), 1);
+        assert_eq!((due[0].seq, due[0].id.as_str()), (2, "b"));
+        // Pruned ids are past the dedup window: "a" seen again is a new event, seq 5.
+        let again = store
+            .append(vec![received("a", chrono::Duration::zero(), &[])])
+            .await
+            .unwrap();
+        assert!(matches!(again[0], Appended::Stored { seq: 5, .. }));
+        // Once b is delivered, the next pass releases it too.
+        let done = AttemptRecord {
+            at_ms: 0,
+            status: Some(200),
+            error: None,
+            duration_ms: 1,
+        };
+        store
+            .record("crm", 2, done, NextStep::Delivered)
+            .await
+            .unwrap();
+        let mut side = open_connection(&path, Durability::Normal).unwrap();
+        prune(&mut side, 0, &AtomicU64::new(3)).unwrap();
+        let held: i64 = side
+            .query_row("SELECT COUNT(*) FROM events WHERE seq <= 3", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(held, 0);
+        drop(store);
+
+        // Everything old: the head survives a journal pruned empty, and seqs are not reused.
+        let path = temp_db("retention-all");
+        {
+            let store = EmbeddedStore::open(&path, Durability::Normal).unwrap();
+            store
+                .append(vec![received("x", old, &[]), received("y", old, &[])])
+                .await
+                .unwrap();
+        }
+        {
+            let store = EmbeddedStore::open_retaining(&path, Durability::Normal, hour).unwrap();
+            wait_first(&store, 3).await;
+        }
+        let store = EmbeddedStore::open(&path, Durability::Normal).unwrap();
+        let pos = store.position().await.unwrap();
+        assert_eq!((pos.head, pos.first), (2, 3));
+        let next = store.append(vec![new("z")]).await.unwrap();
+        assert!(matches!(next[0], Appended::Stored { seq: 3, .. }));
         let _ = std::fs::remove_dir_all(path.parent().unwrap().parent().unwrap());
     }
 }

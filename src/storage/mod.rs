@@ -56,6 +56,14 @@ pub enum StoreError {
     /// The store's worker is gone (the bridge is shutting down).
     #[error("the store is closed")]
     Closed,
+    /// The position was pruned by retention while it was being read.
+    #[error("seq {from} is no longer retained (the journal starts at {first})")]
+    NotRetained {
+        /// The seq asked for.
+        from: u64,
+        /// The oldest seq still retained.
+        first: u64,
+    },
     /// I/O around the store (creating its directory).
     #[error("store I/O on {path}: {source}")]
     Io {
