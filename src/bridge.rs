@@ -237,6 +237,7 @@ impl Bridge {
         if new.storage.path != current.storage.path
             || new.storage.backend != current.storage.backend
             || new.storage.durability != current.storage.durability
+            || new.storage.retention != current.storage.retention
         {
             report.needs_restart.push("storage".into());
         }
