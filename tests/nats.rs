@@ -199,3 +199,192 @@ async fn a_consumer_resumes_on_another_instance_without_gap() {
     b.shutdown().await;
     cleanup(SHARED_NATS, &prefix).await;
 }
+
+async fn admin(bridge: &Bridge, method: &str, path: &str, body: Option<Value>) -> Value {
+    let url = format!("http://{}/v1/admin/{path}", bridge.local_addr());
+    let client = http_client();
+    let req = match method {
+        "POST" => client
+            .post(url)
+            .header("content-type", "application/json")
+            .body(body.unwrap_or(json!({})).to_string()),
+        _ => client.get(url),
+    };
+    let resp = req
+        .bearer_auth("admin-token")
+        .send()
+        .await
+        .expect("admin request");
+    assert!(
+        resp.status().is_success(),
+        "admin {path}: {}",
+        resp.status()
+    );
+    serde_json::from_slice(&resp.bytes().await.expect("admin body")).expect("admin JSON")
+}
+
+/// Polls the admin API until `pred` holds for the answer to GET `path`.
+async fn admin_until(
+    bridge: &Bridge,
+    path: &str,
+    what: &str,
+    pred: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = tokio::time::Instant::now() + LONG;
+    loop {
+        let v = admin(bridge, "GET", path, None).await;
+        if pred(&v) {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what} not seen within {LONG:?}: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn crm(v: &Value) -> Value {
+    v["webhooks"]
+        .as_array()
+        .and_then(|l| l.iter().find(|w| w["name"] == "crm"))
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+/// Failed deliveries run through the retry schedule on either instance, are dead-lettered
+/// once, listed by the admin API of any instance, and replayed from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_are_shared_listed_and_replayed_by_any_instance() {
+    let prefix = unique_prefix("dlq");
+    let vb = start_sim(Provider::Voipbin).await;
+    // 3 events x 3 attempts fail, then everything succeeds.
+    let rx = Receiver::start(vec![Answer::status(500); 9], Answer::status(200)).await;
+    let blocks = [
+        upstream_block("vb", &vb, FAST),
+        webhook_block("crm", &rx.url(), "retry = [\"50ms\", \"50ms\"]\n"),
+        route_block("crm"),
+        consumer_block(),
+    ];
+    let urls = [SHARED_NATS.to_string()];
+    let cfg = nats_config(&blocks, &urls, &prefix, "");
+    let (a, _) = start_bridge(&cfg).await;
+    let (b, _) = start_bridge(&cfg).await;
+    wait_sim_ready(&vb, 2).await;
+    emit_range(&vb, 0..3).await;
+
+    let dead = admin_until(
+        &b,
+        "webhooks/crm/deliveries?state=dead",
+        "3 dead letters",
+        |v| v["deliveries"].as_array().is_some_and(|l| l.len() == 3),
+    )
+    .await;
+    let first = &dead["deliveries"][0];
+    assert!(first["seq"].as_u64().is_some_and(|s| s >= 1), "{first}");
+    assert_eq!(
+        rx.requests().len(),
+        9,
+        "each event tried once per schedule step"
+    );
+    let view = crm(&admin(&a, "GET", "webhooks", None).await);
+    assert_eq!(view["dead"], 3, "{view}");
+
+    let queued = admin(
+        &a,
+        "POST",
+        "webhooks/crm/replay",
+        Some(json!({"dead": true})),
+    )
+    .await;
+    assert_eq!(queued["queued"], 3);
+    let got = rx
+        .wait_until(LONG, "replayed deliveries", |r| {
+            r.iter().filter(|x| x.answered == 200).count() >= 3
+        })
+        .await;
+    let ok: BTreeSet<&str> = got
+        .iter()
+        .filter(|x| x.answered == 200)
+        .map(|x| x.header("webhook-id"))
+        .collect();
+    assert_eq!(ok.len(), 3, "each dead letter delivered on replay");
+    admin_until(
+        &b,
+        "webhooks/crm/deliveries?state=dead",
+        "empty dead-letter list",
+        |v| v["deliveries"].as_array().is_some_and(|l| l.is_empty()),
+    )
+    .await;
+
+    // A journal range replays whatever happened before.
+    let queued = admin(
+        &b,
+        "POST",
+        "webhooks/crm/replay",
+        Some(json!({"from_seq": 1, "to_seq": 2})),
+    )
+    .await;
+    assert_eq!(queued["queued"], 2);
+    rx.wait_until(LONG, "range replay", |r| {
+        r.iter().filter(|x| x.answered == 200).count() >= 5
+    })
+    .await;
+    a.shutdown().await;
+    b.shutdown().await;
+    cleanup(SHARED_NATS, &prefix).await;
+}
+
+/// A 410 seen by one instance disables the endpoint on every instance; `enable` on any
+/// instance resumes delivery everywhere, and nothing routed meanwhile is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gone_disables_every_instance_and_enable_on_any_resumes() {
+    let prefix = unique_prefix("gone");
+    let vb = start_sim(Provider::Voipbin).await;
+    let rx = Receiver::start(vec![Answer::status(410)], Answer::status(200)).await;
+    let blocks = [
+        upstream_block("vb", &vb, FAST),
+        webhook_block("crm", &rx.url(), ""),
+        route_block("crm"),
+        consumer_block(),
+    ];
+    let urls = [SHARED_NATS.to_string()];
+    let cfg = nats_config(&blocks, &urls, &prefix, "");
+    let (a, _) = start_bridge(&cfg).await;
+    let (b, _) = start_bridge(&cfg).await;
+    wait_sim_ready(&vb, 2).await;
+    emit_range(&vb, 0..1).await;
+    rx.wait_for(1, LONG).await;
+    for bridge in [&a, &b] {
+        admin_until(
+            bridge,
+            "webhooks",
+            "endpoint disabled on every instance",
+            |v| crm(v)["enabled"] == false,
+        )
+        .await;
+    }
+    emit_range(&vb, 1..4).await;
+    let mut on_a = connect(&a).await;
+    subscribe(&mut on_a, json!("earliest")).await;
+    events(&mut on_a, 4).await; // journalled while disabled
+    assert_eq!(rx.requests().len(), 1, "nothing sent while disabled");
+
+    admin(&b, "POST", "webhooks/crm/enable", None).await;
+    let got = rx
+        .wait_until(LONG, "deliveries after enable", |r| {
+            per_id(&r[1..]).len() == 4
+        })
+        .await;
+    assert!(got[1..].iter().all(|r| r.answered == 200));
+    admin_until(
+        &a,
+        "webhooks",
+        "endpoint enabled on the other instance",
+        |v| crm(v)["enabled"] == true,
+    )
+    .await;
+    a.shutdown().await;
+    b.shutdown().await;
+    cleanup(SHARED_NATS, &prefix).await;
+}

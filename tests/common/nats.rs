@@ -47,11 +47,16 @@ pub fn nats_config(blocks: &[String], urls: &[String], prefix: &str, extra: &str
     Config::from_toml(&text, |_| None, false).unwrap_or_else(|e| panic!("test config: {e}\n{text}"))
 }
 
-/// A `[[webhooks]]` block for a receiver at `url`, fast retries.
+/// A `[[webhooks]]` block for a receiver at `url`, fast retries unless `extra` sets `retry`.
 pub fn webhook_block(name: &str, url: &str, extra: &str) -> String {
+    let retry = if extra.contains("retry") {
+        ""
+    } else {
+        "retry = [\"100ms\", \"200ms\", \"400ms\"]\n"
+    };
     format!(
         "[[webhooks]]\nname = \"{name}\"\nurl = \"{url}\"\nsecrets = [\"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"]\n\
-         allow_private = true\nretry = [\"100ms\", \"200ms\", \"400ms\"]\n{extra}\n"
+         allow_private = true\n{retry}{extra}\n"
     )
 }
 
