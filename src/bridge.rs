@@ -28,6 +28,7 @@ use crate::downstream::{self, Hub};
 use crate::ingest::{self, IngestSnapshot, IngestStats, Published, Sinks};
 use crate::status::{self, StatusState};
 use crate::storage::embedded::EmbeddedStore;
+use crate::storage::nats::{tail, NatsStore};
 use crate::storage::{Store, StoreError};
 use crate::upstream::{self, UpstreamHandle};
 
@@ -99,13 +100,19 @@ impl Bridge {
     /// server on the current Tokio runtime.
     pub async fn start(config: &Config) -> Result<Bridge, BridgeError> {
         crate::install_crypto_provider();
-        let store: Arc<dyn Store> = match config.storage.backend {
-            StorageBackend::Embedded => EmbeddedStore::open_retaining(
-                &config.storage.path,
-                config.storage.durability,
-                config.storage.retention,
-            )?,
-            other => return Err(BridgeError::Backend(other)),
+        let (store, nats): (Arc<dyn Store>, Option<Arc<NatsStore>>) = match config.storage.backend {
+            StorageBackend::Embedded => (
+                EmbeddedStore::open_retaining(
+                    &config.storage.path,
+                    config.storage.durability,
+                    config.storage.retention,
+                )?,
+                None,
+            ),
+            StorageBackend::Nats => {
+                let nats = NatsStore::connect(&config.storage).await?;
+                (nats.clone(), Some(nats))
+            }
         };
         let shutdown = CancellationToken::new();
         let delivery = Arc::new(
@@ -127,6 +134,21 @@ impl Bridge {
 
         let (queue_tx, queue_rx) = mpsc::channel(ingest::INGEST_QUEUE);
         let (publish, _) = broadcast::channel(ingest::PUBLISH_CAPACITY);
+        // With NATS, the live stream is the journal's tail (every instance's events), started
+        // at the head before any upstream or consumer can add to or read from it.
+        let ingest_publish = match &nats {
+            Some(nats) => {
+                let head = nats.position().await?.head;
+                tail::spawn(
+                    nats.clone(),
+                    head + 1,
+                    publish.clone(),
+                    shutdown.child_token(),
+                );
+                None
+            }
+            None => Some(publish.clone()),
+        };
         let stats = Arc::new(IngestStats::default());
         let mut upstreams = Vec::with_capacity(config.upstreams.len());
         for u in &config.upstreams {
@@ -150,7 +172,7 @@ impl Bridge {
             Sinks {
                 router: router.clone(),
                 delivery: delivery.clone(),
-                publish: publish.clone(),
+                publish: ingest_publish,
             },
             stats.clone(),
         );
@@ -234,11 +256,7 @@ impl Bridge {
         if new.server.listen != current.server.listen {
             report.needs_restart.push("server.listen".into());
         }
-        if new.storage.path != current.storage.path
-            || new.storage.backend != current.storage.backend
-            || new.storage.durability != current.storage.durability
-            || new.storage.retention != current.storage.retention
-        {
+        if new.storage != current.storage {
             report.needs_restart.push("storage".into());
         }
         // Webhooks before routes, so a new route never points at an endpoint not yet running.

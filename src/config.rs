@@ -90,7 +90,7 @@ pub enum StorageBackend {
 }
 
 /// `[storage]`: where events are journalled.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StorageConfig {
     /// `embedded` (default) or `nats`.
@@ -106,6 +106,42 @@ pub struct StorageConfig {
     /// `None` (`"0s"` in the file) keeps everything. Bounds the database file.
     #[serde(default = "default_retention", deserialize_with = "de_retention")]
     pub retention: Option<Duration>,
+    /// NATS server URLs (`url = "nats://h:4222"` or a list for a cluster); `nats` only.
+    #[serde(default, deserialize_with = "de_string_or_list")]
+    pub url: Vec<String>,
+    /// Prefix of every stream, consumer, subject and bucket name, so that several bridges (or
+    /// test runs) can share one NATS account without seeing each other.
+    #[serde(default = "default_nats_prefix")]
+    pub prefix: String,
+    /// JetStream replicas of the journal and its companions (1, 3 or 5 in a cluster).
+    #[serde(default = "default_replicas")]
+    pub replicas: usize,
+    /// A NATS `.creds` file (JWT + nkey seed).
+    #[serde(default)]
+    pub credentials: Option<PathBuf>,
+    /// A NATS auth token (instead of `credentials`).
+    #[serde(default, deserialize_with = "de_opt_secret")]
+    pub token: Option<Secret>,
+    /// Require TLS even for `nats://` URLs.
+    #[serde(default)]
+    pub tls_required: bool,
+    /// PEM file of the CA that signed the NATS servers' certificates.
+    #[serde(default)]
+    pub tls_ca: Option<PathBuf>,
+    /// PEM client certificate for mutual TLS (with `tls_key`).
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+    /// How long an upstream lease (`ownership = "lease"`) lives without renewal: the most an
+    /// upstream stays unread after its holder dies.
+    #[serde(default = "d_5s", deserialize_with = "de_duration")]
+    pub lease_ttl: Duration,
+    /// The journal's duplicate window: copies of one event id published within it (two
+    /// instances, a retry after an outage) are stored once.
+    #[serde(default = "d_2m", deserialize_with = "de_duration")]
+    pub duplicate_window: Duration,
 }
 
 impl Default for StorageConfig {
@@ -115,6 +151,17 @@ impl Default for StorageConfig {
             path: default_storage_path(),
             durability: Durability::Normal,
             retention: default_retention(),
+            url: Vec::new(),
+            prefix: default_nats_prefix(),
+            replicas: default_replicas(),
+            credentials: None,
+            token: None,
+            tls_required: false,
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
+            lease_ttl: d_5s(),
+            duplicate_window: d_2m(),
         }
     }
 }
@@ -134,6 +181,105 @@ fn de_retention<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::
     } else {
         Ok(Some(d))
     }
+}
+
+fn default_nats_prefix() -> String {
+    "wsbridge".to_string()
+}
+
+fn default_replicas() -> usize {
+    1
+}
+
+fn d_5s() -> Duration {
+    Duration::from_secs(5)
+}
+
+fn d_2m() -> Duration {
+    Duration::from_secs(120)
+}
+
+impl StorageConfig {
+    /// Problems with the NATS settings, as (key, reason); empty for the embedded backend.
+    fn nats_problems(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        if self.backend != StorageBackend::Nats {
+            return out;
+        }
+        if self.url.is_empty() {
+            out.push((
+                "url",
+                "the nats backend needs at least one server URL".to_string(),
+            ));
+        }
+        for u in &self.url {
+            match url::Url::parse(u) {
+                Ok(parsed)
+                    if matches!(parsed.scheme(), "nats" | "tls") && parsed.host().is_some() => {}
+                Ok(_) => out.push((
+                    "url",
+                    format!("{u:?}: use nats://host:port or tls://host:port"),
+                )),
+                Err(e) => out.push(("url", format!("{u:?}: {e}"))),
+            }
+        }
+        if self.prefix.is_empty()
+            || !self
+                .prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'))
+        {
+            out.push((
+                "prefix",
+                "use letters, digits, '-' or '_' (it names streams, subjects and buckets)"
+                    .to_string(),
+            ));
+        }
+        if !(1..=5).contains(&self.replicas) {
+            out.push(("replicas", "must be between 1 and 5".to_string()));
+        }
+        if self.credentials.is_some() && self.token.is_some() {
+            out.push((
+                "token",
+                "give either credentials or token, not both".to_string(),
+            ));
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            out.push(("tls_key", "tls_cert and tls_key go together".to_string()));
+        }
+        for (key, file) in [
+            ("credentials", &self.credentials),
+            ("tls_ca", &self.tls_ca),
+            ("tls_cert", &self.tls_cert),
+            ("tls_key", &self.tls_key),
+        ] {
+            if let Some(f) = file {
+                if !f.is_file() {
+                    out.push((key, format!("{} is not a readable file", f.display())));
+                }
+            }
+        }
+        if self.lease_ttl < Duration::from_secs(1) {
+            out.push(("lease_ttl", "must be at least 1s".to_string()));
+        }
+        if self.duplicate_window < Duration::from_secs(1) {
+            out.push(("duplicate_window", "must be at least 1s".to_string()));
+        }
+        out
+    }
+}
+
+/// Who connects to an upstream when several bridge instances share a NATS journal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Ownership {
+    /// Every instance holds the connection; the journal's dedup removes the copies, and
+    /// failover has no gap.
+    All,
+    /// One instance at a time holds the connection under a KV lease; another takes over
+    /// within `storage.lease_ttl` when the holder dies (for providers that allow only one
+    /// connection per identity, such as VoicePact).
+    Lease,
 }
 
 fn default_storage_path() -> PathBuf {
@@ -183,9 +329,21 @@ pub struct UpstreamConfig {
     /// Limit on TCP connect plus the WebSocket handshake (and the greeting, where one is due).
     #[serde(default = "d_10s", deserialize_with = "de_duration")]
     pub connect_timeout: Duration,
+    /// With the nats backend: `all` or `lease` (default `lease` for VoicePact, which keeps
+    /// one socket per client_id, `all` for the others). Ignored by the embedded backend.
+    #[serde(default)]
+    pub ownership: Option<Ownership>,
 }
 
 impl UpstreamConfig {
+    /// The ownership mode in force: the configured one, or the adapter's default.
+    pub fn ownership(&self) -> Ownership {
+        self.ownership.unwrap_or(match self.adapter {
+            Provider::VoicePact => Ownership::Lease,
+            Provider::Voipbin | Provider::Hashi => Ownership::All,
+        })
+    }
+
     /// The adapter's view of this upstream.
     pub fn adapter_settings(&self) -> UpstreamSettings {
         UpstreamSettings {
@@ -355,11 +513,8 @@ impl Config {
     /// Checks what types alone cannot: unique names, what each adapter needs, sane timings.
     /// `positions[k]` is the file index of `self.upstreams[k]`.
     fn validate(&self, positions: &[usize], issues: &mut Vec<ConfigIssue>) {
-        if self.storage.backend == StorageBackend::Nats {
-            issues.push(issue(
-                "storage.backend",
-                "\"nats\" is not available in this build yet; use \"embedded\"",
-            ));
+        for (key, reason) in self.storage.nats_problems() {
+            issues.push(issue(format!("storage.{key}"), reason));
         }
         if self.upstreams.is_empty() && !issues.iter().any(|i| i.key.starts_with("upstreams")) {
             issues.push(issue(
@@ -659,6 +814,19 @@ pub fn shown_url(u: &url::Url) -> String {
     shown.set_query(None);
     shown.set_fragment(None);
     format!("{:?}", shown.as_str())
+}
+
+fn de_string_or_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    })
 }
 
 fn de_opt_secret<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Secret>, D::Error> {

@@ -81,8 +81,9 @@ pub struct Sinks {
     pub router: Arc<arc_swap::ArcSwap<Router>>,
     /// The webhook dispatchers, woken for each endpoint that got new deliveries.
     pub delivery: Arc<DeliveryService>,
-    /// The live stream for consumers.
-    pub publish: broadcast::Sender<Arc<Published>>,
+    /// The live stream for consumers; `None` when the store feeds it itself (the nats
+    /// backend's journal tail, which also carries what other instances journalled).
+    pub publish: Option<broadcast::Sender<Arc<Published>>>,
 }
 
 /// Starts the ingest task. It ends when every sender of `queue` is gone and what they queued
@@ -135,11 +136,13 @@ pub fn spawn(
                         bytes, envelope, ..
                     } => {
                         stats.published.fetch_add(1, Ordering::Relaxed);
-                        // No receiver is not an error: nobody is listening yet.
-                        let _ = publish.send(Arc::new(Published {
-                            envelope: *envelope,
-                            bytes,
-                        }));
+                        if let Some(publish) = &publish {
+                            // No receiver is not an error: nobody is listening yet.
+                            let _ = publish.send(Arc::new(Published {
+                                envelope: *envelope,
+                                bytes,
+                            }));
+                        }
                     }
                     Appended::Duplicate => {
                         stats.duplicates.fetch_add(1, Ordering::Relaxed);

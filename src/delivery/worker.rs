@@ -40,6 +40,9 @@ use super::ssrf;
 use crate::envelope::{Envelope, CLOUDEVENTS_JSON};
 use crate::storage::{AttemptRecord, DueDelivery, NextStep, Store};
 
+/// How often a dispatcher re-reads its endpoint's state from a shared store.
+const SHARED_STATE_EVERY: Duration = Duration::from_secs(1);
+
 /// Longest `Retry-After` honoured.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
@@ -393,6 +396,15 @@ async fn build_endpoint(
         value.set_sensitive(true);
         static_headers.insert(name, value);
     }
+    // An attempt may run for `timeout`; a shared store must not hand the delivery to another
+    // instance meanwhile.
+    let ack_wait = config.timeout * 2 + Duration::from_secs(10);
+    if let Err(e) = store
+        .prepare_endpoint(&config.name, config.ordered, ack_wait)
+        .await
+    {
+        error!(webhook = %config.name, error = %e, "cannot set up the endpoint's queue; retried on first use");
+    }
     let disabled = store.disabled(&config.name).await.unwrap_or_else(|e| {
         error!(webhook = %config.name, error = %e, "cannot read endpoint state; assuming enabled");
         None
@@ -466,12 +478,27 @@ async fn dispatch(
     let mut paused_until: Option<Instant> = None;
     let mut rate = endpoint.config.max_per_second.map(RateLimit::new);
     let mut store_backoff = Duration::from_millis(100);
+    let mut state_read = Instant::now();
     loop {
         let now = Instant::now();
         let mut wake_at: Option<Instant> = None;
+        if store.shared() {
+            // Another instance may disable (410) or re-enable the endpoint: re-read its state
+            // now and then, and never sleep longer than that.
+            if now.duration_since(state_read) >= SHARED_STATE_EVERY {
+                state_read = now;
+                match store.disabled(&name).await {
+                    Ok(reason) => endpoint.set_disabled(reason),
+                    Err(e) => {
+                        debug!(webhook = %name, error = %e, "cannot re-read the endpoint's state")
+                    }
+                }
+            }
+            wake_at = Some(now + SHARED_STATE_EVERY);
+        }
         let paused = paused_until.is_some_and(|p| p > now);
-        if paused {
-            wake_at = paused_until;
+        if let (true, Some(p)) = (paused, paused_until) {
+            wake_at = Some(wake_at.map_or(p, |w| w.min(p)));
         }
         let disabled = endpoint.disabled_reason().is_some();
         if !disabled && !paused && in_flight.len() < max {
@@ -488,8 +515,11 @@ async fn dispatch(
             {
                 Ok(due) => {
                     store_backoff = Duration::from_millis(100);
-                    for d in due {
+                    let mut due = due.into_iter();
+                    let mut not_taken = Vec::new();
+                    for d in due.by_ref() {
                         if in_flight.len() >= max {
+                            not_taken.push(d.seq);
                             break;
                         }
                         if in_flight.contains(&d.seq) {
@@ -498,6 +528,7 @@ async fn dispatch(
                         if let Some(limit) = rate.as_mut() {
                             if let Err(wait) = limit.take() {
                                 wake_at = Some(wake_at.map_or(now + wait, |w| w.min(now + wait)));
+                                not_taken.push(d.seq);
                                 break;
                             }
                         }
@@ -512,6 +543,10 @@ async fn dispatch(
                             d,
                             done_tx.clone(),
                         )));
+                    }
+                    not_taken.extend(due.map(|d| d.seq).filter(|s| !in_flight.contains(s)));
+                    if !not_taken.is_empty() {
+                        store.release(&name, &not_taken).await;
                     }
                     // Sleep until the next retry falls due (rows due now are either in
                     // flight, waiting behind an older one of their subject, or rate limited,

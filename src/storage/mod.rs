@@ -16,10 +16,12 @@
 //! A delivery that was in flight when the process died is still `pending` on restart and is
 //! sent again: delivery is at-least-once, and receivers deduplicate by `webhook-id`.
 //!
-//! Implementations: [`embedded::EmbeddedStore`] (one SQLite file, the default). A NATS
-//! JetStream implementation follows the same trait so that callers do not change.
+//! Implementations: [`embedded::EmbeddedStore`] (one SQLite file, the default) and
+//! [`nats::NatsStore`] (NATS JetStream, shared by several bridge instances; its delivery
+//! queue is the journal itself, read by one durable consumer per endpoint).
 
 pub mod embedded;
+pub mod nats;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -63,6 +65,15 @@ pub enum StoreError {
         from: u64,
         /// The oldest seq still retained.
         first: u64,
+    },
+    /// A NATS JetStream operation failed (the server is unreachable, or refused it).
+    #[error("NATS: cannot {op}: {source}")]
+    Nats {
+        /// What was being done.
+        op: &'static str,
+        /// The underlying error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// I/O around the store (creating its directory).
     #[error("store I/O on {path}: {source}")]
@@ -286,6 +297,30 @@ pub trait Store: Send + Sync + 'static {
 
     /// Why `endpoint` is disabled, if it is.
     async fn disabled(&self, endpoint: &str) -> Result<Option<String>, StoreError>;
+
+    /// Sets up `endpoint`'s queue before its dispatcher starts: `ordered` as configured, and
+    /// how long an attempt may run before the store may hand the delivery to someone else.
+    /// Stores whose queues need no setup ignore it.
+    async fn prepare_endpoint(
+        &self,
+        _endpoint: &str,
+        _ordered: bool,
+        _ack_wait: std::time::Duration,
+    ) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// Hands back deliveries that [`Store::due`] returned but the dispatcher did not start
+    /// (in-flight or rate limit reached): a store that holds what it hands out (a JetStream
+    /// consumer's unacknowledged messages) offers them again on the next `due`. Stores that
+    /// hand out rows without holding them ignore it.
+    async fn release(&self, _endpoint: &str, _seqs: &[u64]) {}
+
+    /// True when other processes share this store, so state another instance may change
+    /// (an endpoint disabled by a 410 elsewhere) must be re-read instead of cached for good.
+    fn shared(&self) -> bool {
+        false
+    }
 
     /// Bytes the store occupies on disk, where that is known (for metrics).
     fn size_bytes(&self) -> Option<u64> {

@@ -145,4 +145,5 @@ pub async fn start_bridge(config: &Config) -> (Bridge, broadcast::Receiver<Arc<P
     (bridge, rx)
 }
 
+pub mod nats;
 pub mod receiver;

@@ -1,0 +1,744 @@
+//! Webhook delivery queues on JetStream, shared by every bridge instance.
+//!
+//! Per endpoint there is one durable pull consumer on the journal (`<prefix>_wh_<endpoint>`);
+//! whichever instance fetches a message delivers it, so each delivery is made by one instance.
+//! The journal is the queue: an event is never journalled without its deliveries. Routing
+//! happened at ingest and travels with the event (header `Wsbridge-Targets`); a message not
+//! routed to the endpoint is acknowledged and skipped.
+//! - 2xx: `ack`; a failure: `nak` with the endpoint's retry delay (the server redelivers it
+//!   then, to any instance); out of retries: the envelope is published to the dead-letter
+//!   stream (`<prefix>.dlq.<endpoint>`, with its attempts) and the original terminated.
+//! - An admin replay publishes the selected envelopes to `<prefix>.replay.<endpoint>` (a
+//!   work-queue stream); a second durable consumer per endpoint feeds them to the dispatcher
+//!   before new events.
+//! - `ordered = true`: the consumer allows one unacknowledged message at a time, so order holds
+//!   across instances. This orders the whole endpoint, which is stricter than the embedded
+//!   store's per-subject order (a failing event holds back every subject).
+//! - Disabled endpoints (410) are a key in the `<prefix>_state` bucket, so a 410 seen by one
+//!   instance stops the others, and `enable` on any instance resumes them all.
+//!
+//! Known limits: the attempt count is the server's delivery count; the attempt history of a
+//! dead letter is what the instances that tried it recorded locally; pending deliveries listed
+//! by the admin API are those this instance holds or has tried, and the pending count is what
+//! the endpoint's consumer has not yet examined or acknowledged (an upper bound).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::consumer::{pull, AckPolicy, Consumer, DeliverPolicy};
+use async_nats::jetstream::message::{AckKind, Acker};
+use async_nats::jetstream::{self, stream};
+use bytes::Bytes;
+use chrono::Utc;
+use futures_util::StreamExt;
+use tracing::{debug, warn};
+
+use super::state::Bucket;
+use super::{header, nats_err, token, with_seq, Names, HEADER_TARGETS};
+use crate::storage::{
+    AttemptRecord, DeliveryCounts, DeliveryInfo, DeliveryState, DueDelivery, NextStep, StoreError,
+    StoredEvent,
+};
+
+/// How often a dispatcher polls its consumer for work published by other instances (and
+/// re-reads the endpoint's shared state).
+pub const POLL: Duration = Duration::from_millis(200);
+/// Event seq of a dead letter or replay.
+const HEADER_SEQ: &str = "Wsbridge-Seq";
+/// Event id of a dead letter or replay.
+const HEADER_ID: &str = "Wsbridge-Id";
+/// Attempts of a dead letter (JSON).
+const HEADER_ATTEMPTS: &str = "Wsbridge-Attempts";
+/// Most deliveries per endpoint whose attempt history is kept in memory.
+const HISTORY_CAP: usize = 10_000;
+/// Most attempts kept per delivery.
+const ATTEMPTS_CAP: usize = 32;
+/// How long a dispatcher trusts its cached copy of the disabled flag.
+const DISABLED_TTL: Duration = Duration::from_secs(1);
+/// Most deliveries of one endpoint unacknowledged at once across all instances (those waiting
+/// for a retry included).
+const MAX_ACK_PENDING: i64 = 10_000;
+/// Ack wait of a consumer prepared without its endpoint's settings.
+const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(60);
+
+fn boxed(op: &'static str) -> impl FnOnce(async_nats::Error) -> StoreError {
+    move |source| StoreError::Nats { op, source }
+}
+
+/// An attempt as kept in a dead letter's header.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Attempt {
+    at_ms: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    status: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+    duration_ms: u64,
+}
+
+impl From<&AttemptRecord> for Attempt {
+    fn from(a: &AttemptRecord) -> Self {
+        Attempt {
+            at_ms: a.at_ms,
+            status: a.status,
+            error: a.error.clone(),
+            duration_ms: a.duration_ms,
+        }
+    }
+}
+
+impl From<Attempt> for AttemptRecord {
+    fn from(a: Attempt) -> Self {
+        AttemptRecord {
+            at_ms: a.at_ms,
+            status: a.status,
+            error: a.error,
+            duration_ms: a.duration_ms,
+        }
+    }
+}
+
+/// A delivery this instance holds (fetched, not yet acknowledged).
+struct InFlight {
+    acker: Acker,
+    id: String,
+    bytes: Bytes,
+    /// Handed to the dispatcher and not released: an attempt runs (or is about to).
+    taken: bool,
+    attempts: u32,
+}
+
+/// One endpoint's consumers and local bookkeeping.
+struct EndpointQueue {
+    token: String,
+    main: Consumer<pull::Config>,
+    replay: Consumer<pull::Config>,
+    in_flight: Mutex<HashMap<u64, InFlight>>,
+    history: Mutex<HashMap<u64, Vec<AttemptRecord>>>,
+    disabled: Mutex<Option<(Instant, Option<String>)>>,
+}
+
+impl EndpointQueue {
+    fn in_flight(&self) -> std::sync::MutexGuard<'_, HashMap<u64, InFlight>> {
+        self.in_flight
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn history(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Vec<AttemptRecord>>> {
+        self.history
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn note(&self, seq: u64, attempt: AttemptRecord) {
+        let mut h = self.history();
+        if h.len() >= HISTORY_CAP && !h.contains_key(&seq) {
+            return;
+        }
+        let list = h.entry(seq).or_default();
+        if list.len() >= ATTEMPTS_CAP {
+            list.remove(0);
+        }
+        list.push(attempt);
+    }
+}
+
+/// Every endpoint's delivery queue, plus the dead-letter and replay streams and the shared
+/// state bucket.
+pub struct Queues {
+    js: jetstream::Context,
+    names: Names,
+    events: String,
+    dlq: stream::Stream,
+    replay: stream::Stream,
+    state: Bucket,
+    endpoints: RwLock<HashMap<String, Arc<EndpointQueue>>>,
+}
+
+/// The endpoint's name as a subject token and consumer-name part: sanitised, with a hash of
+/// the raw name when sanitising changed it (so two names never share a queue).
+fn endpoint_token(name: &str) -> String {
+    let t = token(name);
+    if t == name {
+        return t;
+    }
+    let hash = name.bytes().fold(0x811c_9dc5_u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
+    format!("{t}_{hash:08x}")
+}
+
+impl Queues {
+    /// Creates or opens the dead-letter and replay streams and the state bucket.
+    pub async fn open(
+        js: &jetstream::Context,
+        names: &Names,
+        replicas: usize,
+    ) -> Result<Queues, StoreError> {
+        let dlq = js
+            .get_or_create_stream(stream::Config {
+                name: names.dlq.clone(),
+                description: Some("wsbridge dead letters".into()),
+                subjects: vec![format!("{}.dlq.>", names.prefix)],
+                storage: stream::StorageType::File,
+                num_replicas: replicas,
+                ..Default::default()
+            })
+            .await
+            .map_err(nats_err("create the dead-letter stream"))?;
+        let replay = js
+            .get_or_create_stream(stream::Config {
+                name: names.replay.clone(),
+                description: Some("wsbridge admin replays".into()),
+                subjects: vec![format!("{}.replay.>", names.prefix)],
+                retention: stream::RetentionPolicy::WorkQueue,
+                storage: stream::StorageType::File,
+                num_replicas: replicas,
+                ..Default::default()
+            })
+            .await
+            .map_err(nats_err("create the replay stream"))?;
+        let state = Bucket::open(
+            js,
+            &names.state,
+            &format!("{}.state", names.prefix),
+            replicas,
+            None,
+        )
+        .await?;
+        Ok(Queues {
+            js: js.clone(),
+            names: names.clone(),
+            events: names.events.clone(),
+            dlq,
+            replay,
+            state,
+            endpoints: RwLock::new(HashMap::new()),
+        })
+    }
+
+    /// Creates or updates the endpoint's consumers: `ordered` allows one unacknowledged
+    /// delivery at a time; `ack_wait` must exceed the endpoint's timeout, or a slow attempt is
+    /// redelivered to another instance while still running.
+    pub async fn prepare(
+        &self,
+        endpoint: &str,
+        ordered: bool,
+        ack_wait: Duration,
+    ) -> Result<(), StoreError> {
+        let tok = endpoint_token(endpoint);
+        let prefix = &self.names.prefix;
+        let events = self
+            .js
+            .get_stream(&self.events)
+            .await
+            .map_err(nats_err("open the journal stream"))?;
+        let config = |durable: String, description: String, filter: String| pull::Config {
+            durable_name: Some(durable),
+            description: Some(description),
+            filter_subject: filter,
+            deliver_policy: DeliverPolicy::All,
+            ack_policy: AckPolicy::Explicit,
+            ack_wait,
+            max_deliver: -1,
+            max_ack_pending: if ordered { 1 } else { MAX_ACK_PENDING },
+            ..Default::default()
+        };
+        let main = events
+            .create_consumer(config(
+                format!("{prefix}_wh_{tok}"),
+                format!("webhook {endpoint}"),
+                self.names.events_filter(),
+            ))
+            .await
+            .map_err(nats_err("create the endpoint's consumer"))?;
+        let replay = self
+            .replay
+            .create_consumer(config(
+                format!("{prefix}_whr_{tok}"),
+                format!("webhook {endpoint} replays"),
+                format!("{prefix}.replay.{tok}"),
+            ))
+            .await
+            .map_err(nats_err("create the endpoint's replay consumer"))?;
+        let mut map = self
+            .endpoints
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // A re-prepare (reload) keeps what this instance holds in flight.
+        let (in_flight, history) = match map.remove(endpoint) {
+            Some(old) => (
+                std::mem::take(&mut *old.in_flight()),
+                std::mem::take(&mut *old.history()),
+            ),
+            None => (HashMap::new(), HashMap::new()),
+        };
+        map.insert(
+            endpoint.to_string(),
+            Arc::new(EndpointQueue {
+                token: tok,
+                main,
+                replay,
+                in_flight: Mutex::new(in_flight),
+                history: Mutex::new(history),
+                disabled: Mutex::new(None),
+            }),
+        );
+        Ok(())
+    }
+
+    async fn get(&self, endpoint: &str) -> Result<Arc<EndpointQueue>, StoreError> {
+        if let Some(q) = self.lookup(endpoint) {
+            return Ok(q);
+        }
+        self.prepare(endpoint, false, DEFAULT_ACK_WAIT).await?;
+        self.lookup(endpoint).ok_or(StoreError::Closed)
+    }
+
+    fn lookup(&self, endpoint: &str) -> Option<Arc<EndpointQueue>> {
+        self.endpoints
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(endpoint)
+            .cloned()
+    }
+
+    fn disabled_key(endpoint: &str) -> String {
+        format!("disabled.{}", endpoint_token(endpoint))
+    }
+
+    /// Fetches up to `limit` minus what this instance already holds: replays first, then
+    /// new or redelivered journal messages routed to the endpoint. Nothing while the endpoint
+    /// is disabled on any instance.
+    pub async fn due(&self, endpoint: &str, limit: usize) -> Result<Vec<DueDelivery>, StoreError> {
+        let q = self.get(endpoint).await?;
+        if self.disabled_cached(&q, endpoint).await?.is_some() {
+            return Ok(Vec::new());
+        }
+        // The dispatcher asks for `max + running` (the embedded store returns running rows
+        // too); this store never returns a running delivery, so it can give `max - running`:
+        // first what was fetched earlier but released, then new messages.
+        let mut out = Vec::new();
+        let room = {
+            let mut held = q.in_flight();
+            let running = held.values().filter(|f| f.taken).count();
+            let room = limit.saturating_sub(2 * running);
+            let mut released: Vec<(&u64, &mut InFlight)> =
+                held.iter_mut().filter(|(_, f)| !f.taken).collect();
+            released.sort_by_key(|(seq, _)| **seq);
+            for (seq, f) in released.into_iter().take(room) {
+                f.taken = true;
+                out.push(DueDelivery {
+                    seq: *seq,
+                    id: f.id.clone(),
+                    bytes: f.bytes.clone(),
+                    attempts: f.attempts,
+                });
+            }
+            room.saturating_sub(out.len())
+        };
+        if room == 0 {
+            return Ok(out);
+        }
+        let released_count = out.len();
+        let mut batch = q
+            .replay
+            .fetch()
+            .max_messages(room)
+            .messages()
+            .await
+            .map_err(nats_err("fetch replays"))?;
+        while let Some(m) = batch.next().await {
+            let m = m.map_err(boxed("fetch replays"))?;
+            let attempts = m.info().map(|i| i.delivered.max(1) - 1).unwrap_or(0);
+            let (msg, acker) = m.split();
+            let Some(seq) = header(&msg, HEADER_SEQ).and_then(|s| s.parse::<u64>().ok()) else {
+                let _ = acker.ack().await;
+                continue;
+            };
+            if q.in_flight().contains_key(&seq) {
+                // The same event is being delivered now; send the replay after it.
+                let _ = acker.ack_with(AckKind::Nak(Some(POLL * 5))).await;
+                continue;
+            }
+            let id = header(&msg, HEADER_ID).unwrap_or_default();
+            let attempts = u32::try_from(attempts).unwrap_or(u32::MAX);
+            q.in_flight().insert(
+                seq,
+                InFlight {
+                    acker,
+                    id: id.clone(),
+                    bytes: msg.payload.clone(),
+                    taken: true,
+                    attempts,
+                },
+            );
+            out.push(DueDelivery {
+                seq,
+                id,
+                bytes: msg.payload,
+                attempts,
+            });
+        }
+        for _round in 0..8 {
+            let want = room.saturating_sub(out.len() - released_count);
+            if want == 0 {
+                break;
+            }
+            let mut batch = q
+                .main
+                .fetch()
+                .max_messages(want)
+                .messages()
+                .await
+                .map_err(nats_err("fetch deliveries"))?;
+            let mut got = 0;
+            while let Some(m) = batch.next().await {
+                let m = m.map_err(boxed("fetch deliveries"))?;
+                got += 1;
+                let (seq, attempts) = match m.info() {
+                    Ok(i) => (i.stream_sequence, i.delivered.max(1) - 1),
+                    Err(_) => continue,
+                };
+                let (msg, acker) = m.split();
+                let routed = header(&msg, HEADER_TARGETS)
+                    .is_some_and(|t| t.split(',').any(|name| name == endpoint));
+                if !routed {
+                    if let Err(e) = acker.ack().await {
+                        debug!(webhook = %endpoint, error = %e, "cannot skip an unrouted event");
+                    }
+                    continue;
+                }
+                let id = header(&msg, "Nats-Msg-Id").unwrap_or_default();
+                let bytes = with_seq(&msg.payload, seq);
+                let mut held = q.in_flight();
+                if let Some(f) = held.get_mut(&seq) {
+                    // Redelivered while this instance still holds it (its ack wait ran out):
+                    // keep the attempt running, answer on the newer delivery.
+                    f.acker = acker;
+                    continue;
+                }
+                let attempts = u32::try_from(attempts).unwrap_or(u32::MAX);
+                held.insert(
+                    seq,
+                    InFlight {
+                        acker,
+                        id: id.clone(),
+                        bytes: bytes.clone(),
+                        taken: true,
+                        attempts,
+                    },
+                );
+                drop(held);
+                out.push(DueDelivery {
+                    seq,
+                    id,
+                    bytes,
+                    attempts,
+                });
+            }
+            if got < want {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Marks deliveries the dispatcher did not start as available for its next `due`.
+    pub fn release(&self, endpoint: &str, seqs: &[u64]) {
+        if let Some(q) = self.lookup(endpoint) {
+            let mut held = q.in_flight();
+            for seq in seqs {
+                if let Some(f) = held.get_mut(seq) {
+                    f.taken = false;
+                }
+            }
+        }
+    }
+
+    /// Applies an attempt's outcome to the message this instance holds.
+    pub async fn record(
+        &self,
+        endpoint: &str,
+        seq: u64,
+        attempt: AttemptRecord,
+        next: NextStep,
+    ) -> Result<(), StoreError> {
+        let q = self.get(endpoint).await?;
+        let Some(held) = q.in_flight().remove(&seq) else {
+            return Ok(());
+        };
+        match next {
+            NextStep::Delivered => {
+                q.history().remove(&seq);
+                held.acker.ack().await.map_err(boxed("ack a delivery"))?;
+            }
+            // JetStream counts every delivery of the message, so on this backend a held
+            // delivery (410) does use up a step of the schedule; see the README.
+            NextStep::RetryAt(at_ms) | NextStep::HoldUntil(at_ms) => {
+                let gone = attempt.status == Some(410);
+                q.note(seq, attempt);
+                let mut delay = Duration::from_millis(
+                    u64::try_from(at_ms - Utc::now().timestamp_millis()).unwrap_or(0),
+                );
+                if gone {
+                    // The endpoint is being disabled: do not spin on it meanwhile.
+                    delay = delay.max(POLL * 5);
+                }
+                held.acker
+                    .ack_with(AckKind::Nak(Some(delay)))
+                    .await
+                    .map_err(boxed("nak a delivery"))?;
+            }
+            NextStep::Dead => {
+                let mut attempts = q.history().remove(&seq).unwrap_or_default();
+                attempts.push(attempt);
+                let list: Vec<Attempt> = attempts.iter().map(Attempt::from).collect();
+                let publish = jetstream::message::PublishMessage::build()
+                    .payload(held.bytes.clone())
+                    .header(HEADER_SEQ, seq.to_string().as_str())
+                    .header(HEADER_ID, held.id.as_str())
+                    .header(HEADER_ATTEMPTS, serde_json::to_string(&list)?.as_str());
+                let subject = format!("{}.dlq.{}", self.names.prefix, q.token);
+                let ack = self
+                    .js
+                    .send_publish(subject, publish)
+                    .await
+                    .map_err(nats_err("dead-letter a delivery"))?;
+                ack.await.map_err(nats_err("dead-letter a delivery"))?;
+                held.acker
+                    .ack_with(AckKind::Term)
+                    .await
+                    .map_err(boxed("terminate a dead delivery"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Dead letters of the endpoint, oldest first, with their DLQ sequence.
+    async fn dead_letters(
+        &self,
+        endpoint: &str,
+        limit: usize,
+    ) -> Result<Vec<(u64, DeliveryInfo, Bytes)>, StoreError> {
+        let subject = format!("{}.dlq.{}", self.names.prefix, endpoint_token(endpoint));
+        let mut out = Vec::new();
+        let mut from = 1;
+        while out.len() < limit {
+            let m = match self
+                .dlq
+                .raw_message_builder()
+                .sequence(from)
+                .next_by_subject(subject.clone())
+                .send()
+                .await
+            {
+                Ok(m) => m,
+                Err(e) if matches!(e.kind(), stream::LastRawMessageErrorKind::NoMessageFound) => {
+                    break
+                }
+                Err(e) => return Err(nats_err("read dead letters")(e)),
+            };
+            from = m.sequence + 1;
+            let get = |name: &str| m.headers.get(name).map(|v| v.as_str().to_string());
+            let attempts: Vec<Attempt> = get(HEADER_ATTEMPTS)
+                .and_then(|a| serde_json::from_str(&a).ok())
+                .unwrap_or_default();
+            out.push((
+                m.sequence,
+                DeliveryInfo {
+                    id: get(HEADER_ID).unwrap_or_default(),
+                    seq: get(HEADER_SEQ).and_then(|s| s.parse().ok()).unwrap_or(0),
+                    state: DeliveryState::Dead,
+                    next_attempt: None,
+                    attempts: attempts.into_iter().map(AttemptRecord::from).collect(),
+                },
+                m.payload,
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Up to `limit` dead letters of the endpoint.
+    pub async fn dead(
+        &self,
+        endpoint: &str,
+        limit: usize,
+    ) -> Result<Vec<DeliveryInfo>, StoreError> {
+        Ok(self
+            .dead_letters(endpoint, limit)
+            .await?
+            .into_iter()
+            .map(|(_, info, _)| info)
+            .collect())
+    }
+
+    /// What this instance holds or has tried of the endpoint's pending deliveries.
+    pub fn pending(&self, endpoint: &str, limit: usize) -> Vec<DeliveryInfo> {
+        let Some(q) = self.lookup(endpoint) else {
+            return Vec::new();
+        };
+        let history = q.history();
+        let mut out: Vec<DeliveryInfo> = q
+            .in_flight()
+            .iter()
+            .map(|(seq, f)| DeliveryInfo {
+                id: f.id.clone(),
+                seq: *seq,
+                state: DeliveryState::Pending,
+                next_attempt: None,
+                attempts: history.get(seq).cloned().unwrap_or_default(),
+            })
+            .collect();
+        out.sort_by_key(|d| d.seq);
+        out.truncate(limit);
+        out
+    }
+
+    /// Pending (not yet examined or not yet acknowledged by the endpoint's consumers) and
+    /// dead counts.
+    pub async fn counts(&self, endpoint: &str) -> Result<DeliveryCounts, StoreError> {
+        let q = self.get(endpoint).await?;
+        let main = q
+            .main
+            .get_info()
+            .await
+            .map_err(nats_err("read the endpoint's consumer"))?;
+        let replay = q
+            .replay
+            .get_info()
+            .await
+            .map_err(nats_err("read the endpoint's replay consumer"))?;
+        let subject = format!("{}.dlq.{}", self.names.prefix, q.token);
+        let mut subjects = self
+            .dlq
+            .info_with_subjects(&subject)
+            .await
+            .map_err(nats_err("count dead letters"))?;
+        let mut dead = 0;
+        while let Some(s) = subjects.next().await {
+            let (_, n) = s.map_err(nats_err("count dead letters"))?;
+            dead += n as u64;
+        }
+        Ok(DeliveryCounts {
+            pending: main.num_pending
+                + main.num_ack_pending as u64
+                + replay.num_pending
+                + replay.num_ack_pending as u64,
+            dead,
+        })
+    }
+
+    /// Moves the endpoint's dead letters (all, or those with one of `ids`) to its replay
+    /// queue; returns how many and their ids.
+    pub async fn replay_dead(
+        &self,
+        endpoint: &str,
+        ids: Option<&[String]>,
+    ) -> Result<(u64, Vec<String>), StoreError> {
+        let tok = endpoint_token(endpoint);
+        let letters = self.dead_letters(endpoint, usize::MAX).await?;
+        let mut found = Vec::new();
+        for (dlq_seq, info, payload) in letters {
+            if ids.is_some_and(|ids| !ids.contains(&info.id)) {
+                continue;
+            }
+            self.publish_replay(&tok, info.seq, &info.id, payload)
+                .await?;
+            self.dlq
+                .delete_message(dlq_seq)
+                .await
+                .map_err(nats_err("remove a replayed dead letter"))?;
+            found.push(info.id);
+        }
+        Ok((found.len() as u64, found))
+    }
+
+    /// Queues journalled events for the endpoint again; returns how many.
+    pub async fn replay_events(
+        &self,
+        endpoint: &str,
+        events: &[StoredEvent],
+    ) -> Result<u64, StoreError> {
+        let tok = endpoint_token(endpoint);
+        for e in events {
+            self.publish_replay(&tok, e.seq, &e.id, e.bytes.clone())
+                .await?;
+        }
+        Ok(events.len() as u64)
+    }
+
+    async fn publish_replay(
+        &self,
+        tok: &str,
+        seq: u64,
+        id: &str,
+        payload: Bytes,
+    ) -> Result<(), StoreError> {
+        let publish = jetstream::message::PublishMessage::build()
+            .payload(payload)
+            .header(HEADER_SEQ, seq.to_string().as_str())
+            .header(HEADER_ID, id);
+        let subject = format!("{}.replay.{tok}", self.names.prefix);
+        let ack = self
+            .js
+            .send_publish(subject, publish)
+            .await
+            .map_err(nats_err("queue a replay"))?;
+        ack.await.map_err(nats_err("queue a replay"))?;
+        Ok(())
+    }
+
+    /// Stores (or clears) the endpoint's disabled reason for every instance.
+    pub async fn set_disabled(
+        &self,
+        endpoint: &str,
+        reason: Option<String>,
+    ) -> Result<(), StoreError> {
+        let key = Self::disabled_key(endpoint);
+        match &reason {
+            Some(r) => {
+                self.state.put(&key, Bytes::from(r.clone())).await?;
+            }
+            None => self.state.delete(&key).await?,
+        }
+        if let Some(q) = self.lookup(endpoint) {
+            if let Ok(mut d) = q.disabled.lock() {
+                *d = Some((Instant::now(), reason));
+            }
+        }
+        Ok(())
+    }
+
+    /// The endpoint's disabled reason as stored in the shared bucket.
+    pub async fn disabled(&self, endpoint: &str) -> Result<Option<String>, StoreError> {
+        let entry = self.state.get(&Self::disabled_key(endpoint)).await?;
+        Ok(entry.map(|e| String::from_utf8_lossy(&e.value).into_owned()))
+    }
+
+    async fn disabled_cached(
+        &self,
+        q: &EndpointQueue,
+        endpoint: &str,
+    ) -> Result<Option<String>, StoreError> {
+        let cached = q.disabled.lock().ok().and_then(|d| d.clone());
+        if let Some((at, reason)) = cached {
+            if at.elapsed() < DISABLED_TTL {
+                return Ok(reason);
+            }
+        }
+        let reason = match self.disabled(endpoint).await {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(webhook = %endpoint, error = %e, "cannot read the endpoint's shared state");
+                return Err(e);
+            }
+        };
+        if let Ok(mut d) = q.disabled.lock() {
+            *d = Some((Instant::now(), reason.clone()));
+        }
+        Ok(reason)
+    }
+}

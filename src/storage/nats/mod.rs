@@ -1,0 +1,646 @@
+//! The NATS JetStream store: several bridge instances share one journal and one set of
+//! webhook delivery queues (DESIGN §1, "distributed option").
+//!
+//! What lives where (every name starts with `storage.prefix`, so deployments and test runs
+//! sharing one NATS account never see each other):
+//! - the journal is the stream `<prefix>_events`, subjects `<prefix>.events.<provider>.<type…>`
+//!   (file storage, `storage.replicas`). Each envelope is published with `Nats-Msg-Id` = the
+//!   event id, so the copies two instances publish of one upstream frame are stored once (the
+//!   stream's duplicate window). The envelope's `seq` is the stream sequence; the epoch is the
+//!   stream's name and creation time, so a recreated stream is a new epoch;
+//! - webhook deliveries are durable pull consumers on the journal, one per endpoint, shared by
+//!   every instance (see [`delivery`]); dead letters go to `<prefix>_dlq`, admin replays to
+//!   `<prefix>_replay`; endpoint state (disabled by a 410) is in the bucket `<prefix>_state` ([`state`]);
+//! - upstream leases are in the bucket `<prefix>_leases`.
+//!
+//! Serialise once: the envelope is serialised once, without its `seq` (which only the stream
+//! can assign), and published. Whoever reads it back (the live tail, a resume, a webhook
+//! dispatcher) appends `"seq":N` to those bytes ([`with_seq`]), which yields exactly the bytes
+//! the embedded store produces for the same envelope, since `seq` is its last field.
+//!
+//! Outages: a failed publish is retried with the same `Nats-Msg-Id` (so a publish that did
+//! land is not stored twice) until NATS answers; meanwhile ingest waits, its bounded queue
+//! fills and the upstream readers stop reading (backpressure). Nothing an upstream sent after
+//! the bridge read it is dropped.
+
+pub mod delivery;
+pub mod state;
+pub mod tail;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, stream};
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use tracing::{info, warn};
+
+use super::{
+    Appended, AttemptRecord, DeliveryCounts, DeliveryInfo, DeliveryState, DueDelivery,
+    JournalPosition, NewEvent, NextStep, ReplaySelection, Store, StoreError, StoredEvent,
+};
+use crate::config::StorageConfig;
+
+/// Header carrying the webhook endpoints an event was routed to at ingest.
+pub const HEADER_TARGETS: &str = "Wsbridge-Targets";
+/// Longest wait for one message while paging through the journal.
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Builds the `StoreError` of a failed NATS operation.
+pub(crate) fn nats_err<E>(op: &'static str) -> impl FnOnce(E) -> StoreError
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    move |e| StoreError::Nats {
+        op,
+        source: Box::new(e),
+    }
+}
+
+/// Every stream, bucket and subject name derived from `storage.prefix`.
+#[derive(Clone, Debug)]
+pub struct Names {
+    /// The prefix itself.
+    pub prefix: String,
+    /// The journal stream.
+    pub events: String,
+    /// The dead-letter stream.
+    pub dlq: String,
+    /// The admin-replay stream.
+    pub replay: String,
+    /// The endpoint-state KV bucket.
+    pub state: String,
+    /// The upstream-lease KV bucket.
+    pub leases: String,
+}
+
+impl Names {
+    /// The names for `prefix` (already validated: letters, digits, '-' and '_').
+    pub fn new(prefix: &str) -> Names {
+        Names {
+            prefix: prefix.to_string(),
+            events: format!("{prefix}_events"),
+            dlq: format!("{prefix}_dlq"),
+            replay: format!("{prefix}_replay"),
+            state: format!("{prefix}_state"),
+            leases: format!("{prefix}_leases"),
+        }
+    }
+
+    /// `<prefix>.events.<provider>.<type…>`, each token sanitised; the provider's name is
+    /// not repeated when the type starts with it (`voipbin.call.status`).
+    pub fn event_subject(&self, provider: &str, event_type: &str) -> String {
+        let rest = event_type
+            .strip_prefix(provider)
+            .and_then(|r| r.strip_prefix('.'))
+            .unwrap_or(event_type);
+        let mut s = format!("{}.events.{}", self.prefix, token(provider));
+        for t in rest.split('.') {
+            s.push('.');
+            s.push_str(&token(t));
+        }
+        s
+    }
+
+    /// Every journal subject.
+    pub fn events_filter(&self) -> String {
+        format!("{}.events.>", self.prefix)
+    }
+}
+
+/// A NATS subject token or stream-safe name: letters, digits, '-' and '_' kept, anything else
+/// replaced by '_', never empty.
+pub fn token(raw: &str) -> String {
+    let t: String = raw
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if t.is_empty() {
+        "_".to_string()
+    } else {
+        t
+    }
+}
+
+/// The envelope bytes as sent: `stored` (serialised without `seq`) with `"seq":N` appended
+/// as its last member.
+pub fn with_seq(stored: &[u8], seq: u64) -> Bytes {
+    let trimmed = match stored.iter().rposition(|b| !b.is_ascii_whitespace()) {
+        Some(end) => &stored[..=end],
+        None => stored,
+    };
+    let Some(body) = trimmed.strip_suffix(b"}") else {
+        return Bytes::copy_from_slice(stored);
+    };
+    let mut out = BytesMut::with_capacity(stored.len() + 24);
+    out.extend_from_slice(body);
+    if body.len() > 1 {
+        out.extend_from_slice(b",");
+    }
+    out.extend_from_slice(format!("\"seq\":{seq}}}").as_bytes());
+    out.freeze()
+}
+
+/// The journal and delivery queues on NATS JetStream.
+pub struct NatsStore {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    names: Names,
+    events: stream::Stream,
+    replicas: usize,
+    lease_ttl: Duration,
+    /// False while publishes fail (an outage): readiness and metrics show it.
+    journal_ok: AtomicBool,
+    queues: delivery::Queues,
+}
+
+impl NatsStore {
+    /// Connects (every configured URL is a seed; the client also learns the cluster's other
+    /// servers), then creates or opens the streams and buckets.
+    pub async fn connect(config: &StorageConfig) -> Result<Arc<NatsStore>, StoreError> {
+        let mut options = async_nats::ConnectOptions::new()
+            .name("wsbridge")
+            .connection_timeout(Duration::from_secs(5))
+            .max_reconnects(None)
+            .reconnect_delay_callback(|attempts| {
+                Duration::from_millis(50u64.saturating_mul(1 << attempts.min(6)))
+                    .min(Duration::from_secs(2))
+            })
+            .require_tls(config.tls_required);
+        if let Some(path) = &config.credentials {
+            options = options
+                .credentials_file(path)
+                .await
+                .map_err(|source| StoreError::Io {
+                    path: path.clone(),
+                    source,
+                })?;
+        }
+        if let Some(token) = &config.token {
+            options = options.token(token.expose().to_string());
+        }
+        if let Some(ca) = &config.tls_ca {
+            options = options.add_root_certificates(ca.clone());
+        }
+        if let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) {
+            options = options.add_client_certificate(cert.clone(), key.clone());
+        }
+        let urls: Vec<async_nats::ServerAddr> = config
+            .url
+            .iter()
+            .map(|u| u.parse::<async_nats::ServerAddr>())
+            .collect::<Result<_, _>>()
+            .map_err(nats_err("parse server URL"))?;
+        let client = options.connect(urls).await.map_err(nats_err("connect"))?;
+        let js = jetstream::new(client.clone());
+        let names = Names::new(&config.prefix);
+        let events = js
+            .get_or_create_stream(stream::Config {
+                name: names.events.clone(),
+                description: Some("wsbridge journal".into()),
+                subjects: vec![names.events_filter()],
+                storage: stream::StorageType::File,
+                num_replicas: config.replicas,
+                duplicate_window: config.duplicate_window,
+                allow_direct: true,
+                ..Default::default()
+            })
+            .await
+            .map_err(nats_err("create the journal stream"))?;
+        let queues = delivery::Queues::open(&js, &names, config.replicas).await?;
+        info!(stream = %names.events, replicas = config.replicas, "NATS journal open");
+        Ok(Arc::new(NatsStore {
+            client,
+            js,
+            names,
+            events,
+            replicas: config.replicas,
+            lease_ttl: config.lease_ttl,
+            journal_ok: AtomicBool::new(true),
+            queues,
+        }))
+    }
+
+    /// Whether the client is connected to a NATS server now.
+    pub fn connected(&self) -> bool {
+        matches!(
+            self.client.connection_state(),
+            async_nats::connection::State::Connected
+        )
+    }
+
+    /// Connected, and the last journal publish succeeded: what readiness requires.
+    pub fn healthy(&self) -> bool {
+        self.connected() && self.journal_ok.load(Ordering::Relaxed)
+    }
+
+    /// The names in use.
+    pub fn names(&self) -> &Names {
+        &self.names
+    }
+
+    /// The JetStream context (for leases and the live tail).
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.js
+    }
+
+    /// The configured replica count.
+    pub fn replicas(&self) -> usize {
+        self.replicas
+    }
+
+    /// The configured lease TTL.
+    pub fn lease_ttl(&self) -> Duration {
+        self.lease_ttl
+    }
+
+    /// Publishes what is not yet in `done`, in order, then waits for every ack. Fills `done`
+    /// with the outcomes it got before the first failure.
+    async fn publish_batch(
+        &self,
+        prepared: &mut [Prepared],
+        done: &mut [Option<Appended>],
+    ) -> Result<(), StoreError> {
+        let mut acks = Vec::with_capacity(prepared.len());
+        for (i, p) in prepared.iter().enumerate() {
+            if done[i].is_some() {
+                continue;
+            }
+            let mut publish = jetstream::message::PublishMessage::build()
+                .payload(p.payload.clone())
+                .message_id(&p.id);
+            if !p.targets.is_empty() {
+                publish = publish.header(HEADER_TARGETS, p.targets.as_str());
+            }
+            let ack = self
+                .js
+                .send_publish(p.subject.clone(), publish)
+                .await
+                .map_err(nats_err("publish to the journal"))?;
+            acks.push((i, ack));
+        }
+        for (i, ack) in acks {
+            let ack = ack.await.map_err(nats_err("journal publish ack"))?;
+            let p = &mut prepared[i];
+            done[i] = Some(if ack.duplicate {
+                Appended::Duplicate
+            } else {
+                let mut envelope = p.envelope.take().unwrap_or_else(|| p.fallback());
+                envelope.seq = Some(ack.sequence);
+                Appended::Stored {
+                    seq: ack.sequence,
+                    bytes: with_seq(&p.payload, ack.sequence),
+                    envelope: Box::new(envelope),
+                }
+            });
+        }
+        Ok(())
+    }
+
+    /// Reads up to `limit` journal messages from `from` (inclusive) through `last`.
+    async fn read_range(
+        &self,
+        from: u64,
+        last: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let consumer = self
+            .events
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: self.names.events_filter(),
+                deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: from,
+                },
+                ..Default::default()
+            })
+            .await
+            .map_err(nats_err("open a journal reader"))?;
+        let mut messages = consumer
+            .messages()
+            .await
+            .map_err(nats_err("read the journal"))?;
+        let mut out = Vec::with_capacity(limit.min(1024));
+        while out.len() < limit {
+            let next = match tokio::time::timeout(READ_TIMEOUT, messages.next()).await {
+                Ok(Some(m)) => m.map_err(nats_err("read the journal"))?,
+                Ok(None) | Err(_) => break,
+            };
+            let seq = next
+                .info()
+                .map(|i| i.stream_sequence)
+                .map_err(|e| StoreError::Nats {
+                    op: "read message info",
+                    source: e,
+                })?;
+            out.push(StoredEvent {
+                seq,
+                id: header(&next.message, "Nats-Msg-Id").unwrap_or_default(),
+                bytes: with_seq(&next.message.payload, seq),
+            });
+            if seq >= last {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every journalled event from `from` on (in pages), for admin replays that select by
+    /// content; `visit` returns false to stop.
+    async fn scan(
+        &self,
+        mut from: u64,
+        mut visit: impl FnMut(&StoredEvent) -> bool,
+    ) -> Result<(), StoreError> {
+        loop {
+            let page = self.read_from(from, 1024).await?;
+            let Some(last) = page.last() else {
+                return Ok(());
+            };
+            from = last.seq + 1;
+            for e in &page {
+                if !visit(e) {
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+/// A header's value as a string.
+pub(crate) fn header(message: &async_nats::Message, name: &str) -> Option<String> {
+    message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(name))
+        .map(|v| v.as_str().to_string())
+}
+
+/// One event ready to publish.
+struct Prepared {
+    subject: String,
+    id: String,
+    targets: String,
+    payload: Bytes,
+    envelope: Option<crate::envelope::Envelope>,
+}
+
+impl Prepared {
+    fn fallback(&self) -> crate::envelope::Envelope {
+        // Only reached if an outcome were produced twice for one event, which publish_batch
+        // never does; parse the payload rather than panic.
+        serde_json::from_slice(&self.payload).unwrap_or_else(|_| crate::envelope::Envelope {
+            specversion: String::new(),
+            id: self.id.clone(),
+            source: String::new(),
+            event_type: String::new(),
+            subject: None,
+            time: String::new(),
+            datacontenttype: String::new(),
+            data: serde_json::Value::Null,
+            provider: String::new(),
+            recvtime: String::new(),
+            seq: None,
+        })
+    }
+}
+
+#[async_trait]
+impl Store for NatsStore {
+    async fn append(&self, batch: Vec<NewEvent>) -> Result<Vec<Appended>, StoreError> {
+        let mut prepared = Vec::with_capacity(batch.len());
+        for n in batch {
+            let mut envelope = n.envelope;
+            envelope.seq = None;
+            let payload = Bytes::from(serde_json::to_vec(&envelope)?);
+            prepared.push(Prepared {
+                subject: self
+                    .names
+                    .event_subject(&envelope.provider, &envelope.event_type),
+                id: envelope.id.clone(),
+                targets: n
+                    .targets
+                    .iter()
+                    .map(|t| t.as_ref())
+                    .collect::<Vec<_>>()
+                    .join(","),
+                payload,
+                envelope: Some(envelope),
+            });
+        }
+        let mut done: Vec<Option<Appended>> = vec![None; prepared.len()];
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match self.publish_batch(&mut prepared, &mut done).await {
+                Ok(()) => break,
+                Err(e) => {
+                    if self.journal_ok.swap(false, Ordering::Relaxed) {
+                        warn!(error = %e, "journal publish failed; retrying until NATS answers (upstream reads are held back meanwhile)");
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+        if !self.journal_ok.swap(true, Ordering::Relaxed) {
+            info!("journal publishes succeed again");
+        }
+        Ok(done
+            .into_iter()
+            .map(|d| d.unwrap_or(Appended::Duplicate))
+            .collect())
+    }
+
+    async fn read_from(&self, from: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
+        let info = self
+            .events
+            .get_info()
+            .await
+            .map_err(nats_err("read the journal's state"))?;
+        let last = info.state.last_sequence;
+        let from = from.max(info.state.first_sequence).max(1);
+        if limit == 0 || from > last || info.state.messages == 0 {
+            return Ok(Vec::new());
+        }
+        self.read_range(from, last, limit).await
+    }
+
+    async fn position(&self) -> Result<JournalPosition, StoreError> {
+        let info = self
+            .events
+            .get_info()
+            .await
+            .map_err(nats_err("read the journal's state"))?;
+        let head = info.state.last_sequence;
+        Ok(JournalPosition {
+            epoch: format!(
+                "{}@{}",
+                info.config.name,
+                info.created.unix_timestamp_nanos()
+            ),
+            head,
+            first: if info.state.messages == 0 {
+                head + 1
+            } else {
+                info.state.first_sequence
+            },
+        })
+    }
+
+    async fn due(
+        &self,
+        endpoint: &str,
+        _now_ms: i64,
+        limit: usize,
+        _ordered: bool,
+    ) -> Result<Vec<DueDelivery>, StoreError> {
+        self.queues.due(endpoint, limit).await
+    }
+
+    async fn next_due(&self, _endpoint: &str, after_ms: i64) -> Result<Option<i64>, StoreError> {
+        // Other instances publish events and retries fall due on the server: poll.
+        Ok(Some(after_ms + delivery::POLL.as_millis() as i64))
+    }
+
+    async fn record(
+        &self,
+        endpoint: &str,
+        seq: u64,
+        attempt: AttemptRecord,
+        next: NextStep,
+    ) -> Result<(), StoreError> {
+        self.queues.record(endpoint, seq, attempt, next).await
+    }
+
+    async fn deliveries(
+        &self,
+        endpoint: &str,
+        state: DeliveryState,
+        limit: usize,
+    ) -> Result<Vec<DeliveryInfo>, StoreError> {
+        match state {
+            DeliveryState::Dead => self.queues.dead(endpoint, limit).await,
+            DeliveryState::Pending => Ok(self.queues.pending(endpoint, limit)),
+        }
+    }
+
+    async fn counts(&self, endpoint: &str) -> Result<DeliveryCounts, StoreError> {
+        self.queues.counts(endpoint).await
+    }
+
+    async fn replay(&self, endpoint: &str, selection: ReplaySelection) -> Result<u64, StoreError> {
+        let mut queued = 0;
+        match selection {
+            ReplaySelection::Dead => {
+                return Ok(self.queues.replay_dead(endpoint, None).await?.0);
+            }
+            ReplaySelection::Ids(ids) => {
+                let (n, found) = self.queues.replay_dead(endpoint, Some(&ids)).await?;
+                queued += n;
+                let mut wanted = ids;
+                // Ids found among the dead letters are done; the rest come from the journal.
+                wanted.retain(|id| !found.contains(id));
+                if wanted.is_empty() {
+                    return Ok(queued);
+                }
+                let mut hits = Vec::new();
+                self.scan(1, |e| {
+                    if wanted.contains(&e.id) {
+                        hits.push(e.clone());
+                    }
+                    hits.len() < wanted.len()
+                })
+                .await?;
+                queued += self.queues.replay_events(endpoint, &hits).await?;
+            }
+            ReplaySelection::Seqs { from, to } => {
+                let mut hits = Vec::new();
+                self.scan(from, |e| {
+                    if e.seq <= to {
+                        hits.push(e.clone());
+                    }
+                    e.seq < to
+                })
+                .await?;
+                queued += self.queues.replay_events(endpoint, &hits).await?;
+            }
+            ReplaySelection::Received { since_ms, until_ms } => {
+                #[derive(serde::Deserialize)]
+                struct Recv {
+                    recvtime: String,
+                }
+                let mut hits = Vec::new();
+                self.scan(1, |e| {
+                    let at = serde_json::from_slice::<Recv>(&e.bytes)
+                        .ok()
+                        .and_then(|r| chrono::DateTime::parse_from_rfc3339(&r.recvtime).ok())
+                        .map(|t| t.timestamp_millis());
+                    if at.is_some_and(|t| t >= since_ms && t <= until_ms) {
+                        hits.push(e.clone());
+                    }
+                    true
+                })
+                .await?;
+                queued += self.queues.replay_events(endpoint, &hits).await?;
+            }
+        }
+        Ok(queued)
+    }
+
+    async fn set_disabled(&self, endpoint: &str, reason: Option<String>) -> Result<(), StoreError> {
+        self.queues.set_disabled(endpoint, reason).await
+    }
+
+    async fn disabled(&self, endpoint: &str) -> Result<Option<String>, StoreError> {
+        self.queues.disabled(endpoint).await
+    }
+
+    async fn prepare_endpoint(
+        &self,
+        endpoint: &str,
+        ordered: bool,
+        ack_wait: Duration,
+    ) -> Result<(), StoreError> {
+        self.queues.prepare(endpoint, ordered, ack_wait).await
+    }
+
+    async fn release(&self, endpoint: &str, seqs: &[u64]) {
+        self.queues.release(endpoint, seqs);
+    }
+
+    fn shared(&self) -> bool {
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seq_is_appended_as_the_last_member() {
+        assert_eq!(&with_seq(br#"{"id":"a"}"#, 7)[..], br#"{"id":"a","seq":7}"#);
+        assert_eq!(&with_seq(b"{}", 1)[..], br#"{"seq":1}"#);
+    }
+
+    #[test]
+    fn subjects_are_sanitised_and_do_not_repeat_the_provider() {
+        let n = Names::new("t1");
+        assert_eq!(
+            n.event_subject("voipbin", "voipbin.call.status"),
+            "t1.events.voipbin.call.status"
+        );
+        assert_eq!(
+            n.event_subject("hashi", "hashi.lobby:x.*"),
+            "t1.events.hashi.lobby_x._"
+        );
+        assert_eq!(n.event_subject("x", "x."), "t1.events.x._");
+    }
+}

@@ -1,0 +1,219 @@
+//! NATS plumbing for tests: a unique prefix per test (so runs against the shared server on
+//! 4222 never collide), config builders for the nats backend, NATS servers and clusters of
+//! the test's own on loopback ports (never the shared one), and cleanup.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use wsbridge::config::Config;
+
+/// The shared JetStream server of this machine. Tests never stop it.
+pub const SHARED_NATS: &str = "nats://127.0.0.1:4222";
+
+/// A prefix no other test or run uses.
+pub fn unique_prefix(tag: &str) -> String {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!("t{}_{n}_{nanos:x}_{tag}", std::process::id())
+}
+
+/// A `[storage]` block for the nats backend.
+pub fn nats_storage(urls: &[String], prefix: &str, extra: &str) -> String {
+    let list = urls
+        .iter()
+        .map(|u| format!("{u:?}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!("[storage]\nbackend = \"nats\"\nurl = [{list}]\nprefix = \"{prefix}\"\n{extra}\n")
+}
+
+/// Config text for a bridge on an ephemeral port with the nats backend.
+pub fn nats_config_text(blocks: &[String], urls: &[String], prefix: &str, extra: &str) -> String {
+    format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"2s\"\nadmin_token = \"admin-token\"\n{}\n{}",
+        nats_storage(urls, prefix, extra),
+        blocks.concat()
+    )
+}
+
+/// A validated config (see [`nats_config_text`]).
+pub fn nats_config(blocks: &[String], urls: &[String], prefix: &str, extra: &str) -> Config {
+    let text = nats_config_text(blocks, urls, prefix, extra);
+    Config::from_toml(&text, |_| None, false).unwrap_or_else(|e| panic!("test config: {e}\n{text}"))
+}
+
+/// A `[[webhooks]]` block for a receiver at `url`, fast retries unless `extra` sets `retry`.
+pub fn webhook_block(name: &str, url: &str, extra: &str) -> String {
+    let retry = if extra.contains("retry") {
+        ""
+    } else {
+        "retry = [\"100ms\", \"200ms\", \"400ms\"]\n"
+    };
+    format!(
+        "[[webhooks]]\nname = \"{name}\"\nurl = \"{url}\"\nsecrets = [\"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"]\n\
+         allow_private = true\n{retry}{extra}\n"
+    )
+}
+
+/// Deletes every stream and bucket of `prefix` (best effort).
+pub async fn cleanup(url: &str, prefix: &str) {
+    let Ok(client) = async_nats::connect(url).await else {
+        return;
+    };
+    let js = async_nats::jetstream::new(client);
+    for s in ["events", "dlq", "replay", "state", "leases"] {
+        let _ = js.delete_stream(format!("{prefix}_{s}")).await;
+    }
+}
+
+/// A free loopback port (bound then released).
+pub fn free_port() -> u16 {
+    let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("probe");
+    probe.local_addr().expect("addr").port()
+}
+
+/// A NATS server of the test's own: its own port and store directory; killed when dropped.
+pub struct NatsServer {
+    /// Client port.
+    pub port: u16,
+    /// Cluster port (when part of a cluster).
+    pub cluster_port: Option<u16>,
+    routes: Vec<u16>,
+    name: String,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl NatsServer {
+    /// A standalone JetStream server.
+    pub fn start(tag: &str) -> NatsServer {
+        let mut s = NatsServer {
+            port: free_port(),
+            cluster_port: None,
+            routes: Vec::new(),
+            name: format!("{tag}-0"),
+            dir: super::temp_dir(tag),
+            child: None,
+        };
+        s.spawn();
+        s
+    }
+
+    /// `n` JetStream servers clustered over loopback.
+    pub fn cluster(tag: &str, n: usize) -> Vec<NatsServer> {
+        let cluster_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let mut out: Vec<NatsServer> = (0..n)
+            .map(|i| NatsServer {
+                port: free_port(),
+                cluster_port: Some(cluster_ports[i]),
+                routes: cluster_ports.clone(),
+                name: format!("{tag}-{i}"),
+                dir: super::temp_dir(&format!("{tag}-{i}")),
+                child: None,
+            })
+            .collect();
+        for s in &mut out {
+            s.spawn();
+        }
+        out
+    }
+
+    /// `nats://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    fn spawn(&mut self) {
+        let mut cmd = Command::new(nats_server_binary());
+        cmd.args([
+            "-a",
+            "127.0.0.1",
+            "-p",
+            &self.port.to_string(),
+            "-js",
+            "-sd",
+        ])
+        .arg(&self.dir)
+        .args(["-n", &self.name])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+        if let Some(cp) = self.cluster_port {
+            let routes = self
+                .routes
+                .iter()
+                .map(|p| format!("nats://127.0.0.1:{p}"))
+                .collect::<Vec<_>>()
+                .join(",");
+            cmd.args([
+                "--cluster_name",
+                "wsbt",
+                "--cluster",
+                &format!("nats://127.0.0.1:{cp}"),
+                "--routes",
+                &routes,
+            ]);
+        }
+        self.child = Some(cmd.spawn().expect("nats-server starts"));
+    }
+
+    /// Kills the server (SIGKILL).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port and store.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    /// Waits until the server answers JetStream requests.
+    pub async fn wait_ready(&self, limit: Duration) {
+        wait_jetstream(&self.url(), limit).await;
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Waits until `url` answers a JetStream account-info request.
+pub async fn wait_jetstream(url: &str, limit: Duration) {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Ok(Ok(client)) =
+            tokio::time::timeout(Duration::from_secs(1), async_nats::connect(url)).await
+        {
+            // JetStream answers its INFO request once it is up (and has a meta leader).
+            if let Ok(Ok(reply)) = tokio::time::timeout(
+                Duration::from_secs(1),
+                client.request("$JS.API.INFO", "".into()),
+            )
+            .await
+            {
+                if !String::from_utf8_lossy(&reply.payload).contains("\"error\"") {
+                    return;
+                }
+            }
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("NATS at {url} not ready within {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn nats_server_binary() -> String {
+    std::env::var("NATS_SERVER_BIN").unwrap_or_else(|_| "nats-server".to_string())
+}

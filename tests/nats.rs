@@ -1,0 +1,390 @@
+//! Scale-out on NATS JetStream, against real NATS: several bridge instances on one stream,
+//! nothing lost or doubled. Each test has its own prefix (streams, consumers, buckets), so
+//! runs never collide on the shared server at 127.0.0.1:4222; tests that stop NATS start
+//! servers of their own on loopback ports.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use common::nats::*;
+use common::receiver::{Answer, Receiver};
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use wsbridge::bridge::Bridge;
+use wsbridge_adapters::sim::Simulator;
+use wsbridge_adapters::{voipbin, Provider};
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+const TOKEN: &str = "token-all";
+/// Generous: every wait in these tests ends as soon as its condition holds.
+const LONG: Duration = Duration::from_secs(30);
+
+fn consumer_block() -> String {
+    format!("[[consumers]]\nname = \"all\"\ntoken = \"{TOKEN}\"\n")
+}
+
+fn route_block(to: &str) -> String {
+    format!("[[routes]]\nname = \"r-{to}\"\nproviders = [\"voipbin\"]\nto = [\"{to}\"]\n")
+}
+
+fn call(i: usize) -> Value {
+    voipbin::wire::event(
+        "call.status",
+        "2024-01-15T10:30:00.000000Z",
+        &format!("customer_id:abc123:call:c{i}"),
+        json!({"id": format!("c{i}"), "status": "ringing", "n": i}),
+    )
+}
+
+async fn emit_range(sim: &Simulator, range: std::ops::Range<usize>) {
+    for i in range {
+        sim.emit(call(i)).await;
+    }
+}
+
+/// Webhook requests per `webhook-id`.
+fn per_id(requests: &[common::receiver::Received]) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for r in requests {
+        *m.entry(r.header("webhook-id").to_string()).or_default() += 1;
+    }
+    m
+}
+
+async fn connect(bridge: &Bridge) -> Ws {
+    let mut req = format!("ws://{}/v1/ws", bridge.local_addr())
+        .into_client_request()
+        .expect("request");
+    req.headers_mut().insert(
+        "authorization",
+        format!("Bearer {TOKEN}").parse().expect("header"),
+    );
+    let (ws, _) = tokio_tungstenite::connect_async(req)
+        .await
+        .expect("connect");
+    ws
+}
+
+async fn recv(ws: &mut Ws) -> Value {
+    loop {
+        match tokio::time::timeout(DEADLINE, ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => {
+                return serde_json::from_str(t.as_str()).expect("JSON frame")
+            }
+            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
+            other => panic!("expected a text frame, got {other:?}"),
+        }
+    }
+}
+
+async fn subscribe(ws: &mut Ws, from: Value) -> Value {
+    let ready = recv(ws).await;
+    assert_eq!(ready["op"], "ready", "{ready}");
+    ws.send(Message::text(
+        json!({"op": "subscribe", "id": "s", "filter": {}, "from": from}).to_string(),
+    ))
+    .await
+    .expect("send");
+    let ack = recv(ws).await;
+    assert_eq!(ack["op"], "subscribed", "{ack}");
+    ready
+}
+
+/// Reads `n` event frames: (seq, event id).
+async fn events(ws: &mut Ws, n: usize) -> Vec<(u64, String)> {
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let f = recv(ws).await;
+        assert_eq!(f["op"], "event", "unexpected frame {f}");
+        out.push((
+            f["seq"].as_u64().expect("seq"),
+            f["event"]["id"].as_str().expect("id").to_string(),
+        ));
+        assert_eq!(f["seq"], f["event"]["seq"], "frame seq is the envelope seq");
+    }
+    out
+}
+
+/// Two instances, both connected to the same upstream (`ownership = "all"`): each event is
+/// journalled once and delivered once, as with one instance; a consumer on either instance
+/// sees every event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_on_one_upstream_journal_and_deliver_each_event_once() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("wsbridge=debug,async_nats=warn")
+        .with_test_writer()
+        .try_init();
+    let prefix = unique_prefix("dedup");
+    let vb = start_sim(Provider::Voipbin).await;
+    let rx = Receiver::start(Vec::new(), Answer::status(200)).await;
+    let blocks = [
+        upstream_block("vb", &vb, &format!("{FAST}ownership = \"all\"\n")),
+        webhook_block("crm", &rx.url(), ""),
+        route_block("crm"),
+        consumer_block(),
+    ];
+    let urls = [SHARED_NATS.to_string()];
+    let cfg = nats_config(&blocks, &urls, &prefix, "");
+    let (a, _) = start_bridge(&cfg).await;
+    let (b, _) = start_bridge(&cfg).await;
+    wait_sim_ready(&vb, 2).await;
+    let mut on_b = connect(&b).await;
+    subscribe(&mut on_b, json!("latest")).await;
+
+    const N: usize = 200;
+    emit_range(&vb, 0..N).await;
+    let seen = events(&mut on_b, N).await;
+    let ids: BTreeSet<&String> = seen.iter().map(|(_, id)| id).collect();
+    assert_eq!(ids.len(), N, "instance B's consumer saw every event once");
+    rx.wait_until(LONG, "every event delivered", |r| per_id(r).len() == N)
+        .await;
+    // Shutdown drains what is in flight, so the count after it is final.
+    a.shutdown().await;
+    let pos = b.store().position().await.expect("position");
+    let journal = b.store().read_from(1, 10 * N).await.expect("read");
+    b.shutdown().await;
+
+    let counts = per_id(&rx.requests());
+    assert_eq!(counts.len(), N);
+    let doubled: Vec<_> = counts.iter().filter(|(_, n)| **n != 1).collect();
+    assert!(doubled.is_empty(), "delivered more than once: {doubled:?}");
+    assert_eq!(pos.head, N as u64, "the stream holds each event once");
+    let journal_ids: BTreeSet<String> = journal.iter().map(|e| e.id.clone()).collect();
+    assert_eq!(journal.len(), N);
+    assert_eq!(journal_ids.len(), N);
+    cleanup(SHARED_NATS, &prefix).await;
+}
+
+/// A consumer reads half the events on instance A, then resumes on instance B from its last
+/// seq + 1 while events keep coming: no gap, no duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_resumes_on_another_instance_without_gap() {
+    let prefix = unique_prefix("resume");
+    let vb = start_sim(Provider::Voipbin).await;
+    let blocks = [upstream_block("vb", &vb, FAST), consumer_block()];
+    let urls = [SHARED_NATS.to_string()];
+    let cfg = nats_config(&blocks, &urls, &prefix, "");
+    let (a, _) = start_bridge(&cfg).await;
+    let (b, _) = start_bridge(&cfg).await;
+    wait_sim_ready(&vb, 2).await;
+
+    let mut on_a = connect(&a).await;
+    let ready_a = subscribe(&mut on_a, json!("earliest")).await;
+    emit_range(&vb, 0..100).await;
+    let first = events(&mut on_a, 60).await;
+    drop(on_a);
+    let last = first.last().expect("events").0;
+
+    emit_range(&vb, 100..150).await;
+    let mut on_b = connect(&b).await;
+    let ready_b = subscribe(&mut on_b, json!(last + 1)).await;
+    assert_eq!(ready_a["epoch"], ready_b["epoch"], "one stream, one epoch");
+    let rest = events(&mut on_b, 90).await;
+
+    let seqs: Vec<u64> = first.iter().chain(&rest).map(|(s, _)| *s).collect();
+    let expected: Vec<u64> = (1..=150).collect();
+    assert_eq!(seqs, expected, "contiguous seqs across instances");
+    let ids: BTreeSet<&String> = first.iter().chain(&rest).map(|(_, id)| id).collect();
+    assert_eq!(ids.len(), 150, "no duplicate event");
+
+    a.shutdown().await;
+    b.shutdown().await;
+    cleanup(SHARED_NATS, &prefix).await;
+}
+
+async fn admin(bridge: &Bridge, method: &str, path: &str, body: Option<Value>) -> Value {
+    let url = format!("http://{}/v1/admin/{path}", bridge.local_addr());
+    let client = http_client();
+    let req = match method {
+        "POST" => client
+            .post(url)
+            .header("content-type", "application/json")
+            .body(body.unwrap_or(json!({})).to_string()),
+        _ => client.get(url),
+    };
+    let resp = req
+        .bearer_auth("admin-token")
+        .send()
+        .await
+        .expect("admin request");
+    assert!(
+        resp.status().is_success(),
+        "admin {path}: {}",
+        resp.status()
+    );
+    serde_json::from_slice(&resp.bytes().await.expect("admin body")).expect("admin JSON")
+}
+
+/// Polls the admin API until `pred` holds for the answer to GET `path`.
+async fn admin_until(
+    bridge: &Bridge,
+    path: &str,
+    what: &str,
+    pred: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = tokio::time::Instant::now() + LONG;
+    loop {
+        let v = admin(bridge, "GET", path, None).await;
+        if pred(&v) {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what} not seen within {LONG:?}: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn crm(v: &Value) -> Value {
+    v["webhooks"]
+        .as_array()
+        .and_then(|l| l.iter().find(|w| w["name"] == "crm"))
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+/// Failed deliveries run through the retry schedule on either instance, are dead-lettered
+/// once, listed by the admin API of any instance, and replayed from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_are_shared_listed_and_replayed_by_any_instance() {
+    let prefix = unique_prefix("dlq");
+    let vb = start_sim(Provider::Voipbin).await;
+    // 3 events x 3 attempts fail, then everything succeeds.
+    let rx = Receiver::start(vec![Answer::status(500); 9], Answer::status(200)).await;
+    let blocks = [
+        upstream_block("vb", &vb, FAST),
+        webhook_block("crm", &rx.url(), "retry = [\"50ms\", \"50ms\"]\n"),
+        route_block("crm"),
+        consumer_block(),
+    ];
+    let urls = [SHARED_NATS.to_string()];
+    let cfg = nats_config(&blocks, &urls, &prefix, "");
+    let (a, _) = start_bridge(&cfg).await;
+    let (b, _) = start_bridge(&cfg).await;
+    wait_sim_ready(&vb, 2).await;
+    emit_range(&vb, 0..3).await;
+
+    let dead = admin_until(
+        &b,
+        "webhooks/crm/deliveries?state=dead",
+        "3 dead letters",
+        |v| v["deliveries"].as_array().is_some_and(|l| l.len() == 3),
+    )
+    .await;
+    let first = &dead["deliveries"][0];
+    assert!(first["seq"].as_u64().is_some_and(|s| s >= 1), "{first}");
+    assert_eq!(
+        rx.requests().len(),
+        9,
+        "each event tried once per schedule step"
+    );
+    let view = crm(&admin(&a, "GET", "webhooks", None).await);
+    assert_eq!(view["dead"], 3, "{view}");
+
+    let queued = admin(
+        &a,
+        "POST",
+        "webhooks/crm/replay",
+        Some(json!({"dead": true})),
+    )
+    .await;
+    assert_eq!(queued["queued"], 3);
+    let got = rx
+        .wait_until(LONG, "replayed deliveries", |r| {
+            r.iter().filter(|x| x.answered == 200).count() >= 3
+        })
+        .await;
+    let ok: BTreeSet<&str> = got
+        .iter()
+        .filter(|x| x.answered == 200)
+        .map(|x| x.header("webhook-id"))
+        .collect();
+    assert_eq!(ok.len(), 3, "each dead letter delivered on replay");
+    admin_until(
+        &b,
+        "webhooks/crm/deliveries?state=dead",
+        "empty dead-letter list",
+        |v| v["deliveries"].as_array().is_some_and(|l| l.is_empty()),
+    )
+    .await;
+
+    // A journal range replays whatever happened before.
+    let queued = admin(
+        &b,
+        "POST",
+        "webhooks/crm/replay",
+        Some(json!({"from_seq": 1, "to_seq": 2})),
+    )
+    .await;
+    assert_eq!(queued["queued"], 2);
+    rx.wait_until(LONG, "range replay", |r| {
+        r.iter().filter(|x| x.answered == 200).count() >= 5
+    })
+    .await;
+    a.shutdown().await;
+    b.shutdown().await;
+    cleanup(SHARED_NATS, &prefix).await;
+}
+
+/// A 410 seen by one instance disables the endpoint on every instance; `enable` on any
+/// instance resumes delivery everywhere, and nothing routed meanwhile is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gone_disables_every_instance_and_enable_on_any_resumes() {
+    let prefix = unique_prefix("gone");
+    let vb = start_sim(Provider::Voipbin).await;
+    let rx = Receiver::start(vec![Answer::status(410)], Answer::status(200)).await;
+    let blocks = [
+        upstream_block("vb", &vb, FAST),
+        webhook_block("crm", &rx.url(), ""),
+        route_block("crm"),
+        consumer_block(),
+    ];
+    let urls = [SHARED_NATS.to_string()];
+    let cfg = nats_config(&blocks, &urls, &prefix, "");
+    let (a, _) = start_bridge(&cfg).await;
+    let (b, _) = start_bridge(&cfg).await;
+    wait_sim_ready(&vb, 2).await;
+    emit_range(&vb, 0..1).await;
+    rx.wait_for(1, LONG).await;
+    for bridge in [&a, &b] {
+        admin_until(
+            bridge,
+            "webhooks",
+            "endpoint disabled on every instance",
+            |v| crm(v)["enabled"] == false,
+        )
+        .await;
+    }
+    emit_range(&vb, 1..4).await;
+    let mut on_a = connect(&a).await;
+    subscribe(&mut on_a, json!("earliest")).await;
+    events(&mut on_a, 4).await; // journalled while disabled
+    assert_eq!(rx.requests().len(), 1, "nothing sent while disabled");
+
+    admin(&b, "POST", "webhooks/crm/enable", None).await;
+    let got = rx
+        .wait_until(LONG, "deliveries after enable", |r| {
+            per_id(&r[1..]).len() == 4
+        })
+        .await;
+    assert!(got[1..].iter().all(|r| r.answered == 200));
+    admin_until(
+        &a,
+        "webhooks",
+        "endpoint enabled on the other instance",
+        |v| crm(v)["enabled"] == true,
+    )
+    .await;
+    a.shutdown().await;
+    b.shutdown().await;
+    cleanup(SHARED_NATS, &prefix).await;
+}
