@@ -886,6 +886,11 @@ async fn raw_server(port: u16, upstreams: Vec<String>) -> Res<()> {
                     while let Some(Ok(m)) = ws.next().await {
                         if let Message::Text(t) = m {
                             let _ = tx.send(t);
+                            // Backpressure: stop reading the upstream while the slowest
+                            // consumer is half the ring behind (else it would be dropped).
+                            while tx.len() > 4096 {
+                                tokio::time::sleep(Duration::from_millis(1)).await;
+                            }
                         }
                     }
                 }
