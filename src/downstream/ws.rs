@@ -162,6 +162,18 @@ async fn session(hub: Arc<Hub>, consumer: Arc<Consumer>, mut socket: WebSocket) 
         }))
     };
 
+    // The three ways a session ends, made once: a `cancelled()` future built anew on every
+    // loop turn registers with (and leaves) the token's waiter list each time, and every
+    // session shares the shutdown token and its consumer's token, so that list's lock was
+    // contended on every event frame of every consumer (issue 8 fan-out profile).
+    let shutdown = hub.shutdown.clone();
+    let shutdown = shutdown.cancelled();
+    let revoked = consumer.revoked.clone();
+    let revoked = revoked.cancelled();
+    let slow_verdict = slow.clone();
+    let slow_verdict = slow_verdict.cancelled();
+    tokio::pin!(shutdown, revoked, slow_verdict);
+
     loop {
         tokio::select! {
             incoming = socket.recv() => {
@@ -199,7 +211,7 @@ async fn session(hub: Arc<Hub>, consumer: Arc<Consumer>, mut socket: WebSocket) 
                     // slow-consumer verdict.
                     let (sent, rest) = tokio::select! {
                         r = write_events(&mut socket, &sub.id_json, p, &mut rx, &hub) => r,
-                        _ = slow.cancelled() => (true, None),
+                        _ = &mut slow_verdict => (true, None),
                     };
                     if !sent {
                         break;
@@ -221,16 +233,16 @@ async fn session(hub: Arc<Hub>, consumer: Arc<Consumer>, mut socket: WebSocket) 
                     Some(FeedItem::Event(_)) | None => {}
                 }
             }
-            _ = hub.shutdown.cancelled() => {
+            _ = &mut shutdown => {
                 let _ = tokio::time::timeout(std::time::Duration::from_secs(1), socket.send(close(1001, "server shutting down"))).await;
                 break;
             }
-            _ = consumer.revoked.cancelled() => {
+            _ = &mut revoked => {
                 info!(consumer = %consumer.name, session = %session_id, "consumer removed or changed by a reload; closing");
                 let _ = tokio::time::timeout(CLOSE_GRACE, socket.send(close(1008, "consumer configuration changed"))).await;
                 break;
             }
-            _ = slow.cancelled() => {
+            _ = &mut slow_verdict => {
                 hub.stats.slow_disconnects.fetch_add(1, Ordering::Relaxed);
                 info!(consumer = %consumer.name, session = %session_id, "closing a slow consumer");
                 // The close frame queues behind what the consumer has not read yet; give it a
