@@ -59,7 +59,10 @@ pub async fn upgrade(
         )
             .into_response();
     };
-    ws.read_buffer_size(4 * 1024)
+    // Client frames are small ops, so a 1 KiB read chunk is plenty (a larger frame just
+    // takes several reads); it is allocated for every connection for its whole life, and at
+    // 4 KiB it was the largest single cost of an idle consumer (issue 8 memory profile).
+    ws.read_buffer_size(1024)
         .write_buffer_size(4 * 1024)
         .max_write_buffer_size(256 * 1024)
         .max_message_size(MAX_CLIENT_FRAME)
@@ -190,7 +193,9 @@ async fn session(hub: Arc<Hub>, consumer: Arc<Consumer>, mut socket: WebSocket) 
                     Message::Close(_) => break,
                     Message::Ping(_) | Message::Pong(_) => continue,
                 };
-                let (reply, feed) = apply_op(&hub, &consumer, &allow, text.as_str(), &mut subs, &slow).await;
+                // Boxed: the op's future (subscribe opens a feed, reads the store) is large and
+                // short-lived; inline it would be part of every idle session's task forever.
+                let (reply, feed) = Box::pin(apply_op(&hub, &consumer, &allow, text.as_str(), &mut subs, &slow)).await;
                 // The ack goes out before the feed is polled, so `subscribed` precedes the
                 // subscription's first event.
                 if socket.send(Message::text(reply)).await.is_err() {
