@@ -59,7 +59,10 @@ pub async fn upgrade(
         )
             .into_response();
     };
-    ws.read_buffer_size(4 * 1024)
+    // Client frames are small ops, so a 1 KiB read chunk is plenty (a larger frame just
+    // takes several reads); it is allocated for every connection for its whole life, and at
+    // 4 KiB it was the largest single cost of an idle consumer (issue 8 memory profile).
+    ws.read_buffer_size(1024)
         .write_buffer_size(4 * 1024)
         .max_write_buffer_size(256 * 1024)
         .max_message_size(MAX_CLIENT_FRAME)
@@ -154,6 +157,18 @@ async fn session(hub: Arc<Hub>, consumer: Arc<Consumer>, mut socket: WebSocket) 
     let mut feeds = FuturesUnordered::new();
     let close = close_frame;
 
+    // The three ways a session ends, made once: a `cancelled()` future built anew on every
+    // loop turn registers with (and leaves) the token's waiter list each time, and every
+    // session shares the shutdown token and its consumer's token, so that list's lock was
+    // contended on every event frame of every consumer (issue 8 fan-out profile).
+    let shutdown = hub.shutdown.clone();
+    let shutdown = shutdown.cancelled();
+    let revoked = consumer.revoked.clone();
+    let revoked = revoked.cancelled();
+    let slow_verdict = slow.clone();
+    let slow_verdict = slow_verdict.cancelled();
+    tokio::pin!(shutdown, revoked, slow_verdict);
+
     loop {
         tokio::select! {
             incoming = socket.recv() => {
@@ -170,7 +185,9 @@ async fn session(hub: Arc<Hub>, consumer: Arc<Consumer>, mut socket: WebSocket) 
                     Message::Close(_) => break,
                     Message::Ping(_) | Message::Pong(_) => continue,
                 };
-                let (reply, feed) = apply_op(&hub, &consumer, &allow, text.as_str(), &mut subs, &slow).await;
+                // Boxed: the op's future (subscribe opens a feed, reads the store) is large and
+                // short-lived; inline it would be part of every idle session's task forever.
+                let (reply, feed) = Box::pin(apply_op(&hub, &consumer, &allow, text.as_str(), &mut subs, &slow)).await;
                 // The ack goes out before the feed is polled, so `subscribed` precedes the
                 // subscription's first event.
                 if socket.send(Message::text(reply)).await.is_err() {
@@ -180,23 +197,29 @@ async fn session(hub: Arc<Hub>, consumer: Arc<Consumer>, mut socket: WebSocket) 
                     feeds.push(next_item(key, rx));
                 }
             }
-            Some((key, item, rx)) = feeds.next(), if !feeds.is_empty() => {
-                match item {
-                    Some(FeedItem::Event(p)) => {
-                        feeds.push(next_item(key.clone(), rx));
-                        let Some(sub) = subs.get(&key) else { continue };
-                        let frame = event_frame(&sub.id_json, &p);
-                        // A write stuck on a consumer that stopped reading must not hide the
-                        // slow-consumer verdict.
-                        let sent = tokio::select! {
-                            r = socket.send(Message::text(frame)) => r.is_ok(),
-                            _ = slow.cancelled() => true,
-                        };
-                        if !sent {
-                            break;
-                        }
-                        hub.stats.frames_sent.fetch_add(1, Ordering::Relaxed);
+            Some((key, item, mut rx)) = feeds.next(), if !feeds.is_empty() => {
+                let mut item = item;
+                if let Some(FeedItem::Event(p)) = item {
+                    let Some(sub) = subs.get(&key) else {
+                        feeds.push(next_item(key, rx));
+                        continue;
+                    };
+                    // A write stuck on a consumer that stopped reading must not hide the
+                    // slow-consumer verdict.
+                    let (sent, rest) = tokio::select! {
+                        r = write_events(&mut socket, &sub.id_json, p, &mut rx, &hub) => r,
+                        _ = &mut slow_verdict => (true, None),
+                    };
+                    if !sent {
+                        break;
                     }
+                    item = rest;
+                    if item.is_none() {
+                        feeds.push(next_item(key, rx));
+                        continue;
+                    }
+                }
+                match item {
                     // The `slow` branch below handles the verdict.
                     Some(FeedItem::End(FeedEnd::SlowConsumer)) => {}
                     Some(FeedItem::End(FeedEnd::Unrecoverable(e))) => {
@@ -214,19 +237,19 @@ async fn session(hub: Arc<Hub>, consumer: Arc<Consumer>, mut socket: WebSocket) 
                         break;
                     }
                     // The feed was stopped (unsubscribe): nothing more from it.
-                    None => {}
+                    Some(FeedItem::Event(_)) | None => {}
                 }
             }
-            _ = hub.shutdown.cancelled() => {
+            _ = &mut shutdown => {
                 let _ = tokio::time::timeout(std::time::Duration::from_secs(1), socket.send(close(1001, "server shutting down"))).await;
                 break;
             }
-            _ = consumer.revoked.cancelled() => {
+            _ = &mut revoked => {
                 info!(consumer = %consumer.name, session = %session_id, "consumer removed or changed by a reload; closing");
                 let _ = tokio::time::timeout(CLOSE_GRACE, socket.send(close(1008, "consumer configuration changed"))).await;
                 break;
             }
-            _ = slow.cancelled() => {
+            _ = &mut slow_verdict => {
                 hub.stats.slow_disconnects.fetch_add(1, Ordering::Relaxed);
                 info!(consumer = %consumer.name, session = %session_id, "closing a slow consumer");
                 // The close frame queues behind what the consumer has not read yet; give it a
@@ -241,6 +264,50 @@ async fn session(hub: Arc<Hub>, consumer: Arc<Consumer>, mut socket: WebSocket) 
     }
     debug!(consumer = %consumer.name, session = %session_id, "consumer disconnected");
     drop(guard);
+}
+
+/// Most event frames written per flush (one `write` of the socket's buffer, usually).
+const WRITE_BATCH: usize = 64;
+
+/// Writes `first` and whatever else this feed already has queued (up to [`WRITE_BATCH`])
+/// with a single flush: one syscall per buffer of frames instead of one per frame, which was
+/// the largest cost per consumer in the fan-out benchmark (issue 8). Never waits for more
+/// events than are already queued, so latency is unchanged. Returns whether the socket is
+/// still good, and an `End` item met while draining (for the caller to act on).
+async fn write_events(
+    socket: &mut WebSocket,
+    sub_id_json: &str,
+    first: Arc<crate::ingest::Published>,
+    rx: &mut mpsc::Receiver<FeedItem>,
+    hub: &Hub,
+) -> (bool, Option<FeedItem>) {
+    use futures_util::SinkExt;
+    let mut next = Some(first);
+    let mut written = 0u64;
+    let mut rest = None;
+    while let Some(p) = next.take() {
+        if socket
+            .feed(Message::text(event_frame(sub_id_json, &p)))
+            .await
+            .is_err()
+        {
+            return (false, None);
+        }
+        written += 1;
+        if written as usize >= WRITE_BATCH {
+            break;
+        }
+        match rx.try_recv() {
+            Ok(FeedItem::Event(p)) => next = Some(p),
+            Ok(end) => rest = Some(end),
+            Err(_) => {}
+        }
+    }
+    if socket.flush().await.is_err() {
+        return (false, None);
+    }
+    hub.stats.frames_sent.fetch_add(written, Ordering::Relaxed);
+    (true, rest)
 }
 
 type FeedNext = (String, Option<FeedItem>, mpsc::Receiver<FeedItem>);
