@@ -15,6 +15,9 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(p) = Pattern::parse(pattern) {
         let _ = p.matches(subject);
         let _ = p.matches(pattern);
-        assert!(!p.is_exact() || p.matches(p.as_str()), "an exact pattern matches itself");
+        assert!(
+            !p.is_exact() || p.matches(p.as_str()),
+            "an exact pattern matches itself"
+        );
     }
 });
