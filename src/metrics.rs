@@ -58,13 +58,14 @@ fn counter(registry: &mut Registry, name: &str, help: &str, value: u64) {
     registry.register(name, help, c);
 }
 
-const STATES: [UpstreamState; 6] = [
+const STATES: [UpstreamState; 7] = [
     UpstreamState::Connecting,
     UpstreamState::Connected,
     UpstreamState::Subscribed,
     UpstreamState::Backoff,
     UpstreamState::AuthFailed,
     UpstreamState::Stopped,
+    UpstreamState::Standby,
 ];
 
 /// Renders every metric (names carry the `wsbridge_` prefix; counters gain `_total`).

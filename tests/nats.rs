@@ -388,3 +388,167 @@ async fn gone_disables_every_instance_and_enable_on_any_resumes() {
     b.shutdown().await;
     cleanup(SHARED_NATS, &prefix).await;
 }
+
+/// Polls until `cond` returns `Some`, failing at the deadline.
+async fn until<T, F, Fut>(limit: Duration, what: &str, mut cond: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(v) = cond().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what} not within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The contract ids of every journalled VoicePact event (read straight from the stream).
+async fn journalled_contracts(cfg: &wsbridge::config::Config) -> BTreeSet<String> {
+    let store = wsbridge::storage::nats::NatsStore::connect(&cfg.storage)
+        .await
+        .expect("store");
+    let mut out = BTreeSet::new();
+    let mut from = 1;
+    loop {
+        let page = wsbridge::storage::Store::read_from(store.as_ref(), from, 1000)
+            .await
+            .expect("read");
+        let Some(last) = page.last() else { break };
+        from = last.seq + 1;
+        for e in &page {
+            let v: Value = serde_json::from_slice(&e.bytes).expect("envelope");
+            if let Some(c) = v["data"]["contract_id"].as_str() {
+                out.insert(c.to_string());
+            }
+        }
+    }
+    out
+}
+
+/// `ownership = "lease"` (VoicePact's default): two bridge processes, one holds the upstream.
+/// The holder is SIGKILLed under load; the other takes over within about the lease TTL and
+/// events keep flowing. Frames the provider pushes while nobody is connected are lost (the
+/// provider does not buffer); the test reports how many.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_holder_killed_under_load_the_other_instance_takes_over() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    let prefix = unique_prefix("lease");
+    let vp = start_sim(Provider::VoicePact).await;
+    let dir = temp_dir("lease");
+    let urls = [SHARED_NATS.to_string()];
+    let ttl = Duration::from_secs(2);
+    let blocks = [upstream_block("vp", &vp, FAST), consumer_block()];
+    let extra = "lease_ttl = \"2s\"\n";
+    let addrs = [free_addr(), free_addr()];
+    let mut procs: Vec<BridgeProcess> = addrs
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            BridgeProcess::spawn(
+                &dir,
+                &format!("b{i}"),
+                *a,
+                &nats_config_on(*a, &blocks, &urls, &prefix, extra),
+            )
+        })
+        .collect();
+    let holder = until(LONG, "one holder and one standby", || async {
+        let s0 = procs[0].upstream_state("vp").await?;
+        let s1 = procs[1].upstream_state("vp").await?;
+        match (s0.as_str(), s1.as_str()) {
+            ("subscribed", "standby") => Some(0),
+            ("standby", "subscribed") => Some(1),
+            _ => None,
+        }
+    })
+    .await;
+    let survivor = 1 - holder;
+    wait_sim_ready(&vp, 1).await;
+
+    // Load: a numbered payment_update every few ms; remember which reached a connection.
+    let sent: Arc<Mutex<Vec<bool>>> = Arc::default();
+    let running = Arc::new(AtomicBool::new(true));
+    let emitter = {
+        let (vp, sent, running) = (vp.clone(), sent.clone(), running.clone());
+        tokio::spawn(async move {
+            let mut i = 0usize;
+            while running.load(Ordering::Relaxed) {
+                // payment_update is broadcast to every connection (contract_update only to
+                // the contract's parties).
+                let frame = wsbridge_adapters::voicepact::wire::payment_update(
+                    &format!("k{i}"),
+                    "paid",
+                    1.5,
+                    1_717_171_717,
+                );
+                let reached = vp.emit(frame).await > 0;
+                sent.lock().expect("sent").push(reached);
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    let cfg = nats_config(&blocks, &urls, &prefix, extra);
+    until(LONG, "events journalled before the kill", || async {
+        (sent.lock().expect("sent").len() >= 100).then_some(())
+    })
+    .await;
+    let killed_at = tokio::time::Instant::now();
+    let index_at_kill = sent.lock().expect("sent").len();
+    procs[holder].kill();
+    until(LONG, "the survivor subscribed", || async {
+        (procs[survivor].upstream_state("vp").await? == "subscribed").then_some(())
+    })
+    .await;
+    let takeover = killed_at.elapsed();
+    let index_at_takeover = sent.lock().expect("sent").len();
+    let reached_survivor = || {
+        let s = sent.lock().expect("sent");
+        s[index_at_takeover..].iter().filter(|r| **r).count()
+    };
+    until(LONG, "frames reaching the survivor", || async {
+        (reached_survivor() >= 100).then_some(())
+    })
+    .await;
+    running.store(false, Ordering::Relaxed);
+    emitter.await.expect("emitter");
+    let sent = sent.lock().expect("sent").clone();
+    // Everything that reached the survivor's connection is journalled.
+    let must: BTreeSet<String> = (index_at_takeover..sent.len())
+        .filter(|i| sent[*i])
+        .map(|i| format!("k{i}"))
+        .collect();
+    let journal = until(LONG, "the survivor's frames journalled", || async {
+        let j = journalled_contracts(&cfg).await;
+        must.is_subset(&j).then_some(j)
+    })
+    .await;
+    let gap = (index_at_kill..index_at_takeover)
+        .filter(|i| !sent[*i])
+        .count();
+    let lost: Vec<usize> = (0..sent.len())
+        .filter(|i| sent[*i] && !journal.contains(&format!("k{i}")))
+        .collect();
+    eprintln!(
+        "lease takeover: {takeover:?} after SIGKILL (ttl {ttl:?}); {gap} frames pushed while no \
+         instance was connected; {} frames reached the killed holder but were not journalled; \
+         {} frames sent in total",
+        lost.len(),
+        sent.len()
+    );
+    assert!(
+        takeover < ttl * 3,
+        "takeover took {takeover:?}, more than the lease TTL allows"
+    );
+    for p in &mut procs {
+        p.kill();
+    }
+    cleanup(SHARED_NATS, &prefix).await;
+}
