@@ -118,10 +118,6 @@ async fn events(ws: &mut Ws, n: usize) -> Vec<(u64, String)> {
 /// sees every event.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_instances_on_one_upstream_journal_and_deliver_each_event_once() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter("wsbridge=debug,async_nats=warn")
-        .with_test_writer()
-        .try_init();
     let prefix = unique_prefix("dedup");
     let vb = start_sim(Provider::Voipbin).await;
     let rx = Receiver::start(Vec::new(), Answer::status(200)).await;
@@ -551,4 +547,136 @@ async fn lease_holder_killed_under_load_the_other_instance_takes_over() {
         p.kill();
     }
     cleanup(SHARED_NATS, &prefix).await;
+}
+
+/// `/readyz` status code of a bridge.
+async fn readyz(bridge: &Bridge) -> u16 {
+    http_client()
+        .get(format!("http://{}/readyz", bridge.local_addr()))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .map(|r| r.status().as_u16())
+        .unwrap_or(0)
+}
+
+/// Emits numbered VoIPBIN calls every few ms until stopped; records how many were sent.
+fn spawn_load(
+    sim: &Simulator,
+) -> (
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+    tokio::task::JoinHandle<usize>,
+) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let running = std::sync::Arc::new(AtomicBool::new(true));
+    let task = {
+        let (sim, running) = (sim.clone(), running.clone());
+        tokio::spawn(async move {
+            let mut i = 0;
+            while running.load(Ordering::Relaxed) {
+                sim.emit(call(i)).await;
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            i
+        })
+    };
+    (running, task)
+}
+
+/// The call numbers (`data.n`) journalled in the stream of `cfg`.
+async fn journalled_calls(cfg: &wsbridge::config::Config) -> BTreeSet<u64> {
+    let store = wsbridge::storage::nats::NatsStore::connect(&cfg.storage)
+        .await
+        .expect("store");
+    let mut out = BTreeSet::new();
+    let mut from = 1;
+    loop {
+        let page = wsbridge::storage::Store::read_from(store.as_ref(), from, 1000)
+            .await
+            .expect("read");
+        let Some(last) = page.last() else { break };
+        from = last.seq + 1;
+        for e in &page {
+            let v: Value = serde_json::from_slice(&e.bytes).expect("envelope");
+            if let Some(n) = v["data"]["n"].as_u64() {
+                out.insert(n);
+            }
+        }
+    }
+    out
+}
+
+/// A NATS server of the test's own is restarted under load: the bridge goes unready, holds
+/// the upstream back meanwhile, recovers by itself, and every event the upstream sent is
+/// journalled and delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_restart_under_load_makes_the_bridge_unready_then_recovers_losing_nothing() {
+    let mut server = NatsServer::start("restart");
+    server.wait_ready(LONG).await;
+    let prefix = unique_prefix("restart");
+    let vb = start_sim(Provider::Voipbin).await;
+    let rx = Receiver::start(Vec::new(), Answer::status(200)).await;
+    let blocks = [
+        upstream_block(
+            "vb",
+            &vb,
+            "backoff_initial = \"50ms\"\nbackoff_max = \"400ms\"\n",
+        ),
+        webhook_block("crm", &rx.url(), ""),
+        route_block("crm"),
+        consumer_block(),
+    ];
+    let urls = [server.url()];
+    let cfg = nats_config(&blocks, &urls, &prefix, "");
+    let (bridge, _) = start_bridge(&cfg).await;
+    wait_sim_ready(&vb, 1).await;
+    assert_eq!(readyz(&bridge).await, 200);
+
+    let (running, load) = spawn_load(&vb);
+    rx.wait_until(LONG, "deliveries before the outage", |r| r.len() >= 50)
+        .await;
+    server.kill();
+    until(LONG, "unready during the outage", || async {
+        (readyz(&bridge).await == 503).then_some(())
+    })
+    .await;
+    let metrics = http_client()
+        .get(format!("http://{}/metrics", bridge.local_addr()))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    assert!(
+        metrics.contains("wsbridge_store_connected 0"),
+        "metrics show the NATS connection down"
+    );
+    server.restart();
+    until(LONG, "ready again", || async {
+        (readyz(&bridge).await == 200).then_some(())
+    })
+    .await;
+    let before_stop = rx.requests().len();
+    rx.wait_until(LONG, "deliveries after the outage", |r| {
+        r.len() >= before_stop + 50
+    })
+    .await;
+    running.store(false, std::sync::atomic::Ordering::Relaxed);
+    let sent = load.await.expect("load") as u64;
+
+    let all: BTreeSet<u64> = (0..sent).collect();
+    let journal = until(LONG, "every event journalled", || async {
+        let j = journalled_calls(&cfg).await;
+        (j == all).then_some(j)
+    })
+    .await;
+    assert_eq!(journal.len() as u64, sent);
+    rx.wait_until(LONG, "every event delivered", |r| {
+        per_id(r).len() as u64 == sent
+    })
+    .await;
+    eprintln!("nats restart: {sent} events sent under load, all journalled and delivered");
+    bridge.shutdown().await;
 }

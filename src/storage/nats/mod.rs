@@ -238,11 +238,6 @@ impl NatsStore {
         )
     }
 
-    /// Connected, and the last journal publish succeeded: what readiness requires.
-    pub fn healthy(&self) -> bool {
-        self.connected() && self.journal_ok.load(Ordering::Relaxed)
-    }
-
     /// The names in use.
     pub fn names(&self) -> &Names {
         &self.names
@@ -618,6 +613,20 @@ impl Store for NatsStore {
 
     fn shared(&self) -> bool {
         true
+    }
+
+    fn unavailable(&self) -> Option<String> {
+        if !NatsStore::connected(self) {
+            Some("NATS is disconnected".to_string())
+        } else if !self.journal_ok.load(Ordering::Relaxed) {
+            Some("journal publishes to NATS are failing".to_string())
+        } else {
+            None
+        }
+    }
+
+    fn connected(&self) -> Option<bool> {
+        Some(NatsStore::connected(self))
     }
 }
 
