@@ -21,13 +21,14 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::admin::{self, AdminState};
-use crate::config::{Config, StorageBackend};
+use crate::config::{Config, Ownership, StorageBackend};
 use crate::delivery::worker::DeliveryError;
 use crate::delivery::DeliveryService;
 use crate::downstream::{self, Hub};
 use crate::ingest::{self, IngestSnapshot, IngestStats, Published, Sinks};
 use crate::status::{self, StatusState};
 use crate::storage::embedded::EmbeddedStore;
+use crate::storage::nats::lease::Leases;
 use crate::storage::nats::{tail, NatsStore};
 use crate::storage::{Store, StoreError};
 use crate::upstream::{self, UpstreamHandle};
@@ -64,6 +65,22 @@ pub enum BridgeError {
     },
 }
 
+/// Starts an upstream's supervisor; with leases (nats backend) and `ownership = "lease"`, it
+/// connects only while this instance holds the upstream's lease.
+fn spawn_upstream(
+    u: &crate::config::UpstreamConfig,
+    adapter: Arc<dyn wsbridge_adapters::Adapter>,
+    queue: mpsc::Sender<crate::envelope::Envelope>,
+    stop: CancellationToken,
+    leases: Option<&Leases>,
+) -> UpstreamHandle {
+    let gate = match (leases, u.ownership()) {
+        (Some(leases), Ownership::Lease) => Some(leases.keep(&u.name, stop.clone())),
+        _ => None,
+    };
+    upstream::spawn_gated(u, adapter, queue, stop, gate)
+}
+
 /// The upstream supervisors, replaceable one by one by a reload.
 pub type UpstreamSet = Arc<std::sync::RwLock<Vec<Arc<UpstreamHandle>>>>;
 
@@ -90,6 +107,8 @@ pub struct Bridge {
     publish: broadcast::Sender<Arc<Published>>,
     stats: Arc<IngestStats>,
     shutdown: CancellationToken,
+    /// Upstream leases (nats backend only).
+    leases: Option<Arc<Leases>>,
     ingest_task: JoinHandle<()>,
     server_task: JoinHandle<()>,
     local_addr: SocketAddr,
@@ -132,6 +151,10 @@ impl Bridge {
                 source,
             })?;
 
+        let leases = match &nats {
+            Some(nats) => Some(Arc::new(Leases::open(nats).await?)),
+            None => None,
+        };
         let (queue_tx, queue_rx) = mpsc::channel(ingest::INGEST_QUEUE);
         let (publish, _) = broadcast::channel(ingest::PUBLISH_CAPACITY);
         // With NATS, the live stream is the journal's tail (every instance's events), started
@@ -157,11 +180,12 @@ impl Bridge {
                     name: u.name.clone(),
                     source,
                 })?;
-            upstreams.push(Arc::new(upstream::spawn(
+            upstreams.push(Arc::new(spawn_upstream(
                 u,
                 adapter,
                 queue_tx.clone(),
                 shutdown.child_token(),
+                leases.as_deref(),
             )));
         }
         let upstreams: UpstreamSet = Arc::new(std::sync::RwLock::new(upstreams));
@@ -220,6 +244,7 @@ impl Bridge {
             publish,
             stats,
             shutdown,
+            leases,
             ingest_task,
             server_task,
             local_addr,
@@ -306,11 +331,12 @@ impl Bridge {
                     } else {
                         changes.push(format!("upstream {}: added", u.name));
                     }
-                    next.push(Arc::new(upstream::spawn(
+                    next.push(Arc::new(spawn_upstream(
                         u,
                         adapter,
                         queue.clone(),
                         self.shutdown.child_token(),
+                        self.leases.as_deref(),
                     )));
                 }
             }

@@ -58,13 +58,14 @@ fn counter(registry: &mut Registry, name: &str, help: &str, value: u64) {
     registry.register(name, help, c);
 }
 
-const STATES: [UpstreamState; 6] = [
+const STATES: [UpstreamState; 7] = [
     UpstreamState::Connecting,
     UpstreamState::Connected,
     UpstreamState::Subscribed,
     UpstreamState::Backoff,
     UpstreamState::AuthFailed,
     UpstreamState::Stopped,
+    UpstreamState::Standby,
 ];
 
 /// Renders every metric (names carry the `wsbridge_` prefix; counters gain `_total`).
@@ -156,7 +157,26 @@ pub async fn render(state: &StatusState) -> String {
         "Events dropped because their id was already journalled",
         ingest.duplicates,
     );
-    if let Ok(pos) = state.store.position().await {
+    let available = state.store.unavailable().is_none();
+    if let Some(connected) = state.store.connected() {
+        gauge(
+            &mut r,
+            "store_connected",
+            "1 while the store's server connection (NATS) is up",
+            i64::from(connected),
+        );
+    }
+    gauge(
+        &mut r,
+        "store_available",
+        "1 while the store takes writes (0 during a NATS outage: ingest is held back)",
+        i64::from(available),
+    );
+    let position = match available {
+        true => state.store.position().await.ok(),
+        false => None,
+    };
+    if let Some(pos) = position {
         gauge(
             &mut r,
             "journal_head_seq",
@@ -186,7 +206,10 @@ pub async fn render(state: &StatusState) -> String {
             labels(&[("webhook", n), ("outcome", "failed")]),
             v.counters.failed_attempts,
         ));
-        let counts = state.store.counts(n).await.unwrap_or_default();
+        let counts = match available {
+            true => state.store.counts(n).await.unwrap_or_default(),
+            false => Default::default(),
+        };
         pending.push((
             labels(&[("webhook", n)]),
             i64::try_from(counts.pending).unwrap_or(i64::MAX),

@@ -57,6 +57,13 @@ async fn page() -> Html<&'static str> {
 }
 
 async fn ready(State(state): State<Arc<StatusState>>) -> Response {
+    if let Some(why) = state.store.unavailable() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: store: {why}\n"),
+        )
+            .into_response();
+    }
     match state.store.position().await {
         Ok(_) => (StatusCode::OK, "ready\n").into_response(),
         Err(e) => (
@@ -98,8 +105,12 @@ pub async fn summary(state: &StatusState) -> Value {
         })
         .collect();
     let mut webhooks = Vec::new();
+    let unavailable = state.store.unavailable();
     for view in state.delivery.views() {
-        let counts = state.store.counts(&view.name).await.unwrap_or_default();
+        let counts = match unavailable {
+            None => state.store.counts(&view.name).await.unwrap_or_default(),
+            Some(_) => Default::default(),
+        };
         let mut v = json!(view);
         v["pending"] = json!(counts.pending);
         v["dead"] = json!(counts.dead);
@@ -108,14 +119,18 @@ pub async fn summary(state: &StatusState) -> Value {
         }
         webhooks.push(v);
     }
-    let journal = match state.store.position().await {
-        Ok(p) => json!({"head": p.head, "first": p.first, "epoch": p.epoch}),
-        Err(e) => json!({"error": e.to_string()}),
+    let journal = match &unavailable {
+        Some(why) => json!({"error": why}),
+        None => match state.store.position().await {
+            Ok(p) => json!({"head": p.head, "first": p.first, "epoch": p.epoch}),
+            Err(e) => json!({"error": e.to_string()}),
+        },
     };
     json!({
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_s": state.started.elapsed().as_secs(),
         "journal": journal,
+        "store_connected": state.store.connected(),
         "ingest": state.ingest.snapshot(),
         "providers": providers,
         "upstreams": upstreams,

@@ -118,10 +118,6 @@ async fn events(ws: &mut Ws, n: usize) -> Vec<(u64, String)> {
 /// sees every event.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_instances_on_one_upstream_journal_and_deliver_each_event_once() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter("wsbridge=debug,async_nats=warn")
-        .with_test_writer()
-        .try_init();
     let prefix = unique_prefix("dedup");
     let vb = start_sim(Provider::Voipbin).await;
     let rx = Receiver::start(Vec::new(), Answer::status(200)).await;
@@ -387,4 +383,366 @@ async fn gone_disables_every_instance_and_enable_on_any_resumes() {
     a.shutdown().await;
     b.shutdown().await;
     cleanup(SHARED_NATS, &prefix).await;
+}
+
+/// Polls until `cond` returns `Some`, failing at the deadline.
+async fn until<T, F, Fut>(limit: Duration, what: &str, mut cond: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(v) = cond().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what} not within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The contract ids of every journalled VoicePact event (read straight from the stream).
+async fn journalled_contracts(cfg: &wsbridge::config::Config) -> BTreeSet<String> {
+    let store = wsbridge::storage::nats::NatsStore::connect(&cfg.storage)
+        .await
+        .expect("store");
+    let mut out = BTreeSet::new();
+    let mut from = 1;
+    loop {
+        let page = wsbridge::storage::Store::read_from(store.as_ref(), from, 1000)
+            .await
+            .expect("read");
+        let Some(last) = page.last() else { break };
+        from = last.seq + 1;
+        for e in &page {
+            let v: Value = serde_json::from_slice(&e.bytes).expect("envelope");
+            if let Some(c) = v["data"]["contract_id"].as_str() {
+                out.insert(c.to_string());
+            }
+        }
+    }
+    out
+}
+
+/// `ownership = "lease"` (VoicePact's default): two bridge processes, one holds the upstream.
+/// The holder is SIGKILLed under load; the other takes over within about the lease TTL and
+/// events keep flowing. Frames the provider pushes while nobody is connected are lost (the
+/// provider does not buffer); the test reports how many.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_holder_killed_under_load_the_other_instance_takes_over() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    let prefix = unique_prefix("lease");
+    let vp = start_sim(Provider::VoicePact).await;
+    let dir = temp_dir("lease");
+    let urls = [SHARED_NATS.to_string()];
+    let ttl = Duration::from_secs(2);
+    let blocks = [upstream_block("vp", &vp, FAST), consumer_block()];
+    let extra = "lease_ttl = \"2s\"\n";
+    let addrs = [free_addr(), free_addr()];
+    let mut procs: Vec<BridgeProcess> = addrs
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            BridgeProcess::spawn(
+                &dir,
+                &format!("b{i}"),
+                *a,
+                &nats_config_on(*a, &blocks, &urls, &prefix, extra),
+            )
+        })
+        .collect();
+    let holder = until(LONG, "one holder and one standby", || async {
+        let s0 = procs[0].upstream_state("vp").await?;
+        let s1 = procs[1].upstream_state("vp").await?;
+        match (s0.as_str(), s1.as_str()) {
+            ("subscribed", "standby") => Some(0),
+            ("standby", "subscribed") => Some(1),
+            _ => None,
+        }
+    })
+    .await;
+    let survivor = 1 - holder;
+    wait_sim_ready(&vp, 1).await;
+
+    // Load: a numbered payment_update every few ms; remember which reached a connection.
+    let sent: Arc<Mutex<Vec<bool>>> = Arc::default();
+    let running = Arc::new(AtomicBool::new(true));
+    let emitter = {
+        let (vp, sent, running) = (vp.clone(), sent.clone(), running.clone());
+        tokio::spawn(async move {
+            let mut i = 0usize;
+            while running.load(Ordering::Relaxed) {
+                // payment_update is broadcast to every connection (contract_update only to
+                // the contract's parties).
+                let frame = wsbridge_adapters::voicepact::wire::payment_update(
+                    &format!("k{i}"),
+                    "paid",
+                    1.5,
+                    1_717_171_717,
+                );
+                let reached = vp.emit(frame).await > 0;
+                sent.lock().expect("sent").push(reached);
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    let cfg = nats_config(&blocks, &urls, &prefix, extra);
+    until(LONG, "events journalled before the kill", || async {
+        (sent.lock().expect("sent").len() >= 100).then_some(())
+    })
+    .await;
+    let killed_at = tokio::time::Instant::now();
+    let index_at_kill = sent.lock().expect("sent").len();
+    procs[holder].kill();
+    until(LONG, "the survivor subscribed", || async {
+        (procs[survivor].upstream_state("vp").await? == "subscribed").then_some(())
+    })
+    .await;
+    let takeover = killed_at.elapsed();
+    let index_at_takeover = sent.lock().expect("sent").len();
+    let reached_survivor = || {
+        let s = sent.lock().expect("sent");
+        s[index_at_takeover..].iter().filter(|r| **r).count()
+    };
+    until(LONG, "frames reaching the survivor", || async {
+        (reached_survivor() >= 100).then_some(())
+    })
+    .await;
+    running.store(false, Ordering::Relaxed);
+    emitter.await.expect("emitter");
+    let sent = sent.lock().expect("sent").clone();
+    // Everything that reached the survivor's connection is journalled.
+    let must: BTreeSet<String> = (index_at_takeover..sent.len())
+        .filter(|i| sent[*i])
+        .map(|i| format!("k{i}"))
+        .collect();
+    let journal = until(LONG, "the survivor's frames journalled", || async {
+        let j = journalled_contracts(&cfg).await;
+        must.is_subset(&j).then_some(j)
+    })
+    .await;
+    let gap = (index_at_kill..index_at_takeover)
+        .filter(|i| !sent[*i])
+        .count();
+    let lost: Vec<usize> = (0..sent.len())
+        .filter(|i| sent[*i] && !journal.contains(&format!("k{i}")))
+        .collect();
+    eprintln!(
+        "lease takeover: {takeover:?} after SIGKILL (ttl {ttl:?}); {gap} frames pushed while no \
+         instance was connected; {} frames reached the killed holder but were not journalled; \
+         {} frames sent in total",
+        lost.len(),
+        sent.len()
+    );
+    assert!(
+        takeover < ttl * 3,
+        "takeover took {takeover:?}, more than the lease TTL allows"
+    );
+    for p in &mut procs {
+        p.kill();
+    }
+    cleanup(SHARED_NATS, &prefix).await;
+}
+
+/// `/readyz` status code of a bridge.
+async fn readyz(bridge: &Bridge) -> u16 {
+    http_client()
+        .get(format!("http://{}/readyz", bridge.local_addr()))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .map(|r| r.status().as_u16())
+        .unwrap_or(0)
+}
+
+/// Emits numbered VoIPBIN calls every few ms until stopped; records how many were sent.
+fn spawn_load(
+    sim: &Simulator,
+) -> (
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+    tokio::task::JoinHandle<usize>,
+) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let running = std::sync::Arc::new(AtomicBool::new(true));
+    let task = {
+        let (sim, running) = (sim.clone(), running.clone());
+        tokio::spawn(async move {
+            let mut i = 0;
+            while running.load(Ordering::Relaxed) {
+                sim.emit(call(i)).await;
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            i
+        })
+    };
+    (running, task)
+}
+
+/// The call numbers (`data.n`) journalled in the stream of `cfg`; `None` if NATS does not
+/// answer (a cluster electing a leader).
+async fn journalled_calls(cfg: &wsbridge::config::Config) -> Option<BTreeSet<u64>> {
+    let store = wsbridge::storage::nats::NatsStore::connect(&cfg.storage)
+        .await
+        .ok()?;
+    let mut out = BTreeSet::new();
+    let mut from = 1;
+    loop {
+        let page = wsbridge::storage::Store::read_from(store.as_ref(), from, 1000)
+            .await
+            .ok()?;
+        let Some(last) = page.last() else { break };
+        from = last.seq + 1;
+        for e in &page {
+            let v: Value = serde_json::from_slice(&e.bytes).expect("envelope");
+            if let Some(n) = v["data"]["n"].as_u64() {
+                out.insert(n);
+            }
+        }
+    }
+    Some(out)
+}
+
+/// A NATS server of the test's own is restarted under load: the bridge goes unready, holds
+/// the upstream back meanwhile, recovers by itself, and every event the upstream sent is
+/// journalled and delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_restart_under_load_makes_the_bridge_unready_then_recovers_losing_nothing() {
+    let mut server = NatsServer::start("restart");
+    server.wait_ready(LONG).await;
+    let prefix = unique_prefix("restart");
+    let vb = start_sim(Provider::Voipbin).await;
+    let rx = Receiver::start(Vec::new(), Answer::status(200)).await;
+    let blocks = [
+        upstream_block(
+            "vb",
+            &vb,
+            "backoff_initial = \"50ms\"\nbackoff_max = \"400ms\"\n",
+        ),
+        webhook_block("crm", &rx.url(), ""),
+        route_block("crm"),
+        consumer_block(),
+    ];
+    let urls = [server.url()];
+    let cfg = nats_config(&blocks, &urls, &prefix, "");
+    let (bridge, _) = start_bridge(&cfg).await;
+    wait_sim_ready(&vb, 1).await;
+    assert_eq!(readyz(&bridge).await, 200);
+
+    let (running, load) = spawn_load(&vb);
+    rx.wait_until(LONG, "deliveries before the outage", |r| r.len() >= 50)
+        .await;
+    server.kill();
+    until(LONG, "unready during the outage", || async {
+        (readyz(&bridge).await == 503).then_some(())
+    })
+    .await;
+    let metrics = http_client()
+        .get(format!("http://{}/metrics", bridge.local_addr()))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    assert!(
+        metrics.contains("wsbridge_store_connected 0"),
+        "metrics show the NATS connection down"
+    );
+    server.restart();
+    until(LONG, "ready again", || async {
+        (readyz(&bridge).await == 200).then_some(())
+    })
+    .await;
+    let before_stop = rx.requests().len();
+    rx.wait_until(LONG, "deliveries after the outage", |r| {
+        r.len() >= before_stop + 50
+    })
+    .await;
+    running.store(false, std::sync::atomic::Ordering::Relaxed);
+    let sent = load.await.expect("load") as u64;
+
+    let all: BTreeSet<u64> = (0..sent).collect();
+    let journal = until(LONG, "every event journalled", || async {
+        let j = journalled_calls(&cfg).await?;
+        (j == all).then_some(j)
+    })
+    .await;
+    assert_eq!(journal.len() as u64, sent);
+    rx.wait_until(LONG, "every event delivered", |r| {
+        per_id(r).len() as u64 == sent
+    })
+    .await;
+    eprintln!("nats restart: {sent} events sent under load, all journalled and delivered");
+    bridge.shutdown().await;
+}
+
+/// A three-node NATS cluster (started by the test on loopback ports) with every stream at 3
+/// replicas: one node is killed under load; nothing journalled is lost and delivery goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_node_killed_under_load_loses_nothing_and_delivery_continues() {
+    let mut nodes = NatsServer::cluster("cluster", 3);
+    for n in &nodes {
+        n.wait_ready(LONG).await;
+    }
+    let prefix = unique_prefix("cluster");
+    let vb = start_sim(Provider::Voipbin).await;
+    let rx = Receiver::start(Vec::new(), Answer::status(200)).await;
+    let blocks = [
+        upstream_block(
+            "vb",
+            &vb,
+            "backoff_initial = \"50ms\"\nbackoff_max = \"400ms\"\n",
+        ),
+        webhook_block("crm", &rx.url(), ""),
+        route_block("crm"),
+        consumer_block(),
+    ];
+    let urls: Vec<String> = nodes.iter().map(NatsServer::url).collect();
+    let cfg = nats_config(&blocks, &urls, &prefix, "replicas = 3\n");
+    let bridge = until(LONG, "the bridge started on the cluster", || async {
+        // Stream creation needs a JetStream meta leader; retry until the cluster has one.
+        match Bridge::start(&cfg).await {
+            Ok(b) => Some(b),
+            Err(e) => {
+                eprintln!("bridge start: {e}");
+                None
+            }
+        }
+    })
+    .await;
+    for u in bridge.upstreams() {
+        wait_subscribed(&u).await;
+    }
+    wait_sim_ready(&vb, 1).await;
+
+    let (running, load) = spawn_load(&vb);
+    rx.wait_until(LONG, "deliveries before the node dies", |r| r.len() >= 50)
+        .await;
+    nodes[0].kill();
+    let before = rx.requests().len();
+    rx.wait_until(LONG, "deliveries after the node died", |r| {
+        r.len() >= before + 100
+    })
+    .await;
+    running.store(false, std::sync::atomic::Ordering::Relaxed);
+    let sent = load.await.expect("load") as u64;
+
+    let all: BTreeSet<u64> = (0..sent).collect();
+    let survivors = nats_config(&blocks, &urls[1..], &prefix, "replicas = 3\n");
+    until(LONG, "every event journalled", || async {
+        (journalled_calls(&survivors).await? == all).then_some(())
+    })
+    .await;
+    rx.wait_until(LONG, "every event delivered", |r| {
+        per_id(r).len() as u64 == sent
+    })
+    .await;
+    eprintln!("nats cluster: {sent} events under load, one of 3 nodes killed, all journalled and delivered");
+    bridge.shutdown().await;
 }

@@ -322,6 +322,19 @@ pub trait Store: Send + Sync + 'static {
         false
     }
 
+    /// Why the store cannot serve now, when it knows without asking (a networked store whose
+    /// connection is down, or whose writes fail): readiness fails at once instead of after a
+    /// timeout, and metrics skip questions that would only time out. `None` when it can.
+    fn unavailable(&self) -> Option<String> {
+        None
+    }
+
+    /// Whether the store's connection to its server is up; `None` for a store without one
+    /// (for health and metrics).
+    fn connected(&self) -> Option<bool> {
+        None
+    }
+
     /// Bytes the store occupies on disk, where that is known (for metrics).
     fn size_bytes(&self) -> Option<u64> {
         None

@@ -54,6 +54,9 @@ pub enum UpstreamState {
     AuthFailed,
     /// Shut down.
     Stopped,
+    /// Another bridge instance holds this upstream's lease (`ownership = "lease"`); this one
+    /// waits to take over.
+    Standby,
 }
 
 impl UpstreamState {
@@ -66,6 +69,7 @@ impl UpstreamState {
             UpstreamState::Backoff => "backoff",
             UpstreamState::AuthFailed => "auth_failed",
             UpstreamState::Stopped => "stopped",
+            UpstreamState::Standby => "standby",
         }
     }
 }
@@ -287,6 +291,18 @@ pub fn spawn(
     ingest: mpsc::Sender<Envelope>,
     shutdown: CancellationToken,
 ) -> UpstreamHandle {
+    spawn_gated(config, adapter, ingest, shutdown, None)
+}
+
+/// Like [`spawn`], but the supervisor connects only while `gate` is true (this instance holds
+/// the upstream's lease) and closes the connection as soon as it turns false.
+pub fn spawn_gated(
+    config: &UpstreamConfig,
+    adapter: Arc<dyn Adapter>,
+    ingest: mpsc::Sender<Envelope>,
+    shutdown: CancellationToken,
+    gate: Option<watch::Receiver<bool>>,
+) -> UpstreamHandle {
     let (status_tx, status_rx) = watch::channel(UpstreamStatus {
         state: UpstreamState::Connecting,
         since: Utc::now(),
@@ -303,7 +319,7 @@ pub fn spawn(
         status: Arc::new(status_tx),
     };
     let handle_parts = (shared.name.clone(), shared.counters.clone());
-    let task = tokio::spawn(supervise(shared, ingest, shutdown.clone()));
+    let task = tokio::spawn(supervise(shared, ingest, shutdown.clone(), gate));
     UpstreamHandle {
         name: handle_parts.0,
         config: config.clone(),
@@ -315,23 +331,55 @@ pub fn spawn(
     }
 }
 
-async fn supervise(shared: Shared, ingest: mpsc::Sender<Envelope>, shutdown: CancellationToken) {
+async fn supervise(
+    shared: Shared,
+    ingest: mpsc::Sender<Envelope>,
+    shutdown: CancellationToken,
+    mut gate: Option<watch::Receiver<bool>>,
+) {
     let name = shared.name.clone();
     let mut backoff = Backoff::new(shared.timing.backoff_initial, shared.timing.backoff_max);
     info!(upstream = %name, provider = %shared.adapter.provider(), url = %shared.adapter.display_url(), "upstream starting");
     let mut first = true;
     loop {
+        // Without the lease, wait for it; a session ends when the lease is lost.
+        let session_stop = shutdown.child_token();
+        let mut lease_watch = None;
+        if let Some(g) = gate.as_mut() {
+            if !*g.borrow_and_update() {
+                shared.set_state(UpstreamState::Standby);
+                info!(upstream = %name, "another instance holds the lease; standing by");
+                tokio::select! {
+                    held = g.wait_for(|held| *held) => if held.is_err() { break },
+                    _ = shutdown.cancelled() => break,
+                }
+                info!(upstream = %name, "lease acquired; connecting");
+            }
+            let mut g = g.clone();
+            let stop = session_stop.clone();
+            lease_watch = Some(tokio::spawn(async move {
+                let _ = g.wait_for(|held| !*held).await;
+                stop.cancel();
+            }));
+        }
         if !first {
             shared.counters.reconnects.fetch_add(1, Ordering::Relaxed);
         }
         first = false;
         shared.set_state(UpstreamState::Connecting);
-        let outcome = session::run(&shared, &ingest, &shutdown).await;
+        let outcome = session::run(&shared, &ingest, &session_stop).await;
+        if let Some(w) = lease_watch {
+            w.abort();
+        }
         if outcome.healthy {
             backoff.reset();
         }
         let (state, delay) = match &outcome.end {
-            SessionEnd::Shutdown => break,
+            SessionEnd::Shutdown if shutdown.is_cancelled() => break,
+            SessionEnd::Shutdown => {
+                warn!(upstream = %name, "lease lost; connection closed");
+                continue;
+            }
             SessionEnd::AuthRejected(_) => {
                 (UpstreamState::AuthFailed, backoff.auth_failure_delay())
             }

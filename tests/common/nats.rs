@@ -217,3 +217,88 @@ pub async fn wait_jetstream(url: &str, limit: Duration) {
 fn nats_server_binary() -> String {
     std::env::var("NATS_SERVER_BIN").unwrap_or_else(|_| "nats-server".to_string())
 }
+
+/// A bridge binary (`wsbridge serve`) on a config file; SIGKILLed when dropped.
+pub struct BridgeProcess {
+    child: Option<Child>,
+    /// Where it listens.
+    pub addr: std::net::SocketAddr,
+}
+
+impl BridgeProcess {
+    /// Writes `config_text` (whose `[server]` must listen on `addr`) into `dir` and starts
+    /// the binary on it.
+    pub fn spawn(
+        dir: &std::path::Path,
+        tag: &str,
+        addr: std::net::SocketAddr,
+        config_text: &str,
+    ) -> BridgeProcess {
+        let path = dir.join(format!("{tag}.toml"));
+        std::fs::write(&path, config_text).expect("write config");
+        let child = Command::new(env!("CARGO_BIN_EXE_wsbridge"))
+            .args(["serve", "--config"])
+            .arg(&path)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("bridge starts");
+        BridgeProcess {
+            child: Some(child),
+            addr,
+        }
+    }
+
+    /// SIGKILL, and reap it.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// GET on its admin API (token `admin-token`); `None` while it does not answer.
+    pub async fn admin_get(&self, path: &str) -> Option<serde_json::Value> {
+        let resp = super::http_client()
+            .get(format!("http://{}/v1/admin/{path}", self.addr))
+            .bearer_auth("admin-token")
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
+            .ok()?;
+        serde_json::from_slice(&resp.bytes().await.ok()?).ok()
+    }
+
+    /// The state of its upstream `name`, if it answers.
+    pub async fn upstream_state(&self, name: &str) -> Option<String> {
+        let v = self.admin_get("upstreams").await?;
+        v["upstreams"]
+            .as_array()?
+            .iter()
+            .find(|u| u["name"] == name)
+            .and_then(|u| u["state"].as_str().map(str::to_string))
+    }
+}
+
+impl Drop for BridgeProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A config text listening on `addr` with the nats backend (see [`nats_config_text`]).
+pub fn nats_config_on(
+    addr: std::net::SocketAddr,
+    blocks: &[String],
+    urls: &[String],
+    prefix: &str,
+    extra: &str,
+) -> String {
+    nats_config_text(blocks, urls, prefix, extra).replacen("127.0.0.1:0", &addr.to_string(), 1)
+}
+
+/// A free loopback address.
+pub fn free_addr() -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([127, 0, 0, 1], free_port()))
+}

@@ -44,6 +44,10 @@ use crate::storage::{
 /// How often a dispatcher polls its consumer for work published by other instances (and
 /// re-reads the endpoint's shared state).
 pub const POLL: Duration = Duration::from_millis(200);
+/// How long a fetch may wait for the server's answer (a no-wait request answers at once; one
+/// lost in a reconnect must not stall the dispatcher). Messages of an abandoned fetch are
+/// redelivered after the ack wait.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(2);
 /// Event seq of a dead letter or replay.
 const HEADER_SEQ: &str = "Wsbridge-Seq";
 /// Event id of a dead letter or replay.
@@ -61,6 +65,35 @@ const DISABLED_TTL: Duration = Duration::from_secs(1);
 const MAX_ACK_PENDING: i64 = 10_000;
 /// Ack wait of a consumer prepared without its endpoint's settings.
 const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(60);
+
+/// Fetches up to `n` available messages without waiting for more; bounded in time, so a
+/// request lost in a reconnect cannot stall the dispatcher.
+async fn fetch(
+    consumer: &Consumer<pull::Config>,
+    n: usize,
+    op: &'static str,
+) -> Result<Vec<jetstream::Message>, StoreError> {
+    let collect = async {
+        let mut batch = consumer
+            .fetch()
+            .max_messages(n)
+            .messages()
+            .await
+            .map_err(nats_err(op))?;
+        let mut out = Vec::with_capacity(n);
+        while let Some(m) = batch.next().await {
+            out.push(m.map_err(boxed(op))?);
+        }
+        Ok(out)
+    };
+    match tokio::time::timeout(FETCH_TIMEOUT, collect).await {
+        Ok(r) => r,
+        Err(_) => Err(StoreError::Nats {
+            op,
+            source: "no answer from NATS".into(),
+        }),
+    }
+}
 
 fn boxed(op: &'static str) -> impl FnOnce(async_nats::Error) -> StoreError {
     move |source| StoreError::Nats { op, source }
@@ -343,15 +376,7 @@ impl Queues {
             return Ok(out);
         }
         let released_count = out.len();
-        let mut batch = q
-            .replay
-            .fetch()
-            .max_messages(room)
-            .messages()
-            .await
-            .map_err(nats_err("fetch replays"))?;
-        while let Some(m) = batch.next().await {
-            let m = m.map_err(boxed("fetch replays"))?;
+        for m in fetch(&q.replay, room, "fetch replays").await? {
             let attempts = m.info().map(|i| i.delivered.max(1) - 1).unwrap_or(0);
             let (msg, acker) = m.split();
             let Some(seq) = header(&msg, HEADER_SEQ).and_then(|s| s.parse::<u64>().ok()) else {
@@ -387,17 +412,9 @@ impl Queues {
             if want == 0 {
                 break;
             }
-            let mut batch = q
-                .main
-                .fetch()
-                .max_messages(want)
-                .messages()
-                .await
-                .map_err(nats_err("fetch deliveries"))?;
-            let mut got = 0;
-            while let Some(m) = batch.next().await {
-                let m = m.map_err(boxed("fetch deliveries"))?;
-                got += 1;
+            let batch = fetch(&q.main, want, "fetch deliveries").await?;
+            let got = batch.len();
+            for m in batch {
                 let (seq, attempts) = match m.info() {
                     Ok(i) => (i.stream_sequence, i.delivered.max(1) - 1),
                     Err(_) => continue,

@@ -11,7 +11,7 @@
 //! - webhook deliveries are durable pull consumers on the journal, one per endpoint, shared by
 //!   every instance (see [`delivery`]); dead letters go to `<prefix>_dlq`, admin replays to
 //!   `<prefix>_replay`; endpoint state (disabled by a 410) is in the bucket `<prefix>_state` ([`state`]);
-//! - upstream leases are in the bucket `<prefix>_leases`.
+//! - upstream leases are in the bucket `<prefix>_leases` (see [`lease`]).
 //!
 //! Serialise once: the envelope is serialised once, without its `seq` (which only the stream
 //! can assign), and published. Whoever reads it back (the live tail, a resume, a webhook
@@ -24,6 +24,7 @@
 //! the bridge read it is dropped.
 
 pub mod delivery;
+pub mod lease;
 pub mod state;
 pub mod tail;
 
@@ -235,11 +236,6 @@ impl NatsStore {
             self.client.connection_state(),
             async_nats::connection::State::Connected
         )
-    }
-
-    /// Connected, and the last journal publish succeeded: what readiness requires.
-    pub fn healthy(&self) -> bool {
-        self.connected() && self.journal_ok.load(Ordering::Relaxed)
     }
 
     /// The names in use.
@@ -617,6 +613,20 @@ impl Store for NatsStore {
 
     fn shared(&self) -> bool {
         true
+    }
+
+    fn unavailable(&self) -> Option<String> {
+        if !NatsStore::connected(self) {
+            Some("NATS is disconnected".to_string())
+        } else if !self.journal_ok.load(Ordering::Relaxed) {
+            Some("journal publishes to NATS are failing".to_string())
+        } else {
+            None
+        }
+    }
+
+    fn connected(&self) -> Option<bool> {
+        Some(NatsStore::connected(self))
     }
 }
 

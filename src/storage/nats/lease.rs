@@ -1,0 +1,110 @@
+//! Upstream leases (`ownership = "lease"`): one bridge instance at a time holds an upstream's
+//! connection; another takes over within about `storage.lease_ttl` when the holder dies.
+//!
+//! The lease is a key `upstream.<name>` in the bucket `<prefix>_leases`, whose values expire
+//! after the TTL. The holder rewrites it every TTL/3, each time only if nobody else changed it
+//! (compare-and-set on the revision). A standby instance tries to create the key every TTL/5;
+//! creation succeeds only when the key is absent, so at most one instance wins. A holder that
+//! cannot renew for 2/3 of the TTL (NATS unreachable) gives the upstream up before its lease
+//! can expire and be taken, so two instances never knowingly hold one upstream. On shutdown
+//! the holder deletes its lease, so the standby takes over at its next try.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::state::Bucket;
+use super::NatsStore;
+use crate::storage::StoreError;
+
+/// The leases of one bridge instance.
+pub struct Leases {
+    bucket: Arc<Bucket>,
+    ttl: Duration,
+    /// Identifies this instance in the lease values (for operators reading the bucket).
+    instance: String,
+}
+
+impl Leases {
+    /// Opens (or creates) the lease bucket.
+    pub async fn open(store: &NatsStore) -> Result<Leases, StoreError> {
+        let names = store.names();
+        let bucket = Bucket::open(
+            store.jetstream(),
+            &names.leases,
+            &format!("{}.leases", names.prefix),
+            store.replicas(),
+            Some(store.lease_ttl()),
+        )
+        .await?;
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        Ok(Leases {
+            bucket: Arc::new(bucket),
+            ttl: store.lease_ttl(),
+            instance: format!("pid{}-{nanos:08x}", std::process::id()),
+        })
+    }
+
+    /// Starts keeping the lease of `upstream`: the returned flag is true while this instance
+    /// holds it. The keeper ends (releasing the lease) when `stop` is cancelled.
+    pub fn keep(&self, upstream: &str, stop: CancellationToken) -> watch::Receiver<bool> {
+        let (tx, rx) = watch::channel(false);
+        let bucket = self.bucket.clone();
+        let key = format!("upstream.{}", super::token(upstream));
+        let value = Bytes::from(self.instance.clone());
+        let ttl = self.ttl;
+        let name = upstream.to_string();
+        tokio::spawn(async move {
+            let mut held: Option<(u64, Instant)> = None;
+            loop {
+                let wait = if held.is_some() { ttl / 3 } else { ttl / 5 };
+                held = match held {
+                    None => match bucket.create(&key, value.clone()).await {
+                        Ok(Some(rev)) => {
+                            info!(upstream = %name, "upstream lease acquired");
+                            let _ = tx.send(true);
+                            Some((rev, Instant::now()))
+                        }
+                        Ok(None) => None,
+                        Err(e) => {
+                            warn!(upstream = %name, error = %e, "cannot try the upstream lease");
+                            None
+                        }
+                    },
+                    Some((rev, renewed)) => match bucket.update(&key, value.clone(), rev).await {
+                        Ok(Some(rev)) => Some((rev, Instant::now())),
+                        Ok(None) => {
+                            warn!(upstream = %name, "upstream lease taken by another instance");
+                            let _ = tx.send(false);
+                            None
+                        }
+                        Err(e) if renewed.elapsed() >= ttl * 2 / 3 => {
+                            warn!(upstream = %name, error = %e, "cannot renew the upstream lease; giving the upstream up");
+                            let _ = tx.send(false);
+                            None
+                        }
+                        Err(_) => Some((rev, renewed)),
+                    },
+                };
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+            let _ = tx.send(false);
+            if let Some((rev, _)) = held {
+                // Hand over at once instead of letting the lease run out.
+                let _ = bucket.update(&key, Bytes::new(), rev).await;
+            }
+        });
+        rx
+    }
+}
