@@ -7,6 +7,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use common::ws::{connect, recv, Ws};
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
@@ -14,12 +15,10 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_tungstenite::MaybeTlsStream;
 use wsbridge::bridge::Bridge;
 use wsbridge_adapters::sim::Simulator;
 use wsbridge_adapters::{hashi, voipbin, Provider};
-
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 const ALL_TOKEN: &str = "token-dashboard-all";
 const VOIPBIN_ONLY_TOKEN: &str = "token-voipbin-only";
@@ -80,35 +79,8 @@ async fn connect_small_window(bridge: &Bridge, token: &str) -> Ws {
     ws
 }
 
-async fn connect(bridge: &Bridge, token: &str) -> Ws {
-    let mut req = format!("ws://{}/v1/ws", bridge.local_addr())
-        .into_client_request()
-        .expect("request");
-    req.headers_mut().insert(
-        "authorization",
-        format!("Bearer {token}").parse().expect("header"),
-    );
-    let (ws, _) = tokio_tungstenite::connect_async(req)
-        .await
-        .expect("connect");
-    ws
-}
-
 async fn send(ws: &mut Ws, v: Value) {
     ws.send(Message::text(v.to_string())).await.expect("send");
-}
-
-/// The next text frame as JSON (skipping protocol frames), within the deadline.
-async fn recv(ws: &mut Ws) -> Value {
-    loop {
-        match tokio::time::timeout(DEADLINE, ws.next()).await {
-            Ok(Some(Ok(Message::Text(t)))) => {
-                return serde_json::from_str(t.as_str()).expect("JSON frame")
-            }
-            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
-            other => panic!("expected a text frame, got {other:?}"),
-        }
-    }
 }
 
 /// Reads frames until `n` events arrived; returns them (panics on anything unexpected).

@@ -46,6 +46,9 @@ use crate::config::StorageConfig;
 
 /// Header carrying the webhook endpoints an event was routed to at ingest.
 pub const HEADER_TARGETS: &str = "Wsbridge-Targets";
+/// Longest wait for a journal reader to be created, and how many tries.
+const READER_CREATE_TIMEOUT: Duration = Duration::from_secs(2);
+const READER_CREATE_TRIES: u32 = 4;
 /// Longest wait for one message while paging through the journal.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -308,17 +311,37 @@ impl NatsStore {
         last: u64,
         limit: usize,
     ) -> Result<Vec<StoredEvent>, StoreError> {
-        let consumer = self
-            .events
-            .create_consumer(consumer::pull::OrderedConfig {
-                filter_subject: self.names.events_filter(),
-                deliver_policy: consumer::DeliverPolicy::ByStartSequence {
-                    start_sequence: from,
-                },
-                ..Default::default()
-            })
-            .await
-            .map_err(nats_err("open a journal reader"))?;
+        // In a cluster that just lost a node, a reader placed on the dead node is never
+        // created: give each try a short limit and try again (the server then places it on a
+        // live one).
+        let mut tries = 0;
+        let consumer = loop {
+            tries += 1;
+            let created = tokio::time::timeout(
+                READER_CREATE_TIMEOUT,
+                self.events.create_consumer(consumer::pull::OrderedConfig {
+                    filter_subject: self.names.events_filter(),
+                    deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                        start_sequence: from,
+                    },
+                    ..Default::default()
+                }),
+            )
+            .await;
+            match created {
+                Ok(Ok(c)) => break c,
+                Ok(Err(e)) if tries >= READER_CREATE_TRIES => {
+                    return Err(nats_err("open a journal reader")(e))
+                }
+                Err(_) if tries >= READER_CREATE_TRIES => {
+                    return Err(StoreError::Nats {
+                        op: "open a journal reader",
+                        source: "no answer from NATS".into(),
+                    })
+                }
+                _ => continue,
+            }
+        };
         let mut messages = consumer
             .messages()
             .await
