@@ -7,7 +7,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::ws::{connect, recv, Ws};
+use common::ws::{connect, recv, sse_events, Ws};
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
@@ -308,54 +308,6 @@ async fn a_slow_consumer_is_closed_with_4001_and_a_fast_one_gets_everything() {
     bridge.shutdown().await;
 }
 
-/// Reads SSE `id:`/`data:` pairs from a raw HTTP/1.1 response until `n` events.
-async fn sse_events(
-    bridge: &Bridge,
-    query: &str,
-    last_event_id: Option<u64>,
-    n: usize,
-) -> Vec<(u64, Value)> {
-    let mut stream = TcpStream::connect(bridge.local_addr())
-        .await
-        .expect("connect");
-    let mut head = format!("GET /v1/events?{query} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ALL_TOKEN}\r\nAccept: text/event-stream\r\n");
-    if let Some(id) = last_event_id {
-        head.push_str(&format!("Last-Event-ID: {id}\r\n"));
-    }
-    head.push_str("\r\n");
-    stream.write_all(head.as_bytes()).await.expect("request");
-    let mut lines = BufReader::new(stream).lines();
-    let first = tokio::time::timeout(DEADLINE, lines.next_line())
-        .await
-        .expect("status line")
-        .expect("read")
-        .expect("line");
-    assert!(first.contains("200"), "{first}");
-    let mut out = Vec::new();
-    let mut id = None;
-    while out.len() < n {
-        let line = tokio::time::timeout(DEADLINE, lines.next_line())
-            .await
-            .expect("an SSE line in time")
-            .expect("read")
-            .expect("open");
-        // Chunked transfer encoding interleaves chunk sizes; SSE fields are recognisable.
-        if let Some(v) = line
-            .strip_prefix("id: ")
-            .or_else(|| line.strip_prefix("id:"))
-        {
-            id = v.trim().parse::<u64>().ok();
-        } else if let Some(v) = line
-            .strip_prefix("data: ")
-            .or_else(|| line.strip_prefix("data:"))
-        {
-            let envelope: Value = serde_json::from_str(v).expect("envelope JSON");
-            out.push((id.take().expect("id before data"), envelope));
-        }
-    }
-    out
-}
-
 #[tokio::test]
 async fn sse_streams_with_filters_and_resumes_after_last_event_id() {
     let (bridge, vb, hs) = setup().await;
@@ -364,7 +316,14 @@ async fn sse_streams_with_filters_and_resumes_after_last_event_id() {
         assert_eq!(hs.emit(lobby(i)).await, 1);
     }
     // Only voipbin, from the start of the journal.
-    let first = sse_events(&bridge, "providers=voipbin&from=earliest", None, 2).await;
+    let first = sse_events(
+        &bridge,
+        ALL_TOKEN,
+        "providers=voipbin&from=earliest",
+        None,
+        2,
+    )
+    .await;
     assert!(first.iter().all(|(_, e)| e["provider"] == "voipbin"));
     for (id, e) in &first {
         assert_eq!(e["seq"].as_u64(), Some(*id));
@@ -373,6 +332,7 @@ async fn sse_streams_with_filters_and_resumes_after_last_event_id() {
     let last = first[1].0;
     let rest = sse_events(
         &bridge,
+        ALL_TOKEN,
         "providers=voipbin&types=voipbin.call.*",
         Some(last),
         2,

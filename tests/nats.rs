@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::nats::*;
 use common::receiver::{Answer, Receiver};
-use common::ws::{connect, recv, Ws};
+use common::ws::{connect, recv, sse_events, Ws};
 use common::*;
 use futures_util::SinkExt;
 use serde_json::{json, Value};
@@ -133,7 +133,7 @@ async fn two_instances_on_one_upstream_journal_and_deliver_each_event_once() {
 }
 
 /// A consumer reads half the events on instance A, then resumes on instance B from its last
-/// seq + 1 while events keep coming: no gap, no duplicate.
+/// seq + 1 while events keep coming: no gap, no duplicate; SSE resumes likewise.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_resumes_on_another_instance_without_gap() {
     let prefix = unique_prefix("resume");
@@ -163,6 +163,20 @@ async fn a_consumer_resumes_on_another_instance_without_gap() {
     assert_eq!(seqs, expected, "contiguous seqs across instances");
     let ids: BTreeSet<&String> = first.iter().chain(&rest).map(|(_, id)| id).collect();
     assert_eq!(ids.len(), 150, "no duplicate event");
+
+    // SSE likewise: resume on instance A after the same cursor.
+    let sse = sse_events(&a, TOKEN, "providers=voipbin", Some(last), 90).await;
+    let sse_seqs: Vec<u64> = sse.iter().map(|(id, _)| *id).collect();
+    assert_eq!(sse_seqs, (last + 1..=150).collect::<Vec<u64>>());
+    let ws_ids: Vec<&String> = rest.iter().map(|(_, id)| id).collect();
+    let sse_ids: Vec<&str> = sse
+        .iter()
+        .map(|(_, e)| e["id"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(
+        ws_ids, sse_ids,
+        "SSE on A and /v1/ws on B carry the same events"
+    );
 
     a.shutdown().await;
     b.shutdown().await;

@@ -1,7 +1,9 @@
-//! A `/v1/ws` client for tests: connect with a consumer token, read JSON frames.
+//! Consumer clients for tests: `/v1/ws` (connect with a consumer token, read JSON frames) and
+//! SSE (`/v1/events`, read `id:`/`data:` pairs).
 
 use futures_util::StreamExt;
 use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
@@ -37,4 +39,53 @@ pub async fn recv(ws: &mut Ws) -> Value {
             other => panic!("expected a text frame, got {other:?}"),
         }
     }
+}
+
+/// Reads SSE `id:`/`data:` pairs from a raw HTTP/1.1 response until `n` events.
+pub async fn sse_events(
+    bridge: &Bridge,
+    token: &str,
+    query: &str,
+    last_event_id: Option<u64>,
+    n: usize,
+) -> Vec<(u64, Value)> {
+    let mut stream = TcpStream::connect(bridge.local_addr())
+        .await
+        .expect("connect");
+    let mut head = format!("GET /v1/events?{query} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nAccept: text/event-stream\r\n");
+    if let Some(id) = last_event_id {
+        head.push_str(&format!("Last-Event-ID: {id}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).await.expect("request");
+    let mut lines = BufReader::new(stream).lines();
+    let first = tokio::time::timeout(super::DEADLINE, lines.next_line())
+        .await
+        .expect("status line")
+        .expect("read")
+        .expect("line");
+    assert!(first.contains("200"), "{first}");
+    let mut out = Vec::new();
+    let mut id = None;
+    while out.len() < n {
+        let line = tokio::time::timeout(super::DEADLINE, lines.next_line())
+            .await
+            .expect("an SSE line in time")
+            .expect("read")
+            .expect("open");
+        // Chunked transfer encoding interleaves chunk sizes; SSE fields are recognisable.
+        if let Some(v) = line
+            .strip_prefix("id: ")
+            .or_else(|| line.strip_prefix("id:"))
+        {
+            id = v.trim().parse::<u64>().ok();
+        } else if let Some(v) = line
+            .strip_prefix("data: ")
+            .or_else(|| line.strip_prefix("data:"))
+        {
+            let envelope: Value = serde_json::from_str(v).expect("envelope JSON");
+            out.push((id.take().expect("id before data"), envelope));
+        }
+    }
+    out
 }
