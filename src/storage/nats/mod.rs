@@ -289,16 +289,19 @@ impl NatsStore {
         for (i, ack) in acks {
             let ack = ack.await.map_err(nats_err("journal publish ack"))?;
             let p = &mut prepared[i];
-            done[i] = Some(if ack.duplicate {
-                Appended::Duplicate
-            } else {
-                let mut envelope = p.envelope.take().unwrap_or_else(|| p.fallback());
-                envelope.seq = Some(ack.sequence);
-                Appended::Stored {
-                    seq: ack.sequence,
-                    bytes: with_seq(&p.payload, ack.sequence),
-                    envelope: Box::new(envelope),
-                }
+            if ack.duplicate {
+                done[i] = Some(Appended::Duplicate);
+                continue;
+            }
+            // Each event's outcome is produced once, so its envelope is still here.
+            let Some(mut envelope) = p.envelope.take() else {
+                continue;
+            };
+            envelope.seq = Some(ack.sequence);
+            done[i] = Some(Appended::Stored {
+                seq: ack.sequence,
+                bytes: with_seq(&p.payload, ack.sequence),
+                envelope: Box::new(envelope),
             });
         }
         Ok(())
@@ -409,26 +412,6 @@ struct Prepared {
     targets: String,
     payload: Bytes,
     envelope: Option<crate::envelope::Envelope>,
-}
-
-impl Prepared {
-    fn fallback(&self) -> crate::envelope::Envelope {
-        // Only reached if an outcome were produced twice for one event, which publish_batch
-        // never does; parse the payload rather than panic.
-        serde_json::from_slice(&self.payload).unwrap_or_else(|_| crate::envelope::Envelope {
-            specversion: String::new(),
-            id: self.id.clone(),
-            source: String::new(),
-            event_type: String::new(),
-            subject: None,
-            time: String::new(),
-            datacontenttype: String::new(),
-            data: serde_json::Value::Null,
-            provider: String::new(),
-            recvtime: String::new(),
-            seq: None,
-        })
-    }
 }
 
 #[async_trait]
