@@ -73,6 +73,7 @@ async fn fetch(
     n: usize,
     op: &'static str,
 ) -> Result<Vec<jetstream::Message>, StoreError> {
+    let mut out = Vec::with_capacity(n);
     let collect = async {
         let mut batch = consumer
             .fetch()
@@ -80,14 +81,17 @@ async fn fetch(
             .messages()
             .await
             .map_err(nats_err(op))?;
-        let mut out = Vec::with_capacity(n);
         while let Some(m) = batch.next().await {
             out.push(m.map_err(boxed(op))?);
         }
-        Ok(out)
+        Ok::<(), StoreError>(())
     };
-    match tokio::time::timeout(FETCH_TIMEOUT, collect).await {
-        Ok(r) => r,
+    let result = tokio::time::timeout(FETCH_TIMEOUT, collect).await;
+    // Whatever arrived is held and must be answered, even if the request then failed.
+    match result {
+        Ok(Ok(())) => Ok(out),
+        _ if !out.is_empty() => Ok(out),
+        Ok(Err(e)) => Err(e),
         Err(_) => Err(StoreError::Nats {
             op,
             source: "no answer from NATS".into(),
