@@ -718,3 +718,56 @@ async fn a_cluster_node_killed_under_load_loses_nothing_and_delivery_continues()
     eprintln!("nats cluster: {sent} events under load, one of 3 nodes killed, all journalled and delivered");
     bridge.shutdown().await;
 }
+
+/// `ordered = true` on two instances: one delivery of the endpoint at a time across both, so
+/// the events of a subject arrive in journal order even when one fails and is retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ordered_endpoint_keeps_journal_order_across_instances() {
+    let prefix = unique_prefix("ordered");
+    let vb = start_sim(Provider::Voipbin).await;
+    // The first attempt fails: the first event is retried before anything after it goes.
+    let rx = Receiver::start(vec![Answer::status(500)], Answer::status(200)).await;
+    let blocks = [
+        upstream_block("vb", &vb, FAST),
+        webhook_block(
+            "crm",
+            &rx.url(),
+            "ordered = true\nretry = [\"50ms\", \"50ms\"]\n",
+        ),
+        route_block("crm"),
+        consumer_block(),
+    ];
+    let urls = [SHARED_NATS.to_string()];
+    let cfg = nats_config(&blocks, &urls, &prefix, "");
+    let (a, _) = start_bridge(&cfg).await;
+    let (b, _) = start_bridge(&cfg).await;
+    wait_sim_ready(&vb, 2).await;
+    const N: usize = 12;
+    for i in 0..N {
+        // One subject for all: the call id stays the same, the status number changes.
+        vb.emit(voipbin::wire::event(
+            "call.status",
+            "2024-01-15T10:30:00.000000Z",
+            "customer_id:abc123:call:same",
+            json!({"id": "same", "status": "ringing", "n": i}),
+        ))
+        .await;
+    }
+    let got = rx
+        .wait_until(LONG, "every event delivered", |r| {
+            r.iter().filter(|x| x.answered == 200).count() >= N
+        })
+        .await;
+    let seqs: Vec<u64> = got
+        .iter()
+        .filter(|x| x.answered == 200)
+        .map(|x| {
+            let v: Value = serde_json::from_slice(&x.body).expect("envelope");
+            v["seq"].as_u64().expect("seq")
+        })
+        .collect();
+    assert_eq!(seqs, (1..=N as u64).collect::<Vec<u64>>(), "journal order");
+    a.shutdown().await;
+    b.shutdown().await;
+    cleanup(SHARED_NATS, &prefix).await;
+}
