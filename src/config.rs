@@ -927,4 +927,58 @@ mod tests {
         let c = Config::from_toml(GOOD, env, false).unwrap();
         assert!(!format!("{c:?}").contains("t0k"));
     }
+
+    #[test]
+    fn nats_storage_is_accepted_with_a_url_or_a_list() {
+        let one =
+            format!("{GOOD}\n[storage]\nbackend = \"nats\"\nurl = \"nats://127.0.0.1:4222\"\n");
+        let c = Config::from_toml(&one, env, false).unwrap();
+        assert_eq!(c.storage.backend, StorageBackend::Nats);
+        assert_eq!(c.storage.url, vec!["nats://127.0.0.1:4222".to_string()]);
+        assert_eq!(c.storage.prefix, "wsbridge");
+        assert_eq!(c.storage.replicas, 1);
+        assert_eq!(c.upstreams[0].ownership(), Ownership::All);
+        let list = format!(
+            "{GOOD}\nownership = \"lease\"\n[storage]\nbackend = \"nats\"\nurl = [\"nats://a:4222\", \"tls://b:4222\"]\nreplicas = 3\nprefix = \"prod-1\"\ntoken = \"${{TOKEN}}\"\n"
+        );
+        let c = Config::from_toml(&list, env, false).unwrap();
+        assert_eq!(c.storage.url.len(), 2);
+        assert_eq!(c.storage.replicas, 3);
+        assert_eq!(c.upstreams[0].ownership(), Ownership::Lease);
+        assert!(
+            !format!("{c:?}").contains("t0k"),
+            "the NATS token never prints"
+        );
+    }
+
+    #[test]
+    fn nats_storage_problems_name_their_keys() {
+        let bad = format!(
+            "{GOOD}\n[storage]\nbackend = \"nats\"\nurl = [\"http://x\"]\nprefix = \"a.b\"\nreplicas = 7\ncredentials = \"/nonexistent/x.creds\"\ntoken = \"t\"\ntls_cert = \"/nonexistent/c.pem\"\nlease_ttl = \"10ms\"\n"
+        );
+        let keys: Vec<String> = Config::from_toml(&bad, env, false)
+            .unwrap_err()
+            .0
+            .into_iter()
+            .map(|i| i.key)
+            .collect();
+        for key in [
+            "storage.url",
+            "storage.prefix",
+            "storage.replicas",
+            "storage.token",
+            "storage.tls_key",
+            "storage.credentials",
+            "storage.tls_cert",
+            "storage.lease_ttl",
+        ] {
+            assert!(keys.iter().any(|k| k == key), "{key} missing from {keys:?}");
+        }
+        let missing = format!("{GOOD}\n[storage]\nbackend = \"nats\"\n");
+        let err = Config::from_toml(&missing, env, false).unwrap_err();
+        assert_eq!(err.0[0].key, "storage.url");
+        let bad_ownership = format!("{GOOD}\nownership = \"some\"\n");
+        let err = Config::from_toml(&bad_ownership, env, false).unwrap_err();
+        assert!(err.0[0].key.starts_with("upstreams[0]"), "{err}");
+    }
 }

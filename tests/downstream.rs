@@ -7,6 +7,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use common::ws::{connect, recv, sse_events, Ws};
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
@@ -14,12 +15,10 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_tungstenite::MaybeTlsStream;
 use wsbridge::bridge::Bridge;
 use wsbridge_adapters::sim::Simulator;
 use wsbridge_adapters::{hashi, voipbin, Provider};
-
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 const ALL_TOKEN: &str = "token-dashboard-all";
 const VOIPBIN_ONLY_TOKEN: &str = "token-voipbin-only";
@@ -80,35 +79,8 @@ async fn connect_small_window(bridge: &Bridge, token: &str) -> Ws {
     ws
 }
 
-async fn connect(bridge: &Bridge, token: &str) -> Ws {
-    let mut req = format!("ws://{}/v1/ws", bridge.local_addr())
-        .into_client_request()
-        .expect("request");
-    req.headers_mut().insert(
-        "authorization",
-        format!("Bearer {token}").parse().expect("header"),
-    );
-    let (ws, _) = tokio_tungstenite::connect_async(req)
-        .await
-        .expect("connect");
-    ws
-}
-
 async fn send(ws: &mut Ws, v: Value) {
     ws.send(Message::text(v.to_string())).await.expect("send");
-}
-
-/// The next text frame as JSON (skipping protocol frames), within the deadline.
-async fn recv(ws: &mut Ws) -> Value {
-    loop {
-        match tokio::time::timeout(DEADLINE, ws.next()).await {
-            Ok(Some(Ok(Message::Text(t)))) => {
-                return serde_json::from_str(t.as_str()).expect("JSON frame")
-            }
-            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
-            other => panic!("expected a text frame, got {other:?}"),
-        }
-    }
 }
 
 /// Reads frames until `n` events arrived; returns them (panics on anything unexpected).
@@ -385,54 +357,6 @@ async fn a_long_replay_outrun_by_live_events_catches_up_instead_of_closing() {
     bridge.shutdown().await;
 }
 
-/// Reads SSE `id:`/`data:` pairs from a raw HTTP/1.1 response until `n` events.
-async fn sse_events(
-    bridge: &Bridge,
-    query: &str,
-    last_event_id: Option<u64>,
-    n: usize,
-) -> Vec<(u64, Value)> {
-    let mut stream = TcpStream::connect(bridge.local_addr())
-        .await
-        .expect("connect");
-    let mut head = format!("GET /v1/events?{query} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ALL_TOKEN}\r\nAccept: text/event-stream\r\n");
-    if let Some(id) = last_event_id {
-        head.push_str(&format!("Last-Event-ID: {id}\r\n"));
-    }
-    head.push_str("\r\n");
-    stream.write_all(head.as_bytes()).await.expect("request");
-    let mut lines = BufReader::new(stream).lines();
-    let first = tokio::time::timeout(DEADLINE, lines.next_line())
-        .await
-        .expect("status line")
-        .expect("read")
-        .expect("line");
-    assert!(first.contains("200"), "{first}");
-    let mut out = Vec::new();
-    let mut id = None;
-    while out.len() < n {
-        let line = tokio::time::timeout(DEADLINE, lines.next_line())
-            .await
-            .expect("an SSE line in time")
-            .expect("read")
-            .expect("open");
-        // Chunked transfer encoding interleaves chunk sizes; SSE fields are recognisable.
-        if let Some(v) = line
-            .strip_prefix("id: ")
-            .or_else(|| line.strip_prefix("id:"))
-        {
-            id = v.trim().parse::<u64>().ok();
-        } else if let Some(v) = line
-            .strip_prefix("data: ")
-            .or_else(|| line.strip_prefix("data:"))
-        {
-            let envelope: Value = serde_json::from_str(v).expect("envelope JSON");
-            out.push((id.take().expect("id before data"), envelope));
-        }
-    }
-    out
-}
-
 #[tokio::test]
 async fn sse_streams_with_filters_and_resumes_after_last_event_id() {
     let (bridge, vb, hs) = setup().await;
@@ -441,7 +365,14 @@ async fn sse_streams_with_filters_and_resumes_after_last_event_id() {
         assert_eq!(hs.emit(lobby(i)).await, 1);
     }
     // Only voipbin, from the start of the journal.
-    let first = sse_events(&bridge, "providers=voipbin&from=earliest", None, 2).await;
+    let first = sse_events(
+        &bridge,
+        ALL_TOKEN,
+        "providers=voipbin&from=earliest",
+        None,
+        2,
+    )
+    .await;
     assert!(first.iter().all(|(_, e)| e["provider"] == "voipbin"));
     for (id, e) in &first {
         assert_eq!(e["seq"].as_u64(), Some(*id));
@@ -450,6 +381,7 @@ async fn sse_streams_with_filters_and_resumes_after_last_event_id() {
     let last = first[1].0;
     let rest = sse_events(
         &bridge,
+        ALL_TOKEN,
         "providers=voipbin&types=voipbin.call.*",
         Some(last),
         2,

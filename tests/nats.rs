@@ -10,22 +10,21 @@ use std::time::Duration;
 
 use common::nats::*;
 use common::receiver::{Answer, Receiver};
+use common::ws::{connect, recv, sse_events, Ws};
 use common::*;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use serde_json::{json, Value};
-use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use wsbridge::bridge::Bridge;
 use wsbridge_adapters::sim::Simulator;
 use wsbridge_adapters::{voipbin, Provider};
 
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
-
 const TOKEN: &str = "token-all";
 /// Generous: every wait in these tests ends as soon as its condition holds.
 const LONG: Duration = Duration::from_secs(30);
+/// After a NATS node dies: a new stream leader is elected and the dead node's readers are
+/// replaced, which on a loaded 2-core machine can take a while.
+const ELECTION: Duration = Duration::from_secs(60);
 
 fn consumer_block() -> String {
     format!("[[consumers]]\nname = \"all\"\ntoken = \"{TOKEN}\"\n")
@@ -57,32 +56,6 @@ fn per_id(requests: &[common::receiver::Received]) -> BTreeMap<String, usize> {
         *m.entry(r.header("webhook-id").to_string()).or_default() += 1;
     }
     m
-}
-
-async fn connect(bridge: &Bridge) -> Ws {
-    let mut req = format!("ws://{}/v1/ws", bridge.local_addr())
-        .into_client_request()
-        .expect("request");
-    req.headers_mut().insert(
-        "authorization",
-        format!("Bearer {TOKEN}").parse().expect("header"),
-    );
-    let (ws, _) = tokio_tungstenite::connect_async(req)
-        .await
-        .expect("connect");
-    ws
-}
-
-async fn recv(ws: &mut Ws) -> Value {
-    loop {
-        match tokio::time::timeout(DEADLINE, ws.next()).await {
-            Ok(Some(Ok(Message::Text(t)))) => {
-                return serde_json::from_str(t.as_str()).expect("JSON frame")
-            }
-            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
-            other => panic!("expected a text frame, got {other:?}"),
-        }
-    }
 }
 
 async fn subscribe(ws: &mut Ws, from: Value) -> Value {
@@ -132,7 +105,7 @@ async fn two_instances_on_one_upstream_journal_and_deliver_each_event_once() {
     let (a, _) = start_bridge(&cfg).await;
     let (b, _) = start_bridge(&cfg).await;
     wait_sim_ready(&vb, 2).await;
-    let mut on_b = connect(&b).await;
+    let mut on_b = connect(&b, TOKEN).await;
     subscribe(&mut on_b, json!("latest")).await;
 
     const N: usize = 200;
@@ -160,7 +133,7 @@ async fn two_instances_on_one_upstream_journal_and_deliver_each_event_once() {
 }
 
 /// A consumer reads half the events on instance A, then resumes on instance B from its last
-/// seq + 1 while events keep coming: no gap, no duplicate.
+/// seq + 1 while events keep coming: no gap, no duplicate; SSE resumes likewise.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_resumes_on_another_instance_without_gap() {
     let prefix = unique_prefix("resume");
@@ -172,7 +145,7 @@ async fn a_consumer_resumes_on_another_instance_without_gap() {
     let (b, _) = start_bridge(&cfg).await;
     wait_sim_ready(&vb, 2).await;
 
-    let mut on_a = connect(&a).await;
+    let mut on_a = connect(&a, TOKEN).await;
     let ready_a = subscribe(&mut on_a, json!("earliest")).await;
     emit_range(&vb, 0..100).await;
     let first = events(&mut on_a, 60).await;
@@ -180,7 +153,7 @@ async fn a_consumer_resumes_on_another_instance_without_gap() {
     let last = first.last().expect("events").0;
 
     emit_range(&vb, 100..150).await;
-    let mut on_b = connect(&b).await;
+    let mut on_b = connect(&b, TOKEN).await;
     let ready_b = subscribe(&mut on_b, json!(last + 1)).await;
     assert_eq!(ready_a["epoch"], ready_b["epoch"], "one stream, one epoch");
     let rest = events(&mut on_b, 90).await;
@@ -190,6 +163,20 @@ async fn a_consumer_resumes_on_another_instance_without_gap() {
     assert_eq!(seqs, expected, "contiguous seqs across instances");
     let ids: BTreeSet<&String> = first.iter().chain(&rest).map(|(_, id)| id).collect();
     assert_eq!(ids.len(), 150, "no duplicate event");
+
+    // SSE likewise: resume on instance A after the same cursor.
+    let sse = sse_events(&a, TOKEN, "providers=voipbin", Some(last), 90).await;
+    let sse_seqs: Vec<u64> = sse.iter().map(|(id, _)| *id).collect();
+    assert_eq!(sse_seqs, (last + 1..=150).collect::<Vec<u64>>());
+    let ws_ids: Vec<&String> = rest.iter().map(|(_, id)| id).collect();
+    let sse_ids: Vec<&str> = sse
+        .iter()
+        .map(|(_, e)| e["id"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(
+        ws_ids, sse_ids,
+        "SSE on A and /v1/ws on B carry the same events"
+    );
 
     a.shutdown().await;
     b.shutdown().await;
@@ -361,7 +348,7 @@ async fn gone_disables_every_instance_and_enable_on_any_resumes() {
         .await;
     }
     emit_range(&vb, 1..4).await;
-    let mut on_a = connect(&a).await;
+    let mut on_a = connect(&a, TOKEN).await;
     subscribe(&mut on_a, json!("earliest")).await;
     events(&mut on_a, 4).await; // journalled while disabled
     assert_eq!(rx.requests().len(), 1, "nothing sent while disabled");
@@ -402,29 +389,6 @@ where
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-/// The contract ids of every journalled VoicePact event (read straight from the stream).
-async fn journalled_contracts(cfg: &wsbridge::config::Config) -> BTreeSet<String> {
-    let store = wsbridge::storage::nats::NatsStore::connect(&cfg.storage)
-        .await
-        .expect("store");
-    let mut out = BTreeSet::new();
-    let mut from = 1;
-    loop {
-        let page = wsbridge::storage::Store::read_from(store.as_ref(), from, 1000)
-            .await
-            .expect("read");
-        let Some(last) = page.last() else { break };
-        from = last.seq + 1;
-        for e in &page {
-            let v: Value = serde_json::from_slice(&e.bytes).expect("envelope");
-            if let Some(c) = v["data"]["contract_id"].as_str() {
-                out.insert(c.to_string());
-            }
-        }
-    }
-    out
 }
 
 /// `ownership = "lease"` (VoicePact's default): two bridge processes, one holds the upstream.
@@ -522,7 +486,11 @@ async fn lease_holder_killed_under_load_the_other_instance_takes_over() {
         .map(|i| format!("k{i}"))
         .collect();
     let journal = until(LONG, "the survivor's frames journalled", || async {
-        let j = journalled_contracts(&cfg).await;
+        let j: BTreeSet<String> = journalled_data(&cfg)
+            .await?
+            .iter()
+            .filter_map(|d| d["contract_id"].as_str().map(str::to_string))
+            .collect();
         must.is_subset(&j).then_some(j)
     })
     .await;
@@ -584,13 +552,13 @@ fn spawn_load(
     (running, task)
 }
 
-/// The call numbers (`data.n`) journalled in the stream of `cfg`; `None` if NATS does not
-/// answer (a cluster electing a leader).
-async fn journalled_calls(cfg: &wsbridge::config::Config) -> Option<BTreeSet<u64>> {
+/// Every journalled envelope's `data` in the stream of `cfg`, read straight from NATS; `None`
+/// if NATS does not answer (a cluster electing a leader).
+async fn journalled_data(cfg: &wsbridge::config::Config) -> Option<Vec<Value>> {
     let store = wsbridge::storage::nats::NatsStore::connect(&cfg.storage)
         .await
         .ok()?;
-    let mut out = BTreeSet::new();
+    let mut out = Vec::new();
     let mut from = 1;
     loop {
         let page = wsbridge::storage::Store::read_from(store.as_ref(), from, 1000)
@@ -599,13 +567,17 @@ async fn journalled_calls(cfg: &wsbridge::config::Config) -> Option<BTreeSet<u64
         let Some(last) = page.last() else { break };
         from = last.seq + 1;
         for e in &page {
-            let v: Value = serde_json::from_slice(&e.bytes).expect("envelope");
-            if let Some(n) = v["data"]["n"].as_u64() {
-                out.insert(n);
-            }
+            let mut v: Value = serde_json::from_slice(&e.bytes).ok()?;
+            out.push(v["data"].take());
         }
     }
     Some(out)
+}
+
+/// The call numbers (`data.n`) journalled.
+async fn journalled_calls(cfg: &wsbridge::config::Config) -> Option<BTreeSet<u64>> {
+    let data = journalled_data(cfg).await?;
+    Some(data.iter().filter_map(|d| d["n"].as_u64()).collect())
 }
 
 /// A NATS server of the test's own is restarted under load: the bridge goes unready, holds
@@ -726,7 +698,7 @@ async fn a_cluster_node_killed_under_load_loses_nothing_and_delivery_continues()
         .await;
     nodes[0].kill();
     let before = rx.requests().len();
-    rx.wait_until(LONG, "deliveries after the node died", |r| {
+    rx.wait_until(ELECTION, "deliveries after the node died", |r| {
         r.len() >= before + 100
     })
     .await;
@@ -735,14 +707,67 @@ async fn a_cluster_node_killed_under_load_loses_nothing_and_delivery_continues()
 
     let all: BTreeSet<u64> = (0..sent).collect();
     let survivors = nats_config(&blocks, &urls[1..], &prefix, "replicas = 3\n");
-    until(LONG, "every event journalled", || async {
+    until(ELECTION, "every event journalled", || async {
         (journalled_calls(&survivors).await? == all).then_some(())
     })
     .await;
-    rx.wait_until(LONG, "every event delivered", |r| {
+    rx.wait_until(ELECTION, "every event delivered", |r| {
         per_id(r).len() as u64 == sent
     })
     .await;
     eprintln!("nats cluster: {sent} events under load, one of 3 nodes killed, all journalled and delivered");
     bridge.shutdown().await;
+}
+
+/// `ordered = true` on two instances: one delivery of the endpoint at a time across both, so
+/// the events of a subject arrive in journal order even when one fails and is retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ordered_endpoint_keeps_journal_order_across_instances() {
+    let prefix = unique_prefix("ordered");
+    let vb = start_sim(Provider::Voipbin).await;
+    // The first attempt fails: the first event is retried before anything after it goes.
+    let rx = Receiver::start(vec![Answer::status(500)], Answer::status(200)).await;
+    let blocks = [
+        upstream_block("vb", &vb, FAST),
+        webhook_block(
+            "crm",
+            &rx.url(),
+            "ordered = true\nretry = [\"50ms\", \"50ms\"]\n",
+        ),
+        route_block("crm"),
+        consumer_block(),
+    ];
+    let urls = [SHARED_NATS.to_string()];
+    let cfg = nats_config(&blocks, &urls, &prefix, "");
+    let (a, _) = start_bridge(&cfg).await;
+    let (b, _) = start_bridge(&cfg).await;
+    wait_sim_ready(&vb, 2).await;
+    const N: usize = 12;
+    for i in 0..N {
+        // One subject for all: the call id stays the same, the status number changes.
+        vb.emit(voipbin::wire::event(
+            "call.status",
+            "2024-01-15T10:30:00.000000Z",
+            "customer_id:abc123:call:same",
+            json!({"id": "same", "status": "ringing", "n": i}),
+        ))
+        .await;
+    }
+    let got = rx
+        .wait_until(LONG, "every event delivered", |r| {
+            r.iter().filter(|x| x.answered == 200).count() >= N
+        })
+        .await;
+    let seqs: Vec<u64> = got
+        .iter()
+        .filter(|x| x.answered == 200)
+        .map(|x| {
+            let v: Value = serde_json::from_slice(&x.body).expect("envelope");
+            v["seq"].as_u64().expect("seq")
+        })
+        .collect();
+    assert_eq!(seqs, (1..=N as u64).collect::<Vec<u64>>(), "journal order");
+    a.shutdown().await;
+    b.shutdown().await;
+    cleanup(SHARED_NATS, &prefix).await;
 }

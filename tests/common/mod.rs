@@ -147,3 +147,4 @@ pub async fn start_bridge(config: &Config) -> (Bridge, broadcast::Receiver<Arc<P
 
 pub mod nats;
 pub mod receiver;
+pub mod ws;

@@ -47,7 +47,9 @@ pub fn nats_config(blocks: &[String], urls: &[String], prefix: &str, extra: &str
     Config::from_toml(&text, |_| None, false).unwrap_or_else(|e| panic!("test config: {e}\n{text}"))
 }
 
-/// A `[[webhooks]]` block for a receiver at `url`, fast retries unless `extra` sets `retry`.
+/// A `[[webhooks]]` block for a receiver at `url`, fast retries unless `extra` sets `retry`,
+/// and a short timeout (which also shortens the consumer's ack wait: a delivery lost in a
+/// NATS failover comes back sooner).
 pub fn webhook_block(name: &str, url: &str, extra: &str) -> String {
     let retry = if extra.contains("retry") {
         ""
@@ -56,7 +58,7 @@ pub fn webhook_block(name: &str, url: &str, extra: &str) -> String {
     };
     format!(
         "[[webhooks]]\nname = \"{name}\"\nurl = \"{url}\"\nsecrets = [\"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"]\n\
-         allow_private = true\n{retry}{extra}\n"
+         allow_private = true\ntimeout = \"3s\"\n{retry}{extra}\n"
     )
 }
 

@@ -48,6 +48,8 @@ pub const POLL: Duration = Duration::from_millis(200);
 /// lost in a reconnect must not stall the dispatcher). Messages of an abandoned fetch are
 /// redelivered after the ack wait.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(2);
+/// Expiry of an ordered endpoint's pull requests.
+const ORDERED_FETCH_EXPIRES: Duration = Duration::from_millis(250);
 /// Event seq of a dead letter or replay.
 const HEADER_SEQ: &str = "Wsbridge-Seq";
 /// Event id of a dead letter or replay.
@@ -71,23 +73,27 @@ const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(60);
 async fn fetch(
     consumer: &Consumer<pull::Config>,
     n: usize,
+    expires: Option<Duration>,
     op: &'static str,
 ) -> Result<Vec<jetstream::Message>, StoreError> {
+    let mut out = Vec::with_capacity(n);
     let collect = async {
-        let mut batch = consumer
-            .fetch()
-            .max_messages(n)
-            .messages()
-            .await
-            .map_err(nats_err(op))?;
-        let mut out = Vec::with_capacity(n);
+        let mut request = consumer.fetch().max_messages(n);
+        if let Some(e) = expires {
+            request = request.expires(e);
+        }
+        let mut batch = request.messages().await.map_err(nats_err(op))?;
         while let Some(m) = batch.next().await {
             out.push(m.map_err(boxed(op))?);
         }
-        Ok(out)
+        Ok::<(), StoreError>(())
     };
-    match tokio::time::timeout(FETCH_TIMEOUT, collect).await {
-        Ok(r) => r,
+    let result = tokio::time::timeout(FETCH_TIMEOUT, collect).await;
+    // Whatever arrived is held and must be answered, even if the request then failed.
+    match result {
+        Ok(Ok(())) => Ok(out),
+        _ if !out.is_empty() => Ok(out),
+        Ok(Err(e)) => Err(e),
         Err(_) => Err(StoreError::Nats {
             op,
             source: "no answer from NATS".into(),
@@ -140,11 +146,17 @@ struct InFlight {
     /// Handed to the dispatcher and not released: an attempt runs (or is about to).
     taken: bool,
     attempts: u32,
+    /// Ordered endpoints: a retry this instance holds until then (see [`Queues::record`]).
+    not_before: Option<Instant>,
+    /// When the server was last told the delivery is still being worked on.
+    progressed: Instant,
 }
 
 /// One endpoint's consumers and local bookkeeping.
 struct EndpointQueue {
     token: String,
+    ordered: bool,
+    ack_wait: Duration,
     main: Consumer<pull::Config>,
     replay: Consumer<pull::Config>,
     in_flight: Mutex<HashMap<u64, InFlight>>,
@@ -153,6 +165,12 @@ struct EndpointQueue {
 }
 
 impl EndpointQueue {
+    /// An ordered consumer whose one delivery is held elsewhere leaves a no-wait pull request
+    /// unanswered; a short expiry ends it.
+    fn fetch_expires(&self) -> Option<Duration> {
+        self.ordered.then_some(ORDERED_FETCH_EXPIRES)
+    }
+
     fn in_flight(&self) -> std::sync::MutexGuard<'_, HashMap<u64, InFlight>> {
         self.in_flight
             .lock()
@@ -312,6 +330,8 @@ impl Queues {
             endpoint.to_string(),
             Arc::new(EndpointQueue {
                 token: tok,
+                ordered,
+                ack_wait,
                 main,
                 replay,
                 in_flight: Mutex::new(in_flight),
@@ -347,6 +367,7 @@ impl Queues {
     /// is disabled on any instance.
     pub async fn due(&self, endpoint: &str, limit: usize) -> Result<Vec<DueDelivery>, StoreError> {
         let q = self.get(endpoint).await?;
+        self.keep_held(&q).await;
         if self.disabled_cached(&q, endpoint).await?.is_some() {
             return Ok(Vec::new());
         }
@@ -358,11 +379,15 @@ impl Queues {
             let mut held = q.in_flight();
             let running = held.values().filter(|f| f.taken).count();
             let room = limit.saturating_sub(2 * running);
-            let mut released: Vec<(&u64, &mut InFlight)> =
-                held.iter_mut().filter(|(_, f)| !f.taken).collect();
+            let now = Instant::now();
+            let mut released: Vec<(&u64, &mut InFlight)> = held
+                .iter_mut()
+                .filter(|(_, f)| !f.taken && !matches!(f.not_before, Some(t) if t > now))
+                .collect();
             released.sort_by_key(|(seq, _)| **seq);
             for (seq, f) in released.into_iter().take(room) {
                 f.taken = true;
+                f.not_before = None;
                 out.push(DueDelivery {
                     seq: *seq,
                     id: f.id.clone(),
@@ -376,7 +401,16 @@ impl Queues {
             return Ok(out);
         }
         let released_count = out.len();
-        for m in fetch(&q.replay, room, "fetch replays").await? {
+        let replays = match fetch(&q.replay, room, q.fetch_expires(), "fetch replays").await {
+            Ok(r) => r,
+            // What this call already took from the held list must reach the dispatcher.
+            Err(e) if !out.is_empty() => {
+                debug!(webhook = %endpoint, error = %e, "replays not fetched this time");
+                Vec::new()
+            }
+            Err(e) => return Err(e),
+        };
+        for m in replays {
             let attempts = m.info().map(|i| i.delivered.max(1) - 1).unwrap_or(0);
             let (msg, acker) = m.split();
             let Some(seq) = header(&msg, HEADER_SEQ).and_then(|s| s.parse::<u64>().ok()) else {
@@ -398,6 +432,8 @@ impl Queues {
                     bytes: msg.payload.clone(),
                     taken: true,
                     attempts,
+                    not_before: None,
+                    progressed: Instant::now(),
                 },
             );
             out.push(DueDelivery {
@@ -412,7 +448,20 @@ impl Queues {
             if want == 0 {
                 break;
             }
-            let batch = fetch(&q.main, want, "fetch deliveries").await?;
+            if q.ordered && !q.in_flight().is_empty() {
+                // The one delivery an ordered consumer allows is held here already.
+                break;
+            }
+            let batch = match fetch(&q.main, want, q.fetch_expires(), "fetch deliveries").await {
+                Ok(b) => b,
+                // An ordered consumer whose one delivery another instance holds does not
+                // answer a pull request: nothing to do here now.
+                Err(e) if q.ordered || !out.is_empty() => {
+                    debug!(webhook = %endpoint, error = %e, "no deliveries fetched this time");
+                    break;
+                }
+                Err(e) => return Err(e),
+            };
             let got = batch.len();
             for m in batch {
                 let (seq, attempts) = match m.info() {
@@ -446,6 +495,8 @@ impl Queues {
                         bytes: bytes.clone(),
                         taken: true,
                         attempts,
+                        not_before: None,
+                        progressed: Instant::now(),
                     },
                 );
                 drop(held);
@@ -461,6 +512,27 @@ impl Queues {
             }
         }
         Ok(out)
+    }
+
+    /// Tells the server that retries this instance holds (ordered endpoints) are still being
+    /// worked on, so it does not hand them to another instance while they wait.
+    async fn keep_held(&self, q: &EndpointQueue) {
+        let due: Vec<u64> = q
+            .in_flight()
+            .iter()
+            .filter(|(_, f)| f.not_before.is_some() && f.progressed.elapsed() >= q.ack_wait / 3)
+            .map(|(seq, _)| *seq)
+            .collect();
+        for seq in due {
+            let Some(mut f) = q.in_flight().remove(&seq) else {
+                continue;
+            };
+            if let Err(e) = f.acker.ack_with(AckKind::Progress).await {
+                debug!(seq, error = %e, "cannot extend a held retry");
+            }
+            f.progressed = Instant::now();
+            q.in_flight().insert(seq, f);
+        }
     }
 
     /// Marks deliveries the dispatcher did not start as available for its next `due`.
@@ -503,6 +575,19 @@ impl Queues {
                 if gone {
                     // The endpoint is being disabled: do not spin on it meanwhile.
                     delay = delay.max(POLL * 5);
+                }
+                if q.ordered {
+                    // A nak'd message still counts against the one unacknowledged message an
+                    // ordered consumer allows, and the server answers no pull request while
+                    // it waits: hold the retry here (extending its ack wait) and offer it
+                    // again when it is due. If this instance dies, the server redelivers it
+                    // after the ack wait, still before anything behind it.
+                    let mut held = held;
+                    held.taken = false;
+                    held.attempts = held.attempts.saturating_add(1);
+                    held.not_before = Some(Instant::now() + delay);
+                    q.in_flight().insert(seq, held);
+                    return Ok(());
                 }
                 held.acker
                     .ack_with(AckKind::Nak(Some(delay)))

@@ -46,6 +46,9 @@ use crate::config::StorageConfig;
 
 /// Header carrying the webhook endpoints an event was routed to at ingest.
 pub const HEADER_TARGETS: &str = "Wsbridge-Targets";
+/// Longest wait for a journal reader to be created, and how many tries.
+const READER_CREATE_TIMEOUT: Duration = Duration::from_secs(2);
+const READER_CREATE_TRIES: u32 = 4;
 /// Longest wait for one message while paging through the journal.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -286,16 +289,19 @@ impl NatsStore {
         for (i, ack) in acks {
             let ack = ack.await.map_err(nats_err("journal publish ack"))?;
             let p = &mut prepared[i];
-            done[i] = Some(if ack.duplicate {
-                Appended::Duplicate
-            } else {
-                let mut envelope = p.envelope.take().unwrap_or_else(|| p.fallback());
-                envelope.seq = Some(ack.sequence);
-                Appended::Stored {
-                    seq: ack.sequence,
-                    bytes: with_seq(&p.payload, ack.sequence),
-                    envelope: Box::new(envelope),
-                }
+            if ack.duplicate {
+                done[i] = Some(Appended::Duplicate);
+                continue;
+            }
+            // Each event's outcome is produced once, so its envelope is still here.
+            let Some(mut envelope) = p.envelope.take() else {
+                continue;
+            };
+            envelope.seq = Some(ack.sequence);
+            done[i] = Some(Appended::Stored {
+                seq: ack.sequence,
+                bytes: with_seq(&p.payload, ack.sequence),
+                envelope: Box::new(envelope),
             });
         }
         Ok(())
@@ -308,17 +314,37 @@ impl NatsStore {
         last: u64,
         limit: usize,
     ) -> Result<Vec<StoredEvent>, StoreError> {
-        let consumer = self
-            .events
-            .create_consumer(consumer::pull::OrderedConfig {
-                filter_subject: self.names.events_filter(),
-                deliver_policy: consumer::DeliverPolicy::ByStartSequence {
-                    start_sequence: from,
-                },
-                ..Default::default()
-            })
-            .await
-            .map_err(nats_err("open a journal reader"))?;
+        // In a cluster that just lost a node, a reader placed on the dead node is never
+        // created: give each try a short limit and try again (the server then places it on a
+        // live one).
+        let mut tries = 0;
+        let consumer = loop {
+            tries += 1;
+            let created = tokio::time::timeout(
+                READER_CREATE_TIMEOUT,
+                self.events.create_consumer(consumer::pull::OrderedConfig {
+                    filter_subject: self.names.events_filter(),
+                    deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                        start_sequence: from,
+                    },
+                    ..Default::default()
+                }),
+            )
+            .await;
+            match created {
+                Ok(Ok(c)) => break c,
+                Ok(Err(e)) if tries >= READER_CREATE_TRIES => {
+                    return Err(nats_err("open a journal reader")(e))
+                }
+                Err(_) if tries >= READER_CREATE_TRIES => {
+                    return Err(StoreError::Nats {
+                        op: "open a journal reader",
+                        source: "no answer from NATS".into(),
+                    })
+                }
+                _ => continue,
+            }
+        };
         let mut messages = consumer
             .messages()
             .await
@@ -386,26 +412,6 @@ struct Prepared {
     targets: String,
     payload: Bytes,
     envelope: Option<crate::envelope::Envelope>,
-}
-
-impl Prepared {
-    fn fallback(&self) -> crate::envelope::Envelope {
-        // Only reached if an outcome were produced twice for one event, which publish_batch
-        // never does; parse the payload rather than panic.
-        serde_json::from_slice(&self.payload).unwrap_or_else(|_| crate::envelope::Envelope {
-            specversion: String::new(),
-            id: self.id.clone(),
-            source: String::new(),
-            event_type: String::new(),
-            subject: None,
-            time: String::new(),
-            datacontenttype: String::new(),
-            data: serde_json::Value::Null,
-            provider: String::new(),
-            recvtime: String::new(),
-            seq: None,
-        })
-    }
 }
 
 #[async_trait]
