@@ -656,6 +656,21 @@ fn log_file(dir: &Path, name: &str) -> Res<Stdio> {
         .map_err(|e| format!("log file: {e}"))
 }
 
+/// Spawns `cmd` (logs in `dir`) as the server of `system` listening on `port`.
+fn spawn_server(system: System, mut cmd: Command, dir: PathBuf, port: u16) -> Res<Server> {
+    let child = cmd
+        .stdout(log_file(&dir, "stdout.log")?)
+        .stderr(log_file(&dir, "stderr.log")?)
+        .spawn()
+        .map_err(|e| format!("spawn {}: {e}", system.name()))?;
+    Ok(Server {
+        system,
+        child,
+        addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        _dir: dir,
+    })
+}
+
 struct BridgeOpts<'a> {
     upstreams: &'a [Arc<Pusher>],
     webhook: Option<SocketAddr>,
@@ -687,41 +702,23 @@ fn start_wsbridge(o: &BridgeOpts) -> Res<Server> {
     std::fs::write(&path, cfg).map_err(|e| format!("write config: {e}"))?;
     let bin =
         std::env::var("WSBRIDGE_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_wsbridge").into());
-    let child = Command::new(&bin)
-        .args(["serve", "--config"])
+    let mut cmd = Command::new(&bin);
+    cmd.args(["serve", "--config"])
         .arg(&path)
         .args(["--watch-interval", "0s"])
-        .env("RUST_LOG", "warn")
-        .stdout(log_file(&dir, "stdout.log")?)
-        .stderr(log_file(&dir, "stderr.log")?)
-        .spawn()
-        .map_err(|e| format!("spawn {bin}: {e}"))?;
-    Ok(Server {
-        system: System::Wsbridge,
-        child,
-        addr: SocketAddr::from(([127, 0, 0, 1], port)),
-        _dir: dir,
-    })
+        .env("RUST_LOG", "warn");
+    spawn_server(System::Wsbridge, cmd, dir, port)
 }
 
 fn start_raw(upstreams: &[Arc<Pusher>]) -> Res<Server> {
     let dir = work_dir("raw")?;
     let port = free_port()?;
     let exe = std::env::current_exe().map_err(|e| format!("current exe: {e}"))?;
-    let child = Command::new(exe)
-        .arg("raw-server")
+    let mut cmd = Command::new(exe);
+    cmd.arg("raw-server")
         .arg(port.to_string())
-        .args(upstreams.iter().map(|p| p.url()))
-        .stdout(log_file(&dir, "stdout.log")?)
-        .stderr(log_file(&dir, "stderr.log")?)
-        .spawn()
-        .map_err(|e| format!("spawn raw-server: {e}"))?;
-    Ok(Server {
-        system: System::Raw,
-        child,
-        addr: SocketAddr::from(([127, 0, 0, 1], port)),
-        _dir: dir,
-    })
+        .args(upstreams.iter().map(|p| p.url()));
+    spawn_server(System::Raw, cmd, dir, port)
 }
 
 const NGINX: &str = "/usr/sbin/nginx";
@@ -741,21 +738,9 @@ fn start_nchan() -> Res<Server> {
         .replace("@MODULE@", NCHAN_MODULE);
     let path = dir.join("nginx.conf");
     std::fs::write(&path, conf).map_err(|e| format!("write nginx.conf: {e}"))?;
-    let child = Command::new(NGINX)
-        .arg("-p")
-        .arg(&dir)
-        .arg("-c")
-        .arg(&path)
-        .stdout(log_file(&dir, "stdout.log")?)
-        .stderr(log_file(&dir, "stderr.log")?)
-        .spawn()
-        .map_err(|e| format!("spawn nginx: {e}"))?;
-    Ok(Server {
-        system: System::Nchan,
-        child,
-        addr: SocketAddr::from(([127, 0, 0, 1], port)),
-        _dir: dir,
-    })
+    let mut cmd = Command::new(NGINX);
+    cmd.arg("-p").arg(&dir).arg("-c").arg(&path);
+    spawn_server(System::Nchan, cmd, dir, port)
 }
 
 impl Server {
@@ -1062,18 +1047,12 @@ async fn run_fanout(
     if system == System::Nchan {
         pushers.push(nchan_publisher(&srv).await?);
     }
-    let progress = Progress::new(consumers);
-    let record = Arc::new(AtomicBool::new(false));
-    let stop = CancellationToken::new();
-    let handles = start_consumers(
-        system,
-        srv.addr,
-        consumers,
-        progress.clone(),
-        record.clone(),
-        stop.clone(),
-    )
-    .await?;
+    let Crowd {
+        progress,
+        record,
+        stop,
+        handles,
+    } = crowd(system, srv.addr, consumers).await?;
     // Warm up 1 s, then measure.
     let push_stop = CancellationToken::new();
     let driver = tokio::spawn(
@@ -1113,6 +1092,80 @@ async fn run_fanout(
         srv_cpu,
         tool_cpu,
     ))
+}
+
+/// Consumers of one scenario run: their progress, the latency switch, the stop token and
+/// their tasks.
+struct Crowd {
+    progress: Arc<Progress>,
+    record: Arc<AtomicBool>,
+    stop: CancellationToken,
+    handles: Vec<tokio::task::JoinHandle<Seen>>,
+}
+
+/// Connects `n` consumers of `system` at `addr`.
+async fn crowd(system: System, addr: SocketAddr, n: usize) -> Res<Crowd> {
+    let progress = Progress::new(n);
+    let record = Arc::new(AtomicBool::new(false));
+    let stop = CancellationToken::new();
+    let handles = start_consumers(
+        system,
+        addr,
+        n,
+        progress.clone(),
+        record.clone(),
+        stop.clone(),
+    )
+    .await?;
+    Ok(Crowd {
+        progress,
+        record,
+        stop,
+        handles,
+    })
+}
+
+/// Starts a pusher for each upstream.
+fn drive_all(
+    pushers: &[Arc<Pusher>],
+    pace: &Pace,
+    stop: &CancellationToken,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    pushers
+        .iter()
+        .map(|p| tokio::spawn(p.clone().drive(pace.clone(), stop.clone())))
+        .collect()
+}
+
+/// Stops the pushers, waits (up to `deadline`) until the consumers have what was sent, stops
+/// them; returns what was sent per upstream and what the (last) consumer saw.
+async fn wind_down(
+    push_stop: CancellationToken,
+    drivers: Vec<tokio::task::JoinHandle<()>>,
+    pushers: &[Arc<Pusher>],
+    crowd: (
+        Arc<Progress>,
+        CancellationToken,
+        Vec<tokio::task::JoinHandle<Seen>>,
+    ),
+    deadline: Duration,
+) -> Res<(Vec<u64>, Seen)> {
+    let (progress, stop, handles) = crowd;
+    push_stop.cancel();
+    for d in drivers {
+        let _ = d.await;
+    }
+    let sent: Vec<u64> = pushers
+        .iter()
+        .map(|p| p.sent.load(Ordering::Relaxed))
+        .collect();
+    drain(&progress, sent.iter().sum(), deadline).await;
+    stop.cancel();
+    let mut seen = Seen::default();
+    for h in handles {
+        seen = h.await.map_err(|e| e.to_string())?;
+    }
+    Ok((sent, seen))
 }
 
 /// Waits until every consumer has `sent` frames (or the deadline).
@@ -1241,18 +1294,12 @@ async fn scenario_latency1(o: &Opts, rows: &mut Vec<Row>) -> Res<()> {
         };
         let pushers = pushers_for(system, 1).await?;
         let srv = start_server(system, &pushers, webhook).await?;
-        let progress = Progress::new(1);
-        let record = Arc::new(AtomicBool::new(false));
-        let stop = CancellationToken::new();
-        let handles = start_consumers(
-            system,
-            srv.addr,
-            1,
-            progress.clone(),
-            record.clone(),
-            stop.clone(),
-        )
-        .await?;
+        let Crowd {
+            progress,
+            record,
+            stop,
+            handles,
+        } = crowd(system, srv.addr, 1).await?;
         let push_stop = CancellationToken::new();
         let driver = tokio::spawn(
             pushers[0]
@@ -1340,43 +1387,28 @@ async fn scenario_ingest(o: &Opts, rows: &mut Vec<Row>) -> Res<()> {
     for &system in o.systems.iter().filter(|s| **s != System::Nchan) {
         let pushers = pushers_for(system, 3).await?;
         let srv = start_server(system, &pushers, None).await?;
-        let progress = Progress::new(1);
-        let record = Arc::new(AtomicBool::new(false));
-        let stop = CancellationToken::new();
-        let handles = start_consumers(
-            system,
-            srv.addr,
-            1,
-            progress.clone(),
-            record.clone(),
-            stop.clone(),
-        )
-        .await?;
+        let Crowd {
+            progress,
+            record: _,
+            stop,
+            handles,
+        } = crowd(system, srv.addr, 1).await?;
         let push_stop = CancellationToken::new();
-        let drivers: Vec<_> = pushers
-            .iter()
-            .map(|p| tokio::spawn(p.clone().drive(Pace::Full, push_stop.clone())))
-            .collect();
+        let drivers = drive_all(&pushers, &Pace::Full, &push_stop);
         tokio::time::sleep(Duration::from_secs(1)).await;
         let cpu = CpuWindow::start(&srv);
         let f0 = progress.counts[0].load(Ordering::Relaxed);
         tokio::time::sleep(dur).await;
         let (secs, s, t) = cpu.end(&srv);
         let f1 = progress.counts[0].load(Ordering::Relaxed);
-        push_stop.cancel();
-        for d in drivers {
-            let _ = d.await;
-        }
-        let sent: Vec<u64> = pushers
-            .iter()
-            .map(|p| p.sent.load(Ordering::Relaxed))
-            .collect();
-        drain(&progress, sent.iter().sum(), Duration::from_secs(30)).await;
-        stop.cancel();
-        let mut seen = Seen::default();
-        for h in handles {
-            seen = h.await.map_err(|e| e.to_string())?;
-        }
+        let (sent, seen) = wind_down(
+            push_stop,
+            drivers,
+            &pushers,
+            (progress, stop, handles),
+            Duration::from_secs(30),
+        )
+        .await?;
         srv.stop();
         let rate = f1.saturating_sub(f0) as f64 / secs;
         let lost = seen.lost(&sent);
@@ -1520,22 +1552,16 @@ async fn scenario_memory(o: &Opts, rows: &mut Vec<Row>) -> Res<()> {
         let driver = tokio::spawn(pushers[0].clone().drive(Pace::Rate(1.0), push_stop.clone()));
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let base = srv.usage().rss_kib;
-        let progress = Progress::new(consumers);
-        let record = Arc::new(AtomicBool::new(false));
-        let stop = CancellationToken::new();
         // Consumers join a running stream: each counts from the first frame it sees.
         ANCHOR_FIRST.store(true, Ordering::Relaxed);
-        let handles = start_consumers(
-            system,
-            srv.addr,
-            consumers,
-            progress.clone(),
-            record.clone(),
-            stop.clone(),
-        )
-        .await;
+        let crowd_result = crowd(system, srv.addr, consumers).await;
         ANCHOR_FIRST.store(false, Ordering::Relaxed);
-        let handles = handles?;
+        let Crowd {
+            progress,
+            stop,
+            handles,
+            ..
+        } = crowd_result?;
         tokio::time::sleep(Duration::from_secs(2)).await;
         let cpu = CpuWindow::start(&srv);
         let connected = srv.usage().rss_kib;
@@ -1627,23 +1653,14 @@ async fn scenario_reconnect(o: &Opts, rows: &mut Vec<Row>) -> Res<()> {
     let name = "reconnect storm: 3 upstreams × 1,000 ev/s dropped at once, backoff 1 s".to_string();
     let pushers = pushers_for(System::Wsbridge, 3).await?;
     let srv = start_server(System::Wsbridge, &pushers, None).await?;
-    let progress = Progress::new(1);
-    let record = Arc::new(AtomicBool::new(false));
-    let stop = CancellationToken::new();
-    let handles = start_consumers(
-        System::Wsbridge,
-        srv.addr,
-        1,
-        progress.clone(),
-        record.clone(),
-        stop.clone(),
-    )
-    .await?;
+    let Crowd {
+        progress,
+        record: _,
+        stop,
+        handles,
+    } = crowd(System::Wsbridge, srv.addr, 1).await?;
     let push_stop = CancellationToken::new();
-    let drivers: Vec<_> = pushers
-        .iter()
-        .map(|p| tokio::spawn(p.clone().drive(Pace::Rate(1000.0), push_stop.clone())))
-        .collect();
+    let drivers = drive_all(&pushers, &Pace::Rate(1000.0), &push_stop);
     tokio::time::sleep(o.secs(3, 1)).await;
     let cpu = CpuWindow::start(&srv);
     let dropped = Instant::now();
@@ -1659,20 +1676,14 @@ async fn scenario_reconnect(o: &Opts, rows: &mut Vec<Row>) -> Res<()> {
     }
     tokio::time::sleep(o.secs(3, 1)).await;
     let (_, s, t) = cpu.end(&srv);
-    push_stop.cancel();
-    for d in drivers {
-        let _ = d.await;
-    }
-    let sent: Vec<u64> = pushers
-        .iter()
-        .map(|p| p.sent.load(Ordering::Relaxed))
-        .collect();
-    drain(&progress, sent.iter().sum(), Duration::from_secs(10)).await;
-    stop.cancel();
-    let mut seen = Seen::default();
-    for h in handles {
-        seen = h.await.map_err(|e| e.to_string())?;
-    }
+    let (sent, seen) = wind_down(
+        push_stop,
+        drivers,
+        &pushers,
+        (progress, stop, handles),
+        Duration::from_secs(10),
+    )
+    .await?;
     srv.stop();
     let lost = seen.lost(&sent);
     eprintln!(
