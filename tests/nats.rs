@@ -580,17 +580,12 @@ async fn journalled_calls(cfg: &wsbridge::config::Config) -> Option<BTreeSet<u64
     Some(data.iter().filter_map(|d| d["n"].as_u64()).collect())
 }
 
-/// A NATS server of the test's own is restarted under load: the bridge goes unready, holds
-/// the upstream back meanwhile, recovers by itself, and every event the upstream sent is
-/// journalled and delivered.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nats_restart_under_load_makes_the_bridge_unready_then_recovers_losing_nothing() {
-    let mut server = NatsServer::start("restart");
-    server.wait_ready(LONG).await;
-    let prefix = unique_prefix("restart");
+/// A VoIPBIN simulator and a webhook receiver, with the config blocks routing one to the
+/// other (the rig of the NATS failure tests).
+async fn load_rig() -> (Simulator, Receiver, Vec<String>) {
     let vb = start_sim(Provider::Voipbin).await;
     let rx = Receiver::start(Vec::new(), Answer::status(200)).await;
-    let blocks = [
+    let blocks = vec![
         upstream_block(
             "vb",
             &vb,
@@ -600,6 +595,41 @@ async fn nats_restart_under_load_makes_the_bridge_unready_then_recovers_losing_n
         route_block("crm"),
         consumer_block(),
     ];
+    (vb, rx, blocks)
+}
+
+/// Stops the load, then waits until every call it sent is in the journal of `journal` and has
+/// reached the receiver; returns how many were sent.
+async fn stop_load_and_check(
+    running: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    load: tokio::task::JoinHandle<usize>,
+    journal: &wsbridge::config::Config,
+    rx: &Receiver,
+    limit: Duration,
+) -> u64 {
+    running.store(false, std::sync::atomic::Ordering::Relaxed);
+    let sent = load.await.expect("load") as u64;
+    let all: BTreeSet<u64> = (0..sent).collect();
+    until(limit, "every event journalled", || async {
+        (journalled_calls(journal).await? == all).then_some(())
+    })
+    .await;
+    rx.wait_until(limit, "every event delivered", |r| {
+        per_id(r).len() as u64 == sent
+    })
+    .await;
+    sent
+}
+
+/// A NATS server of the test's own is restarted under load: the bridge goes unready, holds
+/// the upstream back meanwhile, recovers by itself, and every event the upstream sent is
+/// journalled and delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_restart_under_load_makes_the_bridge_unready_then_recovers_losing_nothing() {
+    let mut server = NatsServer::start("restart");
+    server.wait_ready(LONG).await;
+    let prefix = unique_prefix("restart");
+    let (vb, rx, blocks) = load_rig().await;
     let urls = [server.url()];
     let cfg = nats_config(&blocks, &urls, &prefix, "");
     let (bridge, _) = start_bridge(&cfg).await;
@@ -636,20 +666,7 @@ async fn nats_restart_under_load_makes_the_bridge_unready_then_recovers_losing_n
         r.len() >= before_stop + 50
     })
     .await;
-    running.store(false, std::sync::atomic::Ordering::Relaxed);
-    let sent = load.await.expect("load") as u64;
-
-    let all: BTreeSet<u64> = (0..sent).collect();
-    let journal = until(LONG, "every event journalled", || async {
-        let j = journalled_calls(&cfg).await?;
-        (j == all).then_some(j)
-    })
-    .await;
-    assert_eq!(journal.len() as u64, sent);
-    rx.wait_until(LONG, "every event delivered", |r| {
-        per_id(r).len() as u64 == sent
-    })
-    .await;
+    let sent = stop_load_and_check(running, load, &cfg, &rx, LONG).await;
     eprintln!("nats restart: {sent} events sent under load, all journalled and delivered");
     bridge.shutdown().await;
 }
@@ -663,18 +680,7 @@ async fn a_cluster_node_killed_under_load_loses_nothing_and_delivery_continues()
         n.wait_ready(LONG).await;
     }
     let prefix = unique_prefix("cluster");
-    let vb = start_sim(Provider::Voipbin).await;
-    let rx = Receiver::start(Vec::new(), Answer::status(200)).await;
-    let blocks = [
-        upstream_block(
-            "vb",
-            &vb,
-            "backoff_initial = \"50ms\"\nbackoff_max = \"400ms\"\n",
-        ),
-        webhook_block("crm", &rx.url(), ""),
-        route_block("crm"),
-        consumer_block(),
-    ];
+    let (vb, rx, blocks) = load_rig().await;
     let urls: Vec<String> = nodes.iter().map(NatsServer::url).collect();
     let cfg = nats_config(&blocks, &urls, &prefix, "replicas = 3\n");
     let bridge = until(LONG, "the bridge started on the cluster", || async {
@@ -702,19 +708,8 @@ async fn a_cluster_node_killed_under_load_loses_nothing_and_delivery_continues()
         r.len() >= before + 100
     })
     .await;
-    running.store(false, std::sync::atomic::Ordering::Relaxed);
-    let sent = load.await.expect("load") as u64;
-
-    let all: BTreeSet<u64> = (0..sent).collect();
     let survivors = nats_config(&blocks, &urls[1..], &prefix, "replicas = 3\n");
-    until(ELECTION, "every event journalled", || async {
-        (journalled_calls(&survivors).await? == all).then_some(())
-    })
-    .await;
-    rx.wait_until(ELECTION, "every event delivered", |r| {
-        per_id(r).len() as u64 == sent
-    })
-    .await;
+    let sent = stop_load_and_check(running, load, &survivors, &rx, ELECTION).await;
     eprintln!("nats cluster: {sent} events under load, one of 3 nodes killed, all journalled and delivered");
     bridge.shutdown().await;
 }
