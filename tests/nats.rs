@@ -86,17 +86,19 @@ async fn events(ws: &mut Ws, n: usize) -> Vec<(u64, String)> {
     out
 }
 
-/// Two instances, both connected to the same upstream (`ownership = "all"`): each event is
-/// journalled once and delivered once, as with one instance; a consumer on either instance
-/// sees every event.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_instances_on_one_upstream_journal_and_deliver_each_event_once() {
-    let prefix = unique_prefix("dedup");
+/// Two bridge instances on the shared NATS server with one prefix, both connected to one
+/// VoIPBIN simulator (`ownership = "all"`), routing everything to a webhook `crm` at `rx`
+/// (with `webhook_extra`). Returns the prefix, the simulator and the two bridges.
+async fn two_instances(
+    tag: &str,
+    rx: &Receiver,
+    webhook_extra: &str,
+) -> (String, Simulator, Bridge, Bridge) {
+    let prefix = unique_prefix(tag);
     let vb = start_sim(Provider::Voipbin).await;
-    let rx = Receiver::start(Vec::new(), Answer::status(200)).await;
     let blocks = [
         upstream_block("vb", &vb, &format!("{FAST}ownership = \"all\"\n")),
-        webhook_block("crm", &rx.url(), ""),
+        webhook_block("crm", &rx.url(), webhook_extra),
         route_block("crm"),
         consumer_block(),
     ];
@@ -105,6 +107,16 @@ async fn two_instances_on_one_upstream_journal_and_deliver_each_event_once() {
     let (a, _) = start_bridge(&cfg).await;
     let (b, _) = start_bridge(&cfg).await;
     wait_sim_ready(&vb, 2).await;
+    (prefix, vb, a, b)
+}
+
+/// Two instances, both connected to the same upstream (`ownership = "all"`): each event is
+/// journalled once and delivered once, as with one instance; a consumer on either instance
+/// sees every event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_on_one_upstream_journal_and_deliver_each_event_once() {
+    let rx = Receiver::start(Vec::new(), Answer::status(200)).await;
+    let (prefix, vb, a, b) = two_instances("dedup", &rx, "").await;
     let mut on_b = connect(&b, TOKEN).await;
     subscribe(&mut on_b, json!("latest")).await;
 
@@ -239,21 +251,9 @@ fn crm(v: &Value) -> Value {
 /// once, listed by the admin API of any instance, and replayed from it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letters_are_shared_listed_and_replayed_by_any_instance() {
-    let prefix = unique_prefix("dlq");
-    let vb = start_sim(Provider::Voipbin).await;
     // 3 events x 3 attempts fail, then everything succeeds.
     let rx = Receiver::start(vec![Answer::status(500); 9], Answer::status(200)).await;
-    let blocks = [
-        upstream_block("vb", &vb, FAST),
-        webhook_block("crm", &rx.url(), "retry = [\"50ms\", \"50ms\"]\n"),
-        route_block("crm"),
-        consumer_block(),
-    ];
-    let urls = [SHARED_NATS.to_string()];
-    let cfg = nats_config(&blocks, &urls, &prefix, "");
-    let (a, _) = start_bridge(&cfg).await;
-    let (b, _) = start_bridge(&cfg).await;
-    wait_sim_ready(&vb, 2).await;
+    let (prefix, vb, a, b) = two_instances("dlq", &rx, "retry = [\"50ms\", \"50ms\"]\n").await;
     emit_range(&vb, 0..3).await;
 
     let dead = admin_until(
@@ -322,20 +322,8 @@ async fn dead_letters_are_shared_listed_and_replayed_by_any_instance() {
 /// instance resumes delivery everywhere, and nothing routed meanwhile is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gone_disables_every_instance_and_enable_on_any_resumes() {
-    let prefix = unique_prefix("gone");
-    let vb = start_sim(Provider::Voipbin).await;
     let rx = Receiver::start(vec![Answer::status(410)], Answer::status(200)).await;
-    let blocks = [
-        upstream_block("vb", &vb, FAST),
-        webhook_block("crm", &rx.url(), ""),
-        route_block("crm"),
-        consumer_block(),
-    ];
-    let urls = [SHARED_NATS.to_string()];
-    let cfg = nats_config(&blocks, &urls, &prefix, "");
-    let (a, _) = start_bridge(&cfg).await;
-    let (b, _) = start_bridge(&cfg).await;
-    wait_sim_ready(&vb, 2).await;
+    let (prefix, vb, a, b) = two_instances("gone", &rx, "").await;
     emit_range(&vb, 0..1).await;
     rx.wait_for(1, LONG).await;
     for bridge in [&a, &b] {
@@ -718,25 +706,10 @@ async fn a_cluster_node_killed_under_load_loses_nothing_and_delivery_continues()
 /// the events of a subject arrive in journal order even when one fails and is retried.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ordered_endpoint_keeps_journal_order_across_instances() {
-    let prefix = unique_prefix("ordered");
-    let vb = start_sim(Provider::Voipbin).await;
     // The first attempt fails: the first event is retried before anything after it goes.
     let rx = Receiver::start(vec![Answer::status(500)], Answer::status(200)).await;
-    let blocks = [
-        upstream_block("vb", &vb, FAST),
-        webhook_block(
-            "crm",
-            &rx.url(),
-            "ordered = true\nretry = [\"50ms\", \"50ms\"]\n",
-        ),
-        route_block("crm"),
-        consumer_block(),
-    ];
-    let urls = [SHARED_NATS.to_string()];
-    let cfg = nats_config(&blocks, &urls, &prefix, "");
-    let (a, _) = start_bridge(&cfg).await;
-    let (b, _) = start_bridge(&cfg).await;
-    wait_sim_ready(&vb, 2).await;
+    let extra = "ordered = true\nretry = [\"50ms\", \"50ms\"]\n";
+    let (prefix, vb, a, b) = two_instances("ordered", &rx, extra).await;
     const N: usize = 12;
     for i in 0..N {
         // One subject for all: the call id stays the same, the status number changes.
