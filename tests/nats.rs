@@ -710,7 +710,7 @@ async fn ordered_endpoint_keeps_journal_order_across_instances() {
     let rx = Receiver::start(vec![Answer::status(500)], Answer::status(200)).await;
     let extra = "ordered = true\nretry = [\"50ms\", \"50ms\"]\n";
     let (prefix, vb, a, b) = two_instances("ordered", &rx, extra).await;
-    const N: usize = 12;
+    const N: usize = 20;
     for i in 0..N {
         // One subject for all: the call id stays the same, the status number changes.
         vb.emit(voipbin::wire::event(
