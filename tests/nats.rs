@@ -86,17 +86,19 @@ async fn events(ws: &mut Ws, n: usize) -> Vec<(u64, String)> {
     out
 }
 
-/// Two instances, both connected to the same upstream (`ownership = "all"`): each event is
-/// journalled once and delivered once, as with one instance; a consumer on either instance
-/// sees every event.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_instances_on_one_upstream_journal_and_deliver_each_event_once() {
-    let prefix = unique_prefix("dedup");
+/// Two bridge instances on the shared NATS server with one prefix, both connected to one
+/// VoIPBIN simulator (`ownership = "all"`), routing everything to a webhook `crm` at `rx`
+/// (with `webhook_extra`). Returns the prefix, the simulator and the two bridges.
+async fn two_instances(
+    tag: &str,
+    rx: &Receiver,
+    webhook_extra: &str,
+) -> (String, Simulator, Bridge, Bridge) {
+    let prefix = unique_prefix(tag);
     let vb = start_sim(Provider::Voipbin).await;
-    let rx = Receiver::start(Vec::new(), Answer::status(200)).await;
     let blocks = [
         upstream_block("vb", &vb, &format!("{FAST}ownership = \"all\"\n")),
-        webhook_block("crm", &rx.url(), ""),
+        webhook_block("crm", &rx.url(), webhook_extra),
         route_block("crm"),
         consumer_block(),
     ];
@@ -105,6 +107,16 @@ async fn two_instances_on_one_upstream_journal_and_deliver_each_event_once() {
     let (a, _) = start_bridge(&cfg).await;
     let (b, _) = start_bridge(&cfg).await;
     wait_sim_ready(&vb, 2).await;
+    (prefix, vb, a, b)
+}
+
+/// Two instances, both connected to the same upstream (`ownership = "all"`): each event is
+/// journalled once and delivered once, as with one instance; a consumer on either instance
+/// sees every event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_on_one_upstream_journal_and_deliver_each_event_once() {
+    let rx = Receiver::start(Vec::new(), Answer::status(200)).await;
+    let (prefix, vb, a, b) = two_instances("dedup", &rx, "").await;
     let mut on_b = connect(&b, TOKEN).await;
     subscribe(&mut on_b, json!("latest")).await;
 
@@ -239,21 +251,9 @@ fn crm(v: &Value) -> Value {
 /// once, listed by the admin API of any instance, and replayed from it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letters_are_shared_listed_and_replayed_by_any_instance() {
-    let prefix = unique_prefix("dlq");
-    let vb = start_sim(Provider::Voipbin).await;
     // 3 events x 3 attempts fail, then everything succeeds.
     let rx = Receiver::start(vec![Answer::status(500); 9], Answer::status(200)).await;
-    let blocks = [
-        upstream_block("vb", &vb, FAST),
-        webhook_block("crm", &rx.url(), "retry = [\"50ms\", \"50ms\"]\n"),
-        route_block("crm"),
-        consumer_block(),
-    ];
-    let urls = [SHARED_NATS.to_string()];
-    let cfg = nats_config(&blocks, &urls, &prefix, "");
-    let (a, _) = start_bridge(&cfg).await;
-    let (b, _) = start_bridge(&cfg).await;
-    wait_sim_ready(&vb, 2).await;
+    let (prefix, vb, a, b) = two_instances("dlq", &rx, "retry = [\"50ms\", \"50ms\"]\n").await;
     emit_range(&vb, 0..3).await;
 
     let dead = admin_until(
@@ -322,20 +322,8 @@ async fn dead_letters_are_shared_listed_and_replayed_by_any_instance() {
 /// instance resumes delivery everywhere, and nothing routed meanwhile is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gone_disables_every_instance_and_enable_on_any_resumes() {
-    let prefix = unique_prefix("gone");
-    let vb = start_sim(Provider::Voipbin).await;
     let rx = Receiver::start(vec![Answer::status(410)], Answer::status(200)).await;
-    let blocks = [
-        upstream_block("vb", &vb, FAST),
-        webhook_block("crm", &rx.url(), ""),
-        route_block("crm"),
-        consumer_block(),
-    ];
-    let urls = [SHARED_NATS.to_string()];
-    let cfg = nats_config(&blocks, &urls, &prefix, "");
-    let (a, _) = start_bridge(&cfg).await;
-    let (b, _) = start_bridge(&cfg).await;
-    wait_sim_ready(&vb, 2).await;
+    let (prefix, vb, a, b) = two_instances("gone", &rx, "").await;
     emit_range(&vb, 0..1).await;
     rx.wait_for(1, LONG).await;
     for bridge in [&a, &b] {
@@ -580,17 +568,12 @@ async fn journalled_calls(cfg: &wsbridge::config::Config) -> Option<BTreeSet<u64
     Some(data.iter().filter_map(|d| d["n"].as_u64()).collect())
 }
 
-/// A NATS server of the test's own is restarted under load: the bridge goes unready, holds
-/// the upstream back meanwhile, recovers by itself, and every event the upstream sent is
-/// journalled and delivered.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nats_restart_under_load_makes_the_bridge_unready_then_recovers_losing_nothing() {
-    let mut server = NatsServer::start("restart");
-    server.wait_ready(LONG).await;
-    let prefix = unique_prefix("restart");
+/// A VoIPBIN simulator and a webhook receiver, with the config blocks routing one to the
+/// other (the rig of the NATS failure tests).
+async fn load_rig() -> (Simulator, Receiver, Vec<String>) {
     let vb = start_sim(Provider::Voipbin).await;
     let rx = Receiver::start(Vec::new(), Answer::status(200)).await;
-    let blocks = [
+    let blocks = vec![
         upstream_block(
             "vb",
             &vb,
@@ -600,6 +583,41 @@ async fn nats_restart_under_load_makes_the_bridge_unready_then_recovers_losing_n
         route_block("crm"),
         consumer_block(),
     ];
+    (vb, rx, blocks)
+}
+
+/// Stops the load, then waits until every call it sent is in the journal of `journal` and has
+/// reached the receiver; returns how many were sent.
+async fn stop_load_and_check(
+    running: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    load: tokio::task::JoinHandle<usize>,
+    journal: &wsbridge::config::Config,
+    rx: &Receiver,
+    limit: Duration,
+) -> u64 {
+    running.store(false, std::sync::atomic::Ordering::Relaxed);
+    let sent = load.await.expect("load") as u64;
+    let all: BTreeSet<u64> = (0..sent).collect();
+    until(limit, "every event journalled", || async {
+        (journalled_calls(journal).await? == all).then_some(())
+    })
+    .await;
+    rx.wait_until(limit, "every event delivered", |r| {
+        per_id(r).len() as u64 == sent
+    })
+    .await;
+    sent
+}
+
+/// A NATS server of the test's own is restarted under load: the bridge goes unready, holds
+/// the upstream back meanwhile, recovers by itself, and every event the upstream sent is
+/// journalled and delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_restart_under_load_makes_the_bridge_unready_then_recovers_losing_nothing() {
+    let mut server = NatsServer::start("restart");
+    server.wait_ready(LONG).await;
+    let prefix = unique_prefix("restart");
+    let (vb, rx, blocks) = load_rig().await;
     let urls = [server.url()];
     let cfg = nats_config(&blocks, &urls, &prefix, "");
     let (bridge, _) = start_bridge(&cfg).await;
@@ -636,20 +654,7 @@ async fn nats_restart_under_load_makes_the_bridge_unready_then_recovers_losing_n
         r.len() >= before_stop + 50
     })
     .await;
-    running.store(false, std::sync::atomic::Ordering::Relaxed);
-    let sent = load.await.expect("load") as u64;
-
-    let all: BTreeSet<u64> = (0..sent).collect();
-    let journal = until(LONG, "every event journalled", || async {
-        let j = journalled_calls(&cfg).await?;
-        (j == all).then_some(j)
-    })
-    .await;
-    assert_eq!(journal.len() as u64, sent);
-    rx.wait_until(LONG, "every event delivered", |r| {
-        per_id(r).len() as u64 == sent
-    })
-    .await;
+    let sent = stop_load_and_check(running, load, &cfg, &rx, LONG).await;
     eprintln!("nats restart: {sent} events sent under load, all journalled and delivered");
     bridge.shutdown().await;
 }
@@ -663,18 +668,7 @@ async fn a_cluster_node_killed_under_load_loses_nothing_and_delivery_continues()
         n.wait_ready(LONG).await;
     }
     let prefix = unique_prefix("cluster");
-    let vb = start_sim(Provider::Voipbin).await;
-    let rx = Receiver::start(Vec::new(), Answer::status(200)).await;
-    let blocks = [
-        upstream_block(
-            "vb",
-            &vb,
-            "backoff_initial = \"50ms\"\nbackoff_max = \"400ms\"\n",
-        ),
-        webhook_block("crm", &rx.url(), ""),
-        route_block("crm"),
-        consumer_block(),
-    ];
+    let (vb, rx, blocks) = load_rig().await;
     let urls: Vec<String> = nodes.iter().map(NatsServer::url).collect();
     let cfg = nats_config(&blocks, &urls, &prefix, "replicas = 3\n");
     let bridge = until(LONG, "the bridge started on the cluster", || async {
@@ -702,19 +696,8 @@ async fn a_cluster_node_killed_under_load_loses_nothing_and_delivery_continues()
         r.len() >= before + 100
     })
     .await;
-    running.store(false, std::sync::atomic::Ordering::Relaxed);
-    let sent = load.await.expect("load") as u64;
-
-    let all: BTreeSet<u64> = (0..sent).collect();
     let survivors = nats_config(&blocks, &urls[1..], &prefix, "replicas = 3\n");
-    until(ELECTION, "every event journalled", || async {
-        (journalled_calls(&survivors).await? == all).then_some(())
-    })
-    .await;
-    rx.wait_until(ELECTION, "every event delivered", |r| {
-        per_id(r).len() as u64 == sent
-    })
-    .await;
+    let sent = stop_load_and_check(running, load, &survivors, &rx, ELECTION).await;
     eprintln!("nats cluster: {sent} events under load, one of 3 nodes killed, all journalled and delivered");
     bridge.shutdown().await;
 }
@@ -723,26 +706,11 @@ async fn a_cluster_node_killed_under_load_loses_nothing_and_delivery_continues()
 /// the events of a subject arrive in journal order even when one fails and is retried.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ordered_endpoint_keeps_journal_order_across_instances() {
-    let prefix = unique_prefix("ordered");
-    let vb = start_sim(Provider::Voipbin).await;
     // The first attempt fails: the first event is retried before anything after it goes.
     let rx = Receiver::start(vec![Answer::status(500)], Answer::status(200)).await;
-    let blocks = [
-        upstream_block("vb", &vb, FAST),
-        webhook_block(
-            "crm",
-            &rx.url(),
-            "ordered = true\nretry = [\"50ms\", \"50ms\"]\n",
-        ),
-        route_block("crm"),
-        consumer_block(),
-    ];
-    let urls = [SHARED_NATS.to_string()];
-    let cfg = nats_config(&blocks, &urls, &prefix, "");
-    let (a, _) = start_bridge(&cfg).await;
-    let (b, _) = start_bridge(&cfg).await;
-    wait_sim_ready(&vb, 2).await;
-    const N: usize = 12;
+    let extra = "ordered = true\nretry = [\"50ms\", \"50ms\"]\n";
+    let (prefix, vb, a, b) = two_instances("ordered", &rx, extra).await;
+    const N: usize = 20;
     for i in 0..N {
         // One subject for all: the call id stays the same, the status number changes.
         vb.emit(voipbin::wire::event(

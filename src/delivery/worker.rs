@@ -529,6 +529,9 @@ async fn dispatch(
                             break;
                         }
                         if in_flight.contains(&d.seq) {
+                            // Running here still (its outcome not yet read): the store offers
+                            // it again later if it holds it.
+                            not_taken.push(d.seq);
                             continue;
                         }
                         if let Some(limit) = rate.as_mut() {
@@ -550,7 +553,7 @@ async fn dispatch(
                             done_tx.clone(),
                         )));
                     }
-                    not_taken.extend(due.map(|d| d.seq).filter(|s| !in_flight.contains(s)));
+                    not_taken.extend(due.map(|d| d.seq));
                     if !not_taken.is_empty() {
                         store.release(&name, &not_taken).await;
                     }

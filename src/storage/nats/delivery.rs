@@ -88,7 +88,10 @@ async fn fetch(
         }
         Ok::<(), StoreError>(())
     };
-    let result = tokio::time::timeout(FETCH_TIMEOUT, collect).await;
+    // A request with an expiry ends by itself soon after it (a 409 for a consumer at its
+    // ack limit may leave it unanswered otherwise).
+    let limit = expires.map_or(FETCH_TIMEOUT, |e| e + ORDERED_FETCH_EXPIRES);
+    let result = tokio::time::timeout(limit, collect).await;
     // Whatever arrived is held and must be answered, even if the request then failed.
     match result {
         Ok(Ok(())) => Ok(out),
@@ -587,6 +590,7 @@ impl Queues {
                     held.attempts = held.attempts.saturating_add(1);
                     held.not_before = Some(Instant::now() + delay);
                     q.in_flight().insert(seq, held);
+
                     return Ok(());
                 }
                 held.acker
