@@ -792,6 +792,8 @@ impl Server {
         u
     }
 
+    /// Stops the server (SIGTERM, then SIGKILL after 10 s) and removes its work directory (a
+    /// journal can be hundreds of MiB); set `BENCH_KEEP=1` to keep it.
     fn stop(mut self) {
         // SAFETY: plain kill(2) on our own child.
         unsafe {
@@ -800,12 +802,27 @@ impl Server {
         let end = Instant::now() + Duration::from_secs(10);
         while Instant::now() < end {
             if let Ok(Some(_)) = self.child.try_wait() {
-                return;
+                break;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if std::env::var_os("BENCH_KEEP").is_none() {
+            let _ = std::fs::remove_dir_all(&self._dir);
+        }
+    }
+}
+
+impl Drop for Server {
+    /// A scenario that failed half-way must not leave its server running; its logs stay.
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
 

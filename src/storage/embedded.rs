@@ -171,11 +171,13 @@ fn open_connection(path: &Path, durability: Durability) -> Result<Connection, St
     // index takes random inserts (ids are digests), so with SQLite's default 2 MiB page cache
     // every batch re-read index pages from the file (`readDbPage` → pread in the profile)
     // and the WAL was checkpointed every 4 MiB, rewriting the same hot index pages again and
-    // again. A 64 MiB cache, reads through a 256 MiB mmap and a 64 MiB checkpoint interval
-    // keep the hot pages in memory and write each of them once per checkpoint.
+    // again. Reads through a 256 MiB mmap, a 16 MiB cache and a 64 MiB checkpoint interval
+    // keep the hot pages in memory and write each of them once per checkpoint. The cache is
+    // not larger because every commit scans the cache's hash table (`pcache1TruncateUnsafe`,
+    // 6 % of the CPU with 64 MiB in the webhook benchmark, where commits are small and many).
     conn.execute_batch(&format!(
         "PRAGMA journal_mode = WAL; PRAGMA synchronous = {sync}; PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = ON;
-         PRAGMA cache_size = -65536; PRAGMA mmap_size = 268435456; PRAGMA wal_autocheckpoint = 16384;"
+         PRAGMA cache_size = -16384; PRAGMA mmap_size = 268435456; PRAGMA wal_autocheckpoint = 16384;"
     ))
     .map_err(db("configure connection"))?;
     Ok(conn)
@@ -419,11 +421,13 @@ impl Store for EmbeddedStore {
     async fn next_due(&self, endpoint: &str, after_ms: i64) -> Result<Option<i64>, StoreError> {
         let endpoint = endpoint.to_string();
         self.with_reader(move |conn| {
-            conn.query_row(
+            // Cached: the dispatcher asks this after every refill (issue 8 webhook profile).
+            conn.prepare_cached(
                 "SELECT MIN(next_at_ms) FROM deliveries WHERE endpoint = ?1 AND state = 0 AND next_at_ms > ?2",
-                params![endpoint, after_ms],
-                |r| r.get::<_, Option<i64>>(0),
             )
+            .and_then(|mut st| {
+                st.query_row(params![endpoint, after_ms], |r| r.get::<_, Option<i64>>(0))
+            })
             .map_err(db("read next due"))
         })
         .await
@@ -972,50 +976,41 @@ fn record_attempt(
     next: NextStep,
 ) -> Result<(), StoreError> {
     let seq = to_i64(seq);
+    // Cached statements: this runs once per webhook attempt, and compiling the SQL every time
+    // (`execute`) was ~7 % of the bridge's CPU in the webhook benchmark (issue 8, perf:
+    // sqlite3Prepare / sqlite3RunParser).
     if next == NextStep::Delivered {
-        tx.execute(
-            "DELETE FROM attempts WHERE endpoint = ?1 AND seq = ?2",
-            params![endpoint, seq],
-        )
-        .map_err(db("clear attempts"))?;
-        tx.execute(
-            "DELETE FROM deliveries WHERE endpoint = ?1 AND seq = ?2",
-            params![endpoint, seq],
-        )
-        .map_err(db("complete delivery"))?;
+        tx.prepare_cached("DELETE FROM attempts WHERE endpoint = ?1 AND seq = ?2")
+            .and_then(|mut st| st.execute(params![endpoint, seq]))
+            .map_err(db("clear attempts"))?;
+        tx.prepare_cached("DELETE FROM deliveries WHERE endpoint = ?1 AND seq = ?2")
+            .and_then(|mut st| st.execute(params![endpoint, seq]))
+            .map_err(db("complete delivery"))?;
         return Ok(());
     }
     let updated = match next {
-        NextStep::RetryAt(at) => tx.execute(
-            "UPDATE deliveries SET attempts = attempts + 1, next_at_ms = ?3 WHERE endpoint = ?1 AND seq = ?2",
-            params![endpoint, seq, at],
-        ),
-        NextStep::HoldUntil(at) => tx.execute(
-            "UPDATE deliveries SET next_at_ms = ?3 WHERE endpoint = ?1 AND seq = ?2",
-            params![endpoint, seq, at],
-        ),
-        _ => tx.execute(
-            "UPDATE deliveries SET attempts = attempts + 1, state = 1 WHERE endpoint = ?1 AND seq = ?2",
-            params![endpoint, seq],
-        ),
+        NextStep::RetryAt(at) => tx.prepare_cached("UPDATE deliveries SET attempts = attempts + 1, next_at_ms = ?3 WHERE endpoint = ?1 AND seq = ?2")
+            .and_then(|mut st| st.execute(params![endpoint, seq, at])),
+        NextStep::HoldUntil(at) => tx.prepare_cached("UPDATE deliveries SET next_at_ms = ?3 WHERE endpoint = ?1 AND seq = ?2")
+            .and_then(|mut st| st.execute(params![endpoint, seq, at])),
+        _ => tx.prepare_cached("UPDATE deliveries SET attempts = attempts + 1, state = 1 WHERE endpoint = ?1 AND seq = ?2")
+            .and_then(|mut st| st.execute(params![endpoint, seq])),
     }
     .map_err(db("update delivery"))?;
     if updated == 0 {
         // Already completed by an earlier attempt (a replay raced it): nothing to record.
         return Ok(());
     }
-    tx.execute(
-        "INSERT OR REPLACE INTO attempts (endpoint, seq, n, at_ms, status, error, duration_ms)
-         VALUES (?1, ?2, (SELECT COALESCE(MAX(n), 0) + 1 FROM attempts WHERE endpoint = ?1 AND seq = ?2), ?3, ?4, ?5, ?6)",
-        params![
+    tx.prepare_cached("INSERT OR REPLACE INTO attempts (endpoint, seq, n, at_ms, status, error, duration_ms)
+         VALUES (?1, ?2, (SELECT COALESCE(MAX(n), 0) + 1 FROM attempts WHERE endpoint = ?1 AND seq = ?2), ?3, ?4, ?5, ?6)")
+            .and_then(|mut st| st.execute(params![
             endpoint,
             seq,
             attempt.at_ms,
             attempt.status.map(i64::from),
             attempt.error,
             to_i64(attempt.duration_ms)
-        ],
-    )
+        ]))
     .map_err(db("record attempt"))?;
     Ok(())
 }
