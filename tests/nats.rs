@@ -739,3 +739,42 @@ async fn ordered_endpoint_keeps_journal_order_across_instances() {
     b.shutdown().await;
     cleanup(SHARED_NATS, &prefix).await;
 }
+
+/// An event whose envelope exceeds the NATS server's `max_payload` can never be journalled:
+/// it is dropped and counted, and the events after it still flow (a retry loop on it would
+/// fill the ingest queue and stall every upstream).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_larger_than_max_payload_is_skipped_and_later_events_flow() {
+    let server = NatsServer::start_with_config("maxpayload", Some("max_payload: 4096\n"));
+    server.wait_ready(LONG).await;
+    let prefix = unique_prefix("maxpayload");
+    let (vb, rx, blocks) = load_rig().await;
+    let urls = [server.url()];
+    let cfg = nats_config(&blocks, &urls, &prefix, "");
+    let (bridge, _) = start_bridge(&cfg).await;
+    wait_sim_ready(&vb, 1).await;
+
+    vb.emit(call(0)).await;
+    let big = voipbin::wire::event(
+        "call.status",
+        "2024-01-15T10:30:00.000000Z",
+        "customer_id:abc123:call:big",
+        json!({"id": "big", "status": "ringing", "n": 999, "pad": "x".repeat(8192)}),
+    );
+    vb.emit(big).await;
+    emit_range(&vb, 1..5).await;
+
+    let want: BTreeSet<u64> = (0..5).collect();
+    until(LONG, "the events around the big one journalled", || async {
+        (journalled_calls(&cfg).await? == want).then_some(())
+    })
+    .await;
+    rx.wait_until(LONG, "the events around the big one delivered", |r| {
+        per_id(r).len() == 5
+    })
+    .await;
+    let stats = bridge.ingest_stats();
+    assert_eq!(stats.rejected, 1, "the big event is counted: {stats:?}");
+    assert_eq!(stats.published, 5, "{stats:?}");
+    bridge.shutdown().await;
+}

@@ -21,7 +21,9 @@
 //! Outages: a failed publish is retried with the same `Nats-Msg-Id` (so a publish that did
 //! land is not stored twice) until NATS answers; meanwhile ingest waits, its bounded queue
 //! fills and the upstream readers stop reading (backpressure). Nothing an upstream sent after
-//! the bridge read it is dropped.
+//! the bridge read it is dropped, except an event whose envelope exceeds the server's
+//! `max_payload`: no retry could store it, so it is dropped with an error log and counted
+//! (`journal_rejected`) instead of wedging ingest.
 
 pub mod delivery;
 pub mod lease;
@@ -36,7 +38,7 @@ use async_nats::jetstream::{self, consumer, stream};
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use super::{
     Appended, AttemptRecord, DeliveryCounts, DeliveryInfo, DeliveryState, DueDelivery,
@@ -279,11 +281,23 @@ impl NatsStore {
             if !p.targets.is_empty() {
                 publish = publish.header(HEADER_TARGETS, p.targets.as_str());
             }
-            let ack = self
-                .js
-                .send_publish(p.subject.clone(), publish)
-                .await
-                .map_err(nats_err("publish to the journal"))?;
+            let ack = match self.js.send_publish(p.subject.clone(), publish).await {
+                Ok(ack) => ack,
+                // The client refuses it before sending: no retry can succeed, and retrying
+                // would hold back every event behind it (the ingest queue fills, upstreams
+                // stall). Drop this one event, loudly.
+                Err(e) if e.kind() == jetstream::context::PublishErrorKind::MaxPayloadExceeded => {
+                    error!(
+                        event_id = %p.id,
+                        size = p.payload.len(),
+                        max_payload = self.client.max_payload(),
+                        "event larger than the NATS server's max_payload; dropped (not journalled)"
+                    );
+                    done[i] = Some(Appended::Rejected);
+                    continue;
+                }
+                Err(e) => return Err(nats_err("publish to the journal")(e)),
+            };
             acks.push((i, ack));
         }
         for (i, ack) in acks {
