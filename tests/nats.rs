@@ -16,6 +16,7 @@ use futures_util::SinkExt;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 use wsbridge::bridge::Bridge;
+use wsbridge::storage::Store;
 use wsbridge_adapters::sim::Simulator;
 use wsbridge_adapters::{voipbin, Provider};
 
@@ -777,4 +778,153 @@ async fn an_event_larger_than_max_payload_is_skipped_and_later_events_flow() {
     assert_eq!(stats.rejected, 1, "the big event is counted: {stats:?}");
     assert_eq!(stats.published, 5, "{stats:?}");
     bridge.shutdown().await;
+}
+
+/// A store on the shared server with its own prefix, and its config (no bridge around it:
+/// these tests drive the store's delivery calls themselves).
+async fn bare_store(tag: &str) -> (String, std::sync::Arc<wsbridge::storage::nats::NatsStore>) {
+    let prefix = unique_prefix(tag);
+    // A config needs an upstream; nothing connects to it here.
+    let upstream = "[[upstreams]]\nname = \"vb\"\nadapter = \"voipbin\"\nurl = \"ws://127.0.0.1:9\"\ntoken = \"unused-token\"\n";
+    let cfg = nats_config(
+        &[upstream.to_string()],
+        &[SHARED_NATS.to_string()],
+        &prefix,
+        "",
+    );
+    let store = wsbridge::storage::nats::NatsStore::connect(&cfg.storage)
+        .await
+        .expect("store connects");
+    (prefix, store)
+}
+
+/// An envelope with id `e<i>`, not yet journalled.
+fn envelope(i: usize) -> wsbridge::envelope::Envelope {
+    wsbridge::envelope::Envelope {
+        specversion: "1.0".into(),
+        id: format!("e{i}"),
+        source: "wsbridge://vb".into(),
+        event_type: "voipbin.call.status".into(),
+        subject: Some(format!("call/c{i}")),
+        time: "2024-01-15T10:30:00Z".into(),
+        datacontenttype: "application/json".into(),
+        data: json!({"n": i}),
+        provider: "voipbin".into(),
+        recvtime: "2024-01-15T10:30:00.000000Z".into(),
+        seq: None,
+    }
+}
+
+/// Journals events `range`, each routed to `to`; returns their seqs.
+async fn append_routed(
+    store: &wsbridge::storage::nats::NatsStore,
+    range: std::ops::Range<usize>,
+    to: &str,
+) -> Vec<u64> {
+    let batch = range
+        .map(|i| wsbridge::storage::NewEvent {
+            envelope: envelope(i),
+            targets: vec![std::sync::Arc::from(to)],
+        })
+        .collect();
+    Store::append(store, batch)
+        .await
+        .expect("append")
+        .into_iter()
+        .map(|a| match a {
+            wsbridge::storage::Appended::Stored { seq, .. } => seq,
+            other => panic!("not stored: {other:?}"),
+        })
+        .collect()
+}
+
+fn attempt(status: u16) -> wsbridge::storage::AttemptRecord {
+    wsbridge::storage::AttemptRecord {
+        at_ms: chrono::Utc::now().timestamp_millis(),
+        status: Some(status),
+        error: None,
+        duration_ms: 1,
+    }
+}
+
+/// Calls `due` until it returns a delivery of `seq`.
+async fn due_until(store: &wsbridge::storage::nats::NatsStore, endpoint: &str, seq: u64) {
+    until(LONG, "the delivery is due", || async {
+        let due = Store::due(store, endpoint, 0, 16, false).await.ok()?;
+        due.iter().any(|d| d.seq == seq).then_some(())
+    })
+    .await;
+}
+
+/// Unanswered and unsent messages of a consumer.
+async fn consumer_backlog(stream: &str, consumer: &str) -> Option<u64> {
+    let client = async_nats::connect(SHARED_NATS).await.ok()?;
+    let js = async_nats::jetstream::new(client);
+    let s = js.get_stream(stream).await.ok()?;
+    let info = s.consumer_info(consumer).await.ok()?;
+    Some(info.num_pending + info.num_ack_pending as u64)
+}
+
+/// A replay of an event fetched while the journal consumer then redelivers the same event
+/// (its retry fell due): each message keeps its own acker, so when the replay's attempt
+/// succeeds the replay message is acknowledged (not left to come back after the ack wait),
+/// and the journal consumer's delivery follows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_and_a_retry_of_the_same_event_are_each_acknowledged() {
+    use wsbridge::storage::{NextStep, ReplaySelection};
+    let (prefix, store) = bare_store("collide").await;
+    let s = store.as_ref();
+    Store::prepare_endpoint(s, "crm", false, Duration::from_secs(60))
+        .await
+        .expect("prepare");
+    let seq = append_routed(s, 0..1, "crm").await[0];
+    due_until(s, "crm", seq).await;
+    let retry_at = chrono::Utc::now().timestamp_millis() + 1500;
+    Store::record(s, "crm", seq, attempt(500), NextStep::RetryAt(retry_at))
+        .await
+        .expect("record the failure");
+    let queued = Store::replay(s, "crm", ReplaySelection::Seqs { from: seq, to: seq })
+        .await
+        .expect("replay");
+    assert_eq!(queued, 1);
+    // The replay comes first (its retry is not due yet) and is held, its attempt running.
+    due_until(s, "crm", seq).await;
+    // Then the journal consumer redelivers the same seq to this instance.
+    let events = format!("{prefix}_events");
+    let main = format!("{prefix}_wh_crm");
+    until(LONG, "the retry redelivered to this instance", || async {
+        let _ = Store::due(s, "crm", 0, 16, false).await;
+        let client = async_nats::connect(SHARED_NATS).await.ok()?;
+        let js = async_nats::jetstream::new(client);
+        let info = js
+            .get_stream(&events)
+            .await
+            .ok()?
+            .consumer_info(&main)
+            .await
+            .ok()?;
+        (info.delivered.consumer_sequence >= 2).then_some(())
+    })
+    .await;
+    Store::record(s, "crm", seq, attempt(200), NextStep::Delivered)
+        .await
+        .expect("record the replay's success");
+    let replay_stream = format!("{prefix}_replay");
+    let replay_consumer = format!("{prefix}_whr_crm");
+    until(
+        Duration::from_secs(10),
+        "the replay message acknowledged (well within its 60 s ack wait)",
+        || async { (consumer_backlog(&replay_stream, &replay_consumer).await? == 0).then_some(()) },
+    )
+    .await;
+    // The journal consumer's delivery was deferred, not lost: it comes again and is acked.
+    due_until(s, "crm", seq).await;
+    Store::record(s, "crm", seq, attempt(200), NextStep::Delivered)
+        .await
+        .expect("record the retry's success");
+    until(LONG, "the journal delivery acknowledged", || async {
+        (consumer_backlog(&events, &main).await? == 0).then_some(())
+    })
+    .await;
+    cleanup(SHARED_NATS, &prefix).await;
 }

@@ -144,6 +144,12 @@ impl From<Attempt> for AttemptRecord {
 /// A delivery this instance holds (fetched, not yet acknowledged).
 struct InFlight {
     acker: Acker,
+    /// Where the message came from: `None` for the endpoint's journal consumer, the replay
+    /// stream's sequence for an admin replay. One event can be held from both at once (a
+    /// replay of an event whose retry the journal consumer then redelivers); only a
+    /// redelivery of the same message may take over the entry's acker, or the other message
+    /// would never be answered (and be sent again after its ack wait).
+    replay_seq: Option<u64>,
     id: String,
     bytes: Bytes,
     /// Handed to the dispatcher and not released: an attempt runs (or is about to).
@@ -153,6 +159,37 @@ struct InFlight {
     not_before: Option<Instant>,
     /// When the server was last told the delivery is still being worked on.
     progressed: Instant,
+}
+
+/// Records a fetched message as held and taken by the dispatcher; returns its delivery.
+fn hold(
+    held: &mut HashMap<u64, InFlight>,
+    seq: u64,
+    acker: Acker,
+    replay_seq: Option<u64>,
+    id: String,
+    bytes: Bytes,
+    attempts: u32,
+) -> DueDelivery {
+    held.insert(
+        seq,
+        InFlight {
+            acker,
+            replay_seq,
+            id: id.clone(),
+            bytes: bytes.clone(),
+            taken: true,
+            attempts,
+            not_before: None,
+            progressed: Instant::now(),
+        },
+    );
+    DueDelivery {
+        seq,
+        id,
+        bytes,
+        attempts,
+    }
 }
 
 /// One endpoint's consumers and local bookkeeping.
@@ -414,37 +451,47 @@ impl Queues {
             Err(e) => return Err(e),
         };
         for m in replays {
-            let attempts = m.info().map(|i| i.delivered.max(1) - 1).unwrap_or(0);
+            let (attempts, replay_seq) = match m.info() {
+                Ok(i) => (i.delivered.max(1) - 1, Some(i.stream_sequence)),
+                Err(_) => (0, None),
+            };
             let (msg, acker) = m.split();
             let Some(seq) = header(&msg, HEADER_SEQ).and_then(|s| s.parse::<u64>().ok()) else {
                 let _ = acker.ack().await;
                 continue;
             };
-            if q.in_flight().contains_key(&seq) {
-                // The same event is being delivered now; send the replay after it.
-                let _ = acker.ack_with(AckKind::Nak(Some(POLL * 5))).await;
-                continue;
-            }
+            let acker = {
+                let mut held = q.in_flight();
+                match held.get_mut(&seq) {
+                    // This replay, redelivered while this instance still holds it: keep the
+                    // attempt running, answer on the newer delivery.
+                    Some(f) if replay_seq.is_some() && f.replay_seq == replay_seq => {
+                        f.acker = acker;
+                        continue;
+                    }
+                    // The same event is being delivered now: send the replay after it.
+                    Some(_) => Err(acker),
+                    None => Ok(acker),
+                }
+            };
+            let acker = match acker {
+                Ok(a) => a,
+                Err(deferred) => {
+                    let _ = deferred.ack_with(AckKind::Nak(Some(POLL * 5))).await;
+                    continue;
+                }
+            };
             let id = header(&msg, HEADER_ID).unwrap_or_default();
             let attempts = u32::try_from(attempts).unwrap_or(u32::MAX);
-            q.in_flight().insert(
+            out.push(hold(
+                &mut q.in_flight(),
                 seq,
-                InFlight {
-                    acker,
-                    id: id.clone(),
-                    bytes: msg.payload.clone(),
-                    taken: true,
-                    attempts,
-                    not_before: None,
-                    progressed: Instant::now(),
-                },
-            );
-            out.push(DueDelivery {
-                seq,
+                acker,
+                replay_seq,
                 id,
-                bytes: msg.payload,
+                msg.payload,
                 attempts,
-            });
+            ));
         }
         for _round in 0..8 {
             let want = room.saturating_sub(out.len() - released_count);
@@ -482,33 +529,30 @@ impl Queues {
                 }
                 let id = header(&msg, "Nats-Msg-Id").unwrap_or_default();
                 let bytes = with_seq(&msg.payload, seq);
-                let mut held = q.in_flight();
-                if let Some(f) = held.get_mut(&seq) {
-                    // Redelivered while this instance still holds it (its ack wait ran out):
-                    // keep the attempt running, answer on the newer delivery.
-                    f.acker = acker;
-                    continue;
+                let deferred = {
+                    let mut held = q.in_flight();
+                    match held.get_mut(&seq) {
+                        // Redelivered while this instance still holds it (its ack wait ran
+                        // out): keep the attempt running, answer on the newer delivery.
+                        Some(f) if f.replay_seq.is_none() => {
+                            f.acker = acker;
+                            continue;
+                        }
+                        // A replay of this event is being delivered now: this delivery goes
+                        // after it (the replay's acker stays).
+                        Some(_) => Some(acker),
+                        None => {
+                            let attempts = u32::try_from(attempts).unwrap_or(u32::MAX);
+                            out.push(hold(&mut held, seq, acker, None, id, bytes, attempts));
+                            None
+                        }
+                    }
+                };
+                if let Some(acker) = deferred {
+                    if let Err(e) = acker.ack_with(AckKind::Nak(Some(POLL * 5))).await {
+                        debug!(webhook = %endpoint, error = %e, "cannot defer a delivery");
+                    }
                 }
-                let attempts = u32::try_from(attempts).unwrap_or(u32::MAX);
-                held.insert(
-                    seq,
-                    InFlight {
-                        acker,
-                        id: id.clone(),
-                        bytes: bytes.clone(),
-                        taken: true,
-                        attempts,
-                        not_before: None,
-                        progressed: Instant::now(),
-                    },
-                );
-                drop(held);
-                out.push(DueDelivery {
-                    seq,
-                    id,
-                    bytes,
-                    attempts,
-                });
             }
             if got < want {
                 break;
