@@ -784,18 +784,23 @@ async fn an_event_larger_than_max_payload_is_skipped_and_later_events_flow() {
 /// these tests drive the store's delivery calls themselves).
 async fn bare_store(tag: &str) -> (String, std::sync::Arc<wsbridge::storage::nats::NatsStore>) {
     let prefix = unique_prefix(tag);
+    let store = store_on(&prefix).await;
+    (prefix, store)
+}
+
+/// Another store on the shared server with `prefix` (a second instance).
+async fn store_on(prefix: &str) -> std::sync::Arc<wsbridge::storage::nats::NatsStore> {
     // A config needs an upstream; nothing connects to it here.
     let upstream = "[[upstreams]]\nname = \"vb\"\nadapter = \"voipbin\"\nurl = \"ws://127.0.0.1:9\"\ntoken = \"unused-token\"\n";
     let cfg = nats_config(
         &[upstream.to_string()],
         &[SHARED_NATS.to_string()],
-        &prefix,
+        prefix,
         "",
     );
-    let store = wsbridge::storage::nats::NatsStore::connect(&cfg.storage)
+    wsbridge::storage::nats::NatsStore::connect(&cfg.storage)
         .await
-        .expect("store connects");
-    (prefix, store)
+        .expect("store connects")
 }
 
 /// An envelope with id `e<i>`, not yet journalled.
@@ -926,5 +931,52 @@ async fn a_replay_and_a_retry_of_the_same_event_are_each_acknowledged() {
         (consumer_backlog(&events, &main).await? == 0).then_some(())
     })
     .await;
+    cleanup(SHARED_NATS, &prefix).await;
+}
+
+/// A dead letter carries a deterministic `Nats-Msg-Id` (a second publish of it, after a crash
+/// between the publish and the `Term`, is dropped by the duplicate window), and two instances
+/// replaying the dead letters at once queue each of them once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_are_written_and_replayed_once() {
+    use wsbridge::storage::{NextStep, ReplaySelection};
+    let (prefix, a) = bare_store("dlqonce").await;
+    let b = store_on(&prefix).await;
+    Store::prepare_endpoint(a.as_ref(), "crm", false, Duration::from_secs(60))
+        .await
+        .expect("prepare");
+    let seq = append_routed(a.as_ref(), 0..1, "crm").await[0];
+    due_until(a.as_ref(), "crm", seq).await;
+    Store::record(a.as_ref(), "crm", seq, attempt(500), NextStep::Dead)
+        .await
+        .expect("dead-letter");
+
+    let client = async_nats::connect(SHARED_NATS).await.expect("connect");
+    let js = async_nats::jetstream::new(client);
+    let dlq = js
+        .get_stream(format!("{prefix}_dlq"))
+        .await
+        .expect("dlq stream");
+    let letter = dlq.get_raw_message(1).await.expect("the dead letter");
+    assert_eq!(
+        letter.headers.get("Nats-Msg-Id").map(|v| v.as_str()),
+        Some(format!("dlq:crm:{seq}").as_str()),
+        "the dead letter's message id is deterministic"
+    );
+
+    let (ra, rb) = tokio::join!(
+        Store::replay(a.as_ref(), "crm", ReplaySelection::Dead),
+        Store::replay(b.as_ref(), "crm", ReplaySelection::Dead),
+    );
+    let (ra, rb) = (ra.expect("replay on a"), rb.expect("replay on b"));
+    assert_eq!(ra + rb, 1, "one replay queued between the two instances");
+    let mut replay = js
+        .get_stream(format!("{prefix}_replay"))
+        .await
+        .expect("replay stream");
+    let info = replay.info().await.expect("replay stream info");
+    assert_eq!(info.state.messages, 1, "the dead letter is queued once");
+    let counts = Store::counts(a.as_ref(), "crm").await.expect("counts");
+    assert_eq!(counts.dead, 0, "{counts:?}");
     cleanup(SHARED_NATS, &prefix).await;
 }

@@ -7,7 +7,11 @@
 //! routed to the endpoint is acknowledged and skipped.
 //! - 2xx: `ack`; a failure: `nak` with the endpoint's retry delay (the server redelivers it
 //!   then, to any instance); out of retries: the envelope is published to the dead-letter
-//!   stream (`<prefix>.dlq.<endpoint>`, with its attempts) and the original terminated.
+//!   stream (`<prefix>.dlq.<endpoint>`, with its attempts) and the original terminated. The
+//!   dead letter's `Nats-Msg-Id` is `dlq:<endpoint>:<seq>` (plus the replay message's sequence
+//!   for a replay), so a publish repeated after a crash before the `Term` is stored once.
+//!   Replaying a dead letter publishes it with the id `replay:<endpoint>:dlq<n>`, so two
+//!   admins replaying it at once queue it once.
 //! - An admin replay publishes the selected envelopes to `<prefix>.replay.<endpoint>` (a
 //!   work-queue stream); a second durable consumer per endpoint feeds them to the dispatcher
 //!   before new events.
@@ -101,6 +105,19 @@ async fn fetch(
             op,
             source: "no answer from NATS".into(),
         }),
+    }
+}
+
+/// Whether a message delete failed because the message is gone already (the server answers
+/// "no message found", with the generic delete-failed code on the servers we test with).
+fn already_deleted(e: &stream::DeleteMessageError) -> bool {
+    match e.kind() {
+        stream::DeleteMessageErrorKind::JetStream(j) => {
+            j.error_code() == jetstream::ErrorCode::NO_MESSAGE_FOUND
+                || (j.error_code() == jetstream::ErrorCode::STREAM_MESSAGE_DELETE_FAILED
+                    && j.to_string().contains("no message found"))
+        }
+        _ => false,
     }
 }
 
@@ -646,7 +663,16 @@ impl Queues {
                 let mut attempts = q.history().remove(&seq).unwrap_or_default();
                 attempts.push(attempt);
                 let list: Vec<Attempt> = attempts.iter().map(Attempt::from).collect();
+                // Deterministic per delivered message, so a dead letter published again (this
+                // instance died between the publish and the `Term`, and the message was
+                // redelivered) is dropped by the stream's duplicate window. A replay that dies
+                // again is a new dead letter: its replay message's sequence makes it unique.
+                let msg_id = match held.replay_seq {
+                    None => format!("dlq:{}:{seq}", q.token),
+                    Some(r) => format!("dlq:{}:{seq}:r{r}", q.token),
+                };
                 let publish = jetstream::message::PublishMessage::build()
+                    .message_id(msg_id)
                     .payload(held.bytes.clone())
                     .header(HEADER_SEQ, seq.to_string().as_str())
                     .header(HEADER_ID, held.id.as_str())
@@ -791,19 +817,29 @@ impl Queues {
         let tok = endpoint_token(endpoint);
         let letters = self.dead_letters(endpoint, usize::MAX).await?;
         let mut found = Vec::new();
+        let mut queued = 0;
         for (dlq_seq, info, payload) in letters {
             if ids.is_some_and(|ids| !ids.contains(&info.id)) {
                 continue;
             }
-            self.publish_replay(&tok, info.seq, &info.id, payload)
-                .await?;
-            self.dlq
-                .delete_message(dlq_seq)
-                .await
-                .map_err(nats_err("remove a replayed dead letter"))?;
+            // One id per dead letter: two admins replaying it at once (or a retry after a
+            // failed delete) queue it once, within the replay stream's duplicate window.
+            let msg_id = format!("replay:{tok}:dlq{dlq_seq}");
+            if self
+                .publish_replay(&tok, info.seq, &info.id, payload, Some(msg_id))
+                .await?
+            {
+                queued += 1;
+            }
+            match self.dlq.delete_message(dlq_seq).await {
+                Ok(_) => {}
+                // Removed by a concurrent replay of the same dead letter.
+                Err(e) if already_deleted(&e) => {}
+                Err(e) => return Err(nats_err("remove a replayed dead letter")(e)),
+            }
             found.push(info.id);
         }
-        Ok((found.len() as u64, found))
+        Ok((queued, found))
     }
 
     /// Queues journalled events for the endpoint again; returns how many.
@@ -814,31 +850,38 @@ impl Queues {
     ) -> Result<u64, StoreError> {
         let tok = endpoint_token(endpoint);
         for e in events {
-            self.publish_replay(&tok, e.seq, &e.id, e.bytes.clone())
+            // Each admin request is a deliberate replay: no message id, never deduplicated.
+            self.publish_replay(&tok, e.seq, &e.id, e.bytes.clone(), None)
                 .await?;
         }
         Ok(events.len() as u64)
     }
 
+    /// Publishes one replay; false when the stream dropped it as a copy of one with the same
+    /// `msg_id` (already queued).
     async fn publish_replay(
         &self,
         tok: &str,
         seq: u64,
         id: &str,
         payload: Bytes,
-    ) -> Result<(), StoreError> {
-        let publish = jetstream::message::PublishMessage::build()
+        msg_id: Option<String>,
+    ) -> Result<bool, StoreError> {
+        let mut publish = jetstream::message::PublishMessage::build()
             .payload(payload)
             .header(HEADER_SEQ, seq.to_string().as_str())
             .header(HEADER_ID, id);
+        if let Some(msg_id) = msg_id {
+            publish = publish.message_id(msg_id);
+        }
         let subject = format!("{}.replay.{tok}", self.names.prefix);
         let ack = self
             .js
             .send_publish(subject, publish)
             .await
             .map_err(nats_err("queue a replay"))?;
-        ack.await.map_err(nats_err("queue a replay"))?;
-        Ok(())
+        let ack = ack.await.map_err(nats_err("queue a replay"))?;
+        Ok(!ack.duplicate)
     }
 
     /// Stores (or clears) the endpoint's disabled reason for every instance.
