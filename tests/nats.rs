@@ -980,3 +980,52 @@ async fn dead_letters_are_written_and_replayed_once() {
     assert_eq!(counts.dead, 0, "{counts:?}");
     cleanup(SHARED_NATS, &prefix).await;
 }
+
+/// Once the stream's limits remove old messages, reading from a removed seq is an error
+/// (`NotRetained`, which a resume turns into `unrecoverable_position`), not a silent jump to
+/// the first retained one; `position().first` agrees. A fresh stream reads from 1 as usual,
+/// and replays that scan the journal still find what is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reading_below_the_first_retained_seq_is_not_retained() {
+    use wsbridge::storage::{ReplaySelection, StoreError};
+    let (prefix, store) = bare_store("pruned").await;
+    let s = store.as_ref();
+    assert!(Store::read_from(s, 1, 10).await.expect("fresh").is_empty());
+    assert!(Store::read_from(s, 0, 10).await.expect("fresh").is_empty());
+    assert_eq!(Store::position(s).await.expect("position").first, 1);
+    Store::prepare_endpoint(s, "crm", false, Duration::from_secs(60))
+        .await
+        .expect("prepare");
+    let seqs = append_routed(s, 0..5, "crm").await;
+    assert_eq!(Store::read_from(s, 1, 10).await.expect("read").len(), 5);
+
+    // Keep only the last two messages.
+    let client = async_nats::connect(SHARED_NATS).await.expect("connect");
+    let js = async_nats::jetstream::new(client);
+    let mut events = js
+        .get_stream(format!("{prefix}_events"))
+        .await
+        .expect("events stream");
+    let mut config = events.info().await.expect("info").config.clone();
+    config.max_messages = 2;
+    js.update_stream(config).await.expect("limit the stream");
+
+    let first = seqs[3];
+    match Store::read_from(s, seqs[0], 10).await {
+        Err(StoreError::NotRetained { from, first: f }) => {
+            assert_eq!((from, f), (seqs[0], first));
+        }
+        other => panic!("expected NotRetained, got {other:?}"),
+    }
+    let kept = Store::read_from(s, first, 10).await.expect("read the rest");
+    assert_eq!(
+        kept.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        seqs[3..].to_vec()
+    );
+    assert_eq!(Store::position(s).await.expect("position").first, first);
+    let queued = Store::replay(s, "crm", ReplaySelection::Ids(vec!["e4".into()]))
+        .await
+        .expect("replay by id scans what is retained");
+    assert_eq!(queued, 1);
+    cleanup(SHARED_NATS, &prefix).await;
+}

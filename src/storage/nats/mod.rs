@@ -396,7 +396,15 @@ impl NatsStore {
         mut visit: impl FnMut(&StoredEvent) -> bool,
     ) -> Result<(), StoreError> {
         loop {
-            let page = self.read_from(from, 1024).await?;
+            let page = match self.read_from(from, 1024).await {
+                Ok(page) => page,
+                // Removed by the stream's limits: what is left is all there is to scan.
+                Err(StoreError::NotRetained { first, .. }) => {
+                    from = first;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             let Some(last) = page.last() else {
                 return Ok(());
             };
@@ -481,7 +489,14 @@ impl Store for NatsStore {
             .await
             .map_err(nats_err("read the journal's state"))?;
         let last = info.state.last_sequence;
-        let from = from.max(info.state.first_sequence).max(1);
+        let first = info.state.first_sequence;
+        // A new stream starts at 0 or 1; a first sequence above 1 means stream limits removed
+        // the messages before it. Reading on from there would skip them silently: the reader
+        // is told instead (a downstream resume turns it into `unrecoverable_position`).
+        if first > 1 && from < first {
+            return Err(StoreError::NotRetained { from, first });
+        }
+        let from = from.max(1);
         if limit == 0 || from > last || info.state.messages == 0 {
             return Ok(Vec::new());
         }
