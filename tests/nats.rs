@@ -814,14 +814,18 @@ async fn bare_store(tag: &str) -> (String, std::sync::Arc<wsbridge::storage::nat
 
 /// Another store on the shared server with `prefix` (a second instance).
 async fn store_on(prefix: &str) -> std::sync::Arc<wsbridge::storage::nats::NatsStore> {
+    store_at(SHARED_NATS, prefix, "").await
+}
+
+/// A store on the NATS server at `url` with `prefix` and extra `[storage]` lines.
+async fn store_at(
+    url: &str,
+    prefix: &str,
+    extra: &str,
+) -> std::sync::Arc<wsbridge::storage::nats::NatsStore> {
     // A config needs an upstream; nothing connects to it here.
     let upstream = "[[upstreams]]\nname = \"vb\"\nadapter = \"voipbin\"\nurl = \"ws://127.0.0.1:9\"\ntoken = \"unused-token\"\n";
-    let cfg = nats_config(
-        &[upstream.to_string()],
-        &[SHARED_NATS.to_string()],
-        prefix,
-        "",
-    );
+    let cfg = nats_config(&[upstream.to_string()], &[url.to_string()], prefix, extra);
     wsbridge::storage::nats::NatsStore::connect(&cfg.storage)
         .await
         .expect("store connects")
@@ -1052,4 +1056,40 @@ async fn reading_below_the_first_retained_seq_is_not_retained() {
         .expect("replay by id scans what is retained");
     assert_eq!(queued, 1);
     cleanup(SHARED_NATS, &prefix).await;
+}
+
+/// A lease holder whose renewal hangs (its NATS server frozen) stops holding the upstream
+/// within 2/3 of the TTL of its last renewal, before the lease can expire and be taken by
+/// another instance, instead of waiting for the hanging request to fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_holder_whose_renewal_hangs_gives_the_upstream_up_before_the_lease_expires() {
+    let server = NatsServer::start("leasehang");
+    server.wait_ready(LONG).await;
+    let prefix = unique_prefix("leasehang");
+    let ttl = Duration::from_secs(2);
+    let store = store_at(&server.url(), &prefix, "lease_ttl = \"2s\"\n").await;
+    let leases = wsbridge::storage::nats::lease::Leases::open(&store)
+        .await
+        .expect("leases");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let held = leases.keep("vp", stop.clone());
+    let is_held = |want: bool| {
+        let held = held.clone();
+        move || {
+            let held = held.clone();
+            async move { (*held.borrow() == want).then_some(()) }
+        }
+    };
+    until(LONG, "the lease acquired", is_held(true)).await;
+    server.pause();
+    let paused = tokio::time::Instant::now();
+    until(LONG, "the lease given up", is_held(false)).await;
+    let after = paused.elapsed();
+    server.resume();
+    stop.cancel();
+    // The last renewal was sent before the pause, so its lease lives at least `ttl` from then.
+    assert!(
+        after < ttl,
+        "the holder gave the upstream up {after:?} after NATS froze; the lease may expire after {ttl:?}"
+    );
 }

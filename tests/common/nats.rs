@@ -190,6 +190,27 @@ impl NatsServer {
         }
     }
 
+    /// Freezes the server (SIGSTOP): connections stay open but nothing is answered, as with a
+    /// server that hangs. [`NatsServer::resume`] undoes it.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a paused server run again (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        if let Some(c) = &self.child {
+            let status = Command::new("kill")
+                .args([sig, &c.id().to_string()])
+                .status()
+                .expect("kill runs");
+            assert!(status.success(), "kill {sig} failed");
+        }
+    }
+
     /// Starts it again on the same port and store.
     pub fn restart(&mut self) {
         self.kill();
