@@ -51,6 +51,7 @@ pub struct IngestStats {
     received: AtomicU64,
     duplicates: AtomicU64,
     published: AtomicU64,
+    rejected: AtomicU64,
 }
 
 /// Plain-number copy of [`IngestStats`].
@@ -62,6 +63,9 @@ pub struct IngestSnapshot {
     pub duplicates: u64,
     /// Envelopes given a seq and published.
     pub published: u64,
+    /// Envelopes the store can never accept (too large for NATS), dropped: counted so an
+    /// operator sees the loss without reading logs.
+    pub rejected: u64,
 }
 
 impl IngestStats {
@@ -71,6 +75,7 @@ impl IngestStats {
             received: self.received.load(Ordering::Relaxed),
             duplicates: self.duplicates.load(Ordering::Relaxed),
             published: self.published.load(Ordering::Relaxed),
+            rejected: self.rejected.load(Ordering::Relaxed),
         }
     }
 }
@@ -147,6 +152,10 @@ pub fn spawn(
                     Appended::Duplicate => {
                         stats.duplicates.fetch_add(1, Ordering::Relaxed);
                         debug!("duplicate event dropped");
+                    }
+                    Appended::Rejected => {
+                        // The store has logged which event and why.
+                        stats.rejected.fetch_add(1, Ordering::Relaxed);
                     }
                 }
             }

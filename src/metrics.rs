@@ -157,6 +157,12 @@ pub async fn render(state: &StatusState) -> String {
         "Events dropped because their id was already journalled",
         ingest.duplicates,
     );
+    counter(
+        &mut r,
+        "journal_rejected",
+        "Events dropped because the store can never accept them (larger than NATS max_payload)",
+        ingest.rejected,
+    );
     let available = state.store.unavailable().is_none();
     if let Some(connected) = state.store.connected() {
         gauge(

@@ -16,6 +16,7 @@ use futures_util::SinkExt;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 use wsbridge::bridge::Bridge;
+use wsbridge::storage::Store;
 use wsbridge_adapters::sim::Simulator;
 use wsbridge_adapters::{voipbin, Provider};
 
@@ -382,7 +383,10 @@ where
 /// `ownership = "lease"` (VoicePact's default): two bridge processes, one holds the upstream.
 /// The holder is SIGKILLed under load; the other takes over within about the lease TTL and
 /// events keep flowing. Frames the provider pushes while nobody is connected are lost (the
-/// provider does not buffer); the test reports how many.
+/// provider does not buffer); the test reports how many. It asserts the takeover bound, that
+/// every frame reaching the survivor is journalled, and that none is journalled twice. The
+/// reported count of frames that reached the killed holder but are not journalled is not
+/// asserted to be 0: a SIGKILL loses what the process had read and not yet published.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lease_holder_killed_under_load_the_other_instance_takes_over() {
     use std::sync::atomic::{AtomicBool, Ordering};
@@ -473,15 +477,17 @@ async fn lease_holder_killed_under_load_the_other_instance_takes_over() {
         .filter(|i| sent[*i])
         .map(|i| format!("k{i}"))
         .collect();
-    let journal = until(LONG, "the survivor's frames journalled", || async {
-        let j: BTreeSet<String> = journalled_data(&cfg)
+    let (journal, copies) = until(LONG, "the survivor's frames journalled", || async {
+        let all: Vec<String> = journalled_data(&cfg)
             .await?
             .iter()
             .filter_map(|d| d["contract_id"].as_str().map(str::to_string))
             .collect();
-        must.is_subset(&j).then_some(j)
+        let j: BTreeSet<String> = all.iter().cloned().collect();
+        must.is_subset(&j).then_some((j, all.len()))
     })
     .await;
+    assert_eq!(copies, journal.len(), "each frame journalled once");
     let gap = (index_at_kill..index_at_takeover)
         .filter(|i| !sent[*i])
         .count();
@@ -562,10 +568,35 @@ async fn journalled_data(cfg: &wsbridge::config::Config) -> Option<Vec<Value>> {
     Some(out)
 }
 
-/// The call numbers (`data.n`) journalled.
-async fn journalled_calls(cfg: &wsbridge::config::Config) -> Option<BTreeSet<u64>> {
+/// The call numbers (`data.n`) journalled, in journal order, copies included (so a test can
+/// tell a duplicate from a single copy).
+async fn journalled_calls(cfg: &wsbridge::config::Config) -> Option<Vec<u64>> {
     let data = journalled_data(cfg).await?;
     Some(data.iter().filter_map(|d| d["n"].as_u64()).collect())
+}
+
+/// Waits until the journal of `cfg` holds every call in `want`, then asserts it holds each
+/// exactly once and nothing else (a set comparison alone would pass with a duplicate).
+async fn assert_journalled_once(
+    cfg: &wsbridge::config::Config,
+    want: &BTreeSet<u64>,
+    limit: Duration,
+) {
+    let calls = until(limit, "every event journalled", || async {
+        let calls = journalled_calls(cfg).await?;
+        let distinct: BTreeSet<u64> = calls.iter().copied().collect();
+        want.is_subset(&distinct).then_some(calls)
+    })
+    .await;
+    let distinct: BTreeSet<u64> = calls.iter().copied().collect();
+    assert_eq!(&distinct, want, "the journal holds exactly the events sent");
+    assert_eq!(
+        calls.len(),
+        distinct.len(),
+        "each event journalled exactly once ({} entries for {} events)",
+        calls.len(),
+        distinct.len()
+    );
 }
 
 /// A VoIPBIN simulator and a webhook receiver, with the config blocks routing one to the
@@ -598,10 +629,7 @@ async fn stop_load_and_check(
     running.store(false, std::sync::atomic::Ordering::Relaxed);
     let sent = load.await.expect("load") as u64;
     let all: BTreeSet<u64> = (0..sent).collect();
-    until(limit, "every event journalled", || async {
-        (journalled_calls(journal).await? == all).then_some(())
-    })
-    .await;
+    assert_journalled_once(journal, &all, limit).await;
     rx.wait_until(limit, "every event delivered", |r| {
         per_id(r).len() as u64 == sent
     })
@@ -738,4 +766,330 @@ async fn ordered_endpoint_keeps_journal_order_across_instances() {
     a.shutdown().await;
     b.shutdown().await;
     cleanup(SHARED_NATS, &prefix).await;
+}
+
+/// An event whose envelope exceeds the NATS server's `max_payload` can never be journalled:
+/// it is dropped and counted, and the events after it still flow (a retry loop on it would
+/// fill the ingest queue and stall every upstream).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_larger_than_max_payload_is_skipped_and_later_events_flow() {
+    let server = NatsServer::start_with_config("maxpayload", Some("max_payload: 4096\n"));
+    server.wait_ready(LONG).await;
+    let prefix = unique_prefix("maxpayload");
+    let (vb, rx, blocks) = load_rig().await;
+    let urls = [server.url()];
+    let cfg = nats_config(&blocks, &urls, &prefix, "");
+    let (bridge, _) = start_bridge(&cfg).await;
+    wait_sim_ready(&vb, 1).await;
+
+    vb.emit(call(0)).await;
+    let big = voipbin::wire::event(
+        "call.status",
+        "2024-01-15T10:30:00.000000Z",
+        "customer_id:abc123:call:big",
+        json!({"id": "big", "status": "ringing", "n": 999, "pad": "x".repeat(8192)}),
+    );
+    vb.emit(big).await;
+    emit_range(&vb, 1..5).await;
+
+    let want: BTreeSet<u64> = (0..5).collect();
+    assert_journalled_once(&cfg, &want, LONG).await;
+    rx.wait_until(LONG, "the events around the big one delivered", |r| {
+        per_id(r).len() == 5
+    })
+    .await;
+    let stats = bridge.ingest_stats();
+    assert_eq!(stats.rejected, 1, "the big event is counted: {stats:?}");
+    assert_eq!(stats.published, 5, "{stats:?}");
+    bridge.shutdown().await;
+}
+
+/// A store on the shared server with its own prefix, and its config (no bridge around it:
+/// these tests drive the store's delivery calls themselves).
+async fn bare_store(tag: &str) -> (String, std::sync::Arc<wsbridge::storage::nats::NatsStore>) {
+    let prefix = unique_prefix(tag);
+    let store = store_on(&prefix).await;
+    (prefix, store)
+}
+
+/// Another store on the shared server with `prefix` (a second instance).
+async fn store_on(prefix: &str) -> std::sync::Arc<wsbridge::storage::nats::NatsStore> {
+    store_at(SHARED_NATS, prefix, "").await
+}
+
+/// A store on the NATS server at `url` with `prefix` and extra `[storage]` lines.
+async fn store_at(
+    url: &str,
+    prefix: &str,
+    extra: &str,
+) -> std::sync::Arc<wsbridge::storage::nats::NatsStore> {
+    // A config needs an upstream; nothing connects to it here.
+    let upstream = "[[upstreams]]\nname = \"vb\"\nadapter = \"voipbin\"\nurl = \"ws://127.0.0.1:9\"\ntoken = \"unused-token\"\n";
+    let cfg = nats_config(&[upstream.to_string()], &[url.to_string()], prefix, extra);
+    wsbridge::storage::nats::NatsStore::connect(&cfg.storage)
+        .await
+        .expect("store connects")
+}
+
+/// An envelope with id `e<i>`, not yet journalled.
+fn envelope(i: usize) -> wsbridge::envelope::Envelope {
+    wsbridge::envelope::Envelope {
+        specversion: "1.0".into(),
+        id: format!("e{i}"),
+        source: "wsbridge://vb".into(),
+        event_type: "voipbin.call.status".into(),
+        subject: Some(format!("call/c{i}")),
+        time: "2024-01-15T10:30:00Z".into(),
+        datacontenttype: "application/json".into(),
+        data: json!({"n": i}),
+        provider: "voipbin".into(),
+        recvtime: "2024-01-15T10:30:00.000000Z".into(),
+        seq: None,
+    }
+}
+
+/// Journals events `range`, each routed to `to`; returns their seqs.
+async fn append_routed(
+    store: &wsbridge::storage::nats::NatsStore,
+    range: std::ops::Range<usize>,
+    to: &str,
+) -> Vec<u64> {
+    let batch = range
+        .map(|i| wsbridge::storage::NewEvent {
+            envelope: envelope(i),
+            targets: vec![std::sync::Arc::from(to)],
+        })
+        .collect();
+    Store::append(store, batch)
+        .await
+        .expect("append")
+        .into_iter()
+        .map(|a| match a {
+            wsbridge::storage::Appended::Stored { seq, .. } => seq,
+            other => panic!("not stored: {other:?}"),
+        })
+        .collect()
+}
+
+fn attempt(status: u16) -> wsbridge::storage::AttemptRecord {
+    wsbridge::storage::AttemptRecord {
+        at_ms: chrono::Utc::now().timestamp_millis(),
+        status: Some(status),
+        error: None,
+        duration_ms: 1,
+    }
+}
+
+/// Calls `due` until it returns a delivery of `seq`.
+async fn due_until(store: &wsbridge::storage::nats::NatsStore, endpoint: &str, seq: u64) {
+    until(LONG, "the delivery is due", || async {
+        let due = Store::due(store, endpoint, 0, 16, false).await.ok()?;
+        due.iter().any(|d| d.seq == seq).then_some(())
+    })
+    .await;
+}
+
+/// Unanswered and unsent messages of a consumer.
+async fn consumer_backlog(stream: &str, consumer: &str) -> Option<u64> {
+    let client = async_nats::connect(SHARED_NATS).await.ok()?;
+    let js = async_nats::jetstream::new(client);
+    let s = js.get_stream(stream).await.ok()?;
+    let info = s.consumer_info(consumer).await.ok()?;
+    Some(info.num_pending + info.num_ack_pending as u64)
+}
+
+/// A replay of an event fetched while the journal consumer then redelivers the same event
+/// (its retry fell due): each message keeps its own acker, so when the replay's attempt
+/// succeeds the replay message is acknowledged (not left to come back after the ack wait),
+/// and the journal consumer's delivery follows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_and_a_retry_of_the_same_event_are_each_acknowledged() {
+    use wsbridge::storage::{NextStep, ReplaySelection};
+    let (prefix, store) = bare_store("collide").await;
+    let s = store.as_ref();
+    Store::prepare_endpoint(s, "crm", false, Duration::from_secs(60))
+        .await
+        .expect("prepare");
+    let seq = append_routed(s, 0..1, "crm").await[0];
+    due_until(s, "crm", seq).await;
+    let retry_at = chrono::Utc::now().timestamp_millis() + 1500;
+    Store::record(s, "crm", seq, attempt(500), NextStep::RetryAt(retry_at))
+        .await
+        .expect("record the failure");
+    let queued = Store::replay(s, "crm", ReplaySelection::Seqs { from: seq, to: seq })
+        .await
+        .expect("replay");
+    assert_eq!(queued, 1);
+    // The replay comes first (its retry is not due yet) and is held, its attempt running.
+    due_until(s, "crm", seq).await;
+    // Then the journal consumer redelivers the same seq to this instance.
+    let events = format!("{prefix}_events");
+    let main = format!("{prefix}_wh_crm");
+    until(LONG, "the retry redelivered to this instance", || async {
+        let _ = Store::due(s, "crm", 0, 16, false).await;
+        let client = async_nats::connect(SHARED_NATS).await.ok()?;
+        let js = async_nats::jetstream::new(client);
+        let info = js
+            .get_stream(&events)
+            .await
+            .ok()?
+            .consumer_info(&main)
+            .await
+            .ok()?;
+        (info.delivered.consumer_sequence >= 2).then_some(())
+    })
+    .await;
+    Store::record(s, "crm", seq, attempt(200), NextStep::Delivered)
+        .await
+        .expect("record the replay's success");
+    let replay_stream = format!("{prefix}_replay");
+    let replay_consumer = format!("{prefix}_whr_crm");
+    until(
+        Duration::from_secs(10),
+        "the replay message acknowledged (well within its 60 s ack wait)",
+        || async { (consumer_backlog(&replay_stream, &replay_consumer).await? == 0).then_some(()) },
+    )
+    .await;
+    // The journal consumer's delivery was deferred, not lost: it comes again and is acked.
+    due_until(s, "crm", seq).await;
+    Store::record(s, "crm", seq, attempt(200), NextStep::Delivered)
+        .await
+        .expect("record the retry's success");
+    until(LONG, "the journal delivery acknowledged", || async {
+        (consumer_backlog(&events, &main).await? == 0).then_some(())
+    })
+    .await;
+    cleanup(SHARED_NATS, &prefix).await;
+}
+
+/// A dead letter carries a deterministic `Nats-Msg-Id` (a second publish of it, after a crash
+/// between the publish and the `Term`, is dropped by the duplicate window), and two instances
+/// replaying the dead letters at once queue each of them once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_are_written_and_replayed_once() {
+    use wsbridge::storage::{NextStep, ReplaySelection};
+    let (prefix, a) = bare_store("dlqonce").await;
+    let b = store_on(&prefix).await;
+    Store::prepare_endpoint(a.as_ref(), "crm", false, Duration::from_secs(60))
+        .await
+        .expect("prepare");
+    let seq = append_routed(a.as_ref(), 0..1, "crm").await[0];
+    due_until(a.as_ref(), "crm", seq).await;
+    Store::record(a.as_ref(), "crm", seq, attempt(500), NextStep::Dead)
+        .await
+        .expect("dead-letter");
+
+    let client = async_nats::connect(SHARED_NATS).await.expect("connect");
+    let js = async_nats::jetstream::new(client);
+    let dlq = js
+        .get_stream(format!("{prefix}_dlq"))
+        .await
+        .expect("dlq stream");
+    let letter = dlq.get_raw_message(1).await.expect("the dead letter");
+    assert_eq!(
+        letter.headers.get("Nats-Msg-Id").map(|v| v.as_str()),
+        Some(format!("dlq:crm:{seq}").as_str()),
+        "the dead letter's message id is deterministic"
+    );
+
+    let (ra, rb) = tokio::join!(
+        Store::replay(a.as_ref(), "crm", ReplaySelection::Dead),
+        Store::replay(b.as_ref(), "crm", ReplaySelection::Dead),
+    );
+    let (ra, rb) = (ra.expect("replay on a"), rb.expect("replay on b"));
+    assert_eq!(ra + rb, 1, "one replay queued between the two instances");
+    let mut replay = js
+        .get_stream(format!("{prefix}_replay"))
+        .await
+        .expect("replay stream");
+    let info = replay.info().await.expect("replay stream info");
+    assert_eq!(info.state.messages, 1, "the dead letter is queued once");
+    let counts = Store::counts(a.as_ref(), "crm").await.expect("counts");
+    assert_eq!(counts.dead, 0, "{counts:?}");
+    cleanup(SHARED_NATS, &prefix).await;
+}
+
+/// Once the stream's limits remove old messages, reading from a removed seq is an error
+/// (`NotRetained`, which a resume turns into `unrecoverable_position`), not a silent jump to
+/// the first retained one; `position().first` agrees. A fresh stream reads from 1 as usual,
+/// and replays that scan the journal still find what is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reading_below_the_first_retained_seq_is_not_retained() {
+    use wsbridge::storage::{ReplaySelection, StoreError};
+    let (prefix, store) = bare_store("pruned").await;
+    let s = store.as_ref();
+    assert!(Store::read_from(s, 1, 10).await.expect("fresh").is_empty());
+    assert!(Store::read_from(s, 0, 10).await.expect("fresh").is_empty());
+    assert_eq!(Store::position(s).await.expect("position").first, 1);
+    Store::prepare_endpoint(s, "crm", false, Duration::from_secs(60))
+        .await
+        .expect("prepare");
+    let seqs = append_routed(s, 0..5, "crm").await;
+    assert_eq!(Store::read_from(s, 1, 10).await.expect("read").len(), 5);
+
+    // Keep only the last two messages.
+    let client = async_nats::connect(SHARED_NATS).await.expect("connect");
+    let js = async_nats::jetstream::new(client);
+    let mut events = js
+        .get_stream(format!("{prefix}_events"))
+        .await
+        .expect("events stream");
+    let mut config = events.info().await.expect("info").config.clone();
+    config.max_messages = 2;
+    js.update_stream(config).await.expect("limit the stream");
+
+    let first = seqs[3];
+    match Store::read_from(s, seqs[0], 10).await {
+        Err(StoreError::NotRetained { from, first: f }) => {
+            assert_eq!((from, f), (seqs[0], first));
+        }
+        other => panic!("expected NotRetained, got {other:?}"),
+    }
+    let kept = Store::read_from(s, first, 10).await.expect("read the rest");
+    assert_eq!(
+        kept.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        seqs[3..].to_vec()
+    );
+    assert_eq!(Store::position(s).await.expect("position").first, first);
+    let queued = Store::replay(s, "crm", ReplaySelection::Ids(vec!["e4".into()]))
+        .await
+        .expect("replay by id scans what is retained");
+    assert_eq!(queued, 1);
+    cleanup(SHARED_NATS, &prefix).await;
+}
+
+/// A lease holder whose renewal hangs (its NATS server frozen) stops holding the upstream
+/// within 2/3 of the TTL of its last renewal, before the lease can expire and be taken by
+/// another instance, instead of waiting for the hanging request to fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_holder_whose_renewal_hangs_gives_the_upstream_up_before_the_lease_expires() {
+    let server = NatsServer::start("leasehang");
+    server.wait_ready(LONG).await;
+    let prefix = unique_prefix("leasehang");
+    let ttl = Duration::from_secs(2);
+    let store = store_at(&server.url(), &prefix, "lease_ttl = \"2s\"\n").await;
+    let leases = wsbridge::storage::nats::lease::Leases::open(&store)
+        .await
+        .expect("leases");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let held = leases.keep("vp", stop.clone());
+    let is_held = |want: bool| {
+        let held = held.clone();
+        move || {
+            let held = held.clone();
+            async move { (*held.borrow() == want).then_some(()) }
+        }
+    };
+    until(LONG, "the lease acquired", is_held(true)).await;
+    server.pause();
+    let paused = tokio::time::Instant::now();
+    until(LONG, "the lease given up", is_held(false)).await;
+    let after = paused.elapsed();
+    server.resume();
+    stop.cancel();
+    // The last renewal was sent before the pause, so its lease lives at least `ttl` from then.
+    assert!(
+        after < ttl,
+        "the holder gave the upstream up {after:?} after NATS froze; the lease may expire after {ttl:?}"
+    );
 }

@@ -100,6 +100,10 @@ pub enum Appended {
     },
     /// An event with the same id is already in the journal; nothing was stored.
     Duplicate,
+    /// The store can never accept this event (a NATS envelope larger than the server's
+    /// `max_payload`); it was dropped and logged so that the events after it are not held
+    /// back forever by a retry that cannot succeed.
+    Rejected,
 }
 
 /// One journalled event as read back.

@@ -88,18 +88,33 @@ pub struct NatsServer {
     routes: Vec<u16>,
     name: String,
     dir: PathBuf,
+    /// A config file passed with `-c` (settings with no command-line flag, e.g. `max_payload`).
+    config: Option<PathBuf>,
     child: Option<Child>,
 }
 
 impl NatsServer {
     /// A standalone JetStream server.
     pub fn start(tag: &str) -> NatsServer {
+        NatsServer::start_with_config(tag, None)
+    }
+
+    /// A standalone JetStream server that also reads `config` (nats-server config syntax),
+    /// for settings that have no command-line flag, such as `max_payload`.
+    pub fn start_with_config(tag: &str, config: Option<&str>) -> NatsServer {
+        let dir = super::temp_dir(tag);
+        let config = config.map(|text| {
+            let path = dir.join("nats-server.conf");
+            std::fs::write(&path, text).expect("write nats-server config");
+            path
+        });
         let mut s = NatsServer {
             port: free_port(),
             cluster_port: None,
             routes: Vec::new(),
             name: format!("{tag}-0"),
-            dir: super::temp_dir(tag),
+            dir,
+            config,
             child: None,
         };
         s.spawn();
@@ -116,6 +131,7 @@ impl NatsServer {
                 routes: cluster_ports.clone(),
                 name: format!("{tag}-{i}"),
                 dir: super::temp_dir(&format!("{tag}-{i}")),
+                config: None,
                 child: None,
             })
             .collect();
@@ -144,6 +160,9 @@ impl NatsServer {
         .args(["-n", &self.name])
         .stdout(Stdio::null())
         .stderr(Stdio::null());
+        if let Some(config) = &self.config {
+            cmd.arg("-c").arg(config);
+        }
         if let Some(cp) = self.cluster_port {
             let routes = self
                 .routes
@@ -168,6 +187,27 @@ impl NatsServer {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+        }
+    }
+
+    /// Freezes the server (SIGSTOP): connections stay open but nothing is answered, as with a
+    /// server that hangs. [`NatsServer::resume`] undoes it.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a paused server run again (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        if let Some(c) = &self.child {
+            let status = Command::new("kill")
+                .args([sig, &c.id().to_string()])
+                .status()
+                .expect("kill runs");
+            assert!(status.success(), "kill {sig} failed");
         }
     }
 

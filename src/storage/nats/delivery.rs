@@ -7,7 +7,11 @@
 //! routed to the endpoint is acknowledged and skipped.
 //! - 2xx: `ack`; a failure: `nak` with the endpoint's retry delay (the server redelivers it
 //!   then, to any instance); out of retries: the envelope is published to the dead-letter
-//!   stream (`<prefix>.dlq.<endpoint>`, with its attempts) and the original terminated.
+//!   stream (`<prefix>.dlq.<endpoint>`, with its attempts) and the original terminated. The
+//!   dead letter's `Nats-Msg-Id` is `dlq:<endpoint>:<seq>` (plus the replay message's sequence
+//!   for a replay), so a publish repeated after a crash before the `Term` is stored once.
+//!   Replaying a dead letter publishes it with the id `replay:<endpoint>:dlq<n>`, so two
+//!   admins replaying it at once queue it once.
 //! - An admin replay publishes the selected envelopes to `<prefix>.replay.<endpoint>` (a
 //!   work-queue stream); a second durable consumer per endpoint feeds them to the dispatcher
 //!   before new events.
@@ -104,6 +108,19 @@ async fn fetch(
     }
 }
 
+/// Whether a message delete failed because the message is gone already (the server answers
+/// "no message found", with the generic delete-failed code on the servers we test with).
+fn already_deleted(e: &stream::DeleteMessageError) -> bool {
+    match e.kind() {
+        stream::DeleteMessageErrorKind::JetStream(j) => {
+            j.error_code() == jetstream::ErrorCode::NO_MESSAGE_FOUND
+                || (j.error_code() == jetstream::ErrorCode::STREAM_MESSAGE_DELETE_FAILED
+                    && j.to_string().contains("no message found"))
+        }
+        _ => false,
+    }
+}
+
 fn boxed(op: &'static str) -> impl FnOnce(async_nats::Error) -> StoreError {
     move |source| StoreError::Nats { op, source }
 }
@@ -144,6 +161,12 @@ impl From<Attempt> for AttemptRecord {
 /// A delivery this instance holds (fetched, not yet acknowledged).
 struct InFlight {
     acker: Acker,
+    /// Where the message came from: `None` for the endpoint's journal consumer, the replay
+    /// stream's sequence for an admin replay. One event can be held from both at once (a
+    /// replay of an event whose retry the journal consumer then redelivers); only a
+    /// redelivery of the same message may take over the entry's acker, or the other message
+    /// would never be answered (and be sent again after its ack wait).
+    replay_seq: Option<u64>,
     id: String,
     bytes: Bytes,
     /// Handed to the dispatcher and not released: an attempt runs (or is about to).
@@ -153,6 +176,37 @@ struct InFlight {
     not_before: Option<Instant>,
     /// When the server was last told the delivery is still being worked on.
     progressed: Instant,
+}
+
+/// Records a fetched message as held and taken by the dispatcher; returns its delivery.
+fn hold(
+    held: &mut HashMap<u64, InFlight>,
+    seq: u64,
+    acker: Acker,
+    replay_seq: Option<u64>,
+    id: String,
+    bytes: Bytes,
+    attempts: u32,
+) -> DueDelivery {
+    held.insert(
+        seq,
+        InFlight {
+            acker,
+            replay_seq,
+            id: id.clone(),
+            bytes: bytes.clone(),
+            taken: true,
+            attempts,
+            not_before: None,
+            progressed: Instant::now(),
+        },
+    );
+    DueDelivery {
+        seq,
+        id,
+        bytes,
+        attempts,
+    }
 }
 
 /// One endpoint's consumers and local bookkeeping.
@@ -414,37 +468,47 @@ impl Queues {
             Err(e) => return Err(e),
         };
         for m in replays {
-            let attempts = m.info().map(|i| i.delivered.max(1) - 1).unwrap_or(0);
+            let (attempts, replay_seq) = match m.info() {
+                Ok(i) => (i.delivered.max(1) - 1, Some(i.stream_sequence)),
+                Err(_) => (0, None),
+            };
             let (msg, acker) = m.split();
             let Some(seq) = header(&msg, HEADER_SEQ).and_then(|s| s.parse::<u64>().ok()) else {
                 let _ = acker.ack().await;
                 continue;
             };
-            if q.in_flight().contains_key(&seq) {
-                // The same event is being delivered now; send the replay after it.
-                let _ = acker.ack_with(AckKind::Nak(Some(POLL * 5))).await;
-                continue;
-            }
+            let acker = {
+                let mut held = q.in_flight();
+                match held.get_mut(&seq) {
+                    // This replay, redelivered while this instance still holds it: keep the
+                    // attempt running, answer on the newer delivery.
+                    Some(f) if replay_seq.is_some() && f.replay_seq == replay_seq => {
+                        f.acker = acker;
+                        continue;
+                    }
+                    // The same event is being delivered now: send the replay after it.
+                    Some(_) => Err(acker),
+                    None => Ok(acker),
+                }
+            };
+            let acker = match acker {
+                Ok(a) => a,
+                Err(deferred) => {
+                    let _ = deferred.ack_with(AckKind::Nak(Some(POLL * 5))).await;
+                    continue;
+                }
+            };
             let id = header(&msg, HEADER_ID).unwrap_or_default();
             let attempts = u32::try_from(attempts).unwrap_or(u32::MAX);
-            q.in_flight().insert(
+            out.push(hold(
+                &mut q.in_flight(),
                 seq,
-                InFlight {
-                    acker,
-                    id: id.clone(),
-                    bytes: msg.payload.clone(),
-                    taken: true,
-                    attempts,
-                    not_before: None,
-                    progressed: Instant::now(),
-                },
-            );
-            out.push(DueDelivery {
-                seq,
+                acker,
+                replay_seq,
                 id,
-                bytes: msg.payload,
+                msg.payload,
                 attempts,
-            });
+            ));
         }
         for _round in 0..8 {
             let want = room.saturating_sub(out.len() - released_count);
@@ -482,33 +546,30 @@ impl Queues {
                 }
                 let id = header(&msg, "Nats-Msg-Id").unwrap_or_default();
                 let bytes = with_seq(&msg.payload, seq);
-                let mut held = q.in_flight();
-                if let Some(f) = held.get_mut(&seq) {
-                    // Redelivered while this instance still holds it (its ack wait ran out):
-                    // keep the attempt running, answer on the newer delivery.
-                    f.acker = acker;
-                    continue;
+                let deferred = {
+                    let mut held = q.in_flight();
+                    match held.get_mut(&seq) {
+                        // Redelivered while this instance still holds it (its ack wait ran
+                        // out): keep the attempt running, answer on the newer delivery.
+                        Some(f) if f.replay_seq.is_none() => {
+                            f.acker = acker;
+                            continue;
+                        }
+                        // A replay of this event is being delivered now: this delivery goes
+                        // after it (the replay's acker stays).
+                        Some(_) => Some(acker),
+                        None => {
+                            let attempts = u32::try_from(attempts).unwrap_or(u32::MAX);
+                            out.push(hold(&mut held, seq, acker, None, id, bytes, attempts));
+                            None
+                        }
+                    }
+                };
+                if let Some(acker) = deferred {
+                    if let Err(e) = acker.ack_with(AckKind::Nak(Some(POLL * 5))).await {
+                        debug!(webhook = %endpoint, error = %e, "cannot defer a delivery");
+                    }
                 }
-                let attempts = u32::try_from(attempts).unwrap_or(u32::MAX);
-                held.insert(
-                    seq,
-                    InFlight {
-                        acker,
-                        id: id.clone(),
-                        bytes: bytes.clone(),
-                        taken: true,
-                        attempts,
-                        not_before: None,
-                        progressed: Instant::now(),
-                    },
-                );
-                drop(held);
-                out.push(DueDelivery {
-                    seq,
-                    id,
-                    bytes,
-                    attempts,
-                });
             }
             if got < want {
                 break;
@@ -602,7 +663,16 @@ impl Queues {
                 let mut attempts = q.history().remove(&seq).unwrap_or_default();
                 attempts.push(attempt);
                 let list: Vec<Attempt> = attempts.iter().map(Attempt::from).collect();
+                // Deterministic per delivered message, so a dead letter published again (this
+                // instance died between the publish and the `Term`, and the message was
+                // redelivered) is dropped by the stream's duplicate window. A replay that dies
+                // again is a new dead letter: its replay message's sequence makes it unique.
+                let msg_id = match held.replay_seq {
+                    None => format!("dlq:{}:{seq}", q.token),
+                    Some(r) => format!("dlq:{}:{seq}:r{r}", q.token),
+                };
                 let publish = jetstream::message::PublishMessage::build()
+                    .message_id(msg_id)
                     .payload(held.bytes.clone())
                     .header(HEADER_SEQ, seq.to_string().as_str())
                     .header(HEADER_ID, held.id.as_str())
@@ -747,19 +817,29 @@ impl Queues {
         let tok = endpoint_token(endpoint);
         let letters = self.dead_letters(endpoint, usize::MAX).await?;
         let mut found = Vec::new();
+        let mut queued = 0;
         for (dlq_seq, info, payload) in letters {
             if ids.is_some_and(|ids| !ids.contains(&info.id)) {
                 continue;
             }
-            self.publish_replay(&tok, info.seq, &info.id, payload)
-                .await?;
-            self.dlq
-                .delete_message(dlq_seq)
-                .await
-                .map_err(nats_err("remove a replayed dead letter"))?;
+            // One id per dead letter: two admins replaying it at once (or a retry after a
+            // failed delete) queue it once, within the replay stream's duplicate window.
+            let msg_id = format!("replay:{tok}:dlq{dlq_seq}");
+            if self
+                .publish_replay(&tok, info.seq, &info.id, payload, Some(msg_id))
+                .await?
+            {
+                queued += 1;
+            }
+            match self.dlq.delete_message(dlq_seq).await {
+                Ok(_) => {}
+                // Removed by a concurrent replay of the same dead letter.
+                Err(e) if already_deleted(&e) => {}
+                Err(e) => return Err(nats_err("remove a replayed dead letter")(e)),
+            }
             found.push(info.id);
         }
-        Ok((found.len() as u64, found))
+        Ok((queued, found))
     }
 
     /// Queues journalled events for the endpoint again; returns how many.
@@ -770,31 +850,38 @@ impl Queues {
     ) -> Result<u64, StoreError> {
         let tok = endpoint_token(endpoint);
         for e in events {
-            self.publish_replay(&tok, e.seq, &e.id, e.bytes.clone())
+            // Each admin request is a deliberate replay: no message id, never deduplicated.
+            self.publish_replay(&tok, e.seq, &e.id, e.bytes.clone(), None)
                 .await?;
         }
         Ok(events.len() as u64)
     }
 
+    /// Publishes one replay; false when the stream dropped it as a copy of one with the same
+    /// `msg_id` (already queued).
     async fn publish_replay(
         &self,
         tok: &str,
         seq: u64,
         id: &str,
         payload: Bytes,
-    ) -> Result<(), StoreError> {
-        let publish = jetstream::message::PublishMessage::build()
+        msg_id: Option<String>,
+    ) -> Result<bool, StoreError> {
+        let mut publish = jetstream::message::PublishMessage::build()
             .payload(payload)
             .header(HEADER_SEQ, seq.to_string().as_str())
             .header(HEADER_ID, id);
+        if let Some(msg_id) = msg_id {
+            publish = publish.message_id(msg_id);
+        }
         let subject = format!("{}.replay.{tok}", self.names.prefix);
         let ack = self
             .js
             .send_publish(subject, publish)
             .await
             .map_err(nats_err("queue a replay"))?;
-        ack.await.map_err(nats_err("queue a replay"))?;
-        Ok(())
+        let ack = ack.await.map_err(nats_err("queue a replay"))?;
+        Ok(!ack.duplicate)
     }
 
     /// Stores (or clears) the endpoint's disabled reason for every instance.

@@ -5,8 +5,10 @@
 //! after the TTL. The holder rewrites it every TTL/3, each time only if nobody else changed it
 //! (compare-and-set on the revision). A standby instance tries to create the key every TTL/5;
 //! creation succeeds only when the key is absent, so at most one instance wins. A holder that
-//! cannot renew for 2/3 of the TTL (NATS unreachable) gives the upstream up before its lease
-//! can expire and be taken, so two instances never knowingly hold one upstream. On shutdown
+//! cannot renew for 2/3 of the TTL (NATS unreachable, or a renewal left unanswered) gives the
+//! upstream up before its lease can expire and be taken, so two instances never knowingly hold
+//! one upstream: the 2/3 are counted from when the last successful write was *sent* (its
+//! expiry on the server starts later), and a hanging renewal is cut off at that point. On shutdown
 //! the holder deletes its lease, so the standby takes over at its next try.
 
 use std::sync::Arc;
@@ -63,37 +65,88 @@ impl Leases {
         let ttl = self.ttl;
         let name = upstream.to_string();
         tokio::spawn(async move {
+            // The revision and when the write that produced it was sent: the server's expiry
+            // of that write is at least a TTL after this instant.
             let mut held: Option<(u64, Instant)> = None;
+            let mut renew_failed = false;
             loop {
-                let wait = if held.is_some() { ttl / 3 } else { ttl / 5 };
-                held = match held {
-                    None => match bucket.create(&key, value.clone()).await {
-                        Ok(Some(rev)) => {
-                            info!(upstream = %name, "upstream lease acquired");
-                            let _ = tx.send(true);
-                            Some((rev, Instant::now()))
-                        }
-                        Ok(None) => None,
-                        Err(e) => {
-                            warn!(upstream = %name, error = %e, "cannot try the upstream lease");
-                            None
-                        }
-                    },
-                    Some((rev, renewed)) => match bucket.update(&key, value.clone(), rev).await {
-                        Ok(Some(rev)) => Some((rev, Instant::now())),
-                        Ok(None) => {
-                            warn!(upstream = %name, "upstream lease taken by another instance");
-                            let _ = tx.send(false);
-                            None
-                        }
-                        Err(e) if renewed.elapsed() >= ttl * 2 / 3 => {
-                            warn!(upstream = %name, error = %e, "cannot renew the upstream lease; giving the upstream up");
-                            let _ = tx.send(false);
-                            None
-                        }
-                        Err(_) => Some((rev, renewed)),
-                    },
+                let mut wait = if held.is_none() {
+                    ttl / 5
+                } else if renew_failed {
+                    // Try again soon: the lease must be renewed before the give-up point.
+                    ttl / 10
+                } else {
+                    ttl / 3
                 };
+                held = match held {
+                    None => {
+                        let sent = Instant::now();
+                        // A create answered after the give-up point would hand over a lease
+                        // that may already be expiring: treat it as not acquired (it then
+                        // expires unused).
+                        match tokio::time::timeout(ttl * 2 / 3, bucket.create(&key, value.clone()))
+                            .await
+                        {
+                            Ok(Ok(Some(rev))) => {
+                                info!(upstream = %name, "upstream lease acquired");
+                                let _ = tx.send(true);
+                                renew_failed = false;
+                                Some((rev, sent))
+                            }
+                            Ok(Ok(None)) => None,
+                            Ok(Err(e)) => {
+                                warn!(upstream = %name, error = %e, "cannot try the upstream lease");
+                                None
+                            }
+                            Err(_) => {
+                                warn!(upstream = %name, "no answer from NATS to the upstream lease");
+                                None
+                            }
+                        }
+                    }
+                    Some((rev, renewed)) => {
+                        // Past this point the lease may expire and be taken by another
+                        // instance: stop holding by then even if the renewal hangs.
+                        let give_up = renewed + ttl * 2 / 3;
+                        let sent = Instant::now();
+                        match tokio::time::timeout_at(
+                            give_up,
+                            bucket.update(&key, value.clone(), rev),
+                        )
+                        .await
+                        {
+                            Ok(Ok(Some(rev))) => {
+                                renew_failed = false;
+                                Some((rev, sent))
+                            }
+                            Ok(Ok(None)) => {
+                                warn!(upstream = %name, "upstream lease taken by another instance");
+                                let _ = tx.send(false);
+                                None
+                            }
+                            Ok(Err(e)) if Instant::now() < give_up => {
+                                warn!(upstream = %name, error = %e, "cannot renew the upstream lease; retrying");
+                                renew_failed = true;
+                                Some((rev, renewed))
+                            }
+                            Ok(Err(e)) => {
+                                warn!(upstream = %name, error = %e, "cannot renew the upstream lease; giving the upstream up");
+                                let _ = tx.send(false);
+                                None
+                            }
+                            Err(_) => {
+                                warn!(upstream = %name, "no answer from NATS to the lease renewal; giving the upstream up");
+                                let _ = tx.send(false);
+                                None
+                            }
+                        }
+                    }
+                };
+                if let Some((_, renewed)) = held {
+                    // Never sleep past the give-up point.
+                    wait =
+                        wait.min((renewed + ttl * 2 / 3).saturating_duration_since(Instant::now()));
+                }
                 tokio::select! {
                     _ = stop.cancelled() => break,
                     _ = tokio::time::sleep(wait) => {}

@@ -21,7 +21,9 @@
 //! Outages: a failed publish is retried with the same `Nats-Msg-Id` (so a publish that did
 //! land is not stored twice) until NATS answers; meanwhile ingest waits, its bounded queue
 //! fills and the upstream readers stop reading (backpressure). Nothing an upstream sent after
-//! the bridge read it is dropped.
+//! the bridge read it is dropped, except an event whose envelope exceeds the server's
+//! `max_payload`: no retry could store it, so it is dropped with an error log and counted
+//! (`journal_rejected`) instead of wedging ingest.
 
 pub mod delivery;
 pub mod lease;
@@ -36,7 +38,7 @@ use async_nats::jetstream::{self, consumer, stream};
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use super::{
     Appended, AttemptRecord, DeliveryCounts, DeliveryInfo, DeliveryState, DueDelivery,
@@ -279,11 +281,23 @@ impl NatsStore {
             if !p.targets.is_empty() {
                 publish = publish.header(HEADER_TARGETS, p.targets.as_str());
             }
-            let ack = self
-                .js
-                .send_publish(p.subject.clone(), publish)
-                .await
-                .map_err(nats_err("publish to the journal"))?;
+            let ack = match self.js.send_publish(p.subject.clone(), publish).await {
+                Ok(ack) => ack,
+                // The client refuses it before sending: no retry can succeed, and retrying
+                // would hold back every event behind it (the ingest queue fills, upstreams
+                // stall). Drop this one event, loudly.
+                Err(e) if e.kind() == jetstream::context::PublishErrorKind::MaxPayloadExceeded => {
+                    error!(
+                        event_id = %p.id,
+                        size = p.payload.len(),
+                        max_payload = self.client.max_payload(),
+                        "event larger than the NATS server's max_payload; dropped (not journalled)"
+                    );
+                    done[i] = Some(Appended::Rejected);
+                    continue;
+                }
+                Err(e) => return Err(nats_err("publish to the journal")(e)),
+            };
             acks.push((i, ack));
         }
         for (i, ack) in acks {
@@ -382,7 +396,15 @@ impl NatsStore {
         mut visit: impl FnMut(&StoredEvent) -> bool,
     ) -> Result<(), StoreError> {
         loop {
-            let page = self.read_from(from, 1024).await?;
+            let page = match self.read_from(from, 1024).await {
+                Ok(page) => page,
+                // Removed by the stream's limits: what is left is all there is to scan.
+                Err(StoreError::NotRetained { first, .. }) => {
+                    from = first;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             let Some(last) = page.last() else {
                 return Ok(());
             };
@@ -467,7 +489,14 @@ impl Store for NatsStore {
             .await
             .map_err(nats_err("read the journal's state"))?;
         let last = info.state.last_sequence;
-        let from = from.max(info.state.first_sequence).max(1);
+        let first = info.state.first_sequence;
+        // A new stream starts at 0 or 1; a first sequence above 1 means stream limits removed
+        // the messages before it. Reading on from there would skip them silently: the reader
+        // is told instead (a downstream resume turns it into `unrecoverable_position`).
+        if first > 1 && from < first {
+            return Err(StoreError::NotRetained { from, first });
+        }
+        let from = from.max(1);
         if limit == 0 || from > last || info.state.messages == 0 {
             return Ok(Vec::new());
         }
