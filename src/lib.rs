@@ -9,7 +9,8 @@
 //! - [`envelope`]: the canonical CloudEvents envelope, the external contract;
 //! - [`ingest`]: the single path from upstreams to the journal and on to subscribers;
 //! - [`storage`]: the journal (write-ahead, deduplicated by id, ordered by `seq`) behind one
-//!   trait, with the embedded SQLite implementation;
+//!   trait, with the embedded SQLite implementation (the default) and the NATS JetStream one
+//!   (several instances on one stream);
 //! - [`routing`]: `[[routes]]` compiled once: which webhooks get which events;
 //! - [`delivery`]: signed webhooks with durable retries, dead letters and replay;
 //! - [`downstream`]: `/v1/ws` and `/v1/events` for consumers, resumable by `seq`;
