@@ -28,7 +28,7 @@ use common::*;
 use serde_json::{json, Value};
 use wsbridge::bridge::Bridge;
 use wsbridge_adapters::sim::Simulator;
-use wsbridge_adapters::{voipbin, Provider};
+use wsbridge_adapters::Provider;
 
 const TOKEN: &str = "token-example-consumer";
 const EVENT_TYPE: &str = "voipbin.call.status";
@@ -292,15 +292,6 @@ fn describe(run: &Finished) -> String {
     )
 }
 
-fn call(i: usize) -> Value {
-    voipbin::wire::event(
-        "call.status",
-        "2024-01-15T10:30:00.000000Z",
-        &format!("customer_id:abc123:call:c{i}"),
-        json!({"id": format!("c{i}"), "status": "ringing", "n": i}),
-    )
-}
-
 struct Setup {
     bridge: Bridge,
     vb: Simulator,
@@ -327,7 +318,11 @@ async fn setup() -> Setup {
 async fn emit(s: &mut Setup, range: std::ops::Range<usize>) -> Vec<String> {
     let mut lines = Vec::new();
     for i in range {
-        assert_eq!(s.vb.emit(call(i)).await, 1, "call {i} reached no bridge");
+        assert_eq!(
+            s.vb.emit(numbered_call(i)).await,
+            1,
+            "call {i} reached no bridge"
+        );
         let p = next_matching(&mut s.published, &format!("call c{i} published"), |p| {
             p.envelope.data["n"] == json!(i)
         })

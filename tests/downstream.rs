@@ -13,12 +13,11 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::MaybeTlsStream;
 use wsbridge::bridge::Bridge;
 use wsbridge_adapters::sim::Simulator;
-use wsbridge_adapters::{hashi, voipbin, Provider};
+use wsbridge_adapters::{hashi, Provider};
 
 const ALL_TOKEN: &str = "token-dashboard-all";
 const VOIPBIN_ONLY_TOKEN: &str = "token-voipbin-only";
@@ -44,15 +43,6 @@ async fn setup() -> (Bridge, Simulator, Simulator) {
     (bridge, vb, hs)
 }
 
-fn call(i: usize) -> Value {
-    voipbin::wire::event(
-        "call.status",
-        "2024-01-15T10:30:00.000000Z",
-        &format!("customer_id:abc123:call:c{i}"),
-        json!({"id": format!("c{i}"), "status": "ringing", "n": i}),
-    )
-}
-
 fn lobby(i: usize) -> Value {
     hashi::wire::event(
         "lobby",
@@ -66,13 +56,7 @@ async fn connect_small_window(bridge: &Bridge, token: &str) -> Ws {
     let socket = tokio::net::TcpSocket::new_v4().expect("socket");
     socket.set_recv_buffer_size(16 * 1024).expect("SO_RCVBUF");
     let stream = socket.connect(bridge.local_addr()).await.expect("connect");
-    let mut req = format!("ws://{}/v1/ws", bridge.local_addr())
-        .into_client_request()
-        .expect("request");
-    req.headers_mut().insert(
-        "authorization",
-        format!("Bearer {token}").parse().expect("header"),
-    );
+    let req = common::ws::request(bridge, token);
     let (ws, _) = tokio_tungstenite::client_async(req, MaybeTlsStream::Plain(stream))
         .await
         .expect("handshake");
@@ -97,13 +81,7 @@ async fn events(ws: &mut Ws, n: usize) -> Vec<Value> {
 #[tokio::test]
 async fn unknown_tokens_get_401_before_the_upgrade() {
     let (bridge, _vb, _hs) = setup().await;
-    let mut req = format!("ws://{}/v1/ws", bridge.local_addr())
-        .into_client_request()
-        .expect("request");
-    req.headers_mut().insert(
-        "authorization",
-        "Bearer nope-nope-nope".parse().expect("header"),
-    );
+    let req = common::ws::request(&bridge, "nope-nope-nope");
     match tokio_tungstenite::connect_async(req).await {
         Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
             assert_eq!(resp.status().as_u16(), 401)
@@ -158,7 +136,7 @@ async fn protocol_errors_keep_the_connection_and_filters_apply() {
         recv(&mut ws).await,
         json!({"op": "subscribed", "id": "lobbies"})
     );
-    assert_eq!(vb.emit(call(1)).await, 1);
+    assert_eq!(vb.emit(numbered_call(1)).await, 1);
     assert_eq!(hs.emit(lobby(1)).await, 1);
     let got = events(&mut ws, 1).await;
     assert_eq!(got[0]["subscription"], "lobbies");
@@ -185,7 +163,7 @@ async fn a_consumer_never_sees_what_its_allow_forbids() {
     assert_eq!(recv(&mut ws).await["op"], "subscribed");
     for i in 0..5 {
         assert_eq!(hs.emit(lobby(i)).await, 1);
-        assert_eq!(vb.emit(call(i)).await, 1);
+        assert_eq!(vb.emit(numbered_call(i)).await, 1);
     }
     let got = events(&mut ws, 5).await;
     assert!(
@@ -206,7 +184,7 @@ async fn resume_from_seq_has_no_gap_and_no_duplicate_while_events_keep_arriving(
         let vb = vb.clone();
         tokio::spawn(async move {
             for i in 0..TOTAL {
-                vb.emit(call(i)).await;
+                vb.emit(numbered_call(i)).await;
                 if i % 50 == 0 {
                     tokio::task::yield_now().await;
                 }
@@ -282,7 +260,7 @@ async fn a_slow_consumer_is_closed_with_4001_and_a_fast_one_gets_everything() {
             .collect::<Vec<_>>()
     });
     for i in 0..TOTAL {
-        vb.emit(call(i)).await;
+        vb.emit(numbered_call(i)).await;
     }
     let fast_seqs = reader.await.expect("fast reader");
     assert_eq!(fast_seqs, (1..=TOTAL as u64).collect::<Vec<_>>());
@@ -330,7 +308,7 @@ async fn a_long_replay_outrun_by_live_events_catches_up_instead_of_closing() {
         }
     };
     for i in 0..BACKLOG {
-        vb.emit(call(i)).await;
+        vb.emit(numbered_call(i)).await;
     }
     published(BACKLOG).await;
     let mut ws = connect_small_window(&bridge, ALL_TOKEN).await;
@@ -343,7 +321,7 @@ async fn a_long_replay_outrun_by_live_events_catches_up_instead_of_closing() {
     assert_eq!(recv(&mut ws).await["op"], "subscribed");
     // The consumer reads nothing while the live events arrive.
     for i in BACKLOG..BACKLOG + LIVE {
-        vb.emit(call(i)).await;
+        vb.emit(numbered_call(i)).await;
     }
     published(BACKLOG + LIVE).await;
     // Now it reads at full speed: everything, in order, and no 4001.
@@ -361,7 +339,7 @@ async fn a_long_replay_outrun_by_live_events_catches_up_instead_of_closing() {
 async fn sse_streams_with_filters_and_resumes_after_last_event_id() {
     let (bridge, vb, hs) = setup().await;
     for i in 0..4 {
-        assert_eq!(vb.emit(call(i)).await, 1);
+        assert_eq!(vb.emit(numbered_call(i)).await, 1);
         assert_eq!(hs.emit(lobby(i)).await, 1);
     }
     // Only voipbin, from the start of the journal.

@@ -35,18 +35,9 @@ fn route_block(to: &str) -> String {
     format!("[[routes]]\nname = \"r-{to}\"\nproviders = [\"voipbin\"]\nto = [\"{to}\"]\n")
 }
 
-fn call(i: usize) -> Value {
-    voipbin::wire::event(
-        "call.status",
-        "2024-01-15T10:30:00.000000Z",
-        &format!("customer_id:abc123:call:c{i}"),
-        json!({"id": format!("c{i}"), "status": "ringing", "n": i}),
-    )
-}
-
 async fn emit_range(sim: &Simulator, range: std::ops::Range<usize>) {
     for i in range {
-        sim.emit(call(i)).await;
+        sim.emit(numbered_call(i)).await;
     }
 }
 
@@ -536,7 +527,7 @@ fn spawn_load(
         tokio::spawn(async move {
             let mut i = 0;
             while running.load(Ordering::Relaxed) {
-                sim.emit(call(i)).await;
+                sim.emit(numbered_call(i)).await;
                 i += 1;
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
@@ -782,7 +773,7 @@ async fn an_event_larger_than_max_payload_is_skipped_and_later_events_flow() {
     let (bridge, _) = start_bridge(&cfg).await;
     wait_sim_ready(&vb, 1).await;
 
-    vb.emit(call(0)).await;
+    vb.emit(numbered_call(0)).await;
     let big = voipbin::wire::event(
         "call.status",
         "2024-01-15T10:30:00.000000Z",

@@ -37,6 +37,19 @@ fn call(i: usize) -> Value {
     )
 }
 
+/// A consumer connection that survived: it still answers a `ping`.
+async fn assert_answers_ping(ws: &mut common::ws::Ws) {
+    ws.send(Message::text(json!({"op": "ping"}).to_string()))
+        .await
+        .expect("send");
+    let pong = tokio::time::timeout(DEADLINE, ws.next())
+        .await
+        .expect("answer")
+        .expect("open")
+        .expect("frame");
+    assert_eq!(pong.into_text().expect("text").as_str(), r#"{"op":"pong"}"#);
+}
+
 fn write(path: &Path, text: &str) {
     // Write-then-rename, as editors and config managers do.
     let tmp = path.with_extension("tmp");
@@ -105,15 +118,7 @@ async fn a_valid_reload_applies_without_dropping_unaffected_connections_and_an_i
 
     // Unaffected: the upstream connection was not replaced, the consumer is still connected.
     assert_eq!(vb.snapshot().accepted, 1, "the upstream reconnected");
-    ws.send(Message::text(json!({"op": "ping"}).to_string()))
-        .await
-        .expect("send");
-    let pong = tokio::time::timeout(DEADLINE, ws.next())
-        .await
-        .expect("answer")
-        .expect("open")
-        .expect("frame");
-    assert_eq!(pong.into_text().expect("text").as_str(), r#"{"op":"pong"}"#);
+    assert_answers_ping(&mut ws).await;
 
     // The new route is live.
     assert_eq!(vb.emit(call(1)).await, 1);
@@ -242,16 +247,7 @@ async fn removing_a_consumer_closes_its_ws_and_sse_sessions_and_refuses_its_toke
         }
         other => panic!("carol's token must be refused, got {:?}", other.map(|_| ())),
     }
-    alice_ws
-        .send(Message::text(json!({"op": "ping"}).to_string()))
-        .await
-        .expect("send");
-    let pong = tokio::time::timeout(DEADLINE, alice_ws.next())
-        .await
-        .expect("answer")
-        .expect("open")
-        .expect("frame");
-    assert_eq!(pong.into_text().expect("text").as_str(), r#"{"op":"pong"}"#);
+    assert_answers_ping(&mut alice_ws).await;
     bridge.shutdown().await;
 }
 

@@ -155,7 +155,6 @@ async fn session(hub: Arc<Hub>, consumer: Arc<Consumer>, mut socket: WebSocket) 
     let slow = CancellationToken::new();
     // Every subscription's feed, tagged with its key; drained round-robin.
     let mut feeds = FuturesUnordered::new();
-    let close = close_frame;
 
     // The three ways a session ends, made once: a `cancelled()` future built anew on every
     // loop turn registers with (and leaves) the token's waiter list each time, and every
@@ -233,7 +232,7 @@ async fn session(hub: Arc<Hub>, consumer: Arc<Consumer>, mut socket: WebSocket) 
                         }
                     }
                     Some(FeedItem::End(FeedEnd::Store(e))) => {
-                        let _ = socket.send(close(1011, &format!("store unavailable: {e}"))).await;
+                        let _ = socket.send(close_frame(1011, &format!("store unavailable: {e}"))).await;
                         break;
                     }
                     // The feed was stopped (unsubscribe): nothing more from it.
@@ -241,12 +240,12 @@ async fn session(hub: Arc<Hub>, consumer: Arc<Consumer>, mut socket: WebSocket) 
                 }
             }
             _ = &mut shutdown => {
-                let _ = tokio::time::timeout(std::time::Duration::from_secs(1), socket.send(close(1001, "server shutting down"))).await;
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(1), socket.send(close_frame(1001, "server shutting down"))).await;
                 break;
             }
             _ = &mut revoked => {
                 info!(consumer = %consumer.name, session = %session_id, "consumer removed or changed by a reload; closing");
-                let _ = tokio::time::timeout(CLOSE_GRACE, socket.send(close(1008, "consumer configuration changed"))).await;
+                let _ = tokio::time::timeout(CLOSE_GRACE, socket.send(close_frame(1008, "consumer configuration changed"))).await;
                 break;
             }
             _ = &mut slow_verdict => {
@@ -254,7 +253,7 @@ async fn session(hub: Arc<Hub>, consumer: Arc<Consumer>, mut socket: WebSocket) 
                 info!(consumer = %consumer.name, session = %session_id, "closing a slow consumer");
                 // The close frame queues behind what the consumer has not read yet; give it a
                 // while to drain, then drop the connection.
-                let _ = tokio::time::timeout(CLOSE_GRACE, socket.send(close(CLOSE_SLOW_CONSUMER, "slow consumer"))).await;
+                let _ = tokio::time::timeout(CLOSE_GRACE, socket.send(close_frame(CLOSE_SLOW_CONSUMER, "slow consumer"))).await;
                 break;
             }
         }

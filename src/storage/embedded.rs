@@ -721,75 +721,56 @@ fn writer_loop(
         // the floor. A failure that retrying cannot cure (a statement one command makes
         // impossible) must not wedge the writer: the batch is split and only the command
         // that fails on its own gets the error.
-        let mut delay = std::time::Duration::from_millis(50);
-        loop {
-            match commit(&mut conn, &mut pending, next_seq) {
-                Ok((results, new_next)) => {
-                    next_seq = new_next;
-                    head.store(next_seq - 1, Ordering::Release);
-                    for (command, result) in pending.into_iter().zip(results) {
-                        reply(command, result);
-                    }
-                    break;
+        match commit_retrying(&mut conn, &mut pending, &mut next_seq, head) {
+            Ok(()) => {}
+            Err(e) if pending.len() == 1 => {
+                warn!(error = %e, "store command refused");
+                if let Some(command) = pending.pop() {
+                    reply_error(command, e);
                 }
-                Err(e) if is_transient(&e) => {
-                    error!(error = %e, retry_in_ms = delay.as_millis() as u64, "store commit failed; retrying");
-                    thread::sleep(delay);
-                    delay = (delay * 2).min(std::time::Duration::from_secs(5));
-                }
-                Err(e) if pending.len() == 1 => {
-                    warn!(error = %e, "store command refused");
-                    if let Some(command) = pending.pop() {
-                        reply_error(command, e);
+            }
+            Err(e) => {
+                warn!(error = %e, commands = pending.len(), "store batch failed; committing its commands one by one");
+                for command in pending {
+                    let mut one = vec![command];
+                    if let Err(e) = commit_retrying(&mut conn, &mut one, &mut next_seq, head) {
+                        warn!(error = %e, "store command refused");
+                        if let Some(command) = one.pop() {
+                            reply_error(command, e);
+                        }
                     }
-                    break;
-                }
-                Err(e) => {
-                    warn!(error = %e, commands = pending.len(), "store batch failed; committing its commands one by one");
-                    // Each retried alone below; the loop ends when the last one is answered.
-                    let rest = std::mem::take(&mut pending);
-                    for command in rest {
-                        let mut one = vec![command];
-                        commit_alone(&mut conn, &mut one, &mut next_seq, head);
-                    }
-                    break;
                 }
             }
         }
     }
 }
 
-/// Commits one command on its own (after its batch failed): retried while the failure is
-/// transient, answered with the error otherwise.
-fn commit_alone(
+/// Commits `pending` in one transaction and answers every command, retrying while the failure
+/// is transient. On a permanent failure nothing is committed or answered and the error is
+/// returned, `pending` untouched, for the caller to split the batch or refuse the command.
+fn commit_retrying(
     conn: &mut Connection,
-    one: &mut Vec<Command>,
+    pending: &mut Vec<Command>,
     next_seq: &mut u64,
     head: &AtomicU64,
-) {
+) -> Result<(), StoreError> {
     let mut delay = std::time::Duration::from_millis(50);
     loop {
-        match commit(conn, one, *next_seq) {
+        match commit(conn, pending, *next_seq) {
             Ok((results, new_next)) => {
                 *next_seq = new_next;
                 head.store(new_next - 1, Ordering::Release);
-                for (command, result) in one.drain(..).zip(results) {
+                for (command, result) in pending.drain(..).zip(results) {
                     reply(command, result);
                 }
-                return;
+                return Ok(());
             }
             Err(e) if is_transient(&e) => {
                 error!(error = %e, retry_in_ms = delay.as_millis() as u64, "store commit failed; retrying");
                 thread::sleep(delay);
                 delay = (delay * 2).min(std::time::Duration::from_secs(5));
             }
-            Err(e) => {
-                warn!(error = %e, "store command refused");
-                if let Some(command) = one.pop() {
-                    reply_error(command, e);
-                }
-                return;
-            }
+            Err(e) => return Err(e),
         }
     }
 }

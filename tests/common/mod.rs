@@ -20,6 +20,17 @@ pub const DEADLINE: Duration = Duration::from_secs(10);
 /// Timings that make reconnects quick in tests.
 pub const FAST: &str = "backoff_initial = \"50ms\"\nbackoff_max = \"400ms\"\nping_interval = \"100ms\"\nstale_after = \"1s\"\n";
 
+/// A VoIPBIN `call.status` frame numbered `i` (id, subject and `data.n` all carry it), the
+/// event most tests stream.
+pub fn numbered_call(i: usize) -> serde_json::Value {
+    wsbridge_adapters::voipbin::wire::event(
+        "call.status",
+        "2024-01-15T10:30:00.000000Z",
+        &format!("customer_id:abc123:call:c{i}"),
+        serde_json::json!({"id": format!("c{i}"), "status": "ringing", "n": i}),
+    )
+}
+
 /// An HTTP client for talking to a bridge; installs rustls' crypto first, since a test process
 /// that only spawns the binary has not started a bridge that would have done it.
 pub fn http_client() -> reqwest::Client {

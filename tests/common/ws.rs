@@ -6,6 +6,7 @@ use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::handshake::client::Request;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use wsbridge::bridge::Bridge;
@@ -13,8 +14,8 @@ use wsbridge::bridge::Bridge;
 /// A client connection to `/v1/ws`.
 pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
-/// Connects to the bridge's `/v1/ws` with `Authorization: Bearer <token>`.
-pub async fn connect(bridge: &Bridge, token: &str) -> Ws {
+/// The upgrade request for the bridge's `/v1/ws` with `Authorization: Bearer <token>`.
+pub fn request(bridge: &Bridge, token: &str) -> Request {
     let mut req = format!("ws://{}/v1/ws", bridge.local_addr())
         .into_client_request()
         .expect("request");
@@ -22,7 +23,12 @@ pub async fn connect(bridge: &Bridge, token: &str) -> Ws {
         "authorization",
         format!("Bearer {token}").parse().expect("header"),
     );
-    let (ws, _) = tokio_tungstenite::connect_async(req)
+    req
+}
+
+/// Connects to the bridge's `/v1/ws` with `Authorization: Bearer <token>`.
+pub async fn connect(bridge: &Bridge, token: &str) -> Ws {
+    let (ws, _) = tokio_tungstenite::connect_async(request(bridge, token))
         .await
         .expect("connect");
     ws
