@@ -1,4 +1,6 @@
-//! `GET /metrics`: Prometheus text format, rendered with `prometheus-client`.
+//! `GET /metrics`: rendered with `prometheus-client` (OpenMetrics), served as OpenMetrics to
+//! scrapers that ask for it and as the Prometheus text format to everyone else, both clean
+//! under `promtool check metrics` (every family has HELP text).
 //!
 //! Every metric name lives in this one file, so dashboards and alerts have one place to look.
 //! The components keep their own lock-free counters (they need them for the status API
@@ -294,13 +296,94 @@ pub async fn render(state: &StatusState) -> String {
     out
 }
 
-/// The `/metrics` handler.
-pub async fn handler(State(state): State<Arc<StatusState>>) -> impl IntoResponse {
-    (
-        [(
-            CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        render(&state).await,
-    )
+/// The Prometheus text format (0.0.4) of an OpenMetrics exposition from [`render`]: a
+/// counter family's `# HELP`/`# TYPE` lines carry the sample name (`x_total`), and `# EOF`
+/// and `# UNIT` lines go. Served to every scraper that does not ask for OpenMetrics (curl,
+/// `promtool check metrics`), whose text parser otherwise finds counters without help text.
+pub fn to_prometheus_text(open_metrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = open_metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|rest| rest.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(open_metrics.len() + 64 * counters.len());
+    for line in open_metrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let header = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|p| line.strip_prefix(p).map(|rest| (p, rest)));
+        if let Some((prefix, rest)) = header {
+            let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+            if counters.contains(name) {
+                out.push_str(prefix);
+                out.push_str(name);
+                out.push_str("_total ");
+                out.push_str(tail);
+                out.push('\n');
+                continue;
+            }
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
+/// Whether the scraper's `Accept` header asks for OpenMetrics (Prometheus does, curl and
+/// promtool do not).
+fn wants_open_metrics(headers: &axum::http::HeaderMap) -> bool {
+    headers
+        .get_all(axum::http::header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/openmetrics-text"))
+}
+
+/// The `/metrics` handler: OpenMetrics when the scraper asks for it, the Prometheus text
+/// format otherwise.
+pub async fn handler(
+    State(state): State<Arc<StatusState>>,
+    headers: axum::http::HeaderMap,
+) -> impl IntoResponse {
+    let text = render(&state).await;
+    if wants_open_metrics(&headers) {
+        (
+            [(
+                CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            text,
+        )
+    } else {
+        (
+            [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+            to_prometheus_text(&text),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_get_their_sample_name_in_the_prometheus_text_format() {
+        let mut r = Registry::with_prefix("wsbridge");
+        counter(&mut r, "journal_appends", "Events journalled", 3);
+        gauge(&mut r, "journal_head_seq", "Newest journalled seq", 3);
+        let mut om = String::new();
+        encode(&mut om, &r).expect("encodes");
+        assert!(om.ends_with("# EOF\n"), "{om}");
+        assert_eq!(
+            to_prometheus_text(&om),
+            "# HELP wsbridge_journal_appends_total Events journalled.\n\
+             # TYPE wsbridge_journal_appends_total counter\n\
+             wsbridge_journal_appends_total 3\n\
+             # HELP wsbridge_journal_head_seq Newest journalled seq.\n\
+             # TYPE wsbridge_journal_head_seq gauge\n\
+             wsbridge_journal_head_seq 3\n"
+        );
+    }
 }
