@@ -379,11 +379,24 @@ pub struct ConfigIssue {
     pub key: String,
     /// What is wrong, in words an operator can act on.
     pub reason: String,
+    /// The `name` of the `[[upstreams]]`, `[[webhooks]]`, `[[routes]]` or `[[consumers]]`
+    /// entry the key is in, when it has one: an index alone is hard to find in a long file.
+    pub item: Option<String>,
 }
 
 impl fmt::Display for ConfigIssue {
+    /// `webhooks[1] ("lan-hook").url: reason`, or `key: reason` outside a named entry.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.key, self.reason)
+        match (&self.item, self.key.find(']')) {
+            (Some(name), Some(end)) => write!(
+                f,
+                "{} ({name:?}){}: {}",
+                &self.key[..=end],
+                &self.key[end + 1..],
+                self.reason
+            ),
+            _ => write!(f, "{}: {}", self.key, self.reason),
+        }
     }
 }
 
@@ -397,7 +410,80 @@ fn issue(key: impl Into<String>, reason: impl Into<String>) -> ConfigIssue {
     ConfigIssue {
         key: key.into(),
         reason: reason.into(),
+        item: None,
     }
+}
+
+/// The array-of-tables sections whose entries have a `name`.
+const NAMED_SECTIONS: [&str; 4] = ["upstreams", "webhooks", "routes", "consumers"];
+
+/// Longest entry name quoted in an issue (a name is shown, not trusted to be short).
+const MAX_SHOWN_NAME: usize = 64;
+
+/// Each named section's entry names in file order (`None` where an entry has no string
+/// `name`), read from the raw tree so that an entry that fails to parse is named too.
+fn entry_names(top: &serde_json::Map<String, Value>) -> BTreeMap<&'static str, Vec<Option<String>>> {
+    NAMED_SECTIONS
+        .into_iter()
+        .map(|section| {
+            let names = match top.get(section) {
+                Some(Value::Array(items)) => items
+                    .iter()
+                    .map(|item| {
+                        item.get("name")
+                            .and_then(Value::as_str)
+                            .filter(|n| !n.is_empty())
+                            .map(|n| n.chars().take(MAX_SHOWN_NAME).collect())
+                    })
+                    .collect(),
+                _ => Vec::new(),
+            };
+            (section, names)
+        })
+        .collect()
+}
+
+/// Sets [`ConfigIssue::item`] of every issue whose key is inside a named entry.
+fn name_items(
+    issues: &mut [ConfigIssue],
+    names: &BTreeMap<&'static str, Vec<Option<String>>>,
+) {
+    for i in issues.iter_mut() {
+        let Some((section, rest)) = i.key.split_once('[') else {
+            continue;
+        };
+        let Some(index) = rest.split_once(']').and_then(|(n, _)| n.parse::<usize>().ok()) else {
+            continue;
+        };
+        if let Some(Some(name)) = names.get(section).and_then(|list| list.get(index)) {
+            i.item = Some(name.clone());
+        }
+    }
+}
+
+/// `key` (`routes[k].to[0]`, `[k].token`) with the leading index `k`, a position in the list
+/// of parsed entries, replaced by that entry's position in the file, and `section` in front.
+fn at_file_position(section: &str, key: &str, positions: &[usize]) -> String {
+    let rest = key.strip_prefix(section).unwrap_or(key);
+    if let Some((index, tail)) = rest
+        .strip_prefix('[')
+        .and_then(|r| r.split_once(']'))
+        .and_then(|(n, tail)| Some((n.parse::<usize>().ok()?, tail)))
+    {
+        if let Some(pos) = positions.get(index) {
+            return format!("{section}[{pos}]{tail}");
+        }
+    }
+    format!("{section}{rest}")
+}
+
+/// Where each parsed entry of the array sections sits in the file (an entry that failed to
+/// parse is skipped, so the k-th parsed one may be a later one in the file).
+#[derive(Default)]
+struct Positions {
+    upstreams: Vec<usize>,
+    webhooks: Vec<usize>,
+    routes: Vec<usize>,
 }
 
 impl Config {
@@ -445,13 +531,14 @@ impl Config {
             issues.push(issue("(file)", "the config must be a TOML table"));
             return None;
         };
+        let names = entry_names(&top);
+        let mut positions = Positions::default();
         let server = section(top.remove("server"), "server", issues).unwrap_or_default();
         let storage: StorageConfig =
             section(top.remove("storage"), "storage", issues).unwrap_or_default();
         // Each upstream keeps its position in the file, so later checks name the right entry
         // even when an earlier one failed to parse.
         let mut upstreams = Vec::new();
-        let mut positions = Vec::new();
         match top.remove("upstreams") {
             None => {}
             Some(Value::Array(items)) => {
@@ -460,7 +547,7 @@ impl Config {
                         parse_at::<UpstreamConfig>(item, &format!("upstreams[{i}]"), issues)
                     {
                         upstreams.push(u);
-                        positions.push(i);
+                        positions.upstreams.push(i);
                     }
                 }
             }
@@ -469,25 +556,35 @@ impl Config {
                 "must be an array of tables ([[upstreams]])",
             )),
         }
-        let webhooks: Vec<WebhookConfig> =
+        let (webhooks, webhook_positions): (Vec<WebhookConfig>, _) =
             array_section(top.remove("webhooks"), "webhooks", issues);
-        let routes: Vec<RouteConfig> = array_section(top.remove("routes"), "routes", issues);
-        let consumer_configs: Vec<ConsumerConfig> =
+        positions.webhooks = webhook_positions;
+        let (routes, route_positions): (Vec<RouteConfig>, _) =
+            array_section(top.remove("routes"), "routes", issues);
+        positions.routes = route_positions;
+        let (consumer_configs, consumer_positions): (Vec<ConsumerConfig>, _) =
             array_section(top.remove("consumers"), "consumers", issues);
         let consumers = match compile_consumers(&consumer_configs) {
             Ok(c) => c,
             Err(list) => {
-                issues.extend(
-                    list.into_iter()
-                        .map(|i| issue(format!("consumers{}", i.key), i.reason)),
-                );
+                issues.extend(list.into_iter().map(|i| {
+                    issue(
+                        at_file_position("consumers", &i.key, &consumer_positions),
+                        i.reason,
+                    )
+                }));
                 Vec::new()
             }
         };
         let router = match Router::compile(&routes) {
             Ok(r) => r,
             Err(route_issues) => {
-                issues.extend(route_issues.into_iter().map(|i| issue(i.key, i.reason)));
+                issues.extend(route_issues.into_iter().map(|i| {
+                    issue(
+                        at_file_position("routes", &i.key, &positions.routes),
+                        i.reason,
+                    )
+                }));
                 Router::default()
             }
         };
@@ -507,12 +604,13 @@ impl Config {
             consumers,
         };
         config.validate(&positions, issues);
+        name_items(issues, &names);
         Some(config)
     }
 
     /// Checks what types alone cannot: unique names, what each adapter needs, sane timings.
-    /// `positions[k]` is the file index of `self.upstreams[k]`.
-    fn validate(&self, positions: &[usize], issues: &mut Vec<ConfigIssue>) {
+    /// `positions.upstreams[k]` is the file index of `self.upstreams[k]` (and so on).
+    fn validate(&self, positions: &Positions, issues: &mut Vec<ConfigIssue>) {
         for (key, reason) in self.storage.nats_problems() {
             issues.push(issue(format!("storage.{key}"), reason));
         }
@@ -523,7 +621,7 @@ impl Config {
             ));
         }
         let mut webhook_names = BTreeMap::new();
-        for (i, w) in self.webhooks.iter().enumerate() {
+        for (&i, w) in positions.webhooks.iter().zip(&self.webhooks) {
             for (key, reason) in w.problems() {
                 issues.push(issue(format!("webhooks[{i}].{key}"), reason));
             }
@@ -534,7 +632,7 @@ impl Config {
                 ));
             }
         }
-        for (i, r) in self.routes.iter().enumerate() {
+        for (&i, r) in positions.routes.iter().zip(&self.routes) {
             for (j, target) in r.to.iter().enumerate() {
                 if !webhook_names.contains_key(target.as_str()) {
                     issues.push(issue(
@@ -546,7 +644,7 @@ impl Config {
         }
         let mut seen = BTreeMap::new();
         let mut voicepact_ids = BTreeMap::new();
-        for (&i, u) in positions.iter().zip(&self.upstreams) {
+        for (&i, u) in positions.upstreams.iter().zip(&self.upstreams) {
             let at = |k: &str| format!("upstreams[{i}].{k}");
             if u.name.is_empty()
                 || !u
@@ -635,25 +733,26 @@ impl Config {
 }
 
 /// Parses an array-of-tables section element by element (an entry that fails is skipped,
-/// its problem recorded), so one typo does not hide the next.
+/// its problem recorded), so one typo does not hide the next. Returns the parsed entries and
+/// each one's position in the file.
 fn array_section<T: DeserializeOwned>(
     v: Option<Value>,
     key: &str,
     issues: &mut Vec<ConfigIssue>,
-) -> Vec<T> {
+) -> (Vec<T>, Vec<usize>) {
     match v {
-        None => Vec::new(),
+        None => (Vec::new(), Vec::new()),
         Some(Value::Array(items)) => items
             .into_iter()
             .enumerate()
-            .filter_map(|(i, item)| parse_at(item, &format!("{key}[{i}]"), issues))
-            .collect(),
+            .filter_map(|(i, item)| Some((parse_at(item, &format!("{key}[{i}]"), issues)?, i)))
+            .unzip(),
         Some(_) => {
             issues.push(issue(
                 key,
                 format!("must be an array of tables ([[{key}]])"),
             ));
-            Vec::new()
+            (Vec::new(), Vec::new())
         }
     }
 }
