@@ -259,13 +259,79 @@ impl StorageConfig {
                 }
             }
         }
-        if self.lease_ttl < Duration::from_secs(1) {
-            out.push(("lease_ttl", "must be at least 1s".to_string()));
+        out
+    }
+
+    /// Durations out of their bounds, as (key, reason); checked for every backend, so that
+    /// switching to nats later cannot bring in a value that was never looked at.
+    fn duration_problems(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        if let Some(retention) = self.retention {
+            if let Some(reason) = out_of_bounds(retention, MINUTE, bounds::RETENTION_MAX) {
+                out.push(("retention", format!("{reason} (or \"0s\" to keep everything)")));
+            }
         }
-        if self.duplicate_window < Duration::from_secs(1) {
-            out.push(("duplicate_window", "must be at least 1s".to_string()));
+        for (key, d, min, max) in [
+            ("lease_ttl", self.lease_ttl, SECOND, bounds::LEASE_TTL_MAX),
+            ("duplicate_window", self.duplicate_window, SECOND, DAY),
+        ] {
+            if let Some(reason) = out_of_bounds(d, min, max) {
+                out.push((key, reason));
+            }
         }
         out
+    }
+}
+
+/// Bounds of the configured durations. Every duration key has one: a value past it is a typo
+/// or a unit mistake, and an unbounded one overflows the clock arithmetic it feeds (an
+/// `Instant` deadline, a retry timestamp).
+pub(crate) mod bounds {
+    use std::time::Duration;
+
+    use super::{DAY, HOUR, MINUTE};
+
+    /// Longest `server.shutdown_grace`.
+    pub const SHUTDOWN_GRACE_MAX: Duration = HOUR;
+    /// Longest `storage.retention` (ten years).
+    pub const RETENTION_MAX: Duration = Duration::from_secs(3650 * 24 * 3600);
+    /// Longest `storage.lease_ttl`: how long an upstream may stay unread after its holder died.
+    pub const LEASE_TTL_MAX: Duration = Duration::from_secs(10 * 60);
+    /// Shortest heartbeat and reconnect-related timer: below it the bridge would spin.
+    pub const TIMER_MIN: Duration = Duration::from_millis(10);
+    /// Longest reconnect delay (`backoff_initial`, `backoff_max`).
+    pub const BACKOFF_MAX: Duration = HOUR;
+    /// Longest `ping_interval`.
+    pub const PING_INTERVAL_MAX: Duration = HOUR;
+    /// Longest `stale_after` and `healthy_after`.
+    pub const STALE_AFTER_MAX: Duration = DAY;
+    /// Longest `connect_timeout` and webhook `timeout`.
+    pub const TIMEOUT_MAX: Duration = Duration::from_secs(10 * MINUTE.as_secs());
+    /// Longest step of a webhook's `retry` schedule.
+    pub const RETRY_STEP_MAX: Duration = DAY;
+    /// Most steps in a webhook's `retry` schedule.
+    pub const RETRY_STEPS_MAX: usize = 100;
+}
+
+const SECOND: Duration = Duration::from_secs(1);
+const MINUTE: Duration = Duration::from_secs(60);
+const HOUR: Duration = Duration::from_secs(3600);
+const DAY: Duration = Duration::from_secs(24 * 3600);
+
+/// Why `d` is refused, when it is outside `[min, max]` (`min` zero: zero is allowed).
+pub(crate) fn out_of_bounds(d: Duration, min: Duration, max: Duration) -> Option<String> {
+    let shown = |d: Duration| humantime::format_duration(d).to_string();
+    if d >= min && d <= max {
+        None
+    } else if min.is_zero() {
+        Some(format!("must be at most {}, not {}", shown(max), shown(d)))
+    } else {
+        Some(format!(
+            "must be between {} and {}, not {}",
+            shown(min),
+            shown(max),
+            shown(d)
+        ))
     }
 }
 
@@ -614,6 +680,16 @@ impl Config {
         for (key, reason) in self.storage.nats_problems() {
             issues.push(issue(format!("storage.{key}"), reason));
         }
+        for (key, reason) in self.storage.duration_problems() {
+            issues.push(issue(format!("storage.{key}"), reason));
+        }
+        if let Some(reason) = out_of_bounds(
+            self.server.shutdown_grace,
+            Duration::ZERO,
+            bounds::SHUTDOWN_GRACE_MAX,
+        ) {
+            issues.push(issue("server.shutdown_grace", reason));
+        }
         if self.upstreams.is_empty() && !issues.iter().any(|i| i.key.starts_with("upstreams")) {
             issues.push(issue(
                 "upstreams",
@@ -623,6 +699,9 @@ impl Config {
         let mut webhook_names = BTreeMap::new();
         for (&i, w) in positions.webhooks.iter().zip(&self.webhooks) {
             for (key, reason) in w.problems() {
+                issues.push(issue(format!("webhooks[{i}].{key}"), reason));
+            }
+            for (key, reason) in w.duration_problems() {
                 issues.push(issue(format!("webhooks[{i}].{key}"), reason));
             }
             if let Some(first) = webhook_names.insert(w.name.as_str(), i) {
@@ -708,15 +787,16 @@ impl Config {
                     ));
                 }
             }
-            for (key, d) in [
-                ("backoff_initial", u.backoff_initial),
-                ("backoff_max", u.backoff_max),
-                ("ping_interval", u.ping_interval),
-                ("stale_after", u.stale_after),
-                ("connect_timeout", u.connect_timeout),
+            for (key, d, min, max) in [
+                ("backoff_initial", u.backoff_initial, bounds::TIMER_MIN, bounds::BACKOFF_MAX),
+                ("backoff_max", u.backoff_max, bounds::TIMER_MIN, bounds::BACKOFF_MAX),
+                ("ping_interval", u.ping_interval, bounds::TIMER_MIN, bounds::PING_INTERVAL_MAX),
+                ("stale_after", u.stale_after, bounds::TIMER_MIN, bounds::STALE_AFTER_MAX),
+                ("healthy_after", u.healthy_after, Duration::ZERO, bounds::STALE_AFTER_MAX),
+                ("connect_timeout", u.connect_timeout, bounds::TIMER_MIN, bounds::TIMEOUT_MAX),
             ] {
-                if d.is_zero() {
-                    issues.push(issue(at(key), "must be greater than zero"));
+                if let Some(reason) = out_of_bounds(d, min, max) {
+                    issues.push(issue(at(key), reason));
                 }
             }
             if u.backoff_initial > u.backoff_max {

@@ -6,4 +6,5 @@
 mod common;
 
 mod config_errors;
+mod duration_bounds;
 mod metrics_lint;
