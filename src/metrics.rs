@@ -60,7 +60,7 @@ fn counter(registry: &mut Registry, name: &str, help: &str, value: u64) {
     registry.register(name, help, c);
 }
 
-const STATES: [UpstreamState; 7] = [
+const STATES: [UpstreamState; 8] = [
     UpstreamState::Connecting,
     UpstreamState::Connected,
     UpstreamState::Subscribed,
@@ -68,6 +68,7 @@ const STATES: [UpstreamState; 7] = [
     UpstreamState::AuthFailed,
     UpstreamState::Stopped,
     UpstreamState::Standby,
+    UpstreamState::Failed,
 ];
 
 /// Renders every metric (names carry the `wsbridge_` prefix; counters gain `_total`).
@@ -82,6 +83,8 @@ pub async fn render(state: &StatusState) -> String {
         .map(|u| u.clone())
         .unwrap_or_default();
     let mut up_state = Vec::new();
+    // Supervised tasks (upstream supervisors, webhook dispatchers): restarts, and 1 while dead.
+    let (mut task_restarts, mut task_failed) = (vec![], vec![]);
     let (mut frames, mut events, mut decode, mut reconnects, mut age) =
         (vec![], vec![], vec![], vec![], vec![]);
     for u in &upstreams {
@@ -94,6 +97,9 @@ pub async fn render(state: &StatusState) -> String {
             ));
         }
         let c = u.counters();
+        let task = labels(&[("task", "upstream"), ("name", name)]);
+        task_failed.push((task.clone(), i64::from(status.state == UpstreamState::Failed)));
+        task_restarts.push((task, c.task_restarts));
         frames.push((labels(&[("upstream", name)]), c.frames));
         decode.push((labels(&[("upstream", name)]), c.decode_errors));
         reconnects.push((labels(&[("upstream", name)]), c.reconnects));
@@ -231,6 +237,9 @@ pub async fn render(state: &StatusState) -> String {
             i64::try_from(v.counters.in_flight).unwrap_or(i64::MAX),
         ));
         enabled.push((labels(&[("webhook", n)]), i64::from(v.enabled)));
+        let task = labels(&[("task", "webhook"), ("name", n)]);
+        task_failed.push((task.clone(), i64::from(v.dispatcher_error.is_some())));
+        task_restarts.push((task, v.counters.dispatcher_restarts));
     }
     counter_family(
         &mut r,
@@ -287,6 +296,19 @@ pub async fn render(state: &StatusState) -> String {
         "consumer_slow_disconnects",
         "Consumers closed for being too slow",
         hub.slow_disconnects,
+    );
+
+    counter_family(
+        &mut r,
+        "task_restarts",
+        "Restarts of a supervised task (task=upstream supervisor or webhook dispatcher) after it panicked or ended unexpectedly",
+        task_restarts,
+    );
+    gauge_family(
+        &mut r,
+        "task_failed",
+        "1 while a supervised task is dead and waiting to be restarted",
+        task_failed,
     );
 
     let mut out = String::new();
