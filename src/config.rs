@@ -268,7 +268,10 @@ impl StorageConfig {
         let mut out = Vec::new();
         if let Some(retention) = self.retention {
             if let Some(reason) = out_of_bounds(retention, MINUTE, bounds::RETENTION_MAX) {
-                out.push(("retention", format!("{reason} (or \"0s\" to keep everything)")));
+                out.push((
+                    "retention",
+                    format!("{reason} (or \"0s\" to keep everything)"),
+                ));
             }
         }
         for (key, d, min, max) in [
@@ -488,7 +491,9 @@ const MAX_SHOWN_NAME: usize = 64;
 
 /// Each named section's entry names in file order (`None` where an entry has no string
 /// `name`), read from the raw tree so that an entry that fails to parse is named too.
-fn entry_names(top: &serde_json::Map<String, Value>) -> BTreeMap<&'static str, Vec<Option<String>>> {
+fn entry_names(
+    top: &serde_json::Map<String, Value>,
+) -> BTreeMap<&'static str, Vec<Option<String>>> {
     NAMED_SECTIONS
         .into_iter()
         .map(|section| {
@@ -510,15 +515,15 @@ fn entry_names(top: &serde_json::Map<String, Value>) -> BTreeMap<&'static str, V
 }
 
 /// Sets [`ConfigIssue::item`] of every issue whose key is inside a named entry.
-fn name_items(
-    issues: &mut [ConfigIssue],
-    names: &BTreeMap<&'static str, Vec<Option<String>>>,
-) {
+fn name_items(issues: &mut [ConfigIssue], names: &BTreeMap<&'static str, Vec<Option<String>>>) {
     for i in issues.iter_mut() {
         let Some((section, rest)) = i.key.split_once('[') else {
             continue;
         };
-        let Some(index) = rest.split_once(']').and_then(|(n, _)| n.parse::<usize>().ok()) else {
+        let Some(index) = rest
+            .split_once(']')
+            .and_then(|(n, _)| n.parse::<usize>().ok())
+        else {
             continue;
         };
         if let Some(Some(name)) = names.get(section).and_then(|list| list.get(index)) {
@@ -788,12 +793,42 @@ impl Config {
                 }
             }
             for (key, d, min, max) in [
-                ("backoff_initial", u.backoff_initial, bounds::TIMER_MIN, bounds::BACKOFF_MAX),
-                ("backoff_max", u.backoff_max, bounds::TIMER_MIN, bounds::BACKOFF_MAX),
-                ("ping_interval", u.ping_interval, bounds::TIMER_MIN, bounds::PING_INTERVAL_MAX),
-                ("stale_after", u.stale_after, bounds::TIMER_MIN, bounds::STALE_AFTER_MAX),
-                ("healthy_after", u.healthy_after, Duration::ZERO, bounds::STALE_AFTER_MAX),
-                ("connect_timeout", u.connect_timeout, bounds::TIMER_MIN, bounds::TIMEOUT_MAX),
+                (
+                    "backoff_initial",
+                    u.backoff_initial,
+                    bounds::TIMER_MIN,
+                    bounds::BACKOFF_MAX,
+                ),
+                (
+                    "backoff_max",
+                    u.backoff_max,
+                    bounds::TIMER_MIN,
+                    bounds::BACKOFF_MAX,
+                ),
+                (
+                    "ping_interval",
+                    u.ping_interval,
+                    bounds::TIMER_MIN,
+                    bounds::PING_INTERVAL_MAX,
+                ),
+                (
+                    "stale_after",
+                    u.stale_after,
+                    bounds::TIMER_MIN,
+                    bounds::STALE_AFTER_MAX,
+                ),
+                (
+                    "healthy_after",
+                    u.healthy_after,
+                    Duration::ZERO,
+                    bounds::STALE_AFTER_MAX,
+                ),
+                (
+                    "connect_timeout",
+                    u.connect_timeout,
+                    bounds::TIMER_MIN,
+                    bounds::TIMEOUT_MAX,
+                ),
             ] {
                 if let Some(reason) = out_of_bounds(d, min, max) {
                     issues.push(issue(at(key), reason));

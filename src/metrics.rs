@@ -98,7 +98,10 @@ pub async fn render(state: &StatusState) -> String {
         }
         let c = u.counters();
         let task = labels(&[("task", "upstream"), ("name", name)]);
-        task_failed.push((task.clone(), i64::from(status.state == UpstreamState::Failed)));
+        task_failed.push((
+            task.clone(),
+            i64::from(status.state == UpstreamState::Failed),
+        ));
         task_restarts.push((task, c.task_restarts));
         frames.push((labels(&[("upstream", name)]), c.frames));
         decode.push((labels(&[("upstream", name)]), c.decode_errors));

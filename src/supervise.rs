@@ -175,7 +175,11 @@ mod tests {
         assert_eq!(n, 1);
         let (reason, shown) = failed.recv().await.expect("first failure");
         assert_eq!(reason, "the task panicked: boom 1");
-        assert_eq!(shown.as_deref(), Some(reason.as_str()), "failed while waiting");
+        assert_eq!(
+            shown.as_deref(),
+            Some(reason.as_str()),
+            "failed while waiting"
+        );
         assert_eq!(health.restarts(), 0);
 
         let (n, t2) = started.recv().await.expect("second run");

@@ -375,7 +375,11 @@ impl DeliveryService {
                     url: url.to_string(),
                     enabled: reason.is_none(),
                     disabled_reason: reason,
-                    dispatcher: if failure.is_some() { "failed" } else { "running" },
+                    dispatcher: if failure.is_some() {
+                        "failed"
+                    } else {
+                        "running"
+                    },
                     dispatcher_error: failure,
                     counters: EndpointCounters {
                         in_flight: e.stats.in_flight.load(Ordering::Relaxed),
@@ -613,7 +617,9 @@ async fn dispatch(
                             let wait = Duration::from_millis(
                                 u64::try_from(at_ms.saturating_sub(now_ms)).unwrap_or(0),
                             );
-                            let at = now.checked_add(wait.min(crate::supervise::MAX_WAIT)).unwrap_or(now);
+                            let at = now
+                                .checked_add(wait.min(crate::supervise::MAX_WAIT))
+                                .unwrap_or(now);
                             wake_at = Some(wake_at.map_or(at, |w| w.min(at)));
                         }
                         Ok(None) => {}
@@ -761,7 +767,9 @@ async fn attempt(
         }
         Err(reason) => {
             let next = match scheduled {
-                Some(delay) => NextStep::RetryAt(unix_ms_after(Utc::now().timestamp_millis(), delay)),
+                Some(delay) => {
+                    NextStep::RetryAt(unix_ms_after(Utc::now().timestamp_millis(), delay))
+                }
                 None => NextStep::Dead,
             };
             (None, Some(reason), next)

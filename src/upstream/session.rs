@@ -22,8 +22,8 @@ use tracing::{debug, info, warn};
 use wsbridge_adapters::{Control, Greeting, Heartbeat, Inbound};
 
 use super::{Shared, UpstreamState};
-use crate::supervise::{deadline_after, MAX_WAIT};
 use crate::envelope::Envelope;
+use crate::supervise::{deadline_after, MAX_WAIT};
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 

@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use serde_json::Value;
 use wsbridge::upstream::UpstreamState;
-use wsbridge_adapters::{Adapter, AdapterError, DecodeError, Greeting, Heartbeat, Inbound, Provider};
+use wsbridge_adapters::{
+    Adapter, AdapterError, DecodeError, Greeting, Heartbeat, Inbound, Provider,
+};
 
 use super::config_errors::check_config;
 use crate::common::receiver::{Answer, Receiver};
@@ -217,7 +219,11 @@ async fn a_supervisor_task_that_panics_is_shown_failed_then_restarted() {
     let failed = wait_status(&handle, "failed", |s| s.state == UpstreamState::Failed).await;
     let why = failed.last_error.unwrap_or_default();
     assert!(why.contains("injected supervisor bug"), "{why}");
-    assert_eq!(handle.counters().task_restarts, 0, "shown failed before the restart");
+    assert_eq!(
+        handle.counters().task_restarts,
+        0,
+        "shown failed before the restart"
+    );
 
     // Restarted after the backoff: it connects, subscribes and reads events again.
     wait_subscribed(&handle).await;

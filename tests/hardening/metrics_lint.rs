@@ -128,7 +128,9 @@ async fn promtool_finds_nothing_to_complain_about_with_traffic_on_every_series()
             .await
             .expect("metrics text");
         let delivered = text.lines().any(|l| {
-            l.starts_with(r#"wsbridge_webhook_attempts_total{webhook="flaky",outcome="delivered"} 3"#)
+            l.starts_with(
+                r#"wsbridge_webhook_attempts_total{webhook="flaky",outcome="delivered"} 3"#,
+            )
         });
         if delivered && text.contains(r#"wsbridge_upstream_decode_errors_total{upstream="vb"} 1"#) {
             break text;
@@ -158,7 +160,10 @@ async fn promtool_finds_nothing_to_complain_about_with_traffic_on_every_series()
     let open_metrics = open_metrics.text().await.expect("metrics text");
     assert!(open_metrics.ends_with("# EOF\n"), "{open_metrics}");
     assert!(open_metrics.contains("# TYPE wsbridge_journal_appends counter\n"));
-    assert!(text.contains("# HELP wsbridge_journal_appends_total "), "{text}");
+    assert!(
+        text.contains("# HELP wsbridge_journal_appends_total "),
+        "{text}"
+    );
     if let Some((code, said)) = promtool_check(&text) {
         assert!(
             code == Some(0) && said.trim().is_empty(),
