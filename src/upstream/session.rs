@@ -163,7 +163,9 @@ async fn connect_and_serve(
     let period = timing.ping_interval.min(MAX_WAIT);
     let mut ping = tokio::time::interval_at(deadline_after(period), period);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let check_every = (timing.stale_after / 4).max(Duration::from_millis(5));
+    let check_every = (timing.stale_after / 4)
+        .max(Duration::from_millis(5))
+        .min(MAX_WAIT);
     let mut check = tokio::time::interval(check_every);
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_seen = Instant::now();
