@@ -7,7 +7,8 @@
 //! A supervisor or dispatcher task that dies is shown `failed`, counted and restarted. After
 //! these fixes no input makes a real task die, so the wrapper is unit-tested in
 //! `src/supervise.rs` (a task that panics, paused clock), and here a real supervisor against
-//! the VoIPBIN simulator is given an adapter that panics on its first connection attempt.
+//! the VoIPBIN simulator is given an adapter that panics on its first connection attempt, and
+//! a real dispatcher a store (the embedded one) whose first `due` query panics.
 
 use std::time::Duration;
 
@@ -237,4 +238,153 @@ async fn a_supervisor_task_that_panics_is_shown_failed_then_restarted() {
     assert_eq!(got.data["n"], 7);
     handle.stop().await;
     assert_eq!(handle.status().state, UpstreamState::Stopped);
+}
+
+/// The embedded store, except that its first `due` query panics (a bug in the dispatcher's
+/// path that kills its task).
+struct PanicsOnFirstDue {
+    inner: std::sync::Arc<wsbridge::storage::embedded::EmbeddedStore>,
+    armed: std::sync::atomic::AtomicBool,
+}
+
+mod delegate {
+    use wsbridge::storage::*;
+
+    #[async_trait::async_trait]
+    impl Store for super::PanicsOnFirstDue {
+        async fn append(&self, batch: Vec<NewEvent>) -> Result<Vec<Appended>, StoreError> {
+            self.inner.append(batch).await
+        }
+        async fn read_from(&self, from: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
+            self.inner.read_from(from, limit).await
+        }
+        async fn position(&self) -> Result<JournalPosition, StoreError> {
+            self.inner.position().await
+        }
+        async fn due(
+            &self,
+            endpoint: &str,
+            now_ms: i64,
+            limit: usize,
+            ordered: bool,
+        ) -> Result<Vec<DueDelivery>, StoreError> {
+            if self.armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                panic!("injected dispatcher bug");
+            }
+            self.inner.due(endpoint, now_ms, limit, ordered).await
+        }
+        async fn next_due(&self, endpoint: &str, after_ms: i64) -> Result<Option<i64>, StoreError> {
+            self.inner.next_due(endpoint, after_ms).await
+        }
+        async fn record(
+            &self,
+            endpoint: &str,
+            seq: u64,
+            attempt: AttemptRecord,
+            next: NextStep,
+        ) -> Result<(), StoreError> {
+            self.inner.record(endpoint, seq, attempt, next).await
+        }
+        async fn deliveries(
+            &self,
+            endpoint: &str,
+            state: DeliveryState,
+            limit: usize,
+        ) -> Result<Vec<DeliveryInfo>, StoreError> {
+            self.inner.deliveries(endpoint, state, limit).await
+        }
+        async fn counts(&self, endpoint: &str) -> Result<DeliveryCounts, StoreError> {
+            self.inner.counts(endpoint).await
+        }
+        async fn replay(
+            &self,
+            endpoint: &str,
+            selection: ReplaySelection,
+        ) -> Result<u64, StoreError> {
+            self.inner.replay(endpoint, selection).await
+        }
+        async fn set_disabled(
+            &self,
+            endpoint: &str,
+            reason: Option<String>,
+        ) -> Result<(), StoreError> {
+            self.inner.set_disabled(endpoint, reason).await
+        }
+        async fn disabled(&self, endpoint: &str) -> Result<Option<String>, StoreError> {
+            self.inner.disabled(endpoint).await
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_webhook_dispatcher_that_panics_is_shown_failed_then_restarted() {
+    use wsbridge::delivery::DeliveryService;
+    use wsbridge::storage::{NewEvent, Store};
+
+    wsbridge::install_crypto_provider();
+    let receiver = Receiver::start(vec![], Answer::status(200)).await;
+    let hook = format!(
+        "[[webhooks]]\nname = \"crm\"\nurl = \"{}\"\nsecrets = [\"{SECRET}\"]\nallow_private = true\n",
+        receiver.url()
+    );
+    let cfg = config(&[upstream(""), hook]);
+    let inner = wsbridge::storage::embedded::EmbeddedStore::open(
+        &temp_dir("dispatcher-panics").join("wsbridge.db"),
+        wsbridge::storage::embedded::Durability::Normal,
+    )
+    .expect("store opens");
+    let adapter = wsbridge_adapters::build_adapter(
+        cfg.upstreams[0].adapter,
+        cfg.upstreams[0].adapter_settings(),
+    )
+    .expect("adapter");
+    let Ok(Inbound::Event(decoded)) = adapter.decode(&numbered_call(3).to_string()) else {
+        panic!("the frame decodes as an event");
+    };
+    let envelope = wsbridge::envelope::Envelope::new(
+        decoded,
+        "wsbridge://vb-main",
+        Provider::Voipbin,
+        chrono::Utc::now(),
+    );
+    inner
+        .append(vec![NewEvent {
+            envelope,
+            targets: vec![std::sync::Arc::from("crm")],
+        }])
+        .await
+        .expect("journalled with a delivery to crm");
+    let store = std::sync::Arc::new(PanicsOnFirstDue {
+        inner,
+        armed: std::sync::atomic::AtomicBool::new(true),
+    });
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let service = DeliveryService::start(&cfg.webhooks, store, shutdown.clone())
+        .await
+        .expect("delivery starts");
+
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let view = loop {
+        let view = service.views().remove(0);
+        if view.dispatcher == "failed" {
+            break view;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never shown failed: {view:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    let why = view.dispatcher_error.unwrap_or_default();
+    assert!(why.contains("injected dispatcher bug"), "{why}");
+    assert_eq!(view.counters.dispatcher_restarts, 0);
+
+    // Restarted after the backoff, it delivers what was pending.
+    let got = receiver.wait_for(1, DEADLINE).await;
+    assert!(!got[0].header("webhook-id").is_empty());
+    let view = service.views().remove(0);
+    assert_eq!(view.dispatcher, "running", "{view:?}");
+    assert_eq!(view.counters.dispatcher_restarts, 1);
+    shutdown.cancel();
+    service.join(Duration::from_secs(1)).await;
 }
