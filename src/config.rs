@@ -259,13 +259,82 @@ impl StorageConfig {
                 }
             }
         }
-        if self.lease_ttl < Duration::from_secs(1) {
-            out.push(("lease_ttl", "must be at least 1s".to_string()));
+        out
+    }
+
+    /// Durations out of their bounds, as (key, reason); checked for every backend, so that
+    /// switching to nats later cannot bring in a value that was never looked at.
+    fn duration_problems(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        if let Some(retention) = self.retention {
+            if let Some(reason) = out_of_bounds(retention, MINUTE, bounds::RETENTION_MAX) {
+                out.push((
+                    "retention",
+                    format!("{reason} (or \"0s\" to keep everything)"),
+                ));
+            }
         }
-        if self.duplicate_window < Duration::from_secs(1) {
-            out.push(("duplicate_window", "must be at least 1s".to_string()));
+        for (key, d, min, max) in [
+            ("lease_ttl", self.lease_ttl, SECOND, bounds::LEASE_TTL_MAX),
+            ("duplicate_window", self.duplicate_window, SECOND, DAY),
+        ] {
+            if let Some(reason) = out_of_bounds(d, min, max) {
+                out.push((key, reason));
+            }
         }
         out
+    }
+}
+
+/// Bounds of the configured durations. Every duration key has one: a value past it is a typo
+/// or a unit mistake, and an unbounded one overflows the clock arithmetic it feeds (an
+/// `Instant` deadline, a retry timestamp).
+pub(crate) mod bounds {
+    use std::time::Duration;
+
+    use super::{DAY, HOUR, MINUTE};
+
+    /// Longest `server.shutdown_grace`.
+    pub const SHUTDOWN_GRACE_MAX: Duration = HOUR;
+    /// Longest `storage.retention` (ten years).
+    pub const RETENTION_MAX: Duration = Duration::from_secs(3650 * 24 * 3600);
+    /// Longest `storage.lease_ttl`: how long an upstream may stay unread after its holder died.
+    pub const LEASE_TTL_MAX: Duration = Duration::from_secs(10 * 60);
+    /// Shortest heartbeat and reconnect-related timer: below it the bridge would spin.
+    pub const TIMER_MIN: Duration = Duration::from_millis(10);
+    /// Longest reconnect delay (`backoff_initial`, `backoff_max`).
+    pub const BACKOFF_MAX: Duration = HOUR;
+    /// Longest `ping_interval`.
+    pub const PING_INTERVAL_MAX: Duration = HOUR;
+    /// Longest `stale_after` and `healthy_after`.
+    pub const STALE_AFTER_MAX: Duration = DAY;
+    /// Longest `connect_timeout` and webhook `timeout`.
+    pub const TIMEOUT_MAX: Duration = Duration::from_secs(10 * MINUTE.as_secs());
+    /// Longest step of a webhook's `retry` schedule.
+    pub const RETRY_STEP_MAX: Duration = DAY;
+    /// Most steps in a webhook's `retry` schedule.
+    pub const RETRY_STEPS_MAX: usize = 100;
+}
+
+const SECOND: Duration = Duration::from_secs(1);
+const MINUTE: Duration = Duration::from_secs(60);
+const HOUR: Duration = Duration::from_secs(3600);
+const DAY: Duration = Duration::from_secs(24 * 3600);
+
+/// Why `d` is refused, when it is outside `[min, max]` (`min` zero: zero is allowed).
+pub(crate) fn out_of_bounds(d: Duration, min: Duration, max: Duration) -> Option<String> {
+    let shown = |d: Duration| humantime::format_duration(d).to_string();
+    if d >= min && d <= max {
+        None
+    } else if min.is_zero() {
+        Some(format!("must be at most {}, not {}", shown(max), shown(d)))
+    } else {
+        Some(format!(
+            "must be between {} and {}, not {}",
+            shown(min),
+            shown(max),
+            shown(d)
+        ))
     }
 }
 
@@ -379,11 +448,24 @@ pub struct ConfigIssue {
     pub key: String,
     /// What is wrong, in words an operator can act on.
     pub reason: String,
+    /// The `name` of the `[[upstreams]]`, `[[webhooks]]`, `[[routes]]` or `[[consumers]]`
+    /// entry the key is in, when it has one: an index alone is hard to find in a long file.
+    pub item: Option<String>,
 }
 
 impl fmt::Display for ConfigIssue {
+    /// `webhooks[1] ("lan-hook").url: reason`, or `key: reason` outside a named entry.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.key, self.reason)
+        match (&self.item, self.key.find(']')) {
+            (Some(name), Some(end)) => write!(
+                f,
+                "{} ({name:?}){}: {}",
+                &self.key[..=end],
+                &self.key[end + 1..],
+                self.reason
+            ),
+            _ => write!(f, "{}: {}", self.key, self.reason),
+        }
     }
 }
 
@@ -397,7 +479,82 @@ fn issue(key: impl Into<String>, reason: impl Into<String>) -> ConfigIssue {
     ConfigIssue {
         key: key.into(),
         reason: reason.into(),
+        item: None,
     }
+}
+
+/// The array-of-tables sections whose entries have a `name`.
+const NAMED_SECTIONS: [&str; 4] = ["upstreams", "webhooks", "routes", "consumers"];
+
+/// Longest entry name quoted in an issue (a name is shown, not trusted to be short).
+const MAX_SHOWN_NAME: usize = 64;
+
+/// Each named section's entry names in file order (`None` where an entry has no string
+/// `name`), read from the raw tree so that an entry that fails to parse is named too.
+fn entry_names(
+    top: &serde_json::Map<String, Value>,
+) -> BTreeMap<&'static str, Vec<Option<String>>> {
+    NAMED_SECTIONS
+        .into_iter()
+        .map(|section| {
+            let names = match top.get(section) {
+                Some(Value::Array(items)) => items
+                    .iter()
+                    .map(|item| {
+                        item.get("name")
+                            .and_then(Value::as_str)
+                            .filter(|n| !n.is_empty())
+                            .map(|n| n.chars().take(MAX_SHOWN_NAME).collect())
+                    })
+                    .collect(),
+                _ => Vec::new(),
+            };
+            (section, names)
+        })
+        .collect()
+}
+
+/// Sets [`ConfigIssue::item`] of every issue whose key is inside a named entry.
+fn name_items(issues: &mut [ConfigIssue], names: &BTreeMap<&'static str, Vec<Option<String>>>) {
+    for i in issues.iter_mut() {
+        let Some((section, rest)) = i.key.split_once('[') else {
+            continue;
+        };
+        let Some(index) = rest
+            .split_once(']')
+            .and_then(|(n, _)| n.parse::<usize>().ok())
+        else {
+            continue;
+        };
+        if let Some(Some(name)) = names.get(section).and_then(|list| list.get(index)) {
+            i.item = Some(name.clone());
+        }
+    }
+}
+
+/// `key` (`routes[k].to[0]`, `[k].token`) with the leading index `k`, a position in the list
+/// of parsed entries, replaced by that entry's position in the file, and `section` in front.
+fn at_file_position(section: &str, key: &str, positions: &[usize]) -> String {
+    let rest = key.strip_prefix(section).unwrap_or(key);
+    if let Some((index, tail)) = rest
+        .strip_prefix('[')
+        .and_then(|r| r.split_once(']'))
+        .and_then(|(n, tail)| Some((n.parse::<usize>().ok()?, tail)))
+    {
+        if let Some(pos) = positions.get(index) {
+            return format!("{section}[{pos}]{tail}");
+        }
+    }
+    format!("{section}{rest}")
+}
+
+/// Where each parsed entry of the array sections sits in the file (an entry that failed to
+/// parse is skipped, so the k-th parsed one may be a later one in the file).
+#[derive(Default)]
+struct Positions {
+    upstreams: Vec<usize>,
+    webhooks: Vec<usize>,
+    routes: Vec<usize>,
 }
 
 impl Config {
@@ -445,13 +602,14 @@ impl Config {
             issues.push(issue("(file)", "the config must be a TOML table"));
             return None;
         };
+        let names = entry_names(&top);
+        let mut positions = Positions::default();
         let server = section(top.remove("server"), "server", issues).unwrap_or_default();
         let storage: StorageConfig =
             section(top.remove("storage"), "storage", issues).unwrap_or_default();
         // Each upstream keeps its position in the file, so later checks name the right entry
         // even when an earlier one failed to parse.
         let mut upstreams = Vec::new();
-        let mut positions = Vec::new();
         match top.remove("upstreams") {
             None => {}
             Some(Value::Array(items)) => {
@@ -460,7 +618,7 @@ impl Config {
                         parse_at::<UpstreamConfig>(item, &format!("upstreams[{i}]"), issues)
                     {
                         upstreams.push(u);
-                        positions.push(i);
+                        positions.upstreams.push(i);
                     }
                 }
             }
@@ -469,25 +627,35 @@ impl Config {
                 "must be an array of tables ([[upstreams]])",
             )),
         }
-        let webhooks: Vec<WebhookConfig> =
+        let (webhooks, webhook_positions): (Vec<WebhookConfig>, _) =
             array_section(top.remove("webhooks"), "webhooks", issues);
-        let routes: Vec<RouteConfig> = array_section(top.remove("routes"), "routes", issues);
-        let consumer_configs: Vec<ConsumerConfig> =
+        positions.webhooks = webhook_positions;
+        let (routes, route_positions): (Vec<RouteConfig>, _) =
+            array_section(top.remove("routes"), "routes", issues);
+        positions.routes = route_positions;
+        let (consumer_configs, consumer_positions): (Vec<ConsumerConfig>, _) =
             array_section(top.remove("consumers"), "consumers", issues);
         let consumers = match compile_consumers(&consumer_configs) {
             Ok(c) => c,
             Err(list) => {
-                issues.extend(
-                    list.into_iter()
-                        .map(|i| issue(format!("consumers{}", i.key), i.reason)),
-                );
+                issues.extend(list.into_iter().map(|i| {
+                    issue(
+                        at_file_position("consumers", &i.key, &consumer_positions),
+                        i.reason,
+                    )
+                }));
                 Vec::new()
             }
         };
         let router = match Router::compile(&routes) {
             Ok(r) => r,
             Err(route_issues) => {
-                issues.extend(route_issues.into_iter().map(|i| issue(i.key, i.reason)));
+                issues.extend(route_issues.into_iter().map(|i| {
+                    issue(
+                        at_file_position("routes", &i.key, &positions.routes),
+                        i.reason,
+                    )
+                }));
                 Router::default()
             }
         };
@@ -507,14 +675,25 @@ impl Config {
             consumers,
         };
         config.validate(&positions, issues);
+        name_items(issues, &names);
         Some(config)
     }
 
     /// Checks what types alone cannot: unique names, what each adapter needs, sane timings.
-    /// `positions[k]` is the file index of `self.upstreams[k]`.
-    fn validate(&self, positions: &[usize], issues: &mut Vec<ConfigIssue>) {
+    /// `positions.upstreams[k]` is the file index of `self.upstreams[k]` (and so on).
+    fn validate(&self, positions: &Positions, issues: &mut Vec<ConfigIssue>) {
         for (key, reason) in self.storage.nats_problems() {
             issues.push(issue(format!("storage.{key}"), reason));
+        }
+        for (key, reason) in self.storage.duration_problems() {
+            issues.push(issue(format!("storage.{key}"), reason));
+        }
+        if let Some(reason) = out_of_bounds(
+            self.server.shutdown_grace,
+            Duration::ZERO,
+            bounds::SHUTDOWN_GRACE_MAX,
+        ) {
+            issues.push(issue("server.shutdown_grace", reason));
         }
         if self.upstreams.is_empty() && !issues.iter().any(|i| i.key.starts_with("upstreams")) {
             issues.push(issue(
@@ -523,8 +702,11 @@ impl Config {
             ));
         }
         let mut webhook_names = BTreeMap::new();
-        for (i, w) in self.webhooks.iter().enumerate() {
+        for (&i, w) in positions.webhooks.iter().zip(&self.webhooks) {
             for (key, reason) in w.problems() {
+                issues.push(issue(format!("webhooks[{i}].{key}"), reason));
+            }
+            for (key, reason) in w.duration_problems() {
                 issues.push(issue(format!("webhooks[{i}].{key}"), reason));
             }
             if let Some(first) = webhook_names.insert(w.name.as_str(), i) {
@@ -534,7 +716,7 @@ impl Config {
                 ));
             }
         }
-        for (i, r) in self.routes.iter().enumerate() {
+        for (&i, r) in positions.routes.iter().zip(&self.routes) {
             for (j, target) in r.to.iter().enumerate() {
                 if !webhook_names.contains_key(target.as_str()) {
                     issues.push(issue(
@@ -546,7 +728,7 @@ impl Config {
         }
         let mut seen = BTreeMap::new();
         let mut voicepact_ids = BTreeMap::new();
-        for (&i, u) in positions.iter().zip(&self.upstreams) {
+        for (&i, u) in positions.upstreams.iter().zip(&self.upstreams) {
             let at = |k: &str| format!("upstreams[{i}].{k}");
             if u.name.is_empty()
                 || !u
@@ -610,15 +792,46 @@ impl Config {
                     ));
                 }
             }
-            for (key, d) in [
-                ("backoff_initial", u.backoff_initial),
-                ("backoff_max", u.backoff_max),
-                ("ping_interval", u.ping_interval),
-                ("stale_after", u.stale_after),
-                ("connect_timeout", u.connect_timeout),
+            for (key, d, min, max) in [
+                (
+                    "backoff_initial",
+                    u.backoff_initial,
+                    bounds::TIMER_MIN,
+                    bounds::BACKOFF_MAX,
+                ),
+                (
+                    "backoff_max",
+                    u.backoff_max,
+                    bounds::TIMER_MIN,
+                    bounds::BACKOFF_MAX,
+                ),
+                (
+                    "ping_interval",
+                    u.ping_interval,
+                    bounds::TIMER_MIN,
+                    bounds::PING_INTERVAL_MAX,
+                ),
+                (
+                    "stale_after",
+                    u.stale_after,
+                    bounds::TIMER_MIN,
+                    bounds::STALE_AFTER_MAX,
+                ),
+                (
+                    "healthy_after",
+                    u.healthy_after,
+                    Duration::ZERO,
+                    bounds::STALE_AFTER_MAX,
+                ),
+                (
+                    "connect_timeout",
+                    u.connect_timeout,
+                    bounds::TIMER_MIN,
+                    bounds::TIMEOUT_MAX,
+                ),
             ] {
-                if d.is_zero() {
-                    issues.push(issue(at(key), "must be greater than zero"));
+                if let Some(reason) = out_of_bounds(d, min, max) {
+                    issues.push(issue(at(key), reason));
                 }
             }
             if u.backoff_initial > u.backoff_max {
@@ -635,25 +848,26 @@ impl Config {
 }
 
 /// Parses an array-of-tables section element by element (an entry that fails is skipped,
-/// its problem recorded), so one typo does not hide the next.
+/// its problem recorded), so one typo does not hide the next. Returns the parsed entries and
+/// each one's position in the file.
 fn array_section<T: DeserializeOwned>(
     v: Option<Value>,
     key: &str,
     issues: &mut Vec<ConfigIssue>,
-) -> Vec<T> {
+) -> (Vec<T>, Vec<usize>) {
     match v {
-        None => Vec::new(),
+        None => (Vec::new(), Vec::new()),
         Some(Value::Array(items)) => items
             .into_iter()
             .enumerate()
-            .filter_map(|(i, item)| parse_at(item, &format!("{key}[{i}]"), issues))
-            .collect(),
+            .filter_map(|(i, item)| Some((parse_at(item, &format!("{key}[{i}]"), issues)?, i)))
+            .unzip(),
         Some(_) => {
             issues.push(issue(
                 key,
                 format!("must be an array of tables ([[{key}]])"),
             ));
-            Vec::new()
+            (Vec::new(), Vec::new())
         }
     }
 }

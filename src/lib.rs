@@ -36,6 +36,7 @@ pub mod reload;
 pub mod routing;
 pub mod status;
 pub mod storage;
+pub mod supervise;
 pub mod telemetry;
 pub mod upstream;
 

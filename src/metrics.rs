@@ -1,4 +1,6 @@
-//! `GET /metrics`: Prometheus text format, rendered with `prometheus-client`.
+//! `GET /metrics`: rendered with `prometheus-client` (OpenMetrics), served as OpenMetrics to
+//! scrapers that ask for it and as the Prometheus text format to everyone else, both clean
+//! under `promtool check metrics` (every family has HELP text).
 //!
 //! Every metric name lives in this one file, so dashboards and alerts have one place to look.
 //! The components keep their own lock-free counters (they need them for the status API
@@ -58,7 +60,7 @@ fn counter(registry: &mut Registry, name: &str, help: &str, value: u64) {
     registry.register(name, help, c);
 }
 
-const STATES: [UpstreamState; 7] = [
+const STATES: [UpstreamState; 8] = [
     UpstreamState::Connecting,
     UpstreamState::Connected,
     UpstreamState::Subscribed,
@@ -66,6 +68,7 @@ const STATES: [UpstreamState; 7] = [
     UpstreamState::AuthFailed,
     UpstreamState::Stopped,
     UpstreamState::Standby,
+    UpstreamState::Failed,
 ];
 
 /// Renders every metric (names carry the `wsbridge_` prefix; counters gain `_total`).
@@ -80,6 +83,8 @@ pub async fn render(state: &StatusState) -> String {
         .map(|u| u.clone())
         .unwrap_or_default();
     let mut up_state = Vec::new();
+    // Supervised tasks (upstream supervisors, webhook dispatchers): restarts, and 1 while dead.
+    let (mut task_restarts, mut task_failed) = (vec![], vec![]);
     let (mut frames, mut events, mut decode, mut reconnects, mut age) =
         (vec![], vec![], vec![], vec![], vec![]);
     for u in &upstreams {
@@ -92,6 +97,12 @@ pub async fn render(state: &StatusState) -> String {
             ));
         }
         let c = u.counters();
+        let task = labels(&[("task", "upstream"), ("name", name)]);
+        task_failed.push((
+            task.clone(),
+            i64::from(status.state == UpstreamState::Failed),
+        ));
+        task_restarts.push((task, c.task_restarts));
         frames.push((labels(&[("upstream", name)]), c.frames));
         decode.push((labels(&[("upstream", name)]), c.decode_errors));
         reconnects.push((labels(&[("upstream", name)]), c.reconnects));
@@ -229,6 +240,9 @@ pub async fn render(state: &StatusState) -> String {
             i64::try_from(v.counters.in_flight).unwrap_or(i64::MAX),
         ));
         enabled.push((labels(&[("webhook", n)]), i64::from(v.enabled)));
+        let task = labels(&[("task", "webhook"), ("name", n)]);
+        task_failed.push((task.clone(), i64::from(v.dispatcher_error.is_some())));
+        task_restarts.push((task, v.counters.dispatcher_restarts));
     }
     counter_family(
         &mut r,
@@ -287,6 +301,19 @@ pub async fn render(state: &StatusState) -> String {
         hub.slow_disconnects,
     );
 
+    counter_family(
+        &mut r,
+        "task_restarts",
+        "Restarts of a supervised task (task=upstream supervisor or webhook dispatcher) after it panicked or ended unexpectedly",
+        task_restarts,
+    );
+    gauge_family(
+        &mut r,
+        "task_failed",
+        "1 while a supervised task is dead and waiting to be restarted",
+        task_failed,
+    );
+
     let mut out = String::new();
     if encode(&mut out, &r).is_err() {
         out.clear();
@@ -294,13 +321,94 @@ pub async fn render(state: &StatusState) -> String {
     out
 }
 
-/// The `/metrics` handler.
-pub async fn handler(State(state): State<Arc<StatusState>>) -> impl IntoResponse {
-    (
-        [(
-            CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        render(&state).await,
-    )
+/// The Prometheus text format (0.0.4) of an OpenMetrics exposition from [`render`]: a
+/// counter family's `# HELP`/`# TYPE` lines carry the sample name (`x_total`), and `# EOF`
+/// and `# UNIT` lines go. Served to every scraper that does not ask for OpenMetrics (curl,
+/// `promtool check metrics`), whose text parser otherwise finds counters without help text.
+pub fn to_prometheus_text(open_metrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = open_metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|rest| rest.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(open_metrics.len() + 64 * counters.len());
+    for line in open_metrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let header = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|p| line.strip_prefix(p).map(|rest| (p, rest)));
+        if let Some((prefix, rest)) = header {
+            let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+            if counters.contains(name) {
+                out.push_str(prefix);
+                out.push_str(name);
+                out.push_str("_total ");
+                out.push_str(tail);
+                out.push('\n');
+                continue;
+            }
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
+/// Whether the scraper's `Accept` header asks for OpenMetrics (Prometheus does, curl and
+/// promtool do not).
+fn wants_open_metrics(headers: &axum::http::HeaderMap) -> bool {
+    headers
+        .get_all(axum::http::header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/openmetrics-text"))
+}
+
+/// The `/metrics` handler: OpenMetrics when the scraper asks for it, the Prometheus text
+/// format otherwise.
+pub async fn handler(
+    State(state): State<Arc<StatusState>>,
+    headers: axum::http::HeaderMap,
+) -> impl IntoResponse {
+    let text = render(&state).await;
+    if wants_open_metrics(&headers) {
+        (
+            [(
+                CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            text,
+        )
+    } else {
+        (
+            [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+            to_prometheus_text(&text),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_get_their_sample_name_in_the_prometheus_text_format() {
+        let mut r = Registry::with_prefix("wsbridge");
+        counter(&mut r, "journal_appends", "Events journalled", 3);
+        gauge(&mut r, "journal_head_seq", "Newest journalled seq", 3);
+        let mut om = String::new();
+        encode(&mut om, &r).expect("encodes");
+        assert!(om.ends_with("# EOF\n"), "{om}");
+        assert_eq!(
+            to_prometheus_text(&om),
+            "# HELP wsbridge_journal_appends_total Events journalled.\n\
+             # TYPE wsbridge_journal_appends_total counter\n\
+             wsbridge_journal_appends_total 3\n\
+             # HELP wsbridge_journal_head_seq Newest journalled seq.\n\
+             # TYPE wsbridge_journal_head_seq gauge\n\
+             wsbridge_journal_head_seq 3\n"
+        );
+    }
 }

@@ -32,7 +32,7 @@ pub async fn reload_file(bridge: &Bridge, path: &Path) -> Result<ReloadReport, R
         Ok(c) => c,
         Err(e) => {
             for issue in &e.0 {
-                error!(config = %path.display(), key = %issue.key, reason = %issue.reason, "reload refused: invalid config");
+                error!(config = %path.display(), key = %issue.key, item = issue.item.as_deref().unwrap_or(""), reason = %issue.reason, "reload refused: invalid config");
             }
             warn!(config = %path.display(), problems = e.0.len(), "the running config is kept");
             return Err(e.into());

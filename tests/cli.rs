@@ -143,8 +143,8 @@ url = "ws://h/"
     let stderr = String::from_utf8_lossy(&out.stderr);
     for key in [
         "server.listen",
-        "upstreams[0].token",
-        "upstreams[1].adapter",
+        r#"upstreams[0] ("vb").token"#,
+        r#"upstreams[1] ("x").adapter"#,
     ] {
         assert!(stderr.contains(key), "{key} not reported:\n{stderr}");
     }

@@ -134,7 +134,10 @@ async fn a_valid_reload_applies_without_dropping_unaffected_connections_and_an_i
     write(&path, &format!("{grown}{}", route("broken", "nowhere")));
     match wsbridge::reload::reload_file(&bridge, &path).await {
         Err(wsbridge::reload::ReloadError::Invalid(e)) => {
-            assert!(e.to_string().contains("routes[2].to[0]"), "{e}");
+            assert!(
+                e.to_string().contains(r#"routes[2] ("broken").to[0]"#),
+                "{e}"
+            );
         }
         other => panic!("expected the reload to be refused, got {other:?}"),
     }

@@ -129,9 +129,6 @@ impl WebhookConfig {
         if self.max_in_flight == 0 {
             out.push(("max_in_flight", "must be at least 1".to_string()));
         }
-        if self.timeout.is_zero() {
-            out.push(("timeout", "must be greater than zero".to_string()));
-        }
         if self.max_per_second == Some(0) {
             out.push((
                 "max_per_second",
@@ -158,6 +155,33 @@ impl WebhookConfig {
         if !self.allow_private {
             if let Err(reason) = ssrf::check_literal(&self.url) {
                 out.push(("url", reason));
+            }
+        }
+        out
+    }
+
+    /// Durations out of their bounds as `(key, reason)`, keys relative to the entry
+    /// (`timeout`, `retry[2]`): an unbounded retry step overflowed the retry arithmetic.
+    pub fn duration_problems(&self) -> Vec<(String, String)> {
+        use crate::config::{bounds, out_of_bounds};
+        let mut out = Vec::new();
+        if let Some(reason) = out_of_bounds(self.timeout, bounds::TIMER_MIN, bounds::TIMEOUT_MAX) {
+            out.push(("timeout".to_string(), reason));
+        }
+        if self.retry.len() > bounds::RETRY_STEPS_MAX {
+            out.push((
+                "retry".to_string(),
+                format!(
+                    "has {} steps; at most {} are allowed",
+                    self.retry.len(),
+                    bounds::RETRY_STEPS_MAX
+                ),
+            ));
+        }
+        for (i, step) in self.retry.iter().enumerate() {
+            let min = std::time::Duration::from_millis(1);
+            if let Some(reason) = out_of_bounds(*step, min, bounds::RETRY_STEP_MAX) {
+                out.push((format!("retry[{i}]"), reason));
             }
         }
         out

@@ -39,6 +39,7 @@ use super::signing::{Signer, HEADER_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP};
 use super::ssrf;
 use crate::envelope::{Envelope, CLOUDEVENTS_JSON};
 use crate::storage::{AttemptRecord, DueDelivery, NextStep, Store};
+use crate::supervise::{deadline_after, unix_ms_after, TaskHealth};
 
 /// How often a dispatcher re-reads its endpoint's state from a shared store.
 const SHARED_STATE_EVERY: Duration = Duration::from_secs(1);
@@ -79,6 +80,8 @@ pub struct EndpointCounters {
     pub failed_attempts: u64,
     /// Deliveries dead-lettered since start.
     pub dead_lettered: u64,
+    /// Restarts of the endpoint's dispatcher task after it died.
+    pub dispatcher_restarts: u64,
 }
 
 /// Everything a dispatcher and its attempts share.
@@ -94,6 +97,8 @@ struct Endpoint {
     /// `Some(reason)` while disabled by a 410.
     disabled: Mutex<Option<String>>,
     stats: EndpointStats,
+    /// The dispatcher task's health (failed, restarts).
+    health: Arc<TaskHealth>,
 }
 
 impl Endpoint {
@@ -155,6 +160,11 @@ pub struct EndpointView {
     /// Why it is disabled.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub disabled_reason: Option<String>,
+    /// `running`, or `failed` while its dead dispatcher task waits to be restarted.
+    pub dispatcher: &'static str,
+    /// Why the dispatcher task died, while it is `failed`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dispatcher_error: Option<String>,
     /// Live counters.
     #[serde(flatten)]
     pub counters: EndpointCounters,
@@ -233,12 +243,42 @@ impl DeliveryService {
                 if predecessor.is_none() {
                     changes.push(format!("webhook {name}: added"));
                 }
-                let run = dispatch(
-                    endpoint.clone(),
-                    self.store.clone(),
+                let run = {
+                    let (endpoint, store, stop, attempts, in_flight) = (
+                        endpoint.clone(),
+                        self.store.clone(),
+                        stop.clone(),
+                        self.attempts.clone(),
+                        in_flight.clone(),
+                    );
+                    move || {
+                        let (endpoint, store, stop, attempts, in_flight) = (
+                            endpoint.clone(),
+                            store.clone(),
+                            stop.clone(),
+                            attempts.clone(),
+                            in_flight.clone(),
+                        );
+                        async move {
+                            // A restarted dispatcher first lets its predecessor's attempts
+                            // finish: it would send the rows they hold again otherwise.
+                            in_flight.close();
+                            tokio::select! {
+                                _ = in_flight.wait() => {}
+                                _ = stop.cancelled() => return,
+                            }
+                            in_flight.reopen();
+                            dispatch(endpoint, store, stop, attempts, in_flight).await;
+                        }
+                    }
+                };
+                let run = crate::supervise::supervise(
+                    "webhook",
+                    name.clone(),
+                    endpoint.health.clone(),
                     stop.clone(),
-                    self.attempts.clone(),
-                    in_flight.clone(),
+                    |_| {},
+                    run,
                 );
                 let wait_stop = stop.clone();
                 let task = tokio::spawn(async move {
@@ -329,16 +369,24 @@ impl DeliveryService {
                 let mut url = e.config.url.clone();
                 let _ = url.set_username("");
                 let _ = url.set_password(None);
+                let failure = e.health.failure();
                 EndpointView {
                     name: e.name.to_string(),
                     url: url.to_string(),
                     enabled: reason.is_none(),
                     disabled_reason: reason,
+                    dispatcher: if failure.is_some() {
+                        "failed"
+                    } else {
+                        "running"
+                    },
+                    dispatcher_error: failure,
                     counters: EndpointCounters {
                         in_flight: e.stats.in_flight.load(Ordering::Relaxed),
                         delivered: e.stats.delivered.load(Ordering::Relaxed),
                         failed_attempts: e.stats.failed_attempts.load(Ordering::Relaxed),
                         dead_lettered: e.stats.dead_lettered.load(Ordering::Relaxed),
+                        dispatcher_restarts: e.health.restarts(),
                     },
                 }
             })
@@ -398,7 +446,10 @@ async fn build_endpoint(
     }
     // An attempt may run for `timeout`; a shared store must not hand the delivery to another
     // instance meanwhile.
-    let ack_wait = config.timeout * 2 + Duration::from_secs(10);
+    let ack_wait = config
+        .timeout
+        .saturating_mul(2)
+        .saturating_add(Duration::from_secs(10));
     if let Err(e) = store
         .prepare_endpoint(&config.name, config.ordered, ack_wait)
         .await
@@ -419,6 +470,7 @@ async fn build_endpoint(
         wake: Notify::new(),
         disabled: Mutex::new(disabled),
         stats: EndpointStats::default(),
+        health: Arc::new(TaskHealth::default()),
     }))
 }
 
@@ -562,9 +614,12 @@ async fn dispatch(
                     // and all of those wake us otherwise).
                     match store.next_due(&name, now_ms).await {
                         Ok(Some(at_ms)) => {
-                            let wait =
-                                Duration::from_millis(u64::try_from(at_ms - now_ms).unwrap_or(0));
-                            let at = now + wait;
+                            let wait = Duration::from_millis(
+                                u64::try_from(at_ms.saturating_sub(now_ms)).unwrap_or(0),
+                            );
+                            let at = now
+                                .checked_add(wait.min(crate::supervise::MAX_WAIT))
+                                .unwrap_or(now);
                             wake_at = Some(wake_at.map_or(at, |w| w.min(at)));
                         }
                         Ok(None) => {}
@@ -617,6 +672,31 @@ async fn dispatch(
     debug!(webhook = %name, in_flight = in_flight.len(), "dispatcher stopped");
 }
 
+/// Frees an attempt's in-flight slot however the attempt ends: a panicking attempt that never
+/// told its dispatcher held the slot for good. The delivery stays pending (its outcome was
+/// not recorded) and the endpoint pauses a second, so a delivery that always panics is not
+/// retried in a hot loop.
+struct SlotGuard {
+    webhook: Arc<str>,
+    seq: u64,
+    done: Option<mpsc::Sender<Finished>>,
+}
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        if let Some(done) = self.done.take() {
+            if std::thread::panicking() {
+                error!(webhook = %self.webhook, seq = self.seq, "delivery attempt panicked; the delivery stays pending");
+            }
+            let _ = done.try_send(Finished {
+                seq: self.seq,
+                pause_until: Some(deadline_after(Duration::from_secs(1))),
+                gone: false,
+            });
+        }
+    }
+}
+
 /// Sends one delivery, records the outcome, tells the dispatcher.
 async fn attempt(
     endpoint: Arc<Endpoint>,
@@ -624,6 +704,11 @@ async fn attempt(
     due: DueDelivery,
     done: mpsc::Sender<Finished>,
 ) {
+    let mut guard = SlotGuard {
+        webhook: endpoint.name.clone(),
+        seq: due.seq,
+        done: Some(done),
+    };
     let name = &endpoint.name;
     let started_ms = Utc::now().timestamp_millis();
     let t0 = Instant::now();
@@ -662,19 +747,20 @@ async fn attempt(
                 .map(|d| d.min(MAX_RETRY_AFTER));
             let next = match (honoured, scheduled) {
                 (Some(after), _) if attempts_after as usize <= schedule.len() => {
-                    NextStep::RetryAt(started_ms + duration_ms as i64 + after.as_millis() as i64)
+                    NextStep::RetryAt(unix_ms_after(started_ms, elapsed.saturating_add(after)))
                 }
                 (_, Some(delay)) => {
-                    NextStep::RetryAt(Utc::now().timestamp_millis() + delay.as_millis() as i64)
+                    NextStep::RetryAt(unix_ms_after(Utc::now().timestamp_millis(), delay))
                 }
                 _ => NextStep::Dead,
             };
             if slow_down {
                 if let NextStep::RetryAt(at) = next {
                     let wait = Duration::from_millis(
-                        u64::try_from(at - Utc::now().timestamp_millis()).unwrap_or(0),
+                        u64::try_from(at.saturating_sub(Utc::now().timestamp_millis()))
+                            .unwrap_or(0),
                     );
-                    finished.pause_until = Some(Instant::now() + wait);
+                    finished.pause_until = Some(deadline_after(wait));
                 }
             }
             (Some(status), Some(format!("HTTP {status}")), next)
@@ -682,7 +768,7 @@ async fn attempt(
         Err(reason) => {
             let next = match scheduled {
                 Some(delay) => {
-                    NextStep::RetryAt(Utc::now().timestamp_millis() + delay.as_millis() as i64)
+                    NextStep::RetryAt(unix_ms_after(Utc::now().timestamp_millis(), delay))
                 }
                 None => NextStep::Dead,
             };
@@ -715,7 +801,7 @@ async fn attempt(
                 .failed_attempts
                 .fetch_add(1, Ordering::Relaxed);
             info!(webhook = %name, seq = due.seq, id = %due.id, attempt = attempts_after,
-                error = error.as_deref().unwrap_or(""), retry_in_ms = at - Utc::now().timestamp_millis(), "delivery failed; will retry");
+                error = error.as_deref().unwrap_or(""), retry_in_ms = at.saturating_sub(Utc::now().timestamp_millis()), "delivery failed; will retry");
         }
     }
     let record = AttemptRecord {
@@ -728,7 +814,9 @@ async fn attempt(
         // The delivery stays pending and is attempted again: at-least-once holds.
         error!(webhook = %name, seq = due.seq, error = %e, "cannot record the attempt");
     }
-    let _ = done.send(finished).await;
+    if let Some(done) = guard.done.take() {
+        let _ = done.send(finished).await;
+    }
 }
 
 struct Response {
@@ -802,11 +890,13 @@ async fn send(endpoint: &Endpoint, due: &DueDelivery) -> Result<Response, String
 fn parse_retry_after(v: &str) -> Option<Duration> {
     let v = v.trim();
     if let Ok(secs) = v.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
+        return Some(Duration::from_secs(secs).min(MAX_RETRY_AFTER));
     }
     let at = chrono::DateTime::parse_from_rfc2822(v).ok()?;
-    let ms = at.timestamp_millis() - Utc::now().timestamp_millis();
-    Some(Duration::from_millis(u64::try_from(ms).unwrap_or(0)))
+    let ms = at
+        .timestamp_millis()
+        .saturating_sub(Utc::now().timestamp_millis());
+    Some(Duration::from_millis(u64::try_from(ms).unwrap_or(0)).min(MAX_RETRY_AFTER))
 }
 
 /// A `ce-*` header value encoded as the CloudEvents HTTP binding (§3.1.3.2) requires:
@@ -837,8 +927,9 @@ fn describe(e: reqwest::Error) -> String {
 }
 
 /// A retry delay with ±20 % jitter, so that many failed deliveries do not retry in lockstep.
+/// Never panics: a delay too long to scale (validation prevents it) is used as it is.
 fn jitter(d: Duration) -> Duration {
-    d.mul_f64(rand::random_range(0.8..=1.2))
+    Duration::try_from_secs_f64(d.as_secs_f64() * rand::random_range(0.8..=1.2)).unwrap_or(d)
 }
 
 #[cfg(test)]
@@ -873,6 +964,21 @@ mod tests {
         assert!(
             wait > Duration::ZERO && wait <= Duration::from_millis(500),
             "{wait:?}"
+        );
+    }
+
+    #[test]
+    fn huge_delays_neither_panic_nor_wrap() {
+        for _ in 0..100 {
+            assert!(jitter(Duration::MAX) > Duration::from_secs(u64::MAX / 2));
+        }
+        assert_eq!(
+            parse_retry_after("18446744073709551615"),
+            Some(MAX_RETRY_AFTER)
+        );
+        assert_eq!(
+            parse_retry_after("Fri, 31 Dec 9999 23:59:59 GMT"),
+            Some(MAX_RETRY_AFTER)
         );
     }
 

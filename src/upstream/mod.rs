@@ -11,7 +11,9 @@
 //! State machine (visible through [`UpstreamHandle::status`]):
 //! `connecting → connected → subscribed`, and from anywhere `→ backoff → connecting`, or
 //! `→ auth_failed → connecting` (the longest backoff step) when the provider refuses the
-//! credentials, and `→ stopped` at shutdown. Upstreams are independent: one upstream's
+//! credentials, and `→ stopped` at shutdown. A supervisor task that panics or ends on its own
+//! is shown `failed` (with the reason in `last_error`) and restarted after a backoff
+//! ([`crate::supervise`]). Upstreams are independent: one upstream's
 //! failure, slowness or bad frames never touch another's task.
 //!
 //! Invariants: a malformed frame is counted, logged with the upstream's name and skipped, and
@@ -57,6 +59,9 @@ pub enum UpstreamState {
     /// Another bridge instance holds this upstream's lease (`ownership = "lease"`); this one
     /// waits to take over.
     Standby,
+    /// The supervisor task died (a panic, or it ended on its own); it is restarted after a
+    /// backoff, and `last_error` says why.
+    Failed,
 }
 
 impl UpstreamState {
@@ -70,6 +75,7 @@ impl UpstreamState {
             UpstreamState::AuthFailed => "auth_failed",
             UpstreamState::Stopped => "stopped",
             UpstreamState::Standby => "standby",
+            UpstreamState::Failed => "failed",
         }
     }
 }
@@ -100,6 +106,8 @@ pub struct UpstreamCounters {
     pub decode_errors: AtomicU64,
     /// Connection attempts after the first.
     pub reconnects: AtomicU64,
+    /// The supervisor task's health (failed, restarts).
+    pub task: Arc<crate::supervise::TaskHealth>,
     /// Unix milliseconds of the last event, 0 before the first.
     pub last_event_unix_ms: AtomicI64,
     /// Events per type (a lookup without allocation once a type has been seen).
@@ -117,6 +125,8 @@ pub struct CounterSnapshot {
     pub decode_errors: u64,
     /// See [`UpstreamCounters::reconnects`].
     pub reconnects: u64,
+    /// Restarts of the supervisor task after it died.
+    pub task_restarts: u64,
 }
 
 /// How many distinct event types one upstream counts separately.
@@ -159,6 +169,7 @@ impl UpstreamCounters {
             events: self.events.load(Ordering::Relaxed),
             decode_errors: self.decode_errors.load(Ordering::Relaxed),
             reconnects: self.reconnects.load(Ordering::Relaxed),
+            task_restarts: self.task.restarts(),
         }
     }
 }
@@ -319,7 +330,23 @@ pub fn spawn_gated(
         status: Arc::new(status_tx),
     };
     let handle_parts = (shared.name.clone(), shared.counters.clone());
-    let task = tokio::spawn(supervise(shared, ingest, shutdown.clone(), gate));
+    let failed = shared.clone();
+    let task = tokio::spawn({
+        let stop = shutdown.clone();
+        crate::supervise::supervise(
+            "upstream",
+            shared.name.clone(),
+            shared.counters.task.clone(),
+            shutdown.clone(),
+            move |reason: &str| {
+                failed.set_state(UpstreamState::Failed);
+                failed
+                    .status
+                    .send_modify(|s| s.last_error = Some(reason.to_string()));
+            },
+            move || supervise(shared.clone(), ingest.clone(), stop.clone(), gate.clone()),
+        )
+    });
     UpstreamHandle {
         name: handle_parts.0,
         config: config.clone(),

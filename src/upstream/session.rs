@@ -23,6 +23,7 @@ use wsbridge_adapters::{Control, Greeting, Heartbeat, Inbound};
 
 use super::{Shared, UpstreamState};
 use crate::envelope::Envelope;
+use crate::supervise::{deadline_after, MAX_WAIT};
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -155,13 +156,16 @@ async fn connect_and_serve(
             *subscribed_at = Some(Instant::now());
             Phase::Subscribed
         }
-        Greeting::AwaitConnected => Phase::AwaitGreeting(Instant::now() + timing.connect_timeout),
+        Greeting::AwaitConnected => Phase::AwaitGreeting(deadline_after(timing.connect_timeout)),
     };
 
-    let mut ping =
-        tokio::time::interval_at(Instant::now() + timing.ping_interval, timing.ping_interval);
+    // Validation bounds ping_interval; the cap keeps an unvalidated one from overflowing.
+    let period = timing.ping_interval.min(MAX_WAIT);
+    let mut ping = tokio::time::interval_at(deadline_after(period), period);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let check_every = (timing.stale_after / 4).max(Duration::from_millis(5));
+    let check_every = (timing.stale_after / 4)
+        .max(Duration::from_millis(5))
+        .min(MAX_WAIT);
     let mut check = tokio::time::interval(check_every);
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_seen = Instant::now();

@@ -4,3 +4,7 @@
 
 #[path = "../common/mod.rs"]
 mod common;
+
+mod config_errors;
+mod duration_bounds;
+mod metrics_lint;

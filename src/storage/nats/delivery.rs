@@ -633,9 +633,11 @@ impl Queues {
             NextStep::RetryAt(at_ms) | NextStep::HoldUntil(at_ms) => {
                 let gone = attempt.status == Some(410);
                 q.note(seq, attempt);
+                // Capped, so that adding it to an `Instant` below cannot overflow.
                 let mut delay = Duration::from_millis(
-                    u64::try_from(at_ms - Utc::now().timestamp_millis()).unwrap_or(0),
-                );
+                    u64::try_from(at_ms.saturating_sub(Utc::now().timestamp_millis())).unwrap_or(0),
+                )
+                .min(crate::supervise::MAX_WAIT);
                 if gone {
                     // The endpoint is being disabled: do not spin on it meanwhile.
                     delay = delay.max(POLL * 5);
