@@ -48,6 +48,10 @@ use crate::config::StorageConfig;
 
 /// Header carrying the webhook endpoints an event was routed to at ingest.
 pub const HEADER_TARGETS: &str = "Wsbridge-Targets";
+/// Room a journal message needs beyond its envelope: NATS counts headers (`Nats-Msg-Id`, the
+/// event id; [`HEADER_TARGETS`], the routed endpoints) in `max_payload`. The server's
+/// `max_payload` must cover `limits.max_event_bytes` plus this.
+pub const HEADER_RESERVE: usize = 8 * 1024;
 /// Longest wait for a journal reader to be created, and how many tries.
 const READER_CREATE_TIMEOUT: Duration = Duration::from_secs(2);
 const READER_CREATE_TRIES: u32 = 4;
@@ -233,6 +237,29 @@ impl NatsStore {
             journal_ok: AtomicBool::new(true),
             queues,
         }))
+    }
+
+    /// Checks that the server takes every event the bridge accepts: its `max_payload` must
+    /// cover `limits.max_event_bytes` plus [`HEADER_RESERVE`]. Otherwise an event could pass
+    /// ingest and then be refused by the journal, so the bridge refuses to start, saying
+    /// which two settings disagree.
+    pub fn check_max_payload(&self, max_event_bytes: usize) -> Result<(), StoreError> {
+        let max_payload = self.client.max_payload();
+        let needed = max_event_bytes.saturating_add(HEADER_RESERVE);
+        if max_payload < needed {
+            error!(max_payload, max_event_bytes, needed, "NATS max_payload below limits.max_event_bytes plus headers");
+            return Err(StoreError::Nats {
+                op: "accept events of limits.max_event_bytes",
+                source: format!(
+                    "the server's max_payload is {max_payload} bytes, below limits.max_event_bytes \
+                     ({max_event_bytes}) plus {HEADER_RESERVE} bytes for message headers: raise \
+                     max_payload in the NATS server's config to at least {needed}, or lower \
+                     limits.max_event_bytes"
+                )
+                .into(),
+            });
+        }
+        Ok(())
     }
 
     /// Whether the client is connected to a NATS server now.
