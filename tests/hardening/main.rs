@@ -4,3 +4,5 @@
 
 #[path = "../common/mod.rs"]
 mod common;
+mod event_size;
+mod nesting_depth;
