@@ -1028,6 +1028,33 @@ mod tests {
     }
 
     #[test]
+    fn limits_have_safe_defaults_and_bad_values_name_their_key() {
+        let c = Config::from_toml(GOOD, env, false).unwrap();
+        assert_eq!(c.limits, LimitsConfig::default());
+        assert_eq!(c.limits.max_event_bytes, 1024 * 1024 - 8 * 1024);
+        assert_eq!(c.limits.max_depth, 64);
+        assert!(c.limits.max_upstream_frame_bytes() > c.limits.max_event_bytes);
+        assert!(c.limits.max_downstream_frame_bytes() > c.limits.max_event_bytes);
+
+        let set = format!("{GOOD}\n[limits]\nmax_event_bytes = 300000\nmax_depth = 20\n");
+        let c = Config::from_toml(&set, env, false).unwrap();
+        assert_eq!((c.limits.max_event_bytes, c.limits.max_depth), (300_000, 20));
+
+        for (text, key) in [
+            ("max_event_bytes = 10", "limits.max_event_bytes"),
+            ("max_event_bytes = 1000000000000", "limits.max_event_bytes"),
+            ("max_depth = 0", "limits.max_depth"),
+            ("max_depth = 127", "limits.max_depth"),
+            ("max_depth = -1", "limits.max_depth"),
+            ("max_depht = 3", "limits.max_depht"),
+        ] {
+            let bad = format!("{GOOD}\n[limits]\n{text}\n");
+            let err = Config::from_toml(&bad, env, false).unwrap_err();
+            assert!(err.0.iter().any(|i| i.key == key), "{text}: {err}");
+        }
+    }
+
+    #[test]
     fn secrets_do_not_print() {
         let c = Config::from_toml(GOOD, env, false).unwrap();
         assert!(!format!("{c:?}").contains("t0k"));

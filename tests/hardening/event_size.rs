@@ -207,3 +207,40 @@ async fn an_event_over_max_event_bytes_is_refused_counted_and_the_next_events_fl
     assert_eq!(more[0].0, seqs[2] + 1);
     bridge.shutdown().await;
 }
+
+/// The NATS journal must take every event ingest accepts: a server whose `max_payload` is
+/// below `limits.max_event_bytes` (plus room for headers) is refused at start, naming both
+/// settings, instead of refusing events one by one later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_server_whose_max_payload_is_below_max_event_bytes_is_refused_at_start() {
+    use crate::common::nats::{cleanup, nats_config, unique_prefix, NatsServer};
+    let server = NatsServer::start_with_config("limits-payload", Some("max_payload: 65536\n"));
+    server.wait_ready(LONG).await;
+    let vb = start_sim(Provider::Voipbin).await;
+    let blocks = [upstream_block("vb", &vb, FAST)];
+    let urls = [server.url()];
+
+    let prefix = unique_prefix("limits_payload");
+    let cfg = nats_config(&blocks, &urls, &prefix, "");
+    let err = match Bridge::start(&cfg).await {
+        Ok(bridge) => {
+            bridge.shutdown().await;
+            panic!("a 64 KiB max_payload cannot carry the default max_event_bytes");
+        }
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("max_payload is 65536") && err.contains("limits.max_event_bytes"),
+        "{err}"
+    );
+    cleanup(&server.url(), &prefix).await;
+
+    // Lowered to fit, the same server is fine.
+    let prefix = unique_prefix("limits_payload_ok");
+    let mut blocks = blocks.to_vec();
+    blocks.push("[limits]\nmax_event_bytes = 32768\n".to_string());
+    let cfg = nats_config(&blocks, &urls, &prefix, "");
+    let bridge = Bridge::start(&cfg).await.expect("starts when the limit fits");
+    bridge.shutdown().await;
+    cleanup(&server.url(), &prefix).await;
+}
