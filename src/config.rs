@@ -167,7 +167,8 @@ impl LimitsConfig {
     /// Largest `/v1/ws` event frame: the envelope plus the frame's own members (`op`, the
     /// subscription id, `seq`).
     pub fn max_downstream_frame_bytes(&self) -> usize {
-        self.max_event_bytes.saturating_add(DOWNSTREAM_FRAME_OVERHEAD)
+        self.max_event_bytes
+            .saturating_add(DOWNSTREAM_FRAME_OVERHEAD)
     }
 }
 
@@ -1038,7 +1039,10 @@ mod tests {
 
         let set = format!("{GOOD}\n[limits]\nmax_event_bytes = 300000\nmax_depth = 20\n");
         let c = Config::from_toml(&set, env, false).unwrap();
-        assert_eq!((c.limits.max_event_bytes, c.limits.max_depth), (300_000, 20));
+        assert_eq!(
+            (c.limits.max_event_bytes, c.limits.max_depth),
+            (300_000, 20)
+        );
 
         for (text, key) in [
             ("max_event_bytes = 10", "limits.max_event_bytes"),

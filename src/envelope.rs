@@ -230,7 +230,11 @@ mod tests {
         env.seq = Some(u64::MAX);
         let longest = env.to_bytes().unwrap().len();
         env.seq = None;
-        assert_eq!(env.serialized_len().unwrap(), longest, "reserves the longest seq");
+        assert_eq!(
+            env.serialized_len().unwrap(),
+            longest,
+            "reserves the longest seq"
+        );
     }
 
     #[test]
@@ -252,15 +256,14 @@ mod tests {
         let bytes = env.to_bytes().unwrap();
         assert_eq!(read_stored(&bytes).unwrap(), env);
         // 130 levels of payload: more than serde_json parses into a tree.
-        let deep = format!(
-            "{}{}",
-            "[".repeat(130),
-            "]".repeat(130)
-        );
+        let deep = format!("{}{}", "[".repeat(130), "]".repeat(130));
         let text = String::from_utf8(bytes.to_vec())
             .unwrap()
             .replace(r#"{"a":[1,{"b":"x"}]}"#, &deep);
-        assert!(serde_json::from_str::<Envelope>(&text).is_err(), "too deep for a tree");
+        assert!(
+            serde_json::from_str::<Envelope>(&text).is_err(),
+            "too deep for a tree"
+        );
         let stored = StoredEnvelope::parse(text.as_bytes()).unwrap();
         assert_eq!(stored.data.get(), deep);
         assert_eq!(stored.seq, Some(3));

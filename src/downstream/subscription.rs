@@ -19,9 +19,9 @@
 
 use std::sync::Arc;
 
+use std::sync::atomic::Ordering;
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
-use std::sync::atomic::Ordering;
 
 use tracing::error;
 
@@ -190,7 +190,10 @@ async fn feed(
                             "journalled event unreadable; the consumer is told (unreadable_event)");
                         let item = FeedItem::Unreadable {
                             seq: stored.seq,
-                            reason: format!("journalled event at seq {} is unreadable: {e}", stored.seq),
+                            reason: format!(
+                                "journalled event at seq {} is unreadable: {e}",
+                                stored.seq
+                            ),
                         };
                         if tx.send(item).await.is_err() {
                             return;

@@ -97,7 +97,11 @@ async fn connect(shared: &Shared) -> Result<Ws, SessionEnd> {
         .adapter
         .connect_request()
         .map_err(|e| SessionEnd::ConnectFailed(e.to_string()))?;
-    let attempt = tokio_tungstenite::connect_async_with_config(request, Some(ws_config(&shared.limits)), true);
+    let attempt = tokio_tungstenite::connect_async_with_config(
+        request,
+        Some(ws_config(&shared.limits)),
+        true,
+    );
     match timeout(shared.timing.connect_timeout, attempt).await {
         Err(_) => Err(SessionEnd::ConnectFailed(format!(
             "no upgrade within {} ms",

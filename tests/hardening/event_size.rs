@@ -121,7 +121,11 @@ async fn a_300_kib_event_reaches_live_and_resuming_ws_consumers_sse_and_webhooks
     let got = read_events(&mut live, 3).await;
     let ns: Vec<u64> = got.iter().map(|e| e.1).collect();
     assert_eq!(ns, vec![0, 1, 2], "live consumer: {got:?}");
-    assert!(got[1].2 > PAD, "the big event arrived whole: {} bytes", got[1].2);
+    assert!(
+        got[1].2 > PAD,
+        "the big event arrived whole: {} bytes",
+        got[1].2
+    );
     let first = got[0].0;
 
     // Resuming from before it: the same three, again and again (a consumer that reconnects).
@@ -181,7 +185,11 @@ async fn an_event_over_max_event_bytes_is_refused_counted_and_the_next_events_fl
 
     let got = read_events(&mut live, 3).await;
     let ns: Vec<u64> = got.iter().map(|e| e.1).collect();
-    assert_eq!(ns, vec![0, 2, 3], "the big one refused, the rest flow: {got:?}");
+    assert_eq!(
+        ns,
+        vec![0, 2, 3],
+        "the big one refused, the rest flow: {got:?}"
+    );
     let seqs: Vec<u64> = got.iter().map(|e| e.0).collect();
     assert_eq!(
         seqs,
@@ -240,7 +248,56 @@ async fn a_nats_server_whose_max_payload_is_below_max_event_bytes_is_refused_at_
     let mut blocks = blocks.to_vec();
     blocks.push("[limits]\nmax_event_bytes = 32768\n".to_string());
     let cfg = nats_config(&blocks, &urls, &prefix, "");
-    let bridge = Bridge::start(&cfg).await.expect("starts when the limit fits");
+    let bridge = Bridge::start(&cfg)
+        .await
+        .expect("starts when the limit fits");
     bridge.shutdown().await;
     cleanup(&server.url(), &prefix).await;
+}
+
+/// A message too large to read at all (over twice `limits.max_event_bytes` plus 64 KiB) is
+/// never buffered: the connection is dropped, counted per upstream, and reopened, and the
+/// events sent after the reconnect flow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_over_the_upstream_read_limit_is_counted_and_the_connection_reopens() {
+    let vb = start_sim(Provider::Voipbin).await;
+    let cfg = config(&[
+        upstream_block("vb", &vb, FAST),
+        format!("[[consumers]]\nname = \"all\"\ntoken = \"{TOKEN}\"\n"),
+        "[limits]\nmax_event_bytes = 16384\n".to_string(),
+    ]);
+    let (bridge, _) = start_bridge(&cfg).await;
+    wait_sim_ready(&vb, 1).await;
+    let mut live = subscribe(&bridge, "live", json!("latest")).await;
+
+    let first = vb.snapshot().connections[0].id;
+    vb.emit(padded_call(0, 10)).await;
+    // 16 KiB x 2 + 64 KiB = 96 KiB is the most read; this frame is 200 KiB.
+    vb.emit(padded_call(1, 200 * 1024)).await;
+    // The bridge drops that connection and opens a new one, which subscribes again.
+    vb.wait_until(DEADLINE, |s| {
+        s.connections
+            .iter()
+            .any(|c| c.id != first && !c.subscriptions.is_empty())
+    })
+    .await
+    .unwrap_or_else(|s| panic!("no new subscribed connection: {s:?}"));
+    let up = bridge.upstream("vb").expect("upstream").counters();
+    assert_eq!(up.frames_too_large, 1, "{up:?}");
+    assert!(up.reconnects >= 1, "{up:?}");
+    vb.emit(padded_call(2, 10)).await;
+
+    let got = read_events(&mut live, 2).await;
+    let ns: Vec<u64> = got.iter().map(|e| e.1).collect();
+    assert_eq!(ns, vec![0, 2]);
+    let text = metrics(&bridge).await;
+    assert!(
+        text.contains("# HELP wsbridge_upstream_frames_too_large"),
+        "metric has HELP text"
+    );
+    assert!(
+        text.contains("wsbridge_upstream_frames_too_large_total{upstream=\"vb\"} 1"),
+        "{text}"
+    );
+    bridge.shutdown().await;
 }

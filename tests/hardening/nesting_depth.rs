@@ -94,7 +94,10 @@ async fn raw_frames(ws: &mut Ws, n: usize) -> Vec<(FrameHead, String)> {
                 out.push((head, t.as_str().to_string()));
             }
             Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
-            other => panic!("expected a text frame, got {other:?} after {} frames", out.len()),
+            other => panic!(
+                "expected a text frame, got {other:?} after {} frames",
+                out.len()
+            ),
         }
     }
     out
@@ -121,7 +124,11 @@ async fn sse_raw(bridge: &Bridge, query: &str, n: usize) -> Vec<(Option<u64>, St
         } else if let Some(v) = line.strip_prefix("event:") {
             name = v.trim().to_string();
         } else if let Some(v) = line.strip_prefix("data:") {
-            out.push((id.take(), std::mem::replace(&mut name, "message".into()), v.trim().to_string()));
+            out.push((
+                id.take(),
+                std::mem::replace(&mut name, "message".into()),
+                v.trim().to_string(),
+            ));
         }
     }
     out
@@ -147,7 +154,11 @@ async fn a_126_deep_frame_is_a_counted_decode_error_and_the_next_events_arrive()
     let ns: Vec<u64> = got.iter().map(|(_, t)| data_n(t)).collect();
     assert_eq!(ns, vec![0, 2, 3], "the deep frame is not an event");
     let seqs: Vec<u64> = got.iter().map(|(h, _)| h.seq.expect("seq")).collect();
-    assert_eq!(seqs, vec![seqs[0], seqs[0] + 1, seqs[0] + 2], "nothing journalled for it");
+    assert_eq!(
+        seqs,
+        vec![seqs[0], seqs[0] + 1, seqs[0] + 2],
+        "nothing journalled for it"
+    );
     let up = bridge.upstream("up").expect("upstream").counters();
     assert_eq!(up.decode_errors, 1, "counted as a decode error: {up:?}");
     assert_eq!(up.reconnects, 0, "the connection stayed up: {up:?}");
@@ -239,7 +250,10 @@ async fn an_event_journalled_deeper_than_serde_json_reads_is_sent_on_resume_not_
         ],
         "no gap at the deep event"
     );
-    assert!(got[1].1.contains(&nested(127)), "the deep payload is sent whole");
+    assert!(
+        got[1].1.contains(&nested(127)),
+        "the deep payload is sent whole"
+    );
 
     let sse = sse_raw(&bridge, "from=earliest", 3).await;
     let ids: Vec<Option<u64>> = sse.iter().map(|(id, _, _)| *id).collect();
@@ -284,7 +298,11 @@ async fn journal_bytes_that_are_not_an_envelope_are_reported_to_the_consumer_and
     assert_eq!(got[1].0.op, "error", "{}", got[1].1);
     assert_eq!(got[1].0.code.as_deref(), Some("unreadable_event"));
     assert_eq!(got[1].0.seq, Some(damaged));
-    assert_eq!((got[2].0.op.as_str(), got[2].0.seq), ("event", Some(seqs[2])), "the feed goes on");
+    assert_eq!(
+        (got[2].0.op.as_str(), got[2].0.seq),
+        ("event", Some(seqs[2])),
+        "the feed goes on"
+    );
 
     let sse = sse_raw(&bridge, "from=earliest", 3).await;
     assert_eq!(sse[1].0, Some(damaged));
@@ -302,6 +320,9 @@ async fn journal_bytes_that_are_not_an_envelope_are_reported_to_the_consumer_and
         .await
         .expect("metrics");
     assert!(text.contains("# HELP wsbridge_journal_unreadable_events"));
-    assert!(text.contains("wsbridge_journal_unreadable_events_total 2"), "{text}");
+    assert!(
+        text.contains("wsbridge_journal_unreadable_events_total 2"),
+        "{text}"
+    );
     bridge.shutdown().await;
 }

@@ -21,9 +21,11 @@
 //! Outages: a failed publish is retried with the same `Nats-Msg-Id` (so a publish that did
 //! land is not stored twice) until NATS answers; meanwhile ingest waits, its bounded queue
 //! fills and the upstream readers stop reading (backpressure). Nothing an upstream sent after
-//! the bridge read it is dropped, except an event whose envelope exceeds the server's
-//! `max_payload`: no retry could store it, so it is dropped with an error log and counted
-//! (`journal_rejected`) instead of wedging ingest.
+//! the bridge read it is dropped. The bridge only starts when the server's `max_payload`
+//! covers `limits.max_event_bytes` plus [`HEADER_RESERVE`] ([`NatsStore::check_max_payload`]),
+//! and ingest refuses larger envelopes, so every event that reaches the journal fits; should
+//! one still exceed `max_payload` (headers beyond the reserve), no retry could store it, so it
+//! is dropped with an error log and counted (`journal_rejected`) instead of wedging ingest.
 
 pub mod delivery;
 pub mod lease;
@@ -247,7 +249,12 @@ impl NatsStore {
         let max_payload = self.client.max_payload();
         let needed = max_event_bytes.saturating_add(HEADER_RESERVE);
         if max_payload < needed {
-            error!(max_payload, max_event_bytes, needed, "NATS max_payload below limits.max_event_bytes plus headers");
+            error!(
+                max_payload,
+                max_event_bytes,
+                needed,
+                "NATS max_payload below limits.max_event_bytes plus headers"
+            );
             return Err(StoreError::Nats {
                 op: "accept events of limits.max_event_bytes",
                 source: format!(
