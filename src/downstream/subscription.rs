@@ -17,12 +17,11 @@
 //! from its cursor and catches up again (a bounded number of rounds). Memory per consumer is
 //! the queue of shared pointers, never a copy of the backlog.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use std::sync::atomic::Ordering;
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
-
 use tracing::error;
 
 use super::Hub;
