@@ -776,8 +776,9 @@ async fn send(endpoint: &Endpoint, due: &DueDelivery) -> Result<Response, String
             if let Some(seq) = envelope.seq {
                 request = request.header("ce-seq", seq.to_string());
             }
-            // serde_json wrote `data` compactly when it journalled the envelope, so this is
-            // byte for byte what serialising the payload again would give.
+            // `data` exactly as journalled: serde_json wrote it compactly from the payload, so
+            // this is the payload's own serialisation (parsing it into a tree and writing it
+            // again could even change a float's last digit).
             Bytes::copy_from_slice(envelope.data.get().as_bytes())
         }
     };
