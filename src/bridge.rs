@@ -69,6 +69,7 @@ pub enum BridgeError {
 /// connects only while this instance holds the upstream's lease.
 fn spawn_upstream(
     u: &crate::config::UpstreamConfig,
+    limits: upstream::FrameLimits,
     adapter: Arc<dyn wsbridge_adapters::Adapter>,
     queue: mpsc::Sender<crate::envelope::Envelope>,
     stop: CancellationToken,
@@ -78,7 +79,7 @@ fn spawn_upstream(
         (Some(leases), Ownership::Lease) => Some(leases.keep(&u.name, stop.clone())),
         _ => None,
     };
-    upstream::spawn_gated(u, adapter, queue, stop, gate)
+    upstream::spawn_gated(u, limits, adapter, queue, stop, gate)
 }
 
 /// The upstream supervisors, replaceable one by one by a reload.
@@ -109,6 +110,8 @@ pub struct Bridge {
     shutdown: CancellationToken,
     /// Upstream leases (nats backend only).
     leases: Option<Arc<Leases>>,
+    /// `[limits]` as applied to upstream frames (a reload does not change them).
+    frame_limits: upstream::FrameLimits,
     ingest_task: JoinHandle<()>,
     server_task: JoinHandle<()>,
     local_addr: SocketAddr,
@@ -130,6 +133,7 @@ impl Bridge {
             ),
             StorageBackend::Nats => {
                 let nats = NatsStore::connect(&config.storage).await?;
+                nats.check_max_payload(config.limits.max_event_bytes)?;
                 (nats.clone(), Some(nats))
             }
         };
@@ -173,6 +177,7 @@ impl Bridge {
             None => Some(publish.clone()),
         };
         let stats = Arc::new(IngestStats::default());
+        let frame_limits = upstream::FrameLimits::from(&config.limits);
         let mut upstreams = Vec::with_capacity(config.upstreams.len());
         for u in &config.upstreams {
             let adapter = wsbridge_adapters::build_adapter(u.adapter, u.adapter_settings())
@@ -182,6 +187,7 @@ impl Bridge {
                 })?;
             upstreams.push(Arc::new(spawn_upstream(
                 u,
+                frame_limits,
                 adapter,
                 queue_tx.clone(),
                 shutdown.child_token(),
@@ -197,6 +203,7 @@ impl Bridge {
                 router: router.clone(),
                 delivery: delivery.clone(),
                 publish: ingest_publish,
+                max_event_bytes: config.limits.max_event_bytes,
             },
             stats.clone(),
         );
@@ -206,6 +213,7 @@ impl Bridge {
             store.clone(),
             publish.clone(),
             shutdown.clone(),
+            &config.limits,
         );
         let app = axum::Router::new()
             .merge(status::router(Arc::new(StatusState {
@@ -245,6 +253,7 @@ impl Bridge {
             stats,
             shutdown,
             leases,
+            frame_limits,
             ingest_task,
             server_task,
             local_addr,
@@ -283,6 +292,9 @@ impl Bridge {
         }
         if new.storage != current.storage {
             report.needs_restart.push("storage".into());
+        }
+        if new.limits != current.limits {
+            report.needs_restart.push("limits".into());
         }
         // Webhooks before routes, so a new route never points at an endpoint not yet running.
         report
@@ -333,6 +345,7 @@ impl Bridge {
                     }
                     next.push(Arc::new(spawn_upstream(
                         u,
+                        self.frame_limits,
                         adapter,
                         queue.clone(),
                         self.shutdown.child_token(),

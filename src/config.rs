@@ -47,6 +47,8 @@ pub struct Config {
     pub router: Arc<Router>,
     /// `[[consumers]]`, with their `allow` compiled.
     pub consumers: Vec<Arc<Consumer>>,
+    /// `[limits]`.
+    pub limits: LimitsConfig,
 }
 
 /// `[server]`: where the bridge listens and who may administer it.
@@ -77,6 +79,104 @@ impl Default for ServerConfig {
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 8080))
 }
+
+/// `[limits]`: the bounds every peer-controlled size is held to, in one table.
+///
+/// Each key has a safe default and is validated; hitting a limit gives a log line naming it
+/// and a counter, never a crash and never a silent gap (see the README's "Limits" section).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Largest serialised envelope (the CloudEvents JSON, `seq` included) the bridge accepts.
+    /// A larger event is refused at ingest and counted (`wsbridge_events_too_large_total`),
+    /// never journalled; every path (the upstream read, `/v1/ws` frames, SSE, webhook bodies,
+    /// the NATS journal) is sized to carry an event of this size, so one that is accepted is
+    /// deliverable everywhere.
+    #[serde(default = "default_max_event_bytes")]
+    pub max_event_bytes: usize,
+    /// Deepest nesting of arrays and objects in an upstream frame. A deeper frame is a decode
+    /// error (counted, logged, skipped; the connection stays up): JSON readers, ours
+    /// included, stop at a fixed depth, and the envelope and the `/v1/ws` frame add levels
+    /// around the payload, so a deeper frame could be journalled but never read back.
+    #[serde(default = "default_max_depth")]
+    pub max_depth: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_event_bytes: default_max_event_bytes(),
+            max_depth: default_max_depth(),
+        }
+    }
+}
+
+/// 1 MiB less 8 KiB: far above any documented provider event, and with the NATS headers'
+/// reserve ([`crate::storage::nats::HEADER_RESERVE`]) exactly nats-server's default
+/// `max_payload` of 1 MiB, so the default NATS server takes every event the bridge accepts.
+fn default_max_event_bytes() -> usize {
+    (1 << 20) - crate::storage::nats::HEADER_RESERVE
+}
+
+fn default_max_depth() -> usize {
+    64
+}
+
+/// Smallest `limits.max_event_bytes`: room for an envelope's own attributes.
+pub const MIN_EVENT_BYTES: usize = 1024;
+/// Largest `limits.max_event_bytes` (64 MiB): every event is held in memory whole, several
+/// times over on its way through the bridge.
+pub const MAX_EVENT_BYTES: usize = 64 << 20;
+/// Largest `limits.max_depth`. serde_json (our journal reader, and the Rust consumers')
+/// stops at 128 levels; the envelope adds one level around a VoicePact frame and the
+/// `/v1/ws` event frame another, so frames must stay well below 126.
+pub const MAX_DEPTH: usize = 100;
+
+impl LimitsConfig {
+    /// Problems with the limits, as (key, reason).
+    fn problems(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        if !(MIN_EVENT_BYTES..=MAX_EVENT_BYTES).contains(&self.max_event_bytes) {
+            out.push((
+                "max_event_bytes",
+                format!("must be between {MIN_EVENT_BYTES} and {MAX_EVENT_BYTES} bytes"),
+            ));
+        }
+        if !(1..=MAX_DEPTH).contains(&self.max_depth) {
+            out.push((
+                "max_depth",
+                format!(
+                    "must be between 1 and {MAX_DEPTH} (JSON readers stop at 128 levels, and the \
+                     envelope and the /v1/ws frame add levels around the payload)"
+                ),
+            ));
+        }
+        out
+    }
+
+    /// Largest WebSocket message read from a provider. It is larger than
+    /// `max_event_bytes` (a frame carries members the envelope drops, and whitespace), so a
+    /// frame whose envelope is too large is still read and refused as one event, connection
+    /// kept; only a frame beyond this ends the connection (buffering it would be unbounded).
+    pub fn max_upstream_frame_bytes(&self) -> usize {
+        self.max_event_bytes
+            .saturating_mul(2)
+            .saturating_add(UPSTREAM_FRAME_SLACK)
+    }
+
+    /// Largest `/v1/ws` event frame: the envelope plus the frame's own members (`op`, the
+    /// subscription id, `seq`).
+    pub fn max_downstream_frame_bytes(&self) -> usize {
+        self.max_event_bytes
+            .saturating_add(DOWNSTREAM_FRAME_OVERHEAD)
+    }
+}
+
+/// Slack on the upstream read limit beyond twice the envelope limit.
+const UPSTREAM_FRAME_SLACK: usize = 64 * 1024;
+/// Room for a `/v1/ws` event frame's members around the envelope: `op`, `seq` and the
+/// subscription id (a client's JSON string or number, itself within the client frame limit).
+pub const DOWNSTREAM_FRAME_OVERHEAD: usize = 128 * 1024;
 
 /// Which store holds the journal.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
@@ -607,6 +707,8 @@ impl Config {
         let server = section(top.remove("server"), "server", issues).unwrap_or_default();
         let storage: StorageConfig =
             section(top.remove("storage"), "storage", issues).unwrap_or_default();
+        let limits: LimitsConfig =
+            section(top.remove("limits"), "limits", issues).unwrap_or_default();
         // Each upstream keeps its position in the file, so later checks name the right entry
         // even when an earlier one failed to parse.
         let mut upstreams = Vec::new();
@@ -662,7 +764,7 @@ impl Config {
         for key in top.keys() {
             issues.push(issue(
                 key.clone(),
-                "unknown section; expected server, storage, upstreams, webhooks, consumers or routes",
+                "unknown section; expected server, storage, limits, upstreams, webhooks, consumers or routes",
             ));
         }
         let config = Config {
@@ -673,6 +775,7 @@ impl Config {
             routes,
             router: Arc::new(router),
             consumers,
+            limits,
         };
         config.validate(&positions, issues);
         name_items(issues, &names);
@@ -694,6 +797,9 @@ impl Config {
             bounds::SHUTDOWN_GRACE_MAX,
         ) {
             issues.push(issue("server.shutdown_grace", reason));
+        }
+        for (key, reason) in self.limits.problems() {
+            issues.push(issue(format!("limits.{key}"), reason));
         }
         if self.upstreams.is_empty() && !issues.iter().any(|i| i.key.starts_with("upstreams")) {
             issues.push(issue(
@@ -1134,6 +1240,36 @@ mod tests {
             assert!(keys.contains(&want), "missing {want} in {err}");
         }
         assert!(!err.to_string().contains("t0k"));
+    }
+
+    #[test]
+    fn limits_have_safe_defaults_and_bad_values_name_their_key() {
+        let c = Config::from_toml(GOOD, env, false).unwrap();
+        assert_eq!(c.limits, LimitsConfig::default());
+        assert_eq!(c.limits.max_event_bytes, 1024 * 1024 - 8 * 1024);
+        assert_eq!(c.limits.max_depth, 64);
+        assert!(c.limits.max_upstream_frame_bytes() > c.limits.max_event_bytes);
+        assert!(c.limits.max_downstream_frame_bytes() > c.limits.max_event_bytes);
+
+        let set = format!("{GOOD}\n[limits]\nmax_event_bytes = 300000\nmax_depth = 20\n");
+        let c = Config::from_toml(&set, env, false).unwrap();
+        assert_eq!(
+            (c.limits.max_event_bytes, c.limits.max_depth),
+            (300_000, 20)
+        );
+
+        for (text, key) in [
+            ("max_event_bytes = 10", "limits.max_event_bytes"),
+            ("max_event_bytes = 1000000000000", "limits.max_event_bytes"),
+            ("max_depth = 0", "limits.max_depth"),
+            ("max_depth = 127", "limits.max_depth"),
+            ("max_depth = -1", "limits.max_depth"),
+            ("max_depht = 3", "limits.max_depht"),
+        ] {
+            let bad = format!("{GOOD}\n[limits]\n{text}\n");
+            let err = Config::from_toml(&bad, env, false).unwrap_err();
+            assert!(err.0.iter().any(|i| i.key == key), "{text}: {err}");
+        }
     }
 
     #[test]

@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::Value;
 use wsbridge_adapters::{DecodedEvent, Provider};
 
@@ -75,9 +76,114 @@ impl Envelope {
         }
     }
 
+    /// The length of the envelope as the journal will serialise it, `seq` included (counted
+    /// as the longest seq there can be when it is not assigned yet), without building it: the
+    /// number ingest compares with `limits.max_event_bytes`.
+    pub fn serialized_len(&self) -> Result<usize, serde_json::Error> {
+        let mut counter = ByteCounter(0);
+        serde_json::to_writer(&mut counter, self)?;
+        Ok(match self.seq {
+            Some(_) => counter.0,
+            None => counter.0.saturating_add(SEQ_RESERVE),
+        })
+    }
+
     /// Serialises the envelope, once, into bytes shared by every recipient.
     pub fn to_bytes(&self) -> Result<Arc<[u8]>, serde_json::Error> {
         Ok(serde_json::to_vec(self)?.into())
+    }
+}
+
+/// A journalled envelope as read back, with `data` left as the journal's text.
+///
+/// Why not [`Envelope`]: parsing `data` into a tree stops at serde_json's nesting limit (128
+/// levels), and the envelope adds a level around the payload, so an event journalled before
+/// `limits.max_depth` existed could be stored and then be unreadable, a silent gap in every
+/// resume. Reading `data` as raw text has no depth limit (serde_json skips it without
+/// recursion), so every reader gets the attributes it routes and filters on, and the bytes
+/// to send, whatever the payload's depth.
+#[derive(Debug, Deserialize)]
+pub struct StoredEnvelope<'a> {
+    /// See [`Envelope::specversion`].
+    pub specversion: String,
+    /// See [`Envelope::id`].
+    pub id: String,
+    /// See [`Envelope::source`].
+    pub source: String,
+    /// See [`Envelope::event_type`].
+    #[serde(rename = "type")]
+    pub event_type: String,
+    /// See [`Envelope::subject`].
+    #[serde(default)]
+    pub subject: Option<String>,
+    /// See [`Envelope::time`].
+    pub time: String,
+    /// See [`Envelope::datacontenttype`].
+    pub datacontenttype: String,
+    /// `data` exactly as journalled (compact JSON, as serde_json wrote it).
+    #[serde(borrow)]
+    pub data: &'a RawValue,
+    /// See [`Envelope::provider`].
+    pub provider: String,
+    /// See [`Envelope::recvtime`].
+    pub recvtime: String,
+    /// See [`Envelope::seq`].
+    #[serde(default)]
+    pub seq: Option<u64>,
+}
+
+impl<'a> StoredEnvelope<'a> {
+    /// Reads journalled bytes. An error means the bytes are not an envelope at all (never
+    /// written by this bridge); callers report it, they never skip it silently.
+    pub fn parse(bytes: &'a [u8]) -> Result<Self, serde_json::Error> {
+        serde_json::from_slice(bytes)
+    }
+
+    /// The envelope with `data` as a tree. A payload nested deeper than serde_json reads
+    /// becomes `null` here: readers route and filter on the attributes only and send the
+    /// journalled bytes, which still carry it whole.
+    pub fn into_envelope(self) -> Envelope {
+        let data = serde_json::from_str(self.data.get()).unwrap_or_else(|e| {
+            tracing::debug!(event_id = %self.id, error = %e,
+                "journalled data not parsed into a tree (sent as journalled)");
+            Value::Null
+        });
+        Envelope {
+            specversion: self.specversion,
+            id: self.id,
+            source: self.source,
+            event_type: self.event_type,
+            subject: self.subject,
+            time: self.time,
+            datacontenttype: self.datacontenttype,
+            data,
+            provider: self.provider,
+            recvtime: self.recvtime,
+            seq: self.seq,
+        }
+    }
+}
+
+/// Reads a journalled envelope (see [`StoredEnvelope`]): fails only on bytes that are not an
+/// envelope, never on a payload's depth.
+pub fn read_stored(bytes: &[u8]) -> Result<Envelope, serde_json::Error> {
+    StoredEnvelope::parse(bytes).map(StoredEnvelope::into_envelope)
+}
+
+/// What `"seq":N` adds to an envelope at most: `,"seq":` and the 20 digits of `u64::MAX`.
+const SEQ_RESERVE: usize = 27;
+
+/// A writer that only counts what is written to it.
+struct ByteCounter(usize);
+
+impl std::io::Write for ByteCounter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 = self.0.saturating_add(buf.len());
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -120,5 +226,50 @@ mod tests {
         );
         let back: Envelope = serde_json::from_str(&text).unwrap();
         assert_eq!(back, env);
+        assert_eq!(env.serialized_len().unwrap(), text.len());
+        env.seq = Some(u64::MAX);
+        let longest = env.to_bytes().unwrap().len();
+        env.seq = None;
+        assert_eq!(
+            env.serialized_len().unwrap(),
+            longest,
+            "reserves the longest seq"
+        );
+    }
+
+    #[test]
+    fn stored_envelopes_read_back_whatever_the_payload_depth() {
+        let received = Utc.with_ymd_and_hms(2024, 1, 15, 10, 30, 1).unwrap();
+        let mut env = Envelope::new(
+            DecodedEvent {
+                id: "deep".into(),
+                event_type: "voicepact.contract_update".into(),
+                subject: None,
+                time: None,
+                data: json!({"a": [1, {"b": "x"}]}),
+            },
+            &source_for("vp"),
+            Provider::VoicePact,
+            received,
+        );
+        env.seq = Some(3);
+        let bytes = env.to_bytes().unwrap();
+        assert_eq!(read_stored(&bytes).unwrap(), env);
+        // 130 levels of payload: more than serde_json parses into a tree.
+        let deep = format!("{}{}", "[".repeat(130), "]".repeat(130));
+        let text = String::from_utf8(bytes.to_vec())
+            .unwrap()
+            .replace(r#"{"a":[1,{"b":"x"}]}"#, &deep);
+        assert!(
+            serde_json::from_str::<Envelope>(&text).is_err(),
+            "too deep for a tree"
+        );
+        let stored = StoredEnvelope::parse(text.as_bytes()).unwrap();
+        assert_eq!(stored.data.get(), deep);
+        assert_eq!(stored.seq, Some(3));
+        let back = stored.into_envelope();
+        assert_eq!(back.id, "deep");
+        assert_eq!(back.data, Value::Null);
+        assert!(read_stored(b"{\"id\":1}").is_err(), "not an envelope");
     }
 }

@@ -21,7 +21,7 @@ use bytes::Bytes;
 use serde::Serialize;
 use tokio::sync::{broadcast, mpsc};
 use tokio::task::JoinHandle;
-use tracing::{debug, error};
+use tracing::{debug, error, warn};
 
 use crate::delivery::DeliveryService;
 use crate::envelope::Envelope;
@@ -52,6 +52,7 @@ pub struct IngestStats {
     duplicates: AtomicU64,
     published: AtomicU64,
     rejected: AtomicU64,
+    too_large: AtomicU64,
 }
 
 /// Plain-number copy of [`IngestStats`].
@@ -66,6 +67,9 @@ pub struct IngestSnapshot {
     /// Envelopes the store can never accept (too large for NATS), dropped: counted so an
     /// operator sees the loss without reading logs.
     pub rejected: u64,
+    /// Envelopes larger than `limits.max_event_bytes`, refused before the journal (an event
+    /// the bridge journals must be deliverable on every path), logged and counted.
+    pub too_large: u64,
 }
 
 impl IngestStats {
@@ -76,6 +80,7 @@ impl IngestStats {
             duplicates: self.duplicates.load(Ordering::Relaxed),
             published: self.published.load(Ordering::Relaxed),
             rejected: self.rejected.load(Ordering::Relaxed),
+            too_large: self.too_large.load(Ordering::Relaxed),
         }
     }
 }
@@ -89,6 +94,8 @@ pub struct Sinks {
     /// The live stream for consumers; `None` when the store feeds it itself (the nats
     /// backend's journal tail, which also carries what other instances journalled).
     pub publish: Option<broadcast::Sender<Arc<Published>>>,
+    /// `limits.max_event_bytes`: a larger envelope is refused here, before the journal.
+    pub max_event_bytes: usize,
 }
 
 /// Starts the ingest task. It ends when every sender of `queue` is gone and what they queued
@@ -104,6 +111,7 @@ pub fn spawn(
             router,
             delivery,
             publish,
+            max_event_bytes,
         } = sinks;
         let mut batch = Vec::with_capacity(BATCH);
         let mut woken: Vec<Arc<str>> = Vec::new();
@@ -116,11 +124,15 @@ pub fn spawn(
             let router = router.load();
             let routed: Vec<NewEvent> = batch
                 .drain(..)
+                .filter(|envelope| admit(envelope, max_event_bytes, &stats))
                 .map(|envelope| NewEvent {
                     targets: router.targets(&envelope),
                     envelope,
                 })
                 .collect();
+            if routed.is_empty() {
+                continue;
+            }
             for target in routed.iter().flat_map(|n| n.targets.iter()) {
                 if !woken.contains(target) {
                     woken.push(target.clone());
@@ -164,4 +176,34 @@ pub fn spawn(
             }
         }
     })
+}
+
+/// Whether an envelope fits `limits.max_event_bytes`. One that does not is refused here, so
+/// that nothing is journalled that some path (a `/v1/ws` frame, a webhook body, the NATS
+/// journal) could not carry: it is logged with what identifies it, counted, and the events
+/// after it go on.
+fn admit(envelope: &Envelope, max_event_bytes: usize, stats: &IngestStats) -> bool {
+    let size = match envelope.serialized_len() {
+        Ok(n) => n,
+        Err(e) => {
+            // A JSON tree always serialises; should it not, the journal could not store it.
+            error!(source = %envelope.source, event_id = %envelope.id, error = %e,
+                "event cannot be serialised; refused (not journalled)");
+            stats.rejected.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+    };
+    if size <= max_event_bytes {
+        return true;
+    }
+    stats.too_large.fetch_add(1, Ordering::Relaxed);
+    warn!(
+        source = %envelope.source,
+        event_id = %envelope.id,
+        event_type = %envelope.event_type,
+        size,
+        max_event_bytes,
+        "event larger than limits.max_event_bytes; refused (not journalled)"
+    );
+    false
 }

@@ -87,6 +87,7 @@ pub async fn render(state: &StatusState) -> String {
     let (mut task_restarts, mut task_failed) = (vec![], vec![]);
     let (mut frames, mut events, mut decode, mut reconnects, mut age) =
         (vec![], vec![], vec![], vec![], vec![]);
+    let mut too_large = vec![];
     for u in &upstreams {
         let name = u.name();
         let status = u.status();
@@ -105,6 +106,7 @@ pub async fn render(state: &StatusState) -> String {
         task_restarts.push((task, c.task_restarts));
         frames.push((labels(&[("upstream", name)]), c.frames));
         decode.push((labels(&[("upstream", name)]), c.decode_errors));
+        too_large.push((labels(&[("upstream", name)]), c.frames_too_large));
         reconnects.push((labels(&[("upstream", name)]), c.reconnects));
         for (t, n) in u.events_by_type() {
             events.push((labels(&[("upstream", name), ("type", &t)]), n));
@@ -138,8 +140,14 @@ pub async fn render(state: &StatusState) -> String {
     counter_family(
         &mut r,
         "upstream_decode_errors",
-        "Frames that could not be decoded (skipped)",
+        "Frames that could not be decoded, or nest deeper than limits.max_depth (skipped, connection kept)",
         decode,
+    );
+    counter_family(
+        &mut r,
+        "upstream_frames_too_large",
+        "Frames over the upstream read limit (twice limits.max_event_bytes plus 64 KiB); each ended its connection, which was reopened",
+        too_large,
     );
     counter_family(
         &mut r,
@@ -173,6 +181,12 @@ pub async fn render(state: &StatusState) -> String {
         "journal_rejected",
         "Events dropped because the store can never accept them (larger than NATS max_payload)",
         ingest.rejected,
+    );
+    counter(
+        &mut r,
+        "events_too_large",
+        "Events refused at ingest because their envelope is larger than limits.max_event_bytes (not journalled)",
+        ingest.too_large,
     );
     let available = state.store.unavailable().is_none();
     if let Some(connected) = state.store.connected() {
@@ -299,6 +313,12 @@ pub async fn render(state: &StatusState) -> String {
         "consumer_slow_disconnects",
         "Consumers closed for being too slow",
         hub.slow_disconnects,
+    );
+    counter(
+        &mut r,
+        "journal_unreadable_events",
+        "Journalled events a consumer feed could not read back; each was reported to its consumer as unreadable_event, never skipped silently",
+        hub.unreadable_events,
     );
 
     counter_family(

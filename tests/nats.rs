@@ -759,15 +759,17 @@ async fn ordered_endpoint_keeps_journal_order_across_instances() {
     cleanup(SHARED_NATS, &prefix).await;
 }
 
-/// An event whose envelope exceeds the NATS server's `max_payload` can never be journalled:
-/// it is dropped and counted, and the events after it still flow (a retry loop on it would
-/// fill the ingest queue and stall every upstream).
+/// An event whose envelope exceeds what the NATS server takes can never be journalled: the
+/// bridge only starts when `max_payload` covers `limits.max_event_bytes`, so such an event is
+/// refused at ingest and counted, and the events after it still flow (a retry loop on it
+/// would fill the ingest queue and stall every upstream).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_larger_than_max_payload_is_skipped_and_later_events_flow() {
-    let server = NatsServer::start_with_config("maxpayload", Some("max_payload: 4096\n"));
+    let server = NatsServer::start_with_config("maxpayload", Some("max_payload: 16384\n"));
     server.wait_ready(LONG).await;
     let prefix = unique_prefix("maxpayload");
-    let (vb, rx, blocks) = load_rig().await;
+    let (vb, rx, mut blocks) = load_rig().await;
+    blocks.push("[limits]\nmax_event_bytes = 8192\n".to_string());
     let urls = [server.url()];
     let cfg = nats_config(&blocks, &urls, &prefix, "");
     let (bridge, _) = start_bridge(&cfg).await;
@@ -790,7 +792,8 @@ async fn an_event_larger_than_max_payload_is_skipped_and_later_events_flow() {
     })
     .await;
     let stats = bridge.ingest_stats();
-    assert_eq!(stats.rejected, 1, "the big event is counted: {stats:?}");
+    assert_eq!(stats.too_large, 1, "the big event is counted: {stats:?}");
+    assert_eq!(stats.rejected, 0, "refused before the journal: {stats:?}");
     assert_eq!(stats.published, 5, "{stats:?}");
     bridge.shutdown().await;
 }

@@ -267,6 +267,46 @@ pub(crate) fn parse_object(text: &str) -> Result<serde_json::Map<String, Value>,
     }
 }
 
+/// Checks that `text` nests arrays and objects at most `max_depth` levels deep (`{}` is one
+/// level, `{"a":[1]}` two), without parsing it: one pass over the bytes, no recursion and no
+/// allocation, so a hostile frame costs no more than its length.
+///
+/// Why: JSON readers stop at a fixed depth (serde_json at 128 levels), and the bridge wraps
+/// a frame in an envelope and a `/v1/ws` event frame, each a level more. A frame just under
+/// the reader's limit would be journalled and then be unreadable; the bridge refuses it as a
+/// decode error instead. Text that is not JSON is left for the decoder to reject.
+pub fn check_depth(text: &str, max_depth: usize) -> Result<(), DecodeError> {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for &b in text.as_bytes() {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth = depth.saturating_add(1);
+                if depth > max_depth {
+                    return Err(DecodeError::new(format!(
+                        "frame nests deeper than limits.max_depth ({max_depth} levels)"
+                    )));
+                }
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 pub(crate) fn json_kind(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
@@ -345,6 +385,24 @@ mod tests {
             assert_eq!(p.name().parse::<Provider>(), Ok(p));
         }
         assert!("slack".parse::<Provider>().is_err());
+    }
+
+    #[test]
+    fn depth_counts_nesting_outside_strings_only() {
+        assert!(check_depth("{}", 1).is_ok());
+        assert!(check_depth(r#"{"a":[1]}"#, 2).is_ok());
+        assert!(check_depth(r#"{"a":[1]}"#, 1).is_err());
+        assert!(check_depth(r#"{"a":[{}],"b":[[]]}"#, 3).is_ok());
+        // Brackets inside strings, escaped quotes included, do not count.
+        assert!(check_depth(r#"{"a":"[[[[\"[[[{{{"}"#, 1).is_ok());
+        assert!(check_depth(r#"{"a":"\\","b":[[]]}"#, 3).is_ok());
+        assert!(check_depth(r#"{"a":"\\","b":[[]]}"#, 2).is_err());
+        let deep = format!("{}{}", "[".repeat(126), "]".repeat(126));
+        let err = check_depth(&deep, 64).unwrap_err();
+        assert!(err.reason.contains("limits.max_depth"), "{err}");
+        assert!(check_depth(&deep, 126).is_ok());
+        // Not JSON at all is the decoder's business.
+        assert!(check_depth("}}}]]", 1).is_ok());
     }
 
     #[test]

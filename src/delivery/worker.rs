@@ -37,7 +37,7 @@ use tracing::{debug, error, info, warn};
 use super::config::{Mode, WebhookConfig};
 use super::signing::{Signer, HEADER_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP};
 use super::ssrf;
-use crate::envelope::{Envelope, CLOUDEVENTS_JSON};
+use crate::envelope::{StoredEnvelope, CLOUDEVENTS_JSON};
 use crate::storage::{AttemptRecord, DueDelivery, NextStep, Store};
 use crate::supervise::{deadline_after, unix_ms_after, TaskHealth};
 
@@ -840,8 +840,12 @@ async fn send(endpoint: &Endpoint, due: &DueDelivery) -> Result<Response, String
             due.bytes.clone()
         }
         Mode::Binary => {
-            let envelope: Envelope = serde_json::from_slice(&due.bytes)
-                .map_err(|e| format!("journalled envelope unreadable: {e}"))?;
+            // Read without the depth limit of a full parse: `data` is sent as journalled.
+            let envelope = StoredEnvelope::parse(&due.bytes).map_err(|e| {
+                error!(endpoint = %endpoint.name, seq = due.seq, event_id = %due.id, error = %e,
+                    "journalled envelope unreadable; the attempt fails and is recorded");
+                format!("journalled envelope unreadable: {e}")
+            })?;
             request = request
                 .header(
                     reqwest::header::CONTENT_TYPE,
@@ -860,7 +864,10 @@ async fn send(endpoint: &Endpoint, due: &DueDelivery) -> Result<Response, String
             if let Some(seq) = envelope.seq {
                 request = request.header("ce-seq", seq.to_string());
             }
-            Bytes::from(serde_json::to_vec(&envelope.data).map_err(|e| e.to_string())?)
+            // `data` exactly as journalled: serde_json wrote it compactly from the payload, so
+            // this is the payload's own serialisation (parsing it into a tree and writing it
+            // again could even change a float's last digit).
+            Bytes::copy_from_slice(envelope.data.get().as_bytes())
         }
     };
     // Signed just before sending: receivers reject timestamps older than a few minutes.

@@ -117,6 +117,7 @@ pub struct HubStats {
     sessions: AtomicU64,
     frames_sent: AtomicU64,
     slow_disconnects: AtomicU64,
+    unreadable_events: AtomicU64,
 }
 
 /// Plain-number copy of [`HubStats`].
@@ -130,6 +131,9 @@ pub struct HubCounters {
     pub frames_sent: u64,
     /// Consumers closed for being too slow since start.
     pub slow_disconnects: u64,
+    /// Journalled events a feed could not read back (bytes that are not an envelope), each
+    /// reported to its consumer as `unreadable_event` instead of skipped.
+    pub unreadable_events: u64,
 }
 
 /// What the downstream handlers share: the consumers, the store and the live stream.
@@ -140,6 +144,9 @@ pub struct Hub {
     stats: HubStats,
     /// Cancelled at shutdown: every session closes ("going away") so the server can stop.
     shutdown: tokio_util::sync::CancellationToken,
+    /// Largest `/v1/ws` event frame (`limits.max_event_bytes` plus the frame's members): the
+    /// socket's write buffer must take one whole, or the event could never be sent.
+    max_event_frame: usize,
 }
 
 impl Hub {
@@ -149,6 +156,7 @@ impl Hub {
         store: Arc<dyn Store>,
         publish: broadcast::Sender<Arc<Published>>,
         shutdown: tokio_util::sync::CancellationToken,
+        limits: &crate::config::LimitsConfig,
     ) -> Arc<Hub> {
         Arc::new(Hub {
             consumers: arc_swap::ArcSwap::from_pointee(consumers),
@@ -156,6 +164,7 @@ impl Hub {
             publish,
             stats: HubStats::default(),
             shutdown,
+            max_event_frame: limits.max_downstream_frame_bytes(),
         })
     }
 
@@ -214,6 +223,7 @@ impl Hub {
             sessions: self.stats.sessions.load(Ordering::Relaxed),
             frames_sent: self.stats.frames_sent.load(Ordering::Relaxed),
             slow_disconnects: self.stats.slow_disconnects.load(Ordering::Relaxed),
+            unreadable_events: self.stats.unreadable_events.load(Ordering::Relaxed),
         }
     }
 

@@ -162,6 +162,16 @@ pub async fn stream(
                     .data(data);
                 Some((Ok::<_, Infallible>(event), (feed, Some(alive), hub)))
             }
+            Some(FeedItem::Unreadable { seq, reason }) => {
+                // Told, not skipped: `id` moves the consumer's Last-Event-ID past it, and the
+                // stream goes on.
+                let data = json!({"code": "unreadable_event", "seq": seq, "message": reason});
+                let event = Event::default()
+                    .id(seq.to_string())
+                    .event("unreadable_event")
+                    .data(data.to_string());
+                Some((Ok(event), (feed, Some(alive), hub)))
+            }
             Some(FeedItem::End(end)) => {
                 let message = match end {
                     FeedEnd::SlowConsumer => {

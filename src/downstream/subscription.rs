@@ -17,11 +17,12 @@
 //! from its cursor and catches up again (a bounded number of rounds). Memory per consumer is
 //! the queue of shared pointers, never a copy of the backlog.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
+use tracing::error;
 
 use super::Hub;
 use crate::envelope::Envelope;
@@ -99,6 +100,15 @@ pub enum FeedEnd {
 pub enum FeedItem {
     /// The next event for this subscription.
     Event(Arc<Published>),
+    /// The journal holds bytes at `seq` that are not an envelope: it cannot be sent, and
+    /// whether it matched is unknown, so the consumer is told instead of meeting a silent gap.
+    /// The feed goes on after it.
+    Unreadable {
+        /// The journal position.
+        seq: u64,
+        /// Why it could not be read.
+        reason: String,
+    },
     /// The feed is over.
     End(FeedEnd),
 }
@@ -169,10 +179,24 @@ async fn feed(
             }
             for stored in page {
                 next = stored.seq + 1;
-                let envelope: Envelope = match serde_json::from_slice(&stored.bytes) {
+                // Read without the depth limit of a full parse (see `StoredEnvelope`): only
+                // bytes that are not an envelope fail here, and the consumer is told.
+                let envelope: Envelope = match crate::envelope::read_stored(&stored.bytes) {
                     Ok(e) => e,
                     Err(e) => {
-                        warn!(seq = stored.seq, error = %e, "journalled event unreadable; skipped");
+                        hub.stats.unreadable_events.fetch_add(1, Ordering::Relaxed);
+                        error!(seq = stored.seq, event_id = %stored.id, error = %e,
+                            "journalled event unreadable; the consumer is told (unreadable_event)");
+                        let item = FeedItem::Unreadable {
+                            seq: stored.seq,
+                            reason: format!(
+                                "journalled event at seq {} is unreadable: {e}",
+                                stored.seq
+                            ),
+                        };
+                        if tx.send(item).await.is_err() {
+                            return;
+                        }
                         continue;
                     }
                 };

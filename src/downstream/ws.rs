@@ -38,6 +38,19 @@ const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 const MAX_SUBSCRIPTIONS: usize = 64;
 /// Largest client frame accepted (client ops are small JSON).
 const MAX_CLIENT_FRAME: usize = 64 * 1024;
+/// Bytes buffered before a write goes to the socket.
+const WRITE_BUFFER: usize = 4 * 1024;
+
+/// The write buffer's cap for event frames of up to `max_event_frame` bytes: tungstenite
+/// refuses a frame that would take its buffer past the cap, and before each frame the buffer
+/// holds at most [`WRITE_BUFFER`] bytes (a blocked write is flushed whole first), so the cap
+/// is that plus one frame and its header.
+fn max_write_buffer(max_event_frame: usize) -> usize {
+    const FRAME_HEADER: usize = 14;
+    WRITE_BUFFER
+        .saturating_add(max_event_frame)
+        .saturating_add(FRAME_HEADER)
+}
 
 /// `?token=` on the upgrade request.
 #[derive(Deserialize)]
@@ -62,9 +75,13 @@ pub async fn upgrade(
     // Client frames are small ops, so a 1 KiB read chunk is plenty (a larger frame just
     // takes several reads); it is allocated for every connection for its whole life, and at
     // 4 KiB it was the largest single cost of an idle consumer (issue 8 memory profile).
+    // The write buffer's cap must hold the largest event frame whole on top of what is
+    // buffered below the write threshold, or that event could never be sent (the connection
+    // would fail at it, and again at every resume that includes it): it follows
+    // `limits.max_event_bytes`. Memory is only taken as frames need it.
     ws.read_buffer_size(1024)
-        .write_buffer_size(4 * 1024)
-        .max_write_buffer_size(256 * 1024)
+        .write_buffer_size(WRITE_BUFFER)
+        .max_write_buffer_size(max_write_buffer(hub.max_event_frame))
         .max_message_size(MAX_CLIENT_FRAME)
         .max_frame_size(MAX_CLIENT_FRAME)
         .on_upgrade(move |socket| session(hub, consumer, socket))
@@ -219,6 +236,17 @@ async fn session(hub: Arc<Hub>, consumer: Arc<Consumer>, mut socket: WebSocket) 
                     }
                 }
                 match item {
+                    Some(FeedItem::Unreadable { seq, reason }) => {
+                        // Told, not skipped: the subscription goes on after it.
+                        if let Some(sub) = subs.get(&key) {
+                            let id: Value = serde_json::from_str(&sub.id_json).unwrap_or(Value::Null);
+                            let frame = json!({"op": "error", "code": "unreadable_event", "message": reason, "id": id, "seq": seq});
+                            if socket.send(Message::text(frame.to_string())).await.is_err() {
+                                break;
+                            }
+                        }
+                        feeds.push(next_item(key, rx));
+                    }
                     // The `slow` branch below handles the verdict.
                     Some(FeedItem::End(FeedEnd::SlowConsumer)) => {}
                     Some(FeedItem::End(FeedEnd::Unrecoverable(e))) => {

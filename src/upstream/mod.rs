@@ -37,7 +37,7 @@ use wsbridge_adapters::Adapter;
 pub use backoff::Backoff;
 pub use session::SessionEnd;
 
-use crate::config::UpstreamConfig;
+use crate::config::{LimitsConfig, UpstreamConfig};
 use crate::envelope::Envelope;
 
 /// The supervisor's state, as operators and tests see it.
@@ -104,6 +104,9 @@ pub struct UpstreamCounters {
     pub events: AtomicU64,
     /// Frames that could not be decoded (skipped, connection kept).
     pub decode_errors: AtomicU64,
+    /// Messages larger than the read limit ([`FrameLimits::max_frame_bytes`]): each ended
+    /// its connection, which was reopened.
+    pub frames_too_large: AtomicU64,
     /// Connection attempts after the first.
     pub reconnects: AtomicU64,
     /// The supervisor task's health (failed, restarts).
@@ -123,6 +126,8 @@ pub struct CounterSnapshot {
     pub events: u64,
     /// See [`UpstreamCounters::decode_errors`].
     pub decode_errors: u64,
+    /// See [`UpstreamCounters::frames_too_large`].
+    pub frames_too_large: u64,
     /// See [`UpstreamCounters::reconnects`].
     pub reconnects: u64,
     /// Restarts of the supervisor task after it died.
@@ -168,6 +173,7 @@ impl UpstreamCounters {
             frames: self.frames.load(Ordering::Relaxed),
             events: self.events.load(Ordering::Relaxed),
             decode_errors: self.decode_errors.load(Ordering::Relaxed),
+            frames_too_large: self.frames_too_large.load(Ordering::Relaxed),
             reconnects: self.reconnects.load(Ordering::Relaxed),
             task_restarts: self.task.restarts(),
         }
@@ -204,6 +210,31 @@ impl From<&UpstreamConfig> for Timing {
     }
 }
 
+/// Per-frame bounds of an upstream connection (from `[limits]`, the same for every upstream).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FrameLimits {
+    /// Largest WebSocket message read; a larger one ends the connection (see
+    /// [`LimitsConfig::max_upstream_frame_bytes`]).
+    pub max_frame_bytes: usize,
+    /// Deepest nesting accepted in a frame; a deeper frame is a decode error.
+    pub max_depth: usize,
+}
+
+impl From<&LimitsConfig> for FrameLimits {
+    fn from(l: &LimitsConfig) -> Self {
+        FrameLimits {
+            max_frame_bytes: l.max_upstream_frame_bytes(),
+            max_depth: l.max_depth,
+        }
+    }
+}
+
+impl Default for FrameLimits {
+    fn default() -> Self {
+        FrameLimits::from(&LimitsConfig::default())
+    }
+}
+
 /// Everything a supervisor task shares with the rest of the bridge.
 #[derive(Clone)]
 pub(crate) struct Shared {
@@ -211,6 +242,7 @@ pub(crate) struct Shared {
     pub source: Arc<str>,
     pub adapter: Arc<dyn Adapter>,
     pub timing: Timing,
+    pub limits: FrameLimits,
     pub counters: Arc<UpstreamCounters>,
     pub status: Arc<watch::Sender<UpstreamStatus>>,
 }
@@ -298,17 +330,19 @@ impl UpstreamHandle {
 /// ingest queue is closed. Give each upstream its own (child) token so a reload can stop one.
 pub fn spawn(
     config: &UpstreamConfig,
+    limits: FrameLimits,
     adapter: Arc<dyn Adapter>,
     ingest: mpsc::Sender<Envelope>,
     shutdown: CancellationToken,
 ) -> UpstreamHandle {
-    spawn_gated(config, adapter, ingest, shutdown, None)
+    spawn_gated(config, limits, adapter, ingest, shutdown, None)
 }
 
 /// Like [`spawn`], but the supervisor connects only while `gate` is true (this instance holds
 /// the upstream's lease) and closes the connection as soon as it turns false.
 pub fn spawn_gated(
     config: &UpstreamConfig,
+    limits: FrameLimits,
     adapter: Arc<dyn Adapter>,
     ingest: mpsc::Sender<Envelope>,
     shutdown: CancellationToken,
@@ -326,6 +360,7 @@ pub fn spawn_gated(
         source: Arc::from(crate::envelope::source_for(&config.name)),
         adapter: adapter.clone(),
         timing: Timing::from(config),
+        limits,
         counters: Arc::new(UpstreamCounters::default()),
         status: Arc::new(status_tx),
     };

@@ -27,10 +27,6 @@ use crate::supervise::{deadline_after, MAX_WAIT};
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
-/// Largest inbound message accepted from a provider; a larger one ends the connection (it is
-/// not an event any documented provider sends, and buffering it would be unbounded memory).
-const MAX_MESSAGE_BYTES: usize = 1 << 20;
-
 /// Why a session ended. The supervisor maps these onto backoff and state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SessionEnd {
@@ -84,13 +80,17 @@ pub(crate) async fn run(
     Outcome { end, healthy }
 }
 
-fn ws_config() -> WebSocketConfig {
+/// The largest inbound message accepted from a provider is `limits.max_frame_bytes`
+/// (derived from `limits.max_event_bytes`): a larger one ends the connection, since buffering
+/// it would be unbounded memory; one below it is read whole, and ingest refuses it if its
+/// envelope is too large, keeping the connection.
+fn ws_config(limits: &super::FrameLimits) -> WebSocketConfig {
     // Provider frames are small JSON; no need for tungstenite's 128 KiB default read buffer.
     WebSocketConfig::default()
         .read_buffer_size(16 * 1024)
         .write_buffer_size(0)
-        .max_message_size(Some(MAX_MESSAGE_BYTES))
-        .max_frame_size(Some(MAX_MESSAGE_BYTES))
+        .max_message_size(Some(limits.max_frame_bytes))
+        .max_frame_size(Some(limits.max_frame_bytes))
 }
 
 async fn connect(shared: &Shared) -> Result<Ws, SessionEnd> {
@@ -98,7 +98,11 @@ async fn connect(shared: &Shared) -> Result<Ws, SessionEnd> {
         .adapter
         .connect_request()
         .map_err(|e| SessionEnd::ConnectFailed(e.to_string()))?;
-    let attempt = tokio_tungstenite::connect_async_with_config(request, Some(ws_config()), true);
+    let attempt = tokio_tungstenite::connect_async_with_config(
+        request,
+        Some(ws_config(&shared.limits)),
+        true,
+    );
     match timeout(shared.timing.connect_timeout, attempt).await {
         Err(_) => Err(SessionEnd::ConnectFailed(format!(
             "no upgrade within {} ms",
@@ -175,6 +179,12 @@ async fn connect_and_serve(
             msg = ws.next() => {
                 let msg = match msg {
                     None => return SessionEnd::Closed("the server ended the stream".into()),
+                    Some(Err(tungstenite::Error::Capacity(e))) => {
+                        shared.counters.frames_too_large.fetch_add(1, Ordering::Relaxed);
+                        warn!(upstream = %name, error = %e, max_bytes = shared.limits.max_frame_bytes,
+                            "frame larger than the upstream read limit (2 x limits.max_event_bytes + 64 KiB); reconnecting");
+                        return SessionEnd::Transport(format!("frame too large: {e}"));
+                    }
                     Some(Err(e)) => return SessionEnd::Transport(e.to_string()),
                     Some(Ok(m)) => m,
                 };
@@ -201,7 +211,9 @@ async fn connect_and_serve(
                     Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
                 };
                 shared.counters.frames.fetch_add(1, Ordering::Relaxed);
-                match shared.adapter.decode(text) {
+                let decoded = wsbridge_adapters::check_depth(text, shared.limits.max_depth)
+                    .and_then(|()| shared.adapter.decode(text));
+                match decoded {
                     Ok(Inbound::Event(decoded)) => {
                         let envelope = Envelope::new(decoded, &shared.source, shared.adapter.provider(), Utc::now());
                         shared.counters.count_event(&envelope.event_type);

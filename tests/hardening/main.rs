@@ -7,4 +7,6 @@ mod common;
 
 mod config_errors;
 mod duration_bounds;
+mod event_size;
 mod metrics_lint;
+mod nesting_depth;

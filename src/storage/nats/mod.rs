@@ -21,9 +21,11 @@
 //! Outages: a failed publish is retried with the same `Nats-Msg-Id` (so a publish that did
 //! land is not stored twice) until NATS answers; meanwhile ingest waits, its bounded queue
 //! fills and the upstream readers stop reading (backpressure). Nothing an upstream sent after
-//! the bridge read it is dropped, except an event whose envelope exceeds the server's
-//! `max_payload`: no retry could store it, so it is dropped with an error log and counted
-//! (`journal_rejected`) instead of wedging ingest.
+//! the bridge read it is dropped. The bridge only starts when the server's `max_payload`
+//! covers `limits.max_event_bytes` plus [`HEADER_RESERVE`] ([`NatsStore::check_max_payload`]),
+//! and ingest refuses larger envelopes, so every event that reaches the journal fits; should
+//! one still exceed `max_payload` (headers beyond the reserve), no retry could store it, so it
+//! is dropped with an error log and counted (`journal_rejected`) instead of wedging ingest.
 
 pub mod delivery;
 pub mod lease;
@@ -48,6 +50,10 @@ use crate::config::StorageConfig;
 
 /// Header carrying the webhook endpoints an event was routed to at ingest.
 pub const HEADER_TARGETS: &str = "Wsbridge-Targets";
+/// Room a journal message needs beyond its envelope: NATS counts headers (`Nats-Msg-Id`, the
+/// event id; [`HEADER_TARGETS`], the routed endpoints) in `max_payload`. The server's
+/// `max_payload` must cover `limits.max_event_bytes` plus this.
+pub const HEADER_RESERVE: usize = 8 * 1024;
 /// Longest wait for a journal reader to be created, and how many tries.
 const READER_CREATE_TIMEOUT: Duration = Duration::from_secs(2);
 const READER_CREATE_TRIES: u32 = 4;
@@ -233,6 +239,34 @@ impl NatsStore {
             journal_ok: AtomicBool::new(true),
             queues,
         }))
+    }
+
+    /// Checks that the server takes every event the bridge accepts: its `max_payload` must
+    /// cover `limits.max_event_bytes` plus [`HEADER_RESERVE`]. Otherwise an event could pass
+    /// ingest and then be refused by the journal, so the bridge refuses to start, saying
+    /// which two settings disagree.
+    pub fn check_max_payload(&self, max_event_bytes: usize) -> Result<(), StoreError> {
+        let max_payload = self.client.max_payload();
+        let needed = max_event_bytes.saturating_add(HEADER_RESERVE);
+        if max_payload < needed {
+            error!(
+                max_payload,
+                max_event_bytes,
+                needed,
+                "NATS max_payload below limits.max_event_bytes plus headers"
+            );
+            return Err(StoreError::Nats {
+                op: "accept events of limits.max_event_bytes",
+                source: format!(
+                    "the server's max_payload is {max_payload} bytes, below limits.max_event_bytes \
+                     ({max_event_bytes}) plus {HEADER_RESERVE} bytes for message headers: raise \
+                     max_payload in the NATS server's config to at least {needed}, or lower \
+                     limits.max_event_bytes"
+                )
+                .into(),
+            });
+        }
+        Ok(())
     }
 
     /// Whether the client is connected to a NATS server now.

@@ -15,7 +15,7 @@ use futures_util::StreamExt;
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::{debug, error, warn};
 
 use super::{with_seq, NatsStore};
 use crate::envelope::Envelope;
@@ -74,10 +74,13 @@ async fn read(
         }
         *next = seq + 1;
         let bytes = with_seq(&m.message.payload, seq);
-        let envelope: Envelope = match serde_json::from_slice(&bytes) {
+        // Read without the depth limit of a full parse (see `StoredEnvelope`).
+        let envelope: Envelope = match crate::envelope::read_stored(&bytes) {
             Ok(e) => e,
             Err(e) => {
-                warn!(seq, error = %e, "journalled event unreadable; skipped by the live tail");
+                // Not published: each live feed sees the hole in the seqs, reads it from the
+                // journal and tells its consumer (`unreadable_event`), so no gap is silent.
+                error!(seq, error = %e, "journalled event unreadable; not published live (feeds report it from the journal)");
                 continue;
             }
         };
