@@ -708,7 +708,11 @@ mod tests {
         tokio::time::advance(Duration::from_secs(3600)).await;
         assert_eq!(s.deadline(&l), None);
         drop(g1);
-        assert_eq!(s.deadline(&l), None, "one of two pipelined requests still runs");
+        assert_eq!(
+            s.deadline(&l),
+            None,
+            "one of two pipelined requests still runs"
+        );
         s.bytes_read();
         assert_eq!(s.deadline(&l), None, "a request body arriving is not idle");
         drop(g2);
@@ -752,10 +756,7 @@ mod tests {
             connection_cap(None, Some(1 << 20), 100),
             DEFAULT_MAX_CONNECTIONS
         );
-        assert_eq!(
-            connection_cap(None, Some(50), 100),
-            MIN_DERIVED_CONNECTIONS
-        );
+        assert_eq!(connection_cap(None, Some(50), 100), MIN_DERIVED_CONNECTIONS);
         assert_eq!(connection_cap(None, None, 100), 1024);
         // Configured: honoured when the limit allows it, else bounded by what it leaves.
         assert_eq!(connection_cap(Some(20), Some(256), 100), 20);

@@ -67,7 +67,11 @@ fn raise_own_nofile(needed: u64) {
     };
     // SAFETY: getrlimit/setrlimit only read or write the struct passed by pointer.
     unsafe {
-        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0, "getrlimit");
+        assert_eq!(
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim),
+            0,
+            "getrlimit"
+        );
         if lim.rlim_cur < needed as libc::rlim_t {
             lim.rlim_cur = lim.rlim_max;
             assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &lim), 0, "setrlimit");
@@ -144,16 +148,17 @@ async fn slow_header(addr: SocketAddr) {
 
 /// Subscribes a `/v1/ws` consumer to everything and returns it.
 async fn ws_consumer(addr: SocketAddr) -> Ws {
-    let (mut ws, _) = tokio_tungstenite::connect_async(format!(
-        "ws://{addr}/v1/ws?token={CONSUMER_TOKEN}"
-    ))
-    .await
-    .expect("consumer connects");
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(format!("ws://{addr}/v1/ws?token={CONSUMER_TOKEN}"))
+            .await
+            .expect("consumer connects");
     let hello = common_ws_recv(&mut ws).await;
     assert_eq!(hello["op"], "ready", "{hello}");
-    ws.send(Message::text(json!({"op": "subscribe", "id": "all"}).to_string()))
-        .await
-        .expect("subscribe");
+    ws.send(Message::text(
+        json!({"op": "subscribe", "id": "all"}).to_string(),
+    ))
+    .await
+    .expect("subscribe");
     assert_eq!(common_ws_recv(&mut ws).await["op"], "subscribed");
     ws
 }
@@ -186,7 +191,7 @@ fn config_text(addr: SocketAddr, dir: &Path, blocks: &str, limits: &str) -> Stri
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_and_slow_header_floods_leave_webhooks_consumers_and_healthz_working() {
-    raise_own_nofile(4 * (IDLE_FLOOD + SLOW_HEADERS) as u64);
+    raise_own_nofile(2 * (IDLE_FLOOD + SLOW_HEADERS) as u64);
     let vb = start_sim(Provider::Voipbin).await;
     let rx = Receiver::start(vec![], Answer::status(200)).await;
     let dir = temp_dir("connection-limits");
