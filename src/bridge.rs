@@ -25,6 +25,7 @@ use crate::config::{Config, Ownership, StorageBackend};
 use crate::delivery::worker::DeliveryError;
 use crate::delivery::DeliveryService;
 use crate::downstream::{self, Hub};
+use crate::http_server::{self, HttpLimits, HttpStats};
 use crate::ingest::{self, IngestSnapshot, IngestStats, Published, Sinks};
 use crate::status::{self, StatusState};
 use crate::storage::embedded::EmbeddedStore;
@@ -215,6 +216,8 @@ impl Bridge {
             shutdown.clone(),
             &config.limits,
         );
+        let http_limits = HttpLimits::from_config(config);
+        let http_stats = Arc::new(HttpStats::new(http_limits.max_connections));
         let app = axum::Router::new()
             .merge(status::router(Arc::new(StatusState {
                 store: store.clone(),
@@ -223,6 +226,7 @@ impl Bridge {
                 hub: hub.clone(),
                 ingest: stats.clone(),
                 started: std::time::Instant::now(),
+                http: http_stats.clone(),
             })))
             .merge(downstream::router(hub.clone()))
             .merge(admin::router(Arc::new(AdminState {
@@ -231,15 +235,13 @@ impl Bridge {
                 delivery: delivery.clone(),
                 upstreams: upstreams.clone(),
             })));
-        let server_shutdown = shutdown.clone();
-        let server_task = tokio::spawn(async move {
-            let served = axum::serve(listener, app)
-                .with_graceful_shutdown(async move { server_shutdown.cancelled().await })
-                .await;
-            if let Err(e) = served {
-                warn!(error = %e, "HTTP server ended with an error");
-            }
-        });
+        let server_task = tokio::spawn(http_server::serve(
+            listener,
+            app,
+            http_limits,
+            http_stats,
+            shutdown.clone(),
+        ));
         info!(listen = %local_addr, upstreams = config.upstreams.len(), webhooks = config.webhooks.len(), "bridge started");
         Ok(Bridge {
             upstreams,
@@ -312,6 +314,24 @@ impl Bridge {
         report.applied.extend(self.reconcile_upstreams(&new).await?);
         if new.server.admin_token != current.server.admin_token {
             report.needs_restart.push("server.admin_token".into());
+        }
+        for (key, changed) in [
+            (
+                "limits.max_connections",
+                new.limits.max_connections != current.limits.max_connections,
+            ),
+            (
+                "limits.header_timeout",
+                new.limits.header_timeout != current.limits.header_timeout,
+            ),
+            (
+                "limits.idle_timeout",
+                new.limits.idle_timeout != current.limits.idle_timeout,
+            ),
+        ] {
+            if changed {
+                report.needs_restart.push(key.into());
+            }
         }
         *current = new;
         Ok(report)

@@ -76,6 +76,50 @@ impl Default for ServerConfig {
     }
 }
 
+/// Bounds of `limits.max_connections`.
+const MAX_CONNECTIONS_RANGE: std::ops::RangeInclusive<usize> = 1..=1_000_000;
+/// Bounds of `limits.header_timeout`.
+const HEADER_TIMEOUT_RANGE: std::ops::RangeInclusive<Duration> =
+    Duration::from_millis(100)..=Duration::from_secs(600);
+/// Bounds of `limits.idle_timeout`.
+const IDLE_TIMEOUT_RANGE: std::ops::RangeInclusive<Duration> =
+    Duration::from_millis(100)..=Duration::from_secs(24 * 3600);
+
+impl LimitsConfig {
+    /// Problems with the inbound connection limits, as (key, reason).
+    fn connection_problems(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        if let Some(n) = self.max_connections {
+            if !MAX_CONNECTIONS_RANGE.contains(&n) {
+                out.push((
+                    "max_connections",
+                    format!(
+                        "must be between {} and {} (leave it out to derive it from the open-file limit)",
+                        MAX_CONNECTIONS_RANGE.start(),
+                        MAX_CONNECTIONS_RANGE.end()
+                    ),
+                ));
+            }
+        }
+        for (key, d, range) in [
+            ("header_timeout", self.header_timeout, HEADER_TIMEOUT_RANGE),
+            ("idle_timeout", self.idle_timeout, IDLE_TIMEOUT_RANGE),
+        ] {
+            if !range.contains(&d) {
+                out.push((
+                    key,
+                    format!(
+                        "must be between {} and {}",
+                        humantime::format_duration(*range.start()),
+                        humantime::format_duration(*range.end())
+                    ),
+                ));
+            }
+        }
+        out
+    }
+}
+
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 8080))
 }
@@ -100,6 +144,22 @@ pub struct LimitsConfig {
     /// around the payload, so a deeper frame could be journalled but never read back.
     #[serde(default = "default_max_depth")]
     pub max_depth: usize,
+    // Inbound HTTP connections (src/http_server.rs): no peer, token or not, may exhaust the
+    // bridge's file descriptors.
+    /// Most inbound HTTP connections open at once, `/v1/ws` and SSE sessions included; one
+    /// over it is answered 503 and closed. Unset: what the open-file limit leaves after a
+    /// reserve for upstreams, webhooks and the store (at most 16384); a configured value
+    /// is also bounded by that.
+    #[serde(default)]
+    pub max_connections: Option<usize>,
+    /// A connection must send a complete request head within this, counted from the
+    /// accept (and from the first byte of each later request on a keep-alive connection).
+    #[serde(default = "d_10s", deserialize_with = "de_duration")]
+    pub header_timeout: Duration,
+    /// A keep-alive connection with no request in progress is closed after this long
+    /// (upgraded `/v1/ws` sessions and SSE streams are not affected).
+    #[serde(default = "d_60s", deserialize_with = "de_duration")]
+    pub idle_timeout: Duration,
 }
 
 impl Default for LimitsConfig {
@@ -107,6 +167,9 @@ impl Default for LimitsConfig {
         LimitsConfig {
             max_event_bytes: default_max_event_bytes(),
             max_depth: default_max_depth(),
+            max_connections: None,
+            header_timeout: d_10s(),
+            idle_timeout: d_60s(),
         }
     }
 }
@@ -801,6 +864,9 @@ impl Config {
         for (key, reason) in self.limits.problems() {
             issues.push(issue(format!("limits.{key}"), reason));
         }
+        for (key, reason) in self.limits.connection_problems() {
+            issues.push(issue(format!("limits.{key}"), reason));
+        }
         if self.upstreams.is_empty() && !issues.iter().any(|i| i.key.starts_with("upstreams")) {
             issues.push(issue(
                 "upstreams",
@@ -1330,5 +1396,40 @@ mod tests {
         let bad_ownership = format!("{GOOD}\nownership = \"some\"\n");
         let err = Config::from_toml(&bad_ownership, env, false).unwrap_err();
         assert!(err.0[0].key.starts_with("upstreams[0]"), "{err}");
+    }
+
+    #[test]
+    fn connection_limits_default_and_are_bounded() {
+        let c = Config::from_toml(GOOD, env, false).unwrap();
+        assert_eq!(c.limits, LimitsConfig::default());
+        assert_eq!(c.limits.header_timeout, Duration::from_secs(10));
+        assert_eq!(c.limits.idle_timeout, Duration::from_secs(60));
+        assert_eq!(c.limits.max_connections, None);
+        let set = format!(
+            "{GOOD}\n[limits]\nmax_connections = 500\nheader_timeout = \"2s\"\nidle_timeout = \"5m\"\n"
+        );
+        let c = Config::from_toml(&set, env, false).unwrap();
+        assert_eq!(c.limits.max_connections, Some(500));
+        assert_eq!(c.limits.header_timeout, Duration::from_secs(2));
+        assert_eq!(c.limits.idle_timeout, Duration::from_secs(300));
+        let bad = format!(
+            "{GOOD}\n[limits]\nmax_connections = 0\nheader_timeout = \"20m\"\nidle_timeout = \"0s\"\n"
+        );
+        let keys: Vec<String> = Config::from_toml(&bad, env, false)
+            .unwrap_err()
+            .0
+            .into_iter()
+            .map(|i| i.key)
+            .collect();
+        for key in [
+            "limits.max_connections",
+            "limits.header_timeout",
+            "limits.idle_timeout",
+        ] {
+            assert!(keys.iter().any(|k| k == key), "{key} missing from {keys:?}");
+        }
+        let negative = format!("{GOOD}\n[limits]\nmax_connections = -1\n");
+        let err = Config::from_toml(&negative, env, false).unwrap_err();
+        assert_eq!(err.0[0].key, "limits.max_connections", "{err}");
     }
 }

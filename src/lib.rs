@@ -15,6 +15,7 @@
 //! - [`delivery`]: signed webhooks with durable retries, dead letters and replay;
 //! - [`downstream`]: `/v1/ws` and `/v1/events` for consumers, resumable by `seq`;
 //! - [`admin`]: the admin API under `/v1/admin/`;
+//! - [`http_server`]: the accept loop with the connection cap, header and idle timeouts;
 //! - [`status`]: `/healthz`, `/readyz`, the `/v1/status` summary and the status page;
 //! - [`metrics`]: `/metrics` in Prometheus text format;
 //! - [`bridge`]: the above assembled, started and stopped as one;
@@ -30,6 +31,7 @@ pub mod demo;
 pub mod downstream;
 pub mod envelope;
 pub mod explain;
+pub mod http_server;
 pub mod ingest;
 pub mod metrics;
 pub mod reload;

@@ -117,6 +117,8 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         } => {
             let config =
                 Config::load(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            // Before anything opens a descriptor; the connection cap is derived from it.
+            wsbridge::http_server::raise_open_files_limit();
             let bridge = Bridge::start(&config)
                 .await
                 .context("starting the bridge")?;

@@ -334,6 +334,48 @@ pub async fn render(state: &StatusState) -> String {
         task_failed,
     );
 
+    // Inbound HTTP connections (src/http_server.rs).
+    let http = state.http.snapshot();
+    gauge(
+        &mut r,
+        "http_connections_open",
+        "Inbound HTTP connections open, upgraded /v1/ws sessions included",
+        i64::try_from(http.open).unwrap_or(i64::MAX),
+    );
+    gauge(
+        &mut r,
+        "http_connections_max",
+        "The inbound connection cap in force (limits.max_connections, or derived from the open-file limit)",
+        i64::try_from(http.max_connections).unwrap_or(i64::MAX),
+    );
+    counter(
+        &mut r,
+        "http_connections_accepted",
+        "Inbound HTTP connections accepted and served",
+        http.accepted,
+    );
+    counter(
+        &mut r,
+        "http_connections_refused",
+        "Inbound HTTP connections answered 503 and closed because limits.max_connections were open",
+        http.refused,
+    );
+    counter_family(
+        &mut r,
+        "http_timeouts",
+        "Inbound HTTP connections closed by the server: kind=header (no complete request head within limits.header_timeout) or kind=idle (keep-alive without a request for limits.idle_timeout)",
+        vec![
+            (labels(&[("kind", "header")]), http.header_timeouts),
+            (labels(&[("kind", "idle")]), http.idle_timeouts),
+        ],
+    );
+    counter(
+        &mut r,
+        "http_accept_errors",
+        "Failures to accept an inbound connection (such as EMFILE, out of file descriptors); each is followed by a short back-off",
+        http.accept_errors,
+    );
+
     let mut out = String::new();
     if encode(&mut out, &r).is_err() {
         out.clear();

@@ -21,6 +21,7 @@ use serde_json::{json, Value};
 use crate::bridge::UpstreamSet;
 use crate::delivery::DeliveryService;
 use crate::downstream::Hub;
+use crate::http_server::HttpStats;
 use crate::ingest::IngestStats;
 use crate::storage::Store;
 
@@ -38,6 +39,8 @@ pub struct StatusState {
     pub ingest: Arc<IngestStats>,
     /// When the bridge started.
     pub started: Instant,
+    /// The HTTP server's connection counters.
+    pub http: Arc<HttpStats>,
 }
 
 /// `/healthz`, `/readyz` and `/v1/status`.
