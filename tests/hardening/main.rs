@@ -4,3 +4,5 @@
 
 #[path = "../common/mod.rs"]
 mod common;
+mod replay_memory;
+mod subscription_reuse;
