@@ -206,6 +206,7 @@ impl Bridge {
             store.clone(),
             publish.clone(),
             shutdown.clone(),
+            downstream::budget::DownstreamLimits::from_config(&config.limits),
         );
         let app = axum::Router::new()
             .merge(status::router(Arc::new(StatusState {
@@ -283,6 +284,9 @@ impl Bridge {
         }
         if new.storage != current.storage {
             report.needs_restart.push("storage".into());
+        }
+        if new.limits != current.limits {
+            report.needs_restart.push("limits".into());
         }
         // Webhooks before routes, so a new route never points at an endpoint not yet running.
         report

@@ -47,6 +47,8 @@ pub struct Config {
     pub router: Arc<Router>,
     /// `[[consumers]]`, with their `allow` compiled.
     pub consumers: Vec<Arc<Consumer>>,
+    /// `[limits]`.
+    pub limits: LimitsConfig,
 }
 
 /// `[server]`: where the bridge listens and who may administer it.
@@ -372,6 +374,140 @@ fn d_60s() -> Duration {
     Duration::from_secs(60)
 }
 
+// ---- `[limits]` ---------------------------------------------------------------------------
+
+/// `[limits]`: what one peer may take of the bridge. Every limit has a safe default; hitting
+/// one gives a clear error or close reason and a counter (see the README's Limits section).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Connections (WebSocket and SSE together) one consumer token may hold at once; one
+    /// more is refused with HTTP 429, so one consumer cannot take every replay and socket.
+    #[serde(default = "default_max_connections_per_token")]
+    pub max_connections_per_token: usize,
+    /// Bytes of replayed events one connection may hold (read from the journal, not yet
+    /// written to its socket), all its subscriptions together; replays wait for room.
+    #[serde(
+        default = "default_replay_memory_per_connection",
+        deserialize_with = "de_byte_size"
+    )]
+    pub replay_memory_per_connection: u64,
+    /// Bytes of replayed events all connections together may hold; replays wait for room.
+    #[serde(
+        default = "default_replay_memory_total",
+        deserialize_with = "de_byte_size"
+    )]
+    pub replay_memory_total: u64,
+    /// How long a connection's replayed events may wait unwritten (its consumer does not
+    /// read) before it is closed as a slow consumer (4001 on WebSocket).
+    #[serde(default = "d_30s", deserialize_with = "de_duration")]
+    pub replay_stall_timeout: Duration,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_connections_per_token: default_max_connections_per_token(),
+            replay_memory_per_connection: default_replay_memory_per_connection(),
+            replay_memory_total: default_replay_memory_total(),
+            replay_stall_timeout: d_30s(),
+        }
+    }
+}
+
+const KIB: u64 = 1024;
+const MIB: u64 = 1024 * KIB;
+const GIB: u64 = 1024 * MIB;
+
+fn default_max_connections_per_token() -> usize {
+    100
+}
+fn default_replay_memory_per_connection() -> u64 {
+    8 * MIB
+}
+fn default_replay_memory_total() -> u64 {
+    256 * MIB
+}
+
+impl LimitsConfig {
+    /// Problems with the limits, as (key, reason).
+    fn problems(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        if !(1..=1_000_000).contains(&self.max_connections_per_token) {
+            out.push((
+                "max_connections_per_token",
+                "must be between 1 and 1000000".to_string(),
+            ));
+        }
+        // A replay page holds at least one event, so a connection's share must fit a few.
+        if !(64 * KIB..=GIB).contains(&self.replay_memory_per_connection) {
+            out.push((
+                "replay_memory_per_connection",
+                "must be between 64KiB and 1GiB".to_string(),
+            ));
+        }
+        if !(64 * KIB..=64 * GIB).contains(&self.replay_memory_total) {
+            out.push((
+                "replay_memory_total",
+                "must be between 64KiB and 64GiB".to_string(),
+            ));
+        } else if self.replay_memory_total < self.replay_memory_per_connection {
+            out.push((
+                "replay_memory_total",
+                "must be at least replay_memory_per_connection".to_string(),
+            ));
+        }
+        if !(Duration::from_millis(100)..=Duration::from_secs(3600))
+            .contains(&self.replay_stall_timeout)
+        {
+            out.push((
+                "replay_stall_timeout",
+                "must be between 100ms and 1h".to_string(),
+            ));
+        }
+        out
+    }
+}
+
+/// Parses a size: a number of bytes, or a string with a unit (`"64KiB"`, `"8MiB"`, `"1GiB"`;
+/// `B`, `KiB`, `MiB`, `GiB`, also `KB`/`MB`/`GB` as the same binary units).
+pub(crate) fn parse_byte_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like \"65536\", \"64KiB\" or \"8MiB\""))?;
+    let unit_bytes = match unit.trim() {
+        "" | "B" => 1,
+        "K" | "KB" | "KiB" => KIB,
+        "M" | "MB" | "MiB" => MIB,
+        "G" | "GB" | "GiB" => GIB,
+        other => {
+            return Err(format!(
+                "{s:?}: unknown unit {other:?}; use B, KiB, MiB or GiB"
+            ))
+        }
+    };
+    n.checked_mul(unit_bytes)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+fn de_byte_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Size {
+        Bytes(u64),
+        Text(String),
+    }
+    match Size::deserialize(d)? {
+        Size::Bytes(n) => Ok(n),
+        Size::Text(s) => parse_byte_size(&s).map_err(serde::de::Error::custom),
+    }
+}
+
+// ---- end of `[limits]` --------------------------------------------------------------------
+
 /// One problem with a config: the dotted key and why it is refused.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConfigIssue {
@@ -448,6 +584,8 @@ impl Config {
         let server = section(top.remove("server"), "server", issues).unwrap_or_default();
         let storage: StorageConfig =
             section(top.remove("storage"), "storage", issues).unwrap_or_default();
+        let limits: LimitsConfig =
+            section(top.remove("limits"), "limits", issues).unwrap_or_default();
         // Each upstream keeps its position in the file, so later checks name the right entry
         // even when an earlier one failed to parse.
         let mut upstreams = Vec::new();
@@ -494,7 +632,7 @@ impl Config {
         for key in top.keys() {
             issues.push(issue(
                 key.clone(),
-                "unknown section; expected server, storage, upstreams, webhooks, consumers or routes",
+                "unknown section; expected server, storage, limits, upstreams, webhooks, consumers or routes",
             ));
         }
         let config = Config {
@@ -505,6 +643,7 @@ impl Config {
             routes,
             router: Arc::new(router),
             consumers,
+            limits,
         };
         config.validate(&positions, issues);
         Some(config)
@@ -515,6 +654,9 @@ impl Config {
     fn validate(&self, positions: &[usize], issues: &mut Vec<ConfigIssue>) {
         for (key, reason) in self.storage.nats_problems() {
             issues.push(issue(format!("storage.{key}"), reason));
+        }
+        for (key, reason) in self.limits.problems() {
+            issues.push(issue(format!("limits.{key}"), reason));
         }
         if self.upstreams.is_empty() && !issues.iter().any(|i| i.key.starts_with("upstreams")) {
             issues.push(issue(
@@ -920,6 +1062,44 @@ mod tests {
             assert!(keys.contains(&want), "missing {want} in {err}");
         }
         assert!(!err.to_string().contains("t0k"));
+    }
+
+    #[test]
+    fn limits_have_defaults_and_bad_values_name_their_keys() {
+        let c = Config::from_toml(GOOD, env, false).unwrap();
+        assert_eq!(c.limits, LimitsConfig::default());
+        assert_eq!(c.limits.replay_memory_per_connection, 8 * 1024 * 1024);
+        let set = format!(
+            "{GOOD}\n[limits]\nmax_connections_per_token = 3\nreplay_memory_per_connection = \"1MiB\"\nreplay_memory_total = 4194304\nreplay_stall_timeout = \"2s\"\n"
+        );
+        let c = Config::from_toml(&set, env, false).unwrap();
+        assert_eq!(c.limits.max_connections_per_token, 3);
+        assert_eq!(c.limits.replay_memory_per_connection, 1024 * 1024);
+        assert_eq!(c.limits.replay_memory_total, 4 * 1024 * 1024);
+        assert_eq!(c.limits.replay_stall_timeout, Duration::from_secs(2));
+        let bad = format!(
+            "{GOOD}\n[limits]\nmax_connections_per_token = 0\nreplay_memory_per_connection = \"2GiB\"\nreplay_memory_total = \"1MiB\"\nreplay_stall_timeout = \"10ms\"\n"
+        );
+        let keys: Vec<String> = Config::from_toml(&bad, env, false)
+            .unwrap_err()
+            .0
+            .into_iter()
+            .map(|i| i.key)
+            .collect();
+        for key in [
+            "limits.max_connections_per_token",
+            "limits.replay_memory_per_connection",
+            "limits.replay_memory_total",
+            "limits.replay_stall_timeout",
+        ] {
+            assert!(keys.iter().any(|k| k == key), "{key} missing from {keys:?}");
+        }
+        let unit = format!("{GOOD}\n[limits]\nreplay_memory_total = \"8 parsecs\"\n");
+        let err = Config::from_toml(&unit, env, false).unwrap_err();
+        assert_eq!(err.0[0].key, "limits.replay_memory_total", "{err}");
+        assert_eq!(parse_byte_size("64KiB"), Ok(64 * 1024));
+        assert_eq!(parse_byte_size("7"), Ok(7));
+        assert!(parse_byte_size("99999999999999GiB").is_err());
     }
 
     #[test]

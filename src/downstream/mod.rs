@@ -9,13 +9,16 @@
 //! Memory is bounded per connection: a subscription's queue holds shared pointers to events
 //! (each serialised once by the journal) and is at most [`subscription::QUEUE`] long; a
 //! consumer whose queue fills is closed (`4001 slow consumer` on WebSocket) and resumes from
-//! its cursor. WebSocket buffers are sized for small JSON frames.
+//! its cursor. WebSocket buffers are sized for small JSON frames. Replays are bounded in bytes
+//! per connection and in total ([`budget`]), and one consumer token may hold at most
+//! `limits.max_connections_per_token` connections (one more is refused with HTTP 429).
 
+pub mod budget;
 pub mod sse;
 pub mod subscription;
 pub mod ws;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use axum::http::HeaderMap;
@@ -23,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 use wsbridge_adapters::Secret;
 
+use self::budget::{DownstreamLimits, ReplayBudget};
 use crate::ingest::Published;
 use crate::routing::{Filter, FilterConfig, RouteIssue};
 use crate::storage::Store;
@@ -55,6 +59,8 @@ pub struct Consumer {
     pub allow: Filter,
     /// Cancelled when a reload removes or changes this consumer: its sessions close.
     revoked: tokio_util::sync::CancellationToken,
+    /// Connections (WebSocket and SSE) open with this consumer's token now.
+    connections: AtomicUsize,
 }
 
 impl Consumer {
@@ -96,6 +102,7 @@ pub fn compile_consumers(
                 token: c.token.clone(),
                 allow,
                 revoked: tokio_util::sync::CancellationToken::new(),
+                connections: AtomicUsize::new(0),
             })),
             Err(list) => issues.extend(list.into_iter().map(|mut p| {
                 p.key = format!("[{i}].allow.{}", p.key);
@@ -117,6 +124,7 @@ pub struct HubStats {
     sessions: AtomicU64,
     frames_sent: AtomicU64,
     slow_disconnects: AtomicU64,
+    refused_token_limit: AtomicU64,
 }
 
 /// Plain-number copy of [`HubStats`].
@@ -128,8 +136,15 @@ pub struct HubCounters {
     pub sessions: u64,
     /// Event frames sent since start.
     pub frames_sent: u64,
-    /// Consumers closed for being too slow since start.
+    /// Consumers closed for being too slow since start (live lag or a stalled replay).
     pub slow_disconnects: u64,
+    /// Connections refused since start because their token had
+    /// `limits.max_connections_per_token` open.
+    pub refused_token_limit: u64,
+    /// Bytes of replayed events held now (read from the journal, not yet written).
+    pub replay_bytes: u64,
+    /// Times a replay page waited for room in the replay budget since start.
+    pub replay_budget_waits: u64,
 }
 
 /// What the downstream handlers share: the consumers, the store and the live stream.
@@ -140,15 +155,20 @@ pub struct Hub {
     stats: HubStats,
     /// Cancelled at shutdown: every session closes ("going away") so the server can stop.
     shutdown: tokio_util::sync::CancellationToken,
+    /// `[limits]` as they apply downstream.
+    limits: DownstreamLimits,
+    /// Replay memory of all connections.
+    replay: Arc<ReplayBudget>,
 }
 
 impl Hub {
-    /// A hub over `store` and the live `publish` stream.
+    /// A hub over `store` and the live `publish` stream, within `limits`.
     pub fn new(
         consumers: Vec<Arc<Consumer>>,
         store: Arc<dyn Store>,
         publish: broadcast::Sender<Arc<Published>>,
         shutdown: tokio_util::sync::CancellationToken,
+        limits: DownstreamLimits,
     ) -> Arc<Hub> {
         Arc::new(Hub {
             consumers: arc_swap::ArcSwap::from_pointee(consumers),
@@ -156,7 +176,46 @@ impl Hub {
             publish,
             stats: HubStats::default(),
             shutdown,
+            replay: ReplayBudget::new(&limits),
+            limits,
         })
+    }
+
+    /// A place for one more connection of `consumer`, or `None` (counted) when its token
+    /// already holds `limits.max_connections_per_token`: one consumer cannot take every
+    /// socket and replay of the bridge.
+    pub fn admit(&self, consumer: &Arc<Consumer>) -> Option<ConnectionSlot> {
+        let max = self.limits.max_connections_per_token;
+        let admitted = consumer
+            .connections
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_ok();
+        if admitted {
+            Some(ConnectionSlot {
+                consumer: consumer.clone(),
+            })
+        } else {
+            self.stats
+                .refused_token_limit
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(consumer = %consumer.name, max, "connection refused: the consumer's token is at limits.max_connections_per_token");
+            None
+        }
+    }
+
+    /// The refusal of a connection over the per-token cap (HTTP 429).
+    pub fn too_many_connections(&self) -> axum::response::Response {
+        use axum::response::IntoResponse;
+        (
+            axum::http::StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "this consumer token already has {} connections open (limits.max_connections_per_token)\n",
+                self.limits.max_connections_per_token
+            ),
+        )
+            .into_response()
     }
 
     /// The consumer presenting `Authorization: Bearer <token>` or `?token=<token>`, if any.
@@ -214,6 +273,9 @@ impl Hub {
             sessions: self.stats.sessions.load(Ordering::Relaxed),
             frames_sent: self.stats.frames_sent.load(Ordering::Relaxed),
             slow_disconnects: self.stats.slow_disconnects.load(Ordering::Relaxed),
+            refused_token_limit: self.stats.refused_token_limit.load(Ordering::Relaxed),
+            replay_bytes: self.replay.in_use() as u64,
+            replay_budget_waits: self.replay.waits(),
         }
     }
 
@@ -225,6 +287,18 @@ impl Hub {
             hub: self.clone(),
             id: n,
         }
+    }
+}
+
+/// One of a consumer's connection places; given back when dropped, however the connection
+/// ends.
+pub struct ConnectionSlot {
+    consumer: Arc<Consumer>,
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.consumer.connections.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

@@ -181,7 +181,7 @@ async fn a_consumer_that_never_reads_its_replays_is_closed_as_slow_with_bounded_
     peak = peak.max(rss_anon());
     let grown = peak.saturating_sub(baseline);
     assert!(
-        grown < 96 * 1024 * 1024,
+        grown < 48 * 1024 * 1024,
         "anonymous RSS grew by {} MiB with two stalled replaying connections",
         grown / (1024 * 1024)
     );

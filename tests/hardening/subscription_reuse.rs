@@ -100,10 +100,7 @@ async fn a_reused_subscription_id_receives_nothing_from_the_old_subscription() {
         let probe = format!("probe{round}");
         send(&mut ws, json!({"op": "subscribe", "id": probe})).await;
         let mut stray = read_until(&mut ws, |f| {
-            (
-                true,
-                f["op"] == "subscribed" && f["id"] == probe.as_str(),
-            )
+            (true, f["op"] == "subscribed" && f["id"] == probe.as_str())
         })
         .await;
         vb.emit(numbered_call(live)).await;
