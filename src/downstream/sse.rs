@@ -145,6 +145,25 @@ pub async fn stream(
     };
     let guard = hub.session();
     let revoked = consumer.revoked.clone();
+    // A consumer that stopped reading is not polled any more, so the stream cannot act on a
+    // slow verdict: a watcher counts it and drops the queued events (and the replay budget
+    // they hold) at once; the stream ends with the verdict when it is next polled.
+    let feed = Arc::new(tokio::sync::Mutex::new(Some(feed)));
+    tokio::spawn({
+        let (feed, slow, stop, hub) = (feed.clone(), slow.clone(), stop.clone(), hub.clone());
+        async move {
+            tokio::select! {
+                _ = slow.cancelled() => {
+                    hub.stats
+                        .slow_disconnects
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::info!(consumer = %consumer.name, "closing a slow SSE consumer");
+                    feed.lock().await.take();
+                }
+                _ = stop.cancelled() => {}
+            }
+        }
+    });
     let alive = Alive {
         _guard: guard,
         _slot: slot,
@@ -154,13 +173,19 @@ pub async fn stream(
         budget,
     };
     let state = (feed, Some(alive), hub.clone());
-    let events = stream::unfold(state, |(mut feed, alive, hub)| async move {
+    let events = stream::unfold(state, |(feed, alive, hub)| async move {
         // `alive` holds the session guard and stops the feeder when the stream is dropped.
         let alive = alive?;
         let next = tokio::select! {
             // Queued events first: a slow verdict comes after what was already queued.
             biased;
-            item = feed.recv() => item,
+            item = async {
+                match feed.lock().await.as_mut() {
+                    Some(rx) => rx.recv().await,
+                    // Dropped by the slow-consumer watcher.
+                    None => Some(FeedItem::End(FeedEnd::SlowConsumer)),
+                }
+            } => item,
             // The feeder found this consumer too slow (its queue may have had no room for
             // the verdict).
             _ = alive.slow.cancelled() => Some(FeedItem::End(FeedEnd::SlowConsumer)),
@@ -190,12 +215,8 @@ pub async fn stream(
             }
             Some(FeedItem::End(end)) => {
                 let message = match end {
-                    FeedEnd::SlowConsumer => {
-                        hub.stats
-                            .slow_disconnects
-                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        "slow consumer".to_string()
-                    }
+                    // Counted by the watcher.
+                    FeedEnd::SlowConsumer => "slow consumer".to_string(),
                     FeedEnd::Store(e) => format!("store unavailable: {e}"),
                     FeedEnd::Unrecoverable(e) => format!("unrecoverable_position: {e}"),
                 };

@@ -1263,6 +1263,41 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn replay_pages_stop_at_their_byte_limit_but_always_make_progress() {
+        let path = temp_db("pages");
+        let store = EmbeddedStore::open(&path, Durability::Normal).unwrap();
+        store
+            .append((0..10).map(|i| new(&format!("e{i}"))).collect())
+            .await
+            .unwrap();
+        let all = store.read_from(1, 100).await.unwrap();
+        let one = all[0].bytes.len();
+        // Three events' bytes (and a little): three events.
+        let page = store.read_page(1, 100, 3 * one + one / 2).await.unwrap();
+        assert_eq!(
+            page.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            vec![1, 2, 3]
+        );
+        assert_eq!(page, all[..3].to_vec(), "the same bytes as read_from");
+        // Less than one event: still the first, so a replay always moves on.
+        let page = store.read_page(4, 100, 1).await.unwrap();
+        assert_eq!(page.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![4]);
+        // The count limit holds too, and the end of the journal is an empty page.
+        assert_eq!(store.read_page(5, 2, usize::MAX).await.unwrap().len(), 2);
+        assert!(store.read_page(11, 2, usize::MAX).await.unwrap().is_empty());
+        // More replay reads at once than readers: each waits its turn and gets its page.
+        let reads = (1..=8u64).map(|from| store.read_page(from, 3, usize::MAX));
+        for (i, page) in futures_util::future::join_all(reads)
+            .await
+            .into_iter()
+            .enumerate()
+        {
+            assert_eq!(page.unwrap()[0].seq, i as u64 + 1);
+        }
+        let _ = std::fs::remove_dir_all(path.parent().unwrap().parent().unwrap());
+    }
+
+    #[tokio::test]
     async fn reopening_keeps_epoch_head_and_dedup() {
         let path = temp_db("reopen");
         let epoch = {

@@ -283,3 +283,62 @@ async fn connections_over_the_per_token_cap_are_refused_with_429() {
     let _ = first.close(None).await;
     bridge.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_sse_consumer_that_never_reads_its_replay_is_ended_as_slow_and_frees_its_budget() {
+    let vb = start_sim(Provider::Voipbin).await;
+    let cfg = config(&[
+        upstream_block("vb", &vb, FAST),
+        consumer_block(),
+        LIMITS.to_string(),
+    ]);
+    let (bridge, _rx) = start_bridge(&cfg).await;
+    wait_sim_ready(&vb, 1).await;
+    const JOURNAL: usize = 3000;
+    for i in 0..JOURNAL {
+        vb.emit(padded_call(i)).await;
+    }
+    wait_published(&bridge, JOURNAL as u64).await;
+
+    // An SSE consumer from earliest behind a small window that never reads.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(16 * 1024).expect("SO_RCVBUF");
+    let mut stream = socket.connect(bridge.local_addr()).await.expect("connect");
+    stream
+        .write_all(
+            format!("GET /v1/events?from=earliest HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nAccept: text/event-stream\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .expect("request");
+
+    // Judged slow, and its replay budget given back while it still reads nothing.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let c = bridge.hub().counters();
+        if c.slow_disconnects >= 1 && c.replay_bytes == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "an SSE consumer that never reads its replay was not ended as slow: {c:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(bridge.hub().counters().slow_disconnects, 1);
+
+    // When it reads, what was buffered ends with the verdict.
+    let mut lines = BufReader::new(stream).lines();
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let line = tokio::time::timeout_at(deadline, lines.next_line())
+            .await
+            .expect("the stream's end in time")
+            .expect("read")
+            .expect("the stream ends with an error event, not before");
+        if line.contains("slow consumer") {
+            break;
+        }
+    }
+    bridge.shutdown().await;
+}
