@@ -295,7 +295,7 @@ async fn session(
             }
             _ = &mut revoked => {
                 info!(consumer = %consumer.name, session = %session_id, "consumer removed or changed by a reload; closing");
-                let _ = tokio::time::timeout(CLOSE_GRACE, socket.send(close_frame(1008, "consumer configuration changed"))).await;
+                close_within_grace(&mut socket, close_frame(1008, "consumer configuration changed")).await;
                 break;
             }
             _ = &mut slow_verdict => {
@@ -303,7 +303,7 @@ async fn session(
                 info!(consumer = %consumer.name, session = %session_id, "closing a slow consumer");
                 // The close frame queues behind what the consumer has not read yet; give it a
                 // while to drain, then drop the connection.
-                let _ = tokio::time::timeout(CLOSE_GRACE, socket.send(close_frame(CLOSE_SLOW_CONSUMER, "slow consumer"))).await;
+                close_within_grace(&mut socket, close_frame(CLOSE_SLOW_CONSUMER, "slow consumer")).await;
                 break;
             }
         }
@@ -314,6 +314,24 @@ async fn session(
     debug!(consumer = %consumer.name, session = %session_id, "consumer disconnected");
     drop(guard);
     drop(slot);
+}
+
+/// Sends `close` and reads until the consumer's close answer, all within [`CLOSE_GRACE`].
+/// Reading on matters: a socket dropped with unread client frames in its receive buffer
+/// (ops sent while the session was stuck writing) is reset, and a reset makes the consumer's
+/// side discard what it has not read yet, the close frame with its reason included.
+async fn close_within_grace(socket: &mut WebSocket, close: Message) {
+    let _ = tokio::time::timeout(CLOSE_GRACE, async {
+        if socket.send(close).await.is_err() {
+            return;
+        }
+        while let Some(Ok(msg)) = socket.recv().await {
+            if matches!(msg, Message::Close(_)) {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 /// Most event frames written per flush (one `write` of the socket's buffer, usually).

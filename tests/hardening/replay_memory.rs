@@ -197,8 +197,9 @@ async fn a_consumer_that_never_reads_its_replays_is_closed_as_slow_with_bounded_
         "the budget was reached and counted"
     );
 
-    // Each stalled connection gets what was buffered, then 4001 "slow consumer".
-    for mut ws in stalled {
+    // Each stalled connection gets what was buffered, then 4001 "slow consumer" (both read
+    // at once: the server waits a while for a slow consumer to take its close frame).
+    let readers = stalled.into_iter().map(|mut ws| async move {
         let close = loop {
             match tokio::time::timeout(DEADLINE, ws.next()).await {
                 Ok(Some(Ok(Message::Close(frame)))) => break frame,
@@ -209,7 +210,8 @@ async fn a_consumer_that_never_reads_its_replays_is_closed_as_slow_with_bounded_
         let frame = close.expect("a close frame with a code");
         assert_eq!(u16::from(frame.code), 4001);
         assert_eq!(frame.reason.as_str(), "slow consumer");
-    }
+    });
+    futures_util::future::join_all(readers).await;
     bridge.shutdown().await;
 }
 
