@@ -90,7 +90,8 @@ impl ReplayBudget {
             total: Arc::new(Semaphore::new(total_capacity)),
             total_capacity,
             per_connection: clamp_capacity(limits.replay_per_connection).min(total_capacity),
-            stall: limits.replay_stall,
+            // Validated to at most an hour; clamped so deadline arithmetic cannot overflow.
+            stall: limits.replay_stall.min(Duration::from_secs(24 * 3600)),
             waits: AtomicU64::new(0),
         })
     }

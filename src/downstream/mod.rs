@@ -200,7 +200,9 @@ impl Hub {
             self.stats
                 .refused_token_limit
                 .fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(consumer = %consumer.name, max, "connection refused: the consumer's token is at limits.max_connections_per_token");
+            // Debug only: a client retrying in a loop must not flood the log (the refusals are
+            // counted in `wsbridge_consumer_connections_refused_total`).
+            tracing::debug!(consumer = %consumer.name, max, "connection refused: the consumer's token is at limits.max_connections_per_token");
             None
         }
     }

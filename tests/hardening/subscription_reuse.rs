@@ -70,7 +70,6 @@ async fn a_reused_subscription_id_receives_nothing_from_the_old_subscription() {
 
     let mut ws = connect(&bridge, TOKEN).await;
     assert_eq!(recv(&mut ws).await["op"], "ready");
-    let mut live = JOURNAL;
     for round in 0..3 {
         // Old `a` from the start of the journal, gone at once, and a new `a` that matches
         // nothing: any `a` event after the new `subscribed` is the old subscription's.
@@ -103,8 +102,7 @@ async fn a_reused_subscription_id_receives_nothing_from_the_old_subscription() {
             (true, f["op"] == "subscribed" && f["id"] == probe.as_str())
         })
         .await;
-        vb.emit(numbered_call(live)).await;
-        live += 1;
+        vb.emit(numbered_call(JOURNAL + round)).await;
         stray += read_until(&mut ws, |f| {
             (
                 true,
