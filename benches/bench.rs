@@ -693,6 +693,8 @@ fn start_wsbridge(o: &BridgeOpts) -> Res<Server> {
         );
     }
     cfg += &format!("[[consumers]]\nname = \"bench\"\ntoken = \"{CONSUMER_TOKEN}\"\n\n");
+    // Every load-tool consumer uses the one token: lift the per-token cap above their number.
+    cfg += "[limits]\nmax_connections_per_token = 100000\n\n";
     if let Some(w) = o.webhook {
         cfg += &format!(
             "[[webhooks]]\nname = \"recv\"\nurl = \"http://{w}/hook\"\nsecrets = [\"{WEBHOOK_SECRET}\"]\nallow_private = true\nmax_in_flight = 64\n\n[[routes]]\nname = \"all\"\nto = [\"recv\"]\n"

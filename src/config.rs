@@ -160,6 +160,27 @@ pub struct LimitsConfig {
     /// (upgraded `/v1/ws` sessions and SSE streams are not affected).
     #[serde(default = "d_60s", deserialize_with = "de_duration")]
     pub idle_timeout: Duration,
+    /// Connections (WebSocket and SSE together) one consumer token may hold at once; one
+    /// more is refused with HTTP 429, so one consumer cannot take every replay and socket.
+    #[serde(default = "default_max_connections_per_token")]
+    pub max_connections_per_token: usize,
+    /// Bytes of replayed events one connection may hold (read from the journal, not yet
+    /// written to its socket), all its subscriptions together; replays wait for room.
+    #[serde(
+        default = "default_replay_memory_per_connection",
+        deserialize_with = "de_byte_size"
+    )]
+    pub replay_memory_per_connection: u64,
+    /// Bytes of replayed events all connections together may hold; replays wait for room.
+    #[serde(
+        default = "default_replay_memory_total",
+        deserialize_with = "de_byte_size"
+    )]
+    pub replay_memory_total: u64,
+    /// How long a connection's replayed events may wait unwritten (its consumer does not
+    /// read) before it is closed as a slow consumer (4001 on WebSocket).
+    #[serde(default = "d_30s", deserialize_with = "de_duration")]
+    pub replay_stall_timeout: Duration,
 }
 
 impl Default for LimitsConfig {
@@ -170,6 +191,10 @@ impl Default for LimitsConfig {
             max_connections: None,
             header_timeout: d_10s(),
             idle_timeout: d_60s(),
+            max_connections_per_token: default_max_connections_per_token(),
+            replay_memory_per_connection: default_replay_memory_per_connection(),
+            replay_memory_total: default_replay_memory_total(),
+            replay_stall_timeout: d_30s(),
         }
     }
 }
@@ -604,6 +629,101 @@ fn d_60s() -> Duration {
     Duration::from_secs(60)
 }
 
+// ---- `[limits]` ---------------------------------------------------------------------------
+
+const KIB: u64 = 1024;
+const MIB: u64 = 1024 * KIB;
+const GIB: u64 = 1024 * MIB;
+
+fn default_max_connections_per_token() -> usize {
+    100
+}
+fn default_replay_memory_per_connection() -> u64 {
+    8 * MIB
+}
+fn default_replay_memory_total() -> u64 {
+    256 * MIB
+}
+
+impl LimitsConfig {
+    /// Problems with the per-consumer and replay limits, as (key, reason).
+    fn replay_problems(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        if !(1..=1_000_000).contains(&self.max_connections_per_token) {
+            out.push((
+                "max_connections_per_token",
+                "must be between 1 and 1000000".to_string(),
+            ));
+        }
+        // A replay page holds at least one event, so a connection's share must fit a few.
+        if !(64 * KIB..=GIB).contains(&self.replay_memory_per_connection) {
+            out.push((
+                "replay_memory_per_connection",
+                "must be between 64KiB and 1GiB".to_string(),
+            ));
+        }
+        if !(64 * KIB..=64 * GIB).contains(&self.replay_memory_total) {
+            out.push((
+                "replay_memory_total",
+                "must be between 64KiB and 64GiB".to_string(),
+            ));
+        } else if self.replay_memory_total < self.replay_memory_per_connection {
+            out.push((
+                "replay_memory_total",
+                "must be at least replay_memory_per_connection".to_string(),
+            ));
+        }
+        if !(Duration::from_millis(100)..=Duration::from_secs(3600))
+            .contains(&self.replay_stall_timeout)
+        {
+            out.push((
+                "replay_stall_timeout",
+                "must be between 100ms and 1h".to_string(),
+            ));
+        }
+        out
+    }
+}
+
+/// Parses a size: a number of bytes, or a string with a unit (`"64KiB"`, `"8MiB"`, `"1GiB"`;
+/// `B`, `KiB`, `MiB`, `GiB`, also `KB`/`MB`/`GB` as the same binary units).
+pub(crate) fn parse_byte_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like \"65536\", \"64KiB\" or \"8MiB\""))?;
+    let unit_bytes = match unit.trim() {
+        "" | "B" => 1,
+        "K" | "KB" | "KiB" => KIB,
+        "M" | "MB" | "MiB" => MIB,
+        "G" | "GB" | "GiB" => GIB,
+        other => {
+            return Err(format!(
+                "{s:?}: unknown unit {other:?}; use B, KiB, MiB or GiB"
+            ))
+        }
+    };
+    n.checked_mul(unit_bytes)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+fn de_byte_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Size {
+        Bytes(u64),
+        Text(String),
+    }
+    match Size::deserialize(d)? {
+        Size::Bytes(n) => Ok(n),
+        Size::Text(s) => parse_byte_size(&s).map_err(serde::de::Error::custom),
+    }
+}
+
+// ---- end of `[limits]` --------------------------------------------------------------------
+
 /// One problem with a config: the dotted key and why it is refused.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConfigIssue {
@@ -865,6 +985,9 @@ impl Config {
             issues.push(issue(format!("limits.{key}"), reason));
         }
         for (key, reason) in self.limits.connection_problems() {
+            issues.push(issue(format!("limits.{key}"), reason));
+        }
+        for (key, reason) in self.limits.replay_problems() {
             issues.push(issue(format!("limits.{key}"), reason));
         }
         if self.upstreams.is_empty() && !issues.iter().any(|i| i.key.starts_with("upstreams")) {
@@ -1336,6 +1459,44 @@ mod tests {
             let err = Config::from_toml(&bad, env, false).unwrap_err();
             assert!(err.0.iter().any(|i| i.key == key), "{text}: {err}");
         }
+    }
+
+    #[test]
+    fn replay_limits_have_defaults_and_bad_values_name_their_keys() {
+        let c = Config::from_toml(GOOD, env, false).unwrap();
+        assert_eq!(c.limits, LimitsConfig::default());
+        assert_eq!(c.limits.replay_memory_per_connection, 8 * 1024 * 1024);
+        let set = format!(
+            "{GOOD}\n[limits]\nmax_connections_per_token = 3\nreplay_memory_per_connection = \"1MiB\"\nreplay_memory_total = 4194304\nreplay_stall_timeout = \"2s\"\n"
+        );
+        let c = Config::from_toml(&set, env, false).unwrap();
+        assert_eq!(c.limits.max_connections_per_token, 3);
+        assert_eq!(c.limits.replay_memory_per_connection, 1024 * 1024);
+        assert_eq!(c.limits.replay_memory_total, 4 * 1024 * 1024);
+        assert_eq!(c.limits.replay_stall_timeout, Duration::from_secs(2));
+        let bad = format!(
+            "{GOOD}\n[limits]\nmax_connections_per_token = 0\nreplay_memory_per_connection = \"2GiB\"\nreplay_memory_total = \"1MiB\"\nreplay_stall_timeout = \"10ms\"\n"
+        );
+        let keys: Vec<String> = Config::from_toml(&bad, env, false)
+            .unwrap_err()
+            .0
+            .into_iter()
+            .map(|i| i.key)
+            .collect();
+        for key in [
+            "limits.max_connections_per_token",
+            "limits.replay_memory_per_connection",
+            "limits.replay_memory_total",
+            "limits.replay_stall_timeout",
+        ] {
+            assert!(keys.iter().any(|k| k == key), "{key} missing from {keys:?}");
+        }
+        let unit = format!("{GOOD}\n[limits]\nreplay_memory_total = \"8 parsecs\"\n");
+        let err = Config::from_toml(&unit, env, false).unwrap_err();
+        assert_eq!(err.0[0].key, "limits.replay_memory_total", "{err}");
+        assert_eq!(parse_byte_size("64KiB"), Ok(64 * 1024));
+        assert_eq!(parse_byte_size("7"), Ok(7));
+        assert!(parse_byte_size("99999999999999GiB").is_err());
     }
 
     #[test]

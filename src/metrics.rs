@@ -311,7 +311,7 @@ pub async fn render(state: &StatusState) -> String {
     counter(
         &mut r,
         "consumer_slow_disconnects",
-        "Consumers closed for being too slow",
+        "Consumers closed for being too slow (live lag, or a replay they did not read)",
         hub.slow_disconnects,
     );
     counter(
@@ -374,6 +374,27 @@ pub async fn render(state: &StatusState) -> String {
         "http_accept_errors",
         "Failures to accept an inbound connection (such as EMFILE, out of file descriptors); each is followed by a short back-off",
         http.accept_errors,
+    );
+    counter_family(
+        &mut r,
+        "consumer_connections_refused",
+        "Consumer connections refused by a limit (token_limit: limits.max_connections_per_token)",
+        vec![(
+            labels(&[("reason", "token_limit")]),
+            hub.refused_token_limit,
+        )],
+    );
+    gauge(
+        &mut r,
+        "consumer_replay_bytes",
+        "Bytes of replayed events read from the journal and not yet written to consumers",
+        i64::try_from(hub.replay_bytes).unwrap_or(i64::MAX),
+    );
+    counter(
+        &mut r,
+        "consumer_replay_budget_waits",
+        "Times a replay waited for room in limits.replay_memory_per_connection or replay_memory_total",
+        hub.replay_budget_waits,
     );
 
     let mut out = String::new();

@@ -9,13 +9,16 @@
 //! Memory is bounded per connection: a subscription's queue holds shared pointers to events
 //! (each serialised once by the journal) and is at most [`subscription::QUEUE`] long; a
 //! consumer whose queue fills is closed (`4001 slow consumer` on WebSocket) and resumes from
-//! its cursor. WebSocket buffers are sized for small JSON frames.
+//! its cursor. WebSocket buffers are sized for small JSON frames. Replays are bounded in bytes
+//! per connection and in total ([`budget`]), and one consumer token may hold at most
+//! `limits.max_connections_per_token` connections (one more is refused with HTTP 429).
 
+pub mod budget;
 pub mod sse;
 pub mod subscription;
 pub mod ws;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use axum::http::HeaderMap;
@@ -23,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 use wsbridge_adapters::Secret;
 
+use self::budget::{DownstreamLimits, ReplayBudget};
 use crate::ingest::Published;
 use crate::routing::{Filter, FilterConfig, RouteIssue};
 use crate::storage::Store;
@@ -55,6 +59,8 @@ pub struct Consumer {
     pub allow: Filter,
     /// Cancelled when a reload removes or changes this consumer: its sessions close.
     revoked: tokio_util::sync::CancellationToken,
+    /// Connections (WebSocket and SSE) open with this consumer's token now.
+    connections: AtomicUsize,
 }
 
 impl Consumer {
@@ -96,6 +102,7 @@ pub fn compile_consumers(
                 token: c.token.clone(),
                 allow,
                 revoked: tokio_util::sync::CancellationToken::new(),
+                connections: AtomicUsize::new(0),
             })),
             Err(list) => issues.extend(list.into_iter().map(|mut p| {
                 p.key = format!("[{i}].allow.{}", p.key);
@@ -118,6 +125,7 @@ pub struct HubStats {
     frames_sent: AtomicU64,
     slow_disconnects: AtomicU64,
     unreadable_events: AtomicU64,
+    refused_token_limit: AtomicU64,
 }
 
 /// Plain-number copy of [`HubStats`].
@@ -129,11 +137,18 @@ pub struct HubCounters {
     pub sessions: u64,
     /// Event frames sent since start.
     pub frames_sent: u64,
-    /// Consumers closed for being too slow since start.
+    /// Consumers closed for being too slow since start (live lag or a stalled replay).
     pub slow_disconnects: u64,
     /// Journalled events a feed could not read back (bytes that are not an envelope), each
     /// reported to its consumer as `unreadable_event` instead of skipped.
     pub unreadable_events: u64,
+    /// Connections refused since start because their token had
+    /// `limits.max_connections_per_token` open.
+    pub refused_token_limit: u64,
+    /// Bytes of replayed events held now (read from the journal, not yet written).
+    pub replay_bytes: u64,
+    /// Times a replay page waited for room in the replay budget since start.
+    pub replay_budget_waits: u64,
 }
 
 /// What the downstream handlers share: the consumers, the store and the live stream.
@@ -147,10 +162,14 @@ pub struct Hub {
     /// Largest `/v1/ws` event frame (`limits.max_event_bytes` plus the frame's members): the
     /// socket's write buffer must take one whole, or the event could never be sent.
     max_event_frame: usize,
+    /// `[limits]` as they apply downstream.
+    limits: DownstreamLimits,
+    /// Replay memory of all connections.
+    replay: Arc<ReplayBudget>,
 }
 
 impl Hub {
-    /// A hub over `store` and the live `publish` stream.
+    /// A hub over `store` and the live `publish` stream, within `limits`.
     pub fn new(
         consumers: Vec<Arc<Consumer>>,
         store: Arc<dyn Store>,
@@ -158,6 +177,7 @@ impl Hub {
         shutdown: tokio_util::sync::CancellationToken,
         limits: &crate::config::LimitsConfig,
     ) -> Arc<Hub> {
+        let downstream_limits = DownstreamLimits::from_config(limits);
         Arc::new(Hub {
             consumers: arc_swap::ArcSwap::from_pointee(consumers),
             store,
@@ -165,7 +185,48 @@ impl Hub {
             stats: HubStats::default(),
             shutdown,
             max_event_frame: limits.max_downstream_frame_bytes(),
+            replay: ReplayBudget::new(&downstream_limits),
+            limits: downstream_limits,
         })
+    }
+
+    /// A place for one more connection of `consumer`, or `None` (counted) when its token
+    /// already holds `limits.max_connections_per_token`: one consumer cannot take every
+    /// socket and replay of the bridge.
+    pub fn admit(&self, consumer: &Arc<Consumer>) -> Option<ConnectionSlot> {
+        let max = self.limits.max_connections_per_token;
+        let admitted = consumer
+            .connections
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_ok();
+        if admitted {
+            Some(ConnectionSlot {
+                consumer: consumer.clone(),
+            })
+        } else {
+            self.stats
+                .refused_token_limit
+                .fetch_add(1, Ordering::Relaxed);
+            // Debug only: a client retrying in a loop must not flood the log (the refusals are
+            // counted in `wsbridge_consumer_connections_refused_total`).
+            tracing::debug!(consumer = %consumer.name, max, "connection refused: the consumer's token is at limits.max_connections_per_token");
+            None
+        }
+    }
+
+    /// The refusal of a connection over the per-token cap (HTTP 429).
+    pub fn too_many_connections(&self) -> axum::response::Response {
+        use axum::response::IntoResponse;
+        (
+            axum::http::StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "this consumer token already has {} connections open (limits.max_connections_per_token)\n",
+                self.limits.max_connections_per_token
+            ),
+        )
+            .into_response()
     }
 
     /// The consumer presenting `Authorization: Bearer <token>` or `?token=<token>`, if any.
@@ -224,6 +285,9 @@ impl Hub {
             frames_sent: self.stats.frames_sent.load(Ordering::Relaxed),
             slow_disconnects: self.stats.slow_disconnects.load(Ordering::Relaxed),
             unreadable_events: self.stats.unreadable_events.load(Ordering::Relaxed),
+            refused_token_limit: self.stats.refused_token_limit.load(Ordering::Relaxed),
+            replay_bytes: self.replay.in_use() as u64,
+            replay_budget_waits: self.replay.waits(),
         }
     }
 
@@ -235,6 +299,18 @@ impl Hub {
             hub: self.clone(),
             id: n,
         }
+    }
+}
+
+/// One of a consumer's connection places; given back when dropped, however the connection
+/// ends.
+pub struct ConnectionSlot {
+    consumer: Arc<Consumer>,
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.consumer.connections.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

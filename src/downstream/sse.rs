@@ -6,6 +6,8 @@
 //! Each event is `id: <seq>` and one `data:` line with the envelope. A comment every 15 s keeps
 //! proxies from closing an idle stream. A consumer too slow to keep up gets a final
 //! `event: error` (`slow consumer`) and the stream ends; it reconnects with `Last-Event-ID`.
+//! So does one that does not read its replay (see [`super::budget`]). A token that holds
+//! `limits.max_connections_per_token` connections already is refused with 429.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -74,6 +76,9 @@ pub async fn stream(
         )
             .into_response();
     };
+    let Some(slot) = hub.admit(&consumer) else {
+        return hub.too_many_connections();
+    };
     let filter = match Filter::from_config(&q.filter) {
         Ok(f) => f,
         Err(issues) => {
@@ -110,8 +115,14 @@ pub async fn stream(
             }
         },
     };
-    let control = FeedControl::default();
+    let budget = hub.replay.connection();
+    let control = FeedControl {
+        stop: tokio_util::sync::CancellationToken::new(),
+        slow: tokio_util::sync::CancellationToken::new(),
+        budget: budget.clone(),
+    };
     let stop = control.stop.clone();
+    let slow = control.slow.clone();
     let feed = match subscription::open(
         &hub,
         filter,
@@ -134,17 +145,55 @@ pub async fn stream(
     };
     let guard = hub.session();
     let revoked = consumer.revoked.clone();
-    let state = (feed, Some((guard, stop.drop_guard(), revoked)), hub.clone());
-    let events = stream::unfold(state, |(mut feed, alive, hub)| async move {
+    // A consumer that stopped reading is not polled any more, so the stream cannot act on a
+    // slow verdict: a watcher counts it and drops the queued events (and the replay budget
+    // they hold) at once; the stream ends with the verdict when it is next polled.
+    let feed = Arc::new(tokio::sync::Mutex::new(Some(feed)));
+    tokio::spawn({
+        let (feed, slow, stop, hub) = (feed.clone(), slow.clone(), stop.clone(), hub.clone());
+        async move {
+            tokio::select! {
+                _ = slow.cancelled() => {
+                    hub.stats
+                        .slow_disconnects
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::info!(consumer = %consumer.name, "closing a slow SSE consumer");
+                    feed.lock().await.take();
+                }
+                _ = stop.cancelled() => {}
+            }
+        }
+    });
+    let alive = Alive {
+        _guard: guard,
+        _slot: slot,
+        _stop: stop.drop_guard(),
+        revoked,
+        slow,
+        budget,
+    };
+    let state = (feed, Some(alive), hub.clone());
+    let events = stream::unfold(state, |(feed, alive, hub)| async move {
         // `alive` holds the session guard and stops the feeder when the stream is dropped.
         let alive = alive?;
         let next = tokio::select! {
-            item = feed.recv() => item,
+            // Queued events first: a slow verdict comes after what was already queued.
+            biased;
+            item = async {
+                match feed.lock().await.as_mut() {
+                    Some(rx) => rx.recv().await,
+                    // Dropped by the slow-consumer watcher.
+                    None => Some(FeedItem::End(FeedEnd::SlowConsumer)),
+                }
+            } => item,
+            // The feeder found this consumer too slow (its queue may have had no room for
+            // the verdict).
+            _ = alive.slow.cancelled() => Some(FeedItem::End(FeedEnd::SlowConsumer)),
             // Shutting down: end the stream so the server can finish.
             _ = hub.shutdown.cancelled() => None,
             // A reload removed or changed this consumer: say so, then end the stream (the
             // same rule as /v1/ws, which closes with 1008).
-            _ = alive.2.cancelled() => {
+            _ = alive.revoked.cancelled() => {
                 return Some((
                     Ok(Event::default().event("error").data("consumer configuration changed")),
                     (feed, None, hub),
@@ -152,14 +201,16 @@ pub async fn stream(
             }
         };
         match next {
-            Some(FeedItem::Event(p)) => {
+            Some(item @ (FeedItem::Event(_) | FeedItem::Replayed(_))) => {
+                let (seq, bytes) = item.event()?;
                 hub.stats
                     .frames_sent
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let data = String::from_utf8_lossy(&p.bytes).into_owned();
-                let event = Event::default()
-                    .id(p.envelope.seq.unwrap_or(0).to_string())
-                    .data(data);
+                let data = String::from_utf8_lossy(bytes).into_owned();
+                let event = Event::default().id(seq.to_string()).data(data);
+                // The server asked for this event: the consumer reads. A replayed event's
+                // budget is given back as `item` drops here.
+                alive.budget.written();
                 Some((Ok::<_, Infallible>(event), (feed, Some(alive), hub)))
             }
             Some(FeedItem::Unreadable { seq, reason }) => {
@@ -174,12 +225,8 @@ pub async fn stream(
             }
             Some(FeedItem::End(end)) => {
                 let message = match end {
-                    FeedEnd::SlowConsumer => {
-                        hub.stats
-                            .slow_disconnects
-                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        "slow consumer".to_string()
-                    }
+                    // Counted by the watcher.
+                    FeedEnd::SlowConsumer => "slow consumer".to_string(),
                     FeedEnd::Store(e) => format!("store unavailable: {e}"),
                     FeedEnd::Unrecoverable(e) => format!("unrecoverable_position: {e}"),
                 };
@@ -198,6 +245,17 @@ pub async fn stream(
                 .text("keep-alive"),
         )
         .into_response()
+}
+
+/// What lives as long as the stream: the session count, the connection's place, the feeder
+/// (stopped when dropped) and what ends the stream.
+struct Alive {
+    _guard: super::SessionGuard,
+    _slot: super::ConnectionSlot,
+    _stop: tokio_util::sync::DropGuard,
+    revoked: tokio_util::sync::CancellationToken,
+    slow: tokio_util::sync::CancellationToken,
+    budget: Arc<super::budget::ConnectionBudget>,
 }
 
 #[cfg(test)]

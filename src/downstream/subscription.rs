@@ -16,14 +16,22 @@
 //! (`from` far back) that the ring outruns is not that: the feeder goes back to the journal
 //! from its cursor and catches up again (a bounded number of rounds). Memory per consumer is
 //! the queue of shared pointers, never a copy of the backlog.
+//!
+//! Replay memory is bounded apart from the queue length: a replay reads bounded pages
+//! ([`PAGE`] events, and bytes from its connection's budget) and every replayed event holds
+//! its share of the connection's and the total replay budget until it is written (see
+//! [`super::budget`]). A replay whose consumer does not read (its events stay unwritten past
+//! `limits.replay_stall_timeout`) gets the slow-consumer verdict, as a lagging live feed does.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::error;
 
+use super::budget::{Charge, ConnectionBudget, Stalled, EVENT_OVERHEAD};
 use super::Hub;
 use crate::envelope::Envelope;
 use crate::ingest::Published;
@@ -98,7 +106,7 @@ pub enum FeedEnd {
 /// What a feed puts in its queue.
 #[derive(Debug)]
 pub enum FeedItem {
-    /// The next event for this subscription.
+    /// The next event for this subscription, from the live stream.
     Event(Arc<Published>),
     /// The journal holds bytes at `seq` that are not an envelope: it cannot be sent, and
     /// whether it matched is unknown, so the consumer is told instead of meeting a silent gap.
@@ -109,18 +117,46 @@ pub enum FeedItem {
         /// Why it could not be read.
         reason: String,
     },
+    /// The next event for this subscription, from the journal: boxed so the queue's slots
+    /// stay small for the many live-only subscriptions.
+    Replayed(Box<Replayed>),
     /// The feed is over.
     End(FeedEnd),
 }
 
-/// The tokens that end a feed: `stop` (unsubscribe, disconnect) and `slow` (cancelled by the
-/// feed itself when its consumer fell behind the ring; the connection watches it).
-#[derive(Clone, Debug, Default)]
+impl FeedItem {
+    /// The event's seq and its bytes as journalled (`None` for an end).
+    pub fn event(&self) -> Option<(u64, &Bytes)> {
+        match self {
+            FeedItem::Event(p) => Some((p.envelope.seq.unwrap_or(0), &p.bytes)),
+            FeedItem::Replayed(r) => Some((r.seq, &r.bytes)),
+            FeedItem::Unreadable { .. } | FeedItem::End(_) => None,
+        }
+    }
+}
+
+/// A replayed event: only what is sent (not the parsed envelope), and the replay budget it
+/// holds until it is written or dropped.
+#[derive(Debug)]
+pub struct Replayed {
+    /// The journal position.
+    pub seq: u64,
+    /// The envelope as journalled.
+    pub bytes: Bytes,
+    _charge: Charge,
+}
+
+/// What ends a feed and bounds it: `stop` (unsubscribe, disconnect), `slow` (cancelled by the
+/// feed itself when its consumer fell behind the ring or stalled its replay; the connection
+/// watches it) and the connection's replay budget.
+#[derive(Clone, Debug)]
 pub struct FeedControl {
     /// Ends this feed.
     pub stop: CancellationToken,
     /// Shared by every feed of one connection; cancelled on a slow-consumer verdict.
     pub slow: CancellationToken,
+    /// The connection's share of the replay budget, shared by its feeds.
+    pub budget: Arc<ConnectionBudget>,
 }
 
 /// Starts a feeder for (`filter` ∩ `allow`) from seq `from`; `live` must have been taken from
@@ -137,7 +173,7 @@ pub fn spawn_feed(
     let (tx, rx) = mpsc::channel(QUEUE);
     tokio::spawn(async move {
         tokio::select! {
-            _ = feed(&hub, live, &filter, &allow, from, &tx, &control.slow) => {}
+            _ = feed(&hub, live, &filter, &allow, from, &tx, &control) => {}
             _ = control.stop.cancelled() => {}
         }
     });
@@ -151,17 +187,33 @@ async fn feed(
     allow: &Filter,
     mut next: u64,
     tx: &mpsc::Sender<FeedItem>,
-    slow: &CancellationToken,
+    control: &FeedControl,
 ) {
+    let slow = &control.slow;
+    let budget = &control.budget;
+    // A replay that stalled: the consumer is not reading.
+    let stalled = || {
+        slow.cancel();
+        let _ = tx.try_send(FeedItem::End(FeedEnd::SlowConsumer));
+    };
     let wanted = |e: &Envelope| allow.matches(e) && filter.matches(e);
     // Whether the live stream has caught up with the cursor since the last (re)subscribe,
     // and how many times a replay has been outrun by the live ring.
     let mut in_sync = false;
     let mut catch_ups = 0;
     loop {
-        // Replay: page through the journal until it has nothing at or after `next`.
+        // Replay: page through the journal until it has nothing at or after `next`, each page
+        // within the bytes reserved for it.
         loop {
-            let page = match hub.store.read_from(next, PAGE).await {
+            let Ok(mut reserved) = budget.reserve(budget.page_bytes()).await else {
+                stalled();
+                return;
+            };
+            // Bytes and count such that the page's charges (bytes plus overhead) fit.
+            let bytes = reserved.bytes();
+            let count = PAGE.min(bytes / (2 * EVENT_OVERHEAD)).max(1);
+            let max_bytes = bytes.saturating_sub(count.saturating_mul(EVENT_OVERHEAD));
+            let page = match hub.store.read_page(next, count, max_bytes).await {
                 Ok(p) => p,
                 Err(e @ crate::storage::StoreError::NotRetained { .. }) => {
                     let _ = tx
@@ -200,12 +252,47 @@ async fn feed(
                         continue;
                     }
                 };
-                if wanted(&envelope) {
-                    let item = FeedItem::Event(Arc::new(Published {
-                        envelope,
-                        bytes: stored.bytes,
-                    }));
-                    if tx.send(item).await.is_err() {
+                if !wanted(&envelope) {
+                    continue;
+                }
+                drop(envelope);
+                let cost = budget.cost(stored.bytes.len());
+                let charge = match budget.charge(&mut reserved, cost) {
+                    Some(c) => c,
+                    None => {
+                        // Only a page's first event can be larger than its reservation (the
+                        // page is then that one event): reserve its own size, holding nothing
+                        // else meanwhile.
+                        drop(reserved);
+                        let Ok(r) = budget.reserve(cost).await else {
+                            stalled();
+                            return;
+                        };
+                        reserved = r;
+                        match budget.charge(&mut reserved, cost) {
+                            Some(c) => c,
+                            None => {
+                                let _ = tx
+                                    .send(FeedItem::End(FeedEnd::Store(format!(
+                                        "replay budget cannot hold event {}",
+                                        stored.seq
+                                    ))))
+                                    .await;
+                                return;
+                            }
+                        }
+                    }
+                };
+                let item = FeedItem::Replayed(Box::new(Replayed {
+                    seq: stored.seq,
+                    bytes: stored.bytes,
+                    _charge: charge,
+                }));
+                match budget.unless_stalled(tx.send(item)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => return,
+                    Err(Stalled) => {
+                        stalled();
                         return;
                     }
                 }

@@ -8,8 +8,12 @@
 //!
 //! Bad client input never ends the connection: invalid JSON, an unknown op, a bad pattern or
 //! a duplicate subscription id get an `error` frame and the connection stays open. A
-//! subscription whose consumer cannot keep up closes the connection with 4001
-//! `slow consumer`; the consumer resumes with `from: last seq + 1`.
+//! subscription whose consumer cannot keep up (or does not read its replay) closes the
+//! connection with 4001 `slow consumer`; the consumer resumes with `from: last seq + 1`.
+//!
+//! A subscription id can be reused after `unsubscribe`: every subscription carries a
+//! generation number, and whatever the old feeder had queued is dropped unsent (its queue
+//! with it), never written under the new subscription.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -26,8 +30,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
+use super::budget::ConnectionBudget;
 use super::subscription::{self, FeedControl, FeedEnd, FeedItem, OpenError, Start};
-use super::{Consumer, Hub};
+use super::{ConnectionSlot, Consumer, Hub};
 use crate::routing::{Filter, FilterConfig};
 
 /// Close code for a consumer that cannot keep up (DESIGN §5).
@@ -58,7 +63,8 @@ pub struct TokenQuery {
     token: Option<String>,
 }
 
-/// The upgrade handler: authenticates before upgrading (401 otherwise).
+/// The upgrade handler: authenticates before upgrading (401 otherwise) and refuses a token
+/// that holds `limits.max_connections_per_token` connections already (429).
 pub async fn upgrade(
     State(hub): State<Arc<Hub>>,
     headers: HeaderMap,
@@ -72,6 +78,9 @@ pub async fn upgrade(
         )
             .into_response();
     };
+    let Some(slot) = hub.admit(&consumer) else {
+        return hub.too_many_connections();
+    };
     // Client frames are small ops, so a 1 KiB read chunk is plenty (a larger frame just
     // takes several reads); it is allocated for every connection for its whole life, and at
     // 4 KiB it was the largest single cost of an idle consumer (issue 8 memory profile).
@@ -84,7 +93,7 @@ pub async fn upgrade(
         .max_write_buffer_size(max_write_buffer(hub.max_event_frame))
         .max_message_size(MAX_CLIENT_FRAME)
         .max_frame_size(MAX_CLIENT_FRAME)
-        .on_upgrade(move |socket| session(hub, consumer, socket))
+        .on_upgrade(move |socket| session(hub, consumer, slot, socket))
 }
 
 /// A client op.
@@ -145,10 +154,33 @@ struct Sub {
     stop: CancellationToken,
     /// The `subscription` member of its event frames, pre-rendered.
     id_json: Arc<str>,
+    /// Which subscription of this id it is: a feed's items are written only while its
+    /// generation is the one subscribed under the id.
+    generation: u64,
 }
 
-async fn session(hub: Arc<Hub>, consumer: Arc<Consumer>, mut socket: WebSocket) {
+/// The subscriptions of one connection, by key, and the generation counter.
+#[derive(Default)]
+struct Subs {
+    by_key: HashMap<String, Sub>,
+    generations: u64,
+}
+
+impl Subs {
+    /// The subscription `key` if it is still generation `generation`.
+    fn current(&self, key: &str, generation: u64) -> Option<&Sub> {
+        self.by_key.get(key).filter(|s| s.generation == generation)
+    }
+}
+
+async fn session(
+    hub: Arc<Hub>,
+    consumer: Arc<Consumer>,
+    slot: ConnectionSlot,
+    mut socket: WebSocket,
+) {
     let guard = hub.session();
+    let budget = hub.replay.connection();
     let session_id = format!("s{}", guard.id);
     let allow = Arc::new(consumer.allow.clone());
     info!(consumer = %consumer.name, session = %session_id, "consumer connected");
@@ -168,7 +200,7 @@ async fn session(hub: Arc<Hub>, consumer: Arc<Consumer>, mut socket: WebSocket) 
         return;
     }
 
-    let mut subs: HashMap<String, Sub> = HashMap::new();
+    let mut subs = Subs::default();
     let slow = CancellationToken::new();
     // Every subscription's feed, tagged with its key; drained round-robin.
     let mut feeds = FuturesUnordered::new();
@@ -185,6 +217,20 @@ async fn session(hub: Arc<Hub>, consumer: Arc<Consumer>, mut socket: WebSocket) 
     let slow_verdict = slow_verdict.cancelled();
     tokio::pin!(shutdown, revoked, slow_verdict);
 
+    // Sends a reply unless a verdict (slow, shutdown, revoked) comes first: a reply stuck on a
+    // consumer that stopped reading must not hide them (the loop then acts on the verdict).
+    // Whether the socket is still good.
+    macro_rules! send_reply {
+        ($msg:expr) => {
+            tokio::select! {
+                r = socket.send($msg) => r.is_ok(),
+                _ = &mut slow_verdict => true,
+                _ = &mut shutdown => true,
+                _ = &mut revoked => true,
+            }
+        };
+    }
+
     loop {
         tokio::select! {
             incoming = socket.recv() => {
@@ -195,7 +241,9 @@ async fn session(hub: Arc<Hub>, consumer: Arc<Consumer>, mut socket: WebSocket) 
                 let text = match msg {
                     Message::Text(t) => t,
                     Message::Binary(_) => {
-                        let _ = socket.send(Message::text(error_frame("bad_request", "frames are JSON text", None))).await;
+                        if !send_reply!(Message::text(error_frame("bad_request", "frames are JSON text", None))) {
+                            break;
+                        }
                         continue;
                     }
                     Message::Close(_) => break,
@@ -203,27 +251,29 @@ async fn session(hub: Arc<Hub>, consumer: Arc<Consumer>, mut socket: WebSocket) 
                 };
                 // Boxed: the op's future (subscribe opens a feed, reads the store) is large and
                 // short-lived; inline it would be part of every idle session's task forever.
-                let (reply, feed) = Box::pin(apply_op(&hub, &consumer, &allow, text.as_str(), &mut subs, &slow)).await;
+                let (reply, feed) = Box::pin(apply_op(&hub, &consumer, &allow, text.as_str(), &mut subs, &slow, &budget)).await;
                 // The ack goes out before the feed is polled, so `subscribed` precedes the
                 // subscription's first event.
-                if socket.send(Message::text(reply)).await.is_err() {
+                if !send_reply!(Message::text(reply)) {
                     break;
                 }
-                if let Some((key, rx)) = feed {
-                    feeds.push(next_item(key, rx));
+                if let Some((key, generation, rx)) = feed {
+                    feeds.push(next_item(key, generation, rx));
                 }
             }
-            Some((key, item, mut rx)) = feeds.next(), if !feeds.is_empty() => {
+            Some((key, generation, item, mut rx)) = feeds.next(), if !feeds.is_empty() => {
+                // A feed of an unsubscribed subscription (its id possibly reused since): its
+                // queue is dropped with everything in it, which also ends its feeder.
+                let Some(sub) = subs.current(&key, generation) else {
+                    continue;
+                };
                 let mut item = item;
-                if let Some(FeedItem::Event(p)) = item {
-                    let Some(sub) = subs.get(&key) else {
-                        feeds.push(next_item(key, rx));
-                        continue;
-                    };
+                if item.as_ref().and_then(FeedItem::event).is_some() {
+                    let Some(first) = item.take() else { continue };
                     // A write stuck on a consumer that stopped reading must not hide the
                     // slow-consumer verdict.
                     let (sent, rest) = tokio::select! {
-                        r = write_events(&mut socket, &sub.id_json, p, &mut rx, &hub) => r,
+                        r = write_events(&mut socket, &sub.id_json, first, &mut rx, &hub, &budget) => r,
                         _ = &mut slow_verdict => (true, None),
                     };
                     if !sent {
@@ -231,40 +281,38 @@ async fn session(hub: Arc<Hub>, consumer: Arc<Consumer>, mut socket: WebSocket) 
                     }
                     item = rest;
                     if item.is_none() {
-                        feeds.push(next_item(key, rx));
+                        feeds.push(next_item(key, generation, rx));
                         continue;
                     }
                 }
                 match item {
                     Some(FeedItem::Unreadable { seq, reason }) => {
                         // Told, not skipped: the subscription goes on after it.
-                        if let Some(sub) = subs.get(&key) {
-                            let id: Value = serde_json::from_str(&sub.id_json).unwrap_or(Value::Null);
-                            let frame = json!({"op": "error", "code": "unreadable_event", "message": reason, "id": id, "seq": seq});
-                            if socket.send(Message::text(frame.to_string())).await.is_err() {
-                                break;
-                            }
+                        let id: Value = serde_json::from_str(&sub.id_json).unwrap_or(Value::Null);
+                        let frame = json!({"op": "error", "code": "unreadable_event", "message": reason, "id": id, "seq": seq});
+                        if !send_reply!(Message::text(frame.to_string())) {
+                            break;
                         }
-                        feeds.push(next_item(key, rx));
+                        feeds.push(next_item(key, generation, rx));
                     }
                     // The `slow` branch below handles the verdict.
                     Some(FeedItem::End(FeedEnd::SlowConsumer)) => {}
                     Some(FeedItem::End(FeedEnd::Unrecoverable(e))) => {
                         // Only this subscription ends; the connection and its others go on.
-                        if let Some(sub) = subs.remove(&key) {
+                        if let Some(sub) = subs.by_key.remove(&key) {
                             let id: Value = serde_json::from_str(&sub.id_json).unwrap_or(Value::Null);
                             let frame = error_frame("unrecoverable_position", e, Some(&id));
-                            if socket.send(Message::text(frame)).await.is_err() {
+                            if !send_reply!(Message::text(frame)) {
                                 break;
                             }
                         }
                     }
                     Some(FeedItem::End(FeedEnd::Store(e))) => {
-                        let _ = socket.send(close_frame(1011, &format!("store unavailable: {e}"))).await;
+                        let _ = tokio::time::timeout(CLOSE_GRACE, socket.send(close_frame(1011, &format!("store unavailable: {e}")))).await;
                         break;
                     }
-                    // The feed was stopped (unsubscribe): nothing more from it.
-                    Some(FeedItem::Event(_)) | None => {}
+                    // The feed was stopped: nothing more from it.
+                    Some(FeedItem::Event(_) | FeedItem::Replayed(_)) | None => {}
                 }
             }
             _ = &mut shutdown => {
@@ -273,7 +321,7 @@ async fn session(hub: Arc<Hub>, consumer: Arc<Consumer>, mut socket: WebSocket) 
             }
             _ = &mut revoked => {
                 info!(consumer = %consumer.name, session = %session_id, "consumer removed or changed by a reload; closing");
-                let _ = tokio::time::timeout(CLOSE_GRACE, socket.send(close_frame(1008, "consumer configuration changed"))).await;
+                close_within_grace(&mut socket, close_frame(1008, "consumer configuration changed")).await;
                 break;
             }
             _ = &mut slow_verdict => {
@@ -281,16 +329,35 @@ async fn session(hub: Arc<Hub>, consumer: Arc<Consumer>, mut socket: WebSocket) 
                 info!(consumer = %consumer.name, session = %session_id, "closing a slow consumer");
                 // The close frame queues behind what the consumer has not read yet; give it a
                 // while to drain, then drop the connection.
-                let _ = tokio::time::timeout(CLOSE_GRACE, socket.send(close_frame(CLOSE_SLOW_CONSUMER, "slow consumer"))).await;
+                close_within_grace(&mut socket, close_frame(CLOSE_SLOW_CONSUMER, "slow consumer")).await;
                 break;
             }
         }
     }
-    for sub in subs.values() {
+    for sub in subs.by_key.values() {
         sub.stop.cancel();
     }
     debug!(consumer = %consumer.name, session = %session_id, "consumer disconnected");
     drop(guard);
+    drop(slot);
+}
+
+/// Sends `close` and reads until the consumer's close answer, all within [`CLOSE_GRACE`].
+/// Reading on matters: a socket dropped with unread client frames in its receive buffer
+/// (ops sent while the session was stuck writing) is reset, and a reset makes the consumer's
+/// side discard what it has not read yet, the close frame with its reason included.
+async fn close_within_grace(socket: &mut WebSocket, close: Message) {
+    let _ = tokio::time::timeout(CLOSE_GRACE, async {
+        if socket.send(close).await.is_err() {
+            return;
+        }
+        while let Some(Ok(msg)) = socket.recv().await {
+            if matches!(msg, Message::Close(_)) {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 /// Most event frames written per flush (one `write` of the socket's buffer, usually).
@@ -304,51 +371,55 @@ const WRITE_BATCH: usize = 64;
 async fn write_events(
     socket: &mut WebSocket,
     sub_id_json: &str,
-    first: Arc<crate::ingest::Published>,
+    first: FeedItem,
     rx: &mut mpsc::Receiver<FeedItem>,
     hub: &Hub,
+    budget: &ConnectionBudget,
 ) -> (bool, Option<FeedItem>) {
     use futures_util::SinkExt;
     let mut next = Some(first);
     let mut written = 0u64;
     let mut rest = None;
-    while let Some(p) = next.take() {
+    while let Some(item) = next.take() {
+        let Some((seq, bytes)) = item.event() else {
+            rest = Some(item);
+            break;
+        };
         if socket
-            .feed(Message::text(event_frame(sub_id_json, &p)))
+            .feed(Message::text(event_frame(sub_id_json, seq, bytes)))
             .await
             .is_err()
         {
             return (false, None);
         }
+        // A replayed event's budget is given back here, once its frame is in the socket's
+        // buffer.
+        drop(item);
         written += 1;
         if written as usize >= WRITE_BATCH {
             break;
         }
-        match rx.try_recv() {
-            Ok(FeedItem::Event(p)) => next = Some(p),
-            Ok(end) => rest = Some(end),
-            Err(_) => {}
-        }
+        next = rx.try_recv().ok();
     }
     if socket.flush().await.is_err() {
         return (false, None);
     }
+    budget.written();
     hub.stats.frames_sent.fetch_add(written, Ordering::Relaxed);
     (true, rest)
 }
 
-type FeedNext = (String, Option<FeedItem>, mpsc::Receiver<FeedItem>);
+type FeedNext = (String, u64, Option<FeedItem>, mpsc::Receiver<FeedItem>);
 
-async fn next_item(key: String, mut rx: mpsc::Receiver<FeedItem>) -> FeedNext {
+async fn next_item(key: String, generation: u64, mut rx: mpsc::Receiver<FeedItem>) -> FeedNext {
     let item = rx.recv().await;
-    (key, item, rx)
+    (key, generation, item, rx)
 }
 
 /// `{"op":"event","subscription":<id>,"seq":<seq>,"event":<envelope>}` around the journal's
 /// bytes (valid UTF-8 JSON, as serde_json wrote them).
-fn event_frame(sub_id_json: &str, p: &crate::ingest::Published) -> String {
-    let envelope = std::str::from_utf8(&p.bytes).unwrap_or("null");
-    let seq = p.envelope.seq.unwrap_or(0);
+fn event_frame(sub_id_json: &str, seq: u64, bytes: &[u8]) -> String {
+    let envelope = std::str::from_utf8(bytes).unwrap_or("null");
     let mut frame = String::with_capacity(envelope.len() + sub_id_json.len() + 64);
     frame.push_str(r#"{"op":"event","subscription":"#);
     frame.push_str(sub_id_json);
@@ -360,8 +431,8 @@ fn event_frame(sub_id_json: &str, p: &crate::ingest::Published) -> String {
     frame
 }
 
-/// A new subscription's key and feed.
-type NewFeed = (String, mpsc::Receiver<FeedItem>);
+/// A new subscription's key, generation and feed.
+type NewFeed = (String, u64, mpsc::Receiver<FeedItem>);
 
 /// Applies one client op: the frame to answer with, and the feed of a new subscription.
 async fn apply_op(
@@ -369,8 +440,9 @@ async fn apply_op(
     consumer: &Consumer,
     allow: &Arc<Filter>,
     text: &str,
-    subs: &mut HashMap<String, Sub>,
+    subs: &mut Subs,
     slow: &CancellationToken,
+    budget: &Arc<ConnectionBudget>,
 ) -> (String, Option<NewFeed>) {
     let raw: Value = match serde_json::from_str(text) {
         Ok(v) => v,
@@ -405,7 +477,7 @@ async fn apply_op(
     };
     match op {
         ClientOp::Ping => (json!({"op": "pong"}).to_string(), None),
-        ClientOp::Unsubscribe { id } => match subs.remove(&sub_key(&id)) {
+        ClientOp::Unsubscribe { id } => match subs.by_key.remove(&sub_key(&id)) {
             Some(sub) => {
                 sub.stop.cancel();
                 (json!({"op": "unsubscribed", "id": id}).to_string(), None)
@@ -432,7 +504,7 @@ async fn apply_op(
                 );
             }
             let key = sub_key(&id);
-            if subs.len() >= MAX_SUBSCRIPTIONS {
+            if subs.by_key.len() >= MAX_SUBSCRIPTIONS {
                 return (
                     error_frame(
                         "too_many_subscriptions",
@@ -442,7 +514,7 @@ async fn apply_op(
                     None,
                 );
             }
-            if subs.contains_key(&key) {
+            if subs.by_key.contains_key(&key) {
                 return (
                     error_frame(
                         "duplicate_subscription",
@@ -471,22 +543,26 @@ async fn apply_op(
             let control = FeedControl {
                 stop: stop.clone(),
                 slow: slow.clone(),
+                budget: budget.clone(),
             };
             match subscription::open(hub, filter, allow.clone(), start, epoch.as_deref(), control)
                 .await
             {
                 Ok(rx) => {
                     debug!(consumer = %consumer.name, subscription = %key, ?start, "subscribed");
-                    subs.insert(
+                    subs.generations += 1;
+                    let generation = subs.generations;
+                    subs.by_key.insert(
                         key.clone(),
                         Sub {
                             stop,
                             id_json: Arc::from(key.as_str()),
+                            generation,
                         },
                     );
                     (
                         json!({"op": "subscribed", "id": id}).to_string(),
-                        Some((key, rx)),
+                        Some((key, generation, rx)),
                     )
                 }
                 Err(OpenError::Position(e)) => (

@@ -4,7 +4,11 @@
 //! command is one batch from ingest; the thread also drains every command already queued
 //! behind it and commits them all in a single transaction (group commit), so durability
 //! costs one fsync per burst rather than one per event. Reads use a second connection on the
-//! blocking pool; WAL lets them run while the writer commits.
+//! blocking pool; WAL lets them run while the writer commits. Consumer replays (`read_page`)
+//! read on their own small pool of connections ([`REPLAY_READERS`]), so however many replays
+//! wait for a turn, webhook `due()` queries and readiness never queue behind them. Waiting
+//! for a reader happens on the async side (a semaphore, an async mutex), so waiting readers
+//! never occupy blocking-pool threads.
 //!
 //! Durability: `synchronous = NORMAL` in WAL mode survives a process crash (SIGKILL) with no
 //! committed transaction lost; `FULL` (see [`Durability`]) also survives power loss, at the
@@ -35,6 +39,13 @@ use super::{
 pub const COMMAND_QUEUE: usize = 64;
 /// Most commands merged into one transaction.
 const MAX_COMMANDS_PER_COMMIT: usize = 64;
+/// Connections that serve consumer replays, apart from the reader of webhook queries,
+/// readiness and the admin API. Replay pages are short sequential reads; two keep both cores
+/// busy without letting replays crowd out everything else.
+pub const REPLAY_READERS: usize = 2;
+/// Page cache of a replay reader (KiB): replays read sequentially through the memory map, so
+/// a large cache would only hold pages that are not read again.
+const REPLAY_READER_CACHE_KIB: i64 = 2048;
 
 /// How hard a commit is pushed to disk.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -131,7 +142,8 @@ enum Done {
 /// thread after it has committed what it was given.
 pub struct EmbeddedStore {
     commands: std::sync::mpsc::SyncSender<Command>,
-    reader: Arc<Mutex<Connection>>,
+    reader: Arc<tokio::sync::Mutex<Connection>>,
+    replay: Arc<ReplayReaders>,
     epoch: String,
     head: Arc<AtomicU64>,
     /// Every seq up to this one has been pruned by retention (0: none).
@@ -145,6 +157,26 @@ impl std::fmt::Debug for EmbeddedStore {
             .field("path", &self.path)
             .field("epoch", &self.epoch)
             .finish()
+    }
+}
+
+/// The replay readers: idle connections and a semaphore that lets at most
+/// [`REPLAY_READERS`] reads run; a connection lost to a failed read is reopened on demand.
+struct ReplayReaders {
+    turns: Arc<tokio::sync::Semaphore>,
+    idle: Mutex<Vec<Connection>>,
+    path: PathBuf,
+    durability: Durability,
+}
+
+impl ReplayReaders {
+    fn open(&self) -> Result<Connection, StoreError> {
+        let conn = open_connection(&self.path, self.durability)?;
+        conn.execute_batch(&format!(
+            "PRAGMA cache_size = -{REPLAY_READER_CACHE_KIB}; PRAGMA query_only = ON;"
+        ))
+        .map_err(db("configure replay reader"))?;
+        Ok(conn)
     }
 }
 
@@ -251,6 +283,16 @@ impl EmbeddedStore {
         // Pruning may have emptied the journal: seqs are never reused within an epoch.
         let head = stored_head.max(pruned_through);
         let reader = open_connection(path, durability)?;
+        let replay = ReplayReaders {
+            turns: Arc::new(tokio::sync::Semaphore::new(REPLAY_READERS)),
+            idle: Mutex::new(Vec::with_capacity(REPLAY_READERS)),
+            path: path.to_path_buf(),
+            durability,
+        };
+        let first_replay_reader = replay.open()?;
+        if let Ok(mut idle) = replay.idle.lock() {
+            idle.push(first_replay_reader);
+        }
         let head = Arc::new(AtomicU64::new(head));
         let pruned = Arc::new(AtomicU64::new(pruned_through));
         let (tx, rx) = std::sync::mpsc::sync_channel(COMMAND_QUEUE);
@@ -269,7 +311,8 @@ impl EmbeddedStore {
         info!(path = %path.display(), epoch = %epoch, head = head.load(Ordering::Relaxed), "embedded store open");
         Ok(Arc::new(EmbeddedStore {
             commands: tx,
-            reader: Arc::new(Mutex::new(reader)),
+            reader: Arc::new(tokio::sync::Mutex::new(reader)),
+            replay: Arc::new(replay),
             epoch,
             head,
             pruned,
@@ -303,13 +346,54 @@ impl EmbeddedStore {
         &self,
         f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        let reader = self.reader.clone();
+        // Waiting for the connection is async: a burst of queries does not park blocking
+        // threads on a lock.
+        let conn = self.reader.clone().lock_owned().await;
+        tokio::task::spawn_blocking(move || f(&conn))
+            .await
+            .map_err(|_| StoreError::Closed)?
+    }
+
+    /// Runs `f` on a replay reader (waiting, asynchronously, for a free one).
+    async fn with_replay_reader<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let turn = self
+            .replay
+            .turns
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        let readers = self.replay.clone();
         tokio::task::spawn_blocking(move || {
-            let conn = reader.lock().map_err(|_| StoreError::Closed)?;
-            f(&conn)
+            let idle = readers.idle.lock().ok().and_then(|mut i| i.pop());
+            let conn = match idle {
+                Some(c) => c,
+                None => readers.open()?,
+            };
+            let out = f(&conn);
+            if let Ok(mut idle) = readers.idle.lock() {
+                idle.push(conn);
+            }
+            drop(turn);
+            out
         })
         .await
         .map_err(|_| StoreError::Closed)?
+    }
+
+    fn check_retained(&self, from: u64) -> Result<(), StoreError> {
+        let pruned = self.pruned.load(Ordering::Acquire);
+        if from <= pruned {
+            // Reading on would skip the pruned events silently: a reader gets told instead.
+            return Err(StoreError::NotRetained {
+                from,
+                first: pruned + 1,
+            });
+        }
+        Ok(())
     }
 }
 
@@ -325,14 +409,7 @@ impl Store for EmbeddedStore {
     }
 
     async fn read_from(&self, from: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
-        let pruned = self.pruned.load(Ordering::Acquire);
-        if from <= pruned {
-            // Reading on would skip the pruned events silently: a reader gets told instead.
-            return Err(StoreError::NotRetained {
-                from,
-                first: pruned + 1,
-            });
-        }
+        self.check_retained(from)?;
         let from = to_i64(from);
         let limit = to_i64(limit as u64);
         self.with_reader(move |conn| {
@@ -352,6 +429,47 @@ impl Store for EmbeddedStore {
                 .map_err(db("read events"))?;
             rows.collect::<Result<Vec<_>, _>>()
                 .map_err(db("read events"))
+        })
+        .await
+    }
+
+    async fn read_page(
+        &self,
+        from: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        self.check_retained(from)?;
+        let from = to_i64(from);
+        let limit = to_i64(limit as u64);
+        self.with_replay_reader(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT seq, id, length(body), body FROM events WHERE seq >= ?1 ORDER BY seq LIMIT ?2",
+                )
+                .map_err(db("prepare replay read"))?;
+            let mut rows = stmt
+                .query(params![from, limit])
+                .map_err(db("read events"))?;
+            let mut out = Vec::new();
+            let mut bytes = 0usize;
+            while let Some(row) = rows.next().map_err(db("read events"))? {
+                // The length comes from the record header: a body that would not fit the page
+                // is never loaded.
+                let len = usize::try_from(row.get::<_, i64>(2).map_err(db("read events"))?)
+                    .unwrap_or(usize::MAX);
+                bytes = bytes.saturating_add(len);
+                if !out.is_empty() && bytes > max_bytes {
+                    break;
+                }
+                out.push(StoredEvent {
+                    seq: u64::try_from(row.get::<_, i64>(0).map_err(db("read events"))?)
+                        .unwrap_or(0),
+                    id: row.get(1).map_err(db("read events"))?,
+                    bytes: Bytes::from(row.get::<_, Vec<u8>>(3).map_err(db("read events"))?),
+                });
+            }
+            Ok(out)
         })
         .await
     }
@@ -1141,6 +1259,41 @@ mod tests {
         assert_eq!(stored.seq, Some(2), "the stored bytes carry their seq");
         let pos = store.position().await.unwrap();
         assert_eq!((pos.head, pos.first), (3, 1));
+        let _ = std::fs::remove_dir_all(path.parent().unwrap().parent().unwrap());
+    }
+
+    #[tokio::test]
+    async fn replay_pages_stop_at_their_byte_limit_but_always_make_progress() {
+        let path = temp_db("pages");
+        let store = EmbeddedStore::open(&path, Durability::Normal).unwrap();
+        store
+            .append((0..10).map(|i| new(&format!("e{i}"))).collect())
+            .await
+            .unwrap();
+        let all = store.read_from(1, 100).await.unwrap();
+        let one = all[0].bytes.len();
+        // Three events' bytes (and a little): three events.
+        let page = store.read_page(1, 100, 3 * one + one / 2).await.unwrap();
+        assert_eq!(
+            page.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            vec![1, 2, 3]
+        );
+        assert_eq!(page, all[..3].to_vec(), "the same bytes as read_from");
+        // Less than one event: still the first, so a replay always moves on.
+        let page = store.read_page(4, 100, 1).await.unwrap();
+        assert_eq!(page.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![4]);
+        // The count limit holds too, and the end of the journal is an empty page.
+        assert_eq!(store.read_page(5, 2, usize::MAX).await.unwrap().len(), 2);
+        assert!(store.read_page(11, 2, usize::MAX).await.unwrap().is_empty());
+        // More replay reads at once than readers: each waits its turn and gets its page.
+        let reads = (1..=8u64).map(|from| store.read_page(from, 3, usize::MAX));
+        for (i, page) in futures_util::future::join_all(reads)
+            .await
+            .into_iter()
+            .enumerate()
+        {
+            assert_eq!(page.unwrap()[0].seq, i as u64 + 1);
+        }
         let _ = std::fs::remove_dir_all(path.parent().unwrap().parent().unwrap());
     }
 

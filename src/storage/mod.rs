@@ -117,6 +117,18 @@ pub struct StoredEvent {
     pub bytes: Bytes,
 }
 
+/// How many of `page`'s events fit `max_bytes` (at least one when the page has any).
+pub fn page_len(page: &[StoredEvent], max_bytes: usize) -> usize {
+    let mut bytes = 0usize;
+    for (i, e) in page.iter().enumerate() {
+        bytes = bytes.saturating_add(e.bytes.len());
+        if i > 0 && bytes > max_bytes {
+            return i;
+        }
+    }
+    page.len()
+}
+
 /// Where the journal stands.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct JournalPosition {
@@ -255,6 +267,23 @@ pub trait Store: Send + Sync + 'static {
 
     /// Up to `limit` events with `seq >= from`, in order.
     async fn read_from(&self, from: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError>;
+
+    /// A replay page: up to `limit` events with `seq >= from`, in order, stopping before the
+    /// event that would take the page's bytes past `max_bytes` (the first event is returned
+    /// whatever its size, so a page always makes progress). Consumer replays read through
+    /// this, so their memory is bounded by the caller's budget; a store with a separate read
+    /// path for replays uses it here, so that replays never hold up webhook and readiness
+    /// queries.
+    async fn read_page(
+        &self,
+        from: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let mut page = self.read_from(from, limit).await?;
+        page.truncate(page_len(&page, max_bytes));
+        Ok(page)
+    }
 
     /// The journal's epoch, head and first retained seq.
     async fn position(&self) -> Result<JournalPosition, StoreError>;

@@ -11,3 +11,5 @@ mod duration_bounds;
 mod event_size;
 mod metrics_lint;
 mod nesting_depth;
+mod replay_memory;
+mod subscription_reuse;

@@ -355,12 +355,15 @@ impl NatsStore {
         Ok(())
     }
 
-    /// Reads up to `limit` journal messages from `from` (inclusive) through `last`.
+    /// Reads up to `limit` journal messages from `from` (inclusive) through `last`, stopping
+    /// before the message that would take the bytes read past `max_bytes` (the first message
+    /// is kept whatever its size).
     async fn read_range(
         &self,
         from: u64,
         last: u64,
         limit: usize,
+        max_bytes: usize,
     ) -> Result<Vec<StoredEvent>, StoreError> {
         // In a cluster that just lost a node, a reader placed on the dead node is never
         // created: give each try a short limit and try again (the server then places it on a
@@ -398,6 +401,7 @@ impl NatsStore {
             .await
             .map_err(nats_err("read the journal"))?;
         let mut out = Vec::with_capacity(limit.min(1024));
+        let mut bytes = 0usize;
         while out.len() < limit {
             let next = match tokio::time::timeout(READ_TIMEOUT, messages.next()).await {
                 Ok(Some(m)) => m.map_err(nats_err("read the journal"))?,
@@ -410,6 +414,10 @@ impl NatsStore {
                     op: "read message info",
                     source: e,
                 })?;
+            bytes = bytes.saturating_add(next.message.payload.len());
+            if !out.is_empty() && bytes > max_bytes {
+                break;
+            }
             out.push(StoredEvent {
                 seq,
                 id: header(&next.message, "Nats-Msg-Id").unwrap_or_default(),
@@ -517,6 +525,15 @@ impl Store for NatsStore {
     }
 
     async fn read_from(&self, from: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
+        self.read_page(from, limit, usize::MAX).await
+    }
+
+    async fn read_page(
+        &self,
+        from: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
         let info = self
             .events
             .get_info()
@@ -534,7 +551,7 @@ impl Store for NatsStore {
         if limit == 0 || from > last || info.state.messages == 0 {
             return Ok(Vec::new());
         }
-        self.read_range(from, last, limit).await
+        self.read_range(from, last, limit, max_bytes).await
     }
 
     async fn position(&self) -> Result<JournalPosition, StoreError> {
