@@ -183,6 +183,10 @@ fn de_retention<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::
     }
 }
 
+/// Longest `storage.prefix`: it starts every journal subject, and subjects are bounded
+/// (`storage::nats::MAX_SUBJECT_BYTES`).
+pub const MAX_NATS_PREFIX: usize = 64;
+
 fn default_nats_prefix() -> String {
     "wsbridge".to_string()
 }
@@ -233,6 +237,14 @@ impl StorageConfig {
                 "prefix",
                 "use letters, digits, '-' or '_' (it names streams, subjects and buckets)"
                     .to_string(),
+            ));
+        }
+        if self.prefix.len() > MAX_NATS_PREFIX {
+            out.push((
+                "prefix",
+                format!(
+                    "at most {MAX_NATS_PREFIX} characters (it starts every subject, which NATS keeps short)"
+                ),
             ));
         }
         if !(1..=5).contains(&self.replicas) {

@@ -160,7 +160,7 @@ pub async fn render(state: &StatusState) -> String {
     counter(
         &mut r,
         "journal_rejected",
-        "Events dropped because the store can never accept them (larger than NATS max_payload)",
+        "Events dropped because the store refused them for good (over NATS max_payload or the stream's max_msg_size, or a write only that event fails), so later events are not held back",
         ingest.rejected,
     );
     let available = state.store.unavailable().is_none();
