@@ -175,9 +175,17 @@ pub async fn render(state: &StatusState) -> String {
     gauge(
         &mut r,
         "store_available",
-        "1 while the store takes writes (0 during a NATS outage: ingest is held back)",
+        "1 while the store takes writes (0 while journal writes fail and are retried: ingest is held back, /readyz is 503)",
         i64::from(available),
     );
+    if let Some(failures) = state.store.write_failures() {
+        counter(
+            &mut r,
+            "store_write_failures",
+            "Journal writes that failed for the store's own reason (disk, file, NATS outage) and were retried with backoff",
+            failures,
+        );
+    }
     let position = match available {
         true => state.store.position().await.ok(),
         false => None,

@@ -32,7 +32,7 @@ pub mod lease;
 pub mod state;
 pub mod tail;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -228,6 +228,8 @@ pub struct NatsStore {
     lease_ttl: Duration,
     /// False while publishes fail (an outage): readiness and metrics show it.
     journal_ok: AtomicBool,
+    /// Publish rounds that failed and were retried.
+    write_failures: AtomicU64,
     queues: delivery::Queues,
 }
 
@@ -294,6 +296,7 @@ impl NatsStore {
             replicas: config.replicas,
             lease_ttl: config.lease_ttl,
             journal_ok: AtomicBool::new(true),
+            write_failures: AtomicU64::new(0),
             queues,
         }))
     }
@@ -571,6 +574,7 @@ impl Store for NatsStore {
             match self.publish_batch(&mut prepared, &mut done).await {
                 Ok(()) => break,
                 Err(e) => {
+                    self.write_failures.fetch_add(1, Ordering::Relaxed);
                     if self.journal_ok.swap(false, Ordering::Relaxed) {
                         warn!(error = %e, "journal publish failed; retrying until NATS answers (upstream reads are held back meanwhile)");
                     }
@@ -768,6 +772,10 @@ impl Store for NatsStore {
 
     fn connected(&self) -> Option<bool> {
         Some(NatsStore::connected(self))
+    }
+
+    fn write_failures(&self) -> Option<u64> {
+        Some(self.write_failures.load(Ordering::Relaxed))
     }
 }
 
