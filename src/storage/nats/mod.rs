@@ -374,10 +374,16 @@ impl NatsStore {
             acks.push((i, ack));
         }
         // Every ack sent for is awaited, so that one failure does not make the events after
-        // it look like duplicates when they are published again.
+        // it look like duplicates when they are published again; all at once, so that an
+        // outage costs one ack timeout, not one per event.
+        let acks = futures_util::future::join_all(
+            acks.into_iter()
+                .map(|(i, ack)| async move { (i, ack.await) }),
+        )
+        .await;
         for (i, ack) in acks {
             let p = &mut prepared[i];
-            let ack = match ack.await {
+            let ack = match ack {
                 Ok(ack) => ack,
                 Err(e) => {
                     if let Some(refusal) = refused_for_good(&e) {
