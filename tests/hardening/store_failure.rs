@@ -247,3 +247,38 @@ async fn sigterm_while_the_journal_fails_exits_non_zero_after_the_grace_period()
         "events were not journalled: the exit says so ({exit:?})"
     );
 }
+
+/// The same bound on the NATS backend: NATS goes away with an event read and not journalled;
+/// shutdown ends after the grace period (instead of retrying the publish for ever) and says
+/// that the journal is incomplete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_while_nats_is_down_ends_after_the_grace_period_and_says_so() {
+    use crate::common::nats::{nats_config, unique_prefix, NatsServer};
+    let mut server = NatsServer::start("storefail-nats");
+    server.wait_ready(LONG).await;
+    let prefix = unique_prefix("storefail");
+    let vb = start_sim(Provider::Voipbin).await;
+    let cfg = nats_config(
+        &[upstream_block("vb", &vb, FAST)],
+        &[server.url()],
+        &prefix,
+        "",
+    );
+    let (bridge, _) = start_bridge(&cfg).await;
+    wait_sim_ready(&vb, 1).await;
+    server.kill();
+    vb.emit(numbered_call(0)).await;
+    let deadline = tokio::time::Instant::now() + LONG;
+    while bridge.ingest_stats().received == 0 || bridge.store().unavailable().is_none() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the event never reached ingest, or readiness never reported the outage: {:?}",
+            bridge.ingest_stats()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let done = tokio::time::timeout(LONG, bridge.shutdown())
+        .await
+        .expect("shutdown ends while NATS is down");
+    assert!(!done.journal_complete, "the lost event is reported");
+}
