@@ -993,4 +993,16 @@ mod tests {
         let err = Config::from_toml(&bad_ownership, env, false).unwrap_err();
         assert!(err.0[0].key.starts_with("upstreams[0]"), "{err}");
     }
+
+    #[test]
+    fn a_nats_prefix_too_long_for_bounded_subjects_is_refused() {
+        let storage = |prefix: &str| {
+            format!("{GOOD}\n[storage]\nbackend = \"nats\"\nurl = \"nats://127.0.0.1:4222\"\nprefix = \"{prefix}\"\n")
+        };
+        let longest = "p".repeat(MAX_NATS_PREFIX);
+        assert!(Config::from_toml(&storage(&longest), env, false).is_ok());
+        let err = Config::from_toml(&storage(&format!("{longest}p")), env, false).unwrap_err();
+        assert_eq!(err.0[0].key, "storage.prefix", "{err}");
+        assert!(err.to_string().contains("at most 64"), "{err}");
+    }
 }
