@@ -18,7 +18,7 @@ use std::sync::Arc;
 use tokio::sync::{broadcast, mpsc};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::admin::{self, AdminState};
 use crate::config::{Config, Ownership, StorageBackend};
@@ -116,6 +116,15 @@ pub struct Bridge {
     ingest_task: JoinHandle<()>,
     server_task: JoinHandle<()>,
     local_addr: SocketAddr,
+}
+
+/// How a shutdown ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shutdown {
+    /// False when the journal could not take everything read from the upstreams within the
+    /// grace period (its store was failing): those events are lost, and the binary exits
+    /// non-zero so that its supervisor and operator see it.
+    pub journal_complete: bool,
 }
 
 impl Bridge {
@@ -409,8 +418,9 @@ impl Bridge {
         self.stats.snapshot()
     }
 
-    /// Stops everything in order and waits for it.
-    pub async fn shutdown(self) {
+    /// Stops everything in order and waits for it; says whether everything read from the
+    /// upstreams was journalled.
+    pub async fn shutdown(self) -> Shutdown {
         self.shutdown.cancel();
         let upstreams = self.upstreams();
         let grace = self.current.lock().await.server.shutdown_grace;
@@ -424,14 +434,37 @@ impl Bridge {
         for u in upstreams {
             u.stop().await;
         }
-        // Ingest ends once every sender of its queue is gone.
+        // Ingest ends once every sender of its queue is gone and what they queued is
+        // journalled. A store that cannot write (a full disk, NATS down) is retried with
+        // backoff without end, so shutdown waits for it at most the grace period: what is not
+        // journalled by then is lost, and the caller is told (the process exits non-zero).
         if let Ok(mut q) = self.queue.lock() {
             q.take();
         }
-        if let Err(e) = self.ingest_task.await {
-            warn!(error = %e, "ingest task ended abnormally");
-        }
+        let mut ingest = self.ingest_task;
+        let journal_complete = match tokio::time::timeout(grace, &mut ingest).await {
+            Ok(Ok(())) => true,
+            Ok(Err(e)) => {
+                warn!(error = %e, "ingest task ended abnormally");
+                false
+            }
+            Err(_) => {
+                ingest.abort();
+                let s = self.stats.snapshot();
+                let in_flight = s
+                    .received
+                    .saturating_sub(s.published + s.duplicates + s.rejected);
+                error!(
+                    grace = ?grace,
+                    in_flight,
+                    why = self.store.unavailable().unwrap_or_default(),
+                    "the journal did not take the last events within the grace period; events read from upstreams and not journalled are lost"
+                );
+                false
+            }
+        };
         self.delivery.join(grace).await;
-        info!("bridge stopped");
+        info!(journal_complete, "bridge stopped");
+        Shutdown { journal_complete }
     }
 }

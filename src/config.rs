@@ -371,6 +371,10 @@ fn de_retention<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::
     }
 }
 
+/// Longest `storage.prefix`: it starts every journal subject, and subjects are bounded
+/// (`storage::nats::MAX_SUBJECT_BYTES`).
+pub const MAX_NATS_PREFIX: usize = 64;
+
 fn default_nats_prefix() -> String {
     "wsbridge".to_string()
 }
@@ -421,6 +425,14 @@ impl StorageConfig {
                 "prefix",
                 "use letters, digits, '-' or '_' (it names streams, subjects and buckets)"
                     .to_string(),
+            ));
+        }
+        if self.prefix.len() > MAX_NATS_PREFIX {
+            out.push((
+                "prefix",
+                format!(
+                    "at most {MAX_NATS_PREFIX} characters (it starts every subject, which NATS keeps short)"
+                ),
             ));
         }
         if !(1..=5).contains(&self.replicas) {
@@ -1592,5 +1604,17 @@ mod tests {
         let negative = format!("{GOOD}\n[limits]\nmax_connections = -1\n");
         let err = Config::from_toml(&negative, env, false).unwrap_err();
         assert_eq!(err.0[0].key, "limits.max_connections", "{err}");
+    }
+
+    #[test]
+    fn a_nats_prefix_too_long_for_bounded_subjects_is_refused() {
+        let storage = |prefix: &str| {
+            format!("{GOOD}\n[storage]\nbackend = \"nats\"\nurl = \"nats://127.0.0.1:4222\"\nprefix = \"{prefix}\"\n")
+        };
+        let longest = "p".repeat(MAX_NATS_PREFIX);
+        assert!(Config::from_toml(&storage(&longest), env, false).is_ok());
+        let err = Config::from_toml(&storage(&format!("{longest}p")), env, false).unwrap_err();
+        assert_eq!(err.0[0].key, "storage.prefix", "{err}");
+        assert!(err.to_string().contains("at most 64"), "{err}");
     }
 }

@@ -9,8 +9,9 @@
 //! `client_id` connections, or a frame replayed across a reconnect, is one event.
 //!
 //! Backpressure: when the ingest queue is full, supervisors stop reading their sockets; when
-//! the journal is slow, this task waits for it, and the queue fills. The publish side is a
-//! bounded broadcast ring: a subscriber that falls more than [`PUBLISH_CAPACITY`] events
+//! the journal is slow, or cannot write at all (a full disk, a NATS outage: the store retries
+//! with backoff and `/readyz` says why), this task waits for it, and the queue fills. The
+//! publish side is a bounded broadcast ring: a subscriber that falls more than [`PUBLISH_CAPACITY`] events
 //! behind is told how many it lost (`Lagged`) and must resume from the journal; nobody can
 //! make ingest buffer without bound.
 
@@ -26,7 +27,7 @@ use tracing::{debug, error, warn};
 use crate::delivery::DeliveryService;
 use crate::envelope::Envelope;
 use crate::routing::Router;
-use crate::storage::{Appended, NewEvent, Store};
+use crate::storage::{Appended, NewEvent, Store, StoreError};
 
 /// Capacity of the queue from the supervisors to ingest.
 pub const INGEST_QUEUE: usize = 4096;
@@ -64,8 +65,9 @@ pub struct IngestSnapshot {
     pub duplicates: u64,
     /// Envelopes given a seq and published.
     pub published: u64,
-    /// Envelopes the store can never accept (too large for NATS), dropped: counted so an
-    /// operator sees the loss without reading logs.
+    /// Envelopes the store can never accept (too large for NATS, refused by the stream, an
+    /// embedded write that fails for that event alone), dropped: counted so an operator
+    /// sees the loss without reading logs.
     pub rejected: u64,
     /// Envelopes larger than `limits.max_event_bytes`, refused before the journal (an event
     /// the bridge journals must be deliverable on every path), logged and counted.
@@ -138,13 +140,23 @@ pub fn spawn(
                     woken.push(target.clone());
                 }
             }
+            let n = routed.len() as u64;
             let appended = match store.append(routed).await {
                 Ok(a) => a,
-                Err(e) => {
-                    // The store only fails like this when it is closed (shutdown); its own
-                    // commit failures are retried inside it.
-                    error!(error = %e, "journal unavailable; ingest stops");
+                // Closed: the bridge is shutting down (or the store's writer is gone, which
+                // readiness reports); nothing can be journalled any more.
+                Err(StoreError::Closed) => {
+                    error!(events = n, "journal closed; ingest stops");
                     return;
+                }
+                // Stores retry their own failures (readiness says so meanwhile) and reject
+                // events they can never take one by one, so this is not expected; should it
+                // happen, these events are counted as rejected rather than stopping ingest
+                // for every later event.
+                Err(e) => {
+                    error!(error = %e, events = n, "journal refused a batch; its events are rejected");
+                    stats.rejected.fetch_add(n, Ordering::Relaxed);
+                    continue;
                 }
             };
             for outcome in appended {

@@ -119,6 +119,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 Config::load(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
             // Before anything opens a descriptor; the connection cap is derived from it.
             wsbridge::http_server::raise_open_files_limit();
+            ignore_file_size_signal()?;
             let bridge = Bridge::start(&config)
                 .await
                 .context("starting the bridge")?;
@@ -160,8 +161,11 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 }
             }
             info!("shutting down");
-            bridge.shutdown().await;
-            Ok(ExitCode::SUCCESS)
+            if bridge.shutdown().await.journal_complete {
+                Ok(ExitCode::SUCCESS)
+            } else {
+                Ok(ExitCode::FAILURE)
+            }
         }
         Command::Demo {
             json,
@@ -195,6 +199,26 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// A write past the process's file-size limit (`RLIMIT_FSIZE`, e.g. systemd's
+/// `LimitFSIZE=`) raises SIGXFSZ, whose default action kills the process, losing every event
+/// read and not yet journalled. Handled, the write fails with `EFBIG` instead: the store
+/// retries it with backoff and `/readyz` reports it, as for a full disk.
+#[cfg(unix)]
+fn ignore_file_size_signal() -> anyhow::Result<()> {
+    // SIGXFSZ is 25 on Linux, the BSDs and macOS. Tokio keeps the handler for the life of
+    // the process once registered; the stream itself is not needed.
+    const SIGXFSZ: std::os::raw::c_int = 25;
+    let stream = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::from_raw(SIGXFSZ))
+        .context("handling SIGXFSZ")?;
+    drop(stream);
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn ignore_file_size_signal() -> anyhow::Result<()> {
+    Ok(())
 }
 
 /// SIGHUP, the conventional "reload your config" signal.

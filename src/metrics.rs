@@ -179,7 +179,7 @@ pub async fn render(state: &StatusState) -> String {
     counter(
         &mut r,
         "journal_rejected",
-        "Events dropped because the store can never accept them (larger than NATS max_payload)",
+        "Events dropped because the store refused them for good (over NATS max_payload or the stream's max_msg_size, or a write only that event fails), so later events are not held back",
         ingest.rejected,
     );
     counter(
@@ -200,9 +200,17 @@ pub async fn render(state: &StatusState) -> String {
     gauge(
         &mut r,
         "store_available",
-        "1 while the store takes writes (0 during a NATS outage: ingest is held back)",
+        "1 while the store takes writes (0 while journal writes fail and are retried: ingest is held back, /readyz is 503)",
         i64::from(available),
     );
+    if let Some(failures) = state.store.write_failures() {
+        counter(
+            &mut r,
+            "store_write_failures",
+            "Journal writes that failed for the store's own reason (disk, file, NATS outage) and were retried with backoff",
+            failures,
+        );
+    }
     let position = match available {
         true => state.store.position().await.ok(),
         false => None,

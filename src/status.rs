@@ -2,8 +2,9 @@
 //! status page ask the bridge.
 //!
 //! - `GET /healthz`: the process is alive and serving HTTP (always 200 while it is);
-//! - `GET /readyz`: ready for traffic: the store answers, the config is loaded, the listener
-//!   is up (200, or 503 with the reason);
+//! - `GET /readyz`: ready for traffic: the store answers and its journal writes succeed (not
+//!   failing and being retried), the config is loaded, the listener is up (200, or 503 with
+//!   the reason);
 //! - `GET /v1/status`: one JSON summary of upstreams, webhooks, consumers and the journal for
 //!   the status page. It carries names, states and counts only, never a URL with
 //!   credentials, a token or a secret, so it is served without authentication.

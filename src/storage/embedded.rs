@@ -148,6 +148,7 @@ pub struct EmbeddedStore {
     head: Arc<AtomicU64>,
     /// Every seq up to this one has been pruned by retention (0: none).
     pruned: Arc<AtomicU64>,
+    health: Arc<WriterHealth>,
     path: PathBuf,
 }
 
@@ -296,10 +297,12 @@ impl EmbeddedStore {
         let head = Arc::new(AtomicU64::new(head));
         let pruned = Arc::new(AtomicU64::new(pruned_through));
         let (tx, rx) = std::sync::mpsc::sync_channel(COMMAND_QUEUE);
+        let health = Arc::new(WriterHealth::default());
         let shared = WriterShared {
             head: head.clone(),
             pruned: pruned.clone(),
             retention,
+            health: health.clone(),
         };
         thread::Builder::new()
             .name("wsbridge-store".into())
@@ -316,6 +319,7 @@ impl EmbeddedStore {
             epoch,
             head,
             pruned,
+            health,
             path: path.to_path_buf(),
         }))
     }
@@ -677,6 +681,16 @@ impl Store for EmbeddedStore {
         files_size(&self.path)
     }
 
+    fn unavailable(&self) -> Option<String> {
+        self.health
+            .failing()
+            .map(|why| format!("journal writes are failing (retrying): {why}"))
+    }
+
+    fn write_failures(&self) -> Option<u64> {
+        Some(self.health.failures.load(Ordering::Relaxed))
+    }
+
     async fn disabled(&self, endpoint: &str) -> Result<Option<String>, StoreError> {
         let endpoint = endpoint.to_string();
         self.with_reader(move |conn| {
@@ -782,6 +796,41 @@ struct WriterShared {
     head: Arc<AtomicU64>,
     pruned: Arc<AtomicU64>,
     retention: Option<Duration>,
+    health: Arc<WriterHealth>,
+}
+
+/// Whether the writer's commits succeed, for readiness and metrics: while they fail (the
+/// disk is full, the file cannot be written) the writer retries with backoff, ingest waits
+/// and upstream reads are held back, and `/readyz` says why instead of "ready".
+#[derive(Debug, Default)]
+pub struct WriterHealth {
+    /// Why the last commit failed, while the writer is retrying it (`None`: commits succeed).
+    failing: Mutex<Option<String>>,
+    /// Commits that failed and were retried, since the store opened.
+    failures: AtomicU64,
+}
+
+impl WriterHealth {
+    fn set(&self, why: Option<String>) {
+        if let Ok(mut failing) = self.failing.lock() {
+            *failing = why;
+        }
+    }
+
+    fn failing(&self) -> Option<String> {
+        self.failing.lock().ok().and_then(|f| f.clone())
+    }
+}
+
+/// Marks the writer stopped when its thread ends for any reason (a panic included): no
+/// journal write can succeed any more, and readiness must say so.
+struct StoppedOnExit(Arc<WriterHealth>);
+
+impl Drop for StoppedOnExit {
+    fn drop(&mut self) {
+        self.0
+            .set(Some("the store's writer thread has stopped".to_string()));
+    }
 }
 
 /// How often the writer looks for events to prune, busy or idle.
@@ -794,7 +843,9 @@ fn writer_loop(
     commands: std::sync::mpsc::Receiver<Command>,
     shared: WriterShared,
 ) {
+    let _stopped = StoppedOnExit(shared.health.clone());
     let head = shared.head.as_ref();
+    let health = shared.health.as_ref();
     let mut next_seq = head.load(Ordering::Acquire) + 1;
     let mut next_prune = std::time::Instant::now();
     loop {
@@ -833,28 +884,30 @@ fn writer_loop(
                 Err(_) => break,
             }
         }
-        // A failed commit is retried until it succeeds when the failure is the environment's
-        // (disk full, I/O error, a lock): nothing was acknowledged, and while we retry the
+        // A failed commit is retried with backoff until it succeeds when the failure is the
+        // environment's (disk full, I/O error, a file that cannot be written, a lock):
+        // nothing was acknowledged, readiness reports the failure, and while we retry the
         // bounded queue fills and ingest stops reading upstream, so no event is dropped on
-        // the floor. A failure that retrying cannot cure (a statement one command makes
-        // impossible) must not wedge the writer: the batch is split and only the command
-        // that fails on its own gets the error.
-        match commit_retrying(&mut conn, &mut pending, &mut next_seq, head) {
+        // the floor and ingest resumes by itself once the store recovers. A failure that
+        // retrying cannot cure (a statement one command makes impossible) must not wedge the
+        // writer: the batch is split and only the command that fails on its own is refused;
+        // within an append, only the events that fail on their own are rejected.
+        match commit_retrying(&mut conn, &mut pending, &mut next_seq, head, health) {
             Ok(()) => {}
             Err(e) if pending.len() == 1 => {
-                warn!(error = %e, "store command refused");
                 if let Some(command) = pending.pop() {
-                    reply_error(command, e);
+                    refuse(&mut conn, command, e, &mut next_seq, head, health);
                 }
             }
             Err(e) => {
                 warn!(error = %e, commands = pending.len(), "store batch failed; committing its commands one by one");
                 for command in pending {
                     let mut one = vec![command];
-                    if let Err(e) = commit_retrying(&mut conn, &mut one, &mut next_seq, head) {
-                        warn!(error = %e, "store command refused");
+                    if let Err(e) =
+                        commit_retrying(&mut conn, &mut one, &mut next_seq, head, health)
+                    {
                         if let Some(command) = one.pop() {
-                            reply_error(command, e);
+                            refuse(&mut conn, command, e, &mut next_seq, head, health);
                         }
                     }
                 }
@@ -863,16 +916,60 @@ fn writer_loop(
     }
 }
 
-/// Commits `pending` in one transaction and answers every command, retrying while the failure
-/// is transient. On a permanent failure nothing is committed or answered and the error is
-/// returned, `pending` untouched, for the caller to split the batch or refuse the command.
+/// Answers a command that fails on its own for a reason retrying cannot cure. An append is
+/// committed one event at a time instead, and only the events that fail on their own are
+/// [`Appended::Rejected`] (ingest counts them): one impossible event must not cost the
+/// events journalled with it.
+fn refuse(
+    conn: &mut Connection,
+    command: Command,
+    e: StoreError,
+    next_seq: &mut u64,
+    head: &AtomicU64,
+    health: &WriterHealth,
+) {
+    let Command::Append { batch, reply } = command else {
+        warn!(error = %e, "store command refused");
+        reply_error(command, e);
+        return;
+    };
+    let mut results = Vec::with_capacity(batch.len());
+    for event in batch {
+        let id = event.envelope.id.clone();
+        let (one_reply, mut answer) = oneshot::channel();
+        let mut one = vec![Command::Append {
+            batch: vec![event],
+            reply: one_reply,
+        }];
+        let mut outcome = match commit_retrying(conn, &mut one, next_seq, head, health) {
+            Ok(()) => answer.try_recv().ok().and_then(Result::ok),
+            Err(e) => {
+                error!(event_id = %id, error = %e, "the store refuses this event; rejected (not journalled)");
+                None
+            }
+        };
+        match outcome.as_mut().and_then(Vec::pop) {
+            Some(appended) => results.push(appended),
+            None => results.push(Appended::Rejected),
+        }
+    }
+    let _ = reply.send(Ok(results));
+}
+
+/// Commits `pending` in one transaction and answers every command, retrying with backoff
+/// while the failure is the environment's ([`is_environmental`]), with `health` saying so
+/// meanwhile. On a failure only a command can cause, nothing is committed or answered and
+/// the error is returned, `pending` untouched, for the caller to split the batch or refuse
+/// the command.
 fn commit_retrying(
     conn: &mut Connection,
     pending: &mut Vec<Command>,
     next_seq: &mut u64,
     head: &AtomicU64,
+    health: &WriterHealth,
 ) -> Result<(), StoreError> {
-    let mut delay = std::time::Duration::from_millis(50);
+    let mut delay = COMMIT_RETRY_FIRST;
+    let mut failed = false;
     loop {
         match commit(conn, pending, *next_seq) {
             Ok((results, new_next)) => {
@@ -881,35 +978,53 @@ fn commit_retrying(
                 for (command, result) in pending.drain(..).zip(results) {
                     reply(command, result);
                 }
+                if failed {
+                    info!("store commits succeed again; ingest resumes");
+                    health.set(None);
+                }
                 return Ok(());
             }
-            Err(e) if is_transient(&e) => {
-                error!(error = %e, retry_in_ms = delay.as_millis() as u64, "store commit failed; retrying");
+            Err(e) if is_environmental(&e) => {
+                error!(error = %e, retry_in_ms = delay.as_millis() as u64, "store commit failed; retrying (ingest is held back meanwhile)");
+                failed = true;
+                health.failures.fetch_add(1, Ordering::Relaxed);
+                health.set(Some(e.to_string()));
                 thread::sleep(delay);
-                delay = (delay * 2).min(std::time::Duration::from_secs(5));
+                delay = (delay * 2).min(COMMIT_RETRY_MAX);
             }
-            Err(e) => return Err(e),
+            Err(e) => {
+                if failed {
+                    health.set(None);
+                }
+                return Err(e);
+            }
         }
     }
 }
 
-/// Whether a failed commit may succeed if simply tried again (the environment's fault, not
-/// the command's).
-fn is_transient(e: &StoreError) -> bool {
+/// First wait before a failed commit is tried again; it doubles up to [`COMMIT_RETRY_MAX`].
+const COMMIT_RETRY_FIRST: Duration = Duration::from_millis(50);
+/// Longest wait between two tries of a failed commit.
+const COMMIT_RETRY_MAX: Duration = Duration::from_secs(2);
+
+/// Whether a failed commit is the environment's fault (disk full, an I/O error, a file that
+/// became read-only or unreadable, a lock, memory), so that the same commit may succeed once
+/// the environment recovers, rather than the fault of a command in it (a constraint, a value
+/// too big, a misuse): those fail again however often they are tried.
+fn is_environmental(e: &StoreError) -> bool {
     use rusqlite::ErrorCode as C;
     match e {
         StoreError::Database {
             source: rusqlite::Error::SqliteFailure(f, _),
             ..
-        } => matches!(
+        } => !matches!(
             f.code,
-            C::DatabaseBusy
-                | C::DatabaseLocked
-                | C::DiskFull
-                | C::SystemIoFailure
-                | C::OutOfMemory
-                | C::CannotOpen
-                | C::FileLockingProtocolFailed
+            C::ConstraintViolation
+                | C::TooBig
+                | C::TypeMismatch
+                | C::ParameterOutOfRange
+                | C::ApiMisuse
+                | C::Unknown
         ),
         StoreError::Io { .. } => true,
         _ => false,
@@ -1235,6 +1350,67 @@ mod tests {
             std::env::temp_dir().join(format!("wsbridge-store-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         dir.join("nested").join("j.db")
+    }
+
+    /// An event the database refuses on its own (here a trigger that aborts it, standing in
+    /// for any failure retrying cannot cure) is rejected; the events batched with it are
+    /// journalled with gapless seqs, and the store stays ready.
+    #[tokio::test]
+    async fn an_event_refused_on_its_own_is_rejected_and_its_batch_is_journalled() {
+        let path = temp_db("refuse");
+        let store = EmbeddedStore::open(&path, Durability::Normal).unwrap();
+        let other = Connection::open(&path).unwrap();
+        other
+            .execute_batch(
+                "CREATE TRIGGER refuse_bad BEFORE INSERT ON events WHEN NEW.id = 'bad'
+                 BEGIN SELECT RAISE(ABORT, 'refused'); END;",
+            )
+            .unwrap();
+        let out = store
+            .append(vec![new("a"), new("bad"), new("b")])
+            .await
+            .unwrap();
+        assert!(matches!(out[0], Appended::Stored { seq: 1, .. }), "{out:?}");
+        assert_eq!(out[1], Appended::Rejected);
+        assert!(matches!(out[2], Appended::Stored { seq: 2, .. }), "{out:?}");
+        assert_eq!(
+            store.unavailable(),
+            None,
+            "one event's refusal is not the store's failure"
+        );
+        assert_eq!(store.write_failures(), Some(0));
+        let next = store.append(vec![new("c")]).await.unwrap();
+        assert!(
+            matches!(next[0], Appended::Stored { seq: 3, .. }),
+            "{next:?}"
+        );
+        let _ = std::fs::remove_dir_all(path.parent().unwrap().parent().unwrap());
+    }
+
+    #[test]
+    fn the_environment_s_failures_are_retried_a_command_s_are_not() {
+        let failure = |code: i32| StoreError::Database {
+            op: "commit",
+            source: rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(code), None),
+        };
+        for code in [
+            rusqlite::ffi::SQLITE_FULL,
+            rusqlite::ffi::SQLITE_IOERR_WRITE,
+            rusqlite::ffi::SQLITE_READONLY,
+            rusqlite::ffi::SQLITE_READONLY_DBMOVED,
+            rusqlite::ffi::SQLITE_CANTOPEN,
+            rusqlite::ffi::SQLITE_BUSY,
+            rusqlite::ffi::SQLITE_CORRUPT,
+        ] {
+            assert!(is_environmental(&failure(code)), "{code}");
+        }
+        for code in [
+            rusqlite::ffi::SQLITE_CONSTRAINT_TRIGGER,
+            rusqlite::ffi::SQLITE_TOOBIG,
+            rusqlite::ffi::SQLITE_MISUSE,
+        ] {
+            assert!(!is_environmental(&failure(code)), "{code}");
+        }
     }
 
     #[tokio::test]

@@ -101,8 +101,9 @@ pub enum Appended {
     /// An event with the same id is already in the journal; nothing was stored.
     Duplicate,
     /// The store can never accept this event (a NATS envelope larger than the server's
-    /// `max_payload`); it was dropped and logged so that the events after it are not held
-    /// back forever by a retry that cannot succeed.
+    /// `max_payload` or refused by the stream, an embedded write that fails for this event
+    /// alone); it was dropped and logged so that the events after it are not held back
+    /// forever by a retry that cannot succeed.
     Rejected,
 }
 
@@ -263,6 +264,11 @@ pub enum ReplaySelection {
 pub trait Store: Send + Sync + 'static {
     /// Journals `batch` in order, with a pending delivery per target for every new event, in
     /// one atomic, durable step (group commit). One result per input event.
+    ///
+    /// A store that cannot write now (its disk, its server) keeps retrying with backoff and
+    /// reports it through [`Store::unavailable`] rather than failing: the caller waits, and
+    /// upstream reads are held back. An event no retry can store is [`Appended::Rejected`].
+    /// `Err` means the store is closed.
     async fn append(&self, batch: Vec<NewEvent>) -> Result<Vec<Appended>, StoreError>;
 
     /// Up to `limit` events with `seq >= from`, in order.
@@ -370,6 +376,13 @@ pub trait Store: Send + Sync + 'static {
 
     /// Bytes the store occupies on disk, where that is known (for metrics).
     fn size_bytes(&self) -> Option<u64> {
+        None
+    }
+
+    /// Journal writes that failed and were retried since the store opened (the store's
+    /// fault, not an event's: a full disk, an unwritable file, a NATS outage), where the
+    /// store counts them (for metrics: a failing store is visible before readiness is asked).
+    fn write_failures(&self) -> Option<u64> {
         None
     }
 }

@@ -10,6 +10,8 @@ mod connection_limits;
 mod duration_bounds;
 mod event_size;
 mod metrics_lint;
+mod nats_long_subject;
 mod nesting_depth;
 mod replay_memory;
+mod store_failure;
 mod subscription_reuse;

@@ -4,7 +4,8 @@
 //! What lives where (every name starts with `storage.prefix`, so deployments and test runs
 //! sharing one NATS account never see each other):
 //! - the journal is the stream `<prefix>_events`, subjects `<prefix>.events.<provider>.<type…>`
-//!   (file storage, `storage.replicas`). Each envelope is published with `Nats-Msg-Id` = the
+//!   (file storage, `storage.replicas`); a subject is at most [`MAX_SUBJECT_BYTES`] long, an
+//!   over-long token or type tail replaced by a hash (see [`Names::event_subject`]). Each envelope is published with `Nats-Msg-Id` = the
 //!   event id, so the copies two instances publish of one upstream frame are stored once (the
 //!   stream's duplicate window). The envelope's `seq` is the stream sequence; the epoch is the
 //!   stream's name and creation time, so a recreated stream is a new epoch;
@@ -23,16 +24,18 @@
 //! fills and the upstream readers stop reading (backpressure). Nothing an upstream sent after
 //! the bridge read it is dropped. The bridge only starts when the server's `max_payload`
 //! covers `limits.max_event_bytes` plus [`HEADER_RESERVE`] ([`NatsStore::check_max_payload`]),
-//! and ingest refuses larger envelopes, so every event that reaches the journal fits; should
-//! one still exceed `max_payload` (headers beyond the reserve), no retry could store it, so it
-//! is dropped with an error log and counted (`journal_rejected`) instead of wedging ingest.
+//! and ingest refuses larger envelopes, so every event that reaches the journal fits. An event
+//! NATS still refuses for good (headers beyond the reserve, or the stream refuses that message
+//! with a 4xx error such as its `max_msg_size`) could never be stored by a retry, so it is
+//! dropped with an error log and counted (`journal_rejected`) instead of wedging ingest on
+//! every instance.
 
 pub mod delivery;
 pub mod lease;
 pub mod state;
 pub mod tail;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -59,6 +62,10 @@ const READER_CREATE_TIMEOUT: Duration = Duration::from_secs(2);
 const READER_CREATE_TRIES: u32 = 4;
 /// Longest wait for one message while paging through the journal.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest journal subject. A subject travels in the publish's control line, which
+/// nats-server caps (`max_control_line`, 4096 bytes by default) and answers by dropping the
+/// connection: a subject built from an upstream's event type must stay far below that.
+pub const MAX_SUBJECT_BYTES: usize = 256;
 
 /// Builds the `StoreError` of a failed NATS operation.
 pub(crate) fn nats_err<E>(op: &'static str) -> impl FnOnce(E) -> StoreError
@@ -101,19 +108,45 @@ impl Names {
         }
     }
 
-    /// `<prefix>.events.<provider>.<type…>`, each token sanitised; the provider's name is
-    /// not repeated when the type starts with it (`voipbin.call.status`).
+    /// `<prefix>.events.<provider>.<type…>`, each token sanitised ([`subject_token`]); the
+    /// provider's name is not repeated when the type starts with it (`voipbin.call.status`).
+    ///
+    /// The type comes from an upstream, so its length is not ours to choose: the subject is
+    /// bounded to [`MAX_SUBJECT_BYTES`]. Type tokens are kept while they fit with room for one
+    /// hash token; the rest of the type (its raw text) is then replaced by that hash. The
+    /// envelope keeps the full type: the subject only places the message in the stream, and
+    /// every reader filters on `<prefix>.events.>`.
     pub fn event_subject(&self, provider: &str, event_type: &str) -> String {
         let rest = event_type
             .strip_prefix(provider)
             .and_then(|r| r.strip_prefix('.'))
             .unwrap_or(event_type);
-        let mut s = format!("{}.events.{}", self.prefix, token(provider));
-        for t in rest.split('.') {
+        let mut s = format!("{}.events.{}", self.prefix, subject_token(provider));
+        let mut remaining = rest;
+        loop {
+            let (part, tail) = match remaining.split_once('.') {
+                Some((part, tail)) => (part, Some(tail)),
+                None => (remaining, None),
+            };
+            let t = subject_token(part);
+            // The last token only has to fit itself; any other one must leave room for the
+            // hash of what may follow it.
+            let room = match tail {
+                Some(_) => 1 + t.len() + 1 + HASH_TOKEN_BYTES,
+                None => 1 + t.len(),
+            };
+            if s.len().saturating_add(room) > MAX_SUBJECT_BYTES {
+                s.push('.');
+                s.push_str(&hash_token(remaining));
+                return s;
+            }
             s.push('.');
-            s.push_str(&token(t));
+            s.push_str(&t);
+            match tail {
+                Some(tail) => remaining = tail,
+                None => return s,
+            }
         }
-        s
     }
 
     /// Every journal subject.
@@ -140,6 +173,37 @@ pub fn token(raw: &str) -> String {
     } else {
         t
     }
+}
+
+/// Longest subject token kept as it is; a longer one is replaced by [`hash_token`].
+pub const MAX_TOKEN_BYTES: usize = 64;
+/// Length of a [`hash_token`].
+const HASH_TOKEN_BYTES: usize = 18;
+
+/// One token of a journal subject: [`token`]'s characters (no space, `.`, `*`, `>` or control
+/// character; never empty), and at most [`MAX_TOKEN_BYTES`] long: a longer one is replaced by
+/// the hash of its raw text, so distinct long tokens stay distinct.
+pub fn subject_token(raw: &str) -> String {
+    let t = token(raw);
+    if t.len() > MAX_TOKEN_BYTES {
+        hash_token(raw)
+    } else {
+        t
+    }
+}
+
+/// `h_` and the first 8 bytes of the SHA-256 of `raw`, in hex: a short subject token that
+/// stands for `raw` (the same on every instance and every version).
+fn hash_token(raw: &str) -> String {
+    use sha2::{Digest, Sha256};
+    use std::fmt::Write;
+    let digest = Sha256::digest(raw.as_bytes());
+    let mut out = String::with_capacity(HASH_TOKEN_BYTES);
+    out.push_str("h_");
+    for b in digest.iter().take(8) {
+        let _ = write!(out, "{b:02x}");
+    }
+    out
 }
 
 /// The envelope bytes as sent: `stored` (serialised without `seq`) with `"seq":N` appended
@@ -171,6 +235,8 @@ pub struct NatsStore {
     lease_ttl: Duration,
     /// False while publishes fail (an outage): readiness and metrics show it.
     journal_ok: AtomicBool,
+    /// Publish rounds that failed and were retried.
+    write_failures: AtomicU64,
     queues: delivery::Queues,
 }
 
@@ -237,6 +303,7 @@ impl NatsStore {
             replicas: config.replicas,
             lease_ttl: config.lease_ttl,
             journal_ok: AtomicBool::new(true),
+            write_failures: AtomicU64::new(0),
             queues,
         }))
     }
@@ -298,13 +365,19 @@ impl NatsStore {
     }
 
     /// Publishes what is not yet in `done`, in order, then waits for every ack. Fills `done`
-    /// with the outcomes it got before the first failure.
+    /// with every outcome it got; returns the first failure that a retry may cure, if any.
+    ///
+    /// A refusal no retry can cure (larger than the server's `max_payload`, or refused by the
+    /// stream for this message alone, such as its `max_msg_size`) is that event's
+    /// [`Appended::Rejected`]: retrying it would hold back every event behind it (the ingest
+    /// queue fills, upstreams stall) on every instance that reads the same upstream.
     async fn publish_batch(
         &self,
         prepared: &mut [Prepared],
         done: &mut [Option<Appended>],
     ) -> Result<(), StoreError> {
         let mut acks = Vec::with_capacity(prepared.len());
+        let mut failed = None;
         for (i, p) in prepared.iter().enumerate() {
             if done[i].is_some() {
                 continue;
@@ -317,26 +390,52 @@ impl NatsStore {
             }
             let ack = match self.js.send_publish(p.subject.clone(), publish).await {
                 Ok(ack) => ack,
-                // The client refuses it before sending: no retry can succeed, and retrying
-                // would hold back every event behind it (the ingest queue fills, upstreams
-                // stall). Drop this one event, loudly.
+                // The client refuses it before sending.
                 Err(e) if e.kind() == jetstream::context::PublishErrorKind::MaxPayloadExceeded => {
                     error!(
                         event_id = %p.id,
                         size = p.payload.len(),
                         max_payload = self.client.max_payload(),
-                        "event larger than the NATS server's max_payload; dropped (not journalled)"
+                        "event larger than the NATS server's max_payload; rejected (not journalled)"
                     );
                     done[i] = Some(Appended::Rejected);
                     continue;
                 }
-                Err(e) => return Err(nats_err("publish to the journal")(e)),
+                Err(e) => {
+                    failed = Some(nats_err("publish to the journal")(e));
+                    break;
+                }
             };
             acks.push((i, ack));
         }
+        // Every ack sent for is awaited, so that one failure does not make the events after
+        // it look like duplicates when they are published again; all at once, so that an
+        // outage costs one ack timeout, not one per event.
+        let acks = futures_util::future::join_all(
+            acks.into_iter()
+                .map(|(i, ack)| async move { (i, ack.await) }),
+        )
+        .await;
         for (i, ack) in acks {
-            let ack = ack.await.map_err(nats_err("journal publish ack"))?;
             let p = &mut prepared[i];
+            let ack = match ack {
+                Ok(ack) => ack,
+                Err(e) => {
+                    if let Some(refusal) = refused_for_good(&e) {
+                        error!(
+                            event_id = %p.id,
+                            subject = %p.subject,
+                            size = p.payload.len(),
+                            error = %refusal,
+                            "the journal stream refused this event; rejected (not journalled)"
+                        );
+                        done[i] = Some(Appended::Rejected);
+                    } else if failed.is_none() {
+                        failed = Some(nats_err("journal publish ack")(e));
+                    }
+                    continue;
+                }
+            };
             if ack.duplicate {
                 done[i] = Some(Appended::Duplicate);
                 continue;
@@ -352,7 +451,10 @@ impl NatsStore {
                 envelope: Box::new(envelope),
             });
         }
-        Ok(())
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 
     /// Reads up to `limit` journal messages from `from` (inclusive) through `last`, stopping
@@ -469,6 +571,20 @@ pub(crate) fn header(message: &async_nats::Message, name: &str) -> Option<String
         .map(|v| v.as_str().to_string())
 }
 
+/// The server's refusal of one publish when no retry can cure it: a JetStream API error in
+/// the 4xx class (the request itself is wrong, e.g. `10054`, larger than the stream's
+/// `max_msg_size`). Timeouts, lost connections, "no responders" and 5xx errors (a stream
+/// without a leader, storage trouble) may pass and are `None`.
+fn refused_for_good(e: &jetstream::context::PublishError) -> Option<&jetstream::Error> {
+    use std::error::Error as _;
+    if e.kind() != jetstream::context::PublishErrorKind::Other {
+        return None;
+    }
+    let api = e.source()?.downcast_ref::<jetstream::Error>()?;
+    (api.error_code() == jetstream::ErrorCode(10054) || (400..500).contains(&api.code()))
+        .then_some(api)
+}
+
 /// One event ready to publish.
 struct Prepared {
     subject: String,
@@ -507,6 +623,7 @@ impl Store for NatsStore {
             match self.publish_batch(&mut prepared, &mut done).await {
                 Ok(()) => break,
                 Err(e) => {
+                    self.write_failures.fetch_add(1, Ordering::Relaxed);
                     if self.journal_ok.swap(false, Ordering::Relaxed) {
                         warn!(error = %e, "journal publish failed; retrying until NATS answers (upstream reads are held back meanwhile)");
                     }
@@ -714,6 +831,10 @@ impl Store for NatsStore {
     fn connected(&self) -> Option<bool> {
         Some(NatsStore::connected(self))
     }
+
+    fn write_failures(&self) -> Option<u64> {
+        Some(self.write_failures.load(Ordering::Relaxed))
+    }
 }
 
 #[cfg(test)]
@@ -738,5 +859,50 @@ mod tests {
             "t1.events.hashi.lobby_x._"
         );
         assert_eq!(n.event_subject("x", "x."), "t1.events.x._");
+        assert_eq!(
+            n.event_subject("hashi", "a b.>.\u{7}\n..c"),
+            "t1.events.hashi.a_b._.__._.c"
+        );
+    }
+
+    #[test]
+    fn long_tokens_are_hashed_and_subjects_stay_bounded() {
+        let n = Names::new(&"p".repeat(64));
+        let long = "t".repeat(5000);
+        let s = n.event_subject("voicepact", &format!("voicepact.{long}"));
+        assert!(s.len() <= MAX_SUBJECT_BYTES, "{}", s.len());
+        assert_eq!(
+            s,
+            format!("{}.events.voicepact.{}", "p".repeat(64), hash_token(&long))
+        );
+        // Distinct long types get distinct subjects; the same type always the same one.
+        let other = n.event_subject("voicepact", &format!("voicepact.{long}x"));
+        assert_ne!(s, other);
+        assert_eq!(
+            s,
+            n.event_subject("voicepact", &format!("voicepact.{long}"))
+        );
+        // Many short tokens: kept while they fit, the rest hashed.
+        let dotted = vec!["abcdefgh"; 2000].join(".");
+        let s = n.event_subject("hashi", &dotted);
+        assert!(s.len() <= MAX_SUBJECT_BYTES, "{}", s.len());
+        assert!(s.contains(".abcdefgh.abcdefgh."), "{s}");
+        assert!(
+            s.rsplit('.').next().is_some_and(|t| t.starts_with("h_")),
+            "{s}"
+        );
+        // A token of exactly the limit is kept.
+        let edge = "e".repeat(MAX_TOKEN_BYTES);
+        assert_eq!(
+            n.event_subject("x", &edge),
+            format!("{}.events.x.{edge}", "p".repeat(64))
+        );
+        for s in [&n.event_subject("x", &long), &n.event_subject("x", &dotted)] {
+            assert!(
+                s.split('.')
+                    .all(|t| !t.is_empty() && t.len() <= MAX_TOKEN_BYTES),
+                "{s}"
+            );
+        }
     }
 }
