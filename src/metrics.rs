@@ -58,12 +58,13 @@ fn counter(registry: &mut Registry, name: &str, help: &str, value: u64) {
     registry.register(name, help, c);
 }
 
-const STATES: [UpstreamState; 7] = [
+const STATES: [UpstreamState; 8] = [
     UpstreamState::Connecting,
     UpstreamState::Connected,
     UpstreamState::Subscribed,
     UpstreamState::Backoff,
     UpstreamState::AuthFailed,
+    UpstreamState::Draining,
     UpstreamState::Stopped,
     UpstreamState::Standby,
 ];
@@ -80,8 +81,8 @@ pub async fn render(state: &StatusState) -> String {
         .map(|u| u.clone())
         .unwrap_or_default();
     let mut up_state = Vec::new();
-    let (mut frames, mut events, mut decode, mut reconnects, mut age) =
-        (vec![], vec![], vec![], vec![], vec![]);
+    let (mut frames, mut events, mut decode, mut reconnects, mut age, mut drain_timeouts) =
+        (vec![], vec![], vec![], vec![], vec![], vec![]);
     for u in &upstreams {
         let name = u.name();
         let status = u.status();
@@ -95,6 +96,7 @@ pub async fn render(state: &StatusState) -> String {
         frames.push((labels(&[("upstream", name)]), c.frames));
         decode.push((labels(&[("upstream", name)]), c.decode_errors));
         reconnects.push((labels(&[("upstream", name)]), c.reconnects));
+        drain_timeouts.push((labels(&[("upstream", name)]), c.drain_timeouts));
         for (t, n) in u.events_by_type() {
             events.push((labels(&[("upstream", name), ("type", &t)]), n));
         }
@@ -135,6 +137,12 @@ pub async fn render(state: &StatusState) -> String {
         "upstream_reconnects",
         "Connection attempts after the first",
         reconnects,
+    );
+    counter_family(
+        &mut r,
+        "upstream_drain_timeouts",
+        "Upstream closes not answered by the provider within server.shutdown_grace (what it sent after that was not read)",
+        drain_timeouts,
     );
     gauge_family(
         &mut r,
