@@ -11,8 +11,12 @@
 //! State machine (visible through [`UpstreamHandle::status`]):
 //! `connecting → connected → subscribed`, and from anywhere `→ backoff → connecting`, or
 //! `→ auth_failed → connecting` (the longest backoff step) when the provider refuses the
-//! credentials, and `→ stopped` at shutdown. Upstreams are independent: one upstream's
-//! failure, slowness or bad frames never touch another's task.
+//! credentials, and `→ draining → stopped` at shutdown. Upstreams are independent: one
+//! upstream's failure, slowness or bad frames never touch another's task.
+//!
+//! Closing never drops what the provider already sent (providers do not replay): a connection
+//! the bridge ends is sent a close frame and read until the provider's close answer, every
+//! event queued to ingest, for at most `server.shutdown_grace` (see `session::drain`).
 //!
 //! Invariants: a malformed frame is counted, logged with the upstream's name and skipped, and
 //! the connection stays up; a token never appears in a log line (URLs are logged redacted).

@@ -249,7 +249,11 @@ async fn reload_removing_an_upstream_journals_what_it_was_sent() {
     let hs = start_sim(Provider::Hashi).await;
     let db = temp_dir("drain-reload").join("wsbridge.db");
     let kept = upstream_block("hs", &hs, TIMINGS);
-    let before = config_at(&db, "5s", &[upstream_block("vb", &vb, TIMINGS), kept.clone()]);
+    let before = config_at(
+        &db,
+        "5s",
+        &[upstream_block("vb", &vb, TIMINGS), kept.clone()],
+    );
     let after = config_at(&db, "5s", &[kept]);
     let (bridge, mut rx) = start_bridge(&before).await;
     wait_sim_ready(&vb, 1).await;
@@ -276,9 +280,11 @@ async fn reload_removing_an_upstream_journals_what_it_was_sent() {
 
     // Queued to ingest by the drain; journalled (then published) right after.
     for i in 0..100 {
-        next_matching(&mut rx, &format!("event {i} of the removed upstream"), |p| {
-            p.envelope.provider == "voipbin"
-        })
+        next_matching(
+            &mut rx,
+            &format!("event {i} of the removed upstream"),
+            |p| p.envelope.provider == "voipbin",
+        )
         .await;
     }
     let got = journalled(&bridge, "voipbin").await;

@@ -24,6 +24,9 @@
 //! - Credentials are never logged and never appear in a snapshot: connections are identified
 //!   by a digest of their token.
 //! - Dropping the last [`Simulator`] handle stops the listener and every connection.
+//! - A client's close is answered as a real server answers it (RFC 6455, 5.5.1): the frames
+//!   already queued to that client (sent, from the provider's point of view) go out first,
+//!   then the close answer, then the TCP connection is closed; nothing is sent after it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
