@@ -366,7 +366,7 @@ async fn drain(
         }
     }
     if drained > 0 {
-        info!(upstream = %name, events = drained, "connection closed; events read after the close were queued");
+        info!(upstream = %name, events = drained, "connection closed; events read while closing were queued");
     }
     SessionEnd::Shutdown
 }
@@ -383,16 +383,16 @@ async fn queue_until(
     )
 }
 
-/// A drain that ran out of grace: counted and logged (what the provider sent after this point
-/// was not read), never silent.
+/// A drain that ran out of grace (no close answer in time, or ingest had no room in time):
+/// counted and logged, never silent: what the provider sent after this point is lost.
 fn drain_cut_short(shared: &Shared, grace: Duration, drained: u64, why: &str) -> SessionEnd {
     shared
         .counters
         .drain_timeouts
         .fetch_add(1, Ordering::Relaxed);
     warn!(upstream = %shared.name, grace_ms = grace.as_millis() as u64, queued = drained, reason = why,
-        "connection closed without the provider's close answer within server.shutdown_grace; \
-         anything it sent after this point was not read");
+        "closing connection cut off at server.shutdown_grace; \
+         what the provider sent after this point was not journalled");
     SessionEnd::Shutdown
 }
 

@@ -386,6 +386,19 @@ async fn a_provider_that_never_answers_the_close_holds_shutdown_only_for_the_gra
     let (bridge, _rx) = start_bridge(&cfg).await;
     wait_sim_ready(&vb, 1).await;
     let u = bridge.upstream("vb").expect("vb");
+    let metrics = http_client()
+        .get(format!("http://{}/metrics", bridge.local_addr()))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics body");
+    assert!(
+        metrics.contains("# HELP wsbridge_upstream_drain_timeouts")
+            && metrics.contains("wsbridge_upstream_drain_timeouts_total{upstream=\"vb\"} 0"),
+        "the counter is exposed with its help text:\n{metrics}"
+    );
     vb.set_silent(true);
     emit_all(&vb, frames(&vb, 10)).await;
     tokio::time::timeout(DEADLINE, bridge.shutdown())
