@@ -23,7 +23,7 @@ use wsbridge::upstream::{UpstreamState, UpstreamStatus};
 use wsbridge_adapters::sim::Simulator;
 use wsbridge_adapters::{hashi, voicepact, Provider};
 
-use crate::common::nats::{cleanup, nats_config, unique_prefix, SHARED_NATS};
+use crate::common::nats::{cleanup, nats_config_text, unique_prefix, SHARED_NATS};
 use crate::common::*;
 
 /// Upstream timings for these tests: quick reconnects, and a stale limit far above the time a
@@ -313,7 +313,10 @@ async fn lease_handover_loses_nothing_sent_to_the_old_holder() {
     let vp = start_sim(Provider::VoicePact).await;
     let urls = [SHARED_NATS.to_string()];
     let blocks = [upstream_block("vp", &vp, TIMINGS)];
-    let cfg = nats_config(&blocks, &urls, &prefix, "lease_ttl = \"2s\"\n");
+    // A grace far longer than the checks made while the old holder drains.
+    let text = nats_config_text(&blocks, &urls, &prefix, "lease_ttl = \"2s\"\n")
+        .replace("shutdown_grace = \"2s\"", "shutdown_grace = \"30s\"");
+    let cfg = Config::from_toml(&text, |_| None, false).expect("config");
     let (old, _rx) = start_bridge(&cfg).await;
     let new = Bridge::start(&cfg).await.expect("second instance starts");
     let old_vp = old.upstream("vp").expect("vp");
@@ -338,6 +341,13 @@ async fn lease_handover_loses_nothing_sent_to_the_old_holder() {
     emit_all(&vp, frames(&vp, 100)).await;
     let release = async {
         wait_status(&old_vp, "closing", closing).await;
+        // The old holder is still draining (the provider has not answered yet): it still
+        // holds the lease, so the other instance is still standing by.
+        assert!(
+            lease_held(&prefix, "vp").await,
+            "the lease was released before the drain ended"
+        );
+        assert_eq!(new_vp.status().state, UpstreamState::Standby);
         vp.set_silent(false);
     };
     tokio::time::timeout(DEADLINE, async { tokio::join!(old.shutdown(), release) })
@@ -371,6 +381,24 @@ async fn lease_handover_loses_nothing_sent_to_the_old_holder() {
     .await;
     new.shutdown().await;
     cleanup(SHARED_NATS, &prefix).await;
+}
+
+/// Whether the lease of `upstream` is held: the last value of its key in the lease bucket (a
+/// stream, see `src/storage/nats/lease.rs`) is a holder's, not the empty one a release writes.
+async fn lease_held(prefix: &str, upstream: &str) -> bool {
+    let client = async_nats::connect(SHARED_NATS).await.expect("nats");
+    let js = async_nats::jetstream::new(client);
+    let stream = js
+        .get_stream(format!("{prefix}_leases"))
+        .await
+        .expect("lease bucket");
+    match stream
+        .get_last_raw_message_by_subject(&format!("{prefix}.leases.upstream.{upstream}"))
+        .await
+    {
+        Ok(m) => !m.payload.is_empty(),
+        Err(_) => false,
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
