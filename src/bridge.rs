@@ -5,12 +5,15 @@
 //! so what the tests prove is what runs.
 //!
 //! Shutdown order (SIGTERM/SIGINT in `serve`): cancel the token: the HTTP server stops
-//! accepting, consumers are closed with 1001 "going away", supervisors close their upstream
-//! connections with a normal close frame, dispatchers stop starting attempts. Then wait for
-//! the supervisors, let ingest journal what they had already queued (every append is
-//! committed before it is acknowledged, so the journal is flushed when ingest ends), and give
-//! webhook attempts in flight `server.shutdown_grace` to finish. An attempt cut short stays
-//! pending in the store and is sent again after the restart: nothing journalled is lost.
+//! accepting, consumers are closed with 1001 "going away", supervisors send their upstream
+//! connections a normal close frame, dispatchers stop starting attempts. Then wait for the
+//! supervisors to drain: each keeps reading until the provider answers its close (providers
+//! do not replay, so what they sent before that answer must be read), queueing every event,
+//! for at most `server.shutdown_grace`. Then let ingest journal everything they queued (every
+//! append is committed before it is acknowledged, so the journal is flushed when ingest ends),
+//! and give webhook attempts in flight `server.shutdown_grace` to finish. An attempt cut short
+//! stays pending in the store and is sent again after the restart: nothing journalled is lost.
+//! A reload that removes or changes an upstream, and a lease handover, drain the same way.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -74,13 +77,14 @@ fn spawn_upstream(
     adapter: Arc<dyn wsbridge_adapters::Adapter>,
     queue: mpsc::Sender<crate::envelope::Envelope>,
     stop: CancellationToken,
+    drain_grace: std::time::Duration,
     leases: Option<&Leases>,
 ) -> UpstreamHandle {
     let gate = match (leases, u.ownership()) {
         (Some(leases), Ownership::Lease) => Some(leases.keep(&u.name, stop.clone())),
         _ => None,
     };
-    upstream::spawn_gated(u, limits, adapter, queue, stop, gate)
+    upstream::spawn_gated(u, limits, adapter, queue, stop, drain_grace, gate)
 }
 
 /// The upstream supervisors, replaceable one by one by a reload.
@@ -201,6 +205,7 @@ impl Bridge {
                 adapter,
                 queue_tx.clone(),
                 shutdown.child_token(),
+                config.server.shutdown_grace,
                 leases.as_deref(),
             )));
         }
@@ -378,6 +383,7 @@ impl Bridge {
                         adapter,
                         queue.clone(),
                         self.shutdown.child_token(),
+                        new.server.shutdown_grace,
                         self.leases.as_deref(),
                     )));
                 }
@@ -392,9 +398,9 @@ impl Bridge {
         if let Ok(mut set) = self.upstreams.write() {
             *set = next;
         }
-        for old in to_stop {
-            old.stop().await;
-        }
+        // Each closes its connection and drains what the provider already sent (bounded by
+        // the shutdown grace), all at once.
+        futures_util::future::join_all(to_stop.iter().map(|old| old.stop())).await;
         Ok(changes)
     }
 
@@ -427,17 +433,21 @@ impl Bridge {
         // Open connections get the grace period to finish; a client that stopped reading (an
         // SSE body hyper is never asked to poll again) must not hold the shutdown forever.
         let mut server_task = self.server_task;
-        if tokio::time::timeout(grace, &mut server_task).await.is_err() {
-            warn!(grace = ?grace, "HTTP connections still open after the grace period; closing them");
-            server_task.abort();
-        }
-        for u in upstreams {
-            u.stop().await;
-        }
-        // Ingest ends once every sender of its queue is gone and what they queued is
-        // journalled. A store that cannot write (a full disk, NATS down) is retried with
-        // backoff without end, so shutdown waits for it at most the grace period: what is not
-        // journalled by then is lost, and the caller is told (the process exits non-zero).
+        let server = async {
+            if tokio::time::timeout(grace, &mut server_task).await.is_err() {
+                warn!(grace = ?grace, "HTTP connections still open after the grace period; closing them");
+                server_task.abort();
+            }
+        };
+        // Meanwhile every supervisor closes its connection and reads what its provider sent
+        // before answering the close (each bounded by the grace), queueing it to ingest.
+        let upstreams = futures_util::future::join_all(upstreams.iter().map(|u| u.stop()));
+        tokio::join!(server, upstreams);
+        // Ingest ends once every sender of its queue is gone, after journalling everything
+        // the drained supervisors queued. A store that cannot write (a full disk, NATS down)
+        // is retried with backoff without end, so shutdown waits for it at most the grace
+        // period: what is not journalled by then is lost, and the caller is told (the process
+        // exits non-zero).
         if let Ok(mut q) = self.queue.lock() {
             q.take();
         }

@@ -61,7 +61,9 @@ pub struct ServerConfig {
     /// Bearer token of the admin API; without one the admin API is off.
     #[serde(default, deserialize_with = "de_opt_secret")]
     pub admin_token: Option<Secret>,
-    /// At shutdown, how long webhook attempts in flight may take to finish.
+    /// At shutdown, how long webhook attempts in flight may take to finish; also how long a
+    /// closing upstream connection (shutdown, reload, lease handover) is read for what the
+    /// provider sent before answering the close (providers do not replay).
     #[serde(default = "d_10s", deserialize_with = "de_duration")]
     pub shutdown_grace: Duration,
 }

@@ -120,6 +120,11 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             // Before anything opens a descriptor; the connection cap is derived from it.
             wsbridge::http_server::raise_open_files_limit();
             ignore_file_size_signal()?;
+            // Installed before anything starts: a SIGTERM arriving while the upstreams
+            // connect must stop the bridge gracefully (draining them), not kill it.
+            let stop = shutdown_signal()?;
+            tokio::pin!(stop);
+            let mut hangup = hangup_signal()?;
             let bridge = Bridge::start(&config)
                 .await
                 .context("starting the bridge")?;
@@ -128,9 +133,6 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 upstreams = config.upstreams.len(),
                 "wsbridge running; Ctrl-C or SIGTERM stops"
             );
-            let stop = shutdown_signal();
-            tokio::pin!(stop);
-            let mut hangup = hangup_signal()?;
             let mut watch = wsbridge::reload::FileWatch::new(&path);
             let mut poll = tokio::time::interval(if watch_interval.is_zero() {
                 Duration::from_secs(3600)
@@ -228,25 +230,26 @@ fn hangup_signal() -> anyhow::Result<tokio::signal::unix::Signal> {
         .context("listening for SIGHUP")
 }
 
-/// Resolves on Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
+/// Installs the SIGTERM and SIGINT (Ctrl-C) handlers at once, and returns a future that
+/// resolves on either. Registering eagerly matters: until a handler is installed, the signal's
+/// default action kills the process, without the graceful shutdown.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
+        let mut term = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
+        let mut interrupt = signal(SignalKind::interrupt()).context("listening for SIGINT")?;
+        Ok(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = interrupt.recv() => {}
             }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
+        })
     }
     #[cfg(not(unix))]
     {
-        let _ = tokio::signal::ctrl_c().await;
+        Ok(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
     }
 }

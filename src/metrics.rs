@@ -60,12 +60,13 @@ fn counter(registry: &mut Registry, name: &str, help: &str, value: u64) {
     registry.register(name, help, c);
 }
 
-const STATES: [UpstreamState; 8] = [
+const STATES: [UpstreamState; 9] = [
     UpstreamState::Connecting,
     UpstreamState::Connected,
     UpstreamState::Subscribed,
     UpstreamState::Backoff,
     UpstreamState::AuthFailed,
+    UpstreamState::Draining,
     UpstreamState::Stopped,
     UpstreamState::Standby,
     UpstreamState::Failed,
@@ -85,8 +86,8 @@ pub async fn render(state: &StatusState) -> String {
     let mut up_state = Vec::new();
     // Supervised tasks (upstream supervisors, webhook dispatchers): restarts, and 1 while dead.
     let (mut task_restarts, mut task_failed) = (vec![], vec![]);
-    let (mut frames, mut events, mut decode, mut reconnects, mut age) =
-        (vec![], vec![], vec![], vec![], vec![]);
+    let (mut frames, mut events, mut decode, mut reconnects, mut age, mut drain_timeouts) =
+        (vec![], vec![], vec![], vec![], vec![], vec![]);
     let mut too_large = vec![];
     for u in &upstreams {
         let name = u.name();
@@ -108,6 +109,7 @@ pub async fn render(state: &StatusState) -> String {
         decode.push((labels(&[("upstream", name)]), c.decode_errors));
         too_large.push((labels(&[("upstream", name)]), c.frames_too_large));
         reconnects.push((labels(&[("upstream", name)]), c.reconnects));
+        drain_timeouts.push((labels(&[("upstream", name)]), c.drain_timeouts));
         for (t, n) in u.events_by_type() {
             events.push((labels(&[("upstream", name), ("type", &t)]), n));
         }
@@ -154,6 +156,12 @@ pub async fn render(state: &StatusState) -> String {
         "upstream_reconnects",
         "Connection attempts after the first",
         reconnects,
+    );
+    counter_family(
+        &mut r,
+        "upstream_drain_timeouts",
+        "Upstream closes not answered by the provider within server.shutdown_grace (what it sent after that was not read)",
+        drain_timeouts,
     );
     gauge_family(
         &mut r,

@@ -685,6 +685,46 @@ async fn shutdown_closes_connections_and_stops_listening() {
     assert!(tokio_tungstenite::connect_async(url).await.is_err());
 }
 
+/// A client's close is answered the way a real server answers it: the frames the server sent
+/// (queued) before the close arrived reach the client first, then the close answer, then the
+/// server ends the connection (RFC 6455, 5.5.1). The bridge's drain at shutdown relies on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_close_is_answered_after_the_frames_already_sent() {
+    let sim = start(Provider::VoicePact).await;
+    let mut ws = connect(&vp_url(&sim, "alice")).await;
+    wait(&sim, "connected", |s| s.connections.len() == 1).await;
+    // Silent, so the frames and the client's close are both waiting when the server resumes.
+    sim.set_silent(true);
+    for i in 0..50 {
+        let frame = voicepact::wire::payment_update(&format!("ctr-{i}"), "pending", 1.0, 1);
+        assert_eq!(sim.emit(frame).await, 1);
+    }
+    ws.close(None).await.expect("close sent");
+    sim.set_silent(false);
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let answered = loop {
+        match tokio::time::timeout_at(deadline, ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => {
+                let v: Value = serde_json::from_str(t.as_str()).expect("JSON");
+                got.push(v["contract_id"].as_str().expect("contract_id").to_string());
+            }
+            Ok(Some(Ok(Message::Close(_)))) => break true,
+            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => {}
+            Ok(None | Some(Err(_))) => break false,
+            Ok(Some(Ok(other))) => panic!("unexpected {other:?}"),
+            Err(_) => panic!("no close answer within {DEADLINE:?}"),
+        }
+    };
+    assert!(answered, "the close is answered with a close frame");
+    let sent: Vec<String> = (0..50).map(|i| format!("ctr-{i}")).collect();
+    assert_eq!(got, sent, "every frame sent before the close, in order");
+    wait(&sim, "the connection ended", |s| {
+        s.connections.is_empty() && s.client_closes == 1
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn wait_until_returns_the_last_snapshot_on_timeout() {
     let sim = start(Provider::VoicePact).await;

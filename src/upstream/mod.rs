@@ -11,10 +11,14 @@
 //! State machine (visible through [`UpstreamHandle::status`]):
 //! `connecting → connected → subscribed`, and from anywhere `→ backoff → connecting`, or
 //! `→ auth_failed → connecting` (the longest backoff step) when the provider refuses the
-//! credentials, and `→ stopped` at shutdown. A supervisor task that panics or ends on its own
-//! is shown `failed` (with the reason in `last_error`) and restarted after a backoff
-//! ([`crate::supervise`]). Upstreams are independent: one upstream's
-//! failure, slowness or bad frames never touch another's task.
+//! credentials, and `→ draining → stopped` at shutdown. A supervisor task that panics or ends
+//! on its own is shown `failed` (with the reason in `last_error`) and restarted after a
+//! backoff ([`crate::supervise`]). Upstreams are independent: one upstream's failure,
+//! slowness or bad frames never touch another's task.
+//!
+//! Closing never drops what the provider already sent (providers do not replay): a connection
+//! the bridge ends is sent a close frame and read until the provider's close answer, every
+//! event queued to ingest, for at most `server.shutdown_grace` (see `session::drain`).
 //!
 //! Invariants: a malformed frame is counted, logged with the upstream's name and skipped, and
 //! the connection stays up; a token never appears in a log line (URLs are logged redacted).
@@ -54,6 +58,10 @@ pub enum UpstreamState {
     Backoff,
     /// The provider refused the credentials; waiting the longest backoff step.
     AuthFailed,
+    /// Closing: the close frame is sent, and what the provider sent before its close answer is
+    /// still being read and queued (at shutdown, a reload removing the upstream, or a lease
+    /// handover), for at most `server.shutdown_grace`.
+    Draining,
     /// Shut down.
     Stopped,
     /// Another bridge instance holds this upstream's lease (`ownership = "lease"`); this one
@@ -73,6 +81,7 @@ impl UpstreamState {
             UpstreamState::Subscribed => "subscribed",
             UpstreamState::Backoff => "backoff",
             UpstreamState::AuthFailed => "auth_failed",
+            UpstreamState::Draining => "draining",
             UpstreamState::Stopped => "stopped",
             UpstreamState::Standby => "standby",
             UpstreamState::Failed => "failed",
@@ -113,6 +122,9 @@ pub struct UpstreamCounters {
     pub task: Arc<crate::supervise::TaskHealth>,
     /// Unix milliseconds of the last event, 0 before the first.
     pub last_event_unix_ms: AtomicI64,
+    /// Closes that ended without the provider's close answer within the drain grace
+    /// (`server.shutdown_grace`): whatever it sent after that point was not read.
+    pub drain_timeouts: AtomicU64,
     /// Events per type (a lookup without allocation once a type has been seen).
     events_by_type: std::sync::Mutex<std::collections::HashMap<String, u64>>,
 }
@@ -132,6 +144,8 @@ pub struct CounterSnapshot {
     pub reconnects: u64,
     /// Restarts of the supervisor task after it died.
     pub task_restarts: u64,
+    /// See [`UpstreamCounters::drain_timeouts`].
+    pub drain_timeouts: u64,
 }
 
 /// How many distinct event types one upstream counts separately.
@@ -176,6 +190,7 @@ impl UpstreamCounters {
             frames_too_large: self.frames_too_large.load(Ordering::Relaxed),
             reconnects: self.reconnects.load(Ordering::Relaxed),
             task_restarts: self.task.restarts(),
+            drain_timeouts: self.drain_timeouts.load(Ordering::Relaxed),
         }
     }
 }
@@ -195,6 +210,9 @@ pub struct Timing {
     pub healthy_after: Duration,
     /// Limit on connect + upgrade + greeting.
     pub connect_timeout: Duration,
+    /// How long a closing connection may take to deliver what the provider sent before its
+    /// close answer (`server.shutdown_grace`).
+    pub drain_grace: Duration,
 }
 
 impl From<&UpstreamConfig> for Timing {
@@ -206,6 +224,7 @@ impl From<&UpstreamConfig> for Timing {
             stale_after: c.stale_after,
             healthy_after: c.healthy_after,
             connect_timeout: c.connect_timeout,
+            drain_grace: crate::config::ServerConfig::default().shutdown_grace,
         }
     }
 }
@@ -313,7 +332,9 @@ impl UpstreamHandle {
         &self.config
     }
 
-    /// Stops this upstream (closing its connection) and waits for its task to end.
+    /// Stops this upstream and waits for its task to end: the connection is closed with a
+    /// close frame, and what the provider sent before answering it is still queued to ingest
+    /// (for at most the drain grace, see [`Timing::drain_grace`]).
     pub async fn stop(&self) {
         self.stop.cancel();
         let task = self.task.lock().ok().and_then(|mut t| t.take());
@@ -326,26 +347,31 @@ impl UpstreamHandle {
 }
 
 /// Starts the supervisor of one upstream. Events go to `ingest`; the task ends when
-/// `shutdown` is cancelled (closing its connection with a normal close frame) or when the
-/// ingest queue is closed. Give each upstream its own (child) token so a reload can stop one.
+/// `shutdown` is cancelled (closing its connection with a normal close frame and draining it,
+/// see [`UpstreamHandle::stop`]) or when the ingest queue is closed. Give each upstream its
+/// own (child) token so a reload can stop one. `drain_grace` bounds the drain.
 pub fn spawn(
     config: &UpstreamConfig,
     limits: FrameLimits,
     adapter: Arc<dyn Adapter>,
     ingest: mpsc::Sender<Envelope>,
     shutdown: CancellationToken,
+    drain_grace: Duration,
 ) -> UpstreamHandle {
-    spawn_gated(config, limits, adapter, ingest, shutdown, None)
+    spawn_gated(config, limits, adapter, ingest, shutdown, drain_grace, None)
 }
 
 /// Like [`spawn`], but the supervisor connects only while `gate` is true (this instance holds
-/// the upstream's lease) and closes the connection as soon as it turns false.
+/// the upstream's lease) and closes (and drains) the connection as soon as it turns false.
+/// The supervisor holds `gate` until its task ends, so the lease keeper can tell when a drain
+/// is over (the sender's `closed()`) and release the lease only then.
 pub fn spawn_gated(
     config: &UpstreamConfig,
     limits: FrameLimits,
     adapter: Arc<dyn Adapter>,
     ingest: mpsc::Sender<Envelope>,
     shutdown: CancellationToken,
+    drain_grace: Duration,
     gate: Option<watch::Receiver<bool>>,
 ) -> UpstreamHandle {
     let (status_tx, status_rx) = watch::channel(UpstreamStatus {
@@ -359,7 +385,10 @@ pub fn spawn_gated(
         name: Arc::from(config.name.as_str()),
         source: Arc::from(crate::envelope::source_for(&config.name)),
         adapter: adapter.clone(),
-        timing: Timing::from(config),
+        timing: Timing {
+            drain_grace,
+            ..Timing::from(config)
+        },
         limits,
         counters: Arc::new(UpstreamCounters::default()),
         status: Arc::new(status_tx),

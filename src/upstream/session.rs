@@ -14,8 +14,10 @@ use chrono::Utc;
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
-use tokio::time::{timeout, Instant};
-use tokio_tungstenite::tungstenite::{self, protocol::WebSocketConfig, Message};
+use tokio::time::{timeout, timeout_at, Instant};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -189,46 +191,27 @@ async fn connect_and_serve(
                     Some(Ok(m)) => m,
                 };
                 last_seen = Instant::now();
-                let text = match &msg {
-                    Message::Text(t) => t.as_str(),
-                    Message::Binary(b) => match std::str::from_utf8(b) {
-                        Ok(t) => t,
-                        Err(_) => {
-                            shared.counters.frames.fetch_add(1, Ordering::Relaxed);
-                            shared.counters.decode_errors.fetch_add(1, Ordering::Relaxed);
-                            warn!(upstream = %name, bytes = b.len(), "skipping binary frame that is not UTF-8");
-                            continue;
-                        }
-                    },
-                    Message::Close(frame) => {
-                        let why = frame.as_ref().map_or_else(
-                            || "close frame without a code".to_string(),
-                            |f| format!("close code {} {:?}", u16::from(f.code), f.reason.as_str()),
-                        );
-                        return SessionEnd::Closed(why);
-                    }
-                    // Protocol pings are answered by tungstenite itself; both only prove liveness.
-                    Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
-                };
-                shared.counters.frames.fetch_add(1, Ordering::Relaxed);
-                let decoded = wsbridge_adapters::check_depth(text, shared.limits.max_depth)
-                    .and_then(|()| shared.adapter.decode(text));
-                match decoded {
-                    Ok(Inbound::Event(decoded)) => {
-                        let envelope = Envelope::new(decoded, &shared.source, shared.adapter.provider(), Utc::now());
-                        shared.counters.count_event(&envelope.event_type);
-                        shared.counters.last_event_unix_ms.store(Utc::now().timestamp_millis(), Ordering::Relaxed);
+                match read_frame(shared, msg) {
+                    Frame::Skip => {}
+                    Frame::Closed(why) => return SessionEnd::Closed(why),
+                    Frame::Event(envelope) => {
                         // A full queue blocks this reader: backpressure reaches the provider's
-                        // TCP window instead of our memory.
+                        // TCP window instead of our memory. A stop while blocked keeps the
+                        // event: the drain queues it first.
                         tokio::select! {
-                            sent = ingest.send(envelope) => if sent.is_err() { return SessionEnd::IngestClosed },
-                            _ = shutdown.cancelled() => return SessionEnd::Shutdown,
+                            permit = ingest.reserve() => match permit {
+                                Ok(permit) => permit.send(envelope),
+                                Err(_) => return SessionEnd::IngestClosed,
+                            },
+                            _ = shutdown.cancelled() => {
+                                return drain(shared, ingest, &mut ws, Some(envelope)).await;
+                            }
                         }
                         // Time spent blocked on a full ingest queue is our stall, not the
                         // provider's silence: it must not make the connection look stale.
                         last_seen = Instant::now();
                     }
-                    Ok(Inbound::Control(control)) => match control {
+                    Frame::Control(control) => match control {
                         Control::Connected => {
                             if let Phase::AwaitGreeting(_) = phase {
                                 shared.set_state(UpstreamState::Connected);
@@ -248,10 +231,6 @@ async fn connect_and_serve(
                         }
                         Control::Pong | Control::Reply => {}
                     },
-                    Err(e) => {
-                        shared.counters.decode_errors.fetch_add(1, Ordering::Relaxed);
-                        warn!(upstream = %name, error = %e, bytes = text.len(), "skipping malformed frame");
-                    }
                 }
             }
             _ = ping.tick() => {
@@ -274,12 +253,163 @@ async fn connect_and_serve(
                     }
                 }
             }
-            _ = shutdown.cancelled() => {
-                let _ = timeout(Duration::from_secs(1), ws.close(None)).await;
-                return SessionEnd::Shutdown;
-            }
+            _ = shutdown.cancelled() => return drain(shared, ingest, &mut ws, None).await,
         }
     }
+}
+
+/// What one inbound message means to the session.
+// Lives on the stack for one frame and is never stored: boxing the event would cost an
+// allocation per event on the hot path for nothing.
+#[allow(clippy::large_enum_variant)]
+enum Frame {
+    /// Nothing to act on (protocol ping or pong, a skipped bad frame).
+    Skip,
+    /// The provider closed the connection; why.
+    Closed(String),
+    /// An event, stamped and counted, for ingest.
+    Event(Envelope),
+    /// A control frame of the dialect.
+    Control(Control),
+}
+
+/// Counts and decodes one inbound message (the same way while serving and while draining).
+fn read_frame(shared: &Shared, msg: Message) -> Frame {
+    let name = &shared.name;
+    let text = match &msg {
+        Message::Text(t) => t.as_str(),
+        Message::Binary(b) => match std::str::from_utf8(b) {
+            Ok(t) => t,
+            Err(_) => {
+                shared.counters.frames.fetch_add(1, Ordering::Relaxed);
+                shared
+                    .counters
+                    .decode_errors
+                    .fetch_add(1, Ordering::Relaxed);
+                warn!(upstream = %name, bytes = b.len(), "skipping binary frame that is not UTF-8");
+                return Frame::Skip;
+            }
+        },
+        Message::Close(frame) => {
+            return Frame::Closed(frame.as_ref().map_or_else(
+                || "close frame without a code".to_string(),
+                |f| format!("close code {} {:?}", u16::from(f.code), f.reason.as_str()),
+            ));
+        }
+        // Protocol pings are answered by tungstenite itself; both only prove liveness.
+        Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => return Frame::Skip,
+    };
+    shared.counters.frames.fetch_add(1, Ordering::Relaxed);
+    let decoded = wsbridge_adapters::check_depth(text, shared.limits.max_depth)
+        .and_then(|()| shared.adapter.decode(text));
+    match decoded {
+        Ok(Inbound::Event(decoded)) => {
+            let now = Utc::now();
+            let envelope = Envelope::new(decoded, &shared.source, shared.adapter.provider(), now);
+            shared.counters.count_event(&envelope.event_type);
+            shared
+                .counters
+                .last_event_unix_ms
+                .store(now.timestamp_millis(), Ordering::Relaxed);
+            Frame::Event(envelope)
+        }
+        Ok(Inbound::Control(control)) => Frame::Control(control),
+        Err(e) => {
+            shared
+                .counters
+                .decode_errors
+                .fetch_add(1, Ordering::Relaxed);
+            warn!(upstream = %name, error = %e, bytes = text.len(), "skipping malformed frame");
+            Frame::Skip
+        }
+    }
+}
+
+/// Ends a connection without losing what the provider already sent: sends the close frame,
+/// then keeps reading (and queueing every event to ingest) until the provider answers the
+/// close or ends the stream, for at most the drain grace (`server.shutdown_grace`). Providers
+/// do not replay, so an event left unread in the socket would be lost. `pending` is an event
+/// read before the stop that ingest had no room for yet.
+async fn drain(
+    shared: &Shared,
+    ingest: &mpsc::Sender<Envelope>,
+    ws: &mut Ws,
+    pending: Option<Envelope>,
+) -> SessionEnd {
+    let name = &shared.name;
+    let grace = shared.timing.drain_grace;
+    let deadline = Instant::now() + grace;
+    shared.set_state(UpstreamState::Draining);
+    let mut drained: u64 = 0;
+    if let Some(envelope) = pending {
+        if !queue_until(ingest, envelope, deadline).await {
+            return drain_cut_short(shared, grace, drained, "ingest queue full or closed");
+        }
+        drained += 1;
+    }
+    // The close goes out first: it tells the provider to stop sending, and everything it sent
+    // before its answer arrives ahead of that answer.
+    let close = CloseFrame {
+        code: CloseCode::Normal,
+        reason: "client closing".into(),
+    };
+    match timeout_at(deadline, ws.close(Some(close))).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            // The connection is already gone: nothing more can arrive on it.
+            debug!(upstream = %name, error = %e, "close frame not sent");
+            return SessionEnd::Shutdown;
+        }
+        Err(_) => return drain_cut_short(shared, grace, drained, "close frame not sent"),
+    }
+    debug!(upstream = %name, grace_ms = grace.as_millis() as u64, "close sent; reading what the provider already sent");
+    loop {
+        let msg = match timeout_at(deadline, ws.next()).await {
+            Err(_) => return drain_cut_short(shared, grace, drained, "no close answer"),
+            // The stream ended (or failed) after our close: nothing more can arrive.
+            Ok(None | Some(Err(_))) => break,
+            Ok(Some(Ok(msg))) => msg,
+        };
+        match read_frame(shared, msg) {
+            Frame::Closed(_) => break,
+            Frame::Event(envelope) => {
+                if !queue_until(ingest, envelope, deadline).await {
+                    return drain_cut_short(shared, grace, drained, "ingest queue full or closed");
+                }
+                drained += 1;
+            }
+            Frame::Skip | Frame::Control(_) => {}
+        }
+    }
+    if drained > 0 {
+        info!(upstream = %name, events = drained, "connection closed; events read while closing were queued");
+    }
+    SessionEnd::Shutdown
+}
+
+/// Queues `envelope` to ingest, waiting for room until `deadline`; false when it could not.
+async fn queue_until(
+    ingest: &mpsc::Sender<Envelope>,
+    envelope: Envelope,
+    deadline: Instant,
+) -> bool {
+    matches!(
+        timeout_at(deadline, ingest.send(envelope)).await,
+        Ok(Ok(()))
+    )
+}
+
+/// A drain that ran out of grace (no close answer in time, or ingest had no room in time):
+/// counted and logged, never silent: what the provider sent after this point is lost.
+fn drain_cut_short(shared: &Shared, grace: Duration, drained: u64, why: &str) -> SessionEnd {
+    shared
+        .counters
+        .drain_timeouts
+        .fetch_add(1, Ordering::Relaxed);
+    warn!(upstream = %shared.name, grace_ms = grace.as_millis() as u64, queued = drained, reason = why,
+        "closing connection cut off at server.shutdown_grace; \
+         what the provider sent after this point was not journalled");
+    SessionEnd::Shutdown
 }
 
 /// Sends the adapter's subscribe frames for every configured subscription.

@@ -216,7 +216,14 @@ async fn a_supervisor_task_that_panics_is_shown_failed_then_restarted() {
     let (ingest, mut events) = tokio::sync::mpsc::channel(16);
     let stop = tokio_util::sync::CancellationToken::new();
     let limits = wsbridge::upstream::FrameLimits::from(&cfg.limits);
-    let handle = wsbridge::upstream::spawn(u, limits, adapter, ingest, stop.clone());
+    let handle = wsbridge::upstream::spawn(
+        u,
+        limits,
+        adapter,
+        ingest,
+        stop.clone(),
+        cfg.server.shutdown_grace,
+    );
 
     let failed = wait_status(&handle, "failed", |s| s.state == UpstreamState::Failed).await;
     let why = failed.last_error.unwrap_or_default();

@@ -13,5 +13,6 @@ mod metrics_lint;
 mod nats_long_subject;
 mod nesting_depth;
 mod replay_memory;
+mod shutdown_drain;
 mod store_failure;
 mod subscription_reuse;

@@ -24,6 +24,9 @@
 //! - Credentials are never logged and never appear in a snapshot: connections are identified
 //!   by a digest of their token.
 //! - Dropping the last [`Simulator`] handle stops the listener and every connection.
+//! - A client's close is answered as a real server answers it (RFC 6455, 5.5.1): the frames
+//!   already queued to that client (sent, from the provider's point of view) go out first,
+//!   then the close answer, then the TCP connection is closed; nothing is sent after it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -171,6 +174,9 @@ pub struct SimSnapshot {
     pub client_frames: u64,
     /// Heartbeats received ever: application pings (VoicePact, Hashi) and protocol pings.
     pub pings_received: u64,
+    /// Close frames received from clients ever (each answered with a close frame, after the
+    /// frames already queued to that client).
+    pub client_closes: u64,
 }
 
 /// One open connection, as a test sees it.
@@ -633,6 +639,7 @@ struct State {
     refused: u64,
     client_frames: u64,
     pings_received: u64,
+    client_closes: u64,
     refuse_until: Option<Instant>,
     /// Connection tasks alive, registered or not (shutdown waits for zero).
     live_tasks: usize,
@@ -661,6 +668,7 @@ impl State {
             refused: self.refused,
             client_frames: self.client_frames,
             pings_received: self.pings_received,
+            client_closes: self.client_closes,
         }
     }
 }
@@ -1008,6 +1016,11 @@ async fn serve(
             shutdown,
             silent,
         } = &mut *signals;
+        // Frames already queued to this client go out before its next frame is read: an
+        // event the server has sent before a client's close arrives reaches the client ahead
+        // of the close answer, as with a real server, whose writes go to the socket at once
+        // (the queue here stands for that socket buffer). After the close answer nothing
+        // more is sent (RFC 6455, 5.5.1).
         tokio::select! {
             biased;
             _ = drops.changed() => return Exit::Dropped,
@@ -1020,6 +1033,24 @@ async fn serve(
             () = ping_timer.as_mut(), if keepalive => {
                 ping_timer.as_mut().reset(Instant::now() + shared.server_ping_interval);
                 match signals.guarded(ws.send(Message::Ping(Default::default()))).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => return Exit::ClientGone,
+                    Err(exit) => return exit,
+                }
+            }
+            out = rx.recv() => {
+                let Some(first) = out else { return Exit::ClientGone };
+                let write = async {
+                    ws.feed(first).await?;
+                    for _ in 1..WRITE_BATCH {
+                        match rx.try_recv() {
+                            Ok(next) => ws.feed(next).await?,
+                            Err(_) => break,
+                        }
+                    }
+                    ws.flush().await
+                };
+                match signals.guarded(write).await {
                     Ok(Ok(())) => {}
                     Ok(Err(_)) => return Exit::ClientGone,
                     Err(exit) => return exit,
@@ -1051,8 +1082,17 @@ async fn serve(
                         pong_timer.as_mut().reset(Instant::now() + shared.pong_timeout);
                         continue;
                     }
-                    // tungstenite answers the close; the next read ends the stream.
-                    Some(Ok(Message::Close(_) | Message::Frame(_))) => continue,
+                    Some(Ok(Message::Close(_))) => {
+                        // tungstenite has queued the answer; it goes out after everything
+                        // already written (the queue was empty when the close was read), and
+                        // then the server closes the TCP connection, as RFC 6455 asks.
+                        shared.update(|s| s.client_closes += 1);
+                        let _ = signals
+                            .guarded(tokio::time::timeout(CLOSE_GRACE, ws.flush()))
+                            .await;
+                        return Exit::ClientGone;
+                    }
+                    Some(Ok(Message::Frame(_))) => continue,
                 };
                 if reaction.hang_up {
                     return Exit::HungUp;
@@ -1065,24 +1105,7 @@ async fn serve(
                     }
                 }
             }
-            out = rx.recv() => {
-                let Some(first) = out else { return Exit::ClientGone };
-                let write = async {
-                    ws.feed(first).await?;
-                    for _ in 1..WRITE_BATCH {
-                        match rx.try_recv() {
-                            Ok(next) => ws.feed(next).await?,
-                            Err(_) => break,
-                        }
-                    }
-                    ws.flush().await
-                };
-                match signals.guarded(write).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(_)) => return Exit::ClientGone,
-                    Err(exit) => return exit,
-                }
-            }
+
         }
     }
 }

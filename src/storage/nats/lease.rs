@@ -9,7 +9,10 @@
 //! upstream up before its lease can expire and be taken, so two instances never knowingly hold
 //! one upstream: the 2/3 are counted from when the last successful write was *sent* (its
 //! expiry on the server starts later), and a hanging renewal is cut off at that point. On shutdown
-//! the holder deletes its lease, so the standby takes over at its next try.
+//! (or when a reload removes the upstream) the holder first lets its supervisor close and drain
+//! the connection, renewing the lease meanwhile, and only then deletes its lease, so the
+//! standby, which takes over at its next try, connects after the drain: what the provider sent
+//! to the old holder is journalled by it, and the two never hold the upstream at once.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -56,7 +59,9 @@ impl Leases {
     }
 
     /// Starts keeping the lease of `upstream`: the returned flag is true while this instance
-    /// holds it. The keeper ends (releasing the lease) when `stop` is cancelled.
+    /// holds it. When `stop` is cancelled the keeper stops acquiring, keeps renewing a held
+    /// lease until every receiver of the flag is dropped (the supervisor has drained its
+    /// connection and ended), and then releases the lease.
     pub fn keep(&self, upstream: &str, stop: CancellationToken) -> watch::Receiver<bool> {
         let (tx, rx) = watch::channel(false);
         let bucket = self.bucket.clone();
@@ -69,7 +74,12 @@ impl Leases {
             // of that write is at least a TTL after this instant.
             let mut held: Option<(u64, Instant)> = None;
             let mut renew_failed = false;
+            let mut stopping = false;
             loop {
+                if stopping && held.is_none() {
+                    // Not holding: nothing to hand over; never acquire while stopping.
+                    break;
+                }
                 let mut wait = if held.is_none() {
                     ttl / 5
                 } else if renew_failed {
@@ -148,7 +158,15 @@ impl Leases {
                         wait.min((renewed + ttl * 2 / 3).saturating_duration_since(Instant::now()));
                 }
                 tokio::select! {
-                    _ = stop.cancelled() => break,
+                    _ = stop.cancelled(), if !stopping => {
+                        stopping = true;
+                        // The supervisor sees the same token and is draining; wait for it,
+                        // renewing meanwhile.
+                        let _ = tx.send(false);
+                        continue;
+                    }
+                    // Every receiver gone: the supervisor has ended (after its drain).
+                    _ = tx.closed() => break,
                     _ = tokio::time::sleep(wait) => {}
                 }
             }
