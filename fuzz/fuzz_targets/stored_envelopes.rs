@@ -23,7 +23,9 @@ fn has_float(v: &Value) -> bool {
 }
 
 fn round_trip(read: &Envelope) {
-    let bytes = read.to_bytes().expect("an envelope that was read serialises");
+    let bytes = read
+        .to_bytes()
+        .expect("an envelope that was read serialises");
     let back: Envelope =
         serde_json::from_slice(&bytes).expect("an envelope that was read reads back");
     if has_float(&read.data) {
