@@ -427,12 +427,20 @@ async fn build_endpoint(
         reason,
     };
     let signer = config.signer().map_err(|e| fail(e.to_string()))?;
-    let client = reqwest::Client::builder()
+    let mut builder = reqwest::Client::builder()
         .timeout(config.timeout)
         .connect_timeout(config.timeout.min(Duration::from_secs(10)))
         .redirect(reqwest::redirect::Policy::none())
         .pool_max_idle_per_host(config.max_in_flight)
-        .user_agent(concat!("wsbridge/", env!("CARGO_PKG_VERSION")))
+        .user_agent(concat!("wsbridge/", env!("CARGO_PKG_VERSION")));
+    if !config.allow_private {
+        // The SSRF guard: names are resolved and checked by the client's own resolver, so it
+        // connects to exactly the addresses that were checked. Directly: through an HTTP
+        // proxy (`HTTPS_PROXY` and the like) the proxy would resolve the name itself and the
+        // check would mean nothing.
+        builder = builder.dns_resolver(ssrf::GuardedResolver).no_proxy();
+    }
+    let client = builder
         .build()
         .map_err(|e| fail(format!("HTTP client: {e}")))?;
     let mut static_headers = reqwest::header::HeaderMap::new();
@@ -827,9 +835,6 @@ struct Response {
 /// Builds, signs and sends the request; `Err` is a failure without a response.
 async fn send(endpoint: &Endpoint, due: &DueDelivery) -> Result<Response, String> {
     let config = &endpoint.config;
-    if !config.allow_private {
-        ssrf::check_resolved(&config.url).await?;
-    }
     let mut request = endpoint
         .client
         .post(config.url.clone())
@@ -922,7 +927,10 @@ fn ce_header(value: &str) -> String {
 }
 
 fn describe(e: reqwest::Error) -> String {
-    if e.is_timeout() {
+    if let Some(refused) = ssrf::refusal(&e) {
+        // The SSRF guard's resolver refused the host (it names the host, not the URL).
+        refused.to_string()
+    } else if e.is_timeout() {
         "timed out".to_string()
     } else if e.is_connect() {
         "connection failed".to_string()

@@ -431,6 +431,80 @@ fn event_frame(sub_id_json: &str, seq: u64, bytes: &[u8]) -> String {
     frame
 }
 
+/// Parses one client frame into its op, or the `error` frame to answer with.
+fn parse_op(text: &str) -> Result<ClientOp, String> {
+    let raw: Value = serde_json::from_str(text)
+        .map_err(|e| error_frame("bad_request", format!("not JSON: {e}"), None))?;
+    serde_json::from_value::<ClientOp>(raw.clone()).map_err(|e| {
+        let known = matches!(
+            raw.get("op").and_then(Value::as_str),
+            Some("subscribe" | "unsubscribe" | "ping")
+        );
+        let (code, message) = if known {
+            ("bad_request", e.to_string())
+        } else {
+            (
+                "unknown_op",
+                format!(
+                    "unknown op {}; expected subscribe, unsubscribe or ping",
+                    raw.get("op").unwrap_or(&Value::Null)
+                ),
+            )
+        };
+        error_frame(code, message, raw.get("id"))
+    })
+}
+
+/// A subscription id is a string or a number; otherwise the `error` frame to answer with.
+fn check_id(id: &Value) -> Result<(), String> {
+    if id.is_string() || id.is_number() {
+        Ok(())
+    } else {
+        Err(error_frame(
+            "bad_request",
+            "id must be a string or a number",
+            Some(id),
+        ))
+    }
+}
+
+/// A subscribe op's filter, compiled, and its start position, or the `error` frame to answer
+/// with.
+fn subscribe_target(
+    id: &Value,
+    filter: &FilterConfig,
+    from: Option<&Value>,
+) -> Result<(Filter, Start), String> {
+    let filter = Filter::from_config(filter).map_err(|issues| {
+        let msg = issues
+            .iter()
+            .map(|i| format!("filter.{i}"))
+            .collect::<Vec<_>>()
+            .join("; ");
+        error_frame("bad_pattern", msg, Some(id))
+    })?;
+    let start = parse_start(from).map_err(|msg| error_frame("bad_request", msg, Some(id)))?;
+    Ok((filter, start))
+}
+
+/// Checks one client frame as a connection does before acting on it, without a connection
+/// or a store: parsing, then for `subscribe` its id, filter and start position. `Ok` with the
+/// op's name, or `Err` with the `error` frame the client would get. It exists so that the
+/// fuzz target `ws_client_ops` (fuzz/) can drive the parser clients reach with any bytes.
+pub fn check_client_frame(text: &str) -> Result<&'static str, String> {
+    match parse_op(text)? {
+        ClientOp::Ping => Ok("ping"),
+        ClientOp::Unsubscribe { .. } => Ok("unsubscribe"),
+        ClientOp::Subscribe {
+            id, filter, from, ..
+        } => {
+            check_id(&id)?;
+            subscribe_target(&id, &filter, from.as_ref())?;
+            Ok("subscribe")
+        }
+    }
+}
+
 /// A new subscription's key, generation and feed.
 type NewFeed = (String, u64, mpsc::Receiver<FeedItem>);
 
@@ -444,36 +518,9 @@ async fn apply_op(
     slow: &CancellationToken,
     budget: &Arc<ConnectionBudget>,
 ) -> (String, Option<NewFeed>) {
-    let raw: Value = match serde_json::from_str(text) {
-        Ok(v) => v,
-        Err(e) => {
-            return (
-                error_frame("bad_request", format!("not JSON: {e}"), None),
-                None,
-            )
-        }
-    };
-    let id = raw.get("id").cloned();
-    let op = match serde_json::from_value::<ClientOp>(raw.clone()) {
+    let op = match parse_op(text) {
         Ok(op) => op,
-        Err(e) => {
-            let known = matches!(
-                raw.get("op").and_then(Value::as_str),
-                Some("subscribe" | "unsubscribe" | "ping")
-            );
-            let (code, message) = if known {
-                ("bad_request", e.to_string())
-            } else {
-                (
-                    "unknown_op",
-                    format!(
-                        "unknown op {}; expected subscribe, unsubscribe or ping",
-                        raw.get("op").unwrap_or(&Value::Null)
-                    ),
-                )
-            };
-            return (error_frame(code, message, id.as_ref()), None);
-        }
+        Err(frame) => return (frame, None),
     };
     match op {
         ClientOp::Ping => (json!({"op": "pong"}).to_string(), None),
@@ -497,11 +544,8 @@ async fn apply_op(
             from,
             epoch,
         } => {
-            if !(id.is_string() || id.is_number()) {
-                return (
-                    error_frame("bad_request", "id must be a string or a number", Some(&id)),
-                    None,
-                );
+            if let Err(frame) = check_id(&id) {
+                return (frame, None);
             }
             let key = sub_key(&id);
             if subs.by_key.len() >= MAX_SUBSCRIPTIONS {
@@ -524,20 +568,9 @@ async fn apply_op(
                     None,
                 );
             }
-            let filter = match Filter::from_config(&filter) {
-                Ok(f) => f,
-                Err(issues) => {
-                    let msg = issues
-                        .iter()
-                        .map(|i| format!("filter.{i}"))
-                        .collect::<Vec<_>>()
-                        .join("; ");
-                    return (error_frame("bad_pattern", msg, Some(&id)), None);
-                }
-            };
-            let start = match parse_start(from.as_ref()) {
-                Ok(s) => s,
-                Err(msg) => return (error_frame("bad_request", msg, Some(&id)), None),
+            let (filter, start) = match subscribe_target(&id, &filter, from.as_ref()) {
+                Ok(target) => target,
+                Err(frame) => return (frame, None),
             };
             let stop = CancellationToken::new();
             let control = FeedControl {
@@ -602,5 +635,48 @@ mod tests {
         assert!(parse_start(Some(&json!(0))).is_err());
         assert!(parse_start(Some(&json!(-3))).is_err());
         assert!(parse_start(Some(&json!("soon"))).is_err());
+    }
+
+    /// The codes and ids of the `error` frames a client gets for each kind of bad frame.
+    #[test]
+    fn client_frames_are_checked_as_a_connection_does() {
+        let code = |text: &str| -> (String, Value) {
+            let frame: Value =
+                serde_json::from_str(&check_client_frame(text).expect_err(text)).expect("JSON");
+            assert_eq!(frame["op"], "error", "{frame}");
+            (
+                frame["code"].as_str().unwrap_or("").to_string(),
+                frame["id"].clone(),
+            )
+        };
+        assert_eq!(check_client_frame(r#"{"op":"ping"}"#), Ok("ping"));
+        assert_eq!(
+            check_client_frame(r#"{"op":"unsubscribe","id":"a"}"#),
+            Ok("unsubscribe")
+        );
+        assert_eq!(
+            check_client_frame(
+                r#"{"op":"subscribe","id":1,"from":"earliest","filter":{"types":["call.*"]}}"#
+            ),
+            Ok("subscribe")
+        );
+        assert_eq!(code("{").0, "bad_request");
+        assert_eq!(
+            code(r#"{"op":"dance","id":"x"}"#),
+            ("unknown_op".into(), json!("x"))
+        );
+        assert_eq!(code(r#"{"op":"unsubscribe"}"#).0, "bad_request");
+        assert_eq!(
+            code(r#"{"op":"subscribe","id":[1]}"#),
+            ("bad_request".into(), json!([1]))
+        );
+        assert_eq!(
+            code(r#"{"op":"subscribe","id":"p","filter":{"types":["a.**.b"]}}"#),
+            ("bad_pattern".into(), json!("p"))
+        );
+        assert_eq!(
+            code(r#"{"op":"subscribe","id":"s","from":0}"#),
+            ("bad_request".into(), json!("s"))
+        );
     }
 }

@@ -14,5 +14,6 @@ mod nats_long_subject;
 mod nesting_depth;
 mod replay_memory;
 mod shutdown_drain;
+mod ssrf_rebinding;
 mod store_failure;
 mod subscription_reuse;
