@@ -291,7 +291,7 @@ async fn idle_and_slow_header_floods_leave_webhooks_consumers_and_healthz_workin
         "header timeouts {header}:\n{text}"
     );
     assert!(
-        text.contains("# HELP wsbridge_http_connections_refused Inbound"),
+        text.contains("# HELP wsbridge_http_connections_refused_total Inbound"),
         "{text}"
     );
     drop(idle);
