@@ -156,6 +156,20 @@ pub async fn start_bridge(config: &Config) -> (Bridge, broadcast::Receiver<Arc<P
     (bridge, rx)
 }
 
+/// Waits (deadline 60 s) until ingest has published `n` events: for tests that first fill
+/// the journal with thousands of events.
+pub async fn wait_published(bridge: &Bridge, n: u64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while bridge.ingest_stats().published < n {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {:?} published of {n}",
+            bridge.ingest_stats()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 pub mod nats;
 pub mod receiver;
 pub mod ws;

@@ -95,3 +95,18 @@ pub async fn sse_events(
     }
     out
 }
+
+/// Connects with `token`, reads `ready`, subscribes `id` from `from` and reads `subscribed`.
+pub async fn subscribe_from(bridge: &Bridge, token: &str, id: &str, from: Value) -> Ws {
+    use futures_util::SinkExt;
+    let mut ws = connect(bridge, token).await;
+    assert_eq!(recv(&mut ws).await["op"], "ready");
+    ws.send(Message::text(
+        serde_json::json!({"op": "subscribe", "id": id, "from": from}).to_string(),
+    ))
+    .await
+    .expect("subscribe sent");
+    let ack = recv(&mut ws).await;
+    assert_eq!(ack["op"], "subscribed", "{ack}");
+    ws
+}

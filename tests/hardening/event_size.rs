@@ -8,12 +8,10 @@
 
 use std::time::Duration;
 
-use futures_util::SinkExt;
 use serde_json::{json, Value};
-use tokio_tungstenite::tungstenite::Message;
 
 use crate::common::receiver::{Answer, Receiver};
-use crate::common::ws::{connect, recv, sse_events, Ws};
+use crate::common::ws::{recv, sse_events, subscribe_from, Ws};
 use crate::common::*;
 use wsbridge::bridge::Bridge;
 use wsbridge_adapters::sim::Simulator;
@@ -58,20 +56,6 @@ async fn rig() -> (Bridge, Simulator, Receiver, Receiver) {
     (bridge, vb, structured, binary)
 }
 
-/// Connects, reads `ready`, subscribes `id` from `from`, reads `subscribed`.
-async fn subscribe(bridge: &Bridge, id: &str, from: Value) -> Ws {
-    let mut ws = connect(bridge, TOKEN).await;
-    assert_eq!(recv(&mut ws).await["op"], "ready");
-    ws.send(Message::text(
-        json!({"op": "subscribe", "id": id, "from": from}).to_string(),
-    ))
-    .await
-    .expect("subscribe sent");
-    let ack = recv(&mut ws).await;
-    assert_eq!(ack["op"], "subscribed", "{ack}");
-    ws
-}
-
 /// The next `n` event frames as (seq, data.n, envelope length); any other frame, a close or
 /// a dropped connection fails the test.
 async fn read_events(ws: &mut Ws, n: usize) -> Vec<(u64, u64, usize)> {
@@ -110,7 +94,7 @@ fn sample(text: &str, name: &str) -> Option<f64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_300_kib_event_reaches_live_and_resuming_ws_consumers_sse_and_webhooks() {
     let (bridge, vb, structured, binary) = rig().await;
-    let mut live = subscribe(&bridge, "live", json!("latest")).await;
+    let mut live = subscribe_from(&bridge, TOKEN, "live", json!("latest")).await;
 
     const PAD: usize = 300 * 1024;
     vb.emit(padded_call(0, 10)).await;
@@ -130,7 +114,7 @@ async fn a_300_kib_event_reaches_live_and_resuming_ws_consumers_sse_and_webhooks
 
     // Resuming from before it: the same three, again and again (a consumer that reconnects).
     for round in 0..2 {
-        let mut resumed = subscribe(&bridge, "resume", json!(first)).await;
+        let mut resumed = subscribe_from(&bridge, TOKEN, "resume", json!(first)).await;
         let again = read_events(&mut resumed, 3).await;
         assert_eq!(again, got, "resume round {round}");
     }
@@ -173,7 +157,7 @@ async fn a_300_kib_event_reaches_live_and_resuming_ws_consumers_sse_and_webhooks
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_over_max_event_bytes_is_refused_counted_and_the_next_events_flow() {
     let (bridge, vb, structured, _binary) = rig().await;
-    let mut live = subscribe(&bridge, "live", json!("latest")).await;
+    let mut live = subscribe_from(&bridge, TOKEN, "live", json!("latest")).await;
 
     // Over the default limit (1 MiB less 8 KiB) as an envelope, yet a frame the upstream
     // reads whole: refused as one event, the connection kept.
@@ -268,7 +252,7 @@ async fn a_frame_over_the_upstream_read_limit_is_counted_and_the_connection_reop
     ]);
     let (bridge, _) = start_bridge(&cfg).await;
     wait_sim_ready(&vb, 1).await;
-    let mut live = subscribe(&bridge, "live", json!("latest")).await;
+    let mut live = subscribe_from(&bridge, TOKEN, "live", json!("latest")).await;
 
     let first = vb.snapshot().connections[0].id;
     vb.emit(padded_call(0, 10)).await;

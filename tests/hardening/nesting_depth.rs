@@ -7,7 +7,7 @@
 //! the journal that are not an envelope at all are reported to the consumer
 //! (`unreadable_event`) and counted, never skipped.
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use serde::de::IgnoredAny;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -15,7 +15,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::common::ws::{connect, recv, Ws};
+use crate::common::ws::{subscribe_from, Ws};
 use crate::common::*;
 use wsbridge::bridge::Bridge;
 use wsbridge::config::Config;
@@ -55,19 +55,6 @@ async fn rig(provider: Provider) -> (Bridge, Simulator, Config) {
     let (bridge, _) = start_bridge(&cfg).await;
     wait_sim_ready(&sim, 1).await;
     (bridge, sim, cfg)
-}
-
-async fn subscribe(bridge: &Bridge, id: &str, from: Value) -> Ws {
-    let mut ws = connect(bridge, TOKEN).await;
-    assert_eq!(recv(&mut ws).await["op"], "ready");
-    ws.send(Message::text(
-        json!({"op": "subscribe", "id": id, "from": from}).to_string(),
-    ))
-    .await
-    .expect("subscribe sent");
-    let ack = recv(&mut ws).await;
-    assert_eq!(ack["op"], "subscribed", "{ack}");
-    ws
 }
 
 /// What the tests read from a `/v1/ws` frame without parsing the event into a tree (an event
@@ -143,7 +130,7 @@ fn data_n(frame_text: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_126_deep_frame_is_a_counted_decode_error_and_the_next_events_arrive() {
     let (bridge, vp, _cfg) = rig(Provider::VoicePact).await;
-    let mut live = subscribe(&bridge, "live", json!("latest")).await;
+    let mut live = subscribe_from(&bridge, TOKEN, "live", json!("latest")).await;
 
     vp.emit(payment(0)).await;
     assert!(vp.send_raw(&deep_payment(1, 126)).await >= 1);
@@ -164,7 +151,7 @@ async fn a_126_deep_frame_is_a_counted_decode_error_and_the_next_events_arrive()
     assert_eq!(up.reconnects, 0, "the connection stayed up: {up:?}");
 
     // Resume from before it on /v1/ws and SSE: every event, in order, no gap.
-    let mut resumed = subscribe(&bridge, "resume", json!(seqs[0])).await;
+    let mut resumed = subscribe_from(&bridge, TOKEN, "resume", json!(seqs[0])).await;
     let again = raw_frames(&mut resumed, 3).await;
     let pairs: Vec<(u64, u64)> = again
         .iter()
@@ -238,7 +225,7 @@ async fn an_event_journalled_deeper_than_serde_json_reads_is_sent_on_resume_not_
     )
     .await;
 
-    let mut ws = subscribe(&bridge, "resume", json!(seqs[0])).await;
+    let mut ws = subscribe_from(&bridge, TOKEN, "resume", json!(seqs[0])).await;
     let got = raw_frames(&mut ws, 3).await;
     let ops: Vec<(&str, Option<u64>)> = got.iter().map(|(h, _)| (h.op.as_str(), h.seq)).collect();
     assert_eq!(
@@ -292,7 +279,7 @@ async fn journal_bytes_that_are_not_an_envelope_are_reported_to_the_consumer_and
     .await
     .expect("damage");
 
-    let mut ws = subscribe(&bridge, "resume", json!(seqs[0])).await;
+    let mut ws = subscribe_from(&bridge, TOKEN, "resume", json!(seqs[0])).await;
     let got = raw_frames(&mut ws, 3).await;
     assert_eq!(got[0].0.op, "event");
     assert_eq!(got[1].0.op, "error", "{}", got[1].1);

@@ -54,18 +54,6 @@ fn lobby(i: usize) -> Value {
     )
 }
 
-async fn wait_published(bridge: &Bridge, n: u64) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while bridge.ingest_stats().published < n {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "only {:?} published of {n}",
-            bridge.ingest_stats()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// Anonymous resident memory of this process (the bridge runs in it), in bytes.
 fn rss_anon() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");

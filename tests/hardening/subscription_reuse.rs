@@ -5,12 +5,9 @@
 //! the new `a`: the old feeder's queue was still being drained and its items were looked up
 //! by id only. The new subscription must receive nothing the old one queued.
 
-use std::time::Duration;
-
 use futures_util::SinkExt;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
-use wsbridge::bridge::Bridge;
 use wsbridge_adapters::Provider;
 
 use crate::common::ws::{connect, recv, Ws};
@@ -20,19 +17,6 @@ const TOKEN: &str = "token-subscription-reuse";
 
 async fn send(ws: &mut Ws, v: Value) {
     ws.send(Message::text(v.to_string())).await.expect("send");
-}
-
-/// Waits until ingest has published `n` events.
-async fn wait_published(bridge: &Bridge, n: u64) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while bridge.ingest_stats().published < n {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "only {:?} published of {n}",
-            bridge.ingest_stats()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// Reads frames until `done` says so; returns how many `event` frames for subscription `a`
