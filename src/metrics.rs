@@ -88,7 +88,7 @@ pub async fn render(state: &StatusState) -> String {
     let (mut task_restarts, mut task_failed) = (vec![], vec![]);
     let (mut frames, mut events, mut decode, mut reconnects, mut age, mut drain_timeouts) =
         (vec![], vec![], vec![], vec![], vec![], vec![]);
-    let mut too_large = vec![];
+    let (mut too_large, mut untracked) = (vec![], vec![]);
     for u in &upstreams {
         let name = u.name();
         let status = u.status();
@@ -110,6 +110,7 @@ pub async fn render(state: &StatusState) -> String {
         too_large.push((labels(&[("upstream", name)]), c.frames_too_large));
         reconnects.push((labels(&[("upstream", name)]), c.reconnects));
         drain_timeouts.push((labels(&[("upstream", name)]), c.drain_timeouts));
+        untracked.push((labels(&[("upstream", name)]), c.untracked));
         for (t, n) in u.events_by_type() {
             events.push((labels(&[("upstream", name), ("type", &t)]), n));
         }
@@ -162,6 +163,12 @@ pub async fn render(state: &StatusState) -> String {
         "upstream_drain_timeouts",
         "Upstream closes not answered by the provider within server.shutdown_grace (what it sent after that was not read)",
         drain_timeouts,
+    );
+    counter_family(
+        &mut r,
+        "upstream_untracked",
+        "Frames forgotten before storage.dedup_window ended because a connection remembered limits.tracked_frames others (a repeat within the window is taken for a copy)",
+        untracked,
     );
     gauge_family(
         &mut r,
