@@ -1577,7 +1577,11 @@ mod tests {
 
     fn stored_id(appended: &Appended) -> (u64, String) {
         match appended {
-            Appended::Stored { seq, envelope, bytes } => {
+            Appended::Stored {
+                seq,
+                envelope,
+                bytes,
+            } => {
                 let from_bytes: Envelope = serde_json::from_slice(bytes).unwrap();
                 assert_eq!(from_bytes.id, envelope.id, "the bytes carry the id stored");
                 (*seq, envelope.id.clone())
@@ -1755,7 +1759,14 @@ mod tests {
                 .unwrap();
         }
         let hour = Some(std::time::Duration::from_secs(3600));
-        let store = EmbeddedStore::open_with(&path, EmbeddedOptions { retention: hour, ..EmbeddedOptions::default() }).unwrap();
+        let store = EmbeddedStore::open_with(
+            &path,
+            EmbeddedOptions {
+                retention: hour,
+                ..EmbeddedOptions::default()
+            },
+        )
+        .unwrap();
         // 1..=3 are older than the hour: the journal now starts at 4.
         let pos = wait_first(&store, 4).await;
         assert_eq!(pos.head, 4);
@@ -1805,7 +1816,14 @@ mod tests {
                 .unwrap();
         }
         {
-            let store = EmbeddedStore::open_with(&path, EmbeddedOptions { retention: hour, ..EmbeddedOptions::default() }).unwrap();
+            let store = EmbeddedStore::open_with(
+                &path,
+                EmbeddedOptions {
+                    retention: hour,
+                    ..EmbeddedOptions::default()
+                },
+            )
+            .unwrap();
             wait_first(&store, 3).await;
         }
         let store = EmbeddedStore::open(&path, Durability::Normal).unwrap();

@@ -90,10 +90,7 @@ impl Occurrences {
                 seen.count
             }
             Entry::Vacant(e) => {
-                e.insert(Seen {
-                    count: 1,
-                    touch,
-                });
+                e.insert(Seen { count: 1, touch });
                 1
             }
         };
@@ -157,9 +154,18 @@ mod tests {
         let mut b = Occurrences::new(WINDOW, 100);
         let now = Instant::now();
         let frames = ["active", "paused", "active", "active"];
-        let ids_a: Vec<String> = frames.iter().map(|f| a.id_for(f.to_string(), now)).collect();
-        let ids_b: Vec<String> = frames.iter().map(|f| b.id_for(f.to_string(), now)).collect();
-        assert_eq!(ids_a, ids_b, "two connections that saw the same frames agree");
+        let ids_a: Vec<String> = frames
+            .iter()
+            .map(|f| a.id_for(f.to_string(), now))
+            .collect();
+        let ids_b: Vec<String> = frames
+            .iter()
+            .map(|f| b.id_for(f.to_string(), now))
+            .collect();
+        assert_eq!(
+            ids_a, ids_b,
+            "two connections that saw the same frames agree"
+        );
         assert_eq!(ids_a[0], "active");
         assert_eq!(ids_a[1], "paused");
         assert_eq!(ids_a[2], occurrence_id("active", 2));

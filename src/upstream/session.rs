@@ -176,7 +176,8 @@ async fn connect_and_serve(
     let mut check = tokio::time::interval(check_every);
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_seen = Instant::now();
-    let mut occurrences = Occurrences::new(shared.limits.dedup_window, shared.limits.tracked_frames);
+    let mut occurrences =
+        Occurrences::new(shared.limits.dedup_window, shared.limits.tracked_frames);
 
     loop {
         tokio::select! {

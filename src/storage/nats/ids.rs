@@ -118,7 +118,11 @@ impl IdIndex {
         let subject = self.subject(base);
         for _ in 0..MAX_ROUNDS {
             // From the stream leader: a replica could still miss the record just claimed.
-            let (last_seq, candidate) = match self.stream.get_last_raw_message_by_subject(&subject).await {
+            let (last_seq, candidate) = match self
+                .stream
+                .get_last_raw_message_by_subject(&subject)
+                .await
+            {
                 Ok(message) => {
                     match serde_json::from_slice::<Record>(&message.payload) {
                         Ok(record) if recv_ms.saturating_sub(record.recv_ms) <= self.window_ms => {
@@ -130,8 +134,7 @@ impl IdIndex {
                     }
                 }
                 Err(e)
-                    if e.kind()
-                        == jetstream::stream::LastRawMessageErrorKind::NoMessageFound =>
+                    if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound =>
                 {
                     (0, base.to_string())
                 }
@@ -147,7 +150,10 @@ impl IdIndex {
         }
         Err(StoreError::Nats {
             op: "claim an event id",
-            source: format!("the id index record of one event changed {MAX_ROUNDS} times while it was claimed").into(),
+            source: format!(
+                "the id index record of one event changed {MAX_ROUNDS} times while it was claimed"
+            )
+            .into(),
         })
     }
 

@@ -620,7 +620,12 @@ impl Store for NatsStore {
         let now_ms = chrono::Utc::now().timestamp_millis();
         let keys: Vec<(&str, i64)> = batch
             .iter()
-            .map(|n| (n.envelope.id.as_str(), n.envelope.received_ms().unwrap_or(now_ms)))
+            .map(|n| {
+                (
+                    n.envelope.id.as_str(),
+                    n.envelope.received_ms().unwrap_or(now_ms),
+                )
+            })
             .collect();
         let ids = loop {
             match self.ids.resolve(&keys).await {
