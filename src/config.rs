@@ -184,7 +184,7 @@ pub struct LimitsConfig {
     #[serde(default = "d_30s", deserialize_with = "de_duration")]
     pub replay_stall_timeout: Duration,
     /// Frames without a provider id that one upstream connection remembers (for
-    /// `storage.dedup_window`) to tell a repeat from a copy: about 40 bytes each. Beyond it
+    /// `storage.dedup_window`) to tell a repeat from a copy: under 100 bytes each. Beyond it
     /// the least recently seen is forgotten and counted (`wsbridge_upstream_untracked_total`).
     #[serde(default = "default_tracked_frames")]
     pub tracked_frames: usize,
