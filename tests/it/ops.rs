@@ -1,10 +1,8 @@
 //! What operators read: /healthz, /readyz, /metrics and /v1/status reflect upstreams,
 //! webhooks, consumers and the journal, and never show a secret.
 
-mod common;
-
-use common::receiver::{Answer, Receiver};
-use common::*;
+use crate::common::receiver::{Answer, Receiver};
+use crate::common::*;
 use serde_json::{json, Value};
 use wsbridge_adapters::{voipbin, Provider};
 

@@ -1,9 +1,6 @@
 //! Hardening regression tests (issue 12): each module reproduces one finding of probing the
 //! bridge as a hostile peer, over real sockets, and checks the fix. Module names say which
-//! finding they cover, so `cargo test --test hardening <module>` runs one of them.
-
-#[path = "../common/mod.rs"]
-mod common;
+//! finding they cover, so `cargo test --test it hardening::<module>` runs one of them.
 
 mod config_errors;
 mod connection_limits;

@@ -2,13 +2,11 @@
 //! protocol errors that keep the connection, `allow`, resume with no gap and no duplicate
 //! while events keep flowing, the slow-consumer rule, and SSE resume.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::ws::{connect, recv, sse_events, Ws};
-use common::*;
+use crate::common::ws::{connect, recv, sse_events, Ws};
+use crate::common::*;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -56,7 +54,7 @@ async fn connect_small_window(bridge: &Bridge, token: &str) -> Ws {
     let socket = tokio::net::TcpSocket::new_v4().expect("socket");
     socket.set_recv_buffer_size(16 * 1024).expect("SO_RCVBUF");
     let stream = socket.connect(bridge.local_addr()).await.expect("connect");
-    let req = common::ws::request(bridge, token);
+    let req = crate::common::ws::request(bridge, token);
     let (ws, _) = tokio_tungstenite::client_async(req, MaybeTlsStream::Plain(stream))
         .await
         .expect("handshake");
@@ -81,7 +79,7 @@ async fn events(ws: &mut Ws, n: usize) -> Vec<Value> {
 #[tokio::test]
 async fn unknown_tokens_get_401_before_the_upgrade() {
     let (bridge, _vb, _hs) = setup().await;
-    let req = common::ws::request(&bridge, "nope-nope-nope");
+    let req = crate::common::ws::request(&bridge, "nope-nope-nope");
     match tokio_tungstenite::connect_async(req).await {
         Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
             assert_eq!(resp.status().as_u16(), 401)

@@ -3,15 +3,13 @@
 //! runs never collide on the shared server at 127.0.0.1:4222; tests that stop NATS start
 //! servers of their own on loopback ports.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use common::nats::*;
-use common::receiver::{Answer, Receiver};
-use common::ws::{connect, recv, sse_events, Ws};
-use common::*;
+use crate::common::nats::*;
+use crate::common::receiver::{Answer, Receiver};
+use crate::common::ws::{connect, recv, sse_events, Ws};
+use crate::common::*;
 use futures_util::SinkExt;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
@@ -42,7 +40,7 @@ async fn emit_range(sim: &Simulator, range: std::ops::Range<usize>) {
 }
 
 /// Webhook requests per `webhook-id`.
-fn per_id(requests: &[common::receiver::Received]) -> BTreeMap<String, usize> {
+fn per_id(requests: &[crate::common::receiver::Received]) -> BTreeMap<String, usize> {
     let mut m = BTreeMap::new();
     for r in requests {
         *m.entry(r.header("webhook-id").to_string()).or_default() += 1;

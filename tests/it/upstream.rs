@@ -2,12 +2,10 @@
 //! resubscribe, auth failure, stale detection, malformed frames, refused connections, and
 //! that tokens never reach the logs.
 
-mod common;
-
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::json;
 use wsbridge::upstream::UpstreamState;
 use wsbridge_adapters::sim::{HashiAuthFailure, SimOptions, Simulator};

@@ -13,8 +13,6 @@
 //! the bridge delivering to them (structured and binary mode) while it signs with a secret
 //! being rotated in as well as the current one, which is the only secret the receivers know.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -25,8 +23,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use crate::common::*;
 use base64::Engine as _;
-use common::*;
 use serde_json::{json, Value};
 use wsbridge::delivery::signing::{Signer, HEADER_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP};
 use wsbridge_adapters::{voipbin, Provider};
@@ -629,8 +627,11 @@ async fn python_and_node_receivers_verify_what_the_bridge_delivers_during_a_rota
         blocking(move || node_receiver(&[&known_node])),
     );
     // Records the raw requests: shows the bridge really sent one signature per secret.
-    let probe =
-        common::receiver::Receiver::start(vec![], common::receiver::Answer::status(204)).await;
+    let probe = crate::common::receiver::Receiver::start(
+        vec![],
+        crate::common::receiver::Answer::status(204),
+    )
+    .await;
 
     let rotation = [s.rotated_in.as_str(), s.known.as_str()];
     let endpoints = ["py", "node-bin", "probe"];

@@ -1,14 +1,12 @@
 //! Hot reload: a valid new config applies without dropping unaffected connections; an
 //! invalid one is refused and the running config kept; SIGHUP and file changes trigger it.
 
-mod common;
-
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::receiver::{Answer, Receiver};
-use common::*;
+use crate::common::receiver::{Answer, Receiver};
+use crate::common::*;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
@@ -38,7 +36,7 @@ fn call(i: usize) -> Value {
 }
 
 /// A consumer connection that survived: it still answers a `ping`.
-async fn assert_answers_ping(ws: &mut common::ws::Ws) {
+async fn assert_answers_ping(ws: &mut crate::common::ws::Ws) {
     ws.send(Message::text(json!({"op": "ping"}).to_string()))
         .await
         .expect("send");

@@ -7,15 +7,13 @@
 //! The only wait that is not on a condition is Chromium's own `--virtual-time-budget`,
 //! which runs the page's timers in virtual time (so the 1 s poll runs several times).
 
-mod common;
-
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::receiver::{Answer, Receiver};
-use common::*;
+use crate::common::receiver::{Answer, Receiver};
+use crate::common::*;
 use serde_json::json;
 use tokio::io::AsyncReadExt;
 use wsbridge_adapters::{hashi, voicepact, voipbin, Provider};
@@ -37,7 +35,7 @@ fn chromium() -> PathBuf {
         Some(p) => p,
         None if fallback.is_file() => fallback.to_path_buf(),
         None => panic!(
-            "tests/status_page.rs needs headless Chromium, and `chromium` is not installed: \
+            "tests/it/status_page.rs needs headless Chromium, and `chromium` is not installed: \
              install Debian's package with `apt-get install chromium` (.ci/run does this)"
         ),
     }
@@ -258,7 +256,7 @@ async fn a_failing_status_poll_shows_the_error_banner() {
         .route(
             "/",
             axum::routing::get(|| async {
-                axum::response::Html(include_str!("../src/status_page.html"))
+                axum::response::Html(include_str!("../../src/status_page.html"))
             }),
         )
         .route(

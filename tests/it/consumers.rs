@@ -14,8 +14,6 @@
 //! the cargo target's scratch directory, the Node consumer's (`ws`) from npm: if that fails
 //! the test fails (it never skips).
 
-mod common;
-
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
@@ -24,7 +22,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 use wsbridge::bridge::Bridge;
 use wsbridge_adapters::sim::Simulator;

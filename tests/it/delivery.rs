@@ -2,12 +2,10 @@
 //! real HTTP receiver on 127.0.0.1. Retries keep the `webhook-id`, `Retry-After` is honoured,
 //! dead letters replay through the admin API, a slow endpoint does not hold up a fast one.
 
-mod common;
-
 use std::time::Duration;
 
-use common::receiver::{Answer, Receiver};
-use common::*;
+use crate::common::receiver::{Answer, Receiver};
+use crate::common::*;
 use serde_json::{json, Value};
 use wsbridge::delivery::signing::Signer;
 use wsbridge_adapters::{voipbin, Provider};
@@ -56,7 +54,7 @@ async fn setup(blocks: &[String]) -> (wsbridge::bridge::Bridge, wsbridge_adapter
     (bridge, vb)
 }
 
-fn verify(r: &common::receiver::Received) {
+fn verify(r: &crate::common::receiver::Received) {
     let signer = Signer::from_secrets([SECRET]).expect("secret");
     signer
         .verify(

@@ -1,0 +1,20 @@
+//! Every integration test of the bridge, in one binary so that CI links it once. Each module
+//! is one area, over real sockets, real simulators, the real journal file, real NATS and
+//! real Chromium; `cargo test --test it <module>::` runs one area (for example
+//! `cargo test --test it hardening::dedup_window`).
+
+mod common;
+
+mod cli;
+mod consumers;
+mod crash;
+mod delivery;
+mod downstream;
+mod golden;
+mod hardening;
+mod nats;
+mod ops;
+mod receivers;
+mod reload;
+mod status_page;
+mod upstream;
