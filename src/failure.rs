@@ -150,9 +150,7 @@ impl Failure {
                 "; if the certificate's name differs from the host dialled, set tls_server_name"
             }
             Reason::TlsNotYetValid => "; check this machine's clock",
-            Reason::TlsClientCert => {
-                "; the server wants a client certificate it accepts (tls_cert and tls_key)"
-            }
+            Reason::TlsClientCert => "; set tls_cert and tls_key to a certificate it accepts",
             _ => "",
         };
         Failure::new(
@@ -263,6 +261,9 @@ fn tls_summary(error: &rustls::Error) -> String {
         }
         rustls::Error::AlertReceived(alert) if tls_reason(error) == Reason::TlsClientCert => {
             format!("the server refused our client certificate (alert {alert:?})")
+        }
+        rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer) => {
+            "the server's certificate is not issued by a trusted CA (unknown issuer)".to_string()
         }
         other => other.to_string(),
     }
