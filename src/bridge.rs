@@ -31,7 +31,7 @@ use crate::downstream::{self, Hub};
 use crate::http_server::{self, HttpLimits, HttpStats};
 use crate::ingest::{self, IngestSnapshot, IngestStats, Published, Sinks};
 use crate::status::{self, StatusState};
-use crate::storage::embedded::EmbeddedStore;
+use crate::storage::embedded::{EmbeddedOptions, EmbeddedStore};
 use crate::storage::nats::lease::Leases;
 use crate::storage::nats::{tail, NatsStore};
 use crate::storage::{Store, StoreError};
@@ -146,10 +146,13 @@ impl Bridge {
         let server_tls = config.server.tls.as_ref().map(Acceptor::new).transpose()?;
         let (store, nats): (Arc<dyn Store>, Option<Arc<NatsStore>>) = match config.storage.backend {
             StorageBackend::Embedded => (
-                EmbeddedStore::open_retaining(
+                EmbeddedStore::open_with(
                     &config.storage.path,
-                    config.storage.durability,
-                    config.storage.retention,
+                    EmbeddedOptions {
+                        durability: config.storage.durability,
+                        retention: config.storage.retention,
+                        dedup_window: config.storage.dedup_window,
+                    },
                 )?,
                 None,
             ),
@@ -199,7 +202,7 @@ impl Bridge {
             None => Some(publish.clone()),
         };
         let stats = Arc::new(IngestStats::default());
-        let frame_limits = upstream::FrameLimits::from(&config.limits);
+        let frame_limits = upstream::FrameLimits::new(&config.limits, config.storage.dedup_window);
         let mut upstreams = Vec::with_capacity(config.upstreams.len());
         for u in &config.upstreams {
             let adapter = wsbridge_adapters::build_adapter(u.adapter, u.adapter_settings())

@@ -197,6 +197,11 @@ pub struct LimitsConfig {
     /// read) before it is closed as a slow consumer (4001 on WebSocket).
     #[serde(default = "d_30s", deserialize_with = "de_duration")]
     pub replay_stall_timeout: Duration,
+    /// Frames without a provider id that one upstream connection remembers (for
+    /// `storage.dedup_window`) to tell a repeat from a copy: under 100 bytes each. Beyond it
+    /// the least recently seen is forgotten and counted (`wsbridge_upstream_untracked_total`).
+    #[serde(default = "default_tracked_frames")]
+    pub tracked_frames: usize,
 }
 
 impl Default for LimitsConfig {
@@ -211,6 +216,7 @@ impl Default for LimitsConfig {
             replay_memory_per_connection: default_replay_memory_per_connection(),
             replay_memory_total: default_replay_memory_total(),
             replay_stall_timeout: d_30s(),
+            tracked_frames: default_tracked_frames(),
         }
     }
 }
@@ -220,6 +226,10 @@ impl Default for LimitsConfig {
 /// `max_payload` of 1 MiB, so the default NATS server takes every event the bridge accepts.
 fn default_max_event_bytes() -> usize {
     (1 << 20) - crate::storage::nats::HEADER_RESERVE
+}
+
+fn default_tracked_frames() -> usize {
+    100_000
 }
 
 fn default_max_depth() -> usize {
@@ -337,10 +347,16 @@ pub struct StorageConfig {
     /// upstream stays unread after its holder dies.
     #[serde(default = "d_5s", deserialize_with = "de_duration")]
     pub lease_ttl: Duration,
-    /// The journal's duplicate window: copies of one event id published within it (two
-    /// instances, a retry after an outage) are stored once.
-    #[serde(default = "d_2m", deserialize_with = "de_duration")]
-    pub duplicate_window: Duration,
+    /// The dedup window: copies of one event id received within it (the same frame over two
+    /// connections or two instances, a retry after an outage) are stored once; the id coming
+    /// back later is a new event with a new id. Also how long a connection remembers a frame
+    /// to number its repeats. `duplicate_window` is accepted as its older name.
+    #[serde(
+        default = "d_2m",
+        deserialize_with = "de_duration",
+        alias = "duplicate_window"
+    )]
+    pub dedup_window: Duration,
 }
 
 impl Default for StorageConfig {
@@ -358,7 +374,7 @@ impl Default for StorageConfig {
             tls_required: false,
             tls: ClientTls::default(),
             lease_ttl: d_5s(),
-            duplicate_window: d_2m(),
+            dedup_window: d_2m(),
         }
     }
 }
@@ -479,7 +495,7 @@ impl StorageConfig {
         }
         for (key, d, min, max) in [
             ("lease_ttl", self.lease_ttl, SECOND, bounds::LEASE_TTL_MAX),
-            ("duplicate_window", self.duplicate_window, SECOND, DAY),
+            ("dedup_window", self.dedup_window, SECOND, DAY),
         ] {
             if let Some(reason) = out_of_bounds(d, min, max) {
                 out.push((key, reason));
@@ -698,6 +714,12 @@ impl LimitsConfig {
             out.push((
                 "replay_stall_timeout",
                 "must be between 100ms and 1h".to_string(),
+            ));
+        }
+        if !(1_000..=10_000_000).contains(&self.tracked_frames) {
+            out.push((
+                "tracked_frames",
+                "must be between 1000 and 10000000".to_string(),
             ));
         }
         out

@@ -76,6 +76,14 @@ impl Envelope {
         }
     }
 
+    /// When the bridge received it (unix ms), `None` if `recvtime` is unreadable (never for
+    /// an envelope the bridge made).
+    pub fn received_ms(&self) -> Option<i64> {
+        chrono::DateTime::parse_from_rfc3339(&self.recvtime)
+            .ok()
+            .map(|t| t.timestamp_millis())
+    }
+
     /// The length of the envelope as the journal will serialise it, `seq` included (counted
     /// as the longest seq there can be when it is not assigned yet), without building it: the
     /// number ingest compares with `limits.max_event_bytes`.
@@ -208,6 +216,7 @@ mod tests {
         let received = Utc.with_ymd_and_hms(2024, 1, 15, 10, 30, 1).unwrap();
         let mut env = Envelope::new(
             DecodedEvent {
+                id_from_content: true,
                 id: "abc".into(),
                 event_type: "voipbin.call.status".into(),
                 subject: Some("customer_id:abc123:call:xyz789".into()),
@@ -242,6 +251,7 @@ mod tests {
         let received = Utc.with_ymd_and_hms(2024, 1, 15, 10, 30, 1).unwrap();
         let mut env = Envelope::new(
             DecodedEvent {
+                id_from_content: true,
                 id: "deep".into(),
                 event_type: "voicepact.contract_update".into(),
                 subject: None,

@@ -88,7 +88,7 @@ pub async fn render(state: &StatusState) -> String {
     let (mut task_restarts, mut task_failed) = (vec![], vec![]);
     let (mut frames, mut events, mut decode, mut reconnects, mut age, mut drain_timeouts) =
         (vec![], vec![], vec![], vec![], vec![], vec![]);
-    let mut too_large = vec![];
+    let (mut too_large, mut untracked) = (vec![], vec![]);
     let mut up_failures = vec![];
     for u in &upstreams {
         let name = u.name();
@@ -117,6 +117,7 @@ pub async fn render(state: &StatusState) -> String {
                 n,
             ));
         }
+        untracked.push((labels(&[("upstream", name)]), c.untracked));
         for (t, n) in u.events_by_type() {
             events.push((labels(&[("upstream", name), ("type", &t)]), n));
         }
@@ -175,6 +176,12 @@ pub async fn render(state: &StatusState) -> String {
         "upstream_failures",
         "Upstream connections that failed or ended, by reason (dns, refused, connect, timeout, tls_unknown_issuer, tls_name_mismatch, tls_expired, tls_not_yet_valid, tls_client_cert, tls_other, http_status, auth, closed, stale, transport, protocol, other)",
         up_failures,
+    );
+    counter_family(
+        &mut r,
+        "upstream_untracked",
+        "Frames forgotten before storage.dedup_window ended because a connection remembered limits.tracked_frames others (a repeat within the window is taken for a copy)",
+        untracked,
     );
     gauge_family(
         &mut r,

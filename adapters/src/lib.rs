@@ -139,6 +139,10 @@ impl DecodeError {
 pub struct DecodedEvent {
     /// The provider's event id, or a deterministic digest of (provider, host, canonical frame).
     pub id: String,
+    /// Whether `id` is the digest of the frame's content (the provider gave no id). Identical
+    /// frames then share an id, so the bridge numbers their repeats on one connection to keep
+    /// each a distinct event; a provider's own id is taken as the event's identity.
+    pub id_from_content: bool,
     /// `<provider>.<event>`, e.g. `voipbin.call.status`.
     pub event_type: String,
     /// The natural key (`contract/<id>`, a VoIPBIN topic, ...), when the frame carries one.

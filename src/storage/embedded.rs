@@ -96,6 +96,17 @@ const MIGRATIONS: &[&str] = &[
         disabled_reason TEXT
     ) WITHOUT ROWID;
     "#,
+    r#"
+    -- Per id as ingest gave it (`base`): the newest event stored for it, so that a copy
+    -- within the dedup window is recognised and a later return gets a fresh id in one lookup.
+    CREATE TABLE latest (
+        base    TEXT PRIMARY KEY,
+        seq     INTEGER NOT NULL,
+        recv_ms INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX latest_seq ON latest (seq);
+    INSERT INTO latest (base, seq, recv_ms) SELECT id, seq, recv_ms FROM events;
+    "#,
 ];
 
 const PENDING: i64 = 0;
@@ -106,6 +117,8 @@ type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 enum Command {
     Append {
         batch: Vec<NewEvent>,
+        /// The dedup window in milliseconds.
+        window_ms: i64,
         reply: Reply<Vec<Appended>>,
     },
     Record {
@@ -128,8 +141,9 @@ enum Command {
     },
 }
 
-/// Per event of an append: `Some((seq, bytes))` when stored, `None` for a duplicate id.
-type Outcome = Vec<Option<(u64, Bytes)>>;
+/// Per event of an append: `Some((seq, bytes, renewed id))` when stored (the id is `Some`
+/// when it is not the one ingest gave), `None` for a copy.
+type Outcome = Vec<Option<(u64, Bytes, Option<String>)>>;
 
 /// What a command produced inside a transaction (replied only after the commit).
 enum Done {
@@ -150,6 +164,32 @@ pub struct EmbeddedStore {
     pruned: Arc<AtomicU64>,
     health: Arc<WriterHealth>,
     path: PathBuf,
+    /// `storage.dedup_window` in milliseconds.
+    dedup_window_ms: i64,
+}
+
+/// How an [`EmbeddedStore`] is opened (from `[storage]`).
+#[derive(Clone, Copy, Debug)]
+pub struct EmbeddedOptions {
+    /// How hard a commit is pushed to disk.
+    pub durability: Durability,
+    /// Events received longer ago than this are pruned (in the background, a bounded chunk
+    /// at a time) so the file stops growing; events a webhook still has pending or
+    /// dead-lettered are kept until that delivery ends. `None` keeps everything.
+    pub retention: Option<Duration>,
+    /// Copies of an id received within this are stored once; see [`Store::append`].
+    pub dedup_window: Duration,
+}
+
+impl Default for EmbeddedOptions {
+    fn default() -> Self {
+        let storage = crate::config::StorageConfig::default();
+        EmbeddedOptions {
+            durability: Durability::Normal,
+            retention: None,
+            dedup_window: storage.dedup_window,
+        }
+    }
 }
 
 impl std::fmt::Debug for EmbeddedStore {
@@ -253,17 +293,25 @@ impl EmbeddedStore {
     /// Opens (creating if needed, directory included) the store at `path` and starts its
     /// writer thread.
     pub fn open(path: &Path, durability: Durability) -> Result<Arc<EmbeddedStore>, StoreError> {
-        Self::open_retaining(path, durability, None)
+        Self::open_with(
+            path,
+            EmbeddedOptions {
+                durability,
+                ..EmbeddedOptions::default()
+            },
+        )
     }
 
-    /// Like [`EmbeddedStore::open`], and prunes events received more than `retention` ago
-    /// (in the background, a bounded chunk at a time) so the file stops growing. Events a
-    /// webhook still has pending or dead-lettered are kept until that delivery ends.
-    pub fn open_retaining(
+    /// Like [`EmbeddedStore::open`], with every option.
+    pub fn open_with(
         path: &Path,
-        durability: Durability,
-        retention: Option<Duration>,
+        options: EmbeddedOptions,
     ) -> Result<Arc<EmbeddedStore>, StoreError> {
+        let EmbeddedOptions {
+            durability,
+            retention,
+            dedup_window,
+        } = options;
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|source| StoreError::Io {
                 path: dir.to_path_buf(),
@@ -321,6 +369,7 @@ impl EmbeddedStore {
             pruned,
             health,
             path: path.to_path_buf(),
+            dedup_window_ms: i64::try_from(dedup_window.as_millis()).unwrap_or(i64::MAX),
         }))
     }
 
@@ -408,7 +457,12 @@ impl Store for EmbeddedStore {
             return Ok(Vec::new());
         }
         let (reply, answer) = oneshot::channel();
-        self.send(Command::Append { batch, reply }).await?;
+        self.send(Command::Append {
+            batch,
+            window_ms: self.dedup_window_ms,
+            reply,
+        })
+        .await?;
         answer.await.map_err(|_| StoreError::Closed)?
     }
 
@@ -779,6 +833,12 @@ fn prune(conn: &mut Connection, cutoff_ms: i64, pruned: &AtomicU64) -> Result<u6
             params![from, through],
         )
         .map_err(db("prune events"))?;
+    // Past retention is past the dedup window: such an id coming back is a new event anyway.
+    tx.execute(
+        "DELETE FROM latest WHERE seq > ?1 AND seq <= ?2",
+        params![from, through],
+    )
+    .map_err(db("prune dedup records"))?;
     tx.execute(
         "INSERT INTO meta (key, value) VALUES ('pruned_through', ?1)
          ON CONFLICT (key) DO UPDATE SET value = excluded.value",
@@ -928,7 +988,12 @@ fn refuse(
     head: &AtomicU64,
     health: &WriterHealth,
 ) {
-    let Command::Append { batch, reply } = command else {
+    let Command::Append {
+        batch,
+        window_ms,
+        reply,
+    } = command
+    else {
         warn!(error = %e, "store command refused");
         reply_error(command, e);
         return;
@@ -939,6 +1004,7 @@ fn refuse(
         let (one_reply, mut answer) = oneshot::channel();
         let mut one = vec![Command::Append {
             batch: vec![event],
+            window_ms,
             reply: one_reply,
         }];
         let mut outcome = match commit_retrying(conn, &mut one, next_seq, head, health) {
@@ -1048,14 +1114,17 @@ fn reply_error(command: Command, e: StoreError) {
 
 fn reply(command: Command, result: Done) {
     match (command, result) {
-        (Command::Append { batch, reply }, Done::Appended(outcome)) => {
+        (Command::Append { batch, reply, .. }, Done::Appended(outcome)) => {
             let results = batch
                 .into_iter()
                 .zip(outcome)
                 .map(|(new, stored)| match stored {
-                    Some((seq, bytes)) => {
+                    Some((seq, bytes, renewed)) => {
                         let mut envelope = new.envelope;
                         envelope.seq = Some(seq);
+                        if let Some(id) = renewed {
+                            envelope.id = id;
+                        }
                         Appended::Stored {
                             seq,
                             bytes,
@@ -1094,8 +1163,10 @@ fn commit(
     let mut all = Vec::with_capacity(pending.len());
     for command in pending.iter_mut() {
         let done = match command {
-            Command::Append { batch, .. } => {
-                let (outcome, next) = append_batch(&tx, batch, next_seq)?;
+            Command::Append {
+                batch, window_ms, ..
+            } => {
+                let (outcome, next) = append_batch(&tx, batch, *window_ms, next_seq)?;
                 next_seq = next;
                 Done::Appended(outcome)
             }
@@ -1133,10 +1204,17 @@ fn commit(
     Ok((all, next_seq))
 }
 
-/// Per event: `Some((seq, bytes))` when stored, `None` for a duplicate id.
+/// Journals `batch` from `next_seq` on; see [`Outcome`]. The batch itself is left as it
+/// came (a failed transaction is retried with it): a renewed id travels in the outcome.
+///
+/// Dedup: an id whose newest event was received within `window_ms` of this one is a copy
+/// (nothing stored). An id seen longer ago than that is a new event: it gets
+/// [`super::renewed_id`]`(id, seq of that newest event)`, so every id stays unique in the
+/// journal.
 fn append_batch(
     tx: &rusqlite::Transaction<'_>,
     batch: &mut [NewEvent],
+    window_ms: i64,
     mut next_seq: u64,
 ) -> Result<(Outcome, u64), StoreError> {
     let mut insert = tx
@@ -1149,38 +1227,96 @@ fn append_batch(
             "INSERT OR IGNORE INTO deliveries (endpoint, seq, state, attempts, next_at_ms, subject) VALUES (?1, ?2, 0, 0, ?3, ?4)",
         )
         .map_err(db("prepare enqueue"))?;
+    let mut latest = tx
+        .prepare_cached("SELECT seq, recv_ms FROM latest WHERE base = ?1")
+        .map_err(db("prepare dedup lookup"))?;
+    let mut by_id = tx
+        .prepare_cached("SELECT seq, recv_ms FROM events WHERE id = ?1")
+        .map_err(db("prepare dedup lookup"))?;
+    let mut remember = tx
+        .prepare_cached(
+            "INSERT INTO latest (base, seq, recv_ms) VALUES (?1, ?2, ?3)
+             ON CONFLICT (base) DO UPDATE SET seq = excluded.seq, recv_ms = excluded.recv_ms",
+        )
+        .map_err(db("prepare dedup record"))?;
     let now_ms = chrono::Utc::now().timestamp_millis();
+    let is_copy = |recv_ms: i64, earlier_ms: i64| recv_ms.saturating_sub(earlier_ms) <= window_ms;
     let mut outcome: Outcome = Vec::with_capacity(batch.len());
-    for new in batch.iter_mut() {
+    'events: for new in batch.iter_mut() {
         let envelope = &mut new.envelope;
-        envelope.seq = Some(next_seq);
-        let body = serde_json::to_vec(&*envelope)?;
-        let recv_ms = chrono::DateTime::parse_from_rfc3339(&envelope.recvtime)
-            .map(|t| t.timestamp_millis())
-            .unwrap_or(now_ms);
-        let changed = insert
-            .execute(params![to_i64(next_seq), envelope.id, recv_ms, body])
-            .map_err(db("append"))?;
-        if changed == 0 {
+        let recv_ms = envelope.received_ms().unwrap_or(now_ms);
+        let newest = latest
+            .query_row([envelope.id.as_str()], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
+            })
+            .optional()
+            .map_err(db("dedup lookup"))?;
+        let mut renewed = match newest {
+            Some((_, earlier_ms)) if is_copy(recv_ms, earlier_ms) => {
+                outcome.push(None);
+                continue;
+            }
+            Some((seq, _)) => Some(super::renewed_id(&envelope.id, seq as u64)),
+            None => None,
+        };
+        // The newest-event record of an id may be gone while an older event with it is still
+        // kept (retention keeps events with pending deliveries): the insert then collides,
+        // and the same rule decides against that event. Each round moves to a fresh id.
+        for _ in 0..MAX_RENEWALS {
+            envelope.seq = Some(next_seq);
+            let base = match renewed.clone() {
+                Some(id) => Some(std::mem::replace(&mut envelope.id, id)),
+                None => None,
+            };
+            let body = serde_json::to_vec(&*envelope);
+            let id = match base {
+                Some(base) => std::mem::replace(&mut envelope.id, base),
+                None => envelope.id.clone(),
+            };
             envelope.seq = None;
-            outcome.push(None);
-            continue;
+            let body = body?;
+            let changed = insert
+                .execute(params![to_i64(next_seq), id, recv_ms, body])
+                .map_err(db("append"))?;
+            if changed == 0 {
+                let (seq, earlier_ms) = by_id
+                    .query_row([id.as_str()], |r| {
+                        Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
+                    })
+                    .map_err(db("dedup lookup"))?;
+                if is_copy(recv_ms, earlier_ms) {
+                    outcome.push(None);
+                    continue 'events;
+                }
+                renewed = Some(super::renewed_id(&id, seq as u64));
+                continue;
+            }
+            remember
+                .execute(params![envelope.id, to_i64(next_seq), recv_ms])
+                .map_err(db("dedup record"))?;
+            for target in &new.targets {
+                enqueue
+                    .execute(params![
+                        target.as_ref(),
+                        to_i64(next_seq),
+                        now_ms,
+                        envelope.subject
+                    ])
+                    .map_err(db("enqueue delivery"))?;
+            }
+            outcome.push(Some((next_seq, Bytes::from(body), renewed)));
+            next_seq += 1;
+            continue 'events;
         }
-        for target in &new.targets {
-            enqueue
-                .execute(params![
-                    target.as_ref(),
-                    to_i64(next_seq),
-                    now_ms,
-                    envelope.subject
-                ])
-                .map_err(db("enqueue delivery"))?;
-        }
-        outcome.push(Some((next_seq, Bytes::from(body))));
-        next_seq += 1;
+        // Ids chained past every round: only a hostile collision gets here.
+        warn!(event_id = %envelope.id, "no fresh id found for a returning event; dropped as a copy");
+        outcome.push(None);
     }
     Ok((outcome, next_seq))
 }
+
+/// Most fresh ids tried for one returning event before it is taken for a copy.
+const MAX_RENEWALS: usize = 8;
 
 fn record_attempt(
     tx: &rusqlite::Transaction<'_>,
@@ -1326,6 +1462,7 @@ mod tests {
     fn env(id: &str) -> Envelope {
         Envelope::new(
             DecodedEvent {
+                id_from_content: true,
                 id: id.into(),
                 event_type: "voicepact.payment_update".into(),
                 subject: Some("contract/c".into()),
@@ -1435,6 +1572,70 @@ mod tests {
         assert_eq!(stored.seq, Some(2), "the stored bytes carry their seq");
         let pos = store.position().await.unwrap();
         assert_eq!((pos.head, pos.first), (3, 1));
+        let _ = std::fs::remove_dir_all(path.parent().unwrap().parent().unwrap());
+    }
+
+    fn stored_id(appended: &Appended) -> (u64, String) {
+        match appended {
+            Appended::Stored {
+                seq,
+                envelope,
+                bytes,
+            } => {
+                let from_bytes: Envelope = serde_json::from_slice(bytes).unwrap();
+                assert_eq!(from_bytes.id, envelope.id, "the bytes carry the id stored");
+                (*seq, envelope.id.clone())
+            }
+            other => panic!("not stored: {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_id_back_after_the_window_is_a_new_event_with_a_fresh_unique_id() {
+        let path = temp_db("window");
+        let store = EmbeddedStore::open(&path, Durability::Normal).unwrap();
+        let minutes = chrono::Duration::minutes;
+        // Received 10 minutes ago, then its copy 9 minutes ago (within the 2m window of it).
+        let out = store
+            .append(vec![
+                received("a", minutes(10), &[]),
+                received("a", minutes(9), &[]),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(stored_id(&out[0]), (1, "a".to_string()));
+        assert_eq!(out[1], Appended::Duplicate);
+        // Back 5 minutes later: a new event under a fresh id; its copy a second later is one.
+        let out = store
+            .append(vec![
+                received("a", minutes(5), &["hook"]),
+                received("a", minutes(5) - chrono::Duration::seconds(1), &["hook"]),
+            ])
+            .await
+            .unwrap();
+        let renewed = super::super::renewed_id("a", 1);
+        assert_eq!(stored_id(&out[0]), (2, renewed.clone()));
+        assert_eq!(out[1], Appended::Duplicate);
+        // Back again now: renewed from the newest event, not from the first.
+        let out = store.append(vec![new("a")]).await.unwrap();
+        assert_eq!(stored_id(&out[0]), (3, super::super::renewed_id("a", 2)));
+        let ids: Vec<String> = store
+            .read_from(1, 10)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.id)
+            .collect();
+        assert_eq!(ids.len(), 3);
+        assert_eq!(
+            ids.iter().collect::<std::collections::HashSet<_>>().len(),
+            3,
+            "every id is unique in the journal: {ids:?}"
+        );
+        // The delivery was queued under the stored event.
+        let due = store.due("hook", i64::MAX, 10, false).await.unwrap();
+        assert_eq!(due.len(), 1);
+        assert_eq!((due[0].seq, due[0].id.as_str()), (2, renewed.as_str()));
         let _ = std::fs::remove_dir_all(path.parent().unwrap().parent().unwrap());
     }
 
@@ -1558,7 +1759,14 @@ mod tests {
                 .unwrap();
         }
         let hour = Some(std::time::Duration::from_secs(3600));
-        let store = EmbeddedStore::open_retaining(&path, Durability::Normal, hour).unwrap();
+        let store = EmbeddedStore::open_with(
+            &path,
+            EmbeddedOptions {
+                retention: hour,
+                ..EmbeddedOptions::default()
+            },
+        )
+        .unwrap();
         // 1..=3 are older than the hour: the journal now starts at 4.
         let pos = wait_first(&store, 4).await;
         assert_eq!(pos.head, 4);
@@ -1608,7 +1816,14 @@ mod tests {
                 .unwrap();
         }
         {
-            let store = EmbeddedStore::open_retaining(&path, Durability::Normal, hour).unwrap();
+            let store = EmbeddedStore::open_with(
+                &path,
+                EmbeddedOptions {
+                    retention: hour,
+                    ..EmbeddedOptions::default()
+                },
+            )
+            .unwrap();
             wait_first(&store, 3).await;
         }
         let store = EmbeddedStore::open(&path, Durability::Normal).unwrap();

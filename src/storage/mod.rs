@@ -1,9 +1,18 @@
 //! Storage: the journal of events and the webhook delivery queue, behind one trait.
 //!
-//! The journal is the bridge's write-ahead log (DESIGN §1): an event is in the journal before
-//! anyone is told about it, so after a crash every journalled event can still be delivered.
-//! It is ordered (`seq`, the resume cursor) and deduplicated by event id: appending an id
-//! that is already stored returns [`Appended::Duplicate`] and stores nothing.
+//! The journal is the bridge's write-ahead log: an event is in the journal before anyone is
+//! told about it, so after a crash every journalled event can still be delivered. It is
+//! ordered (`seq`, the resume cursor) and deduplicated by event id, within the dedup window
+//! (`storage.dedup_window`):
+//! - an id whose newest event was received at most the window before this one is a copy of
+//!   it (the same frame over another connection or from another instance, a publish retried
+//!   after an outage): [`Appended::Duplicate`], nothing stored;
+//! - an id seen longer ago than that is a new event (a provider that sent it again, a frame
+//!   whose content came back): it is stored under [`renewed_id`], so every id stays unique in
+//!   the journal and every instance that stores the same return picks the same id.
+//!
+//! Repeats of one frame on one connection never reach this rule as copies: the upstream
+//! numbers them ([`crate::upstream::occurrence`]).
 //!
 //! The store, not its caller, assigns `seq` and serialises the envelope (with its `seq`)
 //! exactly once; the bytes it returns are the bytes it stored, so a replay sends exactly what
@@ -98,7 +107,7 @@ pub enum Appended {
         /// The envelope itself (its `seq` set), for routing and filtering.
         envelope: Box<Envelope>,
     },
-    /// An event with the same id is already in the journal; nothing was stored.
+    /// A copy of an event journalled within the dedup window; nothing was stored.
     Duplicate,
     /// The store can never accept this event (a NATS envelope larger than the server's
     /// `max_payload` or refused by the stream, an embedded write that fails for this event
@@ -116,6 +125,21 @@ pub struct StoredEvent {
     pub id: String,
     /// The serialised envelope, byte for byte as first published.
     pub bytes: Bytes,
+}
+
+/// The id of an event whose id `id` was last journalled at `seq` longer than the dedup
+/// window ago: the provider (or a frame's content) came back, and it is a new event, yet every
+/// id must stay unique in the journal. 32 hex digits of `SHA-256("renewed" NUL id NUL seq)`:
+/// every instance that sees the same return computes the same id, so their copies still
+/// collapse into one event.
+pub fn renewed_id(id: &str, seq: u64) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"renewed\0");
+    h.update(id.as_bytes());
+    h.update([0u8]);
+    h.update(seq.to_string().as_bytes());
+    hex::encode(&h.finalize()[..16])
 }
 
 /// How many of `page`'s events fit `max_bytes` (at least one when the page has any).
@@ -263,7 +287,10 @@ pub enum ReplaySelection {
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Journals `batch` in order, with a pending delivery per target for every new event, in
-    /// one atomic, durable step (group commit). One result per input event.
+    /// one atomic, durable step (group commit). One result per input event; a copy within
+    /// the dedup window is [`Appended::Duplicate`], and a stored event's envelope carries the
+    /// id it was stored under (renewed when its id returned after the window; see the module
+    /// doc).
     ///
     /// A store that cannot write now (its disk, its server) keeps retrying with backoff and
     /// reports it through [`Store::unavailable`] rather than failing: the caller waits, and

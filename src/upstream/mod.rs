@@ -25,6 +25,7 @@
 
 mod backoff;
 mod connect;
+pub mod occurrence;
 mod session;
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -131,6 +132,10 @@ pub struct UpstreamCounters {
     pub drain_timeouts: AtomicU64,
     /// Connections that failed or ended, per reason.
     pub failures: ReasonCounts,
+    /// Content-identified frames whose occurrence count was forgotten before the dedup window
+    /// ended because a connection tracked `limits.tracked_frames` others (see
+    /// [`occurrence`]): a repeat of one within the window would be taken for a copy.
+    pub untracked: AtomicU64,
     /// Events per type (a lookup without allocation once a type has been seen).
     events_by_type: std::sync::Mutex<std::collections::HashMap<String, u64>>,
 }
@@ -152,6 +157,8 @@ pub struct CounterSnapshot {
     pub task_restarts: u64,
     /// See [`UpstreamCounters::drain_timeouts`].
     pub drain_timeouts: u64,
+    /// See [`UpstreamCounters::untracked`].
+    pub untracked: u64,
 }
 
 /// How many distinct event types one upstream counts separately.
@@ -197,6 +204,7 @@ impl UpstreamCounters {
             reconnects: self.reconnects.load(Ordering::Relaxed),
             task_restarts: self.task.restarts(),
             drain_timeouts: self.drain_timeouts.load(Ordering::Relaxed),
+            untracked: self.untracked.load(Ordering::Relaxed),
         }
     }
 }
@@ -243,20 +251,31 @@ pub struct FrameLimits {
     pub max_frame_bytes: usize,
     /// Deepest nesting accepted in a frame; a deeper frame is a decode error.
     pub max_depth: usize,
+    /// How long a connection remembers a content-identified frame to number its repeats
+    /// (`storage.dedup_window`, see [`occurrence`]).
+    pub dedup_window: Duration,
+    /// Most content-identified frames one connection remembers (`limits.tracked_frames`).
+    pub tracked_frames: usize,
 }
 
-impl From<&LimitsConfig> for FrameLimits {
-    fn from(l: &LimitsConfig) -> Self {
+impl FrameLimits {
+    /// The bounds `[limits]` and `storage.dedup_window` set.
+    pub fn new(l: &LimitsConfig, dedup_window: Duration) -> FrameLimits {
         FrameLimits {
             max_frame_bytes: l.max_upstream_frame_bytes(),
             max_depth: l.max_depth,
+            dedup_window,
+            tracked_frames: l.tracked_frames,
         }
     }
 }
 
 impl Default for FrameLimits {
     fn default() -> Self {
-        FrameLimits::from(&LimitsConfig::default())
+        FrameLimits::new(
+            &LimitsConfig::default(),
+            crate::config::StorageConfig::default().dedup_window,
+        )
     }
 }
 

@@ -23,6 +23,7 @@ use tracing::{debug, info, warn};
 use wsbridge_adapters::{Control, Greeting, Heartbeat, Inbound};
 
 use super::connect::{self, OpenError};
+use super::occurrence::Occurrences;
 use super::{Shared, UpstreamState};
 use crate::envelope::Envelope;
 use crate::failure::{Failure, Reason};
@@ -174,6 +175,8 @@ async fn connect_and_serve(
     let mut check = tokio::time::interval(check_every);
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_seen = Instant::now();
+    let mut occurrences =
+        Occurrences::new(shared.limits.dedup_window, shared.limits.tracked_frames);
 
     loop {
         tokio::select! {
@@ -190,7 +193,7 @@ async fn connect_and_serve(
                     Some(Ok(m)) => m,
                 };
                 last_seen = Instant::now();
-                match read_frame(shared, msg) {
+                match read_frame(shared, &mut occurrences, msg) {
                     Frame::Skip => {}
                     Frame::Closed(why) => return SessionEnd::Closed(why),
                     Frame::Event(envelope) => {
@@ -203,7 +206,7 @@ async fn connect_and_serve(
                                 Err(_) => return SessionEnd::IngestClosed,
                             },
                             _ = shutdown.cancelled() => {
-                                return drain(shared, ingest, &mut ws, Some(envelope)).await;
+                                return drain(shared, ingest, &mut ws, &mut occurrences, Some(envelope)).await;
                             }
                         }
                         // Time spent blocked on a full ingest queue is our stall, not the
@@ -255,7 +258,7 @@ async fn connect_and_serve(
                     }
                 }
             }
-            _ = shutdown.cancelled() => return drain(shared, ingest, &mut ws, None).await,
+            _ = shutdown.cancelled() => return drain(shared, ingest, &mut ws, &mut occurrences, None).await,
         }
     }
 }
@@ -275,8 +278,9 @@ enum Frame {
     Control(Control),
 }
 
-/// Counts and decodes one inbound message (the same way while serving and while draining).
-fn read_frame(shared: &Shared, msg: Message) -> Frame {
+/// Counts and decodes one inbound message (the same way while serving and while draining);
+/// a repeat of a content-identified frame gets its occurrence's id ([`Occurrences`]).
+fn read_frame(shared: &Shared, occurrences: &mut Occurrences, msg: Message) -> Frame {
     let name = &shared.name;
     let text = match &msg {
         Message::Text(t) => t.as_str(),
@@ -305,7 +309,17 @@ fn read_frame(shared: &Shared, msg: Message) -> Frame {
     let decoded = wsbridge_adapters::check_depth(text, shared.limits.max_depth)
         .and_then(|()| shared.adapter.decode(text));
     match decoded {
-        Ok(Inbound::Event(decoded)) => {
+        Ok(Inbound::Event(mut decoded)) => {
+            if decoded.id_from_content {
+                decoded.id = occurrences.id_for(decoded.id, Instant::now());
+                let untracked = occurrences.take_evicted();
+                if untracked > 0 {
+                    shared
+                        .counters
+                        .untracked
+                        .fetch_add(untracked, Ordering::Relaxed);
+                }
+            }
             let now = Utc::now();
             let envelope = Envelope::new(decoded, &shared.source, shared.adapter.provider(), now);
             shared.counters.count_event(&envelope.event_type);
@@ -336,6 +350,7 @@ async fn drain(
     shared: &Shared,
     ingest: &mpsc::Sender<Envelope>,
     ws: &mut Ws,
+    occurrences: &mut Occurrences,
     pending: Option<Envelope>,
 ) -> SessionEnd {
     let name = &shared.name;
@@ -372,7 +387,7 @@ async fn drain(
             Ok(None | Some(Err(_))) => break,
             Ok(Some(Ok(msg))) => msg,
         };
-        match read_frame(shared, msg) {
+        match read_frame(shared, occurrences, msg) {
             Frame::Closed(_) => break,
             Frame::Event(envelope) => {
                 if !queue_until(ingest, envelope, deadline).await {

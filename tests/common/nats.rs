@@ -68,7 +68,7 @@ pub async fn cleanup(url: &str, prefix: &str) {
         return;
     };
     let js = async_nats::jetstream::new(client);
-    for s in ["events", "dlq", "replay", "state", "leases"] {
+    for s in ["events", "dlq", "replay", "state", "leases", "ids"] {
         let _ = js.delete_stream(format!("{prefix}_{s}")).await;
     }
 }

@@ -61,7 +61,7 @@ shutdown_grace = "30d"
 [storage]
 retention = "400000y"
 lease_ttl = "90d"
-duplicate_window = "0s"
+dedup_window = "0s"
 {}
 [[webhooks]]
 name = "crm"
@@ -81,7 +81,7 @@ timeout = "0s"
         "server.shutdown_grace: ",
         "storage.retention: ",
         "storage.lease_ttl: ",
-        "storage.duplicate_window: ",
+        "storage.dedup_window: ",
         r#"upstreams[0] ("vb-main").backoff_initial: "#,
         r#"upstreams[0] ("vb-main").backoff_max: "#,
         r#"upstreams[0] ("vb-main").ping_interval: "#,
@@ -215,7 +215,7 @@ async fn a_supervisor_task_that_panics_is_shown_failed_then_restarted() {
     });
     let (ingest, mut events) = tokio::sync::mpsc::channel(16);
     let stop = tokio_util::sync::CancellationToken::new();
-    let limits = wsbridge::upstream::FrameLimits::from(&cfg.limits);
+    let limits = wsbridge::upstream::FrameLimits::new(&cfg.limits, cfg.storage.dedup_window);
     let handle = wsbridge::upstream::spawn(
         u,
         limits,

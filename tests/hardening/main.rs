@@ -7,6 +7,7 @@ mod common;
 
 mod config_errors;
 mod connection_limits;
+mod dedup_window;
 mod duration_bounds;
 mod event_size;
 mod metrics_lint;

@@ -122,6 +122,7 @@ impl Adapter for HashiAdapter {
             let subject = str_or_number(data.get(format!("{family}Id").as_str()))
                 .map(|id| format!("{family}/{id}"));
             return Ok(Inbound::Event(DecodedEvent {
+                id_from_content: true,
                 id,
                 event_type,
                 subject,
@@ -135,6 +136,7 @@ impl Adapter for HashiAdapter {
             None => frame,
         };
         Ok(Inbound::Event(DecodedEvent {
+            id_from_content: true,
             id,
             event_type: format!("hashi.{kind}"),
             subject: None,

@@ -108,6 +108,7 @@ impl Adapter for VoicePactAdapter {
         let time = crate::parse_provider_time(frame.get("timestamp"));
         let data = Value::Object(frame);
         Ok(Inbound::Event(DecodedEvent {
+            id_from_content: true,
             id: crate::event_id(Provider::VoicePact.name(), &self.host, &data),
             event_type: format!("voicepact.{kind}"),
             subject,

@@ -121,6 +121,7 @@ impl Adapter for VoipbinAdapter {
         let id = crate::event_id(Provider::Voipbin.name(), &self.host, &frame);
         let data = frame.get_mut("data").map(Value::take).unwrap_or_default();
         Ok(Inbound::Event(DecodedEvent {
+            id_from_content: true,
             id,
             event_type: format!("voipbin.{kind}"),
             subject,

@@ -31,6 +31,7 @@
 //! every instance.
 
 pub mod delivery;
+mod ids;
 pub mod lease;
 pub mod state;
 pub mod tail;
@@ -93,6 +94,8 @@ pub struct Names {
     pub state: String,
     /// The upstream-lease KV bucket.
     pub leases: String,
+    /// The id index stream (see [`ids`]).
+    pub ids: String,
 }
 
 impl Names {
@@ -105,6 +108,7 @@ impl Names {
             replay: format!("{prefix}_replay"),
             state: format!("{prefix}_state"),
             leases: format!("{prefix}_leases"),
+            ids: format!("{prefix}_ids"),
         }
     }
 
@@ -238,6 +242,7 @@ pub struct NatsStore {
     /// Publish rounds that failed and were retried.
     write_failures: AtomicU64,
     queues: delivery::Queues,
+    ids: ids::IdIndex,
 }
 
 impl NatsStore {
@@ -288,13 +293,15 @@ impl NatsStore {
                 subjects: vec![names.events_filter()],
                 storage: stream::StorageType::File,
                 num_replicas: config.replicas,
-                duplicate_window: config.duplicate_window,
+                // Wider than the dedup window: see [`ids`].
+                duplicate_window: config.dedup_window.saturating_mul(2),
                 allow_direct: true,
                 ..Default::default()
             })
             .await
             .map_err(nats_err("create the journal stream"))?;
         let queues = delivery::Queues::open(&js, &names, config.replicas).await?;
+        let ids = ids::IdIndex::open(&js, &names, config.replicas, config.dedup_window).await?;
         info!(stream = %names.events, replicas = config.replicas, "NATS journal open");
         Ok(Arc::new(NatsStore {
             client,
@@ -306,6 +313,7 @@ impl NatsStore {
             journal_ok: AtomicBool::new(true),
             write_failures: AtomicU64::new(0),
             queues,
+            ids,
         }))
     }
 
@@ -363,6 +371,17 @@ impl NatsStore {
     /// The configured lease TTL.
     pub fn lease_ttl(&self) -> Duration {
         self.lease_ttl
+    }
+
+    /// Counts and reports a failed round of an append, then waits `backoff` (doubling it, up
+    /// to a second) before the caller tries again.
+    async fn failed_round(&self, e: StoreError, backoff: &mut Duration) {
+        self.write_failures.fetch_add(1, Ordering::Relaxed);
+        if self.journal_ok.swap(false, Ordering::Relaxed) {
+            warn!(error = %e, "journal publish failed; retrying until NATS answers (upstream reads are held back meanwhile)");
+        }
+        tokio::time::sleep(*backoff).await;
+        *backoff = (*backoff * 2).min(Duration::from_secs(1));
     }
 
     /// Publishes what is not yet in `done`, in order, then waits for every ack. Fills `done`
@@ -598,10 +617,28 @@ struct Prepared {
 #[async_trait]
 impl Store for NatsStore {
     async fn append(&self, batch: Vec<NewEvent>) -> Result<Vec<Appended>, StoreError> {
+        let mut backoff = Duration::from_millis(50);
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let keys: Vec<(&str, i64)> = batch
+            .iter()
+            .map(|n| {
+                (
+                    n.envelope.id.as_str(),
+                    n.envelope.received_ms().unwrap_or(now_ms),
+                )
+            })
+            .collect();
+        let ids = loop {
+            match self.ids.resolve(&keys).await {
+                Ok(ids) => break ids,
+                Err(e) => self.failed_round(e, &mut backoff).await,
+            }
+        };
         let mut prepared = Vec::with_capacity(batch.len());
-        for n in batch {
+        for (n, id) in batch.into_iter().zip(ids) {
             let mut envelope = n.envelope;
             envelope.seq = None;
+            envelope.id = id;
             let payload = Bytes::from(serde_json::to_vec(&envelope)?);
             prepared.push(Prepared {
                 subject: self
@@ -619,18 +656,10 @@ impl Store for NatsStore {
             });
         }
         let mut done: Vec<Option<Appended>> = vec![None; prepared.len()];
-        let mut backoff = Duration::from_millis(50);
         loop {
             match self.publish_batch(&mut prepared, &mut done).await {
                 Ok(()) => break,
-                Err(e) => {
-                    self.write_failures.fetch_add(1, Ordering::Relaxed);
-                    if self.journal_ok.swap(false, Ordering::Relaxed) {
-                        warn!(error = %e, "journal publish failed; retrying until NATS answers (upstream reads are held back meanwhile)");
-                    }
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
-                }
+                Err(e) => self.failed_round(e, &mut backoff).await,
             }
         }
         if !self.journal_ok.swap(true, Ordering::Relaxed) {
