@@ -2,8 +2,8 @@
 //! servers on 127.0.0.1 in front of the real provider simulators and webhook receivers, and
 //! the real bridge. Covers trust through `tls_ca`, the refusal (and its reason in
 //! `/v1/status`, the admin API and the metrics) without it, mutual TLS, expired and
-//! wrong-name certificates, `tls_server_name`, the machine's trust store, the config checks,
-//! and the bridge serving HTTPS itself.
+//! wrong-name certificates, `tls_server_name`, the machine's trust store, the NATS store, the
+//! config checks, and the bridge serving HTTPS itself.
 
 #[path = "../common/mod.rs"]
 mod common;
@@ -11,6 +11,7 @@ mod common;
 mod config;
 mod front;
 mod machine_store;
+mod nats_store;
 mod pki;
 mod server;
 mod upstream;
