@@ -61,8 +61,8 @@ async fn the_nats_store_is_trusted_through_tls_ca_and_refused_without_it() {
     let upstream = upstream_block("vb", &sim, FAST);
 
     let refused = parse(&nats_config_text(
-        &[upstream.clone()],
-        &[url.clone()],
+        std::slice::from_ref(&upstream),
+        std::slice::from_ref(&url),
         &unique_prefix("tls-refused"),
         "",
     ));
