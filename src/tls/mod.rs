@@ -70,8 +70,26 @@ pub(crate) fn read_private_key(path: &Path) -> Result<PrivateKeyDer<'static>, St
     })
 }
 
+/// Largest `tls_*` file read (8 MiB, many times a full CA bundle): a path to something
+/// endless (a device, a pipe) must not hang or exhaust a config load.
+pub const MAX_PEM_FILE_BYTES: u64 = 8 << 20;
+
 fn read(path: &Path) -> Result<Vec<u8>, String> {
-    std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+    use std::io::Read;
+    let cannot = |e: std::io::Error| format!("cannot read {}: {e}", path.display());
+    let file = std::fs::File::open(path).map_err(cannot)?;
+    let mut bytes = Vec::new();
+    file.take(MAX_PEM_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(cannot)?;
+    if bytes.len() as u64 > MAX_PEM_FILE_BYTES {
+        return Err(format!(
+            "{} is larger than {} MiB: not a PEM file",
+            path.display(),
+            MAX_PEM_FILE_BYTES >> 20
+        ));
+    }
+    Ok(bytes)
 }
 
 /// A certificate chain with its private key, checked to belong together. Compared by content
