@@ -101,6 +101,8 @@ async fn upstreams(State(state): State<Arc<AdminState>>) -> Response {
                 "state": status.state,
                 "since": status.since,
                 "last_error": status.last_error,
+                "last_error_reason": status.last_error_reason,
+                "failures_by_reason": crate::status::reason_counts(&u.failures_by_reason()),
                 "retry_in_ms": status.retry_in.map(|d| d.as_millis() as u64),
                 "subscriptions": u.adapter().subscriptions(),
                 "counters": u.counters(),

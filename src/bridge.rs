@@ -35,6 +35,7 @@ use crate::storage::embedded::{EmbeddedOptions, EmbeddedStore};
 use crate::storage::nats::lease::Leases;
 use crate::storage::nats::{tail, NatsStore};
 use crate::storage::{Store, StoreError};
+use crate::tls::server::Acceptor;
 use crate::upstream::{self, UpstreamHandle};
 
 /// Why the bridge could not start.
@@ -58,6 +59,9 @@ pub enum BridgeError {
     /// A webhook endpoint could not be set up.
     #[error(transparent)]
     Delivery(#[from] DeliveryError),
+    /// The server's TLS certificate could not be used (normally caught at load).
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     /// The listen address could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Listen {
@@ -120,6 +124,8 @@ pub struct Bridge {
     ingest_task: JoinHandle<()>,
     server_task: JoinHandle<()>,
     local_addr: SocketAddr,
+    /// The HTTPS certificate in use (`server.tls_cert`), replaced on reload.
+    server_tls: Option<Acceptor>,
 }
 
 /// How a shutdown ended.
@@ -136,6 +142,8 @@ impl Bridge {
     /// server on the current Tokio runtime.
     pub async fn start(config: &Config) -> Result<Bridge, BridgeError> {
         crate::install_crypto_provider();
+        // Before anything starts: a certificate that cannot be used stops the start here.
+        let server_tls = config.server.tls.as_ref().map(Acceptor::new).transpose()?;
         let (store, nats): (Arc<dyn Store>, Option<Arc<NatsStore>>) = match config.storage.backend {
             StorageBackend::Embedded => (
                 EmbeddedStore::open_with(
@@ -258,8 +266,9 @@ impl Bridge {
             http_limits,
             http_stats,
             shutdown.clone(),
+            server_tls.clone(),
         ));
-        info!(listen = %local_addr, upstreams = config.upstreams.len(), webhooks = config.webhooks.len(), "bridge started");
+        info!(listen = %local_addr, tls = server_tls.is_some(), upstreams = config.upstreams.len(), webhooks = config.webhooks.len(), "bridge started");
         Ok(Bridge {
             upstreams,
             queue: std::sync::Mutex::new(Some(queue_tx)),
@@ -276,6 +285,7 @@ impl Bridge {
             ingest_task,
             server_task,
             local_addr,
+            server_tls,
         })
     }
 
@@ -314,6 +324,18 @@ impl Bridge {
         }
         if new.limits != current.limits {
             report.needs_restart.push("limits".into());
+        }
+        // Before webhooks and upstreams, so that a failure here leaves everything as it was.
+        match (&self.server_tls, &new.server.tls) {
+            (Some(acceptor), Some(tls)) if current.server.tls.as_ref() != Some(tls) => {
+                acceptor.replace(tls)?;
+                report
+                    .applied
+                    .push("server: TLS certificate replaced (new handshakes use it)".into());
+            }
+            (Some(_), Some(_)) | (None, None) => {}
+            // Switching the listener between HTTP and HTTPS.
+            _ => report.needs_restart.push("server.tls_cert".into()),
         }
         // Webhooks before routes, so a new route never points at an endpoint not yet running.
         report

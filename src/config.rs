@@ -29,6 +29,7 @@ use crate::delivery::WebhookConfig;
 use crate::downstream::{compile_consumers, Consumer, ConsumerConfig};
 use crate::routing::{RouteConfig, Router};
 use crate::storage::embedded::Durability;
+use crate::tls::{ClientTls, ServerTls, TlsSettings};
 
 /// The validated configuration of one bridge process.
 #[derive(Clone, Debug)]
@@ -66,6 +67,16 @@ pub struct ServerConfig {
     /// provider sent before answering the close (providers do not replay).
     #[serde(default = "d_10s", deserialize_with = "de_duration")]
     pub shutdown_grace: Duration,
+    /// PEM certificate chain to serve HTTPS (and `wss://` for `/v1/ws`) with, together with
+    /// `tls_key`; without them the server speaks plain HTTP (put a TLS proxy in front).
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert` (never logged or shown).
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+    /// What `tls_cert` and `tls_key` held at load (a reload re-reads them).
+    #[serde(skip)]
+    pub tls: Option<ServerTls>,
 }
 
 impl Default for ServerConfig {
@@ -74,6 +85,9 @@ impl Default for ServerConfig {
             listen: default_listen(),
             admin_token: None,
             shutdown_grace: d_10s(),
+            tls_cert: None,
+            tls_key: None,
+            tls: None,
         }
     }
 }
@@ -325,15 +339,10 @@ pub struct StorageConfig {
     /// Require TLS even for `nats://` URLs.
     #[serde(default)]
     pub tls_required: bool,
-    /// PEM file of the CA that signed the NATS servers' certificates.
-    #[serde(default)]
-    pub tls_ca: Option<PathBuf>,
-    /// PEM client certificate for mutual TLS (with `tls_key`).
-    #[serde(default)]
-    pub tls_cert: Option<PathBuf>,
-    /// PEM private key of `tls_cert`.
-    #[serde(default)]
-    pub tls_key: Option<PathBuf>,
+    /// The trust policy of the NATS connection: the `tls_*` keys ([`TlsSettings`]) with their
+    /// files as read at load.
+    #[serde(skip)]
+    pub tls: ClientTls,
     /// How long an upstream lease (`ownership = "lease"`) lives without renewal: the most an
     /// upstream stays unread after its holder dies.
     #[serde(default = "d_5s", deserialize_with = "de_duration")]
@@ -363,9 +372,7 @@ impl Default for StorageConfig {
             credentials: None,
             token: None,
             tls_required: false,
-            tls_ca: None,
-            tls_cert: None,
-            tls_key: None,
+            tls: ClientTls::default(),
             lease_ttl: d_5s(),
             dedup_window: d_2m(),
         }
@@ -462,19 +469,13 @@ impl StorageConfig {
                 "give either credentials or token, not both".to_string(),
             ));
         }
-        if self.tls_cert.is_some() != self.tls_key.is_some() {
-            out.push(("tls_key", "tls_cert and tls_key go together".to_string()));
-        }
-        for (key, file) in [
-            ("credentials", &self.credentials),
-            ("tls_ca", &self.tls_ca),
-            ("tls_cert", &self.tls_cert),
-            ("tls_key", &self.tls_key),
-        ] {
-            if let Some(f) = file {
-                if !f.is_file() {
-                    out.push((key, format!("{} is not a readable file", f.display())));
-                }
+        // The tls_* files are read and checked by `Config::load_tls`.
+        if let Some(f) = &self.credentials {
+            if !f.is_file() {
+                out.push((
+                    "credentials",
+                    format!("{} is not a readable file", f.display()),
+                ));
             }
         }
         out
@@ -620,6 +621,10 @@ pub struct UpstreamConfig {
     /// one socket per client_id, `all` for the others). Ignored by the embedded backend.
     #[serde(default)]
     pub ownership: Option<Ownership>,
+    /// The trust policy of this upstream: the `tls_*` keys ([`TlsSettings`]) with their files
+    /// as read at load.
+    #[serde(skip)]
+    pub tls: ClientTls,
 }
 
 impl UpstreamConfig {
@@ -922,6 +927,7 @@ impl Config {
             return None;
         };
         let names = entry_names(&top);
+        let tls = TlsTables::take(&mut top);
         let mut positions = Positions::default();
         let server = section(top.remove("server"), "server", issues).unwrap_or_default();
         let storage: StorageConfig =
@@ -986,7 +992,7 @@ impl Config {
                 "unknown section; expected server, storage, limits, upstreams, webhooks, consumers or routes",
             ));
         }
-        let config = Config {
+        let mut config = Config {
             server,
             storage,
             upstreams,
@@ -996,9 +1002,57 @@ impl Config {
             consumers,
             limits,
         };
+        config.load_tls(&positions, tls, issues);
         config.validate(&positions, issues);
         name_items(issues, &names);
         Some(config)
+    }
+
+    /// Reads the files of every `tls_*` key (upstreams, webhooks, the NATS store, the server)
+    /// into the config, so that it holds what they held at load and a reload re-reads them.
+    fn load_tls(&mut self, positions: &Positions, tls: TlsTables, issues: &mut Vec<ConfigIssue>) {
+        let mut upstream_tls = tls.upstreams;
+        for (&i, u) in positions.upstreams.iter().zip(&mut self.upstreams) {
+            let table = upstream_tls.get_mut(i).map(Value::take);
+            let uses_tls = u.url.scheme() == "wss";
+            if let Some(t) = load_client_tls(&format!("upstreams[{i}]"), table, uses_tls, issues) {
+                u.tls = t;
+            }
+        }
+        let mut webhook_tls = tls.webhooks;
+        for (&i, w) in positions.webhooks.iter().zip(&mut self.webhooks) {
+            let table = webhook_tls.get_mut(i).map(Value::take);
+            let uses_tls = w.url.scheme() == "https";
+            if let Some(t) = load_client_tls(&format!("webhooks[{i}]"), table, uses_tls, issues) {
+                w.tls = t;
+            }
+        }
+        if self.storage.backend == StorageBackend::Nats {
+            // A nats:// server may still ask for TLS, so the keys always apply.
+            if let Some(t) = load_client_tls("storage", tls.storage, true, issues) {
+                self.storage.tls = t;
+            }
+        }
+        let server = &mut self.server;
+        match (&server.tls_cert, &server.tls_key) {
+            (Some(cert), Some(key)) => match ServerTls::load(cert, key) {
+                Ok(tls) => server.tls = Some(tls),
+                Err(problems) => issues.extend(
+                    problems
+                        .into_iter()
+                        .map(|(k, reason)| issue(format!("server.{k}"), reason)),
+                ),
+            },
+            (None, None) => {}
+            (Some(_), None) => issues.push(issue(
+                "server.tls_key",
+                "server.tls_cert needs tls_key (its private key)",
+            )),
+            (None, Some(_)) => issues.push(issue(
+                "server.tls_cert",
+                "server.tls_key needs tls_cert (the certificate it belongs to)",
+            )),
+        }
     }
 
     /// Checks what types alone cannot: unique names, what each adapter needs, sane timings.
@@ -1174,6 +1228,80 @@ impl Config {
                     "must be longer than ping_interval, or every quiet connection looks stale",
                 ));
             }
+        }
+    }
+}
+
+/// The `tls_*` keys ([`TlsSettings::KEYS`]) of every connection, taken out of its table
+/// before the table is read: one definition of the keys serves upstreams, webhooks and
+/// `[storage]`, and each table's own fields stay what is particular to it.
+struct TlsTables {
+    /// Per `[[upstreams]]` entry, in file order.
+    upstreams: Vec<Value>,
+    /// Per `[[webhooks]]` entry, in file order.
+    webhooks: Vec<Value>,
+    /// `[storage]`'s.
+    storage: Option<Value>,
+}
+
+impl TlsTables {
+    fn take(top: &mut serde_json::Map<String, Value>) -> TlsTables {
+        let mut entries = |section: &str| match top.get_mut(section) {
+            Some(Value::Array(items)) => items.iter_mut().map(take_tls_keys).collect(),
+            _ => Vec::new(),
+        };
+        TlsTables {
+            upstreams: entries("upstreams"),
+            webhooks: entries("webhooks"),
+            storage: top.get_mut("storage").map(take_tls_keys),
+        }
+    }
+}
+
+/// Removes the `tls_*` keys from a table, returning them as a table of their own.
+fn take_tls_keys(table: &mut Value) -> Value {
+    let mut taken = serde_json::Map::new();
+    if let Value::Object(map) = table {
+        for key in TlsSettings::KEYS {
+            if let Some(v) = map.remove(key) {
+                taken.insert(key.to_string(), v);
+            }
+        }
+    }
+    Value::Object(taken)
+}
+
+/// Loads one connection's `tls_*` keys (`at` is its key prefix, `upstreams[2]`), recording
+/// every problem; `None` when there is one, or when the connection does not use TLS (then a
+/// `tls_*` key set is itself a problem: it would do nothing).
+fn load_client_tls(
+    at: &str,
+    table: Option<Value>,
+    uses_tls: bool,
+    issues: &mut Vec<ConfigIssue>,
+) -> Option<ClientTls> {
+    let keys: TlsSettings = match table {
+        Some(t) => parse_at(t, at, issues)?,
+        None => TlsSettings::default(),
+    };
+    if !uses_tls {
+        if let Some(key) = keys.first_set() {
+            issues.push(issue(
+                format!("{at}.{key}"),
+                "only applies to a TLS URL (wss:// or https://)",
+            ));
+        }
+        return None;
+    }
+    match ClientTls::load(&keys) {
+        Ok(tls) => Some(tls),
+        Err(problems) => {
+            issues.extend(
+                problems
+                    .into_iter()
+                    .map(|(key, reason)| issue(format!("{at}.{key}"), reason)),
+            );
+            None
         }
     }
 }

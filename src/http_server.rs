@@ -18,6 +18,10 @@
 //!   response, has no timeout here, and an upgraded `/v1/ws` session has left the HTTP
 //!   server: both have their own liveness (pings, slow-consumer closes).
 //!
+//! With `server.tls_cert` and `server.tls_key`, every connection is TLS ([`crate::tls::server`]):
+//! the handshake counts as part of the first request head, so it too must finish within
+//! `limits.header_timeout`; a failed handshake is counted and the connection closed.
+//!
 //! An `accept` error other than a peer's reset (`EMFILE`, `ENFILE`, `ENOBUFS`) is counted and
 //! the listener backs off for [`ACCEPT_BACKOFF`] instead of looping hot.
 //!
@@ -50,6 +54,7 @@ use tower::ServiceExt;
 use tracing::{debug, info, warn};
 
 use crate::config::Config;
+use crate::tls::server::Acceptor;
 
 /// How long the listener pauses after an `accept` error such as `EMFILE`: the pending
 /// connection stays in the backlog, and retrying at once would only fail again.
@@ -224,6 +229,7 @@ pub struct HttpStats {
     header_timeouts: AtomicU64,
     idle_timeouts: AtomicU64,
     accept_errors: AtomicU64,
+    tls_handshake_failures: AtomicU64,
 }
 
 /// A snapshot of [`HttpStats`].
@@ -243,6 +249,8 @@ pub struct HttpCounters {
     pub idle_timeouts: u64,
     /// `accept` failures (such as `EMFILE`), each followed by a back-off.
     pub accept_errors: u64,
+    /// Connections closed because their TLS handshake failed (server TLS only).
+    pub tls_handshake_failures: u64,
 }
 
 impl HttpStats {
@@ -266,18 +274,20 @@ impl HttpStats {
             header_timeouts: self.header_timeouts.load(Ordering::Relaxed),
             idle_timeouts: self.idle_timeouts.load(Ordering::Relaxed),
             accept_errors: self.accept_errors.load(Ordering::Relaxed),
+            tls_handshake_failures: self.tls_handshake_failures.load(Ordering::Relaxed),
         }
     }
 }
 
-/// Serves `app` on `listener` under `limits` until `shutdown` is cancelled, then waits for
-/// the connections still open to finish their requests.
+/// Serves `app` on `listener` under `limits` (over TLS with `tls`) until `shutdown` is
+/// cancelled, then waits for the connections still open to finish their requests.
 pub async fn serve(
     listener: TcpListener,
     app: axum::Router,
     limits: HttpLimits,
     stats: Arc<HttpStats>,
     shutdown: CancellationToken,
+    tls: Option<Acceptor>,
 ) {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let mut connections = JoinSet::new();
@@ -329,10 +339,13 @@ pub async fn serve(
             stream,
             peer,
             slot,
-            app.clone(),
-            limits,
-            stats.clone(),
-            shutdown.clone(),
+            Served {
+                app: app.clone(),
+                limits,
+                stats: stats.clone(),
+                shutdown: shutdown.clone(),
+            },
+            tls.clone(),
         ));
     }
     drop(listener);
@@ -611,22 +624,73 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
     }
 }
 
-/// Serves one connection until it ends, a timeout closes it, or shutdown lets it finish.
-async fn serve_connection(
-    stream: TcpStream,
-    peer: SocketAddr,
-    slot: Slot,
+/// What every connection is served with.
+struct Served {
     app: axum::Router,
     limits: HttpLimits,
     stats: Arc<HttpStats>,
     shutdown: CancellationToken,
+}
+
+/// Serves one connection (after its TLS handshake, with `tls`) until it ends, a timeout
+/// closes it, or shutdown lets it finish.
+async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    slot: Slot,
+    served: Served,
+    tls: Option<Acceptor>,
 ) {
     let state = Arc::new(ConnState::new());
-    let io = TokioIo::new(TrackedStream {
+    let tracked = TrackedStream {
         io: stream,
         state: state.clone(),
         _slot: slot,
-    });
+    };
+    match tls {
+        None => serve_io(tracked, peer, &state, served).await,
+        Some(tls) => {
+            // The handshake is the start of the first request head: the header timeout
+            // bounds it (a peer that opens a socket and says nothing holds a slot otherwise).
+            let handshake =
+                tokio::time::timeout(served.limits.header_timeout, tls.acceptor().accept(tracked));
+            let done = tokio::select! {
+                done = handshake => done,
+                _ = served.shutdown.cancelled() => return,
+            };
+            match done {
+                Ok(Ok(stream)) => serve_io(stream, peer, &state, served).await,
+                Ok(Err(e)) => {
+                    served
+                        .stats
+                        .tls_handshake_failures
+                        .fetch_add(1, Ordering::Relaxed);
+                    debug!(%peer, error = %e, "TLS handshake failed; closing the connection");
+                }
+                Err(_) => {
+                    served.stats.header_timeouts.fetch_add(1, Ordering::Relaxed);
+                    debug!(%peer, "closing a connection: TLS handshake not finished within limits.header_timeout");
+                }
+            }
+        }
+    }
+    // Dropping the connection closes the socket unless it was upgraded (then the session
+    // owns it, and its slot); either way the HTTP server no longer watches its bytes.
+    state.tracking.store(false, Ordering::Relaxed);
+}
+
+/// Serves HTTP on one connection's stream (plain, or TLS over it).
+async fn serve_io<I>(io: I, peer: SocketAddr, state: &Arc<ConnState>, served: Served)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let Served {
+        app,
+        limits,
+        stats,
+        shutdown,
+    } = served;
+    let io = TokioIo::new(io);
     let service = ConnService {
         app,
         state: state.clone(),
@@ -675,9 +739,6 @@ async fn serve_connection(
             }
         }
     }
-    // Dropping the connection closes the socket unless it was upgraded (then the session
-    // owns it, and its slot); either way the HTTP server no longer watches its bytes.
-    state.tracking.store(false, Ordering::Relaxed);
 }
 
 #[cfg(test)]

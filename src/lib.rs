@@ -21,6 +21,8 @@
 //! - [`bridge`]: the above assembled, started and stopped as one;
 //! - [`reload`]: SIGHUP and config-file changes applied without a restart;
 //! - [`demo`]: simulators + bridge + a printing consumer, for newcomers;
+//! - [`tls`]: the one trust policy of every outbound TLS connection, and HTTPS serving;
+//! - [`failure`]: why a connection or request failed, as a reason an operator can act on;
 //! - [`telemetry`]: logging setup.
 
 pub mod admin;
@@ -31,6 +33,7 @@ pub mod demo;
 pub mod downstream;
 pub mod envelope;
 pub mod explain;
+pub mod failure;
 pub mod http_server;
 pub mod ingest;
 pub mod metrics;
@@ -40,6 +43,7 @@ pub mod status;
 pub mod storage;
 pub mod supervise;
 pub mod telemetry;
+pub mod tls;
 pub mod upstream;
 
 pub use wsbridge_adapters as adapters;

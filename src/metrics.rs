@@ -89,6 +89,7 @@ pub async fn render(state: &StatusState) -> String {
     let (mut frames, mut events, mut decode, mut reconnects, mut age, mut drain_timeouts) =
         (vec![], vec![], vec![], vec![], vec![], vec![]);
     let (mut too_large, mut untracked) = (vec![], vec![]);
+    let mut up_failures = vec![];
     for u in &upstreams {
         let name = u.name();
         let status = u.status();
@@ -110,6 +111,12 @@ pub async fn render(state: &StatusState) -> String {
         too_large.push((labels(&[("upstream", name)]), c.frames_too_large));
         reconnects.push((labels(&[("upstream", name)]), c.reconnects));
         drain_timeouts.push((labels(&[("upstream", name)]), c.drain_timeouts));
+        for (reason, n) in u.failures_by_reason() {
+            up_failures.push((
+                labels(&[("upstream", name), ("reason", reason.as_str())]),
+                n,
+            ));
+        }
         untracked.push((labels(&[("upstream", name)]), c.untracked));
         for (t, n) in u.events_by_type() {
             events.push((labels(&[("upstream", name), ("type", &t)]), n));
@@ -163,6 +170,12 @@ pub async fn render(state: &StatusState) -> String {
         "upstream_drain_timeouts",
         "Upstream closes not answered by the provider within server.shutdown_grace (what it sent after that was not read)",
         drain_timeouts,
+    );
+    counter_family(
+        &mut r,
+        "upstream_failures",
+        "Upstream connections that failed or ended, by reason (dns, refused, connect, timeout, tls_unknown_issuer, tls_name_mismatch, tls_expired, tls_not_yet_valid, tls_client_cert, tls_other, http_status, auth, closed, stale, transport, protocol, other)",
+        up_failures,
     );
     counter_family(
         &mut r,
@@ -250,6 +263,7 @@ pub async fn render(state: &StatusState) -> String {
     // Webhooks.
     let (mut attempts, mut pending, mut dead, mut in_flight, mut enabled) =
         (vec![], vec![], vec![], vec![], vec![]);
+    let mut attempt_failures = vec![];
     for v in state.delivery.views() {
         let n = v.name.as_str();
         attempts.push((
@@ -260,6 +274,12 @@ pub async fn render(state: &StatusState) -> String {
             labels(&[("webhook", n), ("outcome", "failed")]),
             v.counters.failed_attempts,
         ));
+        for (reason, count) in &v.failures_by_reason {
+            attempt_failures.push((
+                labels(&[("webhook", n), ("reason", reason.as_str())]),
+                *count,
+            ));
+        }
         let counts = match available {
             true => state.store.counts(n).await.unwrap_or_default(),
             false => Default::default(),
@@ -286,6 +306,12 @@ pub async fn render(state: &StatusState) -> String {
         "webhook_attempts",
         "Delivery attempts by outcome (a failed attempt is retried or dead-lettered)",
         attempts,
+    );
+    counter_family(
+        &mut r,
+        "webhook_attempt_failures",
+        "Failed delivery attempts by reason (dns, refused, connect, timeout, tls_unknown_issuer, tls_name_mismatch, tls_expired, tls_not_yet_valid, tls_client_cert, tls_other, http_status, ssrf, transport, other)",
+        attempt_failures,
     );
     gauge_family(
         &mut r,
@@ -397,6 +423,12 @@ pub async fn render(state: &StatusState) -> String {
         "http_accept_errors",
         "Failures to accept an inbound connection (such as EMFILE, out of file descriptors); each is followed by a short back-off",
         http.accept_errors,
+    );
+    counter(
+        &mut r,
+        "http_tls_handshake_failures",
+        "Inbound connections closed because their TLS handshake failed (server.tls_cert set)",
+        http.tls_handshake_failures,
     );
     counter_family(
         &mut r,

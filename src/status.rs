@@ -102,6 +102,8 @@ pub async fn summary(state: &StatusState) -> Value {
                 "state": s.state,
                 "since": s.since,
                 "last_error": s.last_error,
+                "last_error_reason": s.last_error_reason,
+                "failures_by_reason": reason_counts(&u.failures_by_reason()),
                 "subscriptions": u.adapter().subscriptions(),
                 "counters": c,
                 "last_event_unix_ms": u.last_event_unix_ms(),
@@ -141,6 +143,16 @@ pub async fn summary(state: &StatusState) -> Value {
         "webhooks": webhooks,
         "consumers": state.hub.counters(),
     })
+}
+
+/// Failure counts as a JSON object keyed by reason (`{"tls_unknown_issuer": 3}`).
+pub fn reason_counts(counts: &[(crate::failure::Reason, u64)]) -> Value {
+    Value::Object(
+        counts
+            .iter()
+            .map(|(r, n)| (r.as_str().to_string(), json!(n)))
+            .collect(),
+    )
 }
 
 async fn status(State(state): State<Arc<StatusState>>) -> Json<Value> {

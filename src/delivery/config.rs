@@ -9,6 +9,7 @@ use wsbridge_adapters::Secret;
 
 use super::signing::Signer;
 use super::ssrf;
+use crate::tls::ClientTls;
 
 /// How an event is put in the request.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -60,6 +61,10 @@ pub struct WebhookConfig {
     /// Rate limit (attempts per second), none by default.
     #[serde(default)]
     pub max_per_second: Option<u32>,
+    /// The trust policy of this endpoint: the `tls_*` keys
+    /// ([`TlsSettings`](crate::tls::TlsSettings)) with their files as read at load.
+    #[serde(skip)]
+    pub tls: ClientTls,
 }
 
 fn default_retry() -> Vec<Duration> {

@@ -127,13 +127,7 @@ pub enum Refused {
 /// Resolves a name and checks every address; `Err` if any is internal. The addresses
 /// returned are the only ones the client may connect to.
 pub async fn resolve_checked(host: &str) -> Result<Vec<SocketAddr>, Refused> {
-    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, 0))
-        .await
-        .map_err(|source| Refused::Unresolved {
-            host: host.to_string(),
-            source,
-        })?
-        .collect();
+    let addrs = lookup(host).await?;
     // Any internal address refuses the name, so that a name mixing public and internal
     // addresses is reported rather than half-used.
     if let Some(bad) = addrs.iter().find(|a| is_internal(a.ip())) {
@@ -142,6 +136,18 @@ pub async fn resolve_checked(host: &str) -> Result<Vec<SocketAddr>, Refused> {
             addr: bad.ip(),
         });
     }
+    Ok(addrs)
+}
+
+/// The system resolver's addresses of `host` (at least one).
+async fn lookup(host: &str) -> Result<Vec<SocketAddr>, Refused> {
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, 0))
+        .await
+        .map_err(|source| Refused::Unresolved {
+            host: host.to_string(),
+            source,
+        })?
+        .collect();
     if addrs.is_empty() {
         return Err(Refused::NoAddress {
             host: host.to_string(),
@@ -163,6 +169,22 @@ impl reqwest::dns::Resolve for GuardedResolver {
         Box::pin(async move {
             let addrs = resolve_checked(&host).await?;
             let addrs: reqwest::dns::Addrs = Box::new(addrs.into_iter());
+            Ok(addrs)
+        })
+    }
+}
+
+/// The resolver of endpoints with `allow_private = true`: the system resolver, unchecked,
+/// with a failed lookup reported as [`Refused::Unresolved`] so that the attempt's reason is
+/// `dns` (the HTTP client's own resolver error is opaque).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SystemResolver;
+
+impl reqwest::dns::Resolve for SystemResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let host = name.as_str().to_string();
+        Box::pin(async move {
+            let addrs: reqwest::dns::Addrs = Box::new(lookup(&host).await?.into_iter());
             Ok(addrs)
         })
     }

@@ -38,6 +38,7 @@ use super::config::{Mode, WebhookConfig};
 use super::signing::{Signer, HEADER_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP};
 use super::ssrf;
 use crate::envelope::{StoredEnvelope, CLOUDEVENTS_JSON};
+use crate::failure::{Failure, Reason, ReasonCounts};
 use crate::storage::{AttemptRecord, DueDelivery, NextStep, Store};
 use crate::supervise::{deadline_after, unix_ms_after, TaskHealth};
 
@@ -99,9 +100,20 @@ struct Endpoint {
     stats: EndpointStats,
     /// The dispatcher task's health (failed, restarts).
     health: Arc<TaskHealth>,
+    /// Failed attempts per reason.
+    failures: ReasonCounts,
+    /// The last failed attempt's failure and when it started (unix ms), until a delivery
+    /// succeeds.
+    last_failure: Mutex<Option<(Failure, i64)>>,
 }
 
 impl Endpoint {
+    fn set_last_failure(&self, failure: Option<(Failure, i64)>) {
+        if let Ok(mut last) = self.last_failure.lock() {
+            *last = failure;
+        }
+    }
+
     fn disabled_reason(&self) -> Option<String> {
         self.disabled.lock().map(|d| d.clone()).unwrap_or(None)
     }
@@ -165,6 +177,18 @@ pub struct EndpointView {
     /// Why the dispatcher task died, while it is `failed`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dispatcher_error: Option<String>,
+    /// The last failed attempt's error, until a delivery succeeds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// Its reason (`dns`, `refused`, `timeout`, `tls_unknown_issuer`, `http_status`, …).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error_reason: Option<Reason>,
+    /// When that attempt started.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error_at: Option<chrono::DateTime<Utc>>,
+    /// Failed attempts since start, per reason (reasons not seen left out).
+    #[serde(serialize_with = "ser_reason_counts")]
+    pub failures_by_reason: Vec<(Reason, u64)>,
     /// Live counters.
     #[serde(flatten)]
     pub counters: EndpointCounters,
@@ -370,6 +394,7 @@ impl DeliveryService {
                 let _ = url.set_username("");
                 let _ = url.set_password(None);
                 let failure = e.health.failure();
+                let last = e.last_failure.lock().ok().and_then(|l| l.clone());
                 EndpointView {
                     name: e.name.to_string(),
                     url: url.to_string(),
@@ -381,6 +406,12 @@ impl DeliveryService {
                         "running"
                     },
                     dispatcher_error: failure,
+                    last_error_reason: last.as_ref().map(|(f, _)| f.reason),
+                    last_error_at: last
+                        .as_ref()
+                        .and_then(|(_, at)| chrono::DateTime::from_timestamp_millis(*at)),
+                    last_error: last.map(|(f, _)| f.message),
+                    failures_by_reason: e.failures.snapshot(),
                     counters: EndpointCounters {
                         in_flight: e.stats.in_flight.load(Ordering::Relaxed),
                         delivered: e.stats.delivered.load(Ordering::Relaxed),
@@ -416,6 +447,18 @@ impl DeliveryService {
     }
 }
 
+fn ser_reason_counts<S: serde::Serializer>(
+    counts: &[(Reason, u64)],
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeMap;
+    let mut map = s.serialize_map(Some(counts.len()))?;
+    for (reason, n) in counts {
+        map.serialize_entry(reason.as_str(), n)?;
+    }
+    map.end()
+}
+
 /// Builds an endpoint (client, signer, headers, persisted disabled state) from its config.
 async fn build_endpoint(
     config: &WebhookConfig,
@@ -439,6 +482,19 @@ async fn build_endpoint(
         // proxy (`HTTPS_PROXY` and the like) the proxy would resolve the name itself and the
         // check would mean nothing.
         builder = builder.dns_resolver(ssrf::GuardedResolver).no_proxy();
+    } else {
+        // The system resolver, with its failures reported as such (reason `dns`).
+        builder = builder.dns_resolver(ssrf::SystemResolver);
+    }
+    if config.url.scheme() == "https" {
+        // The bridge's one trust policy (the machine's store, `tls_ca`, a client
+        // certificate, `tls_server_name`), not the HTTP client's own.
+        let mut tls = config
+            .tls
+            .client_config(&format!("webhook {}", config.name))
+            .map_err(|e| fail(e.to_string()))?;
+        tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        builder = builder.tls_backend_preconfigured(tls);
     }
     let client = builder
         .build()
@@ -479,6 +535,8 @@ async fn build_endpoint(
         disabled: Mutex::new(disabled),
         stats: EndpointStats::default(),
         health: Arc::new(TaskHealth::default()),
+        failures: ReasonCounts::default(),
+        last_failure: Mutex::new(None),
     }))
 }
 
@@ -732,7 +790,7 @@ async fn attempt(
         pause_until: None,
         gone: false,
     };
-    let (status, error, next) = match result {
+    let (status, failure, next) = match result {
         Ok(Response { status, .. }) if (200..300).contains(&status) => {
             (Some(status), None, NextStep::Delivered)
         }
@@ -741,7 +799,10 @@ async fn attempt(
             // Stays pending and due: it goes out as soon as the endpoint is re-enabled.
             (
                 Some(410),
-                Some("410 Gone: endpoint disabled".to_string()),
+                Some(Failure::new(
+                    Reason::HttpStatus,
+                    "410 Gone: endpoint disabled",
+                )),
                 NextStep::HoldUntil(started_ms),
             )
         }
@@ -771,7 +832,11 @@ async fn attempt(
                     finished.pause_until = Some(deadline_after(wait));
                 }
             }
-            (Some(status), Some(format!("HTTP {status}")), next)
+            (
+                Some(status),
+                Some(Failure::new(Reason::HttpStatus, format!("HTTP {status}"))),
+                next,
+            )
         }
         Err(reason) => {
             let next = match scheduled {
@@ -783,6 +848,12 @@ async fn attempt(
             (None, Some(reason), next)
         }
     };
+    if let Some(f) = &failure {
+        endpoint.failures.count(f.reason);
+    }
+    endpoint.set_last_failure(failure.clone().map(|f| (f, started_ms)));
+    // Recorded and shown as `reason: message`, so the admin API's attempt list says why.
+    let error = failure.map(|f| format!("{}: {}", f.reason, f.message));
     match next {
         NextStep::Delivered => {
             endpoint.stats.delivered.fetch_add(1, Ordering::Relaxed);
@@ -833,7 +904,7 @@ struct Response {
 }
 
 /// Builds, signs and sends the request; `Err` is a failure without a response.
-async fn send(endpoint: &Endpoint, due: &DueDelivery) -> Result<Response, String> {
+async fn send(endpoint: &Endpoint, due: &DueDelivery) -> Result<Response, Failure> {
     let config = &endpoint.config;
     let mut request = endpoint
         .client
@@ -849,7 +920,10 @@ async fn send(endpoint: &Endpoint, due: &DueDelivery) -> Result<Response, String
             let envelope = StoredEnvelope::parse(&due.bytes).map_err(|e| {
                 error!(endpoint = %endpoint.name, seq = due.seq, event_id = %due.id, error = %e,
                     "journalled envelope unreadable; the attempt fails and is recorded");
-                format!("journalled envelope unreadable: {e}")
+                Failure::new(
+                    Reason::Other,
+                    format!("journalled envelope unreadable: {e}"),
+                )
             })?;
             request = request
                 .header(
@@ -885,7 +959,7 @@ async fn send(endpoint: &Endpoint, due: &DueDelivery) -> Result<Response, String
         .body(body)
         .send()
         .await
-        .map_err(describe)?;
+        .map_err(|e| describe(e, &config.url))?;
     let status = response.status().as_u16();
     let retry_after = response
         .headers()
@@ -926,18 +1000,41 @@ fn ce_header(value: &str) -> String {
     out
 }
 
-fn describe(e: reqwest::Error) -> String {
+/// What went wrong with a request that got no response, classified. The text names the host
+/// and port, never the URL: an endpoint URL may carry a key in its query string, and this
+/// text is logged and returned by the admin API.
+fn describe(e: reqwest::Error, url: &url::Url) -> Failure {
+    let peer = format!(
+        "{}:{}",
+        url.host_str().unwrap_or(""),
+        url.port_or_known_default().unwrap_or(0)
+    );
     if let Some(refused) = ssrf::refusal(&e) {
-        // The SSRF guard's resolver refused the host (it names the host, not the URL).
-        refused.to_string()
-    } else if e.is_timeout() {
-        "timed out".to_string()
-    } else if e.is_connect() {
-        "connection failed".to_string()
+        // The guard's resolver refused the host, or could not resolve it.
+        let reason = match refused {
+            ssrf::Refused::Internal { .. } => Reason::Ssrf,
+            ssrf::Refused::Unresolved { .. } | ssrf::Refused::NoAddress { .. } => Reason::Dns,
+        };
+        return Failure::new(reason, refused.to_string());
+    }
+    if e.is_timeout() {
+        return Failure::new(
+            Reason::Timeout,
+            format!("{peer} did not answer in time (timeout)"),
+        );
+    }
+    if let Some(found) = Failure::in_chain(&e, &peer) {
+        return found;
+    }
+    if e.is_connect() {
+        return Failure::new(Reason::Connect, format!("cannot connect to {peer}"));
+    }
+    let transport = e.is_request() || e.is_body() || e.is_decode();
+    let text = e.without_url().to_string();
+    if transport {
+        Failure::new(Reason::Transport, format!("{peer}: {text}"))
     } else {
-        // Without the URL: an endpoint URL may carry a key in its query string, and this text
-        // is logged and returned by the admin API.
-        e.without_url().to_string()
+        Failure::new(Reason::Other, format!("{peer}: {text}"))
     }
 }
 

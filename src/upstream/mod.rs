@@ -24,6 +24,7 @@
 //! the connection stays up; a token never appears in a log line (URLs are logged redacted).
 
 mod backoff;
+mod connect;
 pub mod occurrence;
 mod session;
 
@@ -44,6 +45,7 @@ pub use session::SessionEnd;
 
 use crate::config::{LimitsConfig, UpstreamConfig};
 use crate::envelope::Envelope;
+use crate::failure::{Reason, ReasonCounts};
 
 /// The supervisor's state, as operators and tests see it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -99,6 +101,8 @@ pub struct UpstreamStatus {
     pub since: DateTime<Utc>,
     /// Why the last connection ended (never contains a credential).
     pub last_error: Option<String>,
+    /// The reason of `last_error` (`dns`, `refused`, `timeout`, `tls_unknown_issuer`, …).
+    pub last_error_reason: Option<Reason>,
     /// In `backoff`/`auth_failed`: how long until the next attempt.
     pub retry_in: Option<Duration>,
     /// Consecutive failed connections (0 once a connection has been healthy).
@@ -126,6 +130,8 @@ pub struct UpstreamCounters {
     /// Closes that ended without the provider's close answer within the drain grace
     /// (`server.shutdown_grace`): whatever it sent after that point was not read.
     pub drain_timeouts: AtomicU64,
+    /// Connections that failed or ended, per reason.
+    pub failures: ReasonCounts,
     /// Content-identified frames whose occurrence count was forgotten before the dedup window
     /// ended because a connection tracked `limits.tracked_frames` others (see
     /// [`occurrence`]): a repeat of one within the window would be taken for a copy.
@@ -283,6 +289,8 @@ pub(crate) struct Shared {
     pub limits: FrameLimits,
     pub counters: Arc<UpstreamCounters>,
     pub status: Arc<watch::Sender<UpstreamStatus>>,
+    /// DNS, TCP and TLS as this upstream's `tls_*` keys say.
+    pub connector: connect::Connector,
 }
 
 impl Shared {
@@ -341,6 +349,11 @@ impl UpstreamHandle {
         self.counters.events_by_type()
     }
 
+    /// Connections that failed or ended so far, per reason (reasons not seen left out).
+    pub fn failures_by_reason(&self) -> Vec<(Reason, u64)> {
+        self.counters.failures.snapshot()
+    }
+
     /// Unix milliseconds of the last event (0 before the first).
     pub fn last_event_unix_ms(&self) -> i64 {
         self.counters.last_event_unix_ms.load(Ordering::Relaxed)
@@ -397,6 +410,7 @@ pub fn spawn_gated(
         state: UpstreamState::Connecting,
         since: Utc::now(),
         last_error: None,
+        last_error_reason: None,
         retry_in: None,
         failures: 0,
     });
@@ -411,6 +425,11 @@ pub fn spawn_gated(
         limits,
         counters: Arc::new(UpstreamCounters::default()),
         status: Arc::new(status_tx),
+        connector: connect::Connector::new(
+            &config.tls,
+            config.url.scheme() == "wss",
+            &format!("upstream {}", config.name),
+        ),
     };
     let handle_parts = (shared.name.clone(), shared.counters.clone());
     let failed = shared.clone();
@@ -423,9 +442,10 @@ pub fn spawn_gated(
             shutdown.clone(),
             move |reason: &str| {
                 failed.set_state(UpstreamState::Failed);
-                failed
-                    .status
-                    .send_modify(|s| s.last_error = Some(reason.to_string()));
+                failed.status.send_modify(|s| {
+                    s.last_error = Some(reason.to_string());
+                    s.last_error_reason = None;
+                });
             },
             move || supervise(shared.clone(), ingest.clone(), stop.clone(), gate.clone()),
         )
@@ -496,16 +516,22 @@ async fn supervise(
             _ => (UpstreamState::Backoff, backoff.next_delay()),
         };
         let reason = outcome.end.to_string();
+        let kind = outcome.end.reason();
+        if let Some(kind) = kind {
+            shared.counters.failures.count(kind);
+        }
+        let kind_label = kind.map_or("", Reason::as_str);
         if state == UpstreamState::AuthFailed {
-            warn!(upstream = %name, reason = %reason, retry_in_ms = delay.as_millis() as u64,
+            warn!(upstream = %name, reason = %reason, kind = kind_label, retry_in_ms = delay.as_millis() as u64,
                 "upstream refused our credentials; check the token");
         } else {
-            warn!(upstream = %name, reason = %reason, retry_in_ms = delay.as_millis() as u64,
+            warn!(upstream = %name, reason = %reason, kind = kind_label, retry_in_ms = delay.as_millis() as u64,
                 failures = backoff.failures(), "upstream connection ended; reconnecting");
         }
         shared.set_state(state);
         shared.status.send_modify(|s| {
             s.last_error = Some(reason);
+            s.last_error_reason = kind;
             s.retry_in = Some(delay);
             s.failures = backoff.failures();
         });

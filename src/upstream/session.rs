@@ -12,23 +12,24 @@ use std::time::Duration;
 
 use chrono::Utc;
 use futures_util::{SinkExt, StreamExt};
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
-use tokio::time::{timeout, timeout_at, Instant};
+use tokio::time::{timeout_at, Instant};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{self, Message};
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use wsbridge_adapters::{Control, Greeting, Heartbeat, Inbound};
 
+use super::connect::{self, OpenError};
 use super::occurrence::Occurrences;
 use super::{Shared, UpstreamState};
 use crate::envelope::Envelope;
+use crate::failure::{Failure, Reason};
 use crate::supervise::{deadline_after, MAX_WAIT};
 
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+type Ws = WebSocketStream<connect::Stream>;
 
 /// Why a session ended. The supervisor maps these onto backoff and state.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,8 +40,8 @@ pub enum SessionEnd {
     IngestClosed,
     /// The provider refused the credentials (HTTP 401/403, or an auth error frame).
     AuthRejected(String),
-    /// TCP, TLS or the upgrade failed, or the greeting never came.
-    ConnectFailed(String),
+    /// DNS, TCP, TLS or the upgrade failed, or the greeting never came; with its reason.
+    ConnectFailed(Failure),
     /// The provider closed the connection, or the stream ended.
     Closed(String),
     /// Nothing arrived for this long.
@@ -59,6 +60,20 @@ impl fmt::Display for SessionEnd {
             SessionEnd::Closed(m) => write!(f, "connection closed: {m}"),
             SessionEnd::Stale(d) => write!(f, "stale: nothing received for {} ms", d.as_millis()),
             SessionEnd::Transport(m) => write!(f, "transport error: {m}"),
+        }
+    }
+}
+
+impl SessionEnd {
+    /// The failure reason of this end (`None` for a stop of our own).
+    pub fn reason(&self) -> Option<Reason> {
+        match self {
+            SessionEnd::Shutdown | SessionEnd::IngestClosed => None,
+            SessionEnd::AuthRejected(_) => Some(Reason::Auth),
+            SessionEnd::ConnectFailed(f) => Some(f.reason),
+            SessionEnd::Closed(_) => Some(Reason::Closed),
+            SessionEnd::Stale(_) => Some(Reason::Stale),
+            SessionEnd::Transport(_) => Some(Reason::Transport),
         }
     }
 }
@@ -100,34 +115,18 @@ async fn connect(shared: &Shared) -> Result<Ws, SessionEnd> {
     let request = shared
         .adapter
         .connect_request()
-        .map_err(|e| SessionEnd::ConnectFailed(e.to_string()))?;
-    let attempt = tokio_tungstenite::connect_async_with_config(
+        .map_err(|e| SessionEnd::ConnectFailed(Failure::new(Reason::Other, e.to_string())))?;
+    connect::open(
         request,
-        Some(ws_config(&shared.limits)),
-        true,
-    );
-    match timeout(shared.timing.connect_timeout, attempt).await {
-        Err(_) => Err(SessionEnd::ConnectFailed(format!(
-            "no upgrade within {} ms",
-            shared.timing.connect_timeout.as_millis()
-        ))),
-        Ok(Err(tungstenite::Error::Http(resp))) => {
-            let status = resp.status();
-            if status == http::StatusCode::UNAUTHORIZED || status == http::StatusCode::FORBIDDEN {
-                Err(SessionEnd::AuthRejected(format!(
-                    "HTTP {status} on upgrade"
-                )))
-            } else {
-                Err(SessionEnd::ConnectFailed(format!(
-                    "HTTP {status} on upgrade"
-                )))
-            }
-        }
-        // tungstenite's errors describe the failure (I/O, TLS, protocol), never the request,
-        // so they cannot carry the token from the URL.
-        Ok(Err(e)) => Err(SessionEnd::ConnectFailed(e.to_string())),
-        Ok(Ok((ws, _response))) => Ok(ws),
-    }
+        &shared.connector,
+        ws_config(&shared.limits),
+        shared.timing.connect_timeout,
+    )
+    .await
+    .map_err(|e| match e {
+        OpenError::Auth(m) => SessionEnd::AuthRejected(m),
+        OpenError::Failed(f) => SessionEnd::ConnectFailed(f),
+    })
 }
 
 /// Where a connection is in its handshake.
@@ -252,7 +251,10 @@ async fn connect_and_serve(
                 }
                 if let Phase::AwaitGreeting(deadline) = phase {
                     if Instant::now() >= deadline {
-                        return SessionEnd::ConnectFailed("no greeting from the server".into());
+                        return SessionEnd::ConnectFailed(Failure::new(
+                            Reason::Protocol,
+                            "no greeting from the server",
+                        ));
                     }
                 }
             }

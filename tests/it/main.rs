@@ -17,4 +17,5 @@ mod ops;
 mod receivers;
 mod reload;
 mod status_page;
+mod tls;
 mod upstream;

@@ -270,12 +270,13 @@ impl NatsStore {
         if let Some(token) = &config.token {
             options = options.token(token.expose().to_string());
         }
-        if let Some(ca) = &config.tls_ca {
-            options = options.add_root_certificates(ca.clone());
-        }
-        if let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) {
-            options = options.add_client_certificate(cert.clone(), key.clone());
-        }
+        // The bridge's one trust policy (src/tls): the machine's store plus `tls_ca`, and
+        // the client certificate, as read at load.
+        let tls = config
+            .tls
+            .client_config("NATS")
+            .map_err(nats_err("set up TLS"))?;
+        options = options.tls_client_config(tls);
         let urls: Vec<async_nats::ServerAddr> = config
             .url
             .iter()
