@@ -1,4 +1,4 @@
-//! The Hashi server's behaviour for the simulator: a [`Dialect`] of the provider-neutral core
+//! The Hashi server's behaviour for the simulator: a `Dialect` of the provider-neutral core
 //! (`crate::sim::server`, the only part of the simulators this module imports). The registry
 //! in [`crate::sim`], the public API, picks this dialect for Hashi.
 //!
