@@ -1,4 +1,4 @@
-//! The admin API under `/v1/admin/` (DESIGN §4): what operators use to see and steer
+//! The admin API under `/v1/admin/` (README, "Admin API"): what operators use to see and steer
 //! upstreams and webhook deliveries.
 //!
 //! Authentication is `Authorization: Bearer <server.admin_token>` (401 otherwise, compared in

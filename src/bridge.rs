@@ -140,10 +140,24 @@ pub struct Shutdown {
 impl Bridge {
     /// Opens the store, starts the webhook dispatchers, the upstreams, ingest and the HTTP
     /// server on the current Tokio runtime.
+    ///
+    /// A start that fails, or whose future is dropped half-way, stops whatever it had
+    /// started before it returns.
     pub async fn start(config: &Config) -> Result<Bridge, BridgeError> {
         crate::install_crypto_provider();
         // Before anything starts: a certificate that cannot be used stops the start here.
         let server_tls = config.server.tls.as_ref().map(Acceptor::new).transpose()?;
+        // Every task spawned below (webhook dispatchers, upstream supervisors and their lease
+        // keepers, the NATS journal tail, the HTTP server) stops when this token is cancelled,
+        // and until a `Bridge` is returned nobody else holds it. A start failing after the
+        // first of them runs (the listen address is taken, NATS goes away between two calls,
+        // an adapter refuses its settings) would leave them running for the life of the
+        // process: dispatchers delivering from a store the caller believes closed, supervisors
+        // holding provider connections. So until the start completes, this guard cancels the
+        // token when dropped; each task then ends as it does at shutdown, and ingest ends once
+        // the supervisors have dropped their queue senders.
+        let shutdown = CancellationToken::new();
+        let started = shutdown.clone().drop_guard();
         let (store, nats): (Arc<dyn Store>, Option<Arc<NatsStore>>) = match config.storage.backend {
             StorageBackend::Embedded => (
                 EmbeddedStore::open_with(
@@ -162,7 +176,6 @@ impl Bridge {
                 (nats.clone(), Some(nats))
             }
         };
-        let shutdown = CancellationToken::new();
         let delivery = Arc::new(
             DeliveryService::start(&config.webhooks, store.clone(), shutdown.child_token()).await?,
         );
@@ -279,7 +292,8 @@ impl Bridge {
             hub,
             publish,
             stats,
-            shutdown,
+            // Started: the token passes from the guard to the bridge, whose shutdown cancels it.
+            shutdown: started.disarm(),
             leases,
             frame_limits,
             ingest_task,

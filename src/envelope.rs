@@ -1,9 +1,10 @@
 //! The canonical envelope: every provider's event as one CloudEvents 1.0 JSON object.
 //!
-//! This is an external contract (DESIGN §3): webhook receivers and WebSocket consumers in other
-//! languages parse it, so attribute names, formats and the field order are fixed here and
-//! nowhere else. The provider's payload travels unchanged in `data`; everything derived from
-//! it (type, subject, time) sits beside it, never in place of it.
+//! This is an external contract (README, "The canonical envelope (contract)"): webhook
+//! receivers and WebSocket consumers in other languages parse it, so attribute names, formats
+//! and the field order are fixed here and nowhere else. The provider's payload travels
+//! unchanged in `data`; everything derived from it (type, subject, time) sits beside it, never
+//! in place of it.
 //!
 //! An envelope is serialised once, after the journal has given it its `seq`; the resulting
 //! bytes are shared by every webhook and consumer (see [`crate::ingest::Published`]).

@@ -4,9 +4,11 @@
 //!
 //! Upstream supervisors push [`Envelope`]s into one bounded queue; a single task drains it in
 //! batches and hands each batch to the journal, which commits it in one transaction (group
-//! commit). Only then is anything published: write-ahead (DESIGN §1). An event id already
-//! journalled is counted and dropped: the same VoicePact `payment_update` reaching two
-//! `client_id` connections, or a frame replayed across a reconnect, is one event.
+//! commit). Only then is anything published: write-ahead (docs/architecture.md, "Invariants").
+//! A copy of an event journalled within `storage.dedup_window` is counted and dropped: the
+//! same VoicePact `payment_update` reaching two `client_id` connections, or a frame re-sent
+//! right after a reconnect, is one event (README, "Event identity: what is one event and
+//! what is two").
 //!
 //! Backpressure: when the ingest queue is full, supervisors stop reading their sockets; when
 //! the journal is slow, or cannot write at all (a full disk, a NATS outage: the store retries

@@ -1,7 +1,8 @@
 //! wsbridge: bridges several providers' real-time WebSocket event APIs into one stream of
 //! CloudEvents.
 //!
-//! How the pieces fit (see DESIGN.md §1):
+//! How the pieces fit (`docs/architecture.md` has the data flow, the invariants and the
+//! external contracts in brief):
 //! - [`config`]: one validated, immutable view of `config.toml` plus `WSBRIDGE_*` overrides;
 //! - [`upstream`]: one supervisor task per provider connection (connect, authenticate,
 //!   subscribe, heartbeat, reconnect), decoding frames with the provider's adapter from
@@ -24,6 +25,8 @@
 //! - [`tls`]: the one trust policy of every outbound TLS connection, and HTTPS serving;
 //! - [`failure`]: why a connection or request failed, as a reason an operator can act on;
 //! - [`telemetry`]: logging setup.
+
+#![warn(missing_docs)]
 
 pub mod admin;
 pub mod bridge;

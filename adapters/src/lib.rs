@@ -11,6 +11,8 @@
 //! an adapter is a pure translator between one connection's frames and provider-neutral events,
 //! which keeps the golden tests exact and the adapters easy to add.
 
+#![warn(missing_docs)]
+
 pub mod hashi;
 pub mod sim;
 pub mod voicepact;
@@ -149,7 +151,8 @@ pub struct DecodedEvent {
     pub subject: Option<String>,
     /// The provider's timestamp; `None` when absent or unreadable (the receive time is used).
     pub time: Option<DateTime<Utc>>,
-    /// The provider's payload, unchanged (see DESIGN §3 for which member that is per dialect).
+    /// The provider's payload, unchanged (which member that is per dialect is part of the
+    /// envelope contract: README, "How each dialect maps").
     pub data: Value,
 }
 

@@ -1,5 +1,5 @@
 //! Outbound webhooks: signed POSTs of journalled events to configured endpoints, with
-//! durable retries, dead letters and replay (DESIGN §4).
+//! durable retries, dead letters and replay (README, "Webhook delivery").
 //!
 //! - [`config`]: `[[webhooks]]`, validated at load;
 //! - [`signing`]: the Standard Webhooks signature scheme (`webhook-id`, `webhook-timestamp`,

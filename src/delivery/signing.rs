@@ -1,4 +1,5 @@
-//! Webhook signatures per the Standard Webhooks spec (DESIGN.md §4, a CONTRACT).
+//! Webhook signatures per the Standard Webhooks spec (an external contract: README,
+//! "Signatures (Standard Webhooks)").
 //!
 //! Why this module exists: receivers must be able to check, with nothing but the off-the-shelf
 //! `standardwebhooks` libraries (PyPI, npm, Go, Java, Ruby, PHP, C#), that a POST really comes
@@ -349,7 +350,8 @@ fn describe_decode_error(e: &base64::DecodeError) -> String {
 mod tests {
     use super::*;
 
-    /// The test vector of the Standard Webhooks libraries (DESIGN.md §4).
+    /// The test vector of the Standard Webhooks libraries' own test suites: matching it means
+    /// the off-the-shelf verifiers accept what we sign.
     const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
     const MSG_ID: &str = "msg_p5jXN8AQM9LWM0D4loKWxJek";
     const TIMESTAMP: i64 = 1614265330;

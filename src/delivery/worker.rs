@@ -5,9 +5,9 @@
 //! in the store, and sleeps until something changes: an attempt finished, ingest enqueued new
 //! events, an admin replayed or re-enabled, or the next retry falls due. Endpoints share
 //! nothing but the store, so a dead or slow endpoint only ever fills its own in-flight slots;
-//! the others and ingest carry on (DESIGN §1, isolation).
+//! the others and ingest carry on (isolation: docs/architecture.md, "Invariants").
 //!
-//! Outcome of an attempt (DESIGN §4):
+//! Outcome of an attempt (a contract: README, "Webhook delivery"):
 //! - 2xx: delivered (the row is removed);
 //! - 410 Gone: the endpoint is disabled until an admin re-enables it; the delivery stays
 //!   pending and goes out after re-enabling;

@@ -1,5 +1,6 @@
 //! Downstream: the unified WebSocket endpoint (`GET /v1/ws`) and its SSE twin
-//! (`GET /v1/events`) through which consumers receive the event stream (DESIGN §5).
+//! (`GET /v1/events`) through which consumers receive the event stream (the protocol:
+//! README, "Consumers: the unified WebSocket endpoint").
 //!
 //! - [`ConsumerConfig`]: `[[consumers]]`, a token and what that consumer may ever see;
 //! - [`subscription`]: the core both protocols share: replay from the journal, then live,

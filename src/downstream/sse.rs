@@ -1,5 +1,5 @@
 //! `GET /v1/events`: the same stream as Server-Sent Events, for consumers that cannot speak
-//! WebSocket (DESIGN §5).
+//! WebSocket (README, "Consumers: the unified WebSocket endpoint").
 //!
 //! Filters are query parameters (`providers`, `types`, `subjects`: comma-separated, repeated
 //! keys also accepted) and `from` as in `subscribe`; `Last-Event-ID` resumes after that seq.

@@ -1,4 +1,5 @@
-//! `GET /v1/ws`: the unified WebSocket endpoint (DESIGN §5).
+//! `GET /v1/ws`: the unified WebSocket endpoint (the protocol: README, "Consumers: the unified
+//! WebSocket endpoint").
 //!
 //! One task per connection owns the socket. It reads client ops, and it writes whatever the
 //! connection's subscriptions produce: each `subscribe` starts a feeder (see
@@ -35,7 +36,9 @@ use super::subscription::{self, FeedControl, FeedEnd, FeedItem, OpenError, Start
 use super::{ConnectionSlot, Consumer, Hub};
 use crate::routing::{Filter, FilterConfig};
 
-/// Close code for a consumer that cannot keep up (DESIGN §5).
+/// Close code for a consumer that cannot keep up: part of the consumer protocol, so clients can
+/// tell "resume from your cursor" from other closes (README, "Consumers: the unified WebSocket
+/// endpoint").
 pub const CLOSE_SLOW_CONSUMER: u16 = 4001;
 /// How long a slow consumer's close frame may wait behind its unread backlog.
 const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(10);

@@ -1,9 +1,10 @@
 //! Routing: which webhooks receive which events, decided by configuration, not code.
 //!
-//! Operators change where events go by editing `[[routes]]` in `config.toml` (DESIGN §6);
-//! nothing here knows about particular providers or receivers. The same matching vocabulary
-//! serves WebSocket/SSE consumer filters and `[[consumers]] allow` (DESIGN §5) through
-//! [`Filter`], so an operator learns it once.
+//! Operators change where events go by editing `[[routes]]` in `config.toml` (README,
+//! "Configuration reference"); nothing here knows about particular providers or receivers. The
+//! same matching vocabulary serves WebSocket/SSE consumer filters and `[[consumers]] allow`
+//! (README, "Consumers: the unified WebSocket endpoint") through [`Filter`], so an operator
+//! learns it once.
 //!
 //! Rules are compiled once, when the config is loaded (or reloaded): patterns are parsed,
 //! JSON pointers split, names checked, and every problem is reported at once with its key
@@ -13,7 +14,7 @@
 //! Semantics of one route:
 //! - `providers`, `types` and `subjects` are lists of [`Pattern`]s matched against the
 //!   envelope's `provider`, `type` and `subject`; `where` is a list of [`Predicate`]s on
-//!   `data` (JSON pointers; DESIGN §3 says what `data` holds per provider);
+//!   `data` (JSON pointers; README "How each dialect maps" says what `data` holds per provider);
 //! - every matcher is optional, and all the matchers given must hold (AND); within one list
 //!   any element may match (OR), except `where`, whose predicates must all hold;
 //! - providers are matched with patterns too, so `"*"` and exact names (`"voipbin"`) both work;
@@ -198,7 +199,8 @@ fn singular(name: &str) -> &str {
     name.strip_suffix('s').unwrap_or(name)
 }
 
-/// One `[[routes]]` entry as written in config (DESIGN §6). Validated by [`Router::compile`].
+/// One `[[routes]]` entry as written in config (README, "Configuration reference"). Validated
+/// by [`Router::compile`].
 ///
 /// Every field defaults, so that a missing `name` or `to` is reported by `compile` together
 /// with every other problem instead of stopping deserialisation.
@@ -430,7 +432,8 @@ mod tests {
         }
     }
 
-    /// What `data` holds per provider (DESIGN §3).
+    /// A VoIPBIN call status as the envelope carries it: `data` is the frame's `data` member
+    /// (README, "How each dialect maps"), so routes read `/status`, not `/data/status`.
     fn voipbin_call(status: &str) -> Envelope {
         env(
             "voipbin",

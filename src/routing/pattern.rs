@@ -27,7 +27,7 @@ pub enum PatternError {
 /// A compiled pattern for event types, subjects and provider names.
 ///
 /// The syntax is shared by `[[routes]]`, WebSocket/SSE consumer filters and `[[consumers]]
-/// allow` (DESIGN §5):
+/// allow` (README, "Consumers: the unified WebSocket endpoint"):
 ///
 /// - a string is made of *segments* separated by any of `.`, `:` and `/`; separators in a
 ///   pattern are literal (`a.b` does not match `a:b`);

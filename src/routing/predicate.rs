@@ -3,7 +3,8 @@
 //! Config form ([`Predicate`]): `{ path = "/status", eq = "answered" }`, `{ path, in = [..] }`,
 //! `{ path, exists = true | false }` or `{ path, prefix = "str" }`, exactly one operator each.
 //! `path` is an RFC 6901 JSON pointer into `data` (empty = `data` itself), with the same
-//! meaning as [`serde_json::Value::pointer`]; DESIGN §3 fixes what `data` holds per provider.
+//! meaning as [`serde_json::Value::pointer`]; what `data` holds per provider is part of the
+//! envelope contract (README, "How each dialect maps").
 //!
 //! Semantics:
 //! - `eq` / `in`: the value at `path` equals the operand (one of the operands); numbers

@@ -1,7 +1,7 @@
-//! The example WebSocket consumers (examples/consumers/*) against the real bridge: a
-//! simulated VoIPBIN feed, the bridge's unified endpoint `/v1/ws` (DESIGN.md §5), and each
-//! consumer run as a child process whose stdout is parsed per its README's contract
-//! (`READY <epoch> <head>`, `EVENT <seq> <type> <subject> <id>`).
+//! The example WebSocket consumers (examples/consumers/*) against the real bridge: a simulated
+//! VoIPBIN feed, the bridge's unified endpoint `/v1/ws` (README, "Consumers: the unified
+//! WebSocket endpoint"), and each consumer run as a child process whose stdout is parsed per
+//! its README's contract (`READY <epoch> <head>`, `EVENT <seq> <type> <subject> <id>`).
 //!
 //! What is checked: a first run from `earliest` prints exactly the journalled events, in
 //! order, and saves its cursor; a second run with the same state file resumes from it, with

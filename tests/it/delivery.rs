@@ -1,6 +1,7 @@
 //! Webhook delivery end to end: real simulators, the real bridge with its journal file, and a
 //! real HTTP receiver on 127.0.0.1. Retries keep the `webhook-id`, `Retry-After` is honoured,
-//! dead letters replay through the admin API, a slow endpoint does not hold up a fast one.
+//! dead letters replay through the admin API, a slow endpoint does not hold up a fast one, and
+//! a start that fails after the dispatchers started leaves none of them running.
 
 use std::time::Duration;
 
@@ -346,4 +347,50 @@ async fn binary_mode_sends_data_with_ce_headers_and_static_headers() {
     let data: Value = serde_json::from_slice(&r.body).expect("json");
     assert_eq!(data, json!({"id": "b1", "status": "answered"}));
     bridge.shutdown().await;
+}
+
+/// `Bridge::start` starts the webhook dispatchers before it binds the listen address; when the
+/// bind then fails, the dispatchers (and anything else it spawned) must stop, since no
+/// `Bridge` exists that could shut them down: they would hold the store and keep delivering
+/// in the background of a process that believes the bridge never started. The runtime's
+/// count of live tasks, taken before the start, is the observable: it must come back.
+#[tokio::test]
+async fn a_start_that_fails_after_the_dispatchers_started_leaves_no_task_running() {
+    // A std listener holds the address without adding a task to the runtime.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    let addr = taken.local_addr().expect("local address");
+    let vb = start_sim(Provider::Voipbin).await;
+    let text = config_text(&[
+        upstream_block("vb", &vb, FAST),
+        webhook_block("crm", "http://127.0.0.1:9/hooks", ""),
+        webhook_block("audit", "http://127.0.0.1:9/audit", ""),
+    ])
+    .replacen(
+        "listen = \"127.0.0.1:0\"",
+        &format!("listen = \"{addr}\""),
+        1,
+    );
+    let cfg = wsbridge::config::Config::from_toml(&text, |_| None, false)
+        .unwrap_or_else(|e| panic!("{e}\n{text}"));
+
+    let runtime = tokio::runtime::Handle::current().metrics();
+    let before = runtime.num_alive_tasks();
+    let err = match wsbridge::bridge::Bridge::start(&cfg).await {
+        Ok(_) => panic!("the bridge started on an address another socket holds"),
+        Err(e) => e,
+    };
+    assert!(
+        matches!(err, wsbridge::bridge::BridgeError::Listen { .. }),
+        "{err}"
+    );
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while runtime.num_alive_tasks() > before {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} task(s) still running after the failed start",
+            runtime.num_alive_tasks() - before
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    drop(taken);
 }

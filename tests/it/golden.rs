@@ -1,4 +1,5 @@
-//! Golden tests for the envelope contract (DESIGN §3).
+//! Golden tests for the envelope contract (README, "The canonical envelope (contract)" and
+//! "How each dialect maps").
 //!
 //! Every `tests/fixtures/<provider>/<name>.frame.json` is one raw frame exactly as the provider
 //! sends it; the `<name>.envelope.json` beside it is the envelope the bridge must emit for it,
@@ -24,7 +25,8 @@ const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
 /// The receive time every fixture is stamped with (and its expected `recvtime`).
 const RECEIVED: &str = "2024-06-01T12:00:00.123456Z";
 
-/// The CloudEvents attributes in the order the envelope serialises them (DESIGN §3).
+/// The CloudEvents attributes in the order the envelope serialises them (fixed by
+/// `src/envelope.rs`; receivers may rely on it).
 const ATTRIBUTE_ORDER: [&str; 11] = [
     "specversion",
     "id",
@@ -57,7 +59,8 @@ fn min_fixtures(provider: Provider) -> usize {
     }
 }
 
-/// Every event type the provider's doc (and DESIGN's wire facts) names; each needs a fixture.
+/// Every event type the provider's doc (and the wire facts in its adapter's module doc) names;
+/// each needs a fixture.
 fn documented_types(provider: Provider) -> &'static [&'static str] {
     match provider {
         Provider::VoicePact => &["voicepact.contract_update", "voicepact.payment_update"],

@@ -1,7 +1,7 @@
 //! The example webhook receivers (examples/receivers/*) against signatures made by
 //! `wsbridge::delivery::signing`: proof that what the bridge signs verifies with the Standard
 //! Webhooks libraries (`standardwebhooks` from PyPI and npm) and with a Go standard-library
-//! implementation, and that bad deliveries are refused (DESIGN.md §4).
+//! implementation, and that bad deliveries are refused (README, "Signatures (Standard Webhooks)").
 //!
 //! Each receiver runs as a child process on an ephemeral port; the test POSTs over a plain
 //! TCP socket and checks both the HTTP status and the JSON line the receiver prints. The
@@ -286,7 +286,8 @@ fn secrets() -> Secrets {
     }
 }
 
-/// A structured-mode envelope (DESIGN.md §3) serialised once; these bytes are signed and sent.
+/// A structured-mode envelope (README, "The canonical envelope (contract)") serialised once;
+/// these bytes are signed and sent.
 fn envelope(id: &str, status: &str) -> Vec<u8> {
     serde_json::to_vec(&json!({
         "specversion": "1.0",

@@ -10,17 +10,18 @@
 //!   `{"type":"subscribe","data":{"lobbyId":..}}`, `{"type":"unsubscribe","data":{"lobbyId":..}}`,
 //!   one frame per lobby. The doc shows no subscription acknowledgement, so none is awaited
 //!   (a `subscribed` frame, should the server ever send one, is forwarded like any unknown
-//!   frame, per DESIGN §3: only `connected`, `pong` and `error` are control frames).
+//!   frame, as the envelope contract says: only `connected`, `pong` and `error` are control
+//!   frames; README, "How each dialect maps").
 //! - Server frames: `{"type":"<kind>:event","data":{"type":"<kind>.<event>",..}}` for kinds
 //!   `contract` (broadcast to everyone), `lobby` and `storage` (to the lobby's room only).
 //!
-//! Mapping (DESIGN §3): `data` is the frame's `data` member; type `hashi.<data.type>`; subject
-//! `<kind>/<data.<kind>Id>` (`contract/<contractId>`, `lobby/<lobbyId>`,
-//! `storage/<storageId>`, and the same rule for kinds the doc does not list yet, such as the
-//! bounty updates its title mentions); time from `data.timestamp`. A `:event` frame whose
-//! `data` has no string `type` is a decode error. Any other unknown frame `type` is forwarded
-//! as `hashi.<type>` with its `data` member (or the whole frame when it has none), never
-//! dropped.
+//! Mapping (the envelope contract, README "How each dialect maps"): `data` is the frame's
+//! `data` member; type `hashi.<data.type>`; subject `<kind>/<data.<kind>Id>`
+//! (`contract/<contractId>`, `lobby/<lobbyId>`, `storage/<storageId>`, and the same rule for
+//! kinds the doc does not list yet, such as the bounty updates its title mentions); time from
+//! `data.timestamp`. A `:event` frame whose `data` has no string `type` is a decode error. Any
+//! other unknown frame `type` is forwarded as `hashi.<type>` with its `data` member (or the
+//! whole frame when it has none), never dropped.
 
 pub mod sim;
 pub mod wire;

@@ -1,5 +1,6 @@
-//! The Hashi server's behaviour for the simulator (the generic part and the public API are in
-//! [`crate::sim`]).
+//! The Hashi server's behaviour for the simulator: a `Dialect` of the provider-neutral core
+//! (`crate::sim::server`, the only part of the simulators this module imports). The registry
+//! in [`crate::sim`], the public API, picks this dialect for Hashi.
 //!
 //! Follows the provider doc (Hashi publishes no server code, so where the doc is silent the
 //! choices below are ours and mirrored by the adapter):
@@ -21,7 +22,7 @@ use serde_json::Value;
 use tokio_tungstenite::tungstenite::handshake::server::Request;
 
 use super::wire;
-use crate::sim::{
+use crate::sim::server::{
     query_param, token_identity, Admission, Audience, Dialect, HashiAuthFailure, Reaction,
 };
 use crate::str_or_number;

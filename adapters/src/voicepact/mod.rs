@@ -12,9 +12,10 @@
 //! - Pushed `timestamp` is unix seconds, sent as a string in practice; both are accepted.
 //! - Invalid client frames are ignored by the server (no error frame).
 //!
-//! Mapping (DESIGN §3): `data` is the whole frame (VoicePact has no wrapper), type
-//! `voicepact.<type>`, subject `contract/<contract_id>`, time from `timestamp`. Unknown types
-//! are forwarded the same way; a frame without a string `type` is a decode error.
+//! Mapping (the envelope contract, README "How each dialect maps"): `data` is the whole frame
+//! (VoicePact has no wrapper), type `voicepact.<type>`, subject `contract/<contract_id>`, time
+//! from `timestamp`. Unknown types are forwarded the same way; a frame without a string `type`
+//! is a decode error.
 
 pub mod sim;
 pub mod wire;

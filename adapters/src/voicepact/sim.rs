@@ -1,5 +1,6 @@
-//! The VoicePact server's behaviour for the simulator (the generic part and the public API are
-//! in [`crate::sim`]).
+//! The VoicePact server's behaviour for the simulator: a `Dialect` of the provider-neutral core
+//! (`crate::sim::server`, the only part of the simulators this module imports). The registry
+//! in [`crate::sim`], the public API, picks this dialect for VoicePact.
 //!
 //! Follows the provider doc and its public FastAPI server:
 //! - Endpoint `/api/v1/ws/{client_id}`; any other path is a 404 before the upgrade. No
@@ -23,7 +24,7 @@ use serde_json::Value;
 use tokio_tungstenite::tungstenite::handshake::server::Request;
 
 use super::wire;
-use crate::sim::{percent_decode, Admission, Audience, Dialect, Reaction};
+use crate::sim::server::{percent_decode, Admission, Audience, Dialect, Reaction};
 use crate::str_or_number;
 
 /// The VoicePact server: which phone numbers are parties to which contract, and the last

@@ -13,10 +13,11 @@
 //! - Events: `{"event_type":"call.status","timestamp":"<RFC 3339>","topic":..,"data":{..}}`.
 //!   Legacy frames `{"type":"call_created","data":{..}}` are also accepted.
 //!
-//! Mapping (DESIGN §3): `data` is the frame's `data` member; `event_type` → type
-//! `voipbin.<event_type>`, `topic` → subject, `timestamp` → time. Legacy frames become
-//! `voipbin.<type>` with their `data` member (and `topic` as subject when present). A frame
-//! with neither `event_type` nor `type`, or without `data`, is a decode error.
+//! Mapping (the envelope contract, README "How each dialect maps"): `data` is the frame's
+//! `data` member; `event_type` → type `voipbin.<event_type>`, `topic` → subject, `timestamp` →
+//! time. Legacy frames become `voipbin.<type>` with their `data` member (and `topic` as subject
+//! when present). A frame with neither `event_type` nor `type`, or without `data`, is a decode
+//! error.
 
 pub mod sim;
 pub mod wire;

@@ -1,5 +1,6 @@
-//! The VoIPBIN server's behaviour for the simulator (the generic part and the public API are in
-//! [`crate::sim`]).
+//! The VoIPBIN server's behaviour for the simulator: a `Dialect` of the provider-neutral core
+//! (`crate::sim::server`, the only part of the simulators this module imports). The registry
+//! in [`crate::sim`], the public API, picks this dialect for VoIPBIN.
 //!
 //! Follows the provider doc and its public Go monorepo (`bin-api-manager`'s websocket handler):
 //! - Endpoint `/v1.0/ws`; any other path is a 404. The token comes from `?token=`, an
@@ -26,7 +27,7 @@ use serde_json::Value;
 use tokio_tungstenite::tungstenite::handshake::server::Request;
 
 use super::wire;
-use crate::sim::{query_param, token_identity, Admission, Audience, Dialect, Reaction};
+use crate::sim::server::{query_param, token_identity, Admission, Audience, Dialect, Reaction};
 
 /// The VoIPBIN server: the tokens it accepts.
 pub(crate) struct VoipbinSim {

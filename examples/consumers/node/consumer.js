@@ -1,6 +1,6 @@
 #!/usr/bin/env node
-// A wsbridge consumer for the unified WebSocket endpoint (DESIGN.md section 5), with nothing
-// but the `ws` package:
+// A wsbridge consumer for the unified WebSocket endpoint (the repository README, "Consumers:
+// the unified WebSocket endpoint"), with nothing but the `ws` package:
 //
 //   npm install
 //   node consumer.js --url ws://127.0.0.1:8080/v1/ws --token "$DASHBOARD_TOKEN" \

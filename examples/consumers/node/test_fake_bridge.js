@@ -1,4 +1,5 @@
-// A tiny fake of wsbridge's `/v1/ws` endpoint (DESIGN.md section 5), for the consumer tests.
+// A tiny fake of wsbridge's `/v1/ws` endpoint (the repository README,
+// "Consumers: the unified WebSocket endpoint"), for the consumer tests.
 //
 // It speaks the protocol the consumers rely on and nothing more: token check (HTTP 401 before
 // the upgrade, `Authorization: Bearer` or `?token=`), `ready`, `subscribe` with `from`/`epoch`

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""A wsbridge consumer for the unified WebSocket endpoint (DESIGN.md section 5).
+"""A wsbridge consumer for the unified WebSocket endpoint (the repository README,
+"Consumers: the unified WebSocket endpoint").
 
 It shows what a robust consumer of `/v1/ws` does, with nothing but the `websockets` library:
 

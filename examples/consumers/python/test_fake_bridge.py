@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""A tiny fake of wsbridge's `/v1/ws` endpoint (DESIGN.md section 5), for the consumer tests.
+"""A tiny fake of wsbridge's `/v1/ws` endpoint (the repository README,
+"Consumers: the unified WebSocket endpoint"), for the consumer tests.
 
 It speaks the protocol the consumers rely on and nothing more: token check (HTTP 401 before
 the upgrade, `Authorization: Bearer` or `?token=`), `ready`, `subscribe` with `from`/`epoch`
@@ -28,7 +29,8 @@ from websockets.exceptions import ConnectionClosed
 
 
 def make_event(n, provider="voipbin", type_=None, subject=None, event_id=None):
-    """A canonical envelope (DESIGN.md section 3) with predictable fields."""
+    """A canonical envelope (the repository README, "The canonical envelope (contract)")
+    with predictable fields."""
     now = datetime.now(timezone.utc)
     if provider == "hashi":
         type_ = type_ or "hashi.lobby.joined"

@@ -1,6 +1,7 @@
 // Command receiver is a minimal wsbridge webhook receiver that verifies Standard Webhooks
 // signatures with the Go standard library alone (crypto/hmac, crypto/sha256,
-// encoding/base64): no SDK is needed to trust wsbridge's webhooks (DESIGN.md section 4).
+// encoding/base64): no SDK is needed to trust wsbridge's webhooks (the repository README,
+// "Signatures (Standard Webhooks)").
 //
 //	go run . --port 9200 --secret whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw
 //

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """A minimal wsbridge webhook receiver that verifies signatures with `standardwebhooks`.
 
-It shows that wsbridge's outbound webhooks (DESIGN.md section 4) verify with the Standard
-Webhooks reference library and nothing of ours:
+It shows that wsbridge's outbound webhooks (the repository README, "Signatures (Standard
+Webhooks)") verify with the Standard Webhooks reference library and nothing of ours:
 
     python3 -m pip install -r requirements.txt
     python3 receiver.py --port 9200 --secret whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw

@@ -1,5 +1,5 @@
 //! The NATS JetStream store: several bridge instances share one journal and one set of
-//! webhook delivery queues (DESIGN §1, "distributed option").
+//! webhook delivery queues (README, "Scale-out on NATS JetStream").
 //!
 //! What lives where (every name starts with `storage.prefix`, so deployments and test runs
 //! sharing one NATS account never see each other):
