@@ -232,6 +232,7 @@ where
     }
 }
 
+pub mod examples;
 pub mod nats;
 pub mod receiver;
 pub mod ws;
