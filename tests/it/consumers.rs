@@ -14,14 +14,14 @@
 //! the cargo target's scratch directory, the Node consumer's (`ws`) from npm: if that fails
 //! the test fails (it never skips).
 
-use std::io::{BufRead, BufReader, Read};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::path::Path;
+use std::process::{Command, ExitStatus};
+use std::sync::mpsc::RecvTimeoutError;
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::common::examples::{blocking, Examples, Running};
 use crate::common::*;
 use serde_json::{json, Value};
 use wsbridge::bridge::Bridge;
@@ -34,79 +34,6 @@ const EVENT_TYPE: &str = "voipbin.call.status";
 const RUN_DEADLINE: Duration = Duration::from_secs(30);
 /// How long a consumer that closed its stdout may take to exit.
 const EXIT_DEADLINE: Duration = Duration::from_secs(10);
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn scratch() -> PathBuf {
-    PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-}
-
-fn consumers_dir(lang: &str) -> PathBuf {
-    repo().join("examples/consumers").join(lang)
-}
-
-/// Runs a setup command, failing the test with its output if it does not succeed.
-fn run_setup(what: &str, cmd: &mut Command) -> Output {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("{what}: could not start {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{what} failed ({}): {cmd:?}\n--- stdout\n{}\n--- stderr\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-/// The venv's Python, with the Python consumer's dependencies installed from PyPI. Done once
-/// per test run; tests running in parallel wait for it rather than install concurrently.
-fn python_with_dependencies() -> &'static Path {
-    static PYTHON: OnceLock<PathBuf> = OnceLock::new();
-    PYTHON.get_or_init(|| {
-        let venv = scratch().join("consumers-python-venv");
-        let python = venv.join("bin/python");
-        if !python.exists() {
-            run_setup(
-                "creating a Python venv for the consumer",
-                Command::new("python3").arg("-m").arg("venv").arg(&venv),
-            );
-        }
-        run_setup(
-            "installing the Python consumer's dependencies from PyPI \
-             (pip install -r examples/consumers/python/requirements.txt; is PyPI reachable?)",
-            Command::new(&python)
-                .args([
-                    "-m",
-                    "pip",
-                    "install",
-                    "--quiet",
-                    "--disable-pip-version-check",
-                    "-r",
-                ])
-                .arg(consumers_dir("python").join("requirements.txt")),
-        );
-        python
-    })
-}
-
-/// Installs the Node consumer's dependencies from npm, once per test run.
-fn node_dependencies() {
-    static INSTALLED: OnceLock<()> = OnceLock::new();
-    INSTALLED.get_or_init(|| {
-        run_setup(
-            "installing the Node consumer's dependencies from npm \
-             (npm install in examples/consumers/node; is the npm registry reachable?)",
-            Command::new("npm")
-                .args(["install", "--no-audit", "--no-fund", "--no-package-lock"])
-                .current_dir(consumers_dir("node")),
-        );
-    });
-}
 
 #[derive(Clone, Copy, Debug)]
 enum Lang {
@@ -125,18 +52,8 @@ impl Lang {
     /// The consumer's command line (dependencies installed first), before its own flags.
     fn command(self) -> Command {
         match self {
-            Lang::Python => {
-                let mut cmd = Command::new(python_with_dependencies());
-                cmd.arg("-u")
-                    .arg(consumers_dir("python").join("consumer.py"));
-                cmd
-            }
-            Lang::Node => {
-                node_dependencies();
-                let mut cmd = Command::new("node");
-                cmd.arg(consumers_dir("node").join("consumer.js"));
-                cmd
-            }
+            Lang::Python => Examples::Consumers.python(),
+            Lang::Node => Examples::Consumers.node(),
         }
     }
 }
@@ -144,10 +61,7 @@ impl Lang {
 /// A consumer child process; killed when dropped, also when the test panics.
 struct ConsumerProc {
     what: String,
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    stderr: Arc<Mutex<String>>,
-    stderr_reader: Option<thread::JoinHandle<()>>,
+    run: Running,
 }
 
 /// How a consumer run ended.
@@ -158,48 +72,9 @@ struct Finished {
 }
 
 impl ConsumerProc {
-    fn start(what: String, mut cmd: Command) -> Self {
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("{what}: could not start {cmd:?}: {e}"));
-        let stdout = child.stdout.take().expect("stdout is piped");
-        let mut stderr = child.stderr.take().expect("stderr is piped");
-        let (tx, lines) = mpsc::channel();
-        thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let err_buf = Arc::new(Mutex::new(String::new()));
-        let err_sink = Arc::clone(&err_buf);
-        let stderr_reader = thread::spawn(move || {
-            let mut chunk = [0u8; 4096];
-            while let Ok(n) = stderr.read(&mut chunk) {
-                if n == 0 {
-                    break;
-                }
-                if let Ok(mut buf) = err_sink.lock() {
-                    buf.push_str(&String::from_utf8_lossy(&chunk[..n]));
-                }
-            }
-        });
-        Self {
-            what,
-            child,
-            lines,
-            stderr: err_buf,
-            stderr_reader: Some(stderr_reader),
-        }
-    }
-
-    fn stderr(&self) -> String {
-        self.stderr.lock().map(|s| s.clone()).unwrap_or_default()
+    fn start(what: String, cmd: Command) -> Self {
+        let run = Running::start(&what, cmd);
+        Self { what, run }
     }
 
     fn fail(&self, why: &str, stdout: &[String]) -> ! {
@@ -207,7 +82,7 @@ impl ConsumerProc {
             "{}: {why}\n--- its stdout\n{}\n--- its stderr\n{}",
             self.what,
             stdout.join("\n"),
-            self.stderr()
+            self.run.stderr()
         )
     }
 
@@ -218,7 +93,7 @@ impl ConsumerProc {
         let mut stdout = Vec::new();
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
+            match self.run.lines.recv_timeout(left) {
                 Ok(line) => stdout.push(line),
                 Err(RecvTimeoutError::Disconnected) => break,
                 Err(RecvTimeoutError::Timeout) => {
@@ -229,7 +104,7 @@ impl ConsumerProc {
         // Its stdout is closed, so it is exiting: wait for that, within a deadline.
         let exit_deadline = Instant::now() + EXIT_DEADLINE;
         let status = loop {
-            match self.child.try_wait() {
+            match self.run.child.try_wait() {
                 Ok(Some(status)) => break status,
                 Ok(None) if Instant::now() < exit_deadline => {
                     thread::sleep(Duration::from_millis(10))
@@ -242,31 +117,12 @@ impl ConsumerProc {
             }
         };
         // It exited, so its stderr is closed too (it starts no processes of its own).
-        if let Some(reader) = self.stderr_reader.take() {
-            let _ = reader.join();
-        }
+        self.run.read_all_stderr();
         Finished {
             status,
             stdout,
-            stderr: self.stderr(),
+            stderr: self.run.stderr(),
         }
-    }
-}
-
-impl Drop for ConsumerProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Runs blocking work (child processes, installs) off the async worker threads; a panic in it
-/// fails the test with its own message.
-async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {
-    match tokio::task::spawn_blocking(work).await {
-        Ok(value) => value,
-        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-        Err(e) => panic!("blocking task did not finish: {e}"),
     }
 }
 

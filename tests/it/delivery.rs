@@ -126,14 +126,10 @@ async fn failed_attempts_are_retried_with_the_same_webhook_id_until_delivered() 
     }
     // Delivered: nothing pending any more (the store is updated after the 200).
     let store = bridge.store().clone();
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    while store.counts("crm").await.expect("counts").pending > 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "delivery never completed in the store"
-        );
-        tokio::task::yield_now().await;
-    }
+    eventually("the delivery completed in the store", DEADLINE, || async {
+        (store.counts("crm").await.expect("counts").pending == 0).then_some(())
+    })
+    .await;
     bridge.shutdown().await;
 }
 
@@ -177,14 +173,10 @@ async fn an_endpoint_down_for_the_whole_schedule_is_dead_lettered_and_replay_del
 
     assert_eq!(vb.emit(call("c3", "hangup")).await, 1);
     let store = bridge.store().clone();
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    while store.counts("crm").await.expect("counts").dead == 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never dead-lettered"
-        );
-        tokio::task::yield_now().await;
-    }
+    eventually("the delivery dead-lettered", DEADLINE, || async {
+        (store.counts("crm").await.expect("counts").dead > 0).then_some(())
+    })
+    .await;
     let (status, listed) = admin(
         &bridge,
         "GET",
@@ -299,19 +291,16 @@ async fn gone_disables_the_endpoint_until_an_admin_enables_it() {
     .await;
     assert_eq!(vb.emit(call("g1", "ringing")).await, 1);
     rx.wait_for(1, DEADLINE).await;
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    loop {
+    let hooks = eventually("the endpoint disabled", DEADLINE, || async {
         let (_, hooks) = admin(&bridge, "GET", "/v1/admin/webhooks", None).await;
         if hooks["webhooks"][0]["enabled"] == false {
-            assert_eq!(hooks["webhooks"][0]["pending"], 1, "{hooks}");
-            break;
+            Ok(hooks)
+        } else {
+            Err(hooks)
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never disabled: {hooks}"
-        );
-        tokio::task::yield_now().await;
-    }
+    })
+    .await;
+    assert_eq!(hooks["webhooks"][0]["pending"], 1, "{hooks}");
     let (status, _) = admin(&bridge, "POST", "/v1/admin/webhooks/crm/enable", None).await;
     assert_eq!(status, 200);
     let got = rx.wait_for(5, DEADLINE).await;

@@ -291,24 +291,10 @@ async fn a_long_replay_outrun_by_live_events_catches_up_instead_of_closing() {
     const BACKLOG: usize = 20_000;
     // ... more live events than the shared ring holds arrive.
     const LIVE: usize = 9_000;
-    let published = |n: usize| {
-        let bridge = &bridge;
-        async move {
-            let deadline = tokio::time::Instant::now() + DEADLINE;
-            while bridge.ingest_stats().published < n as u64 {
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "only {:?} published",
-                    bridge.ingest_stats()
-                );
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        }
-    };
     for i in 0..BACKLOG {
         vb.emit(numbered_call(i)).await;
     }
-    published(BACKLOG).await;
+    wait_published(&bridge, BACKLOG as u64).await;
     let mut ws = connect_small_window(&bridge, ALL_TOKEN).await;
     recv(&mut ws).await;
     send(
@@ -321,7 +307,7 @@ async fn a_long_replay_outrun_by_live_events_catches_up_instead_of_closing() {
     for i in BACKLOG..BACKLOG + LIVE {
         vb.emit(numbered_call(i)).await;
     }
-    published(BACKLOG + LIVE).await;
+    wait_published(&bridge, (BACKLOG + LIVE) as u64).await;
     // Now it reads at full speed: everything, in order, and no 4001.
     let seqs: Vec<u64> = events(&mut ws, BACKLOG + LIVE)
         .await

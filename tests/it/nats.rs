@@ -215,18 +215,15 @@ async fn admin_until(
     what: &str,
     pred: impl Fn(&Value) -> bool,
 ) -> Value {
-    let deadline = tokio::time::Instant::now() + LONG;
-    loop {
+    eventually(what, LONG, || async {
         let v = admin(bridge, "GET", path, None).await;
         if pred(&v) {
-            return v;
+            Ok(v)
+        } else {
+            Err(v)
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{what} not seen within {LONG:?}: {v}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await
 }
 
 fn crm(v: &Value) -> Value {
@@ -350,25 +347,6 @@ async fn gone_disables_every_instance_and_enable_on_any_resumes() {
     cleanup(SHARED_NATS, &prefix).await;
 }
 
-/// Polls until `cond` returns `Some`, failing at the deadline.
-async fn until<T, F, Fut>(limit: Duration, what: &str, mut cond: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        if let Some(v) = cond().await {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{what} not within {limit:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// `ownership = "lease"` (VoicePact's default): two bridge processes, one holds the upstream.
 /// The holder is SIGKILLed under load; the other takes over within about the lease TTL and
 /// events keep flowing. Frames the provider pushes while nobody is connected are lost (the
@@ -400,7 +378,7 @@ async fn lease_holder_killed_under_load_the_other_instance_takes_over() {
             )
         })
         .collect();
-    let holder = until(LONG, "one holder and one standby", || async {
+    let holder = eventually("one holder and one standby", LONG, || async {
         let s0 = procs[0].upstream_state("vp").await?;
         let s1 = procs[1].upstream_state("vp").await?;
         match (s0.as_str(), s1.as_str()) {
@@ -437,14 +415,14 @@ async fn lease_holder_killed_under_load_the_other_instance_takes_over() {
         })
     };
     let cfg = nats_config(&blocks, &urls, &prefix, extra);
-    until(LONG, "events journalled before the kill", || async {
+    eventually("events journalled before the kill", LONG, || async {
         (sent.lock().expect("sent").len() >= 100).then_some(())
     })
     .await;
     let killed_at = tokio::time::Instant::now();
     let index_at_kill = sent.lock().expect("sent").len();
     procs[holder].kill();
-    until(LONG, "the survivor subscribed", || async {
+    eventually("the survivor subscribed", LONG, || async {
         (procs[survivor].upstream_state("vp").await? == "subscribed").then_some(())
     })
     .await;
@@ -454,7 +432,7 @@ async fn lease_holder_killed_under_load_the_other_instance_takes_over() {
         let s = sent.lock().expect("sent");
         s[index_at_takeover..].iter().filter(|r| **r).count()
     };
-    until(LONG, "frames reaching the survivor", || async {
+    eventually("frames reaching the survivor", LONG, || async {
         (reached_survivor() >= 100).then_some(())
     })
     .await;
@@ -466,7 +444,7 @@ async fn lease_holder_killed_under_load_the_other_instance_takes_over() {
         .filter(|i| sent[*i])
         .map(|i| format!("k{i}"))
         .collect();
-    let (journal, copies) = until(LONG, "the survivor's frames journalled", || async {
+    let (journal, copies) = eventually("the survivor's frames journalled", LONG, || async {
         let all: Vec<String> = journalled_data(&cfg)
             .await?
             .iter()
@@ -571,7 +549,7 @@ async fn assert_journalled_once(
     want: &BTreeSet<u64>,
     limit: Duration,
 ) {
-    let calls = until(limit, "every event journalled", || async {
+    let calls = eventually("every event journalled", limit, || async {
         let calls = journalled_calls(cfg).await?;
         let distinct: BTreeSet<u64> = calls.iter().copied().collect();
         want.is_subset(&distinct).then_some(calls)
@@ -645,7 +623,7 @@ async fn nats_restart_under_load_makes_the_bridge_unready_then_recovers_losing_n
     rx.wait_until(LONG, "deliveries before the outage", |r| r.len() >= 50)
         .await;
     server.kill();
-    until(LONG, "unready during the outage", || async {
+    eventually("unready during the outage", LONG, || async {
         (readyz(&bridge).await == 503).then_some(())
     })
     .await;
@@ -662,7 +640,7 @@ async fn nats_restart_under_load_makes_the_bridge_unready_then_recovers_losing_n
         "metrics show the NATS connection down"
     );
     server.restart();
-    until(LONG, "ready again", || async {
+    eventually("ready again", LONG, || async {
         (readyz(&bridge).await == 200).then_some(())
     })
     .await;
@@ -688,7 +666,7 @@ async fn a_cluster_node_killed_under_load_loses_nothing_and_delivery_continues()
     let (vb, rx, blocks) = load_rig().await;
     let urls: Vec<String> = nodes.iter().map(NatsServer::url).collect();
     let cfg = nats_config(&blocks, &urls, &prefix, "replicas = 3\n");
-    let bridge = until(LONG, "the bridge started on the cluster", || async {
+    let bridge = eventually("the bridge started on the cluster", LONG, || async {
         // Stream creation needs a JetStream meta leader; retry until the cluster has one.
         match Bridge::start(&cfg).await {
             Ok(b) => Some(b),
@@ -874,7 +852,7 @@ fn attempt(status: u16) -> wsbridge::storage::AttemptRecord {
 
 /// Calls `due` until it returns a delivery of `seq`.
 async fn due_until(store: &wsbridge::storage::nats::NatsStore, endpoint: &str, seq: u64) {
-    until(LONG, "the delivery is due", || async {
+    eventually("the delivery is due", LONG, || async {
         let due = Store::due(store, endpoint, 0, 16, false).await.ok()?;
         due.iter().any(|d| d.seq == seq).then_some(())
     })
@@ -917,7 +895,7 @@ async fn a_replay_and_a_retry_of_the_same_event_are_each_acknowledged() {
     // Then the journal consumer redelivers the same seq to this instance.
     let events = format!("{prefix}_events");
     let main = format!("{prefix}_wh_crm");
-    until(LONG, "the retry redelivered to this instance", || async {
+    eventually("the retry redelivered to this instance", LONG, || async {
         let _ = Store::due(s, "crm", 0, 16, false).await;
         let client = async_nats::connect(SHARED_NATS).await.ok()?;
         let js = async_nats::jetstream::new(client);
@@ -936,9 +914,9 @@ async fn a_replay_and_a_retry_of_the_same_event_are_each_acknowledged() {
         .expect("record the replay's success");
     let replay_stream = format!("{prefix}_replay");
     let replay_consumer = format!("{prefix}_whr_crm");
-    until(
-        Duration::from_secs(10),
+    eventually(
         "the replay message acknowledged (well within its 60 s ack wait)",
+        Duration::from_secs(10),
         || async { (consumer_backlog(&replay_stream, &replay_consumer).await? == 0).then_some(()) },
     )
     .await;
@@ -947,7 +925,7 @@ async fn a_replay_and_a_retry_of_the_same_event_are_each_acknowledged() {
     Store::record(s, "crm", seq, attempt(200), NextStep::Delivered)
         .await
         .expect("record the retry's success");
-    until(LONG, "the journal delivery acknowledged", || async {
+    eventually("the journal delivery acknowledged", LONG, || async {
         (consumer_backlog(&events, &main).await? == 0).then_some(())
     })
     .await;
@@ -1072,10 +1050,10 @@ async fn a_lease_holder_whose_renewal_hangs_gives_the_upstream_up_before_the_lea
             async move { (*held.borrow() == want).then_some(()) }
         }
     };
-    until(LONG, "the lease acquired", is_held(true)).await;
+    eventually("the lease acquired", LONG, is_held(true)).await;
     server.pause();
     let paused = tokio::time::Instant::now();
-    until(LONG, "the lease given up", is_held(false)).await;
+    eventually("the lease given up", LONG, is_held(false)).await;
     let after = paused.elapsed();
     server.resume();
     stop.cancel();

@@ -14,15 +14,13 @@
 //! being rotated in as well as the current one, which is the only secret the receivers know.
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::thread;
+use std::process::Command;
+use std::sync::mpsc::RecvTimeoutError;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use crate::common::examples::{blocking, Examples, Running};
 use crate::common::*;
 use base64::Engine as _;
 use serde_json::{json, Value};
@@ -35,14 +33,6 @@ const START_DEADLINE: Duration = Duration::from_secs(60);
 const REQUEST_DEADLINE: Duration = Duration::from_secs(15);
 /// How long the bridge may take to deliver every emitted event to a receiver.
 const BRIDGE_DEADLINE: Duration = Duration::from_secs(30);
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn scratch() -> PathBuf {
-    PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-}
 
 fn secret(byte: u8, len: usize) -> String {
     format!(
@@ -59,71 +49,20 @@ fn unix_now() -> i64 {
     i64::try_from(secs).expect("seconds fit i64")
 }
 
-/// Runs a setup command, failing the test with its output if it does not succeed.
-fn run_setup(what: &str, cmd: &mut Command) -> Output {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("{what}: could not start {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{what} failed ({}): {cmd:?}\n--- stdout\n{}\n--- stderr\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
 /// A receiver child process; killed when dropped, also when the test panics.
 struct ReceiverProc {
     name: &'static str,
-    child: Child,
+    run: Running,
     port: u16,
-    lines: Receiver<String>,
-    stderr: Arc<Mutex<String>>,
 }
 
 impl ReceiverProc {
     /// Starts `cmd` (which must print `LISTENING <port>` first) and waits until it listens.
-    fn start(name: &'static str, mut cmd: Command) -> Self {
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("{name}: could not start {cmd:?}: {e}"));
-        let stdout = child.stdout.take().expect("stdout is piped");
-        let stderr = child.stderr.take().expect("stderr is piped");
-        let (tx, lines) = mpsc::channel();
-        thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let err_buf = Arc::new(Mutex::new(String::new()));
-        let err_sink = Arc::clone(&err_buf);
-        thread::spawn(move || {
-            let mut stderr = stderr;
-            let mut chunk = [0u8; 4096];
-            while let Ok(n) = stderr.read(&mut chunk) {
-                if n == 0 {
-                    break;
-                }
-                if let Ok(mut buf) = err_sink.lock() {
-                    buf.push_str(&String::from_utf8_lossy(&chunk[..n]));
-                }
-            }
-        });
+    fn start(name: &'static str, cmd: Command) -> Self {
         let mut proc = Self {
             name,
-            child,
+            run: Running::start(name, cmd),
             port: 0,
-            lines,
-            stderr: err_buf,
         };
         let first = proc.next_line(START_DEADLINE);
         proc.port = first
@@ -134,16 +73,19 @@ impl ReceiverProc {
     }
 
     fn fail(&self, why: &str) -> ! {
-        let stderr = self.stderr.lock().map(|s| s.clone()).unwrap_or_default();
-        panic!("{} receiver: {why}\n--- its stderr\n{stderr}", self.name)
+        panic!(
+            "{} receiver: {why}\n--- its stderr\n{}",
+            self.name,
+            self.run.stderr()
+        )
     }
 
     fn next_line(&mut self, within: Duration) -> String {
-        match self.lines.recv_timeout(within) {
+        match self.run.lines.recv_timeout(within) {
             Ok(line) => line,
             Err(RecvTimeoutError::Timeout) => self.fail(&format!("printed nothing in {within:?}")),
             Err(RecvTimeoutError::Disconnected) => {
-                let status = self.child.try_wait().ok().flatten();
+                let status = self.run.child.try_wait().ok().flatten();
                 self.fail(&format!("closed its stdout (exit status {status:?})"))
             }
         }
@@ -156,14 +98,14 @@ impl ReceiverProc {
         let mut ids: Vec<String> = Vec::new();
         while ids.len() < n {
             let left = deadline.saturating_duration_since(Instant::now());
-            let line = match self.lines.recv_timeout(left) {
+            let line = match self.run.lines.recv_timeout(left) {
                 Ok(line) => line,
                 Err(RecvTimeoutError::Timeout) => self.fail(&format!(
                     "printed {} of {n} deliveries from the bridge within {BRIDGE_DEADLINE:?}: {ids:?}",
                     ids.len()
                 )),
                 Err(RecvTimeoutError::Disconnected) => {
-                    let status = self.child.try_wait().ok().flatten();
+                    let status = self.run.child.try_wait().ok().flatten();
                     self.fail(&format!(
                         "closed its stdout (exit status {status:?}) after {} of {n} deliveries",
                         ids.len()
@@ -200,13 +142,13 @@ impl ReceiverProc {
 
     /// Stops the receiver and returns every line it printed that was not read yet.
     fn finish(&mut self) -> Vec<String> {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let _ = self.run.child.kill();
+        let _ = self.run.child.wait();
         let deadline = Instant::now() + REQUEST_DEADLINE;
         let mut rest = Vec::new();
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
+            match self.run.lines.recv_timeout(left) {
                 Ok(line) => rest.push(line),
                 Err(RecvTimeoutError::Disconnected) => return rest,
                 Err(RecvTimeoutError::Timeout) => {
@@ -227,13 +169,6 @@ impl ReceiverProc {
             self.fail(&format!("printed a line that is not JSON ({e}): {line}"))
         });
         (status, value)
-    }
-}
-
-impl Drop for ReceiverProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -468,69 +403,16 @@ fn secret_args(cmd: &mut Command) {
     listen_args(cmd, &[&s.decoy, &s.known]);
 }
 
-fn receivers_dir(lang: &str) -> PathBuf {
-    repo().join("examples/receivers").join(lang)
-}
-
-/// The venv's Python, with the Python receiver's dependencies installed from PyPI. Done once
-/// per test run; tests running in parallel wait for it rather than install concurrently.
-fn python_with_dependencies() -> &'static Path {
-    static PYTHON: OnceLock<PathBuf> = OnceLock::new();
-    PYTHON.get_or_init(|| {
-        let venv = scratch().join("receivers-python-venv");
-        let python = venv.join("bin/python");
-        if !python.exists() {
-            run_setup(
-                "creating a Python venv for the receiver",
-                Command::new("python3").arg("-m").arg("venv").arg(&venv),
-            );
-        }
-        run_setup(
-            "installing the Python receiver's dependencies from PyPI \
-             (pip install -r examples/receivers/python/requirements.txt; is PyPI reachable?)",
-            Command::new(&python)
-                .args([
-                    "-m",
-                    "pip",
-                    "install",
-                    "--quiet",
-                    "--disable-pip-version-check",
-                    "-r",
-                ])
-                .arg(receivers_dir("python").join("requirements.txt")),
-        );
-        python
-    })
-}
-
-/// Installs the Node receiver's dependencies from npm, once per test run.
-fn node_dependencies() {
-    static INSTALLED: OnceLock<()> = OnceLock::new();
-    INSTALLED.get_or_init(|| {
-        run_setup(
-            "installing the Node receiver's dependencies from npm \
-             (npm install in examples/receivers/node; is the npm registry reachable?)",
-            Command::new("npm")
-                .args(["install", "--no-audit", "--no-fund", "--no-package-lock"])
-                .current_dir(receivers_dir("node")),
-        );
-    });
-}
-
 /// The Python receiver (dependencies installed first), listening, knowing `secrets`.
 fn python_receiver(secrets: &[&str]) -> ReceiverProc {
-    let mut cmd = Command::new(python_with_dependencies());
-    cmd.arg("-u")
-        .arg(receivers_dir("python").join("receiver.py"));
+    let mut cmd = Examples::Receivers.python();
     listen_args(&mut cmd, secrets);
     ReceiverProc::start("python", cmd)
 }
 
 /// The Node receiver (dependencies installed first), listening, knowing `secrets`.
 fn node_receiver(secrets: &[&str]) -> ReceiverProc {
-    node_dependencies();
-    let mut cmd = Command::new("node");
-    cmd.arg(receivers_dir("node").join("receiver.js"));
+    let mut cmd = Examples::Receivers.node();
     listen_args(&mut cmd, secrets);
     ReceiverProc::start("node", cmd)
 }
@@ -549,52 +431,14 @@ fn node_receiver_verifies_with_standardwebhooks_from_npm() {
     exercise(&mut rcv);
 }
 
-fn go_available() -> bool {
-    Command::new("go")
-        .arg("version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
 #[test]
 fn go_receiver_verifies_with_the_standard_library() {
-    if !go_available() {
-        assert!(
-            std::env::var_os("WSBRIDGE_REQUIRE_GO").is_none(),
-            "WSBRIDGE_REQUIRE_GO is set but no `go` toolchain is on PATH (apt-get install golang-go)"
-        );
-        eprintln!(
-            "SKIPPED: no `go` on PATH, the Go receiver was not tested (apt-get install golang-go)"
-        );
+    let Some(mut cmd) = Examples::Receivers.go() else {
         return;
-    }
-    let dir = receivers_dir("go");
-    let binary: &Path = &scratch().join("receivers-go-receiver");
-    run_setup(
-        "building the Go receiver (go build in examples/receivers/go)",
-        Command::new("go")
-            .arg("build")
-            .arg("-o")
-            .arg(binary)
-            .arg(".")
-            .current_dir(&dir),
-    );
-    let mut cmd = Command::new(binary);
+    };
     secret_args(&mut cmd);
     let mut rcv = ReceiverProc::start("go", cmd);
     exercise(&mut rcv);
-}
-
-/// Runs blocking work (child processes, their line channels) off the async worker threads;
-/// a panic in it fails the test with its own message.
-async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {
-    match tokio::task::spawn_blocking(work).await {
-        Ok(value) => value,
-        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-        Err(e) => panic!("blocking task did not finish: {e}"),
-    }
 }
 
 /// A bridge endpoint signing with `secrets` (the first is the one being rotated in).
@@ -719,22 +563,22 @@ async fn python_and_node_receivers_verify_what_the_bridge_delivers_during_a_rota
 
     // Nothing left to deliver: no retry can still be on its way when the receivers stop.
     let store = bridge.store().clone();
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    for name in endpoints {
-        loop {
+    eventually("no delivery pending", DEADLINE, || async {
+        let mut pending = Vec::new();
+        for name in endpoints {
             let counts = store.counts(name).await.expect("delivery counts");
             assert_eq!(counts.dead, 0, "{name}: a delivery was dead-lettered");
-            if counts.pending == 0 {
-                break;
+            if counts.pending > 0 {
+                pending.push(format!("{name}: {} pending", counts.pending));
             }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{name}: {} deliveries still pending after {DEADLINE:?}",
-                counts.pending
-            );
-            tokio::task::yield_now().await;
         }
-    }
+        if pending.is_empty() {
+            Ok(())
+        } else {
+            Err(pending.join(", "))
+        }
+    })
+    .await;
     bridge.shutdown().await;
 
     // Each receiver printed exactly one line per event: no extra (retried) delivery.

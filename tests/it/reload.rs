@@ -3,7 +3,6 @@
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
 
 use crate::common::receiver::{Answer, Receiver};
 use crate::common::*;
@@ -194,14 +193,15 @@ async fn removing_a_consumer_closes_its_ws_and_sse_sessions_and_refuses_its_toke
         .expect("read");
     assert!(status.is_some_and(|l| l.contains("200")));
     // Wait until the SSE session is counted, so the reload happens while it is open.
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    while bridge.hub().counters().connected < 3 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "sessions never opened"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually("three sessions open", DEADLINE, || async {
+        let counters = bridge.hub().counters();
+        if counters.connected >= 3 {
+            Ok(())
+        } else {
+            Err(format!("{counters:?}"))
+        }
+    })
+    .await;
 
     // carol is removed from the config.
     write(&path, &head);
@@ -257,19 +257,15 @@ struct Served(Child, std::path::PathBuf);
 impl Served {
     /// Waits until the bridge's log (stderr) contains `needle`.
     async fn wait_log(&self, needle: &str) {
-        let deadline = tokio::time::Instant::now() + DEADLINE;
-        let mut tick = tokio::time::interval(Duration::from_millis(50));
-        loop {
-            tick.tick().await;
+        eventually(&format!("the log saying {needle:?}"), DEADLINE, || async {
             let log = std::fs::read_to_string(&self.1).unwrap_or_default();
             if log.contains(needle) {
-                return;
+                Ok(())
+            } else {
+                Err(format!("\n{log}"))
             }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "log never said {needle:?}:\n{log}"
-            );
-        }
+        })
+        .await;
     }
 }
 
@@ -321,21 +317,13 @@ async fn webhook_names(addr: &str) -> Option<Vec<String>> {
 
 /// Polls the admin API (the bridge runs in another process) until `want` is listed.
 async fn wait_for_webhooks(addr: &str, want: &[&str]) {
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    let mut tick = tokio::time::interval(Duration::from_millis(50));
-    loop {
-        tick.tick().await;
-        if let Some(names) = webhook_names(addr).await {
-            if names == want {
-                return;
-            }
+    eventually(&format!("the webhooks {want:?}"), DEADLINE, || async {
+        match webhook_names(addr).await {
+            Some(names) if names == want => Ok(()),
+            names => Err(format!("{names:?}")),
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "webhooks never became {want:?}: {:?}",
-            webhook_names(addr).await
-        );
-    }
+    })
+    .await;
 }
 
 fn free_addr() -> String {

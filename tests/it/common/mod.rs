@@ -159,17 +159,80 @@ pub async fn start_bridge(config: &Config) -> (Bridge, broadcast::Receiver<Arc<P
 /// Waits (deadline 60 s) until ingest has published `n` events: for tests that first fill
 /// the journal with thousands of events.
 pub async fn wait_published(bridge: &Bridge, n: u64) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while bridge.ingest_stats().published < n {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "only {:?} published of {n}",
-            bridge.ingest_stats()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    eventually(
+        &format!("{n} events published"),
+        Duration::from_secs(60),
+        || async {
+            let stats = bridge.ingest_stats();
+            if stats.published >= n {
+                Ok(())
+            } else {
+                Err(format!("{stats:?}"))
+            }
+        },
+    )
+    .await;
+}
+
+/// How often [`eventually`] asks again: often enough that a wait ends soon after its
+/// condition holds, seldom enough that waiting does not take a core from what it waits for.
+const POLL: Duration = Duration::from_millis(10);
+
+/// What a condition polled by [`eventually`] answers. `Some(v)` or `Ok(v)` ends the wait
+/// with `v`; `None` asks again, and so does `Err(seen)`, whose last `seen` (the state the test
+/// is waiting to change) the failure message shows.
+pub trait Polled {
+    /// What the wait returns once the condition holds.
+    type Value;
+    /// `Ok` when the condition holds; otherwise what was seen, if the condition says.
+    fn ready(self) -> Result<Self::Value, Option<String>>;
+}
+
+impl<T> Polled for Option<T> {
+    type Value = T;
+    fn ready(self) -> Result<T, Option<String>> {
+        self.ok_or(None)
     }
 }
 
+impl<T, E: std::fmt::Display> Polled for Result<T, E> {
+    type Value = T;
+    fn ready(self) -> Result<T, Option<String>> {
+        self.map_err(|seen| Some(seen.to_string()))
+    }
+}
+
+/// Polls `condition` every 10 ms until it holds, and returns what it answered then; panics
+/// with `what` (the state waited for) and `limit` if it still does not hold at the deadline.
+/// The one way tests wait for state they cannot be told about: they never sleep a fixed
+/// time, and never spin (a spinning wait takes the core the bridge needs on a small machine).
+pub async fn eventually<F, Fut>(
+    what: &str,
+    limit: Duration,
+    mut condition: F,
+) -> <Fut::Output as Polled>::Value
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future,
+    Fut::Output: Polled,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let seen = match condition().await.ready() {
+            Ok(value) => return value,
+            Err(seen) => seen,
+        };
+        if tokio::time::Instant::now() >= deadline {
+            match seen {
+                Some(seen) => panic!("waited {limit:?} for {what}; last seen: {seen}"),
+                None => panic!("waited {limit:?} for {what}"),
+            }
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+pub mod examples;
 pub mod nats;
 pub mod receiver;
 pub mod ws;

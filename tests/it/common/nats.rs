@@ -232,28 +232,22 @@ impl Drop for NatsServer {
 
 /// Waits until `url` answers a JetStream account-info request.
 pub async fn wait_jetstream(url: &str, limit: Duration) {
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        if let Ok(Ok(client)) =
-            tokio::time::timeout(Duration::from_secs(1), async_nats::connect(url)).await
-        {
-            // JetStream answers its INFO request once it is up (and has a meta leader).
-            if let Ok(Ok(reply)) = tokio::time::timeout(
-                Duration::from_secs(1),
-                client.request("$JS.API.INFO", "".into()),
-            )
+    super::eventually(&format!("JetStream ready at {url}"), limit, || async {
+        let client = tokio::time::timeout(Duration::from_secs(1), async_nats::connect(url))
             .await
-            {
-                if !String::from_utf8_lossy(&reply.payload).contains("\"error\"") {
-                    return;
-                }
-            }
-        }
-        if tokio::time::Instant::now() > deadline {
-            panic!("NATS at {url} not ready within {limit:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+            .ok()?
+            .ok()?;
+        // JetStream answers its INFO request once it is up (and has a meta leader).
+        let reply = tokio::time::timeout(
+            Duration::from_secs(1),
+            client.request("$JS.API.INFO", "".into()),
+        )
+        .await
+        .ok()?
+        .ok()?;
+        (!String::from_utf8_lossy(&reply.payload).contains("\"error\"")).then_some(())
+    })
+    .await;
 }
 
 fn nats_server_binary() -> String {

@@ -87,9 +87,7 @@ fn raise_own_nofile(needed: u64) {
 /// GET `path` with a short per-attempt limit, retried until it answers 200 within the deadline.
 async fn get_ok(addr: SocketAddr, path: &str) -> String {
     let client = http_client();
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    let mut last = String::new();
-    while tokio::time::Instant::now() < deadline {
+    eventually(&format!("GET {path} answering 200"), DEADLINE, || async {
         match client
             .get(format!("http://{addr}{path}"))
             .timeout(Duration::from_secs(1))
@@ -97,16 +95,13 @@ async fn get_ok(addr: SocketAddr, path: &str) -> String {
             .await
         {
             Ok(resp) if resp.status().as_u16() == 200 => {
-                if let Ok(body) = resp.text().await {
-                    return body;
-                }
+                resp.text().await.map_err(|e| format!("body: {e}"))
             }
-            Ok(resp) => last = format!("status {}", resp.status()),
-            Err(e) => last = format!("{e}"),
+            Ok(resp) => Err(format!("status {}", resp.status())),
+            Err(e) => Err(format!("{e}")),
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("GET {path} never answered 200 within {DEADLINE:?} (last: {last})");
+    })
+    .await
 }
 
 /// The value of the metric line that starts with `series` (name and labels, as rendered).

@@ -52,8 +52,7 @@ fn voicepact_block(
 
 /// Waits until ingest has seen `n` events (published or dropped as copies) on `bridges`.
 async fn wait_ingested(bridges: &[&Bridge], n: u64) {
-    let deadline = tokio::time::Instant::now() + LONG;
-    loop {
+    eventually(&format!("ingest seeing {n} events"), LONG, || async {
         let seen: u64 = bridges
             .iter()
             .map(|b| {
@@ -62,14 +61,12 @@ async fn wait_ingested(bridges: &[&Bridge], n: u64) {
             })
             .sum();
         if seen >= n {
-            return;
+            Ok(())
+        } else {
+            Err(format!("{seen} seen"))
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "ingest saw {seen} of {n} events"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    })
+    .await;
 }
 
 /// The next `n` published events.

@@ -117,8 +117,7 @@ async fn promtool_finds_nothing_to_complain_about_with_traffic_on_every_series()
     flaky.wait_for(4, DEADLINE).await;
 
     let addr = bridge.local_addr();
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    let text = loop {
+    let text = eventually("the traffic shown in the metrics", DEADLINE, || async {
         let text = http_client()
             .get(format!("http://{addr}/metrics"))
             .send()
@@ -133,14 +132,12 @@ async fn promtool_finds_nothing_to_complain_about_with_traffic_on_every_series()
             )
         });
         if delivered && text.contains(r#"wsbridge_upstream_decode_errors_total{upstream="vb"} 1"#) {
-            break text;
+            Ok(text)
+        } else {
+            Err(format!("\n{text}"))
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "traffic never showed in the metrics:\n{text}"
-        );
-        tokio::task::yield_now().await;
-    };
+    })
+    .await;
     // Prometheus asks for OpenMetrics and gets it (counters named without `_total` in their
     // HELP and TYPE lines there, as that format wants).
     let open_metrics = http_client()

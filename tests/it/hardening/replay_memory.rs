@@ -256,19 +256,10 @@ async fn connections_over_the_per_token_cap_are_refused_with_429() {
     );
     // Closing one frees its place (the server notices the close on its own time).
     drop(sse);
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    let mut again = loop {
-        match tokio_tungstenite::connect_async(crate::common::ws::request(&bridge, TOKEN)).await {
-            Ok((ws, _)) => break ws,
-            Err(e) => {
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "no place freed: {e}"
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    };
+    let (mut again, _) = eventually("a place freed", DEADLINE, || async {
+        tokio_tungstenite::connect_async(crate::common::ws::request(&bridge, TOKEN)).await
+    })
+    .await;
     assert_eq!(recv(&mut again).await["op"], "ready");
     let _ = first.close(None).await;
     bridge.shutdown().await;
@@ -303,18 +294,19 @@ async fn an_sse_consumer_that_never_reads_its_replay_is_ended_as_slow_and_frees_
         .expect("request");
 
     // Judged slow, and its replay budget given back while it still reads nothing.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let c = bridge.hub().counters();
-        if c.slow_disconnects >= 1 && c.replay_bytes == 0 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "an SSE consumer that never reads its replay was not ended as slow: {c:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(
+        "the SSE consumer that never reads its replay ended as slow",
+        Duration::from_secs(30),
+        || async {
+            let c = bridge.hub().counters();
+            if c.slow_disconnects >= 1 && c.replay_bytes == 0 {
+                Ok(())
+            } else {
+                Err(format!("{c:?}"))
+            }
+        },
+    )
+    .await;
     assert_eq!(bridge.hub().counters().slow_disconnects, 1);
 
     // When it reads, what was buffered ends with the verdict.

@@ -174,19 +174,24 @@ exec "$3" serve --config "$4""#;
         NamespacedBridge { child, addr }
     }
 
-    /// GET on the admin API; `None` while the bridge does not answer.
-    async fn admin_get(&mut self, path: &str) -> Option<Value> {
+    /// GET on the admin API; `None` while the bridge does not answer. Whether the bridge
+    /// still runs is checked at the call, so the request itself does not hold the bridge
+    /// (a condition polled by `eventually` can make it).
+    fn admin_get(&mut self, path: &str) -> impl std::future::Future<Output = Option<Value>> {
         if let Ok(Some(status)) = self.child.try_wait() {
             panic!("the bridge in its mount namespace exited: {status}");
         }
-        let resp = http_client()
-            .get(format!("http://{}/v1/admin/{path}", self.addr))
-            .bearer_auth(ADMIN)
-            .timeout(Duration::from_secs(2))
-            .send()
-            .await
-            .ok()?;
-        serde_json::from_slice(&resp.bytes().await.ok()?).ok()
+        let url = format!("http://{}/v1/admin/{path}", self.addr);
+        async move {
+            let resp = http_client()
+                .get(url)
+                .bearer_auth(ADMIN)
+                .timeout(Duration::from_secs(2))
+                .send()
+                .await
+                .ok()?;
+            serde_json::from_slice(&resp.bytes().await.ok()?).ok()
+        }
     }
 }
 
@@ -226,49 +231,45 @@ async fn rebinding_name_never_reaches_a_loopback_receiver() {
     let mut bridge = NamespacedBridge::spawn(&dir, dns.addr, &text, addr);
 
     // Up and subscribed.
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    loop {
-        let state = bridge.admin_get("upstreams").await.and_then(|v| {
-            v["upstreams"]
-                .as_array()?
-                .iter()
-                .find(|u| u["name"] == "vb")
-                .and_then(|u| u["state"].as_str().map(str::to_string))
-        });
-        if state.as_deref() == Some("subscribed") {
-            break;
+    eventually("the bridge subscribed", DEADLINE, || {
+        let upstreams = bridge.admin_get("upstreams");
+        async move {
+            let state = upstreams.await.and_then(|v| {
+                v["upstreams"]
+                    .as_array()?
+                    .iter()
+                    .find(|u| u["name"] == "vb")
+                    .and_then(|u| u["state"].as_str().map(str::to_string))
+            });
+            if state.as_deref() == Some("subscribed") {
+                Ok(())
+            } else {
+                Err(format!("state {state:?}"))
+            }
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the bridge never subscribed (state {state:?})"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await;
     wait_sim_ready(&vb, 1).await;
     assert_eq!(vb.emit(numbered_call(1)).await, 1);
 
     // Either the receiver is reached (the bug) or the delivery is dead-lettered after its two
     // attempts (one to the public address, which fails, one refused by the guard).
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    let dead = loop {
-        if !receiver.requests().is_empty() {
-            break None;
-        }
-        if let Some(list) = bridge
-            .admin_get("webhooks/rebind/deliveries?state=dead")
-            .await
-        {
-            if list["deliveries"].as_array().is_some_and(|d| !d.is_empty()) {
-                break Some(list);
+    let dead = eventually("a delivery or a dead letter", DEADLINE, || {
+        let dead_letters = bridge.admin_get("webhooks/rebind/deliveries?state=dead");
+        let (receiver, dns) = (&receiver, &dns);
+        async move {
+            if !receiver.requests().is_empty() {
+                return Ok(None);
             }
+            if let Some(list) = dead_letters.await {
+                if list["deliveries"].as_array().is_some_and(|d| !d.is_empty()) {
+                    return Ok(Some(list));
+                }
+            }
+            Err(format!("DNS answers {:?}", dns.answers()))
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "neither delivered nor dead-lettered; DNS answers {:?}",
-            dns.answers()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    })
+    .await;
     assert!(
         receiver.requests().is_empty(),
         "a rebinding answer made the bridge POST to the loopback receiver (DNS answers {:?})",

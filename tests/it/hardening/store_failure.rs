@@ -103,20 +103,17 @@ impl BridgeProc {
 
     /// Waits until `/readyz` answers with `status` and a body containing `text`.
     async fn wait_ready_state(&self, status: u16, text: &str) -> String {
-        let deadline = tokio::time::Instant::now() + LONG;
-        loop {
-            let got = self.get("/readyz").await;
-            if let Some((s, body)) = &got {
-                if *s == status && body.contains(text) {
-                    return body.clone();
+        eventually(
+            &format!("/readyz answering {status} with {text:?}"),
+            LONG,
+            || async {
+                match self.get("/readyz").await {
+                    Some((s, body)) if s == status && body.contains(text) => Ok(body),
+                    got => Err(format!("{got:?}")),
                 }
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "/readyz never answered {status} with {text:?}; last: {got:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+            },
+        )
+        .await
     }
 
     /// The value of the metric sample `name` (no labels), if exposed.
@@ -132,17 +129,11 @@ impl BridgeProc {
         // SAFETY: signals our own child, which has not been reaped.
         let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
         assert_eq!(rc, 0, "SIGTERM sent");
-        let deadline = tokio::time::Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait") {
-                return status;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the bridge did not exit within {limit:?} of SIGTERM"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let child = &mut self.child;
+        eventually("the bridge's exit after SIGTERM", limit, || {
+            std::future::ready(child.try_wait().expect("wait"))
+        })
+        .await
     }
 }
 
@@ -268,15 +259,19 @@ async fn shutdown_while_nats_is_down_ends_after_the_grace_period_and_says_so() {
     wait_sim_ready(&vb, 1).await;
     server.kill();
     vb.emit(numbered_call(0)).await;
-    let deadline = tokio::time::Instant::now() + LONG;
-    while bridge.ingest_stats().received == 0 || bridge.store().unavailable().is_none() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the event never reached ingest, or readiness never reported the outage: {:?}",
-            bridge.ingest_stats()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(
+        "the event in ingest and the outage reported by readiness",
+        LONG,
+        || async {
+            let stats = bridge.ingest_stats();
+            if stats.received > 0 && bridge.store().unavailable().is_some() {
+                Ok(())
+            } else {
+                Err(format!("{stats:?}"))
+            }
+        },
+    )
+    .await;
     let done = tokio::time::timeout(LONG, bridge.shutdown())
         .await
         .expect("shutdown ends while NATS is down");
