@@ -23,33 +23,26 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::admin::{self, AdminState};
 use crate::config::{Config, Ownership, StorageBackend};
 use crate::delivery::worker::DeliveryError;
 use crate::delivery::DeliveryService;
-use crate::downstream::{self, Hub};
-use crate::http_server::{self, HttpLimits, HttpStats};
+use crate::downstream::Hub;
+use crate::http::server::{self as http_server, HttpLimits, HttpStats};
+use crate::http::{self, AppState};
 use crate::ingest::{self, IngestSnapshot, IngestStats, Published, Sinks};
-use crate::status::{self, StatusState};
 use crate::storage::embedded::{EmbeddedOptions, EmbeddedStore};
 use crate::storage::nats::lease::Leases;
 use crate::storage::nats::{tail, NatsStore};
 use crate::storage::{Store, StoreError};
 use crate::tls::server::Acceptor;
-use crate::upstream::{self, UpstreamHandle};
+use crate::upstream::{self, UpstreamHandle, Upstreams};
 
 /// Why the bridge could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum BridgeError {
     /// An upstream's adapter refused its settings (normally caught by config validation).
-    #[error("upstream {name}: {source}")]
-    Adapter {
-        /// The upstream's name.
-        name: String,
-        /// The adapter's reason.
-        #[source]
-        source: wsbridge_adapters::AdapterError,
-    },
+    #[error(transparent)]
+    Upstream(#[from] upstream::StartError),
     /// The journal could not be opened.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -73,26 +66,25 @@ pub enum BridgeError {
     },
 }
 
-/// Starts an upstream's supervisor; with leases (nats backend) and `ownership = "lease"`, it
-/// connects only while this instance holds the upstream's lease.
-fn spawn_upstream(
-    u: &crate::config::UpstreamConfig,
+/// How this bridge starts an upstream's supervisor: its events go to `queue`, it stops with
+/// `shutdown` (each on its own child token, so a reload can stop one), and with leases (nats
+/// backend) and `ownership = "lease"` it connects only while this instance holds the
+/// upstream's lease.
+fn spawner(
     limits: upstream::FrameLimits,
-    adapter: Arc<dyn wsbridge_adapters::Adapter>,
     queue: mpsc::Sender<crate::envelope::Envelope>,
-    stop: CancellationToken,
-    drain_grace: std::time::Duration,
-    leases: Option<&Leases>,
-) -> UpstreamHandle {
-    let gate = match (leases, u.ownership()) {
-        (Some(leases), Ownership::Lease) => Some(leases.keep(&u.name, stop.clone())),
-        _ => None,
-    };
-    upstream::spawn_gated(u, limits, adapter, queue, stop, drain_grace, gate)
+    shutdown: CancellationToken,
+    leases: Option<Arc<Leases>>,
+) -> upstream::Spawner {
+    Box::new(move |u, adapter, drain_grace| {
+        let stop = shutdown.child_token();
+        let gate = match (&leases, u.ownership()) {
+            (Some(leases), Ownership::Lease) => Some(leases.keep(&u.name, stop.clone())),
+            _ => None,
+        };
+        upstream::spawn_gated(u, limits, adapter, queue.clone(), stop, drain_grace, gate)
+    })
 }
-
-/// The upstream supervisors, replaceable one by one by a reload.
-pub type UpstreamSet = Arc<std::sync::RwLock<Vec<Arc<UpstreamHandle>>>>;
 
 /// What a reload changed, and what it could not change without a restart.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -105,9 +97,7 @@ pub struct ReloadReport {
 
 /// A running bridge.
 pub struct Bridge {
-    upstreams: UpstreamSet,
-    /// Feeds new upstreams started by a reload; dropped at shutdown so ingest can finish.
-    queue: std::sync::Mutex<Option<mpsc::Sender<crate::envelope::Envelope>>>,
+    upstreams: Arc<Upstreams>,
     router: Arc<arc_swap::ArcSwap<crate::routing::Router>>,
     /// The config currently applied (a reload diffs against it).
     current: tokio::sync::Mutex<Config>,
@@ -117,10 +107,6 @@ pub struct Bridge {
     publish: broadcast::Sender<Arc<Published>>,
     stats: Arc<IngestStats>,
     shutdown: CancellationToken,
-    /// Upstream leases (nats backend only).
-    leases: Option<Arc<Leases>>,
-    /// `[limits]` as applied to upstream frames (a reload does not change them).
-    frame_limits: upstream::FrameLimits,
     ingest_task: JoinHandle<()>,
     server_task: JoinHandle<()>,
     local_addr: SocketAddr,
@@ -216,24 +202,11 @@ impl Bridge {
         };
         let stats = Arc::new(IngestStats::default());
         let frame_limits = upstream::FrameLimits::new(&config.limits, config.storage.dedup_window);
-        let mut upstreams = Vec::with_capacity(config.upstreams.len());
-        for u in &config.upstreams {
-            let adapter = wsbridge_adapters::build_adapter(u.adapter, u.adapter_settings())
-                .map_err(|source| BridgeError::Adapter {
-                    name: u.name.clone(),
-                    source,
-                })?;
-            upstreams.push(Arc::new(spawn_upstream(
-                u,
-                frame_limits,
-                adapter,
-                queue_tx.clone(),
-                shutdown.child_token(),
-                config.server.shutdown_grace,
-                leases.as_deref(),
-            )));
-        }
-        let upstreams: UpstreamSet = Arc::new(std::sync::RwLock::new(upstreams));
+        let upstreams = Arc::new(Upstreams::start(
+            &config.upstreams,
+            config.server.shutdown_grace,
+            spawner(frame_limits, queue_tx, shutdown.clone(), leases.clone()),
+        )?);
         let router = Arc::new(arc_swap::ArcSwap::new(config.router.clone()));
         let ingest_task = ingest::spawn(
             queue_rx,
@@ -256,23 +229,16 @@ impl Bridge {
         );
         let http_limits = HttpLimits::from_config(config);
         let http_stats = Arc::new(HttpStats::new(http_limits.max_connections));
-        let app = axum::Router::new()
-            .merge(status::router(Arc::new(StatusState {
-                store: store.clone(),
-                upstreams: upstreams.clone(),
-                delivery: delivery.clone(),
-                hub: hub.clone(),
-                ingest: stats.clone(),
-                started: std::time::Instant::now(),
-                http: http_stats.clone(),
-            })))
-            .merge(downstream::router(hub.clone()))
-            .merge(admin::router(Arc::new(AdminState {
-                token: config.server.admin_token.clone(),
-                store: store.clone(),
-                delivery: delivery.clone(),
-                upstreams: upstreams.clone(),
-            })));
+        let app = http::router(Arc::new(AppState {
+            store: store.clone(),
+            upstreams: upstreams.clone(),
+            delivery: delivery.clone(),
+            hub: hub.clone(),
+            ingest: stats.clone(),
+            started: std::time::Instant::now(),
+            http: http_stats.clone(),
+            admin_token: config.server.admin_token.clone(),
+        }));
         let server_task = tokio::spawn(http_server::serve(
             listener,
             app,
@@ -284,7 +250,6 @@ impl Bridge {
         info!(listen = %local_addr, tls = server_tls.is_some(), upstreams = config.upstreams.len(), webhooks = config.webhooks.len(), "bridge started");
         Ok(Bridge {
             upstreams,
-            queue: std::sync::Mutex::new(Some(queue_tx)),
             router,
             current: tokio::sync::Mutex::new(config.clone()),
             store,
@@ -294,8 +259,6 @@ impl Bridge {
             stats,
             // Started: the token passes from the guard to the bridge, whose shutdown cancels it.
             shutdown: started.disarm(),
-            leases,
-            frame_limits,
             ingest_task,
             server_task,
             local_addr,
@@ -315,12 +278,12 @@ impl Bridge {
 
     /// The upstream supervisors, in config order (a snapshot).
     pub fn upstreams(&self) -> Vec<Arc<UpstreamHandle>> {
-        self.upstreams.read().map(|u| u.clone()).unwrap_or_default()
+        self.upstreams.snapshot()
     }
 
     /// The supervisor called `name`.
     pub fn upstream(&self, name: &str) -> Option<Arc<UpstreamHandle>> {
-        self.upstreams().into_iter().find(|u| u.name() == name)
+        self.upstreams.get(name)
     }
 
     /// Applies a new, already validated config without dropping what it does not change:
@@ -364,7 +327,11 @@ impl Bridge {
         report
             .applied
             .extend(self.hub.set_consumers(new.consumers.clone()));
-        report.applied.extend(self.reconcile_upstreams(&new).await?);
+        report.applied.extend(
+            self.upstreams
+                .reconcile(&new.upstreams, new.server.shutdown_grace)
+                .await?,
+        );
         if new.server.admin_token != current.server.admin_token {
             report.needs_restart.push("server.admin_token".into());
         }
@@ -388,59 +355,6 @@ impl Bridge {
         }
         *current = new;
         Ok(report)
-    }
-
-    async fn reconcile_upstreams(&self, new: &Config) -> Result<Vec<String>, BridgeError> {
-        let Some(queue) = self.queue.lock().ok().and_then(|q| q.clone()) else {
-            return Ok(Vec::new());
-        };
-        let running = self.upstreams();
-        let mut changes = Vec::new();
-        let mut next = Vec::with_capacity(new.upstreams.len());
-        let mut to_stop = Vec::new();
-        for u in &new.upstreams {
-            match running.iter().find(|r| r.name() == u.name) {
-                Some(r) if r.config() == u => next.push(r.clone()),
-                existing => {
-                    let adapter = wsbridge_adapters::build_adapter(u.adapter, u.adapter_settings())
-                        .map_err(|source| BridgeError::Adapter {
-                            name: u.name.clone(),
-                            source,
-                        })?;
-                    if let Some(old) = existing {
-                        to_stop.push(old.clone());
-                        changes.push(format!(
-                            "upstream {}: reconnecting with new settings",
-                            u.name
-                        ));
-                    } else {
-                        changes.push(format!("upstream {}: added", u.name));
-                    }
-                    next.push(Arc::new(spawn_upstream(
-                        u,
-                        self.frame_limits,
-                        adapter,
-                        queue.clone(),
-                        self.shutdown.child_token(),
-                        new.server.shutdown_grace,
-                        self.leases.as_deref(),
-                    )));
-                }
-            }
-        }
-        for r in &running {
-            if !new.upstreams.iter().any(|u| u.name == r.name()) {
-                to_stop.push(r.clone());
-                changes.push(format!("upstream {}: removed", r.name()));
-            }
-        }
-        if let Ok(mut set) = self.upstreams.write() {
-            *set = next;
-        }
-        // Each closes its connection and drains what the provider already sent (bounded by
-        // the shutdown grace), all at once.
-        futures_util::future::join_all(to_stop.iter().map(|old| old.stop())).await;
-        Ok(changes)
     }
 
     /// The store (journal and delivery queue).
@@ -467,7 +381,6 @@ impl Bridge {
     /// upstreams was journalled.
     pub async fn shutdown(self) -> Shutdown {
         self.shutdown.cancel();
-        let upstreams = self.upstreams();
         let grace = self.current.lock().await.server.shutdown_grace;
         // Open connections get the grace period to finish; a client that stopped reading (an
         // SSE body hyper is never asked to poll again) must not hold the shutdown forever.
@@ -480,16 +393,12 @@ impl Bridge {
         };
         // Meanwhile every supervisor closes its connection and reads what its provider sent
         // before answering the close (each bounded by the grace), queueing it to ingest.
-        let upstreams = futures_util::future::join_all(upstreams.iter().map(|u| u.stop()));
-        tokio::join!(server, upstreams);
+        tokio::join!(server, self.upstreams.stop());
         // Ingest ends once every sender of its queue is gone, after journalling everything
         // the drained supervisors queued. A store that cannot write (a full disk, NATS down)
         // is retried with backoff without end, so shutdown waits for it at most the grace
         // period: what is not journalled by then is lost, and the caller is told (the process
-        // exits non-zero).
-        if let Ok(mut q) = self.queue.lock() {
-            q.take();
-        }
+        // exits non-zero). The registry dropped its sender when it stopped.
         let mut ingest = self.ingest_task;
         let journal_complete = match tokio::time::timeout(grace, &mut ingest).await {
             Ok(Ok(())) => true,

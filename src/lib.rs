@@ -15,10 +15,10 @@
 //! - [`routing`]: `[[routes]]` compiled once: which webhooks get which events;
 //! - [`delivery`]: signed webhooks with durable retries, dead letters and replay;
 //! - [`downstream`]: `/v1/ws` and `/v1/events` for consumers, resumable by `seq`;
-//! - [`admin`]: the admin API under `/v1/admin/`;
-//! - [`http_server`]: the accept loop with the connection cap, header and idle timeouts;
-//! - [`status`]: `/healthz`, `/readyz`, the `/v1/status` summary and the status page;
-//! - [`metrics`]: `/metrics` in Prometheus text format;
+//! - [`http`]: everything served over HTTP on one state: the accept loop with the connection
+//!   cap, header and idle timeouts; `/healthz`, `/readyz`, the `/v1/status` summary and the
+//!   status page; `/metrics`; the admin API under `/v1/admin/`;
+//! - [`values`]: config values every section parses alike (durations and their bounds);
 //! - [`bridge`]: the above assembled, started and stopped as one;
 //! - [`reload`]: SIGHUP and config-file changes applied without a restart;
 //! - [`demo`]: simulators + bridge + a printing consumer, for newcomers;
@@ -28,7 +28,6 @@
 
 #![warn(missing_docs)]
 
-pub mod admin;
 pub mod bridge;
 pub mod config;
 pub mod delivery;
@@ -37,17 +36,16 @@ pub mod downstream;
 pub mod envelope;
 pub mod explain;
 pub mod failure;
-pub mod http_server;
+pub mod http;
 pub mod ingest;
-pub mod metrics;
 pub mod reload;
 pub mod routing;
-pub mod status;
 pub mod storage;
 pub mod supervise;
 pub mod telemetry;
 pub mod tls;
 pub mod upstream;
+pub mod values;
 
 pub use wsbridge_adapters as adapters;
 

@@ -118,7 +118,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             let config =
                 Config::load(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
             // Before anything opens a descriptor; the connection cap is derived from it.
-            wsbridge::http_server::raise_open_files_limit();
+            wsbridge::http::server::raise_open_files_limit();
             ignore_file_size_signal()?;
             // Installed before anything starts: a SIGTERM arriving while the upstreams
             // connect must stop the bridge gracefully (draining them), not kill it.

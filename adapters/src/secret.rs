@@ -18,6 +18,14 @@ impl Secret {
     pub fn expose(&self) -> &str {
         &self.0
     }
+
+    /// Whether `presented` (a bearer token a client sent) is this credential. The time it
+    /// takes does not depend on where the two first differ, so a client cannot find a token
+    /// byte by byte by timing answers (only the length shows).
+    pub fn matches(&self, presented: &str) -> bool {
+        let (a, b) = (presented.as_bytes(), self.0.as_bytes());
+        a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    }
 }
 
 impl fmt::Debug for Secret {
@@ -39,5 +47,15 @@ mod tests {
         let s = super::Secret::new("hunter2");
         assert_eq!(format!("{s} {s:?}"), "*** Secret(***)");
         assert_eq!(s.expose(), "hunter2");
+    }
+
+    #[test]
+    fn matches_only_the_same_token() {
+        let s = super::Secret::new("abc");
+        assert!(s.matches("abc"));
+        assert!(!s.matches("abd"));
+        assert!(!s.matches("ab"));
+        assert!(!s.matches("abcd"));
+        assert!(!s.matches(""));
     }
 }

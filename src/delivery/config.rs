@@ -43,7 +43,7 @@ pub struct WebhookConfig {
     /// Limit on one attempt (connect, send, response).
     #[serde(
         default = "default_timeout",
-        deserialize_with = "crate::config::de_duration"
+        deserialize_with = "crate::values::de_duration"
     )]
     pub timeout: Duration,
     /// Attempts in flight at once for this endpoint.
@@ -86,7 +86,7 @@ fn de_http_url<'de, D: Deserializer<'de>>(d: D) -> Result<url::Url, D::Error> {
     if !matches!(u.scheme(), "http" | "https") || u.host_str().is_none() {
         return Err(serde::de::Error::custom(format!(
             "{} must be an http:// or https:// URL with a host",
-            crate::config::shown_url(&u)
+            crate::values::shown_url(&u)
         )));
     }
     Ok(u)
@@ -102,7 +102,7 @@ fn de_secrets<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Secret>, D::Error> 
 fn de_durations<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {
     Vec::<String>::deserialize(d)?
         .iter()
-        .map(|s| crate::config::parse_duration(s).map_err(serde::de::Error::custom))
+        .map(|s| crate::values::parse_duration(s).map_err(serde::de::Error::custom))
         .collect()
 }
 
@@ -168,7 +168,7 @@ impl WebhookConfig {
     /// Durations out of their bounds as `(key, reason)`, keys relative to the entry
     /// (`timeout`, `retry[2]`): an unbounded retry step overflowed the retry arithmetic.
     pub fn duration_problems(&self) -> Vec<(String, String)> {
-        use crate::config::{bounds, out_of_bounds};
+        use crate::values::{bounds, out_of_bounds};
         let mut out = Vec::new();
         if let Some(reason) = out_of_bounds(self.timeout, bounds::TIMER_MIN, bounds::TIMEOUT_MAX) {
             out.push(("timeout".to_string(), reason));

@@ -26,6 +26,7 @@
 mod backoff;
 mod connect;
 pub mod occurrence;
+mod registry;
 mod session;
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -39,6 +40,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use wsbridge_adapters::Adapter;
+
+pub use registry::{Spawner, StartError, UpstreamView, Upstreams};
 
 pub use backoff::Backoff;
 pub use session::SessionEnd;

@@ -12,28 +12,16 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
-use wsbridge_adapters::Secret;
 
-use crate::delivery::DeliveryService;
-use crate::storage::{DeliveryState, ReplaySelection, Store};
+use super::AppState;
+use crate::storage::{DeliveryState, ReplaySelection};
+use crate::upstream::UpstreamView;
 
-/// What the admin handlers read and act on.
-pub struct AdminState {
-    /// The configured admin token; `None` turns the API off.
-    pub token: Option<Secret>,
-    /// The store (delivery lists, replays).
-    pub store: Arc<dyn Store>,
-    /// The webhook dispatchers.
-    pub delivery: Arc<DeliveryService>,
-    /// The upstream supervisors.
-    pub upstreams: crate::bridge::UpstreamSet,
-}
-
-/// Routes of the admin API, to be merged at the server root. Every route is behind the
-/// bearer check.
-pub fn router(state: Arc<AdminState>) -> Router {
+/// Routes of the admin API. Every route is behind the bearer check, which reads the token
+/// from `state`.
+pub(super) fn routes(state: Arc<AppState>) -> Router<Arc<AppState>> {
     Router::new()
         .route("/v1/admin/upstreams", get(upstreams))
         .route("/v1/admin/webhooks", get(webhooks))
@@ -41,10 +29,9 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/v1/admin/webhooks/{name}/replay", post(replay))
         .route("/v1/admin/webhooks/{name}/enable", post(enable))
         .route_layer(axum::middleware::from_fn_with_state(
-            state.clone(),
+            state,
             require_admin,
         ))
-        .with_state(state)
 }
 
 /// A JSON error answer.
@@ -54,11 +41,11 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
 
 /// The bearer check in front of every admin route.
 async fn require_admin(
-    State(state): State<Arc<AdminState>>,
+    State(state): State<Arc<AppState>>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    let Some(token) = &state.token else {
+    let Some(token) = &state.admin_token else {
         return error(
             StatusCode::NOT_FOUND,
             "the admin API is off (no server.admin_token)",
@@ -70,49 +57,36 @@ async fn require_admin(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
-    if constant_time_eq(presented.as_bytes(), token.expose().as_bytes()) {
+    if token.matches(presented) {
         next.run(request).await
     } else {
         error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token")
     }
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// One upstream as the admin API shows it: the status view and its URL (credentials
+/// redacted), which the unauthenticated status summary leaves out.
+#[derive(Serialize)]
+struct AdminUpstream {
+    #[serde(flatten)]
+    view: UpstreamView,
+    url: String,
 }
 
-async fn upstreams(State(state): State<Arc<AdminState>>) -> Response {
-    let upstreams = state
+async fn upstreams(State(state): State<Arc<AppState>>) -> Response {
+    let list: Vec<AdminUpstream> = state
         .upstreams
-        .read()
-        .map(|u| u.clone())
-        .unwrap_or_default();
-    let list: Vec<_> = upstreams
+        .snapshot()
         .iter()
-        .map(|u| {
-            let status = u.status();
-            json!({
-                "name": u.name(),
-                "provider": u.adapter().provider().name(),
-                "url": u.adapter().display_url(),
-                "state": status.state,
-                "since": status.since,
-                "last_error": status.last_error,
-                "last_error_reason": status.last_error_reason,
-                "failures_by_reason": crate::status::reason_counts(&u.failures_by_reason()),
-                "retry_in_ms": status.retry_in.map(|d| d.as_millis() as u64),
-                "subscriptions": u.adapter().subscriptions(),
-                "counters": u.counters(),
-            })
+        .map(|u| AdminUpstream {
+            view: UpstreamView::of(u),
+            url: u.adapter().display_url(),
         })
         .collect();
     Json(json!({ "upstreams": list })).into_response()
 }
 
-async fn webhooks(State(state): State<Arc<AdminState>>) -> Response {
+async fn webhooks(State(state): State<Arc<AppState>>) -> Response {
     let mut list = Vec::new();
     for view in state.delivery.views() {
         let counts = match state.store.counts(&view.name).await {
@@ -134,7 +108,7 @@ struct ListQuery {
 }
 
 async fn deliveries(
-    State(state): State<Arc<AdminState>>,
+    State(state): State<Arc<AppState>>,
     Path(name): Path<String>,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
@@ -220,7 +194,7 @@ impl ReplayBody {
 }
 
 async fn replay(
-    State(state): State<Arc<AdminState>>,
+    State(state): State<Arc<AppState>>,
     Path(name): Path<String>,
     body: Result<Json<ReplayBody>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
@@ -244,7 +218,7 @@ async fn replay(
     }
 }
 
-async fn enable(State(state): State<Arc<AdminState>>, Path(name): Path<String>) -> Response {
+async fn enable(State(state): State<Arc<AppState>>, Path(name): Path<String>) -> Response {
     match state.delivery.enable(&name, state.store.as_ref()).await {
         Ok(true) => Json(json!({ "webhook": name, "enabled": true })).into_response(),
         Ok(false) => error(StatusCode::NOT_FOUND, format!("no webhook named {name:?}")),
@@ -282,10 +256,4 @@ mod tests {
         assert!(parse(r#"{"colour": 1}"#).is_err());
     }
 
-    #[test]
-    fn token_comparison() {
-        assert!(constant_time_eq(b"abc", b"abc"));
-        assert!(!constant_time_eq(b"abc", b"abd"));
-        assert!(!constant_time_eq(b"abc", b"ab"));
-    }
 }

@@ -10,7 +10,6 @@
 //!   credentials, a token or a secret, so it is served without authentication.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -19,40 +18,15 @@ use axum::routing::get;
 use axum::Json;
 use serde_json::{json, Value};
 
-use crate::bridge::UpstreamSet;
-use crate::delivery::DeliveryService;
-use crate::downstream::Hub;
-use crate::http_server::HttpStats;
-use crate::ingest::IngestStats;
-use crate::storage::Store;
+use super::AppState;
 
-/// What the status handlers read.
-pub struct StatusState {
-    /// The store (journal position, delivery counts).
-    pub store: Arc<dyn Store>,
-    /// The upstream supervisors.
-    pub upstreams: UpstreamSet,
-    /// The webhook dispatchers.
-    pub delivery: Arc<DeliveryService>,
-    /// The consumer hub.
-    pub hub: Arc<Hub>,
-    /// Ingest counters.
-    pub ingest: Arc<IngestStats>,
-    /// When the bridge started.
-    pub started: Instant,
-    /// The HTTP server's connection counters.
-    pub http: Arc<HttpStats>,
-}
-
-/// `/healthz`, `/readyz` and `/v1/status`.
-pub fn router(state: Arc<StatusState>) -> axum::Router {
+/// The status page at `/`, `/healthz`, `/readyz` and `/v1/status`.
+pub(super) fn routes() -> axum::Router<Arc<AppState>> {
     axum::Router::new()
         .route("/", get(page))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .route("/v1/status", get(status))
-        .route("/metrics", get(crate::metrics::handler))
-        .with_state(state)
 }
 
 /// The status page: one self-contained HTML file that polls `/v1/status`.
@@ -60,7 +34,7 @@ async fn page() -> Html<&'static str> {
     Html(include_str!("status_page.html"))
 }
 
-async fn ready(State(state): State<Arc<StatusState>>) -> Response {
+async fn ready(State(state): State<Arc<AppState>>) -> Response {
     if let Some(why) = state.store.unavailable() {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -78,38 +52,17 @@ async fn ready(State(state): State<Arc<StatusState>>) -> Response {
     }
 }
 
-/// The summary, also used by the metrics endpoint's gauges.
-pub async fn summary(state: &StatusState) -> Value {
-    let upstreams = state
-        .upstreams
-        .read()
-        .map(|u| u.clone())
-        .unwrap_or_default();
+/// The summary `/v1/status` answers.
+async fn summary(state: &AppState) -> Value {
+    let upstreams = state.upstreams.views();
     let mut providers = serde_json::Map::new();
-    let upstreams: Vec<Value> = upstreams
-        .iter()
-        .map(|u| {
-            let s = u.status();
-            let c = u.counters();
-            let provider = u.adapter().provider().name();
-            let entry = providers
-                .entry(provider)
-                .or_insert_with(|| json!({"events": 0}));
-            entry["events"] = json!(entry["events"].as_u64().unwrap_or(0) + c.events);
-            json!({
-                "name": u.name(),
-                "provider": provider,
-                "state": s.state,
-                "since": s.since,
-                "last_error": s.last_error,
-                "last_error_reason": s.last_error_reason,
-                "failures_by_reason": reason_counts(&u.failures_by_reason()),
-                "subscriptions": u.adapter().subscriptions(),
-                "counters": c,
-                "last_event_unix_ms": u.last_event_unix_ms(),
-            })
-        })
-        .collect();
+    for u in &upstreams {
+        let entry = providers
+            .entry(u.provider)
+            .or_insert_with(|| json!({"events": 0}));
+        entry["events"] =
+            json!(entry["events"].as_u64().unwrap_or(0).saturating_add(u.counters.events));
+    }
     let mut webhooks = Vec::new();
     let unavailable = state.store.unavailable();
     for view in state.delivery.views() {
@@ -145,16 +98,6 @@ pub async fn summary(state: &StatusState) -> Value {
     })
 }
 
-/// Failure counts as a JSON object keyed by reason (`{"tls_unknown_issuer": 3}`).
-pub fn reason_counts(counts: &[(crate::failure::Reason, u64)]) -> Value {
-    Value::Object(
-        counts
-            .iter()
-            .map(|(r, n)| (r.as_str().to_string(), json!(n)))
-            .collect(),
-    )
-}
-
-async fn status(State(state): State<Arc<StatusState>>) -> Json<Value> {
+async fn status(State(state): State<Arc<AppState>>) -> Json<Value> {
     Json(summary(&state).await)
 }

@@ -14,13 +14,15 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::http::header::CONTENT_TYPE;
 use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-use crate::status::StatusState;
+use super::AppState;
 use crate::upstream::UpstreamState;
 
 type Labels = Vec<(String, String)>;
@@ -73,16 +75,12 @@ const STATES: [UpstreamState; 9] = [
 ];
 
 /// Renders every metric (names carry the `wsbridge_` prefix; counters gain `_total`).
-pub async fn render(state: &StatusState) -> String {
+pub async fn render(state: &AppState) -> String {
     let mut r = Registry::with_prefix("wsbridge");
     let now_ms = chrono::Utc::now().timestamp_millis();
 
     // Upstreams.
-    let upstreams = state
-        .upstreams
-        .read()
-        .map(|u| u.clone())
-        .unwrap_or_default();
+    let upstreams = state.upstreams.snapshot();
     let mut up_state = Vec::new();
     // Supervised tasks (upstream supervisors, webhook dispatchers): restarts, and 1 while dead.
     let (mut task_restarts, mut task_failed) = (vec![], vec![]);
@@ -504,10 +502,15 @@ fn wants_open_metrics(headers: &axum::http::HeaderMap) -> bool {
         .any(|v| v.contains("application/openmetrics-text"))
 }
 
+/// `GET /metrics`.
+pub(super) fn routes() -> Router<Arc<AppState>> {
+    Router::new().route("/metrics", get(handler))
+}
+
 /// The `/metrics` handler: OpenMetrics when the scraper asks for it, the Prometheus text
 /// format otherwise.
-pub async fn handler(
-    State(state): State<Arc<StatusState>>,
+async fn handler(
+    State(state): State<Arc<AppState>>,
     headers: axum::http::HeaderMap,
 ) -> impl IntoResponse {
     let text = render(&state).await;
