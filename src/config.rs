@@ -29,8 +29,8 @@ use crate::delivery::WebhookConfig;
 use crate::downstream::{compile_consumers, Consumer, ConsumerConfig};
 use crate::routing::{RouteConfig, Router};
 use crate::storage::embedded::Durability;
-use crate::values::{bounds, de_duration, out_of_bounds, shown_url, DAY, MINUTE, SECOND};
 use crate::tls::{ClientTls, ServerTls, TlsSettings};
+use crate::values::{bounds, de_duration, out_of_bounds, shown_url, DAY, MINUTE, SECOND};
 
 /// The validated configuration of one bridge process.
 #[derive(Clone, Debug)]
@@ -161,7 +161,7 @@ pub struct LimitsConfig {
     /// around the payload, so a deeper frame could be journalled but never read back.
     #[serde(default = "default_max_depth")]
     pub max_depth: usize,
-    // Inbound HTTP connections (src/http_server.rs): no peer, token or not, may exhaust the
+    // Inbound HTTP connections (src/http/server.rs): no peer, token or not, may exhaust the
     // bridge's file descriptors.
     /// Most inbound HTTP connections open at once, `/v1/ws` and SSE sessions included; one
     /// over it is answered 503 and closed. Unset: what the open-file limit leaves after a

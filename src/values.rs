@@ -84,4 +84,3 @@ pub fn shown_url(u: &url::Url) -> String {
     shown.set_fragment(None);
     format!("{:?}", shown.as_str())
 }
-

@@ -28,10 +28,7 @@ pub(super) fn routes(state: Arc<AppState>) -> Router<Arc<AppState>> {
         .route("/v1/admin/webhooks/{name}/deliveries", get(deliveries))
         .route("/v1/admin/webhooks/{name}/replay", post(replay))
         .route("/v1/admin/webhooks/{name}/enable", post(enable))
-        .route_layer(axum::middleware::from_fn_with_state(
-            state,
-            require_admin,
-        ))
+        .route_layer(axum::middleware::from_fn_with_state(state, require_admin))
 }
 
 /// A JSON error answer.
@@ -255,5 +252,4 @@ mod tests {
         assert!(parse(r#"{"from_seq": 5}"#).is_err());
         assert!(parse(r#"{"colour": 1}"#).is_err());
     }
-
 }

@@ -381,7 +381,7 @@ pub async fn render(state: &AppState) -> String {
         task_failed,
     );
 
-    // Inbound HTTP connections (src/http_server.rs).
+    // Inbound HTTP connections (src/http/server.rs).
     let http = state.http.snapshot();
     gauge(
         &mut r,

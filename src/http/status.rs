@@ -60,8 +60,10 @@ async fn summary(state: &AppState) -> Value {
         let entry = providers
             .entry(u.provider)
             .or_insert_with(|| json!({"events": 0}));
-        entry["events"] =
-            json!(entry["events"].as_u64().unwrap_or(0).saturating_add(u.counters.events));
+        entry["events"] = json!(entry["events"]
+            .as_u64()
+            .unwrap_or(0)
+            .saturating_add(u.counters.events));
     }
     let mut webhooks = Vec::new();
     let unavailable = state.store.unavailable();

@@ -127,7 +127,10 @@ impl Upstreams {
 
     /// One view per supervisor, in config order.
     pub fn views(&self) -> Vec<UpstreamView> {
-        self.snapshot().iter().map(|u| UpstreamView::of(u)).collect()
+        self.snapshot()
+            .iter()
+            .map(|u| UpstreamView::of(u))
+            .collect()
     }
 
     /// Makes the running set match `configs` by name: an unchanged upstream keeps its
@@ -196,10 +199,8 @@ impl Upstreams {
 
 /// The adapter of `u`.
 fn build(u: &UpstreamConfig) -> Result<Arc<dyn Adapter>, StartError> {
-    wsbridge_adapters::build_adapter(u.adapter, u.adapter_settings()).map_err(|source| {
-        StartError {
-            name: u.name.clone(),
-            source,
-        }
+    wsbridge_adapters::build_adapter(u.adapter, u.adapter_settings()).map_err(|source| StartError {
+        name: u.name.clone(),
+        source,
     })
 }

@@ -256,7 +256,7 @@ async fn a_failing_status_poll_shows_the_error_banner() {
         .route(
             "/",
             axum::routing::get(|| async {
-                axum::response::Html(include_str!("../../src/status_page.html"))
+                axum::response::Html(include_str!("../../src/http/status_page.html"))
             }),
         )
         .route(
