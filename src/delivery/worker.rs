@@ -810,28 +810,16 @@ async fn attempt(
             status,
             retry_after,
         }) => {
-            let slow_down = matches!(status, 429 | 502 | 503 | 504);
-            let honoured = retry_after
-                .filter(|_| matches!(status, 429 | 503))
-                .map(|d| d.min(MAX_RETRY_AFTER));
-            let next = match (honoured, scheduled) {
-                (Some(after), _) if attempts_after as usize <= schedule.len() => {
-                    NextStep::RetryAt(unix_ms_after(started_ms, elapsed.saturating_add(after)))
-                }
-                (_, Some(delay)) => {
-                    NextStep::RetryAt(unix_ms_after(Utc::now().timestamp_millis(), delay))
-                }
-                _ => NextStep::Dead,
-            };
-            if slow_down {
-                if let NextStep::RetryAt(at) = next {
-                    let wait = Duration::from_millis(
-                        u64::try_from(at.saturating_sub(Utc::now().timestamp_millis()))
-                            .unwrap_or(0),
-                    );
-                    finished.pause_until = Some(deadline_after(wait));
-                }
-            }
+            let plan = after_refusal(
+                status,
+                retry_after,
+                scheduled,
+                attempts_after as usize <= schedule.len(),
+                (started_ms, elapsed),
+                Utc::now().timestamp_millis(),
+            );
+            finished.pause_until = plan.pause.map(deadline_after);
+            let next = plan.next;
             (
                 Some(status),
                 Some(Failure::new(Reason::HttpStatus, format!("HTTP {status}"))),
@@ -1038,6 +1026,51 @@ fn describe(e: reqwest::Error, url: &url::Url) -> Failure {
     }
 }
 
+/// What follows an answer that is neither a success nor 410: the delivery's next step, and how
+/// long the whole endpoint pauses (a slow-down answer).
+#[derive(Debug, PartialEq, Eq)]
+struct RetryPlan {
+    next: NextStep,
+    pause: Option<Duration>,
+}
+
+/// The rule for an HTTP answer `status` other than 2xx and 410, at unix ms `now_ms`, to an
+/// attempt that started at `started.0` (unix ms) and took `started.1`:
+/// - a `Retry-After` on 429 or 503 is honoured (clamped to [`MAX_RETRY_AFTER`]), counted from
+///   when the answer came, while the schedule has steps left (`within_schedule`);
+/// - otherwise the schedule's next step (`scheduled`, already jittered) from now;
+/// - no step left: dead;
+/// - 429, 502, 503 and 504 also pause the whole endpoint until that retry is due, so the
+///   other deliveries do not hammer an endpoint that asked for a break.
+fn after_refusal(
+    status: u16,
+    retry_after: Option<Duration>,
+    scheduled: Option<Duration>,
+    within_schedule: bool,
+    started: (i64, Duration),
+    now_ms: i64,
+) -> RetryPlan {
+    let (started_ms, elapsed) = started;
+    let slow_down = matches!(status, 429 | 502 | 503 | 504);
+    let honoured = retry_after
+        .filter(|_| matches!(status, 429 | 503))
+        .map(|d| d.min(MAX_RETRY_AFTER));
+    let next = match (honoured, scheduled) {
+        (Some(after), _) if within_schedule => {
+            NextStep::RetryAt(unix_ms_after(started_ms, elapsed.saturating_add(after)))
+        }
+        (_, Some(delay)) => NextStep::RetryAt(unix_ms_after(now_ms, delay)),
+        _ => NextStep::Dead,
+    };
+    let pause = match next {
+        NextStep::RetryAt(at) if slow_down => Some(Duration::from_millis(
+            u64::try_from(at.saturating_sub(now_ms)).unwrap_or(0),
+        )),
+        _ => None,
+    };
+    RetryPlan { next, pause }
+}
+
 /// A retry delay with ±20 % jitter, so that many failed deliveries do not retry in lockstep.
 /// Never panics: a delay too long to scale (validation prevents it) is used as it is.
 fn jitter(d: Duration) -> Duration {
@@ -1067,16 +1100,105 @@ mod tests {
         assert_eq!(parse_retry_after("soon"), None);
     }
 
-    #[test]
-    fn rate_limit_spaces_attempts() {
+    #[tokio::test(start_paused = true)]
+    async fn rate_limit_spaces_attempts_and_refills_with_time() {
         let mut r = RateLimit::new(2);
         assert!(r.take().is_ok());
         assert!(r.take().is_ok());
-        let wait = r.take().unwrap_err();
-        assert!(
-            wait > Duration::ZERO && wait <= Duration::from_millis(500),
-            "{wait:?}"
+        assert_eq!(
+            r.take(),
+            Err(Duration::from_millis(500)),
+            "the burst is spent"
         );
+        tokio::time::advance(Duration::from_millis(250)).await;
+        assert_eq!(
+            r.take(),
+            Err(Duration::from_millis(250)),
+            "half a token back"
+        );
+        tokio::time::advance(Duration::from_millis(250)).await;
+        assert!(r.take().is_ok(), "one token after 500 ms");
+        assert!(r.take().is_err());
+        // A long idle refills to the burst size, never beyond it.
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert!(r.take().is_ok());
+        assert!(r.take().is_ok());
+        assert!(r.take().is_err());
+    }
+
+    const S: fn(u64) -> Duration = Duration::from_secs;
+
+    #[test]
+    fn retry_after_on_429_and_503_is_honoured_from_the_answer_and_pauses_the_endpoint() {
+        // Started at t=1000 ms, answered after 300 ms, now 1300 ms; the schedule says 5 s.
+        for status in [429, 503] {
+            let plan = after_refusal(
+                status,
+                Some(S(2)),
+                Some(S(5)),
+                true,
+                (1000, Duration::from_millis(300)),
+                1300,
+            );
+            assert_eq!(plan.next, NextStep::RetryAt(3300), "{status}");
+            assert_eq!(plan.pause, Some(S(2)), "{status}");
+        }
+        // Clamped to an hour.
+        let plan = after_refusal(
+            429,
+            Some(S(86_400)),
+            Some(S(5)),
+            true,
+            (0, Duration::ZERO),
+            0,
+        );
+        assert_eq!(plan.next, NextStep::RetryAt(3_600_000));
+    }
+
+    #[test]
+    fn other_answers_follow_the_schedule_and_only_slow_downs_pause() {
+        let now = 10_000;
+        // 500: the schedule's step from now, the endpoint keeps going.
+        let plan = after_refusal(500, None, Some(S(5)), true, (9_000, S(1)), now);
+        assert_eq!(
+            plan,
+            RetryPlan {
+                next: NextStep::RetryAt(15_000),
+                pause: None
+            }
+        );
+        // A Retry-After on a 500 is not an instruction.
+        let plan = after_refusal(500, Some(S(60)), Some(S(5)), true, (9_000, S(1)), now);
+        assert_eq!(plan.next, NextStep::RetryAt(15_000));
+        // 502 and 504 pause the endpoint for the scheduled step.
+        for status in [502, 504] {
+            let plan = after_refusal(status, None, Some(S(5)), true, (9_000, S(1)), now);
+            assert_eq!(plan.pause, Some(S(5)), "{status}");
+        }
+        // 429 without Retry-After: the schedule, and a pause.
+        let plan = after_refusal(429, None, Some(S(5)), true, (9_000, S(1)), now);
+        assert_eq!(
+            plan,
+            RetryPlan {
+                next: NextStep::RetryAt(15_000),
+                pause: Some(S(5))
+            }
+        );
+    }
+
+    #[test]
+    fn out_of_steps_is_dead_whatever_the_answer_says() {
+        for (status, retry_after) in [(500, None), (429, Some(S(1))), (503, Some(S(1)))] {
+            let plan = after_refusal(status, retry_after, None, false, (0, Duration::ZERO), 0);
+            assert_eq!(
+                plan,
+                RetryPlan {
+                    next: NextStep::Dead,
+                    pause: None
+                },
+                "{status}"
+            );
+        }
     }
 
     #[test]
