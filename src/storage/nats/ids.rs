@@ -81,19 +81,26 @@ impl IdIndex {
 
     /// The id each event is journalled under, given its base id and receive time (unix ms):
     /// the base itself for a base never seen, the id of the newest event with that base when
-    /// received within the dedup window of it (a copy), a fresh id otherwise.
-    pub(crate) async fn resolve(&self, events: &[(&str, i64)]) -> Result<Vec<String>, StoreError> {
+    /// received within the dedup window of it (a copy), a fresh id when received after it.
+    /// `None` for an event received more than the window *before* the newest one (an
+    /// instance that held it through a long outage): the journal already moved past it, and
+    /// publishing it under the newest id would store that id twice once JetStream's window
+    /// is over, so it is taken for a copy of what the other instances stored.
+    pub(crate) async fn resolve(
+        &self,
+        events: &[(&str, i64)],
+    ) -> Result<Vec<Option<String>>, StoreError> {
         // First claims, pipelined: most bases are new.
         let mut acks = Vec::with_capacity(events.len());
         for &(base, recv_ms) in events {
             acks.push(self.send_claim(base, 0, base, recv_ms).await?);
         }
         let firsts = join_all(acks.into_iter().map(|ack| ack.into_future())).await;
-        let mut out: Vec<Option<String>> = Vec::with_capacity(events.len());
+        let mut out: Vec<Option<Option<String>>> = Vec::with_capacity(events.len());
         let mut contested = Vec::new();
         for (i, ack) in firsts.into_iter().enumerate() {
             match ack {
-                Ok(_) => out.push(Some(events[i].0.to_string())),
+                Ok(_) => out.push(Some(Some(events[i].0.to_string()))),
                 Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
                     out.push(None);
                     contested.push(i);
@@ -114,7 +121,11 @@ impl IdIndex {
     }
 
     /// A base that has a record: read it and decide, claiming again on a return.
-    async fn resolve_contested(&self, base: &str, recv_ms: i64) -> Result<String, StoreError> {
+    async fn resolve_contested(
+        &self,
+        base: &str,
+        recv_ms: i64,
+    ) -> Result<Option<String>, StoreError> {
         let subject = self.subject(base);
         for _ in 0..MAX_ROUNDS {
             // From the stream leader: a replica could still miss the record just claimed.
@@ -125,8 +136,11 @@ impl IdIndex {
             {
                 Ok(message) => {
                     match serde_json::from_slice::<Record>(&message.payload) {
+                        Ok(record) if recv_ms.saturating_add(self.window_ms) < record.recv_ms => {
+                            return Ok(None);
+                        }
                         Ok(record) if recv_ms.saturating_sub(record.recv_ms) <= self.window_ms => {
-                            return Ok(record.id);
+                            return Ok(Some(record.id));
                         }
                         // A return after the window (or a record that cannot be read): a new
                         // event, with an id no earlier event of this base can have.
@@ -142,7 +156,7 @@ impl IdIndex {
             };
             let ack = self.send_claim(base, last_seq, &candidate, recv_ms).await?;
             match ack.await {
-                Ok(_) => return Ok(candidate),
+                Ok(_) => return Ok(Some(candidate)),
                 // Another instance claimed it first: read its record.
                 Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => continue,
                 Err(e) => return Err(nats_err("claim an event id")(e)),

@@ -635,7 +635,14 @@ impl Store for NatsStore {
             }
         };
         let mut prepared = Vec::with_capacity(batch.len());
-        for (n, id) in batch.into_iter().zip(ids) {
+        // Events the id index already calls copies are not published; their slots in the
+        // answer say so.
+        let mut copies = Vec::new();
+        for (i, (n, id)) in batch.into_iter().zip(ids).enumerate() {
+            let Some(id) = id else {
+                copies.push(i);
+                continue;
+            };
             let mut envelope = n.envelope;
             envelope.seq = None;
             envelope.id = id;
@@ -665,10 +672,14 @@ impl Store for NatsStore {
         if !self.journal_ok.swap(true, Ordering::Relaxed) {
             info!("journal publishes succeed again");
         }
-        Ok(done
+        let mut out: Vec<Appended> = done
             .into_iter()
             .map(|d| d.unwrap_or(Appended::Duplicate))
-            .collect())
+            .collect();
+        for i in copies {
+            out.insert(i.min(out.len()), Appended::Duplicate);
+        }
+        Ok(out)
     }
 
     async fn read_from(&self, from: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
