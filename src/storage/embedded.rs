@@ -97,15 +97,15 @@ const MIGRATIONS: &[&str] = &[
     ) WITHOUT ROWID;
     "#,
     r#"
-    -- Per id as ingest gave it (`base`): the newest event stored for it, so that a copy
-    -- within the dedup window is recognised and a later return gets a fresh id in one lookup.
+    -- Per id as ingest gave it (`base`) that came back after the dedup window and was stored
+    -- under a fresh id: its newest event. A base that never came back has no row here (its
+    -- one event is the `events` row with that id), so the table stays small.
     CREATE TABLE latest (
         base    TEXT PRIMARY KEY,
         seq     INTEGER NOT NULL,
         recv_ms INTEGER NOT NULL
     ) WITHOUT ROWID;
     CREATE INDEX latest_seq ON latest (seq);
-    INSERT INTO latest (base, seq, recv_ms) SELECT id, seq, recv_ms FROM events;
     "#,
 ];
 
@@ -1207,10 +1207,12 @@ fn commit(
 /// Journals `batch` from `next_seq` on; see [`Outcome`]. The batch itself is left as it
 /// came (a failed transaction is retried with it): a renewed id travels in the outcome.
 ///
-/// Dedup: an id whose newest event was received within `window_ms` of this one is a copy
-/// (nothing stored). An id seen longer ago than that is a new event: it gets
+/// Dedup: an id whose newest event was received within `window_ms` of this one (or after it)
+/// is a copy (nothing stored). An id seen longer ago than that is a new event: it gets
 /// [`super::renewed_id`]`(id, seq of that newest event)`, so every id stays unique in the
-/// journal.
+/// journal. The newest event of an id is its `latest` row when it came back before, else the
+/// event stored under the id itself: a new id costs the insert alone (its conflict check is
+/// the lookup), plus a miss in the small `latest` table.
 fn append_batch(
     tx: &rusqlite::Transaction<'_>,
     batch: &mut [NewEvent],
@@ -1259,9 +1261,10 @@ fn append_batch(
             Some((seq, _)) => Some(super::renewed_id(&envelope.id, seq as u64)),
             None => None,
         };
-        // The newest-event record of an id may be gone while an older event with it is still
-        // kept (retention keeps events with pending deliveries): the insert then collides,
-        // and the same rule decides against that event. Each round moves to a fresh id.
+        // The insert collides when the id is journalled already (how an id that never came
+        // back is found), or when its `latest` row was pruned while an older event with it is
+        // kept (retention keeps events with pending deliveries): the same rule then decides
+        // against that event. Each round moves to a fresh id.
         for _ in 0..MAX_RENEWALS {
             envelope.seq = Some(next_seq);
             let base = match renewed.clone() {
@@ -1291,9 +1294,11 @@ fn append_batch(
                 renewed = Some(super::renewed_id(&id, seq as u64));
                 continue;
             }
-            remember
-                .execute(params![envelope.id, to_i64(next_seq), recv_ms])
-                .map_err(db("dedup record"))?;
+            if renewed.is_some() {
+                remember
+                    .execute(params![envelope.id, to_i64(next_seq), recv_ms])
+                    .map_err(db("dedup record"))?;
+            }
             for target in &new.targets {
                 enqueue
                     .execute(params![
