@@ -78,26 +78,26 @@ pub fn config(blocks: &[String]) -> wsbridge::config::Config {
     parse(&config_text(blocks))
 }
 
-/// Polls `path` (every 20 ms, for at most the common deadline) until `pred` holds.
+/// Polls `path` (for at most the common deadline) until `pred` holds.
 pub async fn wait_json(
     bridge: &Bridge,
     path: &str,
     what: &str,
     pred: impl Fn(&Value) -> bool,
 ) -> Value {
-    let deadline = tokio::time::Instant::now() + crate::common::DEADLINE;
-    loop {
-        let v = get_json(bridge, path).await;
-        if pred(&v) {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{what} not seen in {path} within {:?}: {v}",
-            crate::common::DEADLINE
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    crate::common::eventually(
+        &format!("{what} in {path}"),
+        crate::common::DEADLINE,
+        || async {
+            let v = get_json(bridge, path).await;
+            if pred(&v) {
+                Ok(v)
+            } else {
+                Err(v)
+            }
+        },
+    )
+    .await
 }
 
 /// Whether the metrics text has the series `name{..labels..}` (labels in any order) with a
