@@ -5,6 +5,7 @@
 
 mod common;
 
+mod asyncapi;
 mod cli;
 mod consumers;
 mod crash;

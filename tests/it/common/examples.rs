@@ -176,7 +176,7 @@ fn go_available() -> bool {
 }
 
 /// Runs a setup command, failing the test with its output if it does not succeed.
-fn run_setup(what: &str, cmd: &mut Command) -> Output {
+pub fn run_setup(what: &str, cmd: &mut Command) -> Output {
     let out = cmd
         .stdin(Stdio::null())
         .output()

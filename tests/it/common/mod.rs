@@ -174,6 +174,24 @@ pub async fn wait_published(bridge: &Bridge, n: u64) {
     .await;
 }
 
+/// Overwrites the journalled body at `seq` in the embedded store's file at `path` with bytes
+/// that are not an envelope, as a disk or a bad restore would: the consumer must be told
+/// (`unreadable_event`), never meet a silent gap.
+pub async fn damage_journal_entry(path: std::path::PathBuf, seq: u64) {
+    examples::blocking(move || {
+        let db = rusqlite::Connection::open(&path).expect("open the journal");
+        db.busy_timeout(DEADLINE).expect("busy timeout");
+        let n = db
+            .execute(
+                "UPDATE events SET body = ?1 WHERE seq = ?2",
+                rusqlite::params![b"{\"not\":\"an envelope\"".to_vec(), seq as i64],
+            )
+            .expect("update");
+        assert_eq!(n, 1, "one journal entry at seq {seq}");
+    })
+    .await
+}
+
 /// How often [`eventually`] asks again: often enough that a wait ends soon after its
 /// condition holds, seldom enough that waiting does not take a core from what it waits for.
 const POLL: Duration = Duration::from_millis(10);

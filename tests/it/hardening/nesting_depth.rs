@@ -264,20 +264,7 @@ async fn journal_bytes_that_are_not_an_envelope_are_reported_to_the_consumer_and
     // Damage the middle one in the database file, as a disk or a bad restore would.
     let path = cfg.storage.path.clone();
     let damaged = seqs[1];
-    tokio::task::spawn_blocking(move || {
-        let db = rusqlite::Connection::open(&path).expect("open the journal");
-        db.busy_timeout(std::time::Duration::from_secs(5))
-            .expect("busy timeout");
-        let n = db
-            .execute(
-                "UPDATE events SET body = ?1 WHERE seq = ?2",
-                rusqlite::params![b"{\"not\":\"an envelope\"".to_vec(), damaged as i64],
-            )
-            .expect("update");
-        assert_eq!(n, 1);
-    })
-    .await
-    .expect("damage");
+    damage_journal_entry(path, damaged).await;
 
     let mut ws = subscribe_from(&bridge, TOKEN, "resume", json!(seqs[0])).await;
     let got = raw_frames(&mut ws, 3).await;
