@@ -49,16 +49,16 @@ fn node_modules() -> &'static Path {
     })
 }
 
-/// Runs `asyncapi/check.js` on the document and the sources, and on `frames` if given;
-/// fails the test with its report unless it passes.
-async fn check(frames: Option<PathBuf>) -> String {
+/// Runs `asyncapi/check.js` on the document and the sources, and on `frames` if given:
+/// whether it passed, and its report.
+async fn run_check(document: PathBuf, frames: Option<PathBuf>) -> (bool, String) {
     blocking(move || {
         let modules = node_modules();
         let root = repo();
         let mut cmd = Command::new("node");
         cmd.env("NODE_PATH", modules)
             .arg(root.join("tests/it/asyncapi/check.js"))
-            .arg(root.join("docs/asyncapi.yaml"))
+            .arg(document)
             .arg(root.join("src/downstream"))
             .arg(root.join("src/http/server.rs"));
         if let Some(f) = &frames {
@@ -72,19 +72,53 @@ async fn check(frames: Option<PathBuf>) -> String {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        assert!(
-            out.status.success(),
-            "docs/asyncapi.yaml check failed:\n{report}"
-        );
-        report
+        (out.status.success(), report)
     })
     .await
+}
+
+/// [`run_check`] on `docs/asyncapi.yaml`, failing the test with the report unless it passes.
+async fn check(frames: Option<PathBuf>) -> String {
+    let (passed, report) = run_check(repo().join("docs/asyncapi.yaml"), frames).await;
+    assert!(passed, "docs/asyncapi.yaml check failed:\n{report}");
+    report
 }
 
 #[tokio::test]
 async fn the_document_is_valid_asyncapi_and_names_everything_the_code_sends() {
     let report = check(None).await;
     assert!(report.contains("true to the code"), "{report}");
+}
+
+/// The check itself: a document that leaves out an error code the code sends, or lists one
+/// it never sends, is refused, naming the code.
+#[tokio::test]
+async fn a_document_missing_or_inventing_an_error_code_is_refused() {
+    let text = std::fs::read_to_string(repo().join("docs/asyncapi.yaml")).expect("document");
+    let listed = "        - unavailable\n";
+    assert!(
+        text.contains(listed),
+        "the ErrorCode enum lists unavailable"
+    );
+    let dir = temp_dir("asyncapi-mutated");
+    for (name, mutated, expected) in [
+        (
+            "missing.yaml",
+            text.replacen(listed, "", 1),
+            "/v1/ws error code: unavailable is sent by the code but not in",
+        ),
+        (
+            "invented.yaml",
+            text.replacen(listed, &format!("{listed}        - made_up\n"), 1),
+            "/v1/ws error code: made_up is in docs/asyncapi.yaml but the code never sends it",
+        ),
+    ] {
+        let path = dir.join(name);
+        std::fs::write(&path, mutated).expect("write");
+        let (passed, report) = run_check(path, None).await;
+        assert!(!passed, "{name} passed:\n{report}");
+        assert!(report.contains(expected), "{name}:\n{report}");
+    }
 }
 
 /// What a session received, each item naming the document's message it must match.
