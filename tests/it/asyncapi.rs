@@ -3,7 +3,8 @@
 //! installed once per test run under the cargo target's scratch directory; if npm or the
 //! registry is missing the test fails, it never skips), compares it with what the Rust code
 //! can send (ops, error codes, close codes, HTTP refusals, SSE event names, found in
-//! `src/downstream`), and validates the frames of a real session against its message schemas.
+//! `src/downstream`), and validates the frames of a real session, both ways, against its
+//! message schemas.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -133,6 +134,12 @@ impl Frames {
             .push(json!({"message": format!("ws/{op}"), "payload": frame}));
     }
 
+    /// A client frame the document must describe as message `op`, sent on `ws`.
+    async fn sent(&mut self, ws: &mut Ws, op: &str, frame: Value) {
+        self.ws(op, frame.clone());
+        send(ws, frame).await;
+    }
+
     /// A `/v1/ws` `error` frame that must carry `code`.
     fn error(&mut self, code: &str, frame: Value) {
         assert_eq!(frame["code"], code, "{frame}");
@@ -232,7 +239,9 @@ async fn a_real_session_s_frames_match_the_document() {
     }
 
     let mut ws = connect(&bridge, TOKEN).await;
-    frames.ws("ready", recv(&mut ws).await);
+    let ready = recv(&mut ws).await;
+    let epoch = ready["epoch"].clone();
+    frames.ws("ready", ready);
 
     // Every kind of bad input, each answered with an `error` frame on the open connection.
     ws.send(Message::text("{not json")).await.expect("send");
@@ -261,16 +270,18 @@ async fn a_real_session_s_frames_match_the_document() {
     )
     .await;
     frames.error("unrecoverable_position", recv(&mut ws).await);
-    send(&mut ws, json!({"op": "ping"})).await;
+    frames.sent(&mut ws, "ping", json!({"op": "ping"})).await;
     frames.ws("pong", recv(&mut ws).await);
 
     // A subscription and its events.
-    send(
-        &mut ws,
-        json!({"op": "subscribe", "id": "calls", "from": "latest",
-               "filter": {"providers": ["voipbin"], "types": ["voipbin.call.*"], "subjects": ["customer_id:abc123:*"]}}),
-    )
-    .await;
+    frames
+        .sent(
+            &mut ws,
+            "subscribe",
+            json!({"op": "subscribe", "id": "calls", "from": "latest",
+                   "filter": {"providers": ["voipbin"], "types": ["voipbin.call.*"], "subjects": ["customer_id:abc123:*"]}}),
+        )
+        .await;
     frames.ws("subscribed", recv(&mut ws).await);
     send(&mut ws, json!({"op": "subscribe", "id": "calls"})).await;
     frames.error("duplicate_subscription", recv(&mut ws).await);
@@ -283,10 +294,23 @@ async fn a_real_session_s_frames_match_the_document() {
         seqs.push(event["seq"].as_u64().expect("seq"));
         frames.ws("event", event);
     }
-    // A numeric id, subscribed and unsubscribed.
-    send(&mut ws, json!({"op": "subscribe", "id": 7, "epoch": null})).await;
+    // A numeric id resuming from a seq given as a string, with the epoch; unsubscribed.
+    let next = (seqs[2] + 1).to_string();
+    frames
+        .sent(
+            &mut ws,
+            "subscribe",
+            json!({"op": "subscribe", "id": 7, "from": next, "epoch": epoch}),
+        )
+        .await;
     frames.ws("subscribed", recv(&mut ws).await);
-    send(&mut ws, json!({"op": "unsubscribe", "id": 7})).await;
+    frames
+        .sent(
+            &mut ws,
+            "unsubscribe",
+            json!({"op": "unsubscribe", "id": 7}),
+        )
+        .await;
     frames.ws("unsubscribed", recv(&mut ws).await);
     // The subscription cap.
     let mut full = connect(&bridge, TOKEN).await;
