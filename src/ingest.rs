@@ -20,14 +20,13 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use bytes::Bytes;
 use serde::Serialize;
 use tokio::sync::{broadcast, mpsc};
 use tokio::task::JoinHandle;
 use tracing::{debug, error, warn};
 
 use crate::delivery::DeliveryService;
-use crate::envelope::Envelope;
+use crate::envelope::{Envelope, Published};
 use crate::routing::Router;
 use crate::storage::{Appended, NewEvent, Store, StoreError};
 
@@ -37,16 +36,6 @@ pub const INGEST_QUEUE: usize = 4096;
 pub const PUBLISH_CAPACITY: usize = 8192;
 /// Most events taken from the queue per batch.
 const BATCH: usize = 512;
-
-/// A journalled event: the envelope (with its `seq`) and its serialised form, shared by every
-/// recipient so that nobody serialises it again.
-#[derive(Debug)]
-pub struct Published {
-    /// The envelope, `seq` set.
-    pub envelope: Envelope,
-    /// `envelope` as JSON bytes, exactly what is sent and signed.
-    pub bytes: Bytes,
-}
 
 /// Ingest counters.
 #[derive(Debug, Default)]

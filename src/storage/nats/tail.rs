@@ -18,8 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, warn};
 
 use super::{with_seq, NatsStore};
-use crate::envelope::Envelope;
-use crate::ingest::Published;
+use crate::envelope::{Envelope, Published};
 
 /// Starts following the journal from `from` (normally head + 1 at start).
 pub fn spawn(
