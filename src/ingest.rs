@@ -5,6 +5,10 @@
 //! Upstream supervisors push [`Envelope`]s into one bounded queue; a single task drains it in
 //! batches and hands each batch to the journal, which commits it in one transaction (group
 //! commit). Only then is anything published: write-ahead (docs/architecture.md, "Invariants").
+//! Ingest hands each event it journalled to the backend's live feed
+//! ([`crate::storage::Publisher`]): the embedded backend publishes it to the ring; with NATS
+//! the journal's tail feeds the ring (it also carries other instances' events), so ingest's
+//! side does nothing. Ingest does not ask which backend it has.
 //! A copy of an event journalled within `storage.dedup_window` is counted and dropped: the
 //! same VoicePact `payment_update` reaching two `client_id` connections, or a frame re-sent
 //! right after a reconnect, is one event (README, "Event identity: what is one event and
@@ -21,14 +25,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use serde::Serialize;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::{debug, error, warn};
 
 use crate::delivery::DeliveryService;
 use crate::envelope::{Envelope, Published};
 use crate::routing::Router;
-use crate::storage::{Appended, NewEvent, Store, StoreError};
+use crate::storage::{Appended, NewEvent, Publisher, Store, StoreError};
 
 /// Capacity of the queue from the supervisors to ingest.
 pub const INGEST_QUEUE: usize = 4096;
@@ -84,9 +88,10 @@ pub struct Sinks {
     pub router: Arc<arc_swap::ArcSwap<Router>>,
     /// The webhook dispatchers, woken for each endpoint that got new deliveries.
     pub delivery: Arc<DeliveryService>,
-    /// The live stream for consumers; `None` when the store feeds it itself (the nats
-    /// backend's journal tail, which also carries what other instances journalled).
-    pub publish: Option<broadcast::Sender<Arc<Published>>>,
+    /// The live stream's ingest side ([`crate::storage::LiveFeed::start`]): told of every event journalled
+    /// here; whether it publishes them or the store feeds the stream itself is the
+    /// backend's business.
+    pub publish: Publisher,
     /// `limits.max_event_bytes`: a larger envelope is refused here, before the journal.
     pub max_event_bytes: usize,
 }
@@ -156,13 +161,10 @@ pub fn spawn(
                         bytes, envelope, ..
                     } => {
                         stats.published.fetch_add(1, Ordering::Relaxed);
-                        if let Some(publish) = &publish {
-                            // No receiver is not an error: nobody is listening yet.
-                            let _ = publish.send(Arc::new(Published {
-                                envelope: *envelope,
-                                bytes,
-                            }));
-                        }
+                        publish.journalled(Published {
+                            envelope: *envelope,
+                            bytes,
+                        });
                     }
                     Appended::Duplicate => {
                         stats.duplicates.fetch_add(1, Ordering::Relaxed);

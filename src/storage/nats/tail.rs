@@ -4,7 +4,8 @@
 //!
 //! With the nats backend ingest publishes nothing itself (an event it journalled may be a
 //! duplicate of another instance's copy, and the other instances' events never pass through
-//! it); the tail is the one source of the live stream. It reads with an ordered consumer, so
+//! it); the tail is the one source of the live stream. It is this backend's live feed
+//! ([`crate::storage::LiveFeed`]), started by the bridge before any upstream. It reads with an ordered consumer, so
 //! its sequence has no holes; after an error it reopens from the next sequence it expects.
 
 use std::sync::Arc;
