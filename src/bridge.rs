@@ -185,7 +185,7 @@ impl Bridge {
             store.clone(),
             Sinks {
                 router: router.clone(),
-                delivery: delivery.clone(),
+                wake: delivery.clone(),
                 publish: ingest_publish,
                 max_event_bytes: config.limits.max_event_bytes,
             },

@@ -29,7 +29,6 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::{debug, error, warn};
 
-use crate::delivery::DeliveryService;
 use crate::envelope::{Envelope, Published};
 use crate::routing::Router;
 use crate::storage::{Appended, NewEvent, Publisher, Store, StoreError};
@@ -82,15 +81,23 @@ impl IngestStats {
     }
 }
 
+/// Whoever delivers what ingest routed to webhook endpoints: told, after each commit, which
+/// endpoints got new deliveries. Ingest needs only this of the delivery side (implemented by
+/// [`crate::delivery::DeliveryService`]), so it does not depend on how delivery runs.
+pub trait Wake: Send + Sync {
+    /// `endpoint` has new deliveries in the store.
+    fn wake(&self, endpoint: &str);
+}
+
 /// Where ingest sends what it journalled.
 pub struct Sinks {
     /// The routing rules: which webhook endpoints get an event (swapped by hot reload).
     pub router: Arc<arc_swap::ArcSwap<Router>>,
     /// The webhook dispatchers, woken for each endpoint that got new deliveries.
-    pub delivery: Arc<DeliveryService>,
-    /// The live stream's ingest side ([`crate::storage::LiveFeed::start`]): told of every event journalled
-    /// here; whether it publishes them or the store feeds the stream itself is the
-    /// backend's business.
+    pub wake: Arc<dyn Wake>,
+    /// The live stream's ingest side ([`crate::storage::LiveFeed::start`]): told of every
+    /// event journalled here; whether it publishes them or the store feeds the stream itself
+    /// is the backend's business.
     pub publish: Publisher,
     /// `limits.max_event_bytes`: a larger envelope is refused here, before the journal.
     pub max_event_bytes: usize,
@@ -107,7 +114,7 @@ pub fn spawn(
     tokio::spawn(async move {
         let Sinks {
             router,
-            delivery,
+            wake,
             publish,
             max_event_bytes,
         } = sinks;
@@ -177,7 +184,7 @@ pub fn spawn(
                 }
             }
             for endpoint in woken.drain(..) {
-                delivery.wake(&endpoint);
+                wake.wake(&endpoint);
             }
         }
     })
