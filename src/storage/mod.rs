@@ -30,7 +30,9 @@
 //! queue is the journal itself, read by one durable consumer per endpoint). [`open()`] opens
 //! the configured one and gives the bridge what every backend gives it alike: the store, its
 //! upstream leases and its live feed ([`Opened`]).
+//! Their settings, `[storage]`, are in [`config`].
 
+pub mod config;
 pub mod embedded;
 pub mod nats;
 mod open;

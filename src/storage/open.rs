@@ -15,11 +15,11 @@ use std::sync::Arc;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
+use super::config::{StorageBackend, StorageConfig};
 use super::embedded::{EmbeddedOptions, EmbeddedStore};
 use super::nats::lease::Leases;
 use super::nats::{tail, NatsStore};
 use super::{Store, StoreError};
-use crate::config::{StorageBackend, StorageConfig};
 use crate::envelope::Published;
 
 /// What a backend gives the bridge.
