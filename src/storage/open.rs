@@ -115,3 +115,72 @@ impl Publisher {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::envelope::Envelope;
+    use crate::storage::{Appended, NewEvent};
+    use serde_json::json;
+    use wsbridge_adapters::{DecodedEvent, Provider};
+
+    fn envelope(id: &str) -> Envelope {
+        Envelope::new(
+            DecodedEvent {
+                id_from_content: true,
+                id: id.into(),
+                event_type: "voicepact.payment_update".into(),
+                subject: None,
+                time: None,
+                data: json!({"id": id}),
+            },
+            "wsbridge://vp",
+            Provider::VoicePact,
+            chrono::Utc::now(),
+        )
+    }
+
+    /// The embedded backend has no leases, and its live feed is ingest's: what ingest hands
+    /// its publisher after the commit reaches the ring, with the bytes the store returned.
+    #[tokio::test]
+    async fn embedded_feed_publishes_what_ingest_journalled() {
+        let dir = std::env::temp_dir().join(format!("wsbridge-open-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let config = StorageConfig {
+            path: dir.join("j.db"),
+            ..StorageConfig::default()
+        };
+        let opened = open(&config, 64 * 1024).await.unwrap();
+        assert!(opened.leases.is_none());
+        let (ring, mut rx) = broadcast::channel(8);
+        let publisher = opened
+            .live
+            .start(&ring, CancellationToken::new())
+            .await
+            .unwrap();
+        let appended = opened
+            .store
+            .append(vec![NewEvent {
+                envelope: envelope("e1"),
+                targets: vec![],
+            }])
+            .await
+            .unwrap();
+        let Some(Appended::Stored {
+            seq,
+            bytes,
+            envelope,
+        }) = appended.into_iter().next()
+        else {
+            panic!("not stored");
+        };
+        publisher.journalled(Published {
+            envelope: *envelope,
+            bytes: bytes.clone(),
+        });
+        let got = rx.try_recv().unwrap();
+        assert_eq!(got.envelope.seq, Some(seq));
+        assert_eq!(got.bytes, bytes);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
