@@ -27,13 +27,12 @@ use crate::config::{Config, Ownership, StorageBackend};
 use crate::delivery::worker::DeliveryError;
 use crate::delivery::DeliveryService;
 use crate::downstream::Hub;
+use crate::envelope::Published;
 use crate::http::server::{self as http_server, HttpLimits, HttpStats};
 use crate::http::{self, AppState};
-use crate::ingest::{self, IngestSnapshot, IngestStats, Published, Sinks};
-use crate::storage::embedded::{EmbeddedOptions, EmbeddedStore};
+use crate::ingest::{self, IngestSnapshot, IngestStats, Sinks};
 use crate::storage::nats::lease::Leases;
-use crate::storage::nats::{tail, NatsStore};
-use crate::storage::{Store, StoreError};
+use crate::storage::{self, Store, StoreError};
 use crate::tls::server::Acceptor;
 use crate::upstream::{self, UpstreamHandle, Upstreams};
 
@@ -144,24 +143,13 @@ impl Bridge {
         // the supervisors have dropped their queue senders.
         let shutdown = CancellationToken::new();
         let started = shutdown.clone().drop_guard();
-        let (store, nats): (Arc<dyn Store>, Option<Arc<NatsStore>>) = match config.storage.backend {
-            StorageBackend::Embedded => (
-                EmbeddedStore::open_with(
-                    &config.storage.path,
-                    EmbeddedOptions {
-                        durability: config.storage.durability,
-                        retention: config.storage.retention,
-                        dedup_window: config.storage.dedup_window,
-                    },
-                )?,
-                None,
-            ),
-            StorageBackend::Nats => {
-                let nats = NatsStore::connect(&config.storage).await?;
-                nats.check_max_payload(config.limits.max_event_bytes)?;
-                (nats.clone(), Some(nats))
-            }
-        };
+        // What the backend gives: the store, its leases (NATS) and its live feed. NATS's
+        // `max_payload` is checked against `limits.max_event_bytes` here.
+        let storage::Opened {
+            store,
+            leases,
+            live,
+        } = storage::open(&config.storage, config.limits.max_event_bytes).await?;
         let delivery = Arc::new(
             DeliveryService::start(&config.webhooks, store.clone(), shutdown.child_token()).await?,
         );
@@ -179,27 +167,11 @@ impl Bridge {
                 source,
             })?;
 
-        let leases = match &nats {
-            Some(nats) => Some(Arc::new(Leases::open(nats).await?)),
-            None => None,
-        };
         let (queue_tx, queue_rx) = mpsc::channel(ingest::INGEST_QUEUE);
         let (publish, _) = broadcast::channel(ingest::PUBLISH_CAPACITY);
-        // With NATS, the live stream is the journal's tail (every instance's events), started
-        // at the head before any upstream or consumer can add to or read from it.
-        let ingest_publish = match &nats {
-            Some(nats) => {
-                let head = nats.position().await?.head;
-                tail::spawn(
-                    nats.clone(),
-                    head + 1,
-                    publish.clone(),
-                    shutdown.child_token(),
-                );
-                None
-            }
-            None => Some(publish.clone()),
-        };
+        // Started before any upstream or consumer can add to or read from the journal (with
+        // NATS, the live stream is the journal's tail, from its head as it is now).
+        let ingest_publish = live.start(&publish, shutdown.child_token()).await?;
         let stats = Arc::new(IngestStats::default());
         let frame_limits = upstream::FrameLimits::new(&config.limits, config.storage.dedup_window);
         let upstreams = Arc::new(Upstreams::start(
@@ -213,7 +185,7 @@ impl Bridge {
             store.clone(),
             Sinks {
                 router: router.clone(),
-                delivery: delivery.clone(),
+                wake: delivery.clone(),
                 publish: ingest_publish,
                 max_event_bytes: config.limits.max_event_bytes,
             },

@@ -28,9 +28,9 @@ use wsbridge_adapters::{Provider, Secret, UpstreamSettings};
 use crate::delivery::WebhookConfig;
 use crate::downstream::{compile_consumers, Consumer, ConsumerConfig};
 use crate::routing::{RouteConfig, Router};
-use crate::storage::embedded::Durability;
+pub use crate::storage::config::{Durability, StorageBackend, StorageConfig};
 use crate::tls::{ClientTls, ServerTls, TlsSettings};
-use crate::values::{bounds, de_duration, out_of_bounds, shown_url, DAY, MINUTE, SECOND};
+use crate::values::{bounds, de_duration, de_opt_secret, out_of_bounds, shown_url};
 
 /// The validated configuration of one bridge process.
 #[derive(Clone, Debug)]
@@ -293,219 +293,6 @@ const UPSTREAM_FRAME_SLACK: usize = 64 * 1024;
 /// subscription id (a client's JSON string or number, itself within the client frame limit).
 pub const DOWNSTREAM_FRAME_OVERHEAD: usize = 128 * 1024;
 
-/// Which store holds the journal.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum StorageBackend {
-    /// One embedded database file; nothing to install.
-    #[default]
-    Embedded,
-    /// NATS JetStream, for several bridge instances.
-    Nats,
-}
-
-/// `[storage]`: where events are journalled.
-#[derive(Clone, Debug, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct StorageConfig {
-    /// `embedded` (default) or `nats`.
-    #[serde(default)]
-    pub backend: StorageBackend,
-    /// The embedded database file.
-    #[serde(default = "default_storage_path")]
-    pub path: PathBuf,
-    /// `normal` (survives a process crash) or `full` (also power loss; an fsync per commit).
-    #[serde(default, deserialize_with = "de_durability")]
-    pub durability: Durability,
-    /// How long the journal keeps events (resume, replay and dedup reach back this far);
-    /// `None` (`"0s"` in the file) keeps everything. Bounds the database file.
-    #[serde(default = "default_retention", deserialize_with = "de_retention")]
-    pub retention: Option<Duration>,
-    /// NATS server URLs (`url = "nats://h:4222"` or a list for a cluster); `nats` only.
-    #[serde(default, deserialize_with = "de_string_or_list")]
-    pub url: Vec<String>,
-    /// Prefix of every stream, consumer, subject and bucket name, so that several bridges (or
-    /// test runs) can share one NATS account without seeing each other.
-    #[serde(default = "default_nats_prefix")]
-    pub prefix: String,
-    /// JetStream replicas of the journal and its companions (1, 3 or 5 in a cluster).
-    #[serde(default = "default_replicas")]
-    pub replicas: usize,
-    /// A NATS `.creds` file (JWT + nkey seed).
-    #[serde(default)]
-    pub credentials: Option<PathBuf>,
-    /// A NATS auth token (instead of `credentials`).
-    #[serde(default, deserialize_with = "de_opt_secret")]
-    pub token: Option<Secret>,
-    /// Require TLS even for `nats://` URLs.
-    #[serde(default)]
-    pub tls_required: bool,
-    /// The trust policy of the NATS connection: the `tls_*` keys ([`TlsSettings`]) with their
-    /// files as read at load.
-    #[serde(skip)]
-    pub tls: ClientTls,
-    /// How long an upstream lease (`ownership = "lease"`) lives without renewal: the most an
-    /// upstream stays unread after its holder dies.
-    #[serde(default = "d_5s", deserialize_with = "de_duration")]
-    pub lease_ttl: Duration,
-    /// The dedup window: copies of one event id received within it (the same frame over two
-    /// connections or two instances, a retry after an outage) are stored once; the id coming
-    /// back later is a new event with a new id. Also how long a connection remembers a frame
-    /// to number its repeats. `duplicate_window` is accepted as its older name.
-    #[serde(
-        default = "d_2m",
-        deserialize_with = "de_duration",
-        alias = "duplicate_window"
-    )]
-    pub dedup_window: Duration,
-}
-
-impl Default for StorageConfig {
-    fn default() -> Self {
-        StorageConfig {
-            backend: StorageBackend::Embedded,
-            path: default_storage_path(),
-            durability: Durability::Normal,
-            retention: default_retention(),
-            url: Vec::new(),
-            prefix: default_nats_prefix(),
-            replicas: default_replicas(),
-            credentials: None,
-            token: None,
-            tls_required: false,
-            tls: ClientTls::default(),
-            lease_ttl: d_5s(),
-            dedup_window: d_2m(),
-        }
-    }
-}
-
-fn default_retention() -> Option<Duration> {
-    Some(Duration::from_secs(7 * 24 * 3600))
-}
-
-fn de_retention<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-    let d = de_duration(d)?;
-    if d.is_zero() {
-        Ok(None)
-    } else if d < Duration::from_secs(60) {
-        Err(serde::de::Error::custom(
-            "must be at least 1m (or \"0s\" to keep everything)",
-        ))
-    } else {
-        Ok(Some(d))
-    }
-}
-
-/// Longest `storage.prefix`: it starts every journal subject, and subjects are bounded
-/// (`storage::nats::MAX_SUBJECT_BYTES`).
-pub const MAX_NATS_PREFIX: usize = 64;
-
-fn default_nats_prefix() -> String {
-    "wsbridge".to_string()
-}
-
-fn default_replicas() -> usize {
-    1
-}
-
-fn d_5s() -> Duration {
-    Duration::from_secs(5)
-}
-
-fn d_2m() -> Duration {
-    Duration::from_secs(120)
-}
-
-impl StorageConfig {
-    /// Problems with the NATS settings, as (key, reason); empty for the embedded backend.
-    fn nats_problems(&self) -> Vec<(&'static str, String)> {
-        let mut out = Vec::new();
-        if self.backend != StorageBackend::Nats {
-            return out;
-        }
-        if self.url.is_empty() {
-            out.push((
-                "url",
-                "the nats backend needs at least one server URL".to_string(),
-            ));
-        }
-        for u in &self.url {
-            match url::Url::parse(u) {
-                Ok(parsed)
-                    if matches!(parsed.scheme(), "nats" | "tls") && parsed.host().is_some() => {}
-                Ok(_) => out.push((
-                    "url",
-                    format!("{u:?}: use nats://host:port or tls://host:port"),
-                )),
-                Err(e) => out.push(("url", format!("{u:?}: {e}"))),
-            }
-        }
-        if self.prefix.is_empty()
-            || !self
-                .prefix
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'))
-        {
-            out.push((
-                "prefix",
-                "use letters, digits, '-' or '_' (it names streams, subjects and buckets)"
-                    .to_string(),
-            ));
-        }
-        if self.prefix.len() > MAX_NATS_PREFIX {
-            out.push((
-                "prefix",
-                format!(
-                    "at most {MAX_NATS_PREFIX} characters (it starts every subject, which NATS keeps short)"
-                ),
-            ));
-        }
-        if !(1..=5).contains(&self.replicas) {
-            out.push(("replicas", "must be between 1 and 5".to_string()));
-        }
-        if self.credentials.is_some() && self.token.is_some() {
-            out.push((
-                "token",
-                "give either credentials or token, not both".to_string(),
-            ));
-        }
-        // The tls_* files are read and checked by `Config::load_tls`.
-        if let Some(f) = &self.credentials {
-            if !f.is_file() {
-                out.push((
-                    "credentials",
-                    format!("{} is not a readable file", f.display()),
-                ));
-            }
-        }
-        out
-    }
-
-    /// Durations out of their bounds, as (key, reason); checked for every backend, so that
-    /// switching to nats later cannot bring in a value that was never looked at.
-    fn duration_problems(&self) -> Vec<(&'static str, String)> {
-        let mut out = Vec::new();
-        if let Some(retention) = self.retention {
-            if let Some(reason) = out_of_bounds(retention, MINUTE, bounds::RETENTION_MAX) {
-                out.push((
-                    "retention",
-                    format!("{reason} (or \"0s\" to keep everything)"),
-                ));
-            }
-        }
-        for (key, d, min, max) in [
-            ("lease_ttl", self.lease_ttl, SECOND, bounds::LEASE_TTL_MAX),
-            ("dedup_window", self.dedup_window, SECOND, DAY),
-        ] {
-            if let Some(reason) = out_of_bounds(d, min, max) {
-                out.push((key, reason));
-            }
-        }
-        out
-    }
-}
-
 /// Who connects to an upstream when several bridge instances share a NATS journal.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -517,10 +304,6 @@ pub enum Ownership {
     /// within `storage.lease_ttl` when the holder dies (for providers that allow only one
     /// connection per identity, such as VoicePact).
     Lease,
-}
-
-fn default_storage_path() -> PathBuf {
-    PathBuf::from("data/wsbridge.db")
 }
 
 /// `[[upstreams]]`: one provider connection and how to keep it alive.
@@ -1389,16 +1172,6 @@ fn expand_str(s: &str, env: &impl Fn(&str) -> Option<String>) -> Result<String, 
     Ok(out)
 }
 
-fn de_durability<'de, D: Deserializer<'de>>(d: D) -> Result<Durability, D::Error> {
-    match String::deserialize(d)?.as_str() {
-        "normal" => Ok(Durability::Normal),
-        "full" => Ok(Durability::Full),
-        other => Err(serde::de::Error::custom(format!(
-            "{other:?}: use \"normal\" or \"full\""
-        ))),
-    }
-}
-
 fn de_provider<'de, D: Deserializer<'de>>(d: D) -> Result<Provider, D::Error> {
     let s = String::deserialize(d)?;
     s.parse().map_err(serde::de::Error::custom)
@@ -1416,27 +1189,10 @@ fn de_ws_url<'de, D: Deserializer<'de>>(d: D) -> Result<url::Url, D::Error> {
     Ok(u)
 }
 
-fn de_string_or_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum OneOrMany {
-        One(String),
-        Many(Vec<String>),
-    }
-    Ok(match OneOrMany::deserialize(d)? {
-        OneOrMany::One(s) => vec![s],
-        OneOrMany::Many(v) => v,
-    })
-}
-
-fn de_opt_secret<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Secret>, D::Error> {
-    let s = Option::<String>::deserialize(d)?;
-    Ok(s.filter(|s| !s.is_empty()).map(Secret::new))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::config::MAX_NATS_PREFIX;
 
     fn env(name: &str) -> Option<String> {
         match name {

@@ -22,7 +22,7 @@ use wsbridge_adapters::{hashi, voicepact, voipbin, Provider};
 use crate::bridge::Bridge;
 use crate::config::Config;
 use crate::delivery::signing::Signer;
-use crate::ingest::Published;
+use crate::envelope::Published;
 use crate::upstream::UpstreamState;
 
 /// The two VoicePact parties of the scripted contract (one connection each).

@@ -7,10 +7,11 @@
 //! in place of it.
 //!
 //! An envelope is serialised once, after the journal has given it its `seq`; the resulting
-//! bytes are shared by every webhook and consumer (see [`crate::ingest::Published`]).
+//! bytes are shared by every webhook and consumer (see [`Published`]).
 
 use std::sync::Arc;
 
+use bytes::Bytes;
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -101,6 +102,16 @@ impl Envelope {
     pub fn to_bytes(&self) -> Result<Arc<[u8]>, serde_json::Error> {
         Ok(serde_json::to_vec(self)?.into())
     }
+}
+
+/// A journalled event: the envelope (with its `seq`) and its serialised form, shared by every
+/// recipient (the live ring, its consumers, the demo) so that nobody serialises it again.
+#[derive(Debug)]
+pub struct Published {
+    /// The envelope, `seq` set.
+    pub envelope: Envelope,
+    /// `envelope` as JSON bytes, exactly what is sent and signed.
+    pub bytes: Bytes,
 }
 
 /// A journalled envelope as read back, with `data` left as the journal's text.

@@ -5,6 +5,10 @@
 //! Upstream supervisors push [`Envelope`]s into one bounded queue; a single task drains it in
 //! batches and hands each batch to the journal, which commits it in one transaction (group
 //! commit). Only then is anything published: write-ahead (docs/architecture.md, "Invariants").
+//! Ingest hands each event it journalled to the backend's live feed
+//! ([`crate::storage::Publisher`]): the embedded backend publishes it to the ring; with NATS
+//! the journal's tail feeds the ring (it also carries other instances' events), so ingest's
+//! side does nothing. Ingest does not ask which backend it has.
 //! A copy of an event journalled within `storage.dedup_window` is counted and dropped: the
 //! same VoicePact `payment_update` reaching two `client_id` connections, or a frame re-sent
 //! right after a reconnect, is one event (README, "Event identity: what is one event and
@@ -20,16 +24,14 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use bytes::Bytes;
 use serde::Serialize;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::{debug, error, warn};
 
-use crate::delivery::DeliveryService;
-use crate::envelope::Envelope;
+use crate::envelope::{Envelope, Published};
 use crate::routing::Router;
-use crate::storage::{Appended, NewEvent, Store, StoreError};
+use crate::storage::{Appended, NewEvent, Publisher, Store, StoreError};
 
 /// Capacity of the queue from the supervisors to ingest.
 pub const INGEST_QUEUE: usize = 4096;
@@ -37,16 +39,6 @@ pub const INGEST_QUEUE: usize = 4096;
 pub const PUBLISH_CAPACITY: usize = 8192;
 /// Most events taken from the queue per batch.
 const BATCH: usize = 512;
-
-/// A journalled event: the envelope (with its `seq`) and its serialised form, shared by every
-/// recipient so that nobody serialises it again.
-#[derive(Debug)]
-pub struct Published {
-    /// The envelope, `seq` set.
-    pub envelope: Envelope,
-    /// `envelope` as JSON bytes, exactly what is sent and signed.
-    pub bytes: Bytes,
-}
 
 /// Ingest counters.
 #[derive(Debug, Default)]
@@ -89,15 +81,24 @@ impl IngestStats {
     }
 }
 
+/// Whoever delivers what ingest routed to webhook endpoints: told, after each commit, which
+/// endpoints got new deliveries. Ingest needs only this of the delivery side (implemented by
+/// [`crate::delivery::DeliveryService`]), so it does not depend on how delivery runs.
+pub trait Wake: Send + Sync {
+    /// `endpoint` has new deliveries in the store.
+    fn wake(&self, endpoint: &str);
+}
+
 /// Where ingest sends what it journalled.
 pub struct Sinks {
     /// The routing rules: which webhook endpoints get an event (swapped by hot reload).
     pub router: Arc<arc_swap::ArcSwap<Router>>,
     /// The webhook dispatchers, woken for each endpoint that got new deliveries.
-    pub delivery: Arc<DeliveryService>,
-    /// The live stream for consumers; `None` when the store feeds it itself (the nats
-    /// backend's journal tail, which also carries what other instances journalled).
-    pub publish: Option<broadcast::Sender<Arc<Published>>>,
+    pub wake: Arc<dyn Wake>,
+    /// The live stream's ingest side ([`crate::storage::LiveFeed::start`]): told of every
+    /// event journalled here; whether it publishes them or the store feeds the stream itself
+    /// is the backend's business.
+    pub publish: Publisher,
     /// `limits.max_event_bytes`: a larger envelope is refused here, before the journal.
     pub max_event_bytes: usize,
 }
@@ -113,7 +114,7 @@ pub fn spawn(
     tokio::spawn(async move {
         let Sinks {
             router,
-            delivery,
+            wake,
             publish,
             max_event_bytes,
         } = sinks;
@@ -167,13 +168,10 @@ pub fn spawn(
                         bytes, envelope, ..
                     } => {
                         stats.published.fetch_add(1, Ordering::Relaxed);
-                        if let Some(publish) = &publish {
-                            // No receiver is not an error: nobody is listening yet.
-                            let _ = publish.send(Arc::new(Published {
-                                envelope: *envelope,
-                                bytes,
-                            }));
-                        }
+                        publish.journalled(Published {
+                            envelope: *envelope,
+                            bytes,
+                        });
                     }
                     Appended::Duplicate => {
                         stats.duplicates.fetch_add(1, Ordering::Relaxed);
@@ -186,7 +184,7 @@ pub fn spawn(
                 }
             }
             for endpoint in woken.drain(..) {
-                delivery.wake(&endpoint);
+                wake.wake(&endpoint);
             }
         }
     })

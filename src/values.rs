@@ -1,10 +1,11 @@
 //! Config values every section parses alike: durations (with the bounds each key has) and
 //! URLs shown without credentials. A leaf: the sections that live beside their components
-//! (`[[webhooks]]` in `delivery`, the rest in `config`) use it, and it uses none of them.
+//! (`[[webhooks]]` in `delivery`, `[storage]` in `storage::config`, the rest in `config`) use it, and it uses none of them.
 
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
+use wsbridge_adapters::Secret;
 
 /// Parses a config duration (`"500ms"`, `"30s"`, `"2m"`, `"1h"`), with a reason on failure.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -83,4 +84,25 @@ pub fn shown_url(u: &url::Url) -> String {
     shown.set_query(None);
     shown.set_fragment(None);
     format!("{:?}", shown.as_str())
+}
+
+/// Deserialises one string or a list of strings (`url = "nats://h:4222"` or a list for a
+/// cluster), so that the common case of one needs no brackets.
+pub fn de_string_or_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    })
+}
+
+/// Deserialises an optional secret; an empty string (an unset `${VAR:-}`) means none.
+pub fn de_opt_secret<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Secret>, D::Error> {
+    let s = Option::<String>::deserialize(d)?;
+    Ok(s.filter(|s| !s.is_empty()).map(Secret::new))
 }

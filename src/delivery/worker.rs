@@ -194,6 +194,13 @@ pub struct EndpointView {
     pub counters: EndpointCounters,
 }
 
+/// Ingest wakes an endpoint's dispatcher through this after committing its new deliveries.
+impl crate::ingest::Wake for DeliveryService {
+    fn wake(&self, endpoint: &str) {
+        DeliveryService::wake(self, endpoint);
+    }
+}
+
 impl DeliveryService {
     /// Starts a dispatcher for every endpoint. Endpoints disabled before a restart stay
     /// disabled.

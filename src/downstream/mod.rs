@@ -28,7 +28,7 @@ use tokio::sync::broadcast;
 use wsbridge_adapters::Secret;
 
 use self::budget::{DownstreamLimits, ReplayBudget};
-use crate::ingest::Published;
+use crate::envelope::Published;
 use crate::routing::{Filter, FilterConfig, RouteIssue};
 use crate::storage::Store;
 

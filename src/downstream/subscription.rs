@@ -33,8 +33,7 @@ use tracing::error;
 
 use super::budget::{Charge, ConnectionBudget, Stalled, EVENT_OVERHEAD};
 use super::Hub;
-use crate::envelope::Envelope;
-use crate::ingest::Published;
+use crate::envelope::{Envelope, Published};
 use crate::routing::Filter;
 use crate::storage::JournalPosition;
 

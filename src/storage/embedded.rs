@@ -30,6 +30,7 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use tokio::sync::oneshot;
 use tracing::{error, info, warn};
 
+use super::config::Durability;
 use super::{
     Appended, AttemptRecord, DeliveryCounts, DeliveryInfo, DeliveryState, DueDelivery,
     JournalPosition, NewEvent, NextStep, ReplaySelection, Store, StoreError, StoredEvent,
@@ -46,16 +47,6 @@ pub const REPLAY_READERS: usize = 2;
 /// Page cache of a replay reader (KiB): replays read sequentially through the memory map, so
 /// a large cache would only hold pages that are not read again.
 const REPLAY_READER_CACHE_KIB: i64 = 2048;
-
-/// How hard a commit is pushed to disk.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum Durability {
-    /// Survives a process crash (the default).
-    #[default]
-    Normal,
-    /// Also survives power loss or an OS crash.
-    Full,
-}
 
 /// Schema, applied in order; `PRAGMA user_version` records how many have run.
 const MIGRATIONS: &[&str] = &[

@@ -27,10 +27,17 @@
 //!
 //! Implementations: [`embedded::EmbeddedStore`] (one SQLite file, the default) and
 //! [`nats::NatsStore`] (NATS JetStream, shared by several bridge instances; its delivery
-//! queue is the journal itself, read by one durable consumer per endpoint).
+//! queue is the journal itself, read by one durable consumer per endpoint). [`open()`] opens
+//! the configured one and gives the bridge what every backend gives it alike: the store, its
+//! upstream leases and its live feed ([`Opened`]).
+//! Their settings, `[storage]`, are in [`config`].
 
+pub mod config;
 pub mod embedded;
 pub mod nats;
+mod open;
+
+pub use open::{open, LiveFeed, Opened, Publisher};
 
 use std::path::PathBuf;
 use std::sync::Arc;

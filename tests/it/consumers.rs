@@ -149,7 +149,7 @@ fn describe(run: &Finished) -> String {
 struct Setup {
     bridge: Bridge,
     vb: Simulator,
-    published: tokio::sync::broadcast::Receiver<Arc<wsbridge::ingest::Published>>,
+    published: tokio::sync::broadcast::Receiver<Arc<wsbridge::envelope::Published>>,
 }
 
 async fn setup() -> Setup {

@@ -50,7 +50,7 @@ use super::{
     Appended, AttemptRecord, DeliveryCounts, DeliveryInfo, DeliveryState, DueDelivery,
     JournalPosition, NewEvent, NextStep, ReplaySelection, Store, StoreError, StoredEvent,
 };
-use crate::config::StorageConfig;
+use crate::storage::config::StorageConfig;
 
 /// Header carrying the webhook endpoints an event was routed to at ingest.
 pub const HEADER_TARGETS: &str = "Wsbridge-Targets";

@@ -4,7 +4,8 @@
 //!
 //! With the nats backend ingest publishes nothing itself (an event it journalled may be a
 //! duplicate of another instance's copy, and the other instances' events never pass through
-//! it); the tail is the one source of the live stream. It reads with an ordered consumer, so
+//! it); the tail is the one source of the live stream. It is this backend's live feed
+//! ([`crate::storage::LiveFeed`]), started by the bridge before any upstream. It reads with an ordered consumer, so
 //! its sequence has no holes; after an error it reopens from the next sequence it expects.
 
 use std::sync::Arc;
@@ -18,8 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, warn};
 
 use super::{with_seq, NatsStore};
-use crate::envelope::Envelope;
-use crate::ingest::Published;
+use crate::envelope::{Envelope, Published};
 
 /// Starts following the journal from `from` (normally head + 1 at start).
 pub fn spawn(

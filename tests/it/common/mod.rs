@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::sync::broadcast;
 use wsbridge::bridge::Bridge;
 use wsbridge::config::Config;
-use wsbridge::ingest::Published;
+use wsbridge::envelope::Published;
 use wsbridge::upstream::{UpstreamHandle, UpstreamState, UpstreamStatus};
 use wsbridge_adapters::sim::{self, SimOptions, Simulator};
 use wsbridge_adapters::Provider;

@@ -338,7 +338,7 @@ async fn a_webhook_dispatcher_that_panics_is_shown_failed_then_restarted() {
     let cfg = config(&[upstream(""), hook]);
     let inner = wsbridge::storage::embedded::EmbeddedStore::open(
         &temp_dir("dispatcher-panics").join("wsbridge.db"),
-        wsbridge::storage::embedded::Durability::Normal,
+        wsbridge::storage::config::Durability::Normal,
     )
     .expect("store opens");
     let adapter = wsbridge_adapters::build_adapter(
