@@ -23,7 +23,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::config::{Config, Ownership, StorageBackend};
+use crate::config::{Config, Ownership};
 use crate::delivery::worker::DeliveryError;
 use crate::delivery::DeliveryService;
 use crate::downstream::Hub;
@@ -45,9 +45,6 @@ pub enum BridgeError {
     /// The journal could not be opened.
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// The configured backend is not available in this build.
-    #[error("storage backend {0:?} is not available")]
-    Backend(StorageBackend),
     /// A webhook endpoint could not be set up.
     #[error(transparent)]
     Delivery(#[from] DeliveryError),
