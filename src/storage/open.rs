@@ -91,7 +91,7 @@ impl LiveFeed {
             }),
             Source::Tail(nats) => {
                 let head = nats.position().await?.head;
-                tail::spawn(nats, head + 1, ring.clone(), shutdown);
+                tail::spawn(nats, head.saturating_add(1), ring.clone(), shutdown);
                 Ok(Publisher { ring: None })
             }
         }
