@@ -1201,6 +1201,22 @@ mod tests {
         }
     }
 
+    /// Asserts that `text` is refused with (at least) a problem at each of `keys`.
+    fn assert_refused(text: &str, keys: &[&str]) {
+        let found: Vec<String> = Config::from_toml(text, env, false)
+            .unwrap_err()
+            .0
+            .into_iter()
+            .map(|i| i.key)
+            .collect();
+        for key in keys {
+            assert!(
+                found.iter().any(|k| k == key),
+                "{key} missing from {found:?}"
+            );
+        }
+    }
+
     const GOOD: &str = r#"
         [server]
         listen = "127.0.0.1:0"
@@ -1324,20 +1340,15 @@ mod tests {
         let bad = format!(
             "{GOOD}\n[limits]\nmax_connections_per_token = 0\nreplay_memory_per_connection = \"2GiB\"\nreplay_memory_total = \"1MiB\"\nreplay_stall_timeout = \"10ms\"\n"
         );
-        let keys: Vec<String> = Config::from_toml(&bad, env, false)
-            .unwrap_err()
-            .0
-            .into_iter()
-            .map(|i| i.key)
-            .collect();
-        for key in [
-            "limits.max_connections_per_token",
-            "limits.replay_memory_per_connection",
-            "limits.replay_memory_total",
-            "limits.replay_stall_timeout",
-        ] {
-            assert!(keys.iter().any(|k| k == key), "{key} missing from {keys:?}");
-        }
+        assert_refused(
+            &bad,
+            &[
+                "limits.max_connections_per_token",
+                "limits.replay_memory_per_connection",
+                "limits.replay_memory_total",
+                "limits.replay_stall_timeout",
+            ],
+        );
         let unit = format!("{GOOD}\n[limits]\nreplay_memory_total = \"8 parsecs\"\n");
         let err = Config::from_toml(&unit, env, false).unwrap_err();
         assert_eq!(err.0[0].key, "limits.replay_memory_total", "{err}");
@@ -1380,24 +1391,19 @@ mod tests {
         let bad = format!(
             "{GOOD}\n[storage]\nbackend = \"nats\"\nurl = [\"http://x\"]\nprefix = \"a.b\"\nreplicas = 7\ncredentials = \"/nonexistent/x.creds\"\ntoken = \"t\"\ntls_cert = \"/nonexistent/c.pem\"\nlease_ttl = \"10ms\"\n"
         );
-        let keys: Vec<String> = Config::from_toml(&bad, env, false)
-            .unwrap_err()
-            .0
-            .into_iter()
-            .map(|i| i.key)
-            .collect();
-        for key in [
-            "storage.url",
-            "storage.prefix",
-            "storage.replicas",
-            "storage.token",
-            "storage.tls_key",
-            "storage.credentials",
-            "storage.tls_cert",
-            "storage.lease_ttl",
-        ] {
-            assert!(keys.iter().any(|k| k == key), "{key} missing from {keys:?}");
-        }
+        assert_refused(
+            &bad,
+            &[
+                "storage.url",
+                "storage.prefix",
+                "storage.replicas",
+                "storage.token",
+                "storage.tls_key",
+                "storage.credentials",
+                "storage.tls_cert",
+                "storage.lease_ttl",
+            ],
+        );
         let missing = format!("{GOOD}\n[storage]\nbackend = \"nats\"\n");
         let err = Config::from_toml(&missing, env, false).unwrap_err();
         assert_eq!(err.0[0].key, "storage.url");
@@ -1423,19 +1429,14 @@ mod tests {
         let bad = format!(
             "{GOOD}\n[limits]\nmax_connections = 0\nheader_timeout = \"20m\"\nidle_timeout = \"0s\"\n"
         );
-        let keys: Vec<String> = Config::from_toml(&bad, env, false)
-            .unwrap_err()
-            .0
-            .into_iter()
-            .map(|i| i.key)
-            .collect();
-        for key in [
-            "limits.max_connections",
-            "limits.header_timeout",
-            "limits.idle_timeout",
-        ] {
-            assert!(keys.iter().any(|k| k == key), "{key} missing from {keys:?}");
-        }
+        assert_refused(
+            &bad,
+            &[
+                "limits.max_connections",
+                "limits.header_timeout",
+                "limits.idle_timeout",
+            ],
+        );
         let negative = format!("{GOOD}\n[limits]\nmax_connections = -1\n");
         let err = Config::from_toml(&negative, env, false).unwrap_err();
         assert_eq!(err.0[0].key, "limits.max_connections", "{err}");

@@ -40,21 +40,6 @@ fn spawn_bridge(config: &Path) -> Bridge {
     Bridge(child)
 }
 
-fn journal_ids(db: &Path) -> Vec<String> {
-    let conn =
-        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .expect("open journal");
-    let mut stmt = conn
-        .prepare("SELECT id FROM events ORDER BY seq")
-        .expect("query");
-    let ids = stmt
-        .query_map([], |r| r.get::<_, String>(0))
-        .expect("rows")
-        .collect::<Result<Vec<_>, _>>()
-        .expect("ids");
-    ids
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_stream_loses_nothing_that_was_journalled() {
     interrupted_mid_stream(Stop::Kill).await;

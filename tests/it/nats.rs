@@ -627,14 +627,7 @@ async fn nats_restart_under_load_makes_the_bridge_unready_then_recovers_losing_n
         (readyz(&bridge).await == 503).then_some(())
     })
     .await;
-    let metrics = http_client()
-        .get(format!("http://{}/metrics", bridge.local_addr()))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics text");
+    let metrics = metrics_text(&bridge).await;
     assert!(
         metrics.contains("wsbridge_store_connected 0"),
         "metrics show the NATS connection down"
@@ -998,15 +991,7 @@ async fn reading_below_the_first_retained_seq_is_not_retained() {
     assert_eq!(Store::read_from(s, 1, 10).await.expect("read").len(), 5);
 
     // Keep only the last two messages.
-    let client = async_nats::connect(SHARED_NATS).await.expect("connect");
-    let js = async_nats::jetstream::new(client);
-    let mut events = js
-        .get_stream(format!("{prefix}_events"))
-        .await
-        .expect("events stream");
-    let mut config = events.info().await.expect("info").config.clone();
-    config.max_messages = 2;
-    js.update_stream(config).await.expect("limit the stream");
+    update_events_stream(&prefix, |c| c.max_messages = 2).await;
 
     let first = seqs[3];
     match Store::read_from(s, seqs[0], 10).await {

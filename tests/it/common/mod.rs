@@ -254,3 +254,32 @@ pub mod examples;
 pub mod nats;
 pub mod receiver;
 pub mod ws;
+
+/// The bridge's `/metrics` text (the Prometheus text format).
+pub async fn metrics_text(bridge: &Bridge) -> String {
+    http_client()
+        .get(format!("http://{}/metrics", bridge.local_addr()))
+        .send()
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("metrics body")
+}
+
+/// Every event id in the journal file `db`, in `seq` order, read straight from SQLite (for
+/// tests that stop the bridge process and look at what it left).
+pub fn journal_ids(db: &std::path::Path) -> Vec<String> {
+    let conn =
+        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .expect("open journal");
+    let mut stmt = conn
+        .prepare("SELECT id FROM events ORDER BY seq")
+        .expect("query");
+    let ids = stmt
+        .query_map([], |r| r.get::<_, String>(0))
+        .expect("rows")
+        .collect::<Result<Vec<_>, _>>()
+        .expect("ids");
+    ids
+}

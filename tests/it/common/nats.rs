@@ -62,6 +62,25 @@ pub fn webhook_block(name: &str, url: &str, extra: &str) -> String {
     )
 }
 
+/// Changes the journal stream of `prefix` on the shared server the way an operator could
+/// (`change` edits its config), to see how the bridge copes with the stream's limits.
+pub async fn update_events_stream(
+    prefix: &str,
+    change: impl FnOnce(&mut async_nats::jetstream::stream::Config),
+) {
+    let client = async_nats::connect(SHARED_NATS).await.expect("connect");
+    let js = async_nats::jetstream::new(client);
+    let mut stream = js
+        .get_stream(format!("{prefix}_events"))
+        .await
+        .expect("journal stream");
+    let mut config = stream.info().await.expect("stream info").config.clone();
+    change(&mut config);
+    js.update_stream(config)
+        .await
+        .expect("update the journal stream");
+}
+
 /// Deletes every stream and bucket of `prefix` (best effort).
 pub async fn cleanup(url: &str, prefix: &str) {
     let Ok(client) = async_nats::connect(url).await else {

@@ -73,18 +73,6 @@ async fn read_events(ws: &mut Ws, n: usize) -> Vec<(u64, u64, usize)> {
     out
 }
 
-/// `/metrics` as text.
-async fn metrics(bridge: &Bridge) -> String {
-    http_client()
-        .get(format!("http://{}/metrics", bridge.local_addr()))
-        .send()
-        .await
-        .expect("GET /metrics")
-        .text()
-        .await
-        .expect("metrics body")
-}
-
 /// The value of an unlabelled sample in a Prometheus text exposition.
 fn sample(text: &str, name: &str) -> Option<f64> {
     text.lines()
@@ -148,7 +136,7 @@ async fn a_300_kib_event_reaches_live_and_resuming_ws_consumers_sse_and_webhooks
     assert_eq!(data["n"], 1);
     assert_eq!(big.header("ce-type"), "voipbin.call.status");
 
-    let text = metrics(&bridge).await;
+    let text = metrics_text(&bridge).await;
     assert_eq!(sample(&text, "wsbridge_events_too_large_total"), Some(0.0));
     drop(live);
     bridge.shutdown().await;
@@ -185,7 +173,7 @@ async fn an_event_over_max_event_bytes_is_refused_counted_and_the_next_events_fl
 
     let up = bridge.upstream("vb").expect("upstream").counters();
     assert_eq!(up.reconnects, 0, "the connection stayed up: {up:?}");
-    let text = metrics(&bridge).await;
+    let text = metrics_text(&bridge).await;
     assert!(
         text.contains("# HELP wsbridge_events_too_large"),
         "metric has HELP text"
@@ -274,7 +262,7 @@ async fn a_frame_over_the_upstream_read_limit_is_counted_and_the_connection_reop
     let got = read_events(&mut live, 2).await;
     let ns: Vec<u64> = got.iter().map(|e| e.1).collect();
     assert_eq!(ns, vec![0, 2]);
-    let text = metrics(&bridge).await;
+    let text = metrics_text(&bridge).await;
     assert!(
         text.contains("# HELP wsbridge_upstream_frames_too_large"),
         "metric has HELP text"

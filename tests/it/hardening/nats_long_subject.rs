@@ -135,15 +135,7 @@ async fn a_publish_the_stream_refuses_for_good_is_rejected_and_counted_not_retri
     let (bridge, _) = start_bridge(&cfg).await;
     wait_sim_ready(&vp, 1).await;
 
-    let client = async_nats::connect(SHARED_NATS).await.expect("connect");
-    let js = async_nats::jetstream::new(client);
-    let mut stream = js
-        .get_stream(format!("{prefix}_events"))
-        .await
-        .expect("journal stream");
-    let mut config = stream.info().await.expect("stream info").config.clone();
-    config.max_message_size = 2048;
-    js.update_stream(config).await.expect("limit the stream");
+    update_events_stream(&prefix, |c| c.max_message_size = 2048).await;
 
     vp.emit(payment(0)).await;
     vp.emit(json!({"type": "big", "contract_id": "big", "pad": "x".repeat(4096)}))
@@ -166,14 +158,7 @@ async fn a_publish_the_stream_refuses_for_good_is_rejected_and_counted_not_retri
     .await;
     let head = bridge.store().position().await.expect("position").head;
     assert_eq!(head, 4, "the four small events are journalled");
-    let metrics = http_client()
-        .get(format!("http://{}/metrics", bridge.local_addr()))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics body");
+    let metrics = metrics_text(&bridge).await;
     assert!(
         metrics
             .lines()

@@ -285,14 +285,7 @@ async fn journal_bytes_that_are_not_an_envelope_are_reported_to_the_consumer_and
 
     let counted = bridge.hub().counters().unreadable_events;
     assert_eq!(counted, 2, "one per feed that met it");
-    let text = http_client()
-        .get(format!("http://{}/metrics", bridge.local_addr()))
-        .send()
-        .await
-        .expect("GET /metrics")
-        .text()
-        .await
-        .expect("metrics");
+    let text = metrics_text(&bridge).await;
     assert!(text.contains("# HELP wsbridge_journal_unreadable_events"));
     assert!(
         text.contains("wsbridge_journal_unreadable_events_total 2"),

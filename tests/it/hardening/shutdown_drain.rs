@@ -135,21 +135,6 @@ fn spawn_serve(config: &Path) -> (Process, watch::Receiver<bool>) {
     (Process(child), rx)
 }
 
-fn journal_ids(db: &Path) -> Vec<String> {
-    let conn =
-        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .expect("open journal");
-    let mut stmt = conn
-        .prepare("SELECT id FROM events ORDER BY seq")
-        .expect("query");
-    let ids = stmt
-        .query_map([], |r| r.get::<_, String>(0))
-        .expect("rows")
-        .collect::<Result<Vec<_>, _>>()
-        .expect("ids");
-    ids
-}
-
 /// 150 events pushed by the three providers in a burst, still on their way when SIGTERM
 /// arrives: the process exits 0 and every one of them is in the journal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -414,14 +399,7 @@ async fn a_provider_that_never_answers_the_close_holds_shutdown_only_for_the_gra
     let (bridge, _rx) = start_bridge(&cfg).await;
     wait_sim_ready(&vb, 1).await;
     let u = bridge.upstream("vb").expect("vb");
-    let metrics = http_client()
-        .get(format!("http://{}/metrics", bridge.local_addr()))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics body");
+    let metrics = metrics_text(&bridge).await;
     assert!(
         metrics.contains("# HELP wsbridge_upstream_drain_timeouts")
             && metrics.contains("wsbridge_upstream_drain_timeouts_total{upstream=\"vb\"} 0"),

@@ -133,17 +133,7 @@ pub async fn get_json(bridge: &Bridge, path: &str) -> Value {
         .expect("body")
 }
 
-/// The bridge's `/metrics` text.
-pub async fn metrics(bridge: &Bridge) -> String {
-    crate::common::http_client()
-        .get(format!("http://{}/metrics", bridge.local_addr()))
-        .send()
-        .await
-        .expect("request")
-        .text()
-        .await
-        .expect("text")
-}
+pub use crate::common::metrics_text as metrics;
 
 /// The entry called `name` in `list`.
 pub fn named<'a>(list: &'a Value, name: &str) -> &'a Value {
