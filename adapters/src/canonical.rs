@@ -63,6 +63,20 @@ pub fn event_id(provider: &str, host: &str, frame: &Value) -> String {
     hex::encode(&digest[..16])
 }
 
+/// An id derived from another: 32 hex digits of `SHA-256(tag NUL id NUL n)` (`n` in
+/// decimal). The bridge names an event this way when the id it came with must not be reused
+/// (the `n`-th repeat of a frame on one connection, an id back after the dedup window);
+/// every instance that derives it from the same inputs gets the same id.
+pub fn derived_id(tag: &str, id: &str, n: u64) -> String {
+    let mut h = Sha256::new();
+    h.update(tag.as_bytes());
+    h.update([0u8]);
+    h.update(id.as_bytes());
+    h.update([0u8]);
+    h.update(n.to_string().as_bytes());
+    hex::encode(&h.finalize()[..16])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -29,7 +29,7 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 
-pub use canonical::{canonical_json, event_id};
+pub use canonical::{canonical_json, derived_id, event_id};
 pub use secret::Secret;
 pub use time::parse_provider_time;
 

@@ -140,13 +140,7 @@ pub struct StoredEvent {
 /// every instance that sees the same return computes the same id, so their copies still
 /// collapse into one event.
 pub fn renewed_id(id: &str, seq: u64) -> String {
-    use sha2::{Digest, Sha256};
-    let mut h = Sha256::new();
-    h.update(b"renewed\0");
-    h.update(id.as_bytes());
-    h.update([0u8]);
-    h.update(seq.to_string().as_bytes());
-    hex::encode(&h.finalize()[..16])
+    wsbridge_adapters::derived_id("renewed", id, seq)
 }
 
 /// How many of `page`'s events fit `max_bytes` (at least one when the page has any).

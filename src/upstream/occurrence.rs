@@ -23,19 +23,13 @@ use std::collections::VecDeque;
 use std::hash::BuildHasher;
 use std::time::Duration;
 
-use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
 /// The id of the `k`-th occurrence (k ≥ 2) of a frame whose content id is `id` on one
 /// connection: 32 hex digits of `SHA-256("occurrence" NUL id NUL k)`, the same on every
 /// connection and instance that computes it.
 pub fn occurrence_id(id: &str, k: u64) -> String {
-    let mut h = Sha256::new();
-    h.update(b"occurrence\0");
-    h.update(id.as_bytes());
-    h.update([0u8]);
-    h.update(k.to_string().as_bytes());
-    hex::encode(&h.finalize()[..16])
+    wsbridge_adapters::derived_id("occurrence", id, k)
 }
 
 /// How often one frame has been seen.

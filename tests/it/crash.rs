@@ -6,7 +6,7 @@
 
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,26 +18,12 @@ use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 use wsbridge_adapters::{voipbin, Provider};
 
-/// Kills the child when the test ends, however it ends.
-struct Bridge(Child);
-
-impl Drop for Bridge {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn_bridge(config: &Path) -> Bridge {
-    let child = Command::new(env!("CARGO_BIN_EXE_wsbridge"))
-        .args(["serve", "--config"])
-        .arg(config)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
+fn spawn_bridge(config: &Path) -> Process {
+    let child = Process::serve_command(config, "warn")
         .stderr(Stdio::inherit())
         .spawn()
         .expect("bridge starts");
-    Bridge(child)
+    Process(child)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -122,26 +108,10 @@ async fn interrupted_mid_stream(stop: Stop) {
             let _ = bridge.0.wait();
         }
         Stop::Term => {
-            let pid = bridge.0.id().to_string();
-            assert!(Command::new("kill")
-                .args(["-TERM", &pid])
-                .status()
-                .expect("kill runs")
-                .success());
-            let status = tokio::task::spawn_blocking(move || {
-                let status = bridge.0.wait();
-                (status, bridge)
-            });
-            let (status, returned) = tokio::time::timeout(DEADLINE, status)
-                .await
-                .expect("exits in time")
-                .expect("waited");
+            bridge.terminate();
+            let (code, returned) = bridge.exit_code().await;
             bridge = returned;
-            assert_eq!(
-                status.expect("exit status").code(),
-                Some(0),
-                "SIGTERM exits 0"
-            );
+            assert_eq!(code, Some(0), "SIGTERM exits 0");
             // The consumer was told the server is going away.
             let close = loop {
                 match tokio::time::timeout(DEADLINE, consumer.next())

@@ -283,3 +283,51 @@ pub fn journal_ids(db: &std::path::Path) -> Vec<String> {
         .expect("ids");
     ids
 }
+
+/// A child process of the test (a `wsbridge` binary), killed and reaped when the test ends,
+/// however it ends.
+pub struct Process(pub std::process::Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Process {
+    /// `wsbridge serve --config <config>` with `RUST_LOG` at `log` and stdout discarded; the
+    /// caller decides stderr and spawns it (directly, or under a wrapper such as `prlimit`).
+    pub fn serve_command(config: &std::path::Path, log: &str) -> std::process::Command {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_wsbridge"));
+        c.args(["serve", "--config"])
+            .arg(config)
+            .env("RUST_LOG", log)
+            .stdout(std::process::Stdio::null());
+        c
+    }
+
+    /// Sends SIGTERM (the orderly stop an init system sends).
+    pub fn terminate(&self) {
+        let pid = self.0.id().to_string();
+        assert!(std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill runs")
+            .success());
+    }
+
+    /// Waits off the runtime, at most [`DEADLINE`], for the process to exit; its exit code
+    /// (`None` if a signal ended it) and the process, for the caller to keep.
+    pub async fn exit_code(mut self) -> (Option<i32>, Process) {
+        let waited = tokio::task::spawn_blocking(move || {
+            let status = self.0.wait();
+            (status, self)
+        });
+        let (status, process) = tokio::time::timeout(DEADLINE, waited)
+            .await
+            .expect("exits in time")
+            .expect("waited");
+        (status.expect("exit status").code(), process)
+    }
+}

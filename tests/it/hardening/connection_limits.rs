@@ -11,7 +11,7 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use futures_util::SinkExt;
@@ -33,17 +33,7 @@ const IDLE_FLOOD: usize = 1_000;
 const SLOW_HEADERS: usize = 50;
 const CONSUMER_TOKEN: &str = "limits-consumer-token";
 
-/// The bridge binary under `prlimit --nofile=N:N`; SIGKILLed when dropped.
-struct LimitedBridge(Child);
-
-impl Drop for LimitedBridge {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn_limited(config: &Path, nofile: u64) -> LimitedBridge {
+fn spawn_limited(config: &Path, nofile: u64) -> Process {
     let child = Command::new("prlimit")
         .arg(format!("--nofile={nofile}:{nofile}"))
         .arg("--")
@@ -55,7 +45,7 @@ fn spawn_limited(config: &Path, nofile: u64) -> LimitedBridge {
         .stderr(Stdio::inherit())
         .spawn()
         .expect("prlimit (util-linux) runs the bridge");
-    LimitedBridge(child)
+    Process(child)
 }
 
 /// Raises this test process's own soft open-file limit so that it can hold the flood

@@ -11,7 +11,7 @@
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -100,24 +100,10 @@ fn distinct_ids(envelopes: &[Value]) -> BTreeSet<String> {
 // ---------------------------------------------------------------------------------------------
 // SIGTERM
 
-/// The bridge binary; killed when the test ends, however it ends.
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Starts `wsbridge serve` with info logs; the returned flag turns true once the process has
 /// logged that it is shutting down (its stderr is echoed to the test's).
 fn spawn_serve(config: &Path) -> (Process, watch::Receiver<bool>) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_wsbridge"))
-        .args(["serve", "--config"])
-        .arg(config)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
+    let mut child = Process::serve_command(config, "info")
         .stderr(Stdio::piped())
         .spawn()
         .expect("bridge starts");
@@ -159,7 +145,7 @@ async fn sigterm_journals_every_event_the_providers_already_sent() {
         ),
     )
     .expect("write config");
-    let (mut bridge, mut shutting_down) = spawn_serve(&config);
+    let (bridge, mut shutting_down) = spawn_serve(&config);
     for s in &sims {
         wait_sim_ready(s, 1).await;
     }
@@ -169,12 +155,7 @@ async fn sigterm_journals_every_event_the_providers_already_sent() {
         s.set_silent(true);
         emit_all(s, frames(s, 50)).await;
     }
-    let pid = bridge.0.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("kill runs")
-        .success());
+    bridge.terminate();
     tokio::time::timeout(DEADLINE, shutting_down.wait_for(|s| *s))
         .await
         .expect("the bridge logs its shutdown")
@@ -183,19 +164,8 @@ async fn sigterm_journals_every_event_the_providers_already_sent() {
         s.set_silent(false);
     }
 
-    let status = tokio::task::spawn_blocking(move || {
-        let status = bridge.0.wait();
-        (status, bridge)
-    });
-    let (status, _bridge) = tokio::time::timeout(DEADLINE, status)
-        .await
-        .expect("exits in time")
-        .expect("waited");
-    assert_eq!(
-        status.expect("exit status").code(),
-        Some(0),
-        "SIGTERM exits 0"
-    );
+    let (code, _bridge) = bridge.exit_code().await;
+    assert_eq!(code, Some(0), "SIGTERM exits 0");
     for s in &sims {
         assert!(
             s.snapshot().client_closes >= 1,
