@@ -1,10 +1,10 @@
 //! Replay memory: how many bytes of journal events replays may hold, per connection and in
 //! total, and the rule that closes a consumer that does not read its replay.
 //!
-//! A replayed event is read from the journal by its subscription's feeder and held until the
-//! connection writes it to its socket. Before reading a page the feeder reserves the page's
+//! A replayed event is read from the journal by its subscription's replay task and held until the
+//! connection writes it to its socket. Before reading a page the replay task reserves the page's
 //! byte budget, first from its connection's budget and then from the total budget (shared by
-//! every connection), one feeder of a connection at a time, so a connection never holds more
+//! every connection), one replay task of a connection at a time, so a connection never holds more
 //! of the total than its own budget; after the read it keeps a [`Charge`] per event it queues (the
 //! event's bytes) and gives the rest back. The charge travels with the event and is released
 //! when the event is written or dropped, so the bytes replays hold are never more than the
@@ -12,9 +12,9 @@
 //! many subscriptions start from `earliest` and however slowly their consumers read: a replay
 //! that finds no room waits (counted in `wsbridge_consumer_replay_budget_waits_total`).
 //!
-//! The slow-consumer rule for replays: while a feeder waits for its connection's budget or
+//! The slow-consumer rule for replays: while a replay task waits for its connection's budget or
 //! for room in its queue, the connection is stalled if it has replayed events queued and has
-//! written none of them for `limits.replay_stall_timeout`; the feeder then ends the
+//! written none of them for `limits.replay_stall_timeout`; the replay task then ends the
 //! connection as a slow consumer (the same verdict as the live path's lag, 4001 on
 //! WebSocket). A wait for the *total* budget is not the consumer's fault and has no deadline.
 
@@ -31,7 +31,7 @@ use crate::config::LimitsConfig;
 /// Bookkeeping per replayed event on top of its bytes (the queue item, its id), so that many
 /// tiny events are not free.
 pub const EVENT_OVERHEAD: usize = 128;
-/// Largest page a feeder reserves at once (a page holds at least one event, whatever size).
+/// Largest page a replay task reserves at once (a page holds at least one event, whatever size).
 const MAX_PAGE_BYTES: usize = 1024 * 1024;
 
 /// The downstream limits from `[limits]`, as the hub applies them.
@@ -132,7 +132,7 @@ pub struct ConnectionBudget {
     last_written_ms: AtomicU64,
     /// Replayed events queued for the connection and not written or dropped yet.
     queued: AtomicUsize,
-    /// Held while one feeder of the connection reserves: the others wait holding nothing.
+    /// Held while one replay task of the connection reserves: the others wait holding nothing.
     reserving: tokio::sync::Mutex<()>,
 }
 
@@ -162,7 +162,7 @@ impl Drop for Charge {
 }
 
 impl ConnectionBudget {
-    /// Bytes a feeder reserves for one page.
+    /// Bytes a replay task reserves for one page.
     pub fn page_bytes(&self) -> usize {
         (self.capacity / 4).clamp(1, MAX_PAGE_BYTES)
     }
@@ -203,7 +203,7 @@ impl ConnectionBudget {
 
     /// Reserves `bytes` (at most this connection's whole budget) for reading a page: from
     /// this connection's budget under the stall rule, then from the total budget (no
-    /// deadline: other connections hold it); one feeder of the connection at a time.
+    /// deadline: other connections hold it); one replay task of the connection at a time.
     pub async fn reserve(&self, bytes: usize) -> Result<Reservation, Stalled> {
         let n = u32::try_from(bytes.clamp(1, self.capacity)).unwrap_or(u32::MAX);
         let _turn = self.reserving.lock().await;

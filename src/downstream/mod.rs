@@ -7,10 +7,11 @@
 //!   with no gap and no duplicate, and the slow-consumer rule;
 //! - [`ws`] and [`sse`]: the two wire protocols.
 //!
-//! Memory is bounded per connection: a subscription's queue holds shared pointers to events
-//! (each serialised once by the journal) and is at most [`subscription::QUEUE`] long; a
-//! consumer whose queue fills is closed (`4001 slow consumer` on WebSocket) and resumes from
-//! its cursor. WebSocket buffers are sized for small JSON frames. Replays are bounded in bytes
+//! Memory is bounded per connection: a live subscription reads shared pointers to events
+//! (each serialised once by the journal) from the one shared ring; a consumer more than the
+//! ring behind is closed (`4001 slow consumer` on WebSocket) and resumes from its cursor. A
+//! replaying subscription's queue is at most [`subscription::QUEUE`] long. WebSocket buffers
+//! are sized for small JSON frames. Replays are bounded in bytes
 //! per connection and in total ([`budget`]), and one consumer token may hold at most
 //! `limits.max_connections_per_token` connections (one more is refused with HTTP 429).
 

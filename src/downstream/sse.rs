@@ -133,7 +133,7 @@ pub async fn stream(
     )
     .await
     {
-        Ok(rx) => rx,
+        Ok(feed) => feed,
         Err(OpenError::Position(e)) => {
             return bad(
                 StatusCode::CONFLICT,
@@ -174,19 +174,19 @@ pub async fn stream(
     };
     let state = (feed, Some(alive), hub.clone());
     let events = stream::unfold(state, |(feed, alive, hub)| async move {
-        // `alive` holds the session guard and stops the feeder when the stream is dropped.
+        // `alive` holds the session guard and stops the replay task when the stream is dropped.
         let alive = alive?;
         let next = tokio::select! {
             // Queued events first: a slow verdict comes after what was already queued.
             biased;
             item = async {
                 match feed.lock().await.as_mut() {
-                    Some(rx) => rx.recv().await,
+                    Some(feed) => feed.next().await,
                     // Dropped by the slow-consumer watcher.
                     None => Some(FeedItem::End(FeedEnd::SlowConsumer)),
                 }
             } => item,
-            // The feeder found this consumer too slow (its queue may have had no room for
+            // The feed found this consumer too slow (its queue may have had no room for
             // the verdict).
             _ = alive.slow.cancelled() => Some(FeedItem::End(FeedEnd::SlowConsumer)),
             // Shutting down: end the stream so the server can finish.
@@ -247,7 +247,7 @@ pub async fn stream(
         .into_response()
 }
 
-/// What lives as long as the stream: the session count, the connection's place, the feeder
+/// What lives as long as the stream: the session count, the connection's place, the replay task
 /// (stopped when dropped) and what ends the stream.
 struct Alive {
     _guard: super::SessionGuard,

@@ -1,21 +1,23 @@
 //! One subscription's event feed: replay from the journal, then live, with no gap and no
 //! duplicate, whatever arrives meanwhile.
 //!
-//! The feeder subscribes to the live stream *before* it reads the journal. Every event is
-//! committed to the journal before it is published, so an event is either already readable in
-//! the journal when the replay reads it, or published after the live receiver exists; the
-//! feeder keeps a cursor (`next`, the next seq it owes the consumer) and skips anything
-//! below it, so the overlap between the two sources is never sent twice.
+//! A [`Feed`] takes its live receiver on the shared ring *before* it reads the journal's
+//! position. Every event is committed to the journal before it is published, so an event is
+//! either already readable in the journal when the replay reads it, or published after the
+//! live receiver exists; the feed keeps a cursor (`next`, the next seq it owes the consumer)
+//! and skips anything below it, so the overlap between the two sources is never sent twice.
 //!
-//! Backpressure: items go into a bounded queue ([`QUEUE`]) and the feeder waits for room, so
-//! a consumer reading at full speed is never punished for a burst. While the feeder waits,
-//! the live stream keeps moving in the shared ring ([`crate::ingest::PUBLISH_CAPACITY`]
-//! events, one copy for all consumers); a consumer that falls further behind than the ring
-//! holds cannot keep up: the feeder cancels the connection's `slow` token, the connection is
-//! closed (`4001 slow consumer`) and the consumer resumes from its cursor. A long replay
-//! (`from` far back) that the ring outruns is not that: the feeder goes back to the journal
-//! from its cursor and catches up again (a bounded number of rounds). Memory per consumer is
-//! the queue of shared pointers, never a copy of the backlog.
+//! Live events are read from the ring by the connection's own task ([`Feed::next`]): no task,
+//! no queue and no copy per subscription, one shared pointer per event. Only a replay runs
+//! as a task of its own (it reads the journal while the connection writes), with a bounded
+//! queue ([`QUEUE`]) it waits on, so a consumer reading at full speed is never punished for a
+//! burst; when the journal has nothing more, the task hands the live receiver back and ends.
+//! The ring holds [`crate::ingest::PUBLISH_CAPACITY`] events, one copy for all consumers; a
+//! consumer that falls further behind than the ring holds cannot keep up: the feed cancels
+//! the connection's `slow` token, the connection is closed (`4001 slow consumer`) and the
+//! consumer resumes from its cursor. A long replay (`from` far back) that the ring outruns is
+//! not that: the feed goes back to the journal from its cursor and catches up again (a
+//! bounded number of rounds).
 //!
 //! Replay memory is bounded apart from the queue length: a replay reads bounded pages
 //! ([`PAGE`] events, and bytes from its connection's budget) and every replayed event holds
@@ -37,7 +39,7 @@ use crate::envelope::{Envelope, Published};
 use crate::routing::Filter;
 use crate::storage::JournalPosition;
 
-/// Events a subscription may have queued for its connection.
+/// Replayed events a subscription's replay task may have queued for its connection.
 pub const QUEUE: usize = 256;
 /// Events read from the journal per page during replay.
 const PAGE: usize = 256;
@@ -158,191 +160,339 @@ pub struct FeedControl {
     pub budget: Arc<ConnectionBudget>,
 }
 
-/// Starts a feeder for (`filter` ∩ `allow`) from seq `from`; `live` must have been taken from
-/// the hub's stream before `from` was computed. The feeder stops when `control.stop` is
-/// cancelled or the receiving side is dropped.
-pub fn spawn_feed(
+/// What a feed needs to (re)start a replay: shared by the feed and its replay task.
+struct FeedShared {
     hub: Arc<Hub>,
-    live: broadcast::Receiver<Arc<Published>>,
     filter: Filter,
     allow: Arc<Filter>,
-    from: u64,
     control: FeedControl,
-) -> mpsc::Receiver<FeedItem> {
+}
+
+impl FeedShared {
+    fn wanted(&self, e: &Envelope) -> bool {
+        self.allow.matches(e) && self.filter.matches(e)
+    }
+}
+
+/// What a replay task sends its feed: items, then (when the journal has nothing more) the
+/// live receiver to go on with.
+enum FromReplay {
+    Item(FeedItem),
+    Live {
+        live: broadcast::Receiver<Arc<Published>>,
+        next: u64,
+    },
+}
+
+enum State {
+    /// A replay task reads the journal; its bounded queue holds what it read.
+    Replaying(mpsc::Receiver<FromReplay>),
+    /// Reading the shared ring directly; `next` is the next seq owed to the consumer.
+    Live {
+        live: broadcast::Receiver<Arc<Published>>,
+        next: u64,
+    },
+    Ended,
+}
+
+/// One subscription's feed, read by its connection's task: events from a replay task while
+/// the journal has older ones, then straight from the shared ring (no task, no queue, no copy
+/// per consumer once live).
+pub struct Feed {
+    state: State,
+    shared: Arc<FeedShared>,
+    /// Whether the live stream has caught up with the cursor since the feed opened.
+    in_sync: bool,
+    /// How many times a replay has been outrun by the live ring.
+    catch_ups: u32,
+}
+
+/// What one live receive means for the feed.
+enum LiveStep {
+    Deliver(FeedItem),
+    Skip,
+    /// Go back to the journal from the cursor (a hole, or the ring outran a replay).
+    Replay,
+    End(FeedEnd),
+    Closed,
+}
+
+impl Feed {
+    /// The next item, waiting for one; `None` once the feed is over (stopped, or the live
+    /// stream closed).
+    pub async fn next(&mut self) -> Option<FeedItem> {
+        loop {
+            let step = match &mut self.state {
+                State::Ended => return None,
+                State::Replaying(rx) => match rx.recv().await {
+                    Some(FromReplay::Item(item)) => return Some(self.after(item)),
+                    Some(FromReplay::Live { live, next }) => {
+                        self.state = State::Live { live, next };
+                        continue;
+                    }
+                    None => {
+                        self.state = State::Ended;
+                        return None;
+                    }
+                },
+                State::Live { live, .. } => {
+                    let received = live.recv().await;
+                    self.live_step(received)
+                }
+            };
+            if let Some(item) = self.apply(step) {
+                return item;
+            }
+        }
+    }
+
+    /// The next item if one is ready now (never waits): a connection writes what is ready
+    /// in one batch.
+    pub fn try_next(&mut self) -> Option<FeedItem> {
+        loop {
+            let step = match &mut self.state {
+                State::Ended => return None,
+                State::Replaying(rx) => match rx.try_recv() {
+                    Ok(FromReplay::Item(item)) => return Some(self.after(item)),
+                    Ok(FromReplay::Live { live, next }) => {
+                        self.state = State::Live { live, next };
+                        continue;
+                    }
+                    Err(_) => return None,
+                },
+                State::Live { live, .. } => {
+                    let received = match live.try_recv() {
+                        Ok(p) => Ok(p),
+                        Err(broadcast::error::TryRecvError::Lagged(n)) => {
+                            Err(broadcast::error::RecvError::Lagged(n))
+                        }
+                        Err(broadcast::error::TryRecvError::Empty) => return None,
+                        // Seen again (and ended on) by the next `next()`.
+                        Err(broadcast::error::TryRecvError::Closed) => return None,
+                    };
+                    self.live_step(received)
+                }
+            };
+            match self.apply(step) {
+                Some(item) => return item,
+                // A replay restarted: its items come through `next()`.
+                None if matches!(self.state, State::Replaying(_)) => return None,
+                None => {}
+            }
+        }
+    }
+
+    /// An item from the replay task: an end ends the feed.
+    fn after(&mut self, item: FeedItem) -> FeedItem {
+        if matches!(item, FeedItem::End(_)) {
+            self.state = State::Ended;
+        }
+        item
+    }
+
+    /// Acts on a live step: `Some(item)` to hand out (`Some(None)`: the feed is over), `None`
+    /// to read on.
+    fn apply(&mut self, step: LiveStep) -> Option<Option<FeedItem>> {
+        match step {
+            LiveStep::Deliver(item) => Some(Some(item)),
+            LiveStep::Skip => None,
+            LiveStep::Replay => {
+                if let State::Live { live, next } = &self.state {
+                    let (live, next) = (live.resubscribe(), *next);
+                    self.state = State::Replaying(spawn_replay(self.shared.clone(), live, next));
+                }
+                None
+            }
+            LiveStep::End(end) => {
+                self.state = State::Ended;
+                Some(Some(FeedItem::End(end)))
+            }
+            LiveStep::Closed => {
+                self.state = State::Ended;
+                Some(None)
+            }
+        }
+    }
+
+    fn live_step(
+        &mut self,
+        received: Result<Arc<Published>, broadcast::error::RecvError>,
+    ) -> LiveStep {
+        let State::Live { next, .. } = &mut self.state else {
+            return LiveStep::Skip;
+        };
+        match received {
+            Ok(p) => {
+                let seq = p.envelope.seq.unwrap_or(0);
+                if seq < *next {
+                    return LiveStep::Skip; // already sent from the journal
+                }
+                if seq > *next {
+                    // A hole between the journal read and the live stream cannot happen
+                    // (journal before publish), but if it ever did, fill it from the journal.
+                    return LiveStep::Replay;
+                }
+                *next = seq + 1;
+                self.in_sync = true;
+                if self.shared.wanted(&p.envelope) {
+                    LiveStep::Deliver(FeedItem::Event(p))
+                } else {
+                    LiveStep::Skip
+                }
+            }
+            Err(broadcast::error::RecvError::Lagged(_))
+                if !self.in_sync && self.catch_ups < MAX_CATCH_UPS =>
+            {
+                // The ring moved on while a long replay ran: the consumer was reading the
+                // journal, not falling behind. Catch up from the journal again.
+                self.catch_ups += 1;
+                LiveStep::Replay
+            }
+            Err(broadcast::error::RecvError::Lagged(_)) => {
+                // More than the ring behind once live (or replays that never catch up): this
+                // consumer cannot keep up.
+                self.shared.control.slow.cancel();
+                LiveStep::End(FeedEnd::SlowConsumer)
+            }
+            Err(broadcast::error::RecvError::Closed) => LiveStep::Closed,
+        }
+    }
+}
+
+/// Starts a replay task from seq `from`; `live` must have been taken from the hub's stream
+/// before `from` was computed (every event is committed to the journal before it is
+/// published, so nothing falls between the two). The task ends when `control.stop` is
+/// cancelled, the feed is dropped, or the journal has nothing more (then it hands `live`
+/// over).
+fn spawn_replay(
+    shared: Arc<FeedShared>,
+    live: broadcast::Receiver<Arc<Published>>,
+    from: u64,
+) -> mpsc::Receiver<FromReplay> {
     let (tx, rx) = mpsc::channel(QUEUE);
     tokio::spawn(async move {
+        let stop = shared.control.stop.clone();
         tokio::select! {
-            _ = feed(&hub, live, &filter, &allow, from, &tx, &control) => {}
-            _ = control.stop.cancelled() => {}
+            _ = replay(&shared, live, from, &tx) => {}
+            _ = stop.cancelled() => {}
         }
     });
     rx
 }
 
-async fn feed(
-    hub: &Arc<Hub>,
-    mut live: broadcast::Receiver<Arc<Published>>,
-    filter: &Filter,
-    allow: &Filter,
+/// Pages through the journal from `next` until it has nothing at or after the cursor, each
+/// page within the bytes reserved for it, then hands the live receiver over.
+async fn replay(
+    shared: &FeedShared,
+    live: broadcast::Receiver<Arc<Published>>,
     mut next: u64,
-    tx: &mpsc::Sender<FeedItem>,
-    control: &FeedControl,
+    tx: &mpsc::Sender<FromReplay>,
 ) {
-    let slow = &control.slow;
-    let budget = &control.budget;
+    let FeedControl { slow, budget, .. } = &shared.control;
+    let hub = &shared.hub;
+    let send = |item: FeedItem| tx.send(FromReplay::Item(item));
     // A replay that stalled: the consumer is not reading.
     let stalled = || {
         slow.cancel();
-        let _ = tx.try_send(FeedItem::End(FeedEnd::SlowConsumer));
+        let _ = tx.try_send(FromReplay::Item(FeedItem::End(FeedEnd::SlowConsumer)));
     };
-    let wanted = |e: &Envelope| allow.matches(e) && filter.matches(e);
-    // Whether the live stream has caught up with the cursor since the last (re)subscribe,
-    // and how many times a replay has been outrun by the live ring.
-    let mut in_sync = false;
-    let mut catch_ups = 0;
     loop {
-        // Replay: page through the journal until it has nothing at or after `next`, each page
-        // within the bytes reserved for it.
-        loop {
-            let Ok(mut reserved) = budget.reserve(budget.page_bytes()).await else {
-                stalled();
+        let Ok(mut reserved) = budget.reserve(budget.page_bytes()).await else {
+            stalled();
+            return;
+        };
+        // Bytes and count such that the page's charges (bytes plus overhead) fit.
+        let bytes = reserved.bytes();
+        let count = PAGE.min(bytes / (2 * EVENT_OVERHEAD)).max(1);
+        let max_bytes = bytes.saturating_sub(count.saturating_mul(EVENT_OVERHEAD));
+        let page = match hub.store.read_page(next, count, max_bytes).await {
+            Ok(p) => p,
+            Err(e @ crate::storage::StoreError::NotRetained { .. }) => {
+                let _ = send(FeedItem::End(FeedEnd::Unrecoverable(e.to_string()))).await;
                 return;
-            };
-            // Bytes and count such that the page's charges (bytes plus overhead) fit.
-            let bytes = reserved.bytes();
-            let count = PAGE.min(bytes / (2 * EVENT_OVERHEAD)).max(1);
-            let max_bytes = bytes.saturating_sub(count.saturating_mul(EVENT_OVERHEAD));
-            let page = match hub.store.read_page(next, count, max_bytes).await {
-                Ok(p) => p,
-                Err(e @ crate::storage::StoreError::NotRetained { .. }) => {
-                    let _ = tx
-                        .send(FeedItem::End(FeedEnd::Unrecoverable(e.to_string())))
-                        .await;
-                    return;
-                }
-                Err(e) => {
-                    let _ = tx.send(FeedItem::End(FeedEnd::Store(e.to_string()))).await;
-                    return;
-                }
-            };
-            if page.is_empty() {
-                break;
             }
-            for stored in page {
-                next = stored.seq + 1;
-                // Read without the depth limit of a full parse (see `StoredEnvelope`): only
-                // bytes that are not an envelope fail here, and the consumer is told.
-                let envelope: Envelope = match crate::envelope::read_stored(&stored.bytes) {
-                    Ok(e) => e,
-                    Err(e) => {
-                        hub.stats.unreadable_events.fetch_add(1, Ordering::Relaxed);
-                        error!(seq = stored.seq, event_id = %stored.id, error = %e,
-                            "journalled event unreadable; the consumer is told (unreadable_event)");
-                        let item = FeedItem::Unreadable {
-                            seq: stored.seq,
-                            reason: format!(
-                                "journalled event at seq {} is unreadable: {e}",
-                                stored.seq
-                            ),
-                        };
-                        if tx.send(item).await.is_err() {
-                            return;
-                        }
-                        continue;
+            Err(e) => {
+                let _ = send(FeedItem::End(FeedEnd::Store(e.to_string()))).await;
+                return;
+            }
+        };
+        if page.is_empty() {
+            let _ = tx.send(FromReplay::Live { live, next }).await;
+            return;
+        }
+        for stored in page {
+            next = stored.seq + 1;
+            // Read without the depth limit of a full parse (see `StoredEnvelope`): only bytes
+            // that are not an envelope fail here, and the consumer is told.
+            let envelope: Envelope = match crate::envelope::read_stored(&stored.bytes) {
+                Ok(e) => e,
+                Err(e) => {
+                    hub.stats.unreadable_events.fetch_add(1, Ordering::Relaxed);
+                    error!(seq = stored.seq, event_id = %stored.id, error = %e,
+                        "journalled event unreadable; the consumer is told (unreadable_event)");
+                    let item = FeedItem::Unreadable {
+                        seq: stored.seq,
+                        reason: format!(
+                            "journalled event at seq {} is unreadable: {e}",
+                            stored.seq
+                        ),
+                    };
+                    if send(item).await.is_err() {
+                        return;
                     }
-                };
-                if !wanted(&envelope) {
                     continue;
                 }
-                drop(envelope);
-                let cost = budget.cost(stored.bytes.len());
-                let charge = match budget.charge(&mut reserved, cost) {
-                    Some(c) => c,
-                    None => {
-                        // Only a page's first event can be larger than its reservation (the
-                        // page is then that one event): reserve its own size, holding nothing
-                        // else meanwhile.
-                        drop(reserved);
-                        let Ok(r) = budget.reserve(cost).await else {
-                            stalled();
-                            return;
-                        };
-                        reserved = r;
-                        match budget.charge(&mut reserved, cost) {
-                            Some(c) => c,
-                            None => {
-                                let _ = tx
-                                    .send(FeedItem::End(FeedEnd::Store(format!(
-                                        "replay budget cannot hold event {}",
-                                        stored.seq
-                                    ))))
-                                    .await;
-                                return;
-                            }
-                        }
-                    }
-                };
-                let item = FeedItem::Replayed(Box::new(Replayed {
-                    seq: stored.seq,
-                    bytes: stored.bytes,
-                    _charge: charge,
-                }));
-                match budget.unless_stalled(tx.send(item)).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(_)) => return,
-                    Err(Stalled) => {
+            };
+            if !shared.wanted(&envelope) {
+                continue;
+            }
+            drop(envelope);
+            let cost = budget.cost(stored.bytes.len());
+            let charge = match budget.charge(&mut reserved, cost) {
+                Some(c) => c,
+                None => {
+                    // Only a page's first event can be larger than its reservation (the page
+                    // is then that one event): reserve its own size, holding nothing else
+                    // meanwhile.
+                    drop(reserved);
+                    let Ok(r) = budget.reserve(cost).await else {
                         stalled();
                         return;
+                    };
+                    reserved = r;
+                    match budget.charge(&mut reserved, cost) {
+                        Some(c) => c,
+                        None => {
+                            let _ = send(FeedItem::End(FeedEnd::Store(format!(
+                                "replay budget cannot hold event {}",
+                                stored.seq
+                            ))))
+                            .await;
+                            return;
+                        }
                     }
                 }
-            }
-        }
-        // Live, from the receiver taken before the replay started.
-        loop {
-            match live.recv().await {
-                Ok(p) => {
-                    let seq = p.envelope.seq.unwrap_or(0);
-                    if seq < next {
-                        continue; // already sent from the journal
-                    }
-                    if seq > next {
-                        // A hole between the journal read and the live stream cannot happen
-                        // (journal before publish), but if it ever did, fill it from the journal.
-                        live = live.resubscribe();
-                        break;
-                    }
-                    next = seq + 1;
-                    in_sync = true;
-                    if !wanted(&p.envelope) {
-                        continue;
-                    }
-                    if tx.send(FeedItem::Event(p)).await.is_err() {
-                        return;
-                    }
-                }
-                Err(broadcast::error::RecvError::Lagged(_))
-                    if !in_sync && catch_ups < MAX_CATCH_UPS =>
-                {
-                    // The ring moved on while a long replay ran: the consumer was reading the
-                    // journal, not falling behind. Catch up from the journal again.
-                    catch_ups += 1;
-                    live = live.resubscribe();
-                    break;
-                }
-                Err(broadcast::error::RecvError::Lagged(_)) => {
-                    // More than the ring behind once live (or replays that never catch up):
-                    // this consumer cannot keep up.
-                    slow.cancel();
-                    let _ = tx.try_send(FeedItem::End(FeedEnd::SlowConsumer));
+            };
+            let item = FeedItem::Replayed(Box::new(Replayed {
+                seq: stored.seq,
+                bytes: stored.bytes,
+                _charge: charge,
+            }));
+            match budget.unless_stalled(send(item)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return,
+                Err(Stalled) => {
+                    stalled();
                     return;
                 }
-                Err(broadcast::error::RecvError::Closed) => return,
             }
         }
     }
 }
 
-/// Opens a feed: takes the live receiver, then checks the start against the journal.
+/// Opens a feed for (`filter` ∩ `allow`): takes the live receiver, then checks the start
+/// against the journal. A feed from `latest` reads the ring from the start; any other
+/// replays the journal first.
 pub async fn open(
     hub: &Arc<Hub>,
     filter: Filter,
@@ -350,7 +500,7 @@ pub async fn open(
     start: Start,
     epoch: Option<&str>,
     control: FeedControl,
-) -> Result<mpsc::Receiver<FeedItem>, OpenError> {
+) -> Result<Feed, OpenError> {
     let live = hub.publish.subscribe();
     let pos = hub
         .store
@@ -358,7 +508,23 @@ pub async fn open(
         .await
         .map_err(|e| OpenError::Store(e.to_string()))?;
     let from = first_seq(start, epoch, &pos).map_err(OpenError::Position)?;
-    Ok(spawn_feed(hub.clone(), live, filter, allow, from, control))
+    let shared = Arc::new(FeedShared {
+        hub: hub.clone(),
+        filter,
+        allow,
+        control,
+    });
+    let state = if start == Start::Latest {
+        State::Live { live, next: from }
+    } else {
+        State::Replaying(spawn_replay(shared.clone(), live, from))
+    };
+    Ok(Feed {
+        state,
+        shared,
+        in_sync: false,
+        catch_ups: 0,
+    })
 }
 
 /// Why a feed could not be opened.

@@ -2,10 +2,11 @@
 //! WebSocket endpoint").
 //!
 //! One task per connection owns the socket. It reads client ops, and it writes whatever the
-//! connection's subscriptions produce: each `subscribe` starts a feeder (see
-//! [`super::subscription`]) whose bounded queue this task drains, so the socket's write side
-//! is the only place a frame is built (`{"op":"event",...,"event":<envelope bytes>}`, the
-//! envelope bytes as the journal serialised them, copied once into the frame).
+//! connection's subscriptions produce: each `subscribe` opens a [`Feed`] (see
+//! [`super::subscription`]) that this task reads, live events straight from the shared ring,
+//! so the socket's write side is the only place a frame is built
+//! (`{"op":"event",...,"event":<envelope bytes>}`, the envelope bytes as the journal
+//! serialised them, copied once into the frame).
 //!
 //! Bad client input never ends the connection: invalid JSON, an unknown op, a bad pattern or
 //! a duplicate subscription id get an `error` frame and the connection stays open. A
@@ -13,10 +14,11 @@
 //! connection with 4001 `slow consumer`; the consumer resumes with `from: last seq + 1`.
 //!
 //! A subscription id can be reused after `unsubscribe`: every subscription carries a
-//! generation number, and whatever the old feeder had queued is dropped unsent (its queue
-//! with it), never written under the new subscription.
+//! generation number, and whatever the old feed had ready is dropped unsent (the feed with
+//! it), never written under the new subscription.
 
 use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -27,12 +29,11 @@ use axum::response::{IntoResponse, Response};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
 use super::budget::ConnectionBudget;
-use super::subscription::{self, FeedControl, FeedEnd, FeedItem, OpenError, Start};
+use super::subscription::{self, Feed, FeedControl, FeedEnd, FeedItem, OpenError, Start};
 use super::{ConnectionSlot, Consumer, Hub};
 use crate::routing::{Filter, FilterConfig};
 
@@ -42,7 +43,8 @@ use crate::routing::{Filter, FilterConfig};
 pub const CLOSE_SLOW_CONSUMER: u16 = 4001;
 /// How long a slow consumer's close frame may wait behind its unread backlog.
 const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
-/// Subscriptions one connection may hold (each has a feeder task and a bounded queue).
+/// Subscriptions one connection may hold (each has a feed; a replaying one a task and a
+/// bounded queue).
 const MAX_SUBSCRIPTIONS: usize = 64;
 /// Largest client frame accepted (client ops are small JSON).
 const MAX_CLIENT_FRAME: usize = 64 * 1024;
@@ -260,13 +262,13 @@ async fn session(
                 if !send_reply!(Message::text(reply)) {
                     break;
                 }
-                if let Some((key, generation, rx)) = feed {
-                    feeds.push(next_item(key, generation, rx));
+                if let Some((key, generation, feed)) = feed {
+                    feeds.push(next_item(key, generation, feed));
                 }
             }
-            Some((key, generation, item, mut rx)) = feeds.next(), if !feeds.is_empty() => {
-                // A feed of an unsubscribed subscription (its id possibly reused since): its
-                // queue is dropped with everything in it, which also ends its feeder.
+            Some((key, generation, item, mut feed)) = feeds.next(), if !feeds.is_empty() => {
+                // A feed of an unsubscribed subscription (its id possibly reused since): it is
+                // dropped with everything it had ready, which also ends its replay task.
                 let Some(sub) = subs.current(&key, generation) else {
                     continue;
                 };
@@ -276,7 +278,7 @@ async fn session(
                     // A write stuck on a consumer that stopped reading must not hide the
                     // slow-consumer verdict.
                     let (sent, rest) = tokio::select! {
-                        r = write_events(&mut socket, &sub.id_json, first, &mut rx, &hub, &budget) => r,
+                        r = write_events(&mut socket, &sub.id_json, first, &mut feed, &hub, &budget) => r,
                         _ = &mut slow_verdict => (true, None),
                     };
                     if !sent {
@@ -284,7 +286,7 @@ async fn session(
                     }
                     item = rest;
                     if item.is_none() {
-                        feeds.push(next_item(key, generation, rx));
+                        feeds.push(next_item(key, generation, feed));
                         continue;
                     }
                 }
@@ -296,7 +298,7 @@ async fn session(
                         if !send_reply!(Message::text(frame.to_string())) {
                             break;
                         }
-                        feeds.push(next_item(key, generation, rx));
+                        feeds.push(next_item(key, generation, feed));
                     }
                     // The `slow` branch below handles the verdict.
                     Some(FeedItem::End(FeedEnd::SlowConsumer)) => {}
@@ -375,7 +377,7 @@ async fn write_events(
     socket: &mut WebSocket,
     sub_id_json: &str,
     first: FeedItem,
-    rx: &mut mpsc::Receiver<FeedItem>,
+    feed: &mut Feed,
     hub: &Hub,
     budget: &ConnectionBudget,
 ) -> (bool, Option<FeedItem>) {
@@ -402,7 +404,7 @@ async fn write_events(
         if written as usize >= WRITE_BATCH {
             break;
         }
-        next = rx.try_recv().ok();
+        next = feed.try_next();
     }
     if socket.flush().await.is_err() {
         return (false, None);
@@ -412,11 +414,11 @@ async fn write_events(
     (true, rest)
 }
 
-type FeedNext = (String, u64, Option<FeedItem>, mpsc::Receiver<FeedItem>);
+type FeedNext = (String, u64, Option<FeedItem>, Feed);
 
-async fn next_item(key: String, generation: u64, mut rx: mpsc::Receiver<FeedItem>) -> FeedNext {
-    let item = rx.recv().await;
-    (key, generation, item, rx)
+async fn next_item(key: String, generation: u64, mut feed: Feed) -> FeedNext {
+    let item = feed.next().await;
+    (key, generation, item, feed)
 }
 
 /// `{"op":"event","subscription":<id>,"seq":<seq>,"event":<envelope>}` around the journal's
@@ -427,7 +429,8 @@ fn event_frame(sub_id_json: &str, seq: u64, bytes: &[u8]) -> String {
     frame.push_str(r#"{"op":"event","subscription":"#);
     frame.push_str(sub_id_json);
     frame.push_str(r#","seq":"#);
-    frame.push_str(&seq.to_string());
+    // Writing into a String cannot fail.
+    let _ = write!(frame, "{seq}");
     frame.push_str(r#","event":"#);
     frame.push_str(envelope);
     frame.push('}');
@@ -509,7 +512,7 @@ pub fn check_client_frame(text: &str) -> Result<&'static str, String> {
 }
 
 /// A new subscription's key, generation and feed.
-type NewFeed = (String, u64, mpsc::Receiver<FeedItem>);
+type NewFeed = (String, u64, Feed);
 
 /// Applies one client op: the frame to answer with, and the feed of a new subscription.
 async fn apply_op(
@@ -584,7 +587,7 @@ async fn apply_op(
             match subscription::open(hub, filter, allow.clone(), start, epoch.as_deref(), control)
                 .await
             {
-                Ok(rx) => {
+                Ok(feed) => {
                     debug!(consumer = %consumer.name, subscription = %key, ?start, "subscribed");
                     subs.generations += 1;
                     let generation = subs.generations;
@@ -598,7 +601,7 @@ async fn apply_op(
                     );
                     (
                         json!({"op": "subscribed", "id": id}).to_string(),
-                        Some((key, generation, rx)),
+                        Some((key, generation, feed)),
                     )
                 }
                 Err(OpenError::Position(e)) => (
