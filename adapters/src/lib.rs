@@ -13,6 +13,7 @@
 
 #![warn(missing_docs)]
 
+pub mod dialect;
 pub mod hashi;
 pub mod sim;
 pub mod voicepact;
@@ -103,16 +104,16 @@ pub enum AdapterError {
     /// A setting the adapter needs is absent.
     #[error("{provider} needs `{key}`")]
     Missing {
-        /// The provider whose adapter refused.
-        provider: Provider,
+        /// The provider (dialect) whose adapter refused.
+        provider: String,
         /// The config key that is missing.
-        key: &'static str,
+        key: String,
     },
     /// A setting is present but unusable for this provider.
     #[error("{key}: {reason}")]
     Invalid {
         /// The config key at fault.
-        key: &'static str,
+        key: String,
         /// Why it is refused.
         reason: String,
     },
@@ -377,7 +378,7 @@ pub(crate) fn upgrade_request(url: &url::Url) -> Result<http::Request<()>, Adapt
     url.as_str()
         .into_client_request()
         .map_err(|e| AdapterError::Invalid {
-            key: "url",
+            key: "url".to_string(),
             reason: format!("not a WebSocket URL: {e}"),
         })
 }

@@ -46,12 +46,12 @@ impl HashiAdapter {
     /// Builds the adapter; a token is required.
     pub fn new(settings: UpstreamSettings) -> Result<Self, AdapterError> {
         let token = settings.token.ok_or(AdapterError::Missing {
-            provider: Provider::Hashi,
-            key: "token",
+            provider: Provider::Hashi.name().to_string(),
+            key: "token".to_string(),
         })?;
         if let Some(bad) = settings.lobbies.iter().find(|l| l.is_empty()) {
             return Err(AdapterError::Invalid {
-                key: "lobbies",
+                key: "lobbies".to_string(),
                 reason: format!("empty lobby id {bad:?}"),
             });
         }

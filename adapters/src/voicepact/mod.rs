@@ -42,13 +42,13 @@ impl VoicePactAdapter {
                 .client_id
                 .filter(|c| !c.is_empty())
                 .ok_or(AdapterError::Missing {
-                    provider: Provider::VoicePact,
-                    key: "client_id",
+                    provider: Provider::VoicePact.name().to_string(),
+                    key: "client_id".to_string(),
                 })?;
         let mut url = settings.url;
         url.path_segments_mut()
             .map_err(|()| AdapterError::Invalid {
-                key: "url",
+                key: "url".to_string(),
                 reason: "cannot take a path".into(),
             })?
             .pop_if_empty()

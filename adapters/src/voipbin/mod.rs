@@ -41,12 +41,12 @@ impl VoipbinAdapter {
     /// Builds the adapter; a token is required, topics are checked against the topic format.
     pub fn new(settings: UpstreamSettings) -> Result<Self, AdapterError> {
         let token = settings.token.ok_or(AdapterError::Missing {
-            provider: Provider::Voipbin,
-            key: "token",
+            provider: Provider::Voipbin.name().to_string(),
+            key: "token".to_string(),
         })?;
         for t in &settings.topics {
             wire::check_topic(t).map_err(|reason| AdapterError::Invalid {
-                key: "topics",
+                key: "topics".to_string(),
                 reason: format!("{t:?}: {reason}"),
             })?;
         }
