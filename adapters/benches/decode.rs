@@ -52,28 +52,42 @@ fn frames(dir: &Path, out: &mut Vec<String>) {
     }
 }
 
-/// Median ns per frame over [`ROUNDS`] rounds of [`PASSES`] passes over `frames`.
-fn time(adapter: &dyn Adapter, frames: &[String]) -> f64 {
-    for f in frames {
-        adapter.decode(f).expect("fixture decodes");
+/// ns per frame of one pass set ([`PASSES`] passes over `frames`).
+fn round(adapter: &dyn Adapter, frames: &[String]) -> f64 {
+    let start = Instant::now();
+    for _ in 0..PASSES {
+        for f in frames {
+            let _ = black_box(adapter.decode(black_box(f)));
+        }
     }
-    let mut per_frame: Vec<f64> = (0..ROUNDS)
-        .map(|_| {
-            let start = Instant::now();
-            for _ in 0..PASSES {
-                for f in frames {
-                    let _ = black_box(adapter.decode(black_box(f)));
-                }
-            }
-            start.elapsed().as_nanos() as f64 / (PASSES * frames.len()) as f64
-        })
-        .collect();
-    per_frame.sort_by(f64::total_cmp);
-    per_frame[ROUNDS / 2]
+    start.elapsed().as_nanos() as f64 / (PASSES * frames.len()) as f64
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Median ns per frame of each path and median of the per-round ratios, over [`ROUNDS`]
+/// rounds in which the two paths alternate (so load from elsewhere on the machine hits both).
+fn time(hand: &dyn Adapter, engine: &dyn Adapter, frames: &[String]) -> (f64, f64, f64) {
+    for f in frames {
+        hand.decode(f).expect("fixture decodes");
+        engine.decode(f).expect("fixture decodes");
+    }
+    let (mut h, mut e, mut r) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        let a = round(hand, frames);
+        let b = round(engine, frames);
+        h.push(a);
+        e.push(b);
+        r.push(b / a);
+    }
+    (median(h), median(e), median(r))
 }
 
 fn main() {
-    println!("decode per frame, median of {ROUNDS} rounds (ns)");
+    println!("decode per frame, median of {ROUNDS} alternating rounds (ns; ratio: median of the per-round ratios)");
     println!(
         "{:<10} {:>7} {:>13} {:>9} {:>7}",
         "provider", "frames", "hand-written", "engine", "ratio"
@@ -91,15 +105,14 @@ fn main() {
         let dialect = builtin(provider.name()).expect("built-in").expect("loads");
         let engine: Arc<dyn Adapter> =
             Arc::new(DialectAdapter::bind(dialect, &Params::from_settings(&s)).expect("binds"));
-        let h = time(hand.as_ref(), &fs);
-        let e = time(engine.as_ref(), &fs);
+        let (h, e, ratio) = time(hand.as_ref(), engine.as_ref(), &fs);
         println!(
             "{:<10} {:>7} {:>13.0} {:>9.0} {:>6.2}x",
             provider.name(),
             fs.len(),
             h,
             e,
-            e / h
+            ratio
         );
         hand_total += h * fs.len() as f64;
         engine_total += e * fs.len() as f64;
@@ -107,7 +120,7 @@ fn main() {
     }
     let (h, e) = (hand_total / n_total as f64, engine_total / n_total as f64);
     println!(
-        "{:<10} {:>7} {:>13.0} {:>9.0} {:>6.2}x",
+        "{:<10} {:>7} {:>13.0} {:>9.0} {:>6.2}x (medians weighted by fixture count)",
         "all",
         n_total,
         h,
