@@ -125,7 +125,8 @@ pub enum AdapterError {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{reason}")]
 pub struct DecodeError {
-    /// Human-readable reason, safe to log (it never contains the frame itself).
+    /// Human-readable reason, safe to log: never the whole frame and never a secret parameter
+    /// (a dialect expression's jq message may quote a short piece of the frame; it is bounded).
     pub reason: String,
 }
 
