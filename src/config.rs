@@ -882,7 +882,7 @@ impl Config {
             if let Err(e) = wsbridge_adapters::build_adapter(u.adapter, u.adapter_settings()) {
                 let key = match &e {
                     wsbridge_adapters::AdapterError::Missing { key, .. }
-                    | wsbridge_adapters::AdapterError::Invalid { key, .. } => *key,
+                    | wsbridge_adapters::AdapterError::Invalid { key, .. } => key.as_str(),
                 };
                 issues.push(issue(at(key), e.to_string()));
             }

@@ -1,11 +1,12 @@
 //! Provider dialects for wsbridge, and faithful simulators of the providers' servers.
 //!
-//! Each provider gets one module (`voicepact`, `voipbin`, `hashi`) that owns *every* wire shape
-//! of that provider: how to build the connect request and its credentials, the subscribe and
-//! unsubscribe frames, the heartbeat and what answers it, which inbound frames are control
-//! frames and how every event frame decodes into a [`DecodedEvent`]. The same module's `sim`
-//! submodule is the simulator of that provider's server, so an adapter and its simulator change
-//! together and cannot drift apart.
+//! Every provider is a dialect file (`adapters/<provider>.toml` for the built-in ones) run by
+//! one engine, [`dialect`]: how to build the connect request and its credentials, the
+//! subscribe and unsubscribe frames, the heartbeat, which inbound frames are control frames and
+//! how every event frame decodes into a [`DecodedEvent`]. Each built-in provider also has a
+//! module (`voicepact`, `voipbin`, `hashi`) with its frame shapes and a simulator of its
+//! server, written from the provider's doc and not from the dialect file, so the two check
+//! each other.
 //!
 //! The crate is deliberately free of the bridge's runtime concerns (journal, routing, fan-out):
 //! an adapter is a pure translator between one connection's frames and provider-neutral events,
@@ -13,6 +14,7 @@
 
 #![warn(missing_docs)]
 
+pub mod dialect;
 pub mod hashi;
 pub mod sim;
 pub mod voicepact;
@@ -103,16 +105,16 @@ pub enum AdapterError {
     /// A setting the adapter needs is absent.
     #[error("{provider} needs `{key}`")]
     Missing {
-        /// The provider whose adapter refused.
-        provider: Provider,
+        /// The provider (dialect) whose adapter refused.
+        provider: String,
         /// The config key that is missing.
-        key: &'static str,
+        key: String,
     },
     /// A setting is present but unusable for this provider.
     #[error("{key}: {reason}")]
     Invalid {
         /// The config key at fault.
-        key: &'static str,
+        key: String,
         /// Why it is refused.
         reason: String,
     },
@@ -123,7 +125,8 @@ pub enum AdapterError {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{reason}")]
 pub struct DecodeError {
-    /// Human-readable reason, safe to log (it never contains the frame itself).
+    /// Human-readable reason, safe to log: never the whole frame and never a secret parameter
+    /// (a dialect expression's jq message may quote a short piece of the frame; it is bounded).
     pub reason: String,
 }
 
@@ -239,16 +242,29 @@ pub trait Adapter: Send + Sync + 'static {
     fn decode(&self, text: &str) -> Result<Inbound, DecodeError>;
 }
 
-/// Builds the adapter for `provider` from validated settings.
+/// Builds the adapter for `provider` from validated settings: its built-in dialect file bound
+/// to the settings.
 pub fn build_adapter(
     provider: Provider,
     settings: UpstreamSettings,
 ) -> Result<Arc<dyn Adapter>, AdapterError> {
-    Ok(match provider {
-        Provider::VoicePact => Arc::new(voicepact::VoicePactAdapter::new(settings)?),
-        Provider::Voipbin => Arc::new(voipbin::VoipbinAdapter::new(settings)?),
-        Provider::Hashi => Arc::new(hashi::HashiAdapter::new(settings)?),
-    })
+    let dialect = match dialect::builtin(provider.name()) {
+        Some(Ok(d)) => d,
+        Some(Err(e)) => {
+            return Err(AdapterError::Invalid {
+                key: "adapter".to_string(),
+                reason: format!("the built-in dialect does not load: {e}"),
+            })
+        }
+        None => {
+            return Err(AdapterError::Invalid {
+                key: "adapter".to_string(),
+                reason: format!("no built-in dialect {:?}", provider.name()),
+            })
+        }
+    };
+    let params = dialect::Params::from_settings(&settings);
+    Ok(Arc::new(dialect::DialectAdapter::bind(dialect, &params)?))
 }
 
 /// `host[:port]` of an upstream URL: the part of the connection that goes into event ids, so
@@ -259,18 +275,6 @@ pub(crate) fn id_host(url: &url::Url) -> String {
         (Some(h), Some(p)) => format!("{h}:{p}"),
         (Some(h), None) => h.to_string(),
         _ => String::new(),
-    }
-}
-
-/// Parses a frame as a JSON object, the common first step of every dialect.
-pub(crate) fn parse_object(text: &str) -> Result<serde_json::Map<String, Value>, DecodeError> {
-    match serde_json::from_str::<Value>(text) {
-        Ok(Value::Object(map)) => Ok(map),
-        Ok(other) => Err(DecodeError::new(format!(
-            "frame is JSON but not an object (a {})",
-            json_kind(&other)
-        ))),
-        Err(e) => Err(DecodeError::new(format!("frame is not valid JSON: {e}"))),
     }
 }
 
@@ -334,50 +338,13 @@ pub(crate) fn str_or_number(v: Option<&Value>) -> Option<String> {
     }
 }
 
-/// Sets `?token=<token>` (percent-encoded) on a URL, replacing any token already in it and
-/// keeping the other query parameters.
-pub(crate) fn with_token(url: &url::Url, token: &Secret) -> url::Url {
-    let mut u = url.clone();
-    let others: Vec<(String, String)> = url
-        .query_pairs()
-        .filter(|(k, _)| k != "token")
-        .map(|(k, v)| (k.into_owned(), v.into_owned()))
-        .collect();
-    u.query_pairs_mut()
-        .clear()
-        .extend_pairs(others)
-        .append_pair("token", token.expose());
-    u
-}
-
-/// The URL with any `token` query value replaced by `***`.
-pub(crate) fn redacted_url(url: &url::Url) -> String {
-    let mut u = url.clone();
-    let pairs: Vec<(String, String)> = url
-        .query_pairs()
-        .map(|(k, v)| {
-            let v = if k == "token" {
-                "***".to_string()
-            } else {
-                v.into_owned()
-            };
-            (k.into_owned(), v)
-        })
-        .collect();
-    if pairs.is_empty() {
-        return u.to_string();
-    }
-    u.query_pairs_mut().clear().extend_pairs(pairs);
-    u.to_string().replace("%2A%2A%2A", "***")
-}
-
 /// A complete WebSocket upgrade request for `url` (key, version and host headers included).
 pub(crate) fn upgrade_request(url: &url::Url) -> Result<http::Request<()>, AdapterError> {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     url.as_str()
         .into_client_request()
         .map_err(|e| AdapterError::Invalid {
-            key: "url",
+            key: "url".to_string(),
             reason: format!("not a WebSocket URL: {e}"),
         })
 }
@@ -410,17 +377,5 @@ mod tests {
         assert!(check_depth(&deep, 126).is_ok());
         // Not JSON at all is the decoder's business.
         assert!(check_depth("}}}]]", 1).is_ok());
-    }
-
-    #[test]
-    fn redaction_hides_the_token_only() {
-        let u = url::Url::parse("ws://h:1/ws?a=b").unwrap();
-        let u = with_token(&u, &Secret::new("s3cr3t"));
-        let shown = redacted_url(&u);
-        assert!(!shown.contains("s3cr3t"), "{shown}");
-        assert!(shown.contains("token=***"), "{shown}");
-        assert!(shown.contains("a=b"), "{shown}");
-        let again = with_token(&u, &Secret::new("other"));
-        assert_eq!(again.query(), Some("a=b&token=other"));
     }
 }

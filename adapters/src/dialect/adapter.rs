@@ -1,0 +1,548 @@
+//! A dialect bound to one upstream's parameters: the [`Adapter`] the supervisor runs.
+//!
+//! Binding checks the parameters against `[params]` (required, default, `check`), evaluates
+//! the connect URL once (its host goes into content-derived event ids, its redacted form into
+//! logs and the status API) and the subscription items (shown in the status API), and tries
+//! every frame the connection will send, so a parameter the dialect cannot use is refused
+//! before the upstream starts, with its key.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+
+use jaq_json::Val;
+use serde_json::Value;
+use tracing::warn;
+
+use super::decode::Decoder;
+use super::expr::{as_text, from_jaq, to_jaq, Expr};
+use super::{ControlKind, Dialect, HeartbeatRule};
+use crate::{
+    id_host, upgrade_request, Adapter, AdapterError, DecodeError, Greeting, Heartbeat, Inbound,
+    Provider, UpstreamSettings,
+};
+
+/// One upstream's parameter values for a dialect: `url` and the keys its `[params]` declare.
+/// `Debug` shows the names only: values may be credentials.
+#[derive(Clone, Default)]
+pub struct Params {
+    url: String,
+    values: BTreeMap<String, Value>,
+}
+
+impl fmt::Debug for Params {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Params")
+            .field("keys", &self.values.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl Params {
+    /// Parameters with the upstream's base URL (`$url`) and no other values yet.
+    pub fn new(url: &url::Url) -> Self {
+        Params {
+            url: url.as_str().to_string(),
+            values: BTreeMap::new(),
+        }
+    }
+
+    /// Sets one parameter.
+    pub fn set(&mut self, name: &str, value: Value) {
+        self.values.insert(name.to_string(), value);
+    }
+
+    /// The built-in providers' settings as parameters: `client_id`, `token`, `topics`,
+    /// `lobbies`; an empty `client_id` and empty lists count as not set.
+    pub fn from_settings(settings: &UpstreamSettings) -> Self {
+        let mut p = Params::new(&settings.url);
+        if let Some(c) = settings.client_id.as_ref().filter(|c| !c.is_empty()) {
+            p.set("client_id", Value::String(c.clone()));
+        }
+        if let Some(t) = &settings.token {
+            p.set("token", Value::String(t.expose().to_string()));
+        }
+        if !settings.topics.is_empty() {
+            p.set("topics", Value::from(settings.topics.clone()));
+        }
+        if !settings.lobbies.is_empty() {
+            p.set("lobbies", Value::from(settings.lobbies.clone()));
+        }
+        p
+    }
+}
+
+/// A dialect bound to one upstream.
+pub struct DialectAdapter {
+    provider: Provider,
+    bound: Bound,
+}
+
+/// Everything of a bound dialect but the provider it runs as.
+struct Bound {
+    decoder: Decoder,
+    display_url: String,
+    greeting: Greeting,
+    /// The subscription items as shown (strings as they are, other values as JSON).
+    subscriptions: Vec<String>,
+    /// The same items as jq values, for `$item` / `$items`.
+    items: Vec<Val>,
+}
+
+impl fmt::Debug for DialectAdapter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DialectAdapter")
+            .field("dialect", &self.bound.decoder.dialect.name)
+            .field("url", &self.bound.display_url)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DialectAdapter {
+    /// Binds `dialect` to one upstream's `params`.
+    pub fn bind(dialect: Arc<Dialect>, params: &Params) -> Result<Self, AdapterError> {
+        let bound = Bound::new(dialect, params)?;
+        let provider: Provider =
+            bound
+                .decoder
+                .dialect
+                .name
+                .parse()
+                .map_err(|_| AdapterError::Invalid {
+                    key: "adapter".to_string(),
+                    reason: format!(
+                "{:?} is not a built-in provider; only the built-in dialects can run an upstream so far",
+                bound.decoder.dialect.name
+            ),
+                })?;
+        Ok(DialectAdapter { provider, bound })
+    }
+
+    /// Checks `params` against `dialect` as [`DialectAdapter::bind`] does (every key, the
+    /// connect URL, every frame the connection would send), without binding.
+    pub fn check(dialect: Arc<Dialect>, params: &Params) -> Result<(), AdapterError> {
+        Bound::new(dialect, params).map(|_| ())
+    }
+
+    /// The dialect this adapter runs.
+    pub fn dialect(&self) -> &Arc<Dialect> {
+        &self.bound.decoder.dialect
+    }
+}
+
+impl Bound {
+    fn new(dialect: Arc<Dialect>, params: &Params) -> Result<Self, AdapterError> {
+        let (decoder, url) = decoder(dialect, params)?;
+        let greeting = if decoder
+            .dialect
+            .controls
+            .iter()
+            .any(|c| c.kind == ControlKind::Greeting)
+        {
+            Greeting::AwaitConnected
+        } else {
+            Greeting::Upgrade
+        };
+        let mut b = Bound {
+            display_url: String::new(),
+            greeting,
+            subscriptions: Vec::new(),
+            items: Vec::new(),
+            decoder,
+        };
+        b.display_url = b.redact_url(&url);
+        b.connect_request()?;
+        b.items = b.subscription_items()?;
+        b.subscriptions = b.items.iter().map(shown).collect();
+        // Every frame this upstream will send, tried once now.
+        b.frames_for(false, &b.items)?;
+        b.frames_for(true, &b.items)?;
+        if let HeartbeatRule::Frame(e) = &b.decoder.dialect.heartbeat {
+            b.send_frames(e, None)
+                .map_err(|reason| invalid("heartbeat.frame", reason))?;
+        }
+        Ok(b)
+    }
+
+    fn vars(&self) -> &[Val] {
+        &self.decoder.vars
+    }
+
+    fn connect_url(&self) -> Result<url::Url, AdapterError> {
+        connect_url(&self.decoder)
+    }
+
+    fn subscription_items(&self) -> Result<Vec<Val>, AdapterError> {
+        let Some(sub) = &self.decoder.dialect.subscribe else {
+            return Ok(Vec::new());
+        };
+        sub.each
+            .all(Val::Null, self.vars())
+            .map_err(|e| invalid("subscribe", self.redact(&format!("[subscribe] each: {e}"))))
+    }
+
+    /// The frames that (un)subscribe `items`.
+    fn frames_for(&self, unsubscribe: bool, items: &[Val]) -> Result<Vec<String>, AdapterError> {
+        let Some(sub) = &self.decoder.dialect.subscribe else {
+            return Ok(Vec::new());
+        };
+        let (expr, key) = if unsubscribe {
+            match &sub.unsubscribe {
+                Some(e) => (e, "subscribe.unsubscribe"),
+                None => return Ok(Vec::new()),
+            }
+        } else {
+            (&sub.frame, "subscribe.frame")
+        };
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut out = Vec::new();
+        if sub.batch {
+            let all: Val = items.iter().cloned().collect();
+            out.extend(
+                self.send_frames(expr, Some(all))
+                    .map_err(|r| invalid(key, r))?,
+            );
+        } else {
+            for item in items {
+                out.extend(
+                    self.send_frames(expr, Some(item.clone()))
+                        .map_err(|r| invalid(key, r))?,
+                );
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every output of a frame expression as the text to send: a string as it is, any other
+    /// value as JSON. `extra` is the value of `$item` / `$items`.
+    fn send_frames(&self, expr: &Expr, extra: Option<Val>) -> Result<Vec<String>, String> {
+        let mut vars = self.vars().to_vec();
+        vars.extend(extra);
+        let outputs = expr.all(Val::Null, &vars).map_err(|e| self.redact(&e.0))?;
+        outputs
+            .iter()
+            .map(|v| match as_text(v) {
+                Some(text) => Ok(text),
+                None => from_jaq(v)
+                    .map(|j| j.to_string())
+                    .map_err(|e| self.redact(&e.0)),
+            })
+            .collect()
+    }
+
+    /// The subscription items named by `subs` (as shown), as jq values.
+    fn items_named(&self, subs: &[String]) -> Vec<Val> {
+        subs.iter()
+            .map(|s| {
+                self.subscriptions
+                    .iter()
+                    .position(|shown| shown == s)
+                    .and_then(|i| self.items.get(i).cloned())
+                    .unwrap_or_else(|| Val::from(s.clone()))
+            })
+            .collect()
+    }
+
+    fn redact(&self, text: &str) -> String {
+        redact(&self.decoder.secrets, text)
+    }
+
+    /// The URL for logs: every query value and path segment that holds a secret, and any
+    /// password, replaced by `***`.
+    fn redact_url(&self, url: &url::Url) -> String {
+        let secret_in = |v: &str| {
+            self.decoder
+                .secrets
+                .iter()
+                .any(|s| !s.is_empty() && v.contains(s.as_str()))
+        };
+        let mut u = url.clone();
+        if url.query().is_some() {
+            let pairs: Vec<(String, String)> = url
+                .query_pairs()
+                .map(|(k, v)| {
+                    let v = if secret_in(&v) {
+                        "***".to_string()
+                    } else {
+                        v.into_owned()
+                    };
+                    (k.into_owned(), v)
+                })
+                .collect();
+            u.query_pairs_mut().clear().extend_pairs(pairs);
+        }
+        if let Some(segments) = url.path_segments() {
+            let segments: Vec<String> = segments.map(percent_decode).collect();
+            if segments.iter().any(|s| secret_in(s)) {
+                if let Ok(mut out) = u.path_segments_mut() {
+                    out.clear().extend(segments.iter().map(|s| {
+                        if secret_in(s) {
+                            "***"
+                        } else {
+                            s.as_str()
+                        }
+                    }));
+                }
+            }
+        }
+        if u.password().is_some() {
+            let _ = u.set_password(Some("***"));
+        }
+        u.to_string().replace("%2A%2A%2A", "***")
+    }
+}
+
+/// The decoder for `dialect` with `params` checked and bound, and the connect URL.
+pub(crate) fn decoder(
+    dialect: Arc<Dialect>,
+    params: &Params,
+) -> Result<(Decoder, url::Url), AdapterError> {
+    let mut values = vec![Value::String(params.url.clone())];
+    let mut secrets = Vec::new();
+    for p in &dialect.params {
+        let value = match params.values.get(&p.name).or(p.default.as_ref()) {
+            Some(v) => v.clone(),
+            None if p.required => {
+                return Err(AdapterError::Missing {
+                    provider: dialect.name.clone(),
+                    key: p.name.clone(),
+                })
+            }
+            None => Value::Null,
+        };
+        if p.secret {
+            collect_strings(&value, &mut secrets);
+        }
+        if let Some(check) = &p.check {
+            check_param(&p.name, check, &to_jaq(&value), &secrets)?;
+        }
+        values.push(value);
+    }
+    let mut decoder = Decoder {
+        vars: values.iter().map(to_jaq).collect(),
+        values,
+        host: String::new(),
+        secrets,
+        dialect,
+    };
+    let url = connect_url(&decoder)?;
+    decoder.host = id_host(&url);
+    Ok((decoder, url))
+}
+
+/// Evaluates `[connect] url`.
+fn connect_url(d: &Decoder) -> Result<url::Url, AdapterError> {
+    let v = d
+        .dialect
+        .connect
+        .url
+        .first(Val::Null, &d.vars)
+        .map_err(|err| invalid("url", redact(&d.secrets, &format!("[connect] url: {err}"))))?;
+    let text = v
+        .as_ref()
+        .and_then(as_text)
+        .ok_or_else(|| invalid("url", "[connect] url gave no string".to_string()))?;
+    url::Url::parse(&text).map_err(|err| {
+        invalid(
+            "url",
+            redact(
+                &d.secrets,
+                &format!("[connect] url gave {text:?}, not a URL: {err}"),
+            ),
+        )
+    })
+}
+
+/// `text` with every secret value (as written, form-encoded or percent-encoded) replaced by
+/// `***`.
+pub(super) fn redact(secrets: &[String], text: &str) -> String {
+    let mut out = text.to_string();
+    for s in secrets.iter().filter(|s| !s.is_empty()) {
+        for form in [
+            s.clone(),
+            url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>(),
+            percent_encode_all(s),
+        ] {
+            out = out.replace(&form, "***");
+        }
+    }
+    out
+}
+
+fn invalid(key: &str, reason: String) -> AdapterError {
+    AdapterError::Invalid {
+        key: key.to_string(),
+        reason,
+    }
+}
+
+fn check_param(
+    name: &str,
+    check: &Expr,
+    value: &Val,
+    secrets: &[String],
+) -> Result<(), AdapterError> {
+    let hide = |mut m: String| {
+        for s in secrets.iter().filter(|s| !s.is_empty()) {
+            m = m.replace(s.as_str(), "***");
+        }
+        m
+    };
+    let outputs = check
+        .all(value.clone(), &[])
+        .map_err(|e| invalid(name, hide(e.0)))?;
+    if outputs.iter().any(|v| matches!(v, Val::Bool(false))) {
+        return Err(invalid(name, "refused by the dialect's check".to_string()));
+    }
+    Ok(())
+}
+
+fn collect_strings(v: &Value, out: &mut Vec<String>) {
+    match v {
+        Value::String(s) => out.push(s.clone()),
+        Value::Array(items) => items.iter().for_each(|i| collect_strings(i, out)),
+        Value::Object(m) => m.values().for_each(|i| collect_strings(i, out)),
+        _ => {}
+    }
+}
+
+/// Every byte outside `A-Za-z0-9-_.~` percent-encoded (what jq's `@uri` writes).
+fn percent_encode_all(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// `%XX` sequences decoded (invalid UTF-8 replaced); anything else kept.
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| char::from(b).to_digit(16);
+        match (
+            bytes[i],
+            bytes.get(i + 1).copied().and_then(hex),
+            bytes.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(h), Some(l)) => {
+                out.push(u8::try_from(h * 16 + l).unwrap_or(b'?'));
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A subscription item as shown in the status API.
+fn shown(v: &Val) -> String {
+    as_text(v).unwrap_or_else(|| v.to_string())
+}
+
+impl Bound {
+    fn connect_request(&self) -> Result<http::Request<()>, AdapterError> {
+        let url = self.connect_url()?;
+        let mut req = upgrade_request(&url)?;
+        for (name, e) in &self.decoder.dialect.connect.headers {
+            let key = format!("connect.headers.{name}");
+            let value = e
+                .first(Val::Null, self.vars())
+                .map_err(|err| invalid(&key, self.redact(&err.0)))?
+                .as_ref()
+                .and_then(as_text)
+                .ok_or_else(|| invalid(&key, "gave no string".to_string()))?;
+            let value = http::HeaderValue::from_str(&value)
+                .map_err(|_| invalid(&key, "not a valid header value".to_string()))?;
+            let name = http::HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| invalid(&key, "not a valid header name".to_string()))?;
+            req.headers_mut().insert(name, value);
+        }
+        Ok(req)
+    }
+
+    fn subscribe_frames(&self, subs: &[String]) -> Vec<String> {
+        self.frames_for(false, &self.items_named(subs))
+            .unwrap_or_else(|e| {
+                warn!(dialect = %self.decoder.dialect.name, error = %e, "cannot build the subscribe frames");
+                Vec::new()
+            })
+    }
+
+    fn unsubscribe_frames(&self, subs: &[String]) -> Vec<String> {
+        self.frames_for(true, &self.items_named(subs))
+            .unwrap_or_else(|e| {
+                warn!(dialect = %self.decoder.dialect.name, error = %e, "cannot build the unsubscribe frames");
+                Vec::new()
+            })
+    }
+
+    fn heartbeat(&self, _now_unix: i64) -> Heartbeat {
+        match &self.decoder.dialect.heartbeat {
+            HeartbeatRule::Protocol => Heartbeat::Protocol,
+            HeartbeatRule::Text(t) => Heartbeat::Text(t.clone()),
+            HeartbeatRule::Frame(e) => match self.send_frames(e, None) {
+                Ok(frames) => match frames.into_iter().next() {
+                    Some(frame) => Heartbeat::Text(frame),
+                    None => {
+                        warn!(dialect = %self.decoder.dialect.name, "heartbeat.frame gave no frame; sending a protocol ping");
+                        Heartbeat::Protocol
+                    }
+                },
+                Err(e) => {
+                    warn!(dialect = %self.decoder.dialect.name, error = %e, "heartbeat.frame failed; sending a protocol ping");
+                    Heartbeat::Protocol
+                }
+            },
+        }
+    }
+}
+
+impl Adapter for DialectAdapter {
+    fn provider(&self) -> Provider {
+        self.provider
+    }
+
+    fn connect_request(&self) -> Result<http::Request<()>, AdapterError> {
+        self.bound.connect_request()
+    }
+
+    fn display_url(&self) -> String {
+        self.bound.display_url.clone()
+    }
+
+    fn greeting(&self) -> Greeting {
+        self.bound.greeting
+    }
+
+    fn subscriptions(&self) -> &[String] {
+        &self.bound.subscriptions
+    }
+
+    fn subscribe_frames(&self, subs: &[String]) -> Vec<String> {
+        self.bound.subscribe_frames(subs)
+    }
+
+    fn unsubscribe_frames(&self, subs: &[String]) -> Vec<String> {
+        self.bound.unsubscribe_frames(subs)
+    }
+
+    fn heartbeat(&self, now_unix: i64) -> Heartbeat {
+        self.bound.heartbeat(now_unix)
+    }
+
+    fn decode(&self, text: &str) -> Result<Inbound, DecodeError> {
+        self.bound.decoder.decode(text)
+    }
+}

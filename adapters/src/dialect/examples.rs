@@ -1,0 +1,204 @@
+//! `[[examples]]`: a dialect file's own test cases, a frame and what it must decode to.
+//!
+//! Each example is decoded with its `params` (missing required ones get the placeholder
+//! `"example"`, `url` defaults to `ws://example.invalid/`), exactly as an upstream would
+//! decode it, and compared with what the entry says; `wsbridge`'s test suite runs every
+//! example of every shipped dialect.
+
+use std::fmt;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+
+use super::adapter::{decoder, Params};
+use super::Dialect;
+use crate::{Control, Inbound};
+
+/// The URL examples are decoded as if received from, unless they set `params.url`.
+const EXAMPLE_URL: &str = "ws://example.invalid/";
+
+/// One `[[examples]]` entry, checked at load.
+#[derive(Debug)]
+pub(crate) struct Example {
+    pub index: usize,
+    pub description: String,
+    pub frame: String,
+    pub params: serde_json::Map<String, Value>,
+    pub expect: Expect,
+}
+
+/// What an example's frame must decode to.
+#[derive(Debug)]
+pub(crate) enum Expect {
+    Event {
+        event_type: String,
+        subject: Option<String>,
+        time: Option<DateTime<Utc>>,
+        data: Value,
+        id: Option<String>,
+    },
+    /// A control frame of this kind (`pong`, `greeting`, ...).
+    Control(String),
+    /// A decode error.
+    Error,
+}
+
+/// An example that does not decode to what it says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExampleFailure {
+    /// Its position among the file's `[[examples]]`.
+    pub index: usize,
+    /// Its `description`, if any.
+    pub description: String,
+    /// The frame.
+    pub frame: String,
+    /// Each difference on its own line (`type: got "a", expected "b"`).
+    pub differences: Vec<String>,
+}
+
+impl fmt::Display for ExampleFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "examples[{}]", self.index)?;
+        if !self.description.is_empty() {
+            write!(f, " ({})", self.description)?;
+        }
+        writeln!(f, ": {}", self.frame)?;
+        for d in &self.differences {
+            writeln!(f, "  {d}")?;
+        }
+        Ok(())
+    }
+}
+
+pub(crate) fn check(dialect: &Arc<Dialect>) -> Result<(), Vec<ExampleFailure>> {
+    let failures: Vec<ExampleFailure> = dialect
+        .examples
+        .iter()
+        .filter_map(|ex| {
+            let differences = run(dialect, ex);
+            (!differences.is_empty()).then(|| ExampleFailure {
+                index: ex.index,
+                description: ex.description.clone(),
+                frame: ex.frame.clone(),
+                differences,
+            })
+        })
+        .collect();
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(failures)
+    }
+}
+
+fn run(dialect: &Arc<Dialect>, ex: &Example) -> Vec<String> {
+    let url = ex
+        .params
+        .get("url")
+        .and_then(Value::as_str)
+        .unwrap_or(EXAMPLE_URL);
+    let url = match url::Url::parse(url) {
+        Ok(u) => u,
+        Err(e) => return vec![format!("params.url: {e}")],
+    };
+    let mut params = Params::new(&url);
+    for p in &dialect.params {
+        match ex.params.get(&p.name) {
+            Some(v) => params.set(&p.name, v.clone()),
+            None if p.required => params.set(&p.name, Value::String("example".to_string())),
+            None => {}
+        }
+    }
+    let decoder = match decoder(Arc::clone(dialect), &params) {
+        Ok((d, _)) => d,
+        Err(e) => return vec![format!("the example's params do not bind: {e}")],
+    };
+    let got = decoder.decode(&ex.frame);
+    let mut diffs = Vec::new();
+    match (&ex.expect, got) {
+        (
+            Expect::Event {
+                event_type,
+                subject,
+                time,
+                data,
+                id,
+            },
+            Ok(Inbound::Event(e)),
+        ) => {
+            if &e.event_type != event_type {
+                diffs.push(format!(
+                    "type: got {:?}, expected {event_type:?}",
+                    e.event_type
+                ));
+            }
+            if &e.subject != subject {
+                diffs.push(format!(
+                    "subject: got {:?}, expected {subject:?}",
+                    e.subject
+                ));
+            }
+            if &e.time != time {
+                diffs.push(format!(
+                    "time: got {}, expected {}",
+                    show_time(e.time),
+                    show_time(*time)
+                ));
+            }
+            if &e.data != data {
+                diffs.push(format!("data: got {}, expected {data}", e.data));
+            }
+            if let Some(id) = id {
+                if &e.id != id {
+                    diffs.push(format!("id: got {:?}, expected {id:?}", e.id));
+                }
+            }
+        }
+        (Expect::Control(kind), Ok(Inbound::Control(c))) => {
+            if control_kind(&c) != kind {
+                diffs.push(format!("control: got {c:?}, expected {kind:?}"));
+            }
+        }
+        (Expect::Error, Err(_)) => {}
+        (_, got) => diffs.push(format!(
+            "got {}, expected {}",
+            outcome(&got),
+            expected(&ex.expect)
+        )),
+    }
+    diffs
+}
+
+fn show_time(t: Option<DateTime<Utc>>) -> String {
+    t.map_or_else(
+        || "none (the receive time)".to_string(),
+        |t| t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
+    )
+}
+
+fn control_kind(c: &Control) -> &'static str {
+    match c {
+        Control::Pong => "pong",
+        Control::Connected => "greeting",
+        Control::Reply => "reply",
+        Control::AuthFailed { .. } => "auth_failure",
+        Control::Error { .. } => "error",
+    }
+}
+
+fn outcome(got: &Result<Inbound, crate::DecodeError>) -> String {
+    match got {
+        Ok(Inbound::Event(e)) => format!("an event {:?}", e.event_type),
+        Ok(Inbound::Control(c)) => format!("a control frame {:?}", control_kind(c)),
+        Err(e) => format!("a decode error ({e})"),
+    }
+}
+
+fn expected(e: &Expect) -> String {
+    match e {
+        Expect::Event { event_type, .. } => format!("an event {event_type:?}"),
+        Expect::Control(k) => format!("a control frame {k:?}"),
+        Expect::Error => "a decode error".to_string(),
+    }
+}

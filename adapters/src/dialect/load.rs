@@ -1,0 +1,529 @@
+//! Dialect file → [`Dialect`]: every section checked, every expression compiled, every
+//! problem collected with its key before the file is refused.
+
+use serde_json::Value;
+
+use super::examples::Example;
+use super::expr::Expr;
+use super::file::{
+    ConnectDecl, ControlDecl, DialectFile, EventDecl, ExampleDecl, HeartbeatDecl, ParamDecl,
+    SubscribeDecl,
+};
+use super::{
+    var_names, Connect, ControlKind, ControlRule, Dialect, DialectError, EventRule, HeartbeatRule,
+    Matcher, Param, Problem, Subscribe, TimeUnit,
+};
+
+/// Parameter names an upstream already uses for something else, or that the engine binds.
+const RESERVED: [&str; 15] = [
+    "name",
+    "adapter",
+    "url",
+    "backoff_initial",
+    "backoff_max",
+    "ping_interval",
+    "stale_after",
+    "healthy_after",
+    "connect_timeout",
+    "ownership",
+    "item",
+    "items",
+    "frame",
+    "prepared",
+    "now",
+];
+
+/// Collects problems while the file is walked.
+struct Checker {
+    problems: Vec<Problem>,
+}
+
+impl Checker {
+    fn problem(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.problems.push(Problem {
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+
+    /// Compiles `code` found at `key`; a failure is recorded and gives `None`.
+    fn expr(&mut self, key: &str, code: &str, vars: &[String]) -> Option<Expr> {
+        let vars: Vec<&str> = vars.iter().map(String::as_str).collect();
+        match Expr::compile(code, &vars) {
+            Ok(e) => Some(e),
+            Err(e) => {
+                self.problem(key, format!("jq: {e} in {code:?}"));
+                None
+            }
+        }
+    }
+
+    /// A key the contract names but this version does not run yet: refused, so a file never
+    /// silently loses behaviour it asks for.
+    fn not_yet<T>(&mut self, key: &str, value: &Option<T>) {
+        if value.is_some() {
+            self.problem(key, "not supported by this version of wsbridge yet");
+        }
+    }
+}
+
+pub(super) fn load(origin: &str, text: &str) -> Result<Dialect, DialectError> {
+    let refuse = |problems| DialectError {
+        origin: origin.to_string(),
+        problems,
+    };
+    let file: DialectFile = toml::from_str(text).map_err(|e| {
+        refuse(vec![Problem {
+            key: String::new(),
+            message: e.to_string().trim_end().to_string(),
+        }])
+    })?;
+    let mut c = Checker {
+        problems: Vec::new(),
+    };
+
+    let (name, description) = match file.dialect {
+        Some(h) => {
+            if !valid_name(&h.name) {
+                c.problem(
+                    "dialect.name",
+                    format!(
+                        "{:?}: use lower-case letters, digits, '-' and '_', starting with a letter (it prefixes every event type)",
+                        h.name
+                    ),
+                );
+            }
+            (h.name, h.description)
+        }
+        None => {
+            c.problem("dialect", "missing section [dialect] (with `name`)");
+            (String::new(), String::new())
+        }
+    };
+
+    let params = params(&mut c, file.params);
+    let vars = var_names(&params);
+
+    c.not_yet("prepare", &file.prepare);
+    if !file.session.is_empty() {
+        c.problem("session", "not supported by this version of wsbridge yet");
+    }
+
+    let connect = match file.connect {
+        Some(decl) => connect(&mut c, decl, &vars),
+        None => {
+            c.problem("connect", "missing section [connect] (with `url`)");
+            None
+        }
+    };
+    let subscribe = file
+        .subscribe
+        .and_then(|decl| subscribe(&mut c, decl, &vars));
+    let heartbeat = match file.heartbeat {
+        Some(decl) => heartbeat(&mut c, decl, &vars),
+        None => Some(HeartbeatRule::Protocol),
+    };
+    let controls: Vec<ControlRule> = file
+        .control
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, decl)| control(&mut c, i, decl, &vars))
+        .collect();
+    let events: Vec<EventRule> = file
+        .events
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, decl)| event(&mut c, i, decl, &vars))
+        .collect();
+    let examples: Vec<Example> = file
+        .examples
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, decl)| example(&mut c, i, decl))
+        .collect();
+
+    match (connect, heartbeat) {
+        (Some(connect), Some(heartbeat)) if c.problems.is_empty() => Ok(Dialect {
+            origin: origin.to_string(),
+            name,
+            description,
+            params,
+            connect,
+            subscribe,
+            heartbeat,
+            controls,
+            events,
+            examples,
+        }),
+        _ => Err(refuse(c.problems)),
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars.next().is_some_and(|c| c.is_ascii_lowercase())
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+}
+
+fn valid_param_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+}
+
+fn params(c: &mut Checker, decls: std::collections::BTreeMap<String, ParamDecl>) -> Vec<Param> {
+    let mut out = Vec::new();
+    for (name, decl) in decls {
+        let key = format!("params.{name}");
+        if !valid_param_name(&name) {
+            c.problem(
+                &key,
+                "a parameter name is lower-case letters, digits and '_' (it becomes a jq variable)",
+            );
+            continue;
+        }
+        if RESERVED.contains(&name.as_str()) || name.starts_with("tls_") {
+            c.problem(
+                &key,
+                format!("{name:?} is reserved (an upstream key or a variable the engine binds; `$url` is always available)"),
+            );
+            continue;
+        }
+        let default = match decl.default {
+            Some(v) => match toml_to_json(v) {
+                Ok(v) => Some(v),
+                Err(e) => {
+                    c.problem(format!("{key}.default"), e);
+                    continue;
+                }
+            },
+            None => None,
+        };
+        if decl.required && default.is_some() {
+            c.problem(&key, "a required parameter has no default");
+        }
+        let check = match decl.check {
+            Some(code) => match c.expr(&format!("{key}.check"), &code, &[]) {
+                Some(e) => Some(e),
+                None => continue,
+            },
+            None => None,
+        };
+        out.push(Param {
+            name,
+            description: decl.description,
+            required: decl.required,
+            secret: decl.secret,
+            default,
+            check,
+        });
+    }
+    out
+}
+
+fn connect(c: &mut Checker, decl: ConnectDecl, vars: &[String]) -> Option<Connect> {
+    c.not_yet("connect.auth_failure_status", &decl.auth_failure_status);
+    c.not_yet("connect.binary", &decl.binary);
+    let url = c.expr("connect.url", &decl.url, vars);
+    let mut headers = Vec::new();
+    for (name, code) in decl.headers {
+        let key = format!("connect.headers.{name}");
+        if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+            c.problem(&key, "not a valid HTTP header name");
+            continue;
+        }
+        if let Some(e) = c.expr(&key, &code, vars) {
+            headers.push((name, e));
+        }
+    }
+    Some(Connect { url: url?, headers })
+}
+
+fn subscribe(c: &mut Checker, decl: SubscribeDecl, vars: &[String]) -> Option<Subscribe> {
+    c.not_yet("subscribe.ack", &decl.ack);
+    c.not_yet("subscribe.ack_timeout", &decl.ack_timeout);
+    let each = c.expr("subscribe.each", &decl.each, vars);
+    let mut item_vars = vars.to_vec();
+    item_vars.push(if decl.batch { "$items" } else { "$item" }.to_string());
+    let frame = c.expr("subscribe.frame", &decl.frame, &item_vars);
+    let unsubscribe = match decl.unsubscribe {
+        Some(code) => Some(c.expr("subscribe.unsubscribe", &code, &item_vars)?),
+        None => None,
+    };
+    Some(Subscribe {
+        each: each?,
+        batch: decl.batch,
+        frame: frame?,
+        unsubscribe,
+    })
+}
+
+fn heartbeat(c: &mut Checker, decl: HeartbeatDecl, vars: &[String]) -> Option<HeartbeatRule> {
+    c.not_yet("heartbeat.interval", &decl.interval);
+    match (decl.kind.as_str(), decl.frame, decl.text) {
+        ("protocol", None, None) => Some(HeartbeatRule::Protocol),
+        ("protocol", _, _) => {
+            c.problem(
+                "heartbeat",
+                "kind = \"protocol\" sends WebSocket pings; `frame` and `text` belong to kind = \"app\"",
+            );
+            None
+        }
+        ("app", Some(code), None) => c
+            .expr("heartbeat.frame", &code, vars)
+            .map(HeartbeatRule::Frame),
+        ("app", None, Some(text)) => Some(HeartbeatRule::Text(text)),
+        ("app", _, _) => {
+            c.problem(
+                "heartbeat",
+                "kind = \"app\" needs exactly one of `frame` (jq) or `text`",
+            );
+            None
+        }
+        (other, _, _) => {
+            c.problem(
+                "heartbeat.kind",
+                format!("{other:?}: expected \"protocol\" or \"app\""),
+            );
+            None
+        }
+    }
+}
+
+fn control(c: &mut Checker, i: usize, decl: ControlDecl, vars: &[String]) -> Option<ControlRule> {
+    let key = format!("control[{i}]");
+    let kind = match decl.kind.as_deref().unwrap_or("reply") {
+        "pong" => ControlKind::Pong,
+        "greeting" => ControlKind::Greeting,
+        "reply" => ControlKind::Reply,
+        "auth_failure" => ControlKind::AuthFailure,
+        "error" => ControlKind::Error,
+        "reconnect" => {
+            c.problem(
+                format!("{key}.kind"),
+                "\"reconnect\" is not supported by this version of wsbridge yet",
+            );
+            return None;
+        }
+        other => {
+            c.problem(
+                format!("{key}.kind"),
+                format!("{other:?}: expected \"pong\", \"greeting\", \"reply\", \"auth_failure\" or \"error\""),
+            );
+            return None;
+        }
+    };
+    let matcher = match (decl.matches, decl.text) {
+        (Some(code), None) => Matcher::Jq(c.expr(&format!("{key}.match"), &code, vars)?),
+        (None, Some(text)) => Matcher::Text(text),
+        _ => {
+            c.problem(
+                &key,
+                "needs exactly one of `match` (jq, for JSON frames) or `text` (the whole frame)",
+            );
+            return None;
+        }
+    };
+    let message = match decl.message {
+        Some(code) => Some(c.expr(&format!("{key}.message"), &code, vars)?),
+        None => None,
+    };
+    let code = match decl.code {
+        Some(code) => Some(c.expr(&format!("{key}.code"), &code, vars)?),
+        None => None,
+    };
+    if !matches!(kind, ControlKind::AuthFailure | ControlKind::Error)
+        && (message.is_some() || code.is_some())
+    {
+        c.problem(
+            &key,
+            "`message` and `code` belong to kind \"auth_failure\" or \"error\"",
+        );
+    }
+    if matches!(matcher, Matcher::Text(_)) && (message.is_some() || code.is_some()) {
+        c.problem(
+            &key,
+            "a `text` control has no JSON to read `message` or `code` from",
+        );
+    }
+    Some(ControlRule {
+        key,
+        matcher,
+        kind,
+        message,
+        code,
+    })
+}
+
+fn event(c: &mut Checker, i: usize, decl: EventDecl, vars: &[String]) -> Option<EventRule> {
+    let key = format!("events[{i}]");
+    for (name, value) in [
+        ("sequence", &decl.sequence),
+        ("sequence_key", &decl.sequence_key),
+        ("reply", &decl.reply),
+        ("split", &decl.split),
+    ] {
+        c.not_yet(&format!("{key}.{name}"), value);
+    }
+    let time_unit = match decl.time_unit.as_deref() {
+        None | Some("s") => TimeUnit::Seconds,
+        Some("ms") => TimeUnit::Millis,
+        Some(other) => {
+            c.problem(
+                format!("{key}.time_unit"),
+                format!("{other:?}: expected \"s\" or \"ms\""),
+            );
+            TimeUnit::Seconds
+        }
+    };
+    let opt = |c: &mut Checker, name: &str, code: Option<String>| -> Result<Option<Expr>, ()> {
+        match code {
+            Some(code) => c
+                .expr(&format!("{key}.{name}"), &code, vars)
+                .map(Some)
+                .ok_or(()),
+            None => Ok(None),
+        }
+    };
+    let matcher = opt(c, "match", decl.matches);
+    let event_type = opt(c, "type", Some(decl.event_type));
+    let subject = opt(c, "subject", decl.subject);
+    let time = opt(c, "time", decl.time);
+    let data = opt(c, "data", decl.data);
+    let id = opt(c, "id", decl.id);
+    let data = data.ok()?;
+    let data_path = data
+        .as_ref()
+        .and_then(Expr::native)
+        .and_then(super::native::literal_path)
+        .map(|keys| keys.into_iter().map(str::to_string).collect());
+    Some(EventRule {
+        key: key.clone(),
+        data_path,
+        matcher: matcher.ok()?,
+        event_type: event_type.ok()??,
+        subject: subject.ok()?,
+        time: time.ok()?,
+        time_unit,
+        data,
+        id: id.ok()?,
+    })
+}
+
+fn example(c: &mut Checker, i: usize, decl: ExampleDecl) -> Option<Example> {
+    let key = format!("examples[{i}]");
+    let mut params = serde_json::Map::new();
+    for (name, v) in decl.params {
+        match toml_to_json(v) {
+            Ok(v) => {
+                params.insert(name, v);
+            }
+            Err(e) => c.problem(format!("{key}.params.{name}"), e),
+        }
+    }
+    let outcomes = [
+        decl.event_type.is_some(),
+        decl.control.is_some(),
+        decl.error == Some(true),
+    ];
+    if outcomes.iter().filter(|o| **o).count() != 1 {
+        c.problem(
+            &key,
+            "says what the frame decodes to with exactly one of `type` (an event), `control` (its kind) or `error = true`",
+        );
+        return None;
+    }
+    let event_fields = decl.subject.is_some()
+        || decl.time.is_some()
+        || decl.data.is_some()
+        || decl.data_json.is_some()
+        || decl.id.is_some();
+    let expect = if let Some(event_type) = decl.event_type {
+        let data = match (decl.data, decl.data_json) {
+            (Some(data), None) => toml_to_json(data).map_err(|e| (format!("{key}.data"), e)),
+            (None, Some(text)) => serde_json::from_str(&text)
+                .map_err(|e| (format!("{key}.data_json"), format!("not JSON: {e}"))),
+            _ => Err((
+                key.clone(),
+                "an event example needs one of `data` or `data_json`".to_string(),
+            )),
+        };
+        let data = match data {
+            Ok(v) => v,
+            Err((k, e)) => {
+                c.problem(k, e);
+                return None;
+            }
+        };
+        let time = match decl.time {
+            Some(t) => match chrono::DateTime::parse_from_rfc3339(&t) {
+                Ok(t) => Some(t.with_timezone(&chrono::Utc)),
+                Err(e) => {
+                    c.problem(format!("{key}.time"), format!("{t:?} is not RFC 3339: {e}"));
+                    return None;
+                }
+            },
+            None => None,
+        };
+        super::examples::Expect::Event {
+            event_type,
+            subject: decl.subject,
+            time,
+            data,
+            id: decl.id,
+        }
+    } else if let Some(kind) = decl.control {
+        if !matches!(
+            kind.as_str(),
+            "pong" | "greeting" | "reply" | "auth_failure" | "error"
+        ) {
+            c.problem(
+                format!("{key}.control"),
+                format!("{kind:?}: expected \"pong\", \"greeting\", \"reply\", \"auth_failure\" or \"error\""),
+            );
+            return None;
+        }
+        super::examples::Expect::Control(kind)
+    } else {
+        super::examples::Expect::Error
+    };
+    if !matches!(expect, super::examples::Expect::Event { .. }) && event_fields {
+        c.problem(
+            &key,
+            "`subject`, `time`, `data` and `id` describe an event example (one with `type`)",
+        );
+    }
+    Some(Example {
+        index: i,
+        description: decl.description,
+        frame: decl.frame,
+        params,
+        expect,
+    })
+}
+
+/// A TOML value as JSON (a date-time becomes its RFC 3339 text).
+pub(super) fn toml_to_json(v: toml::Value) -> Result<Value, String> {
+    Ok(match v {
+        toml::Value::String(s) => Value::String(s),
+        toml::Value::Integer(i) => Value::from(i),
+        toml::Value::Float(f) => serde_json::Number::from_f64(f)
+            .map(Value::Number)
+            .ok_or_else(|| format!("{f} has no JSON form"))?,
+        toml::Value::Boolean(b) => Value::Bool(b),
+        toml::Value::Datetime(d) => Value::String(d.to_string()),
+        toml::Value::Array(items) => Value::Array(
+            items
+                .into_iter()
+                .map(toml_to_json)
+                .collect::<Result<_, _>>()?,
+        ),
+        toml::Value::Table(t) => Value::Object(
+            t.into_iter()
+                .map(|(k, v)| Ok((k, toml_to_json(v)?)))
+                .collect::<Result<_, String>>()?,
+        ),
+    })
+}
