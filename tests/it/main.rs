@@ -18,5 +18,6 @@ mod ops;
 mod receivers;
 mod reload;
 mod status_page;
+mod storage_file;
 mod tls;
 mod upstream;
