@@ -16,6 +16,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::Value;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 use wsbridge_adapters::{DecodedEvent, Provider};
 
 /// The CloudEvents version we emit.
@@ -112,6 +113,28 @@ pub struct Published {
     pub envelope: Envelope,
     /// `envelope` as JSON bytes, exactly what is sent and signed.
     pub bytes: Bytes,
+    /// The same bytes as text, checked for UTF-8 once here rather than by each of the
+    /// thousand consumers that put them in a text frame.
+    text: Utf8Bytes,
+}
+
+impl Published {
+    /// `envelope` as journalled in `bytes`. Bytes that are not UTF-8 (never, for JSON the
+    /// journal wrote) read as the text `null`.
+    pub fn new(envelope: Envelope, bytes: Bytes) -> Published {
+        let text =
+            Utf8Bytes::try_from(bytes.clone()).unwrap_or_else(|_| Utf8Bytes::from_static("null"));
+        Published {
+            envelope,
+            bytes,
+            text,
+        }
+    }
+
+    /// The serialised envelope as text (the same bytes as [`Published::bytes`]).
+    pub fn text(&self) -> &str {
+        self.text.as_str()
+    }
 }
 
 /// A journalled envelope as read back, with `data` left as the journal's text.

@@ -168,10 +168,7 @@ pub fn spawn(
                         bytes, envelope, ..
                     } => {
                         stats.published.fetch_add(1, Ordering::Relaxed);
-                        publish.journalled(Published {
-                            envelope: *envelope,
-                            bytes,
-                        });
+                        publish.journalled(Published::new(*envelope, bytes));
                     }
                     Appended::Duplicate => {
                         stats.duplicates.fetch_add(1, Ordering::Relaxed);

@@ -202,12 +202,11 @@ pub async fn stream(
         };
         match next {
             Some(item @ (FeedItem::Event(_) | FeedItem::Replayed(_))) => {
-                let (seq, bytes) = item.event()?;
+                let (seq, text) = item.event_text()?;
                 hub.stats
                     .frames_sent
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let data = String::from_utf8_lossy(bytes).into_owned();
-                let event = Event::default().id(seq.to_string()).data(data);
+                let event = Event::default().id(seq.to_string()).data(text);
                 // The server asked for this event: the consumer reads. A replayed event's
                 // budget is given back as `item` drops here.
                 alive.budget.written();

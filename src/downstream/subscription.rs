@@ -126,11 +126,13 @@ pub enum FeedItem {
 }
 
 impl FeedItem {
-    /// The event's seq and its bytes as journalled (`None` for an end).
-    pub fn event(&self) -> Option<(u64, &Bytes)> {
+    /// The event's seq and its envelope as text (`None` for an end): a live event's text was
+    /// checked once for all consumers, a replayed one is checked here (bytes that are not
+    /// UTF-8, never written by the journal, read as `null`).
+    pub fn event_text(&self) -> Option<(u64, &str)> {
         match self {
-            FeedItem::Event(p) => Some((p.envelope.seq.unwrap_or(0), &p.bytes)),
-            FeedItem::Replayed(r) => Some((r.seq, &r.bytes)),
+            FeedItem::Event(p) => Some((p.envelope.seq.unwrap_or(0), p.text())),
+            FeedItem::Replayed(r) => Some((r.seq, std::str::from_utf8(&r.bytes).unwrap_or("null"))),
             FeedItem::Unreadable { .. } | FeedItem::End(_) => None,
         }
     }

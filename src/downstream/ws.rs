@@ -273,7 +273,7 @@ async fn session(
                     continue;
                 };
                 let mut item = item;
-                if item.as_ref().and_then(FeedItem::event).is_some() {
+                if item.as_ref().and_then(FeedItem::event_text).is_some() {
                     let Some(first) = item.take() else { continue };
                     // A write stuck on a consumer that stopped reading must not hide the
                     // slow-consumer verdict.
@@ -386,12 +386,12 @@ async fn write_events(
     let mut written = 0u64;
     let mut rest = None;
     while let Some(item) = next.take() {
-        let Some((seq, bytes)) = item.event() else {
+        let Some((seq, text)) = item.event_text() else {
             rest = Some(item);
             break;
         };
         if socket
-            .feed(Message::text(event_frame(sub_id_json, seq, bytes)))
+            .feed(Message::text(event_frame(sub_id_json, seq, text)))
             .await
             .is_err()
         {
@@ -422,9 +422,8 @@ async fn next_item(key: String, generation: u64, mut feed: Feed) -> FeedNext {
 }
 
 /// `{"op":"event","subscription":<id>,"seq":<seq>,"event":<envelope>}` around the journal's
-/// bytes (valid UTF-8 JSON, as serde_json wrote them).
-fn event_frame(sub_id_json: &str, seq: u64, bytes: &[u8]) -> String {
-    let envelope = std::str::from_utf8(bytes).unwrap_or("null");
+/// serialised envelope.
+fn event_frame(sub_id_json: &str, seq: u64, envelope: &str) -> String {
     let mut frame = String::with_capacity(envelope.len() + sub_id_json.len() + 64);
     frame.push_str(r#"{"op":"event","subscription":"#);
     frame.push_str(sub_id_json);

@@ -174,10 +174,7 @@ mod tests {
         else {
             panic!("not stored");
         };
-        publisher.journalled(Published {
-            envelope: *envelope,
-            bytes: bytes.clone(),
-        });
+        publisher.journalled(Published::new(*envelope, bytes.clone()));
         let got = rx.try_recv().unwrap();
         assert_eq!(got.envelope.seq, Some(seq));
         assert_eq!(got.bytes, bytes);

@@ -85,7 +85,7 @@ async fn read(
             }
         };
         // No receiver is not an error: nobody is listening yet.
-        let _ = publish.send(Arc::new(Published { envelope, bytes }));
+        let _ = publish.send(Arc::new(Published::new(envelope, bytes)));
     }
     debug!("journal tail ended");
     Ok(())
