@@ -1,0 +1,352 @@
+//! The reader side of the embedded store: one connection for webhook queries, readiness
+//! and the admin API, a small pool of connections for consumer replays, and the queries
+//! they run. WAL lets every reader run while the writer commits.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use rusqlite::{params, Connection, OptionalExtension};
+
+use super::schema::{open_connection, open_replay_connection, DEAD, PENDING};
+use super::{db, REPLAY_READERS};
+use crate::storage::config::Durability;
+use crate::storage::{
+    AttemptRecord, DeliveryCounts, DeliveryInfo, DeliveryState, DueDelivery, StoreError,
+    StoredEvent,
+};
+
+/// The store's read connections.
+pub(super) struct Readers {
+    reader: Arc<tokio::sync::Mutex<Connection>>,
+    replay: Arc<ReplayReaders>,
+}
+
+/// The replay readers: idle connections and a semaphore that lets at most
+/// [`REPLAY_READERS`] reads run; a connection lost to a failed read is reopened on demand.
+struct ReplayReaders {
+    turns: Arc<tokio::sync::Semaphore>,
+    idle: Mutex<Vec<Connection>>,
+    path: PathBuf,
+    durability: Durability,
+}
+
+impl ReplayReaders {
+    fn open(&self) -> Result<Connection, StoreError> {
+        open_replay_connection(&self.path, self.durability)
+    }
+}
+
+impl Readers {
+    /// Opens the reader and the first replay reader of the file at `path`.
+    pub(super) fn open(path: &Path, durability: Durability) -> Result<Readers, StoreError> {
+        let reader = open_connection(path, durability)?;
+        let replay = ReplayReaders {
+            turns: Arc::new(tokio::sync::Semaphore::new(REPLAY_READERS)),
+            idle: Mutex::new(Vec::with_capacity(REPLAY_READERS)),
+            path: path.to_path_buf(),
+            durability,
+        };
+        let first_replay_reader = replay.open()?;
+        if let Ok(mut idle) = replay.idle.lock() {
+            idle.push(first_replay_reader);
+        }
+        Ok(Readers {
+            reader: Arc::new(tokio::sync::Mutex::new(reader)),
+            replay: Arc::new(replay),
+        })
+    }
+
+    /// Runs `f` on the reader (waiting, asynchronously, for it).
+    pub(super) async fn with_reader<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        // Waiting for the connection is async: a burst of queries does not park blocking
+        // threads on a lock.
+        let conn = self.reader.clone().lock_owned().await;
+        tokio::task::spawn_blocking(move || f(&conn))
+            .await
+            .map_err(|_| StoreError::Closed)?
+    }
+
+    /// Runs `f` on a replay reader (waiting, asynchronously, for a free one).
+    pub(super) async fn with_replay_reader<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let turn = self
+            .replay
+            .turns
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        let readers = self.replay.clone();
+        tokio::task::spawn_blocking(move || {
+            let idle = readers.idle.lock().ok().and_then(|mut i| i.pop());
+            let conn = match idle {
+                Some(c) => c,
+                None => readers.open()?,
+            };
+            let out = f(&conn);
+            if let Ok(mut idle) = readers.idle.lock() {
+                idle.push(conn);
+            }
+            drop(turn);
+            out
+        })
+        .await
+        .map_err(|_| StoreError::Closed)?
+    }
+}
+
+/// Up to `limit` events from seq `from` on.
+pub(super) fn read_from(
+    conn: &Connection,
+    from: i64,
+    limit: i64,
+) -> Result<Vec<StoredEvent>, StoreError> {
+    let mut stmt = conn
+        .prepare_cached("SELECT seq, id, body FROM events WHERE seq >= ?1 ORDER BY seq LIMIT ?2")
+        .map_err(db("prepare read"))?;
+    let rows = stmt
+        .query_map(params![from, limit], |r| {
+            Ok(StoredEvent {
+                seq: r.get::<_, i64>(0)? as u64,
+                id: r.get(1)?,
+                bytes: Bytes::from(r.get::<_, Vec<u8>>(2)?),
+            })
+        })
+        .map_err(db("read events"))?;
+    rows.collect::<Result<Vec<_>, _>>()
+        .map_err(db("read events"))
+}
+
+/// Up to `limit` events from seq `from` on, stopping before the one that would take the page
+/// past `max_bytes` (but never before the first).
+pub(super) fn read_page(
+    conn: &Connection,
+    from: i64,
+    limit: i64,
+    max_bytes: usize,
+) -> Result<Vec<StoredEvent>, StoreError> {
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT seq, id, length(body), body FROM events WHERE seq >= ?1 ORDER BY seq LIMIT ?2",
+        )
+        .map_err(db("prepare replay read"))?;
+    let mut rows = stmt
+        .query(params![from, limit])
+        .map_err(db("read events"))?;
+    let mut out = Vec::new();
+    let mut bytes = 0usize;
+    while let Some(row) = rows.next().map_err(db("read events"))? {
+        // The length comes from the record header: a body that would not fit the page
+        // is never loaded.
+        let len =
+            usize::try_from(row.get::<_, i64>(2).map_err(db("read events"))?).unwrap_or(usize::MAX);
+        bytes = bytes.saturating_add(len);
+        if !out.is_empty() && bytes > max_bytes {
+            break;
+        }
+        out.push(StoredEvent {
+            seq: u64::try_from(row.get::<_, i64>(0).map_err(db("read events"))?).unwrap_or(0),
+            id: row.get(1).map_err(db("read events"))?,
+            bytes: Bytes::from(row.get::<_, Vec<u8>>(3).map_err(db("read events"))?),
+        });
+    }
+    Ok(out)
+}
+
+/// The first seq above the retention point `pruned` that the journal holds (`None`: none).
+pub(super) fn first_retained(conn: &Connection, pruned: i64) -> Result<Option<i64>, StoreError> {
+    conn.query_row(
+        "SELECT MIN(seq) FROM events WHERE seq > ?1",
+        [pruned],
+        |r| r.get::<_, Option<i64>>(0),
+    )
+    .map_err(db("read first seq"))
+}
+
+/// Up to `limit` of `endpoint`'s pending deliveries due at `now_ms`, oldest first.
+pub(super) fn due(
+    conn: &Connection,
+    endpoint: &str,
+    now_ms: i64,
+    limit: i64,
+    ordered: bool,
+) -> Result<Vec<DueDelivery>, StoreError> {
+    // Ordered: a delivery is eligible only when no older pending delivery of the same
+    // subject exists (the older one may be in flight or waiting for its retry).
+    let sql = if ordered {
+        "SELECT d.seq, e.id, e.body, d.attempts FROM deliveries d JOIN events e ON e.seq = d.seq
+         WHERE d.endpoint = ?1 AND d.state = 0 AND d.next_at_ms <= ?2
+           AND NOT EXISTS (SELECT 1 FROM deliveries p WHERE p.endpoint = d.endpoint AND p.state = 0
+                           AND p.subject IS d.subject AND p.seq < d.seq)
+         ORDER BY d.seq LIMIT ?3"
+    } else {
+        "SELECT d.seq, e.id, e.body, d.attempts FROM deliveries d JOIN events e ON e.seq = d.seq
+         WHERE d.endpoint = ?1 AND d.state = 0 AND d.next_at_ms <= ?2
+         ORDER BY d.seq LIMIT ?3"
+    };
+    let mut stmt = conn.prepare_cached(sql).map_err(db("prepare due"))?;
+    let rows = stmt
+        .query_map(params![endpoint, now_ms, limit], |r| {
+            Ok(DueDelivery {
+                seq: r.get::<_, i64>(0)? as u64,
+                id: r.get(1)?,
+                bytes: Bytes::from(r.get::<_, Vec<u8>>(2)?),
+                attempts: r.get::<_, i64>(3)? as u32,
+            })
+        })
+        .map_err(db("read due deliveries"))?;
+    rows.collect::<Result<Vec<_>, _>>()
+        .map_err(db("read due deliveries"))
+}
+
+/// When `endpoint`'s next pending delivery after `after_ms` falls due (`None`: none waits).
+pub(super) fn next_due(
+    conn: &Connection,
+    endpoint: &str,
+    after_ms: i64,
+) -> Result<Option<i64>, StoreError> {
+    // Cached: the dispatcher asks this after every refill (issue 8 webhook profile).
+    conn.prepare_cached(
+        "SELECT MIN(next_at_ms) FROM deliveries WHERE endpoint = ?1 AND state = 0 AND next_at_ms > ?2",
+    )
+    .and_then(|mut st| st.query_row(params![endpoint, after_ms], |r| r.get::<_, Option<i64>>(0)))
+    .map_err(db("read next due"))
+}
+
+/// Up to `limit` of `endpoint`'s deliveries in `state`, oldest first, with their attempts.
+pub(super) fn deliveries(
+    conn: &Connection,
+    endpoint: &str,
+    state: DeliveryState,
+    limit: i64,
+) -> Result<Vec<DeliveryInfo>, StoreError> {
+    let code = match state {
+        DeliveryState::Pending => PENDING,
+        DeliveryState::Dead => DEAD,
+    };
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT d.seq, e.id, d.next_at_ms FROM deliveries d JOIN events e ON e.seq = d.seq
+             WHERE d.endpoint = ?1 AND d.state = ?2 ORDER BY d.seq LIMIT ?3",
+        )
+        .map_err(db("prepare list"))?;
+    let rows = stmt
+        .query_map(params![endpoint, code, limit], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
+        })
+        .map_err(db("list deliveries"))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(db("list deliveries"))?;
+    let mut attempts_stmt = conn
+        .prepare_cached(
+            "SELECT at_ms, status, error, duration_ms FROM attempts WHERE endpoint = ?1 AND seq = ?2 ORDER BY n",
+        )
+        .map_err(db("prepare attempts"))?;
+    let mut out = Vec::with_capacity(rows.len());
+    for (seq, id, next_at_ms) in rows {
+        let attempts = attempts_stmt
+            .query_map(params![endpoint, seq], |r| {
+                Ok(AttemptRecord {
+                    at_ms: r.get(0)?,
+                    status: r.get::<_, Option<i64>>(1)?.map(|s| s as u16),
+                    error: r.get(2)?,
+                    duration_ms: r.get::<_, i64>(3)? as u64,
+                })
+            })
+            .map_err(db("list attempts"))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(db("list attempts"))?;
+        out.push(DeliveryInfo {
+            id,
+            seq: seq as u64,
+            state,
+            next_attempt: (state == DeliveryState::Pending).then(|| {
+                chrono::DateTime::from_timestamp_millis(next_at_ms)
+                    .unwrap_or_default()
+                    .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+            }),
+            attempts,
+        });
+    }
+    Ok(out)
+}
+
+/// How many of `endpoint`'s deliveries are pending and dead.
+pub(super) fn counts(conn: &Connection, endpoint: &str) -> Result<DeliveryCounts, StoreError> {
+    conn.query_row(
+        "SELECT COALESCE(SUM(state = 0), 0), COALESCE(SUM(state = 1), 0) FROM deliveries WHERE endpoint = ?1",
+        params![endpoint],
+        |r| {
+            Ok(DeliveryCounts {
+                pending: r.get::<_, i64>(0)? as u64,
+                dead: r.get::<_, i64>(1)? as u64,
+            })
+        },
+    )
+    .map_err(db("count deliveries"))
+}
+
+/// Why `endpoint` is disabled (`None`: it is not).
+pub(super) fn disabled(conn: &Connection, endpoint: &str) -> Result<Option<String>, StoreError> {
+    conn.query_row(
+        "SELECT disabled_reason FROM endpoints WHERE name = ?1",
+        params![endpoint],
+        |r| r.get::<_, Option<String>>(0),
+    )
+    .optional()
+    .map(Option::flatten)
+    .map_err(db("read endpoint state"))
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::storage::config::Durability;
+    use crate::storage::embedded::test_support::{new, temp_db};
+    use crate::storage::embedded::EmbeddedStore;
+    use crate::storage::Store;
+
+    #[tokio::test]
+    async fn replay_pages_stop_at_their_byte_limit_but_always_make_progress() {
+        let path = temp_db("pages");
+        let store = EmbeddedStore::open(&path, Durability::Normal).unwrap();
+        store
+            .append((0..10).map(|i| new(&format!("e{i}"))).collect())
+            .await
+            .unwrap();
+        let all = store.read_from(1, 100).await.unwrap();
+        let one = all[0].bytes.len();
+        // Three events' bytes (and a little): three events.
+        let page = store.read_page(1, 100, 3 * one + one / 2).await.unwrap();
+        assert_eq!(
+            page.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            vec![1, 2, 3]
+        );
+        assert_eq!(page, all[..3].to_vec(), "the same bytes as read_from");
+        // Less than one event: still the first, so a replay always moves on.
+        let page = store.read_page(4, 100, 1).await.unwrap();
+        assert_eq!(page.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![4]);
+        // The count limit holds too, and the end of the journal is an empty page.
+        assert_eq!(store.read_page(5, 2, usize::MAX).await.unwrap().len(), 2);
+        assert!(store.read_page(11, 2, usize::MAX).await.unwrap().is_empty());
+        // More replay reads at once than readers: each waits its turn and gets its page.
+        let reads = (1..=8u64).map(|from| store.read_page(from, 3, usize::MAX));
+        for (i, page) in futures_util::future::join_all(reads)
+            .await
+            .into_iter()
+            .enumerate()
+        {
+            assert_eq!(page.unwrap()[0].seq, i as u64 + 1);
+        }
+        let _ = std::fs::remove_dir_all(path.parent().unwrap().parent().unwrap());
+    }
+}

@@ -1,0 +1,167 @@
+//! The embedded store's schema and connections: the migrations (`PRAGMA user_version` counts
+//! how many have run), the pragmas every connection gets, and the journal's identity (its
+//! epoch) and head as the file records them.
+
+use std::path::Path;
+
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+
+use super::db;
+use crate::storage::config::Durability;
+use crate::storage::StoreError;
+
+/// Page cache of a replay reader (KiB): replays read sequentially through the memory map, so
+/// a large cache would only hold pages that are not read again.
+const REPLAY_READER_CACHE_KIB: i64 = 2048;
+
+/// Schema, applied in order; `PRAGMA user_version` records how many have run.
+const MIGRATIONS: &[&str] = &[
+    r#"
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+    CREATE TABLE events (
+        seq       INTEGER PRIMARY KEY,
+        id        TEXT NOT NULL UNIQUE,
+        recv_ms   INTEGER NOT NULL,
+        body      BLOB NOT NULL
+    );
+    "#,
+    r#"
+    -- state: 0 pending (or in flight), 1 dead. A delivered row is deleted.
+    CREATE TABLE deliveries (
+        endpoint   TEXT NOT NULL,
+        seq        INTEGER NOT NULL,
+        state      INTEGER NOT NULL DEFAULT 0,
+        attempts   INTEGER NOT NULL DEFAULT 0,
+        next_at_ms INTEGER NOT NULL,
+        subject    TEXT,
+        PRIMARY KEY (endpoint, seq)
+    ) WITHOUT ROWID;
+    CREATE INDEX deliveries_due ON deliveries (endpoint, state, next_at_ms, seq);
+    CREATE INDEX deliveries_subject ON deliveries (endpoint, subject, state, seq);
+    CREATE TABLE attempts (
+        endpoint    TEXT NOT NULL,
+        seq         INTEGER NOT NULL,
+        n           INTEGER NOT NULL,
+        at_ms       INTEGER NOT NULL,
+        status      INTEGER,
+        error       TEXT,
+        duration_ms INTEGER NOT NULL,
+        PRIMARY KEY (endpoint, seq, n)
+    ) WITHOUT ROWID;
+    CREATE TABLE endpoints (
+        name            TEXT PRIMARY KEY,
+        disabled_reason TEXT
+    ) WITHOUT ROWID;
+    "#,
+    r#"
+    -- Per id as ingest gave it (`base`) that came back after the dedup window and was stored
+    -- under a fresh id: its newest event. A base that never came back has no row here (its
+    -- one event is the `events` row with that id), so the table stays small.
+    CREATE TABLE latest (
+        base    TEXT PRIMARY KEY,
+        seq     INTEGER NOT NULL,
+        recv_ms INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX latest_seq ON latest (seq);
+    "#,
+];
+
+/// `deliveries.state` of a delivery still to be made (or in flight).
+pub(super) const PENDING: i64 = 0;
+/// `deliveries.state` of a dead-lettered delivery.
+pub(super) const DEAD: i64 = 1;
+
+/// Opens a connection to the file at `path` with the pragmas every connection of the store
+/// shares (WAL, `durability`, the cache and memory-map sizing).
+pub(super) fn open_connection(
+    path: &Path,
+    durability: Durability,
+) -> Result<Connection, StoreError> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|source| StoreError::Open {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let sync = match durability {
+        Durability::Normal => "NORMAL",
+        Durability::Full => "FULL",
+    };
+    // Sizing (issue 8, measured with `cargo bench --bench bench -- --only ingest`): the id
+    // index takes random inserts (ids are digests), so with SQLite's default 2 MiB page cache
+    // every batch re-read index pages from the file (`readDbPage` → pread in the profile)
+    // and the WAL was checkpointed every 4 MiB, rewriting the same hot index pages again and
+    // again. Reads through a 256 MiB mmap, a 16 MiB cache and a 64 MiB checkpoint interval
+    // keep the hot pages in memory and write each of them once per checkpoint. The cache is
+    // not larger because every commit scans the cache's hash table (`pcache1TruncateUnsafe`,
+    // 6 % of the CPU with 64 MiB in the webhook benchmark, where commits are small and many).
+    conn.execute_batch(&format!(
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = {sync}; PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = ON;
+         PRAGMA cache_size = -16384; PRAGMA mmap_size = 268435456; PRAGMA wal_autocheckpoint = 16384;"
+    ))
+    .map_err(db("configure connection"))?;
+    Ok(conn)
+}
+
+/// Opens a replay reader: a read-only connection with a small page cache.
+pub(super) fn open_replay_connection(
+    path: &Path,
+    durability: Durability,
+) -> Result<Connection, StoreError> {
+    let conn = open_connection(path, durability)?;
+    conn.execute_batch(&format!(
+        "PRAGMA cache_size = -{REPLAY_READER_CACHE_KIB}; PRAGMA query_only = ON;"
+    ))
+    .map_err(db("configure replay reader"))?;
+    Ok(conn)
+}
+
+/// Applies the migrations that have not run yet, each in its own transaction.
+pub(super) fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let done: usize = conn
+        .query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))
+        .map_err(db("read schema version"))? as usize;
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(done) {
+        let tx = conn.transaction().map_err(db("begin migration"))?;
+        tx.execute_batch(sql).map_err(db("migrate"))?;
+        tx.execute_batch(&format!("PRAGMA user_version = {}", i + 1))
+            .map_err(db("record schema version"))?;
+        tx.commit().map_err(db("commit migration"))?;
+    }
+    Ok(())
+}
+
+/// The journal's epoch, created (random) the first time the file is opened.
+pub(super) fn load_or_create_epoch(conn: &Connection) -> Result<String, StoreError> {
+    let existing: Option<String> = conn
+        .query_row("SELECT value FROM meta WHERE key = 'epoch'", [], |r| {
+            r.get(0)
+        })
+        .optional()
+        .map_err(db("read epoch"))?;
+    if let Some(e) = existing {
+        return Ok(e);
+    }
+    let epoch = format!("{:016x}", rand::random::<u64>());
+    conn.execute(
+        "INSERT INTO meta (key, value) VALUES ('epoch', ?1)",
+        params![epoch],
+    )
+    .map_err(db("write epoch"))?;
+    Ok(epoch)
+}
+
+/// The highest seq in the journal (0: empty).
+pub(super) fn stored_head(conn: &Connection) -> Result<u64, StoreError> {
+    Ok(conn
+        .query_row("SELECT COALESCE(MAX(seq), 0) FROM events", [], |r| {
+            r.get::<_, i64>(0)
+        })
+        .map_err(db("read head"))?
+        .try_into()
+        .unwrap_or(0))
+}

@@ -1,0 +1,49 @@
+//! What the embedded store's unit tests share: envelopes, batches and a fresh database path.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use chrono::Utc;
+use serde_json::json;
+use wsbridge_adapters::{DecodedEvent, Provider};
+
+use crate::envelope::Envelope;
+use crate::storage::NewEvent;
+
+pub(super) fn env(id: &str) -> Envelope {
+    Envelope::new(
+        DecodedEvent {
+            id_from_content: true,
+            id: id.into(),
+            event_type: "voicepact.payment_update".into(),
+            subject: Some("contract/c".into()),
+            time: None,
+            data: json!({"id": id}),
+        },
+        "wsbridge://vp",
+        Provider::VoicePact,
+        Utc::now(),
+    )
+}
+
+pub(super) fn new(id: &str) -> NewEvent {
+    NewEvent {
+        envelope: env(id),
+        targets: vec![],
+    }
+}
+
+pub(super) fn temp_db(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("wsbridge-store-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir.join("nested").join("j.db")
+}
+
+pub(super) fn received(id: &str, ago: chrono::Duration, targets: &[&str]) -> NewEvent {
+    let mut e = env(id);
+    e.recvtime = (Utc::now() - ago).to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+    NewEvent {
+        envelope: e,
+        targets: targets.iter().map(|t| Arc::from(*t)).collect(),
+    }
+}
