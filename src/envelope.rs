@@ -11,7 +11,9 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
+use std::fmt::Write as _;
+
+use bytes::{Bytes, BytesMut};
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -87,16 +89,16 @@ impl Envelope {
             .map(|t| t.timestamp_millis())
     }
 
-    /// The length of the envelope as the journal will serialise it, `seq` included (counted
-    /// as the longest seq there can be when it is not assigned yet), without building it: the
-    /// number ingest compares with `limits.max_event_bytes`.
-    pub fn serialized_len(&self) -> Result<usize, serde_json::Error> {
-        let mut counter = ByteCounter(0);
-        serde_json::to_writer(&mut counter, self)?;
-        Ok(match self.seq {
-            Some(_) => counter.0,
-            None => counter.0.saturating_add(SEQ_RESERVE),
-        })
+    /// The envelope serialised without its `seq`, once, by ingest: the journal appends the
+    /// seq it assigns ([`with_seq`]) instead of serialising again on its one writer, and
+    /// ingest checks [`sequenced_len`] of it against `limits.max_event_bytes`.
+    pub fn to_unsequenced(&self) -> Result<Bytes, serde_json::Error> {
+        if self.seq.is_none() {
+            return Ok(serde_json::to_vec(self)?.into());
+        }
+        let mut unsequenced = self.clone();
+        unsequenced.seq = None;
+        Ok(serde_json::to_vec(&unsequenced)?.into())
     }
 
     /// Serialises the envelope, once, into bytes shared by every recipient.
@@ -216,18 +218,31 @@ pub fn read_stored(bytes: &[u8]) -> Result<Envelope, serde_json::Error> {
 /// What `"seq":N` adds to an envelope at most: `,"seq":` and the 20 digits of `u64::MAX`.
 const SEQ_RESERVE: usize = 27;
 
-/// A writer that only counts what is written to it.
-struct ByteCounter(usize);
+/// The longest an envelope serialised without its seq (`unsequenced_len` bytes) becomes once
+/// the journal appends one.
+pub fn sequenced_len(unsequenced_len: usize) -> usize {
+    unsequenced_len.saturating_add(SEQ_RESERVE)
+}
 
-impl std::io::Write for ByteCounter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0 = self.0.saturating_add(buf.len());
-        Ok(buf.len())
+/// The envelope bytes as sent: `stored` (serialised without `seq`) with `"seq":N` appended
+/// as its last member (where serialising the envelope with its seq puts it).
+pub fn with_seq(stored: &[u8], seq: u64) -> Bytes {
+    let trimmed = match stored.iter().rposition(|b| !b.is_ascii_whitespace()) {
+        Some(end) => &stored[..=end],
+        None => stored,
+    };
+    let Some(body) = trimmed.strip_suffix(b"}") else {
+        return Bytes::copy_from_slice(stored);
+    };
+    let mut out = BytesMut::with_capacity(stored.len() + SEQ_RESERVE);
+    out.extend_from_slice(body);
+    if body.len() > 1 {
+        out.extend_from_slice(b",");
     }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
+    out.extend_from_slice(b"\"seq\":");
+    // Writing into a BytesMut cannot fail.
+    let _ = write!(out, "{seq}}}");
+    out.freeze()
 }
 
 /// `source` for an upstream name.
@@ -270,15 +285,21 @@ mod tests {
         );
         let back: Envelope = serde_json::from_str(&text).unwrap();
         assert_eq!(back, env);
-        assert_eq!(env.serialized_len().unwrap(), text.len());
+        let unsequenced = env.to_unsequenced().unwrap();
+        assert_eq!(
+            &with_seq(&unsequenced, 7)[..],
+            text.as_bytes(),
+            "the journal's splice is the serialisation with the seq"
+        );
         env.seq = Some(u64::MAX);
         let longest = env.to_bytes().unwrap().len();
-        env.seq = None;
         assert_eq!(
-            env.serialized_len().unwrap(),
+            sequenced_len(env.to_unsequenced().unwrap().len()),
             longest,
             "reserves the longest seq"
         );
+        assert_eq!(&with_seq(br#"{"id":"a"}"#, 7)[..], br#"{"id":"a","seq":7}"#);
+        assert_eq!(&with_seq(b"{}", 1)[..], br#"{"seq":1}"#);
     }
 
     #[test]

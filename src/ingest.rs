@@ -24,12 +24,13 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use bytes::Bytes;
 use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::{debug, error, warn};
 
-use crate::envelope::{Envelope, Published};
+use crate::envelope::{sequenced_len, Envelope, Published};
 use crate::routing::Router;
 use crate::storage::{Appended, NewEvent, Publisher, Store, StoreError};
 
@@ -129,10 +130,13 @@ pub fn spawn(
             let router = router.load();
             let routed: Vec<NewEvent> = batch
                 .drain(..)
-                .filter(|envelope| admit(envelope, max_event_bytes, &stats))
-                .map(|envelope| NewEvent {
-                    targets: router.targets(&envelope),
-                    envelope,
+                .filter_map(|envelope| {
+                    let unsequenced = admit(&envelope, max_event_bytes, &stats)?;
+                    Some(NewEvent {
+                        targets: router.targets(&envelope),
+                        envelope,
+                        unsequenced,
+                    })
                 })
                 .collect();
             if routed.is_empty() {
@@ -187,23 +191,25 @@ pub fn spawn(
     })
 }
 
-/// Whether an envelope fits `limits.max_event_bytes`. One that does not is refused here, so
-/// that nothing is journalled that some path (a `/v1/ws` frame, a webhook body, the NATS
-/// journal) could not carry: it is logged with what identifies it, counted, and the events
-/// after it go on.
-fn admit(envelope: &Envelope, max_event_bytes: usize, stats: &IngestStats) -> bool {
-    let size = match envelope.serialized_len() {
-        Ok(n) => n,
+/// The envelope serialised (without its seq, which the journal appends), if it fits
+/// `limits.max_event_bytes`. One that does not is refused here, so that nothing is journalled
+/// that some path (a `/v1/ws` frame, a webhook body, the NATS journal) could not carry: it is
+/// logged with what identifies it, counted, and the events after it go on. Serialising here,
+/// on ingest's task, keeps that work off the journal's single writer.
+fn admit(envelope: &Envelope, max_event_bytes: usize, stats: &IngestStats) -> Option<Bytes> {
+    let unsequenced = match envelope.to_unsequenced() {
+        Ok(bytes) => bytes,
         Err(e) => {
             // A JSON tree always serialises; should it not, the journal could not store it.
             error!(source = %envelope.source, event_id = %envelope.id, error = %e,
                 "event cannot be serialised; refused (not journalled)");
             stats.rejected.fetch_add(1, Ordering::Relaxed);
-            return false;
+            return None;
         }
     };
+    let size = sequenced_len(unsequenced.len());
     if size <= max_event_bytes {
-        return true;
+        return Some(unsequenced);
     }
     stats.too_large.fetch_add(1, Ordering::Relaxed);
     warn!(
@@ -214,5 +220,5 @@ fn admit(envelope: &Envelope, max_event_bytes: usize, stats: &IngestStats) -> bo
         max_event_bytes,
         "event larger than limits.max_event_bytes; refused (not journalled)"
     );
-    false
+    None
 }

@@ -174,6 +174,21 @@ pub struct NewEvent {
     pub envelope: Envelope,
     /// Endpoint names that get a delivery if the event is new.
     pub targets: Vec<Arc<str>>,
+    /// `envelope` serialised without its seq ([`Envelope::to_unsequenced`]), by ingest, so
+    /// that the journal's writer only appends the seq ([`crate::envelope::with_seq`]); it
+    /// serialises again only for an event it stores under a renewed id.
+    pub unsequenced: Bytes,
+}
+
+impl NewEvent {
+    /// `envelope` for `targets`, serialised here.
+    pub fn new(envelope: Envelope, targets: Vec<Arc<str>>) -> Result<NewEvent, serde_json::Error> {
+        Ok(NewEvent {
+            unsequenced: envelope.to_unsequenced()?,
+            envelope,
+            targets,
+        })
+    }
 }
 
 /// One delivery that is due now.

@@ -160,10 +160,9 @@ mod tests {
             .unwrap();
         let appended = opened
             .store
-            .append(vec![NewEvent {
-                envelope: envelope("e1"),
-                targets: vec![],
-            }])
+            .append(vec![
+                NewEvent::new(envelope("e1"), vec![]).expect("an envelope serialises")
+            ])
             .await
             .unwrap();
         let Some(Appended::Stored {

@@ -818,9 +818,9 @@ async fn append_routed(
     to: &str,
 ) -> Vec<u64> {
     let batch = range
-        .map(|i| wsbridge::storage::NewEvent {
-            envelope: envelope(i),
-            targets: vec![std::sync::Arc::from(to)],
+        .map(|i| {
+            wsbridge::storage::NewEvent::new(envelope(i), vec![std::sync::Arc::from(to)])
+                .expect("an envelope serialises")
         })
         .collect();
     Store::append(store, batch)

@@ -1,8 +1,8 @@
 //! A journal file written by an earlier release opens, is migrated, and keeps its meaning:
 //! its events, its deliveries (pending, dead, with their attempts), a disabled endpoint, its
 //! epoch, and deduplication against what it holds. The fixture
-//! (`tests/fixtures/storage/journal-0.5.0.db`) was written by wsbridge 0.5.0 through its store
-//! API; what it holds is listed in `tests/fixtures/storage/README.md` and asserted here, so a
+//! (`tests/journals/journal-0.5.0.db`) was written by wsbridge 0.5.0 through its store
+//! API; what it holds is listed in `tests/journals/README.md` and asserted here, so a
 //! schema change that forgets a migration, or migrates one table wrongly, fails this test.
 
 use std::path::PathBuf;
@@ -35,8 +35,7 @@ fn fixture_envelope(id: &str, recvtime: &str) -> Envelope {
 }
 
 fn copy_of_fixture() -> PathBuf {
-    let from =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/storage/journal-0.5.0.db");
+    let from = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/journals/journal-0.5.0.db");
     let to = crate::common::temp_dir("storage-file").join("wsbridge.db");
     std::fs::copy(&from, &to).unwrap_or_else(|e| panic!("copy {}: {e}", from.display()));
     to
@@ -99,14 +98,13 @@ async fn a_journal_written_by_0_5_0_opens_with_its_events_deliveries_and_dedup()
     // back after the window again, is renewed against its newest event (seq 5).
     let appended = store
         .append(vec![
-            NewEvent {
-                envelope: fixture_envelope("fx-3", "2026-12-01T10:01:00Z"),
-                targets: vec![Arc::from("hook-a")],
-            },
-            NewEvent {
-                envelope: fixture_envelope("fx-2", "2026-12-01T11:00:00Z"),
-                targets: vec![],
-            },
+            NewEvent::new(
+                fixture_envelope("fx-3", "2026-12-01T10:01:00Z"),
+                vec![Arc::from("hook-a")],
+            )
+            .expect("an envelope serialises"),
+            NewEvent::new(fixture_envelope("fx-2", "2026-12-01T11:00:00Z"), vec![])
+                .expect("an envelope serialises"),
         ])
         .await
         .expect("append");

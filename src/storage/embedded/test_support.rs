@@ -27,10 +27,7 @@ pub(super) fn env(id: &str) -> Envelope {
 }
 
 pub(super) fn new(id: &str) -> NewEvent {
-    NewEvent {
-        envelope: env(id),
-        targets: vec![],
-    }
+    NewEvent::new(env(id), vec![]).expect("an envelope serialises")
 }
 
 pub(super) fn temp_db(name: &str) -> PathBuf {
@@ -42,8 +39,6 @@ pub(super) fn temp_db(name: &str) -> PathBuf {
 pub(super) fn received(id: &str, ago: chrono::Duration, targets: &[&str]) -> NewEvent {
     let mut e = env(id);
     e.recvtime = (Utc::now() - ago).to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
-    NewEvent {
-        envelope: e,
-        targets: targets.iter().map(|t| Arc::from(*t)).collect(),
-    }
+    NewEvent::new(e, targets.iter().map(|t| Arc::from(*t)).collect())
+        .expect("an envelope serialises")
 }

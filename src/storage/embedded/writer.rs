@@ -555,6 +555,7 @@ fn append_batch(
     let is_copy = |recv_ms: i64, earlier_ms: i64| recv_ms.saturating_sub(earlier_ms) <= window_ms;
     let mut outcome: Outcome = Vec::with_capacity(batch.len());
     'events: for new in batch.iter_mut() {
+        let unsequenced = &new.unsequenced;
         let envelope = &mut new.envelope;
         let recv_ms = envelope.received_ms().unwrap_or(now_ms);
         let newest = latest
@@ -576,20 +577,22 @@ fn append_batch(
         // kept (retention keeps events with pending deliveries): the same rule then decides
         // against that event. Each round moves to a fresh id.
         for _ in 0..MAX_RENEWALS {
-            envelope.seq = Some(next_seq);
-            let base = match renewed.clone() {
-                Some(id) => Some(std::mem::replace(&mut envelope.id, id)),
-                None => None,
+            // Ingest serialised the envelope; only one stored under a renewed id is
+            // serialised again, with that id.
+            let (id, body) = match renewed.clone() {
+                None => (
+                    envelope.id.clone(),
+                    crate::envelope::with_seq(unsequenced, next_seq),
+                ),
+                Some(fresh) => {
+                    let base = std::mem::replace(&mut envelope.id, fresh);
+                    let body = envelope.to_unsequenced();
+                    let id = std::mem::replace(&mut envelope.id, base);
+                    (id, crate::envelope::with_seq(&body?, next_seq))
+                }
             };
-            let body = serde_json::to_vec(&*envelope);
-            let id = match base {
-                Some(base) => std::mem::replace(&mut envelope.id, base),
-                None => envelope.id.clone(),
-            };
-            envelope.seq = None;
-            let body = body?;
             let changed = insert
-                .execute(params![to_i64(next_seq), id, recv_ms, body])
+                .execute(params![to_i64(next_seq), id, recv_ms, &body[..]])
                 .map_err(db("append"))?;
             if changed == 0 {
                 let (seq, earlier_ms) = by_id
@@ -619,7 +622,7 @@ fn append_batch(
                     ])
                     .map_err(db("enqueue delivery"))?;
             }
-            outcome.push(Some((next_seq, Bytes::from(body), renewed)));
+            outcome.push(Some((next_seq, body, renewed)));
             next_seq += 1;
             continue 'events;
         }

@@ -215,22 +215,20 @@ async fn nats_store(prefix: &str) -> Arc<NatsStore> {
 /// An event with id `id` received `ago` before now.
 fn received(id: &str, ago: chrono::Duration) -> NewEvent {
     let recv = chrono::Utc::now() - ago;
-    NewEvent {
-        envelope: Envelope {
-            specversion: "1.0".into(),
-            id: id.into(),
-            source: "wsbridge://vb".into(),
-            event_type: "voipbin.call.status".into(),
-            subject: None,
-            time: recv.to_rfc3339(),
-            datacontenttype: "application/json".into(),
-            data: json!({"id": id}),
-            provider: "voipbin".into(),
-            recvtime: recv.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
-            seq: None,
-        },
-        targets: Vec::new(),
-    }
+    let envelope = Envelope {
+        specversion: "1.0".into(),
+        id: id.into(),
+        source: "wsbridge://vb".into(),
+        event_type: "voipbin.call.status".into(),
+        subject: None,
+        time: recv.to_rfc3339(),
+        datacontenttype: "application/json".into(),
+        data: json!({"id": id}),
+        provider: "voipbin".into(),
+        recvtime: recv.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+        seq: None,
+    };
+    NewEvent::new(envelope, Vec::new()).expect("an envelope serialises")
 }
 
 /// Appends one event; its stored id, or `None` for a copy.

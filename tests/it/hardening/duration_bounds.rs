@@ -356,10 +356,11 @@ async fn a_webhook_dispatcher_that_panics_is_shown_failed_then_restarted() {
         chrono::Utc::now(),
     );
     inner
-        .append(vec![NewEvent {
+        .append(vec![NewEvent::new(
             envelope,
-            targets: vec![std::sync::Arc::from("crm")],
-        }])
+            vec![std::sync::Arc::from("crm")],
+        )
+        .expect("an envelope serialises")])
         .await
         .expect("journalled with a delivery to crm");
     let store = std::sync::Arc::new(PanicsOnFirstDue {

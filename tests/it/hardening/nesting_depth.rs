@@ -189,10 +189,7 @@ fn envelope(n: usize, data: Value) -> Envelope {
 async fn journal(bridge: &Bridge, envelopes: Vec<Envelope>) -> Vec<u64> {
     let batch = envelopes
         .into_iter()
-        .map(|envelope| NewEvent {
-            envelope,
-            targets: Vec::new(),
-        })
+        .map(|envelope| NewEvent::new(envelope, Vec::new()).expect("an envelope serialises"))
         .collect();
     let appended = bridge.store().append(batch).await.expect("append");
     appended
