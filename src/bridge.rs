@@ -24,8 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::config::{Config, Ownership};
-use crate::delivery::worker::DeliveryError;
-use crate::delivery::DeliveryService;
+use crate::delivery::{DeliveryError, DeliveryService};
 use crate::downstream::Hub;
 use crate::envelope::Published;
 use crate::http::server::{self as http_server, HttpLimits, HttpStats};

@@ -5,7 +5,11 @@
 //! - [`signing`]: the Standard Webhooks signature scheme (`webhook-id`, `webhook-timestamp`,
 //!   `webhook-signature`), over the exact bytes sent;
 //! - [`ssrf`]: the guard against endpoints that point into the bridge's own network;
-//! - [`worker`]: the per-endpoint dispatchers and attempts.
+//! - `service`: the [`DeliveryService`], one dispatcher per endpoint, and what the admin API
+//!   shows of each;
+//! - `dispatcher`: one endpoint's loop (due deliveries, the in-flight bound, pauses);
+//! - `attempt`: one HTTP attempt (request, signature, send, answer or failure);
+//! - `outcome`: what an attempt's result means for the delivery (a pure rule).
 //!
 //! Delivery state lives in the store ([`crate::storage::Store`]), so pending and retrying
 //! deliveries resume after a restart.
@@ -13,7 +17,11 @@
 pub mod config;
 pub mod signing;
 pub mod ssrf;
-pub mod worker;
+
+mod attempt;
+mod dispatcher;
+mod outcome;
+mod service;
 
 pub use config::{Mode, WebhookConfig};
-pub use worker::{DeliveryService, EndpointView};
+pub use service::{DeliveryError, DeliveryService, EndpointCounters, EndpointView, LatencyFamily};
