@@ -1453,7 +1453,7 @@ mod tests {
     use crate::envelope::Envelope;
     use chrono::Utc;
     use serde_json::json;
-    use wsbridge_adapters::{DecodedEvent, Provider};
+    use wsbridge_adapters::DecodedEvent;
 
     fn env(id: &str) -> Envelope {
         Envelope::new(
@@ -1466,7 +1466,7 @@ mod tests {
                 data: json!({"id": id}),
             },
             "wsbridge://vp",
-            Provider::VoicePact,
+            "voicepact",
             Utc::now(),
         )
     }
