@@ -88,6 +88,8 @@ pub struct ReloadReport {
     pub applied: Vec<String>,
     /// Settings that changed but only take effect after a restart.
     pub needs_restart: Vec<String>,
+    /// The new config's `[dialects] paths`: what a file watcher watches beside the config.
+    pub dialect_paths: Vec<std::path::PathBuf>,
 }
 
 /// A running bridge.
@@ -321,6 +323,7 @@ impl Bridge {
                 report.needs_restart.push(key.into());
             }
         }
+        report.dialect_paths = new.dialects.paths.clone();
         *current = new;
         Ok(report)
     }

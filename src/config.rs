@@ -23,7 +23,8 @@ use figment::Figment;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer};
 use serde_json::Value;
-use wsbridge_adapters::{Provider, Secret, UpstreamSettings};
+use wsbridge_adapters::dialect::{self, Dialect, Params, Registry};
+use wsbridge_adapters::{Adapter, AdapterError, Secret};
 
 use crate::delivery::WebhookConfig;
 use crate::downstream::{compile_consumers, Consumer, ConsumerConfig};
@@ -51,6 +52,21 @@ pub struct Config {
     pub consumers: Vec<Arc<Consumer>>,
     /// `[limits]`.
     pub limits: LimitsConfig,
+    /// `[dialects]`: where users' dialect files are.
+    pub dialects: DialectsConfig,
+    /// The dialects upstreams may name: the built-in ones and those `[dialects] paths` held
+    /// at load (a reload reads them again).
+    pub registry: Registry,
+}
+
+/// `[dialects]`: users' dialect files, loaded at start and on every reload.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DialectsConfig {
+    /// Dialect files, or folders whose `*.toml` files are each a dialect; a relative path is
+    /// relative to the config file's folder.
+    #[serde(default)]
+    pub paths: Vec<PathBuf>,
 }
 
 /// `[server]`: where the bridge listens and who may administer it.
@@ -307,30 +323,20 @@ pub enum Ownership {
 }
 
 /// `[[upstreams]]`: one provider connection and how to keep it alive.
+///
+/// The keys below are common to every dialect; every other key is a parameter of the
+/// upstream's dialect (its `[params]`), checked against the dialect at load.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
     /// Unique name; becomes the envelope `source` (`wsbridge://<name>`) and every log line's
     /// `upstream` field.
     pub name: String,
-    /// The dialect: `voicepact`, `voipbin` or `hashi`.
-    #[serde(deserialize_with = "de_provider")]
-    pub adapter: Provider,
-    /// Base URL; the adapter appends its path or query (see the adapter's docs).
-    #[serde(deserialize_with = "de_ws_url")]
-    pub url: url::Url,
-    /// VoicePact connection identity.
-    #[serde(default)]
-    pub client_id: Option<String>,
-    /// VoIPBIN / Hashi token.
-    #[serde(default, deserialize_with = "de_opt_secret")]
-    pub token: Option<Secret>,
-    /// VoIPBIN topics.
-    #[serde(default)]
-    pub topics: Vec<String>,
-    /// Hashi lobby rooms.
-    #[serde(default)]
-    pub lobbies: Vec<String>,
+    /// The dialect: a built-in one (`voicepact`, `voipbin`, `hashi`) or one loaded from
+    /// `[dialects] paths`.
+    pub adapter: String,
+    /// Base URL (`$url` in the dialect's expressions); required when the dialect reads it.
+    #[serde(default, deserialize_with = "de_opt_ws_url")]
+    pub url: Option<url::Url>,
     /// First reconnect delay; doubles per failure up to `backoff_max`.
     #[serde(default = "d_1s", deserialize_with = "de_duration")]
     pub backoff_initial: Duration,
@@ -349,34 +355,101 @@ pub struct UpstreamConfig {
     /// Limit on TCP connect plus the WebSocket handshake (and the greeting, where one is due).
     #[serde(default = "d_10s", deserialize_with = "de_duration")]
     pub connect_timeout: Duration,
-    /// With the nats backend: `all` or `lease` (default `lease` for VoicePact, which keeps
-    /// one socket per client_id, `all` for the others). Ignored by the embedded backend.
+    /// With the nats backend: `all` or `lease` (default: the dialect's `[dialect] ownership`,
+    /// `lease` for VoicePact, which keeps one socket per client_id). Ignored by the embedded
+    /// backend.
     #[serde(default)]
     pub ownership: Option<Ownership>,
+    /// The dialect's parameters (every key not above), checked against its `[params]`.
+    #[serde(flatten)]
+    pub params: ParamValues,
     /// The trust policy of this upstream: the `tls_*` keys ([`TlsSettings`]) with their files
     /// as read at load.
     #[serde(skip)]
     pub tls: ClientTls,
+    /// The dialect `adapter` names, resolved at load.
+    #[serde(skip)]
+    pub dialect: DialectRef,
+}
+
+/// An upstream's dialect parameters as written. `Debug` shows the keys only: values may be
+/// credentials.
+#[derive(Clone, Default, PartialEq, Deserialize)]
+#[serde(transparent)]
+pub struct ParamValues(pub BTreeMap<String, Value>);
+
+impl fmt::Debug for ParamValues {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_set().entries(self.0.keys()).finish()
+    }
+}
+
+/// The dialect an upstream runs, once resolved. Two are equal when loaded from the same text,
+/// so a reload reconnects an upstream whose dialect file changed and keeps the others.
+#[derive(Clone, Default)]
+pub struct DialectRef(pub Option<Arc<Dialect>>);
+
+impl PartialEq for DialectRef {
+    fn eq(&self, other: &Self) -> bool {
+        match (&self.0, &other.0) {
+            (Some(a), Some(b)) => a.same_as(b),
+            (None, None) => true,
+            _ => false,
+        }
+    }
+}
+
+impl fmt::Debug for DialectRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.0 {
+            Some(d) => write!(f, "{} ({})", d.name(), d.origin()),
+            None => f.write_str("(unresolved)"),
+        }
+    }
 }
 
 impl UpstreamConfig {
-    /// The ownership mode in force: the configured one, or the adapter's default.
+    /// The ownership mode in force: the configured one, or the dialect's default.
     pub fn ownership(&self) -> Ownership {
-        self.ownership.unwrap_or(match self.adapter {
-            Provider::VoicePact => Ownership::Lease,
-            Provider::Voipbin | Provider::Hashi => Ownership::All,
-        })
+        self.ownership
+            .unwrap_or(match self.dialect.0.as_ref().map(|d| d.ownership()) {
+                Some(dialect::Ownership::Lease) => Ownership::Lease,
+                _ => Ownership::All,
+            })
     }
 
-    /// The adapter's view of this upstream.
-    pub fn adapter_settings(&self) -> UpstreamSettings {
-        UpstreamSettings {
-            url: self.url.clone(),
-            client_id: self.client_id.clone(),
-            token: self.token.clone(),
-            topics: self.topics.clone(),
-            lobbies: self.lobbies.clone(),
+    /// The dialect's view of this upstream: `url` and the parameters.
+    pub fn adapter_params(&self) -> Params {
+        let mut p = match &self.url {
+            Some(u) => Params::new(u),
+            None => Params::without_url(),
+        };
+        for (k, v) in &self.params.0 {
+            p.set(k, v.clone());
         }
+        p
+    }
+
+    /// Whether the upstream connects over TLS: its dialect's connect URL is `wss://` (`url`'s
+    /// scheme when the dialect cannot build it, e.g. before the config is validated).
+    pub fn uses_tls(&self) -> bool {
+        match self.build_adapter().map(|a| a.connect_request()) {
+            Ok(Ok(req)) => req.uri().scheme_str() == Some("wss"),
+            _ => self.url.as_ref().is_none_or(|url| url.scheme() == "wss"),
+        }
+    }
+
+    /// The adapter of this upstream: its dialect bound to its parameters.
+    pub fn build_adapter(&self) -> Result<Arc<dyn Adapter>, AdapterError> {
+        let dialect = self
+            .dialect
+            .0
+            .clone()
+            .ok_or_else(|| AdapterError::Invalid {
+                key: "adapter".to_string(),
+                reason: format!("no dialect {:?} is loaded", self.adapter),
+            })?;
+        wsbridge_adapters::build_adapter(dialect, &self.adapter_params())
     }
 }
 
@@ -623,15 +696,28 @@ impl Config {
                 format!("cannot read {}: {e}", path.display()),
             )])
         })?;
-        Self::from_toml(&text, |name| std::env::var(name).ok(), true)
+        let base = path.parent().unwrap_or(Path::new(""));
+        Self::from_toml_in(&text, |name| std::env::var(name).ok(), true, base)
     }
 
     /// Builds a config from TOML text; `env` resolves `${VAR}`, and `use_env_overrides` adds
     /// the `WSBRIDGE_*` layer (off for tests and the demo, which must not depend on the shell).
+    /// Relative `[dialects] paths` are relative to the current directory.
     pub fn from_toml(
         text: &str,
         env: impl Fn(&str) -> Option<String>,
         use_env_overrides: bool,
+    ) -> Result<Config, ConfigError> {
+        Self::from_toml_in(text, env, use_env_overrides, Path::new(""))
+    }
+
+    /// [`Config::from_toml`] with relative `[dialects] paths` taken from `base_dir` (the
+    /// config file's folder).
+    pub fn from_toml_in(
+        text: &str,
+        env: impl Fn(&str) -> Option<String>,
+        use_env_overrides: bool,
+        base_dir: &Path,
     ) -> Result<Config, ConfigError> {
         let mut figment = Figment::new().merge(Toml::string(text));
         if use_env_overrides {
@@ -646,14 +732,14 @@ impl Config {
             .map_err(|e| ConfigError(e.into_iter().map(figment_issue).collect()))?;
         let mut issues = Vec::new();
         expand_env(&mut tree, &mut String::new(), &env, &mut issues);
-        let config = Self::from_tree(tree, &mut issues);
+        let config = Self::from_tree(tree, base_dir, &mut issues);
         match config {
             Some(c) if issues.is_empty() => Ok(c),
             _ => Err(ConfigError(issues)),
         }
     }
 
-    fn from_tree(tree: Value, issues: &mut Vec<ConfigIssue>) -> Option<Config> {
+    fn from_tree(tree: Value, base_dir: &Path, issues: &mut Vec<ConfigIssue>) -> Option<Config> {
         let Value::Object(mut top) = tree else {
             issues.push(issue("(file)", "the config must be a TOML table"));
             return None;
@@ -666,6 +752,24 @@ impl Config {
             section(top.remove("storage"), "storage", issues).unwrap_or_default();
         let limits: LimitsConfig =
             section(top.remove("limits"), "limits", issues).unwrap_or_default();
+        let mut dialects: DialectsConfig =
+            section(top.remove("dialects"), "dialects", issues).unwrap_or_default();
+        for p in &mut dialects.paths {
+            if p.is_relative() {
+                *p = base_dir.join(&*p);
+            }
+        }
+        let registry = match Registry::load(&dialects.paths) {
+            Ok(r) => r,
+            Err(errors) => {
+                issues.extend(
+                    errors
+                        .into_iter()
+                        .map(|e| issue(format!("dialects.paths[{}]", e.index), e.message)),
+                );
+                Registry::default()
+            }
+        };
         // Each upstream keeps its position in the file, so later checks name the right entry
         // even when an earlier one failed to parse.
         let mut upstreams = Vec::new();
@@ -721,7 +825,7 @@ impl Config {
         for key in top.keys() {
             issues.push(issue(
                 key.clone(),
-                "unknown section; expected server, storage, limits, upstreams, webhooks, consumers or routes",
+                "unknown section; expected server, storage, limits, dialects, upstreams, webhooks, consumers or routes",
             ));
         }
         let mut config = Config {
@@ -733,11 +837,85 @@ impl Config {
             router: Arc::new(router),
             consumers,
             limits,
+            dialects,
+            registry,
         };
+        config.resolve_dialects(&positions, issues);
         config.load_tls(&positions, tls, issues);
         config.validate(&positions, issues);
         name_items(issues, &names);
         Some(config)
+    }
+
+    /// Finds each upstream's dialect and checks its parameters against it: an unknown
+    /// `adapter`, an unknown key, a missing required one, a wrong type, a value the dialect's
+    /// `check` refuses, and values a `unique = true` parameter shares with another upstream
+    /// (same dialect, same `url`) are refused, each named with the upstream and the key.
+    fn resolve_dialects(&mut self, positions: &Positions, issues: &mut Vec<ConfigIssue>) {
+        let mut unique: BTreeMap<(String, String, String, String), usize> = BTreeMap::new();
+        for (&i, u) in positions.upstreams.iter().zip(&mut self.upstreams) {
+            let at = |k: &str| format!("upstreams[{i}].{k}");
+            let Some(d) = self.registry.get(&u.adapter) else {
+                issues.push(issue(
+                    at("adapter"),
+                    format!(
+                        "unknown adapter {:?}; expected a built-in dialect or one loaded from [dialects] paths: {}",
+                        u.adapter,
+                        self.registry.names().join(", ")
+                    ),
+                ));
+                continue;
+            };
+            let params = u.adapter_params();
+            let problems = d.param_problems(&params);
+            for p in &problems {
+                issues.push(issue(at(&p.key), p.reason.clone()));
+            }
+            for spec in d.params().filter(|p| p.unique) {
+                let Some(value) = params.get(spec.name) else {
+                    continue;
+                };
+                let url = u
+                    .url
+                    .as_ref()
+                    .map(|u| u.as_str().trim_end_matches('/').to_string())
+                    .unwrap_or_default();
+                let key = (
+                    d.name().to_string(),
+                    url,
+                    spec.name.to_string(),
+                    value.to_string(),
+                );
+                if let Some(first) = unique.insert(key, i) {
+                    let shown = if spec.secret {
+                        "its value".to_string()
+                    } else {
+                        value.to_string()
+                    };
+                    issues.push(issue(
+                        at(spec.name),
+                        format!(
+                            "{shown} at this url is already used by upstreams[{first}]; the {} dialect allows one connection per {} (unique = true)",
+                            d.name(),
+                            spec.name
+                        ),
+                    ));
+                }
+            }
+            if problems.is_empty() {
+                u.dialect = DialectRef(Some(d.clone()));
+                // What the parameters alone cannot show: the connect URL and every frame the
+                // connection sends, built once now.
+                if let Err(e) = u.build_adapter() {
+                    let key = match &e {
+                        AdapterError::Missing { key, .. } | AdapterError::Invalid { key, .. } => {
+                            key.clone()
+                        }
+                    };
+                    issues.push(issue(at(&key), e.to_string()));
+                }
+            }
+        }
     }
 
     /// Reads the files of every `tls_*` key (upstreams, webhooks, the NATS store, the server)
@@ -746,7 +924,7 @@ impl Config {
         let mut upstream_tls = tls.upstreams;
         for (&i, u) in positions.upstreams.iter().zip(&mut self.upstreams) {
             let table = upstream_tls.get_mut(i).map(Value::take);
-            let uses_tls = u.url.scheme() == "wss";
+            let uses_tls = u.uses_tls();
             if let Some(t) = load_client_tls(&format!("upstreams[{i}]"), table, uses_tls, issues) {
                 u.tls = t;
             }
@@ -844,7 +1022,6 @@ impl Config {
             }
         }
         let mut seen = BTreeMap::new();
-        let mut voicepact_ids = BTreeMap::new();
         for (&i, u) in positions.upstreams.iter().zip(&self.upstreams) {
             let at = |k: &str| format!("upstreams[{i}].{k}");
             if u.name.is_empty()
@@ -863,51 +1040,6 @@ impl Config {
                     at("name"),
                     format!("{:?} is already used by upstreams[{first}]", u.name),
                 ));
-            }
-            // The VoicePact server keeps one connection per client_id (the newest wins and the
-            // older one stops getting its pongs): two upstreams with one identity would steal
-            // the connection from each other forever.
-            if let (Provider::VoicePact, Some(client)) = (u.adapter, &u.client_id) {
-                let key = (
-                    u.url.as_str().trim_end_matches('/').to_string(),
-                    client.clone(),
-                );
-                if let Some(first) = voicepact_ids.insert(key, i) {
-                    issues.push(issue(
-                        at("client_id"),
-                        format!("{client:?} at this url is already used by upstreams[{first}]; VoicePact keeps one connection per client_id"),
-                    ));
-                }
-            }
-            if let Err(e) = wsbridge_adapters::build_adapter(u.adapter, u.adapter_settings()) {
-                let key = match &e {
-                    wsbridge_adapters::AdapterError::Missing { key, .. }
-                    | wsbridge_adapters::AdapterError::Invalid { key, .. } => key.as_str(),
-                };
-                issues.push(issue(at(key), e.to_string()));
-            }
-            let stray: &[(&str, bool)] = match u.adapter {
-                Provider::VoicePact => &[
-                    ("token", u.token.is_some()),
-                    ("topics", !u.topics.is_empty()),
-                    ("lobbies", !u.lobbies.is_empty()),
-                ],
-                Provider::Voipbin => &[
-                    ("client_id", u.client_id.is_some()),
-                    ("lobbies", !u.lobbies.is_empty()),
-                ],
-                Provider::Hashi => &[
-                    ("client_id", u.client_id.is_some()),
-                    ("topics", !u.topics.is_empty()),
-                ],
-            };
-            for (key, present) in stray {
-                if *present {
-                    issues.push(issue(
-                        at(key),
-                        format!("not used by the {} adapter", u.adapter),
-                    ));
-                }
             }
             for (key, d, min, max) in [
                 (
@@ -1172,12 +1304,7 @@ fn expand_str(s: &str, env: &impl Fn(&str) -> Option<String>) -> Result<String, 
     Ok(out)
 }
 
-fn de_provider<'de, D: Deserializer<'de>>(d: D) -> Result<Provider, D::Error> {
-    let s = String::deserialize(d)?;
-    s.parse().map_err(serde::de::Error::custom)
-}
-
-fn de_ws_url<'de, D: Deserializer<'de>>(d: D) -> Result<url::Url, D::Error> {
+fn de_opt_ws_url<'de, D: Deserializer<'de>>(d: D) -> Result<Option<url::Url>, D::Error> {
     let s = String::deserialize(d)?;
     let u = url::Url::parse(&s).map_err(|e| serde::de::Error::custom(format!("not a URL: {e}")))?;
     if !matches!(u.scheme(), "ws" | "wss") || u.host_str().is_none() {
@@ -1186,7 +1313,7 @@ fn de_ws_url<'de, D: Deserializer<'de>>(d: D) -> Result<url::Url, D::Error> {
             shown_url(&u)
         )));
     }
-    Ok(u)
+    Ok(Some(u))
 }
 
 #[cfg(test)]
@@ -1232,7 +1359,7 @@ mod tests {
     #[test]
     fn loads_and_expands() {
         let c = Config::from_toml(GOOD, env, false).unwrap();
-        assert_eq!(c.upstreams[0].token.as_ref().unwrap().expose(), "t0k");
+        assert_eq!(c.upstreams[0].params.0["token"], "t0k");
         assert_eq!(c.upstreams[0].backoff_initial, Duration::from_millis(50));
         assert_eq!(c.upstreams[0].backoff_max, Duration::from_secs(30));
         assert_eq!(c.storage.backend, StorageBackend::Embedded);

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::Value;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
-use wsbridge_adapters::{DecodedEvent, Provider};
+use wsbridge_adapters::DecodedEvent;
 
 /// The CloudEvents version we emit.
 pub const SPEC_VERSION: &str = "1.0";
@@ -49,7 +49,7 @@ pub struct Envelope {
     pub datacontenttype: String,
     /// The provider's payload, unchanged.
     pub data: Value,
-    /// Extension: `voicepact`, `voipbin` or `hashi`.
+    /// Extension: the dialect's name (`voicepact`, `voipbin`, `hashi`, or a user's dialect).
     pub provider: String,
     /// Extension: when the bridge received the frame, RFC 3339 UTC with microseconds.
     pub recvtime: String,
@@ -63,7 +63,7 @@ impl Envelope {
     pub fn new(
         decoded: DecodedEvent,
         source: &str,
-        provider: Provider,
+        provider: &str,
         received: DateTime<Utc>,
     ) -> Envelope {
         Envelope {
@@ -75,7 +75,7 @@ impl Envelope {
             time: format_time(decoded.time.unwrap_or(received)),
             datacontenttype: DATA_CONTENT_TYPE.to_string(),
             data: decoded.data,
-            provider: provider.name().to_string(),
+            provider: provider.to_string(),
             recvtime: received.to_rfc3339_opts(SecondsFormat::Micros, true),
             seq: None,
         }
@@ -274,7 +274,7 @@ mod tests {
                 data: json!({"status": "answered"}),
             },
             &source_for("voipbin-main"),
-            Provider::Voipbin,
+            "voipbin",
             received,
         );
         env.seq = Some(7);
@@ -315,7 +315,7 @@ mod tests {
                 data: json!({"a": [1, {"b": "x"}]}),
             },
             &source_for("vp"),
-            Provider::VoicePact,
+            "voicepact",
             received,
         );
         env.seq = Some(3);

@@ -2,19 +2,25 @@
 //!
 //! Operators route with configuration, so they need to see the configuration's verdict on a
 //! real event without running the bridge: the input is either a canonical envelope (as a
-//! webhook receiver or consumer got it) or a raw provider frame, which is decoded first with
-//! the adapter of the named upstream, or of the provider whose dialect the frame's shape
-//! shows.
+//! webhook receiver or consumer got it) or a raw frame of any dialect, built-in or a user's,
+//! which is decoded first with the dialect of the named upstream, or of the configured
+//! upstream whose dialect reads the most from it.
 
 use anyhow::{bail, Context};
 use chrono::Utc;
 use serde_json::Value;
-use wsbridge_adapters::{Inbound, Provider};
+use wsbridge_adapters::{DecodedEvent, Inbound};
 
-use crate::config::Config;
+use crate::config::{Config, UpstreamConfig};
 use crate::envelope::{source_for, Envelope};
 
 /// Turns the input into an envelope; also says how it was obtained.
+///
+/// A raw frame is decoded with the named upstream's dialect; without `--upstream`, with the
+/// dialect of every configured upstream (the first upstream of each), and the decode that
+/// reads the most from the frame (a subject, a time, a type other than `<name>.unknown`)
+/// wins, ties going to the upstream first in the config; the others that also decode it are
+/// named, so the operator can pick one with `--upstream`.
 pub fn to_envelope(
     config: &Config,
     input: &str,
@@ -26,61 +32,90 @@ pub fn to_envelope(
             serde_json::from_value(value).context("not a valid wsbridge envelope")?;
         return Ok((envelope, "a canonical envelope".into()));
     }
-    let chosen = match upstream {
-        Some(name) => config
+    if let Some(name) = upstream {
+        let chosen = config
             .upstreams
             .iter()
             .find(|u| u.name == name)
-            .with_context(|| format!("no upstream named {name:?} in the config"))?,
-        None => {
-            let provider = guess_provider(&value);
-            config
-                .upstreams
-                .iter()
-                .find(|u| u.adapter == provider)
-                .with_context(|| format!("the frame looks like {provider}, but no {provider} upstream is configured (use --upstream)"))?
+            .with_context(|| format!("no upstream named {name:?} in the config"))?;
+        let decoded = decode(chosen, input)?;
+        return Ok((
+            envelope(chosen, decoded),
+            format!(
+                "a {} frame, decoded as upstream {:?}",
+                chosen.adapter, chosen.name
+            ),
+        ));
+    }
+    let mut tried: Vec<&str> = Vec::new();
+    let mut decoded: Vec<(&UpstreamConfig, DecodedEvent)> = Vec::new();
+    let mut refused: Vec<String> = Vec::new();
+    for u in &config.upstreams {
+        if tried.contains(&u.adapter.as_str()) {
+            continue;
         }
+        tried.push(&u.adapter);
+        match decode(u, input) {
+            Ok(e) => decoded.push((u, e)),
+            Err(e) => refused.push(format!("{e:#}")),
+        }
+    }
+    let best = decoded
+        .iter()
+        .enumerate()
+        .max_by_key(|(i, (u, e))| (score(u, e), std::cmp::Reverse(*i)))
+        .map(|(i, _)| i);
+    let Some(best) = best else {
+        if tried.is_empty() {
+            bail!("no upstream is configured to decode the frame with");
+        }
+        bail!(
+            "no configured dialect decodes the frame as an event:\n  {}",
+            refused.join("\n  ")
+        );
     };
-    let adapter = wsbridge_adapters::build_adapter(chosen.adapter, chosen.adapter_settings())?;
+    let (chosen, event) = decoded.swap_remove(best);
+    let others: Vec<String> = decoded
+        .iter()
+        .map(|(u, _)| format!("{:?} ({})", u.name, u.adapter))
+        .collect();
+    let mut how = format!(
+        "a {} frame, decoded as upstream {:?}",
+        chosen.adapter, chosen.name
+    );
+    if !others.is_empty() {
+        how.push_str(&format!(
+            "; it also decodes as {} (choose with --upstream)",
+            others.join(", ")
+        ));
+    }
+    Ok((envelope(chosen, event), how))
+}
+
+/// How much a dialect read from the frame: a subject, a time, a named type.
+fn score(u: &UpstreamConfig, e: &DecodedEvent) -> u8 {
+    u8::from(e.subject.is_some())
+        + u8::from(e.time.is_some())
+        + u8::from(e.event_type != format!("{}.unknown", u.adapter))
+}
+
+/// Decodes `input` with `u`'s dialect; anything but an event is an error.
+fn decode(u: &UpstreamConfig, input: &str) -> anyhow::Result<DecodedEvent> {
+    let adapter = u
+        .build_adapter()
+        .with_context(|| format!("upstream {:?}", u.name))?;
     match adapter.decode(input) {
-        Ok(Inbound::Event(decoded)) => {
-            let envelope = Envelope::new(
-                decoded,
-                &source_for(&chosen.name),
-                chosen.adapter,
-                Utc::now(),
-            );
-            Ok((
-                envelope,
-                format!(
-                    "a {} frame, decoded as upstream {:?}",
-                    chosen.adapter, chosen.name
-                ),
-            ))
-        }
+        Ok(Inbound::Event(decoded)) => Ok(decoded),
         Ok(Inbound::Control(c)) => bail!(
             "that {} frame is a control frame ({c:?}), not an event",
-            chosen.adapter
+            u.adapter
         ),
-        Err(e) => bail!(
-            "the {} adapter cannot decode the frame: {e}",
-            chosen.adapter
-        ),
+        Err(e) => bail!("the {} dialect cannot decode the frame: {e}", u.adapter),
     }
 }
 
-/// The dialect a raw frame's shape shows: `event_type` is VoIPBIN, a `<family>:event` type
-/// or a `data.type` is Hashi, anything else with a `type` is VoicePact.
-fn guess_provider(frame: &Value) -> Provider {
-    if frame.get("event_type").is_some() {
-        return Provider::Voipbin;
-    }
-    let kind = frame.get("type").and_then(Value::as_str).unwrap_or("");
-    if kind.ends_with(":event") || frame.pointer("/data/type").is_some() {
-        Provider::Hashi
-    } else {
-        Provider::VoicePact
-    }
+fn envelope(u: &UpstreamConfig, decoded: DecodedEvent) -> Envelope {
+    Envelope::new(decoded, &source_for(&u.name), &u.adapter, Utc::now())
 }
 
 /// The human-readable report.
@@ -120,26 +155,4 @@ pub fn report(config: &Config, envelope: &Envelope, how: &str) -> String {
         }
     ));
     out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    #[test]
-    fn dialects_are_guessed_from_shape() {
-        assert_eq!(
-            guess_provider(&json!({"event_type": "call.status"})),
-            Provider::Voipbin
-        );
-        assert_eq!(
-            guess_provider(&json!({"type": "lobby:event", "data": {}})),
-            Provider::Hashi
-        );
-        assert_eq!(
-            guess_provider(&json!({"type": "payment_update"})),
-            Provider::VoicePact
-        );
-    }
 }

@@ -134,6 +134,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 "wsbridge running; Ctrl-C or SIGTERM stops"
             );
             let mut watch = wsbridge::reload::FileWatch::new(&path);
+            watch.watch_also(&config.dialects.paths);
             let mut poll = tokio::time::interval(if watch_interval.is_zero() {
                 Duration::from_secs(3600)
             } else {
@@ -146,12 +147,16 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                     _ = hangup.recv() => {
                         info!(config = %path.display(), "SIGHUP: reloading the config");
                         watch.changed();
-                        let _ = wsbridge::reload::reload_file(&bridge, &path).await;
+                        if let Ok(report) = wsbridge::reload::reload_file(&bridge, &path).await {
+                            watch.watch_also(&report.dialect_paths);
+                        }
                     }
                     _ = poll.tick(), if !watch_interval.is_zero() => {
                         if watch.changed() {
-                            info!(config = %path.display(), "config file changed: reloading");
-                            let _ = wsbridge::reload::reload_file(&bridge, &path).await;
+                            info!(config = %path.display(), "config or dialect file changed: reloading");
+                            if let Ok(report) = wsbridge::reload::reload_file(&bridge, &path).await {
+                                watch.watch_also(&report.dialect_paths);
+                            }
                         }
                     }
                     got = events.recv() => match got {

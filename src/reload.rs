@@ -58,11 +58,15 @@ pub async fn reload_file(bridge: &Bridge, path: &Path) -> Result<ReloadReport, R
     }
 }
 
-/// Notices changes to a file between polls.
+/// Notices changes to the config file, and to the dialect files and folders it names,
+/// between polls.
 #[derive(Debug)]
 pub struct FileWatch {
     path: PathBuf,
     seen: Option<Stamp>,
+    /// `[dialects] paths` of the config in force: a changed dialect file reloads too.
+    also: Vec<PathBuf>,
+    also_seen: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,19 +89,59 @@ fn stamp(path: &Path) -> Option<Stamp> {
     })
 }
 
+/// One hash over what `paths` hold: each file's content, each folder's `*.toml` files (names
+/// and contents). A missing path hashes as missing.
+fn stamp_all(paths: &[PathBuf]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for p in paths {
+        p.hash(&mut h);
+        if p.is_dir() {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(p)
+                .map(|entries| {
+                    entries
+                        .filter_map(Result::ok)
+                        .map(|e| e.path())
+                        .filter(|f| f.extension().is_some_and(|e| e == "toml"))
+                        .collect()
+                })
+                .unwrap_or_default();
+            files.sort();
+            for f in files {
+                f.hash(&mut h);
+                stamp(&f).map(|s| s.hash).hash(&mut h);
+            }
+        } else {
+            stamp(p).map(|s| s.hash).hash(&mut h);
+        }
+    }
+    h.finish()
+}
+
 impl FileWatch {
     /// Starts watching `path` as it is now.
     pub fn new(path: &Path) -> FileWatch {
         FileWatch {
             path: path.to_path_buf(),
             seen: stamp(path),
+            also: Vec::new(),
+            also_seen: stamp_all(&[]),
         }
     }
 
+    /// Also watches `paths` (the config's `[dialects] paths`), as they are now.
+    pub fn watch_also(&mut self, paths: &[PathBuf]) {
+        self.also = paths.to_vec();
+        self.also_seen = stamp_all(&self.also);
+    }
+
     /// True once per change of the file's content (a missing file is not a change: editors
-    /// delete and recreate).
+    /// delete and recreate), or of what the other watched paths hold.
     pub fn changed(&mut self) -> bool {
-        match stamp(&self.path) {
+        let also = stamp_all(&self.also);
+        let also_changed = also != self.also_seen;
+        self.also_seen = also;
+        let config_changed = match stamp(&self.path) {
             Some(now) if Some(&now) != self.seen.as_ref() => {
                 let content_changed = self
                     .seen
@@ -107,7 +151,8 @@ impl FileWatch {
                 content_changed
             }
             _ => false,
-        }
+        };
+        config_changed || also_changed
     }
 }
 
@@ -128,6 +173,19 @@ mod tests {
         assert!(!w.changed(), "reported once");
         std::fs::remove_file(&f).unwrap();
         assert!(!w.changed(), "a missing file is not a change");
+        // A dialect folder: a changed or added file is a change.
+        let dialects = dir.join("dialects");
+        std::fs::create_dir_all(&dialects).unwrap();
+        std::fs::write(dialects.join("a.toml"), "x").unwrap();
+        w.watch_also(std::slice::from_ref(&dialects));
+        assert!(!w.changed());
+        std::fs::write(dialects.join("a.toml"), "y").unwrap();
+        assert!(w.changed());
+        assert!(!w.changed(), "reported once");
+        std::fs::write(dialects.join("b.toml"), "z").unwrap();
+        assert!(w.changed());
+        std::fs::write(dialects.join("notes.txt"), "z").unwrap();
+        assert!(!w.changed(), "only *.toml files count");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

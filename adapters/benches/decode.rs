@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use wsbridge_adapters::{build_adapter, Adapter, Provider, Secret, UpstreamSettings};
+use wsbridge_adapters::dialect::{builtin, Params};
+use wsbridge_adapters::{build_adapter, Adapter, Provider};
 
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures");
 /// Timed rounds per path; the median is reported.
@@ -18,19 +19,19 @@ const ROUNDS: usize = 31;
 /// Passes over the provider's fixtures per round.
 const PASSES: usize = 200;
 
-fn settings(provider: Provider) -> UpstreamSettings {
-    let (url, client_id, token) = match provider {
-        Provider::VoicePact => ("ws://127.0.0.1:9101/api/v1/ws", Some("+254700000001"), None),
-        Provider::Voipbin => ("ws://127.0.0.1:9102/v1.0/ws", None, Some(Secret::new("t"))),
-        Provider::Hashi => ("ws://127.0.0.1:9103/", None, Some(Secret::new("t"))),
+fn params(provider: Provider) -> Params {
+    let (url, key, value) = match provider {
+        Provider::VoicePact => (
+            "ws://127.0.0.1:9101/api/v1/ws",
+            "client_id",
+            "+254700000001",
+        ),
+        Provider::Voipbin => ("ws://127.0.0.1:9102/v1.0/ws", "token", "t"),
+        Provider::Hashi => ("ws://127.0.0.1:9103/", "token", "t"),
     };
-    UpstreamSettings {
-        url: url::Url::parse(url).expect("URL"),
-        client_id: client_id.map(str::to_string),
-        token,
-        topics: Vec::new(),
-        lobbies: Vec::new(),
-    }
+    let mut p = Params::new(&url::Url::parse(url).expect("URL"));
+    p.set(key, serde_json::Value::String(value.to_string()));
+    p
 }
 
 fn frames(dir: &Path, out: &mut Vec<String>) {
@@ -77,8 +78,11 @@ fn main() {
     for provider in Provider::ALL {
         let mut fs = Vec::new();
         frames(&Path::new(FIXTURES).join(provider.name()), &mut fs);
-        let adapter: Arc<dyn Adapter> =
-            build_adapter(provider, settings(provider)).expect("builds");
+        let adapter: Arc<dyn Adapter> = build_adapter(
+            builtin(provider.name()).expect("built-in").expect("loads"),
+            &params(provider),
+        )
+        .expect("builds");
         let t = time(adapter.as_ref(), &fs);
         println!("{:<10} {:>7} {:>9.0}", provider.name(), fs.len(), t);
         total += t * fs.len() as f64;

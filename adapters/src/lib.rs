@@ -35,8 +35,9 @@ pub use canonical::{canonical_json, derived_id, event_id};
 pub use secret::Secret;
 pub use time::parse_provider_time;
 
-/// The providers wsbridge speaks to. The name is the envelope's `provider` extension and the
-/// prefix of every event type, so it is part of the external contract.
+/// The built-in providers, as their simulators and the demo know them. The bridge itself
+/// knows a provider only by its dialect's name ([`Adapter::provider`]): a user's dialect file
+/// is as much a provider as these three.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Provider {
     /// VoicePact: `type` dialect, one connection per `client_id`, no auth.
@@ -80,23 +81,6 @@ impl FromStr for Provider {
                 )
             })
     }
-}
-
-/// What an adapter needs to know about the one upstream connection it serves. The bridge's
-/// config layer validates these before an adapter is built, so adapters only re-check what
-/// their own wire format requires.
-#[derive(Clone, Debug)]
-pub struct UpstreamSettings {
-    /// The configured base URL; each adapter appends its own path or query (see its module).
-    pub url: url::Url,
-    /// VoicePact's connection identity (appended as the last path segment).
-    pub client_id: Option<String>,
-    /// Bearer token for VoIPBIN and Hashi; sent as `?token=` and never logged.
-    pub token: Option<Secret>,
-    /// VoIPBIN topic subscriptions (`<scope>:<scope_id>:<resource>:<resource_id>`).
-    pub topics: Vec<String>,
-    /// Hashi lobby rooms to join.
-    pub lobbies: Vec<String>,
 }
 
 /// Why an adapter could not be built from its settings.
@@ -214,8 +198,8 @@ pub enum Greeting {
 /// Implementations are cheap, immutable and shared between the supervisor task and any status
 /// reader; everything that changes per connection lives in the supervisor.
 pub trait Adapter: Send + Sync + 'static {
-    /// Which provider this dialect speaks.
-    fn provider(&self) -> Provider;
+    /// The dialect's name: the envelope's `provider`, the prefix of every event type.
+    fn provider(&self) -> &str;
 
     /// The upgrade request to send: the final URL with credentials, and any headers.
     fn connect_request(&self) -> Result<http::Request<()>, AdapterError>;
@@ -242,29 +226,13 @@ pub trait Adapter: Send + Sync + 'static {
     fn decode(&self, text: &str) -> Result<Inbound, DecodeError>;
 }
 
-/// Builds the adapter for `provider` from validated settings: its built-in dialect file bound
-/// to the settings.
+/// Binds `dialect` to one upstream's parameters: the adapter its supervisor runs. Every
+/// parameter is checked first (see [`dialect::Dialect::param_problems`]).
 pub fn build_adapter(
-    provider: Provider,
-    settings: UpstreamSettings,
+    dialect: Arc<dialect::Dialect>,
+    params: &dialect::Params,
 ) -> Result<Arc<dyn Adapter>, AdapterError> {
-    let dialect = match dialect::builtin(provider.name()) {
-        Some(Ok(d)) => d,
-        Some(Err(e)) => {
-            return Err(AdapterError::Invalid {
-                key: "adapter".to_string(),
-                reason: format!("the built-in dialect does not load: {e}"),
-            })
-        }
-        None => {
-            return Err(AdapterError::Invalid {
-                key: "adapter".to_string(),
-                reason: format!("no built-in dialect {:?}", provider.name()),
-            })
-        }
-    };
-    let params = dialect::Params::from_settings(&settings);
-    Ok(Arc::new(dialect::DialectAdapter::bind(dialect, &params)?))
+    Ok(Arc::new(dialect::DialectAdapter::bind(dialect, params)?))
 }
 
 /// `host[:port]` of an upstream URL: the part of the connection that goes into event ids, so

@@ -287,17 +287,125 @@ fn parameters_are_checked_when_binding() {
 
 #[test]
 fn a_bound_dialect_connects_subscribes_and_keeps_secrets_out_of_sight() {
-    // The demo is not a built-in provider, so it cannot run an upstream yet; its connection
-    // behaviour is checked through the built-in path in the equivalence tests. Binding still
-    // checks everything first.
-    let err = demo(&[("api_key", json!("s3cr&t")), ("channels", json!(["#a"]))])
-        .map(|_| ())
-        .expect_err("not a built-in");
-    assert!(
-        matches!(&err, AdapterError::Invalid { key, .. } if key == "adapter"),
-        "{err}"
+    // A dialect that is not built in runs an upstream like a built-in one.
+    let a = demo(&[
+        ("api_key", json!("s3cr&t")),
+        ("channels", json!(["#a", "#b"])),
+    ])
+    .expect("binds");
+    assert_eq!(a.provider(), "demo");
+    let req = a.connect_request().expect("request");
+    assert_eq!(
+        req.uri().to_string(),
+        "ws://127.0.0.1:9/stream?key=s3cr%26t"
     );
-    assert!(!err.to_string().contains("s3cr"), "{err}");
+    assert_eq!(req.headers()["x-client"], "wsbridge");
+    assert_eq!(req.headers()["authorization"], "Bearer s3cr&t");
+    assert!(!a.display_url().contains("s3cr"), "{}", a.display_url());
+    assert_eq!(a.greeting(), Greeting::AwaitConnected);
+    assert_eq!(a.subscriptions(), ["#a", "#b"]);
+    assert_eq!(
+        a.subscribe_frames(&["#b".to_string()]),
+        [r##"{"op":"join","channel":"#b"}"##]
+    );
+    assert_eq!(a.heartbeat(0), Heartbeat::Text("ping".to_string()));
+    assert!(!format!("{a:?}").contains("s3cr"));
+}
+
+#[test]
+fn every_parameter_problem_names_its_key_and_never_a_secret() {
+    let d = Arc::new(Dialect::load("demo.toml", DEMO).expect("demo loads"));
+    let problems = |params: &[(&str, serde_json::Value)], url: bool| {
+        let mut p = if url {
+            Params::new(&url::Url::parse("ws://127.0.0.1:9/").expect("URL"))
+        } else {
+            Params::without_url()
+        };
+        for (k, v) in params {
+            p.set(k, v.clone());
+        }
+        d.param_problems(&p)
+            .into_iter()
+            .map(|p| (p.key, p.reason))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(problems(&[("api_key", json!("k"))], true), []);
+    let all = problems(
+        &[("api_kee", json!("s3cr3t-typo")), ("channels", json!("#a"))],
+        false,
+    );
+    let keys: Vec<&str> = all.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(keys, ["api_kee", "url", "api_key", "channels"], "{all:?}");
+    assert!(
+        all[0].1.contains("not a parameter of the demo dialect"),
+        "{all:?}"
+    );
+    assert!(all[2].1.contains("needs `api_key`"), "{all:?}");
+    assert!(all[3].1.contains("is string, expected array"), "{all:?}");
+    // A secret of the wrong type is described by its type, never quoted.
+    let wrong = problems(&[("api_key", json!(["s3cr3t"]))], true);
+    assert_eq!(wrong.len(), 1, "{wrong:?}");
+    assert!(!wrong[0].1.contains("s3cr3t"), "{wrong:?}");
+    // A failed check names the key, with the check's message.
+    let checked = problems(&[("api_key", json!("k")), ("channels", json!(["b"]))], true);
+    assert_eq!(checked[0].0, "channels");
+    assert!(
+        checked[0].1.contains("a channel starts with #"),
+        "{checked:?}"
+    );
+}
+
+#[test]
+fn url_is_needed_only_by_a_dialect_that_reads_it() {
+    let without = r#"
+[dialect]
+name = "fixed"
+[params]
+host = { default = "127.0.0.1:9" }
+port_offset = { type = "integer", default = 0 }
+[connect]
+url = '"ws://" + $host + "/feed"'
+"#;
+    let d = Arc::new(Dialect::load("fixed.toml", without).expect("loads"));
+    assert!(!d.uses_url());
+    let a = DialectAdapter::bind(d.clone(), &Params::without_url()).expect("binds without url");
+    assert_eq!(
+        a.connect_request().expect("request").uri(),
+        "ws://127.0.0.1:9/feed"
+    );
+    let mut p = Params::without_url();
+    p.set("port_offset", json!("1"));
+    let e = DialectAdapter::bind(d, &p)
+        .map(|_| ())
+        .expect_err("wrong type");
+    assert!(
+        matches!(&e, AdapterError::Invalid { key, .. } if key == "port_offset"),
+        "{e}"
+    );
+    let demo = Arc::new(Dialect::load("demo.toml", DEMO).expect("demo loads"));
+    assert!(demo.uses_url());
+    let mut p = Params::without_url();
+    p.set("api_key", json!("k"));
+    let e = DialectAdapter::bind(demo, &p)
+        .map(|_| ())
+        .expect_err("url needed");
+    assert!(
+        matches!(&e, AdapterError::Invalid { key, .. } if key == "url"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_param_type_or_ownership_the_engine_does_not_know_is_refused() {
+    let e = Dialect::load(
+        "x.toml",
+        "[dialect]\nname = \"x\"\nownership = \"some\"\n[params]\na = { type = \"text\" }\nb = { type = \"integer\", default = \"1\" }\n[connect]\nurl = '$url'\n",
+    )
+    .expect_err("refused")
+    .to_string();
+    for key in ["dialect.ownership", "params.a.type", "params.b.default"] {
+        assert!(e.contains(key), "{key}: {e}");
+    }
 }
 
 #[test]

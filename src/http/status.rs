@@ -58,7 +58,7 @@ async fn summary(state: &AppState) -> Value {
     let mut providers = serde_json::Map::new();
     for u in &upstreams {
         let entry = providers
-            .entry(u.provider)
+            .entry(u.provider.clone())
             .or_insert_with(|| json!({"events": 0}));
         entry["events"] = json!(entry["events"]
             .as_u64()

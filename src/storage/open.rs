@@ -122,7 +122,7 @@ mod tests {
     use crate::envelope::Envelope;
     use crate::storage::{Appended, NewEvent};
     use serde_json::json;
-    use wsbridge_adapters::{DecodedEvent, Provider};
+    use wsbridge_adapters::DecodedEvent;
 
     fn envelope(id: &str) -> Envelope {
         Envelope::new(
@@ -135,7 +135,7 @@ mod tests {
                 data: json!({"id": id}),
             },
             "wsbridge://vp",
-            Provider::VoicePact,
+            "voicepact",
             chrono::Utc::now(),
         )
     }

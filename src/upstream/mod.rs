@@ -430,7 +430,7 @@ pub fn spawn_gated(
         status: Arc::new(status_tx),
         connector: connect::Connector::new(
             &config.tls,
-            config.url.scheme() == "wss",
+            config.uses_tls(),
             &format!("upstream {}", config.name),
         ),
     };

@@ -43,8 +43,8 @@ pub struct StartError {
 pub struct UpstreamView {
     /// The configured name.
     pub name: String,
-    /// The provider.
-    pub provider: &'static str,
+    /// The provider: its dialect's name.
+    pub provider: String,
     /// The current state.
     pub state: UpstreamState,
     /// Since when.
@@ -71,7 +71,7 @@ impl UpstreamView {
         let status = u.status();
         UpstreamView {
             name: u.name().to_string(),
-            provider: u.adapter().provider().name(),
+            provider: u.adapter().provider().to_string(),
             state: status.state,
             since: status.since,
             last_error: status.last_error,
@@ -159,10 +159,12 @@ impl Upstreams {
                         let adapter = build(u)?;
                         if let Some(old) = existing {
                             to_stop.push(old.clone());
-                            changes.push(format!(
-                                "upstream {}: reconnecting with new settings",
-                                u.name
-                            ));
+                            let why = if old.config().dialect != u.dialect {
+                                "with its changed dialect"
+                            } else {
+                                "with new settings"
+                            };
+                            changes.push(format!("upstream {}: reconnecting {why}", u.name));
                         } else {
                             changes.push(format!("upstream {}: added", u.name));
                         }
@@ -199,7 +201,7 @@ impl Upstreams {
 
 /// The adapter of `u`.
 fn build(u: &UpstreamConfig) -> Result<Arc<dyn Adapter>, StartError> {
-    wsbridge_adapters::build_adapter(u.adapter, u.adapter_settings()).map_err(|source| StartError {
+    u.build_adapter().map_err(|source| StartError {
         name: u.name.clone(),
         source,
     })

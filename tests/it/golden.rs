@@ -17,7 +17,8 @@ use chrono::{DateTime, Utc};
 use serde::de::{Deserialize, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde_json::{Map, Value};
 use wsbridge::envelope::{source_for, Envelope};
-use wsbridge_adapters::{build_adapter, Adapter, Inbound, Provider, Secret, UpstreamSettings};
+use wsbridge_adapters::dialect::{builtin, Params};
+use wsbridge_adapters::{build_adapter, Adapter, Inbound, Provider};
 
 /// Where the fixtures live.
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
@@ -41,13 +42,9 @@ const ATTRIBUTE_ORDER: [&str; 11] = [
     "seq",
 ];
 
-/// The upstream name each provider's fixtures are received on.
-fn upstream_name(provider: Provider) -> &'static str {
-    match provider {
-        Provider::VoicePact => "voicepact-main",
-        Provider::Voipbin => "voipbin-main",
-        Provider::Hashi => "hashi-main",
-    }
+/// The upstream name each provider's fixtures are received on: `<dialect>-main`.
+fn upstream_name(provider: &str) -> String {
+    format!("{provider}-main")
 }
 
 /// At least this many fixtures must exist per provider, so a lost or emptied directory fails.
@@ -106,28 +103,25 @@ fn documented_types(provider: Provider) -> &'static [&'static str] {
     }
 }
 
-fn settings(provider: Provider, client_id: &str) -> UpstreamSettings {
-    let (url, client_id, token) = match provider {
-        Provider::VoicePact => (
-            "ws://127.0.0.1:9101/api/v1/ws",
-            Some(client_id.to_string()),
-            None,
-        ),
-        Provider::Voipbin => ("ws://127.0.0.1:9102/v1.0/ws", None, Some(Secret::new("t"))),
-        Provider::Hashi => ("ws://127.0.0.1:9103/", None, Some(Secret::new("t"))),
+/// The built-in dialect of `provider` bound to a fixture upstream at `url` (the provider's
+/// simulator URL when `None`).
+fn bind(provider: Provider, client_id: &str, url: Option<&str>) -> Arc<dyn Adapter> {
+    let (default_url, key, value) = match provider {
+        Provider::VoicePact => ("ws://127.0.0.1:9101/api/v1/ws", "client_id", client_id),
+        Provider::Voipbin => ("ws://127.0.0.1:9102/v1.0/ws", "token", "t"),
+        Provider::Hashi => ("ws://127.0.0.1:9103/", "token", "t"),
     };
-    UpstreamSettings {
-        url: url::Url::parse(url).expect("fixture upstream URL parses"),
-        client_id,
-        token,
-        topics: Vec::new(),
-        lobbies: Vec::new(),
-    }
+    let url = url::Url::parse(url.unwrap_or(default_url)).expect("fixture upstream URL parses");
+    let mut p = Params::new(&url);
+    p.set(key, serde_json::Value::String(value.to_string()));
+    let dialect = builtin(provider.name())
+        .expect("built in")
+        .expect("built-in dialect loads");
+    build_adapter(dialect, &p).unwrap_or_else(|e| panic!("{provider} adapter builds: {e}"))
 }
 
 fn adapter(provider: Provider) -> Arc<dyn Adapter> {
-    build_adapter(provider, settings(provider, "+254700000001"))
-        .unwrap_or_else(|e| panic!("{provider} adapter builds: {e}"))
+    bind(provider, "+254700000001", None)
 }
 
 fn received() -> DateTime<Utc> {
@@ -280,7 +274,7 @@ fn envelope_for(adapter: &dyn Adapter, frame: &str) -> Result<Envelope, String> 
         Ok(Inbound::Event(decoded)) => {
             let mut env = Envelope::new(
                 decoded,
-                &source_for(upstream_name(provider)),
+                &source_for(&upstream_name(provider)),
                 provider,
                 received(),
             );
@@ -489,11 +483,7 @@ fn payment_update_broadcast_is_one_event_across_client_ids() {
         .expect("fixture voicepact/payment_update exists");
     let mut ids = Vec::new();
     for client_id in ["+254700000001", "+254700000002"] {
-        let adapter = build_adapter(
-            Provider::VoicePact,
-            settings(Provider::VoicePact, client_id),
-        )
-        .expect("voicepact adapter builds");
+        let adapter = bind(Provider::VoicePact, client_id, None);
         match adapter.decode(&fixture.frame) {
             Ok(Inbound::Event(e)) => ids.push(e.id),
             other => panic!("client {client_id}: expected an event, got {other:?}"),
@@ -506,9 +496,11 @@ fn payment_update_broadcast_is_one_event_across_client_ids() {
     assert_eq!(Some(ids[0].as_str()), fixture.expected["id"].as_str());
 
     // The host is part of the id: the same frame from another server is another event.
-    let mut other = settings(Provider::VoicePact, "+254700000001");
-    other.url = url::Url::parse("ws://127.0.0.1:9201/api/v1/ws").expect("URL parses");
-    let other = build_adapter(Provider::VoicePact, other).expect("voicepact adapter builds");
+    let other = bind(
+        Provider::VoicePact,
+        "+254700000001",
+        Some("ws://127.0.0.1:9201/api/v1/ws"),
+    );
     match other.decode(&fixture.frame) {
         Ok(Inbound::Event(e)) => assert_ne!(e.id, ids[0], "another host must give another id"),
         other => panic!("expected an event, got {other:?}"),

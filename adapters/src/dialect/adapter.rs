@@ -16,17 +16,16 @@ use tracing::warn;
 
 use super::decode::Decoder;
 use super::expr::{as_text, from_jaq, to_jaq, Expr};
-use super::{ControlKind, Dialect, HeartbeatRule};
+use super::{ControlKind, Dialect, HeartbeatRule, ParamProblem};
 use crate::{
     id_host, upgrade_request, Adapter, AdapterError, DecodeError, Greeting, Heartbeat, Inbound,
-    Provider, UpstreamSettings,
 };
 
-/// One upstream's parameter values for a dialect: `url` and the keys its `[params]` declare.
-/// `Debug` shows the names only: values may be credentials.
-#[derive(Clone, Default)]
+/// One upstream's parameter values for a dialect: `url` (when set) and the keys its
+/// `[params]` declare. `Debug` shows the names only: values may be credentials.
+#[derive(Clone, Default, PartialEq)]
 pub struct Params {
-    url: String,
+    url: Option<String>,
     values: BTreeMap<String, Value>,
 }
 
@@ -42,9 +41,15 @@ impl Params {
     /// Parameters with the upstream's base URL (`$url`) and no other values yet.
     pub fn new(url: &url::Url) -> Self {
         Params {
-            url: url.as_str().to_string(),
+            url: Some(url.as_str().to_string()),
             values: BTreeMap::new(),
         }
+    }
+
+    /// Parameters of an upstream without `url` (its dialect builds the URL from other
+    /// parameters; `$url` is null).
+    pub fn without_url() -> Self {
+        Params::default()
     }
 
     /// Sets one parameter.
@@ -52,29 +57,19 @@ impl Params {
         self.values.insert(name.to_string(), value);
     }
 
-    /// The built-in providers' settings as parameters: `client_id`, `token`, `topics`,
-    /// `lobbies`; an empty `client_id` and empty lists count as not set.
-    pub fn from_settings(settings: &UpstreamSettings) -> Self {
-        let mut p = Params::new(&settings.url);
-        if let Some(c) = settings.client_id.as_ref().filter(|c| !c.is_empty()) {
-            p.set("client_id", Value::String(c.clone()));
-        }
-        if let Some(t) = &settings.token {
-            p.set("token", Value::String(t.expose().to_string()));
-        }
-        if !settings.topics.is_empty() {
-            p.set("topics", Value::from(settings.topics.clone()));
-        }
-        if !settings.lobbies.is_empty() {
-            p.set("lobbies", Value::from(settings.lobbies.clone()));
-        }
-        p
+    /// The value set for `name`, if any (not the dialect's default).
+    pub fn get(&self, name: &str) -> Option<&Value> {
+        self.values.get(name)
+    }
+
+    /// Whether `url` is set.
+    pub fn has_url(&self) -> bool {
+        self.url.is_some()
     }
 }
 
 /// A dialect bound to one upstream.
 pub struct DialectAdapter {
-    provider: Provider,
     bound: Bound,
 }
 
@@ -101,21 +96,9 @@ impl fmt::Debug for DialectAdapter {
 impl DialectAdapter {
     /// Binds `dialect` to one upstream's `params`.
     pub fn bind(dialect: Arc<Dialect>, params: &Params) -> Result<Self, AdapterError> {
-        let bound = Bound::new(dialect, params)?;
-        let provider: Provider =
-            bound
-                .decoder
-                .dialect
-                .name
-                .parse()
-                .map_err(|_| AdapterError::Invalid {
-                    key: "adapter".to_string(),
-                    reason: format!(
-                "{:?} is not a built-in provider; only the built-in dialects can run an upstream so far",
-                bound.decoder.dialect.name
-            ),
-                })?;
-        Ok(DialectAdapter { provider, bound })
+        Ok(DialectAdapter {
+            bound: Bound::new(dialect, params)?,
+        })
     }
 
     /// Checks `params` against `dialect` as [`DialectAdapter::bind`] does (every key, the
@@ -294,29 +277,104 @@ impl Bound {
     }
 }
 
+/// Every problem with `params` for `dialect` (see [`Dialect::param_problems`]).
+pub(super) fn param_problems(dialect: &Dialect, params: &Params) -> Vec<ParamProblem> {
+    let mut out = Vec::new();
+    let mut problem = |key: &str, reason: String| {
+        out.push(ParamProblem {
+            key: key.to_string(),
+            reason,
+        })
+    };
+    for name in params.values.keys() {
+        if !dialect.params.iter().any(|p| &p.name == name) {
+            let known: Vec<&str> = dialect.params.iter().map(|p| p.name.as_str()).collect();
+            problem(
+                name,
+                format!(
+                    "not a parameter of the {} dialect (it takes {})",
+                    dialect.name,
+                    if known.is_empty() {
+                        "none".to_string()
+                    } else {
+                        known.join(", ")
+                    }
+                ),
+            );
+        }
+    }
+    if dialect.uses_url && params.url.is_none() {
+        problem(
+            "url",
+            format!(
+                "the {} dialect builds its connect URL from `url`; set it",
+                dialect.name
+            ),
+        );
+    }
+    let mut secrets = Vec::new();
+    for p in dialect.params.iter().filter(|p| p.secret) {
+        if let Some(v) = params.values.get(&p.name) {
+            collect_strings(v, &mut secrets);
+        }
+    }
+    for p in &dialect.params {
+        let Some(value) = params.values.get(&p.name) else {
+            if p.required {
+                problem(
+                    &p.name,
+                    format!("the {} dialect needs `{}`", dialect.name, p.name),
+                );
+            }
+            continue;
+        };
+        if !p.kind.accepts(value) {
+            problem(
+                &p.name,
+                format!("is {}, expected {}", crate::json_kind(value), p.kind.name()),
+            );
+            continue;
+        }
+        if let Some(check) = &p.check {
+            if let Err(reason) = check_param(check, &to_jaq(value), &secrets) {
+                problem(&p.name, reason);
+            }
+        }
+    }
+    out
+}
+
 /// The decoder for `dialect` with `params` checked and bound, and the connect URL.
 pub(crate) fn decoder(
     dialect: Arc<Dialect>,
     params: &Params,
 ) -> Result<(Decoder, url::Url), AdapterError> {
-    let mut values = vec![Value::String(params.url.clone())];
+    if let Some(p) = param_problems(&dialect, params).into_iter().next() {
+        let required = dialect
+            .params
+            .iter()
+            .any(|d| d.name == p.key && d.required && !params.values.contains_key(&p.key));
+        return Err(if required {
+            AdapterError::Missing {
+                provider: dialect.name.clone(),
+                key: p.key,
+            }
+        } else {
+            AdapterError::Invalid {
+                key: p.key,
+                reason: p.reason,
+            }
+        });
+    }
+    let mut values = vec![params.url.clone().map_or(Value::Null, Value::String)];
     let mut secrets = Vec::new();
     for p in &dialect.params {
         let value = match params.values.get(&p.name).or(p.default.as_ref()) {
             Some(v) => v.clone(),
-            None if p.required => {
-                return Err(AdapterError::Missing {
-                    provider: dialect.name.clone(),
-                    key: p.name.clone(),
-                })
-            }
             None => Value::Null,
         };
         if p.secret {
             collect_strings(&value, &mut secrets);
-        }
-        if let Some(check) = &p.check {
-            check_param(&p.name, check, &to_jaq(&value), &secrets)?;
         }
         values.push(value);
     }
@@ -378,23 +436,13 @@ fn invalid(key: &str, reason: String) -> AdapterError {
     }
 }
 
-fn check_param(
-    name: &str,
-    check: &Expr,
-    value: &Val,
-    secrets: &[String],
-) -> Result<(), AdapterError> {
-    let hide = |mut m: String| {
-        for s in secrets.iter().filter(|s| !s.is_empty()) {
-            m = m.replace(s.as_str(), "***");
-        }
-        m
-    };
+/// Runs a parameter's `check`: an error it raises, or a `false` output, refuses the value.
+fn check_param(check: &Expr, value: &Val, secrets: &[String]) -> Result<(), String> {
     let outputs = check
         .all(value.clone(), &[])
-        .map_err(|e| invalid(name, hide(e.0)))?;
+        .map_err(|e| redact(secrets, &e.0))?;
     if outputs.iter().any(|v| matches!(v, Val::Bool(false))) {
-        return Err(invalid(name, "refused by the dialect's check".to_string()));
+        return Err("refused by the dialect's check".to_string());
     }
     Ok(())
 }
@@ -510,8 +558,8 @@ impl Bound {
 }
 
 impl Adapter for DialectAdapter {
-    fn provider(&self) -> Provider {
-        self.provider
+    fn provider(&self) -> &str {
+        &self.bound.decoder.dialect.name
     }
 
     fn connect_request(&self) -> Result<http::Request<()>, AdapterError> {

@@ -1,7 +1,7 @@
 //! `[[examples]]`: a dialect file's own test cases, a frame and what it must decode to.
 //!
 //! Each example is decoded with its `params` (missing required ones get the placeholder
-//! `"example"`, `url` defaults to `ws://example.invalid/`), exactly as an upstream would
+//! `"example"`, or `1`, `true`, `[]`, `{}` by their type; `url` defaults to `ws://example.invalid/`), exactly as an upstream would
 //! decode it, and compared with what the entry says; `wsbridge`'s test suite runs every
 //! example of every shipped dialect.
 
@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 
 use super::adapter::{decoder, Params};
-use super::Dialect;
+use super::{Dialect, ParamKind};
 use crate::{Control, Inbound};
 
 /// The URL examples are decoded as if received from, unless they set `params.url`.
@@ -103,19 +103,27 @@ fn run(dialect: &Arc<Dialect>, ex: &Example) -> Vec<String> {
         Err(e) => return vec![format!("params.url: {e}")],
     };
     let mut params = Params::new(&url);
+    let mut diffs = Vec::new();
+    for name in ex.params.keys() {
+        if name != "url" && !dialect.params.iter().any(|p| &p.name == name) {
+            diffs.push(format!("params.{name}: not a parameter of this dialect"));
+        }
+    }
     for p in &dialect.params {
         match ex.params.get(&p.name) {
             Some(v) => params.set(&p.name, v.clone()),
-            None if p.required => params.set(&p.name, Value::String("example".to_string())),
+            None if p.required => params.set(&p.name, placeholder(p.kind)),
             None => {}
         }
+    }
+    if !diffs.is_empty() {
+        return diffs;
     }
     let decoder = match decoder(Arc::clone(dialect), &params) {
         Ok((d, _)) => d,
         Err(e) => return vec![format!("the example's params do not bind: {e}")],
     };
     let got = decoder.decode(&ex.frame);
-    let mut diffs = Vec::new();
     match (&ex.expect, got) {
         (
             Expect::Event {
@@ -168,6 +176,18 @@ fn run(dialect: &Arc<Dialect>, ex: &Example) -> Vec<String> {
         )),
     }
     diffs
+}
+
+/// The value a required parameter the example does not set gets: `"example"`, or the
+/// simplest value of its type.
+fn placeholder(kind: ParamKind) -> Value {
+    match kind {
+        ParamKind::String | ParamKind::Any => Value::String("example".to_string()),
+        ParamKind::Integer | ParamKind::Number => Value::from(1),
+        ParamKind::Boolean => Value::Bool(true),
+        ParamKind::Array => Value::Array(Vec::new()),
+        ParamKind::Table => Value::Object(serde_json::Map::new()),
+    }
 }
 
 fn show_time(t: Option<DateTime<Utc>>) -> String {

@@ -34,6 +34,8 @@ pub(crate) struct Header {
     pub name: String,
     #[serde(default)]
     pub description: String,
+    /// Who connects when several bridge instances share a journal: "all" or "lease".
+    pub ownership: Option<String>,
 }
 
 /// One entry of `[params]`.
@@ -44,6 +46,12 @@ pub(crate) struct ParamDecl {
     pub required: bool,
     #[serde(default)]
     pub secret: bool,
+    /// Two upstreams of this dialect at one `url` may not share the value.
+    #[serde(default)]
+    pub unique: bool,
+    /// "string", "integer", "number", "boolean", "array", "table" or "any".
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
     pub default: Option<toml::Value>,
     /// jq on the value: true, or an `error("why")`.
     pub check: Option<String>,

@@ -11,8 +11,9 @@ use super::file::{
 };
 use super::{
     var_names, Connect, ControlKind, ControlRule, Dialect, DialectError, EventRule, HeartbeatRule,
-    Matcher, Param, Problem, Subscribe, TimeUnit,
+    Matcher, Ownership, Param, ParamKind, Problem, Subscribe, TimeUnit,
 };
+use sha2::Digest;
 
 /// Parameter names an upstream already uses for something else, or that the engine binds.
 const RESERVED: [&str; 15] = [
@@ -36,6 +37,8 @@ const RESERVED: [&str; 15] = [
 /// Collects problems while the file is walked.
 struct Checker {
     problems: Vec<Problem>,
+    /// Whether an expression compiled so far reads `$url`.
+    uses_url: bool,
 }
 
 impl Checker {
@@ -49,6 +52,9 @@ impl Checker {
     /// Compiles `code` found at `key`; a failure is recorded and gives `None`.
     fn expr(&mut self, key: &str, code: &str, vars: &[String]) -> Option<Expr> {
         let vars: Vec<&str> = vars.iter().map(String::as_str).collect();
+        if reads_url(code) {
+            self.uses_url = true;
+        }
         match Expr::compile(code, &vars) {
             Ok(e) => Some(e),
             Err(e) => {
@@ -80,9 +86,10 @@ pub(super) fn load(origin: &str, text: &str) -> Result<Dialect, DialectError> {
     })?;
     let mut c = Checker {
         problems: Vec::new(),
+        uses_url: false,
     };
 
-    let (name, description) = match file.dialect {
+    let (name, description, ownership) = match file.dialect {
         Some(h) => {
             if !valid_name(&h.name) {
                 c.problem(
@@ -93,11 +100,22 @@ pub(super) fn load(origin: &str, text: &str) -> Result<Dialect, DialectError> {
                     ),
                 );
             }
-            (h.name, h.description)
+            let ownership = match h.ownership.as_deref() {
+                None | Some("all") => Ownership::All,
+                Some("lease") => Ownership::Lease,
+                Some(other) => {
+                    c.problem(
+                        "dialect.ownership",
+                        format!("{other:?}: expected \"all\" or \"lease\""),
+                    );
+                    Ownership::All
+                }
+            };
+            (h.name, h.description, ownership)
         }
         None => {
             c.problem("dialect", "missing section [dialect] (with `name`)");
-            (String::new(), String::new())
+            (String::new(), String::new(), Ownership::All)
         }
     };
 
@@ -147,6 +165,9 @@ pub(super) fn load(origin: &str, text: &str) -> Result<Dialect, DialectError> {
             origin: origin.to_string(),
             name,
             description,
+            ownership,
+            uses_url: c.uses_url,
+            fingerprint: sha2::Sha256::digest(text.as_bytes()).into(),
             params,
             connect,
             subscribe,
@@ -157,6 +178,17 @@ pub(super) fn load(origin: &str, text: &str) -> Result<Dialect, DialectError> {
         }),
         _ => Err(refuse(c.problems)),
     }
+}
+
+/// Whether jq `code` mentions the variable `$url` (a mention inside a string literal counts
+/// too: then `url` is required without need, which is safe).
+fn reads_url(code: &str) -> bool {
+    code.match_indices("$url").any(|(i, m)| {
+        !code[i + m.len()..]
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
+    })
 }
 
 fn valid_name(name: &str) -> bool {
@@ -204,6 +236,32 @@ fn params(c: &mut Checker, decls: std::collections::BTreeMap<String, ParamDecl>)
         if decl.required && default.is_some() {
             c.problem(&key, "a required parameter has no default");
         }
+        let kind = match (&decl.kind, &default) {
+            (Some(k), _) => match ParamKind::parse(k) {
+                Some(k) => k,
+                None => {
+                    c.problem(
+                        format!("{key}.type"),
+                        format!("{k:?}: expected \"string\", \"integer\", \"number\", \"boolean\", \"array\", \"table\" or \"any\""),
+                    );
+                    continue;
+                }
+            },
+            (None, Some(d)) => ParamKind::of(d),
+            (None, None) => ParamKind::String,
+        };
+        if let Some(d) = &default {
+            if !kind.accepts(d) {
+                c.problem(
+                    format!("{key}.default"),
+                    format!(
+                        "is {}, but the parameter's type is {}",
+                        crate::json_kind(d),
+                        kind.name()
+                    ),
+                );
+            }
+        }
         let check = match decl.check {
             Some(code) => match c.expr(&format!("{key}.check"), &code, &[]) {
                 Some(e) => Some(e),
@@ -216,6 +274,8 @@ fn params(c: &mut Checker, decls: std::collections::BTreeMap<String, ParamDecl>)
             description: decl.description,
             required: decl.required,
             secret: decl.secret,
+            unique: decl.unique,
+            kind,
             default,
             check,
         });

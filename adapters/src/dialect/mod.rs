@@ -21,6 +21,7 @@ mod expr;
 mod file;
 mod load;
 mod native;
+mod registry;
 
 use std::fmt;
 use std::sync::Arc;
@@ -28,6 +29,7 @@ use std::sync::Arc;
 pub use adapter::{DialectAdapter, Params};
 pub use builtin::{builtin, builtin_names};
 pub use examples::ExampleFailure;
+pub use registry::{Registry, RegistryError};
 
 use expr::Expr;
 
@@ -39,6 +41,13 @@ pub struct Dialect {
     /// `[dialect] name`: the `adapter` value, the envelope's `provider`, the type prefix.
     name: String,
     description: String,
+    /// `[dialect] ownership`: who connects by default when instances share a journal.
+    ownership: Ownership,
+    /// Whether any expression reads `$url` (an upstream then needs `url`).
+    uses_url: bool,
+    /// SHA-256 of the file's text: a reload reconnects an upstream only when its dialect's
+    /// text changed.
+    fingerprint: [u8; 32],
     /// `[params]`, sorted by name.
     params: Vec<Param>,
     connect: Connect,
@@ -70,12 +79,41 @@ impl Dialect {
         &self.origin
     }
 
-    /// The parameters an upstream of this dialect may set (besides the common keys), with
-    /// their descriptions.
-    pub fn params(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.params
-            .iter()
-            .map(|p| (p.name.as_str(), p.description.as_str()))
+    /// The parameters an upstream of this dialect may set (besides the common keys).
+    pub fn params(&self) -> impl Iterator<Item = ParamSpec<'_>> {
+        self.params.iter().map(|p| ParamSpec {
+            name: &p.name,
+            description: &p.description,
+            required: p.required,
+            secret: p.secret,
+            unique: p.unique,
+            kind: p.kind.name(),
+        })
+    }
+
+    /// `[dialect] ownership`: whether an upstream of this dialect connects from every bridge
+    /// instance sharing a journal, or from one at a time under a lease (the upstream's own
+    /// `ownership` key overrides it).
+    pub fn ownership(&self) -> Ownership {
+        self.ownership
+    }
+
+    /// Whether the dialect's expressions read `$url`: only then must an upstream set `url`.
+    pub fn uses_url(&self) -> bool {
+        self.uses_url
+    }
+
+    /// Whether `other` was loaded from the same text (and origin): a reload keeps the
+    /// connections of upstreams whose dialect is the same.
+    pub fn same_as(&self, other: &Dialect) -> bool {
+        self.fingerprint == other.fingerprint && self.origin == other.origin
+    }
+
+    /// Every problem with one upstream's parameters: an unknown key, a missing required one,
+    /// a value of the wrong type, a value the parameter's `check` refuses. Each names the key;
+    /// no message quotes a secret value.
+    pub fn param_problems(&self, params: &Params) -> Vec<ParamProblem> {
+        adapter::param_problems(self, params)
     }
 
     /// How many `[[examples]]` the file has.
@@ -102,8 +140,106 @@ struct Param {
     description: String,
     required: bool,
     secret: bool,
+    unique: bool,
+    kind: ParamKind,
     default: Option<serde_json::Value>,
     check: Option<Expr>,
+}
+
+/// What a dialect says about one of its parameters (`[params]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ParamSpec<'a> {
+    /// The upstream key (and the jq variable `$<name>`).
+    pub name: &'a str,
+    /// What it is, for `wsbridge dialect list` and messages.
+    pub description: &'a str,
+    /// An upstream must set it.
+    pub required: bool,
+    /// A credential: never logged, shown or quoted in an error.
+    pub secret: bool,
+    /// Two upstreams of this dialect at one `url` may not share its value (a provider that
+    /// keeps one connection per identity would otherwise drop one for the other, forever).
+    pub unique: bool,
+    /// Its JSON type: `string`, `integer`, `number`, `boolean`, `array`, `table` or `any`.
+    pub kind: &'static str,
+}
+
+/// One problem with an upstream's value for a dialect parameter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParamProblem {
+    /// The upstream key at fault.
+    pub key: String,
+    /// Why, without the value when the parameter is secret.
+    pub reason: String,
+}
+
+/// A parameter's declared JSON type (`[params] <name>.type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ParamKind {
+    String,
+    Integer,
+    Number,
+    Boolean,
+    Array,
+    Table,
+    Any,
+}
+
+impl ParamKind {
+    const NAMES: [(&'static str, ParamKind); 7] = [
+        ("string", ParamKind::String),
+        ("integer", ParamKind::Integer),
+        ("number", ParamKind::Number),
+        ("boolean", ParamKind::Boolean),
+        ("array", ParamKind::Array),
+        ("table", ParamKind::Table),
+        ("any", ParamKind::Any),
+    ];
+
+    fn parse(s: &str) -> Option<ParamKind> {
+        Self::NAMES.iter().find(|(n, _)| *n == s).map(|(_, k)| *k)
+    }
+
+    fn name(self) -> &'static str {
+        Self::NAMES
+            .iter()
+            .find(|(_, k)| *k == self)
+            .map_or("any", |(n, _)| n)
+    }
+
+    /// The kind of a value (what a `default` implies when `type` is not written).
+    fn of(v: &serde_json::Value) -> ParamKind {
+        use serde_json::Value;
+        match v {
+            Value::Null => ParamKind::Any,
+            Value::Bool(_) => ParamKind::Boolean,
+            Value::Number(n) if n.is_i64() || n.is_u64() => ParamKind::Integer,
+            Value::Number(_) => ParamKind::Number,
+            Value::String(_) => ParamKind::String,
+            Value::Array(_) => ParamKind::Array,
+            Value::Object(_) => ParamKind::Table,
+        }
+    }
+
+    fn accepts(self, v: &serde_json::Value) -> bool {
+        use serde_json::Value;
+        match (self, v) {
+            (ParamKind::Any, _) => true,
+            (ParamKind::Number, Value::Number(_)) => true,
+            (k, v) => ParamKind::of(v) == k,
+        }
+    }
+}
+
+/// Who connects to an upstream when several bridge instances share a journal, by default
+/// for a dialect (`[dialect] ownership`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ownership {
+    /// Every instance connects; the journal's deduplication removes the copies.
+    All,
+    /// One instance at a time, under a lease: for providers that keep one connection per
+    /// identity.
+    Lease,
 }
 
 /// `[connect]`, compiled.

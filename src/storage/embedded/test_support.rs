@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use chrono::Utc;
 use serde_json::json;
-use wsbridge_adapters::{DecodedEvent, Provider};
+use wsbridge_adapters::DecodedEvent;
 
 use crate::envelope::Envelope;
 use crate::storage::NewEvent;
@@ -21,7 +21,7 @@ pub(super) fn env(id: &str) -> Envelope {
             data: json!({"id": id}),
         },
         "wsbridge://vp",
-        Provider::VoicePact,
+        "voicepact",
         Utc::now(),
     )
 }

@@ -171,7 +171,7 @@ struct PanicsOnce {
 }
 
 impl Adapter for PanicsOnce {
-    fn provider(&self) -> Provider {
+    fn provider(&self) -> &str {
         self.inner.provider()
     }
     fn connect_request(&self) -> Result<http::Request<()>, AdapterError> {
@@ -208,7 +208,7 @@ async fn a_supervisor_task_that_panics_is_shown_failed_then_restarted() {
     let vb = start_sim(Provider::Voipbin).await;
     let cfg = config(&[upstream_block("vb", &vb, FAST)]);
     let u = &cfg.upstreams[0];
-    let inner = wsbridge_adapters::build_adapter(u.adapter, u.adapter_settings()).expect("adapter");
+    let inner = u.build_adapter().expect("adapter");
     let adapter = std::sync::Arc::new(PanicsOnce {
         inner,
         armed: std::sync::atomic::AtomicBool::new(true),
@@ -341,18 +341,14 @@ async fn a_webhook_dispatcher_that_panics_is_shown_failed_then_restarted() {
         wsbridge::storage::config::Durability::Normal,
     )
     .expect("store opens");
-    let adapter = wsbridge_adapters::build_adapter(
-        cfg.upstreams[0].adapter,
-        cfg.upstreams[0].adapter_settings(),
-    )
-    .expect("adapter");
+    let adapter = cfg.upstreams[0].build_adapter().expect("adapter");
     let Ok(Inbound::Event(decoded)) = adapter.decode(&numbered_call(3).to_string()) else {
         panic!("the frame decodes as an event");
     };
     let envelope = wsbridge::envelope::Envelope::new(
         decoded,
         "wsbridge://vb-main",
-        Provider::Voipbin,
+        "voipbin",
         chrono::Utc::now(),
     );
     inner
