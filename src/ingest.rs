@@ -2,9 +2,11 @@
 //! deduplicates them and gives them their `seq` and their one serialisation) and are
 //! published.
 //!
-//! Upstream supervisors push [`Envelope`]s into one bounded queue; a single task drains it in
-//! batches and hands each batch to the journal, which commits it in one transaction (group
-//! commit). Only then is anything published: write-ahead (docs/architecture.md, "Invariants").
+//! Upstream supervisors push [`Envelope`]s into one bounded queue; a task drains it in
+//! batches, checks, serialises (once: the journal appends the seq to those bytes) and routes
+//! each, and hands the batch to a committer task, which gives it to the journal to commit in
+//! one transaction (group commit), in order. Only then is anything published: write-ahead
+//! (docs/architecture.md, "Invariants").
 //! Ingest hands each event it journalled to the backend's live feed
 //! ([`crate::storage::Publisher`]): the embedded backend publishes it to the ring; with NATS
 //! the journal's tail feeds the ring (it also carries other instances' events), so ingest's
@@ -106,21 +108,28 @@ pub struct Sinks {
 
 /// Starts the ingest task. It ends when every sender of `queue` is gone and what they queued
 /// is journalled and published.
+///
+/// Two stages, so that preparing a batch (checking, serialising and routing it) overlaps with
+/// journalling the one before: this task prepares, and a committer task journals, publishes
+/// and wakes delivery, in order. At most [`PIPELINE`] prepared batches wait for the committer,
+/// which journals whatever has gathered as one append (a larger transaction when the journal
+/// is the slower side).
 pub fn spawn(
     mut queue: mpsc::Receiver<Envelope>,
     store: Arc<dyn Store>,
     sinks: Sinks,
     stats: Arc<IngestStats>,
 ) -> JoinHandle<()> {
+    let Sinks {
+        router,
+        wake,
+        publish,
+        max_event_bytes,
+    } = sinks;
+    let (prepared, to_commit) = mpsc::channel(PIPELINE);
+    let committer = tokio::spawn(commit(to_commit, store, publish, wake, stats.clone()));
     tokio::spawn(async move {
-        let Sinks {
-            router,
-            wake,
-            publish,
-            max_event_bytes,
-        } = sinks;
         let mut batch = Vec::with_capacity(BATCH);
-        let mut woken: Vec<Arc<str>> = Vec::new();
         while queue.recv_many(&mut batch, BATCH).await > 0 {
             stats
                 .received
@@ -128,7 +137,7 @@ pub fn spawn(
             // Routing happens before journalling so that the event and its deliveries are
             // committed together: after a crash, nothing journalled lacks its deliveries.
             let router = router.load();
-            let routed: Vec<NewEvent> = batch
+            let events: Vec<NewEvent> = batch
                 .drain(..)
                 .filter_map(|envelope| {
                     let unsequenced = admit(&envelope, max_event_bytes, &stats)?;
@@ -139,56 +148,82 @@ pub fn spawn(
                     })
                 })
                 .collect();
-            if routed.is_empty() {
+            if events.is_empty() {
                 continue;
             }
-            for target in routed.iter().flat_map(|n| n.targets.iter()) {
-                if !woken.contains(target) {
-                    woken.push(target.clone());
-                }
-            }
-            let n = routed.len() as u64;
-            let appended = match store.append(routed).await {
-                Ok(a) => a,
-                // Closed: the bridge is shutting down (or the store's writer is gone, which
-                // readiness reports); nothing can be journalled any more.
-                Err(StoreError::Closed) => {
-                    error!(events = n, "journal closed; ingest stops");
-                    return;
-                }
-                // Stores retry their own failures (readiness says so meanwhile) and reject
-                // events they can never take one by one, so this is not expected; should it
-                // happen, these events are counted as rejected rather than stopping ingest
-                // for every later event.
-                Err(e) => {
-                    error!(error = %e, events = n, "journal refused a batch; its events are rejected");
-                    stats.rejected.fetch_add(n, Ordering::Relaxed);
-                    continue;
-                }
-            };
-            for outcome in appended {
-                match outcome {
-                    Appended::Stored {
-                        bytes, envelope, ..
-                    } => {
-                        stats.published.fetch_add(1, Ordering::Relaxed);
-                        publish.journalled(Published::new(*envelope, bytes));
-                    }
-                    Appended::Duplicate => {
-                        stats.duplicates.fetch_add(1, Ordering::Relaxed);
-                        debug!("duplicate event dropped");
-                    }
-                    Appended::Rejected => {
-                        // The store has logged which event and why.
-                        stats.rejected.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            }
-            for endpoint in woken.drain(..) {
-                wake.wake(&endpoint);
+            // The committer is gone only when the journal closed.
+            if prepared.send(events).await.is_err() {
+                return;
             }
         }
+        drop(prepared);
+        let _ = committer.await;
     })
+}
+
+/// Prepared batches the committer may have waiting (each up to [`BATCH`] events).
+pub const PIPELINE: usize = 4;
+
+/// The committer: journals what ingest prepared, in order, then publishes it and wakes the
+/// endpoints that got deliveries.
+async fn commit(
+    mut prepared: mpsc::Receiver<Vec<NewEvent>>,
+    store: Arc<dyn Store>,
+    publish: Publisher,
+    wake: Arc<dyn Wake>,
+    stats: Arc<IngestStats>,
+) {
+    let mut batches = Vec::with_capacity(PIPELINE);
+    let mut woken: Vec<Arc<str>> = Vec::new();
+    while prepared.recv_many(&mut batches, PIPELINE).await > 0 {
+        let events: Vec<NewEvent> = batches.drain(..).flatten().collect();
+        for target in events.iter().flat_map(|n| n.targets.iter()) {
+            if !woken.contains(target) {
+                woken.push(target.clone());
+            }
+        }
+        let n = events.len() as u64;
+        let appended = match store.append(events).await {
+            Ok(a) => a,
+            // Closed: the bridge is shutting down (or the store's writer is gone, which
+            // readiness reports); nothing can be journalled any more.
+            Err(StoreError::Closed) => {
+                error!(events = n, "journal closed; ingest stops");
+                return;
+            }
+            // Stores retry their own failures (readiness says so meanwhile) and reject events
+            // they can never take one by one, so this is not expected; should it happen,
+            // these events are counted as rejected rather than stopping ingest for every
+            // later event.
+            Err(e) => {
+                error!(error = %e, events = n, "journal refused a batch; its events are rejected");
+                stats.rejected.fetch_add(n, Ordering::Relaxed);
+                woken.clear();
+                continue;
+            }
+        };
+        for outcome in appended {
+            match outcome {
+                Appended::Stored {
+                    bytes, envelope, ..
+                } => {
+                    stats.published.fetch_add(1, Ordering::Relaxed);
+                    publish.journalled(Published::new(*envelope, bytes));
+                }
+                Appended::Duplicate => {
+                    stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                    debug!("duplicate event dropped");
+                }
+                Appended::Rejected => {
+                    // The store has logged which event and why.
+                    stats.rejected.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        for endpoint in woken.drain(..) {
+            wake.wake(&endpoint);
+        }
+    }
 }
 
 /// The envelope serialised (without its seq, which the journal appends), if it fits
