@@ -853,9 +853,14 @@ impl Config {
     /// (same dialect, same `url`) are refused, each named with the upstream and the key.
     fn resolve_dialects(&mut self, positions: &Positions, issues: &mut Vec<ConfigIssue>) {
         let mut unique: BTreeMap<(String, String, String, String), usize> = BTreeMap::new();
+        // When a dialect file did not load, its upstreams' `adapter` is not a second problem.
+        let files_failed = issues.iter().any(|i| i.key.starts_with("dialects."));
         for (&i, u) in positions.upstreams.iter().zip(&mut self.upstreams) {
             let at = |k: &str| format!("upstreams[{i}].{k}");
             let Some(d) = self.registry.get(&u.adapter) else {
+                if files_failed {
+                    continue;
+                }
                 issues.push(issue(
                     at("adapter"),
                     format!(

@@ -156,3 +156,58 @@ pub fn report(config: &Config, envelope: &Envelope, how: &str) -> String {
     ));
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The three built-ins, VoicePact first (as in the shipped config.toml).
+    const CONFIG: &str = r#"
+[[upstreams]]
+name = "vp"
+adapter = "voicepact"
+url = "ws://127.0.0.1:9101/api/v1/ws"
+client_id = "+1"
+[[upstreams]]
+name = "vb"
+adapter = "voipbin"
+url = "ws://127.0.0.1:9102/v1.0/ws"
+token = "t"
+[[upstreams]]
+name = "hs"
+adapter = "hashi"
+url = "ws://127.0.0.1:9103/"
+token = "t"
+"#;
+
+    #[test]
+    fn a_raw_frame_is_decoded_by_the_dialect_that_reads_the_most_from_it() {
+        let config = Config::from_toml(CONFIG, |_| None, false).expect("config");
+        for (frame, provider, upstream) in [
+            (
+                r#"{"event_type":"call.status","timestamp":"2024-01-15T10:30:00Z","topic":"t:1:call:2","data":{}}"#,
+                "voipbin",
+                "vb",
+            ),
+            (
+                r#"{"type":"contract:event","data":{"type":"contract.created","contractId":"c1","timestamp":"2024-01-15T10:01:00Z"}}"#,
+                "hashi",
+                "hs",
+            ),
+            (
+                r#"{"type":"payment_update","contract_id":"c1","timestamp":"1717171717"}"#,
+                "voicepact",
+                "vp",
+            ),
+        ] {
+            let (envelope, how) = to_envelope(&config, frame, None).expect("decodes");
+            assert_eq!(envelope.provider, provider, "{frame}: {how}");
+            assert!(how.contains(&format!("upstream {upstream:?}")), "{how}");
+        }
+        let err = to_envelope(&config, r#"{"nothing":1}"#, Some("vb")).expect_err("no type");
+        assert!(
+            err.to_string().contains("voipbin dialect cannot decode"),
+            "{err}"
+        );
+    }
+}

@@ -22,6 +22,7 @@
 //! - [`bridge`]: the above assembled, started and stopped as one;
 //! - [`reload`]: SIGHUP and config-file changes applied without a restart;
 //! - [`demo`]: simulators + bridge + a printing consumer, for newcomers;
+//! - [`dialect_tool`]: `wsbridge dialect list | check | decode`, for writing dialect files;
 //! - [`tls`]: the one trust policy of every outbound TLS connection, and HTTPS serving;
 //! - [`failure`]: why a connection or request failed, as a reason an operator can act on;
 //! - [`telemetry`]: logging setup.
@@ -32,6 +33,7 @@ pub mod bridge;
 pub mod config;
 pub mod delivery;
 pub mod demo;
+pub mod dialect_tool;
 pub mod downstream;
 pub mod envelope;
 pub mod explain;

@@ -13,7 +13,8 @@ use wsbridge::config::Config;
 use wsbridge::demo;
 use wsbridge::telemetry::{self, LogFormat};
 
-/// Bridges VoicePact, VoIPBIN and Hashi real-time WebSocket APIs into one CloudEvents stream.
+/// Bridges providers' real-time WebSocket APIs (VoicePact, VoIPBIN, Hashi built in, any other
+/// by a dialect file) into one CloudEvents stream.
 #[derive(Parser, Debug)]
 #[command(name = "wsbridge", version, about)]
 struct Cli {
@@ -64,6 +65,11 @@ enum Command {
         #[arg(long)]
         upstream: Option<String>,
     },
+    /// Write and test dialect files: list the known ones, check files, decode frames.
+    Dialect {
+        #[command(subcommand)]
+        command: DialectCommand,
+    },
     /// Run the three provider simulators on their default ports (what config.toml points at),
     /// replaying every documented event type in a loop.
     Simulate {
@@ -73,11 +79,41 @@ enum Command {
     },
 }
 
+#[derive(Subcommand, Debug)]
+enum DialectCommand {
+    /// The built-in dialects and the files loaded from a config's `[dialects] paths` (or the
+    /// PATHs given), with their descriptions and parameters.
+    List {
+        /// Also list the dialects this config loads.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Dialect files, or folders of `*.toml` dialect files.
+        paths: Vec<PathBuf>,
+    },
+    /// Compile each file and run its `[[examples]]`; a failing example shows what differs.
+    /// Exits 1 if any file fails.
+    Check {
+        /// Dialect files (or built-in dialect names).
+        #[arg(required = true)]
+        files: Vec<String>,
+    },
+    /// Decode frames (stdin, one per line) with a dialect: envelopes on stdout as JSON lines,
+    /// control frames and decode errors on stderr. Exits 1 if any frame did not decode.
+    Decode {
+        /// A dialect file (or a built-in dialect name).
+        file: String,
+        /// A parameter of the dialect, `KEY=VALUE` (repeatable); a non-string parameter's
+        /// value is JSON (`topics=["a"]`); `url=` sets the URL (default ws://example.invalid/).
+        #[arg(long = "param", value_name = "KEY=VALUE")]
+        params: Vec<String>,
+    },
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let quiet_default = matches!(
         cli.command,
-        Command::Demo { .. } | Command::CheckConfig { .. }
+        Command::Demo { .. } | Command::CheckConfig { .. } | Command::Dialect { .. }
     );
     telemetry::init(cli.log_format, if quiet_default { "warn" } else { "info" });
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -201,9 +237,71 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             print!("{}", wsbridge::explain::report(&config, &envelope, &how));
             Ok(ExitCode::SUCCESS)
         }
+        Command::Dialect { command } => dialect(command),
         Command::Simulate { interval } => {
             demo::simulate(interval).await?;
             Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn dialect(command: DialectCommand) -> anyhow::Result<ExitCode> {
+    use wsbridge::dialect_tool;
+    match command {
+        DialectCommand::List { config, paths } => {
+            let mut all = paths;
+            if let Some(path) = config {
+                let c =
+                    Config::load(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+                all.extend(c.dialects.paths);
+            }
+            let registry = wsbridge::adapters::dialect::Registry::load(&all).map_err(|errors| {
+                anyhow::anyhow!(
+                    "{}",
+                    errors
+                        .iter()
+                        .map(|e| e.message.clone())
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                )
+            })?;
+            print!("{}", dialect_tool::list(&registry));
+            Ok(ExitCode::SUCCESS)
+        }
+        DialectCommand::Check { files } => {
+            let mut ok = true;
+            for file in &files {
+                let result = dialect_tool::check(file);
+                if result.ok {
+                    print!("{}", result.report);
+                } else {
+                    ok = false;
+                    eprint!("{}", result.report);
+                }
+            }
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        DialectCommand::Decode { file, params } => {
+            let d = dialect_tool::resolve(&file)?;
+            let p = dialect_tool::params(&d, &params)?;
+            let adapter = wsbridge::adapters::build_adapter(d, &p)
+                .map_err(|e| anyhow::anyhow!("{file}: {e}"))?;
+            let summary = dialect_tool::decode(
+                adapter.as_ref(),
+                std::io::stdin().lock(),
+                std::io::stdout().lock(),
+                std::io::stderr().lock(),
+            )
+            .context("decoding stdin")?;
+            Ok(if summary.errors == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
     }
 }

@@ -5,16 +5,14 @@
 
 use libfuzzer_sys::fuzz_target;
 use wsbridge::envelope::Envelope;
-use wsbridge_adapters::{build_adapter, Inbound, Provider, Secret, UpstreamSettings};
+use wsbridge_adapters::dialect::{builtin, Params};
+use wsbridge_adapters::{build_adapter, Inbound};
 
-fn settings(url: &str) -> UpstreamSettings {
-    UpstreamSettings {
-        url: url::Url::parse(url).expect("a fixed, valid URL"),
-        client_id: Some("+254700000001".into()),
-        token: Some(Secret::new("fuzz-token")),
-        topics: vec!["customer_id:abc123:call:*".into()],
-        lobbies: vec!["ABC123".into()],
-    }
+/// Parameters with `url` and the one parameter `key` = `value`.
+fn params(url: &str, key: &str, value: &str) -> Params {
+    let mut p = Params::new(&url::Url::parse(url).expect("a fixed, valid URL"));
+    p.set(key, serde_json::Value::String(value.to_string()));
+    p
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -22,14 +20,33 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let adapters = [
-        (Provider::VoicePact, "ws://127.0.0.1:9101/api/v1/ws"),
-        (Provider::Voipbin, "ws://127.0.0.1:9102/v1.0/ws"),
-        (Provider::Hashi, "ws://127.0.0.1:9103/"),
+        (
+            "voicepact",
+            params(
+                "ws://127.0.0.1:9101/api/v1/ws",
+                "client_id",
+                "+254700000001",
+            ),
+        ),
+        (
+            "voipbin",
+            params("ws://127.0.0.1:9102/v1.0/ws", "token", "fuzz-token"),
+        ),
+        (
+            "hashi",
+            params("ws://127.0.0.1:9103/", "token", "fuzz-token"),
+        ),
     ];
-    for (provider, url) in adapters {
-        let adapter = build_adapter(provider, settings(url)).expect("valid settings");
+    for (name, params) in adapters {
+        let dialect = builtin(name).expect("built in").expect("loads");
+        let adapter = build_adapter(dialect, &params).expect("valid parameters");
         if let Ok(Inbound::Event(decoded)) = adapter.decode(text) {
-            let envelope = Envelope::new(decoded, "wsbridge://fuzz", provider, chrono::Utc::now());
+            let envelope = Envelope::new(
+                decoded,
+                "wsbridge://fuzz",
+                adapter.provider(),
+                chrono::Utc::now(),
+            );
             serde_json::to_vec(&envelope).expect("an envelope always serialises");
         }
     }

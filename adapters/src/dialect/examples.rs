@@ -155,7 +155,7 @@ fn run(dialect: &Arc<Dialect>, ex: &Example) -> Vec<String> {
                 ));
             }
             if &e.data != data {
-                diffs.push(format!("data: got {}, expected {data}", e.data));
+                diff_json("data", &e.data, data, &mut diffs);
             }
             if let Some(id) = id {
                 if &e.id != id {
@@ -176,6 +176,50 @@ fn run(dialect: &Arc<Dialect>, ex: &Example) -> Vec<String> {
         )),
     }
     diffs
+}
+
+/// Most differences listed for one example's `data` (the rest are summed up in one line).
+const MAX_DATA_DIFFERENCES: usize = 20;
+
+/// One line per place where `got` and `expected` differ: `data/a/0: got 1, expected 2`, a
+/// member only one side has as `missing` / `unexpected`.
+fn diff_json(path: &str, got: &Value, expected: &Value, out: &mut Vec<String>) {
+    let start = out.len();
+    walk(path, got, expected, out);
+    let n = out.len().saturating_sub(start);
+    if n > MAX_DATA_DIFFERENCES {
+        out.truncate(start.saturating_add(MAX_DATA_DIFFERENCES));
+        out.push(format!(
+            "... and {} more differences in {path}",
+            n - MAX_DATA_DIFFERENCES
+        ));
+    }
+}
+
+fn walk(path: &str, got: &Value, expected: &Value, out: &mut Vec<String>) {
+    match (got, expected) {
+        (Value::Object(g), Value::Object(e)) => {
+            for (k, ev) in e {
+                let at = format!("{path}/{k}");
+                match g.get(k) {
+                    Some(gv) => walk(&at, gv, ev, out),
+                    None => out.push(format!("{at}: missing, expected {ev}")),
+                }
+            }
+            for (k, gv) in g {
+                if !e.contains_key(k) {
+                    out.push(format!("{path}/{k}: unexpected {gv}"));
+                }
+            }
+        }
+        (Value::Array(g), Value::Array(e)) if g.len() == e.len() => {
+            for (i, (gv, ev)) in g.iter().zip(e).enumerate() {
+                walk(&format!("{path}/{i}"), gv, ev, out);
+            }
+        }
+        (g, e) if g != e => out.push(format!("{path}: got {g}, expected {e}")),
+        _ => {}
+    }
 }
 
 /// The value a required parameter the example does not set gets: `"example"`, or the
