@@ -18,6 +18,8 @@
 //! - `ordered = true`: the consumer allows one unacknowledged message at a time, so order holds
 //!   across instances. This orders the whole endpoint, which is stricter than the embedded
 //!   store's per-subject order (a failing event holds back every subject).
+//! - What this instance holds (fetched, not yet answered) is a [`super::held::HeldTable`]: it
+//!   hands out nothing in flight and holds each event once.
 //! - Disabled endpoints (410) are a key in the `<prefix>_state` bucket, so a 410 seen by one
 //!   instance stops the others, and `enable` on any instance resumes them all.
 //!
@@ -38,6 +40,7 @@ use chrono::Utc;
 use futures_util::StreamExt;
 use tracing::{debug, warn};
 
+use super::held::{Arrival, HeldTable};
 use super::state::Bucket;
 use super::{header, nats_err, token, with_seq, Names, HEADER_TARGETS};
 use crate::storage::{
@@ -158,57 +161,6 @@ impl From<Attempt> for AttemptRecord {
     }
 }
 
-/// A delivery this instance holds (fetched, not yet acknowledged).
-struct InFlight {
-    acker: Acker,
-    /// Where the message came from: `None` for the endpoint's journal consumer, the replay
-    /// stream's sequence for an admin replay. One event can be held from both at once (a
-    /// replay of an event whose retry the journal consumer then redelivers); only a
-    /// redelivery of the same message may take over the entry's acker, or the other message
-    /// would never be answered (and be sent again after its ack wait).
-    replay_seq: Option<u64>,
-    id: String,
-    bytes: Bytes,
-    /// Handed to the dispatcher and not released: an attempt runs (or is about to).
-    taken: bool,
-    attempts: u32,
-    /// Ordered endpoints: a retry this instance holds until then (see [`Queues::record`]).
-    not_before: Option<Instant>,
-    /// When the server was last told the delivery is still being worked on.
-    progressed: Instant,
-}
-
-/// Records a fetched message as held and taken by the dispatcher; returns its delivery.
-fn hold(
-    held: &mut HashMap<u64, InFlight>,
-    seq: u64,
-    acker: Acker,
-    replay_seq: Option<u64>,
-    id: String,
-    bytes: Bytes,
-    attempts: u32,
-) -> DueDelivery {
-    held.insert(
-        seq,
-        InFlight {
-            acker,
-            replay_seq,
-            id: id.clone(),
-            bytes: bytes.clone(),
-            taken: true,
-            attempts,
-            not_before: None,
-            progressed: Instant::now(),
-        },
-    );
-    DueDelivery {
-        seq,
-        id,
-        bytes,
-        attempts,
-    }
-}
-
 /// One endpoint's consumers and local bookkeeping.
 struct EndpointQueue {
     token: String,
@@ -216,7 +168,7 @@ struct EndpointQueue {
     ack_wait: Duration,
     main: Consumer<pull::Config>,
     replay: Consumer<pull::Config>,
-    in_flight: Mutex<HashMap<u64, InFlight>>,
+    in_flight: Mutex<HeldTable<Acker>>,
     history: Mutex<HashMap<u64, Vec<AttemptRecord>>>,
     disabled: Mutex<Option<(Instant, Option<String>)>>,
 }
@@ -228,7 +180,7 @@ impl EndpointQueue {
         self.ordered.then_some(ORDERED_FETCH_EXPIRES)
     }
 
-    fn in_flight(&self) -> std::sync::MutexGuard<'_, HashMap<u64, InFlight>> {
+    fn in_flight(&self) -> std::sync::MutexGuard<'_, HeldTable<Acker>> {
         self.in_flight
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -381,7 +333,7 @@ impl Queues {
                 std::mem::take(&mut *old.in_flight()),
                 std::mem::take(&mut *old.history()),
             ),
-            None => (HashMap::new(), HashMap::new()),
+            None => (HeldTable::default(), HashMap::new()),
         };
         map.insert(
             endpoint.to_string(),
@@ -431,29 +383,7 @@ impl Queues {
         // The dispatcher asks for `max + running` (the embedded store returns running rows
         // too); this store never returns a running delivery, so it can give `max - running`:
         // first what was fetched earlier but released, then new messages.
-        let mut out = Vec::new();
-        let room = {
-            let mut held = q.in_flight();
-            let running = held.values().filter(|f| f.taken).count();
-            let room = limit.saturating_sub(2 * running);
-            let now = Instant::now();
-            let mut released: Vec<(&u64, &mut InFlight)> = held
-                .iter_mut()
-                .filter(|(_, f)| !f.taken && !matches!(f.not_before, Some(t) if t > now))
-                .collect();
-            released.sort_by_key(|(seq, _)| **seq);
-            for (seq, f) in released.into_iter().take(room) {
-                f.taken = true;
-                f.not_before = None;
-                out.push(DueDelivery {
-                    seq: *seq,
-                    id: f.id.clone(),
-                    bytes: f.bytes.clone(),
-                    attempts: f.attempts,
-                });
-            }
-            room.saturating_sub(out.len())
-        };
+        let (mut out, room) = q.in_flight().take_released(limit, Instant::now());
         if room == 0 {
             return Ok(out);
         }
@@ -477,37 +407,25 @@ impl Queues {
                 let _ = acker.ack().await;
                 continue;
             };
-            let acker = {
-                let mut held = q.in_flight();
-                match held.get_mut(&seq) {
-                    // This replay, redelivered while this instance still holds it: keep the
-                    // attempt running, answer on the newer delivery.
-                    Some(f) if replay_seq.is_some() && f.replay_seq == replay_seq => {
-                        f.acker = acker;
-                        continue;
-                    }
-                    // The same event is being delivered now: send the replay after it.
-                    Some(_) => Err(acker),
-                    None => Ok(acker),
-                }
-            };
-            let acker = match acker {
-                Ok(a) => a,
-                Err(deferred) => {
+            let arrival = q.in_flight().arrived_from_replay(seq, replay_seq, acker);
+            let acker = match arrival {
+                Arrival::Renewed => continue,
+                Arrival::Free(a) => a,
+                Arrival::Busy(deferred) => {
                     let _ = deferred.ack_with(AckKind::Nak(Some(POLL * 5))).await;
                     continue;
                 }
             };
             let id = header(&msg, HEADER_ID).unwrap_or_default();
             let attempts = u32::try_from(attempts).unwrap_or(u32::MAX);
-            out.push(hold(
-                &mut q.in_flight(),
+            out.push(q.in_flight().hold(
                 seq,
                 acker,
                 replay_seq,
                 id,
                 msg.payload,
                 attempts,
+                Instant::now(),
             ));
         }
         for _round in 0..8 {
@@ -548,19 +466,20 @@ impl Queues {
                 let bytes = with_seq(&msg.payload, seq);
                 let deferred = {
                     let mut held = q.in_flight();
-                    match held.get_mut(&seq) {
-                        // Redelivered while this instance still holds it (its ack wait ran
-                        // out): keep the attempt running, answer on the newer delivery.
-                        Some(f) if f.replay_seq.is_none() => {
-                            f.acker = acker;
-                            continue;
-                        }
-                        // A replay of this event is being delivered now: this delivery goes
-                        // after it (the replay's acker stays).
-                        Some(_) => Some(acker),
-                        None => {
+                    match held.arrived_from_journal(seq, acker) {
+                        Arrival::Renewed => continue,
+                        Arrival::Busy(acker) => Some(acker),
+                        Arrival::Free(acker) => {
                             let attempts = u32::try_from(attempts).unwrap_or(u32::MAX);
-                            out.push(hold(&mut held, seq, acker, None, id, bytes, attempts));
+                            out.push(held.hold(
+                                seq,
+                                acker,
+                                None,
+                                id,
+                                bytes,
+                                attempts,
+                                Instant::now(),
+                            ));
                             None
                         }
                     }
@@ -581,33 +500,24 @@ impl Queues {
     /// Tells the server that retries this instance holds (ordered endpoints) are still being
     /// worked on, so it does not hand them to another instance while they wait.
     async fn keep_held(&self, q: &EndpointQueue) {
-        let due: Vec<u64> = q
+        let due = q
             .in_flight()
-            .iter()
-            .filter(|(_, f)| f.not_before.is_some() && f.progressed.elapsed() >= q.ack_wait / 3)
-            .map(|(seq, _)| *seq)
-            .collect();
+            .needing_progress(Instant::now(), q.ack_wait / 3);
         for seq in due {
-            let Some(mut f) = q.in_flight().remove(&seq) else {
+            let Some(f) = q.in_flight().remove(seq) else {
                 continue;
             };
             if let Err(e) = f.acker.ack_with(AckKind::Progress).await {
                 debug!(seq, error = %e, "cannot extend a held retry");
             }
-            f.progressed = Instant::now();
-            q.in_flight().insert(seq, f);
+            q.in_flight().progressed(seq, f, Instant::now());
         }
     }
 
     /// Marks deliveries the dispatcher did not start as available for its next `due`.
     pub fn release(&self, endpoint: &str, seqs: &[u64]) {
         if let Some(q) = self.lookup(endpoint) {
-            let mut held = q.in_flight();
-            for seq in seqs {
-                if let Some(f) = held.get_mut(seq) {
-                    f.taken = false;
-                }
-            }
+            q.in_flight().release(seqs);
         }
     }
 
@@ -620,7 +530,7 @@ impl Queues {
         next: NextStep,
     ) -> Result<(), StoreError> {
         let q = self.get(endpoint).await?;
-        let Some(held) = q.in_flight().remove(&seq) else {
+        let Some(held) = q.in_flight().remove(seq) else {
             return Ok(());
         };
         match next {
@@ -648,11 +558,7 @@ impl Queues {
                     // it waits: hold the retry here (extending its ack wait) and offer it
                     // again when it is due. If this instance dies, the server redelivers it
                     // after the ack wait, still before anything behind it.
-                    let mut held = held;
-                    held.taken = false;
-                    held.attempts = held.attempts.saturating_add(1);
-                    held.not_before = Some(Instant::now() + delay);
-                    q.in_flight().insert(seq, held);
+                    q.in_flight().retry_at(seq, held, Instant::now() + delay);
 
                     return Ok(());
                 }
@@ -764,10 +670,10 @@ impl Queues {
             .iter()
             .map(|(seq, f)| DeliveryInfo {
                 id: f.id.clone(),
-                seq: *seq,
+                seq,
                 state: DeliveryState::Pending,
                 next_attempt: None,
-                attempts: history.get(seq).cloned().unwrap_or_default(),
+                attempts: history.get(&seq).cloned().unwrap_or_default(),
             })
             .collect();
         out.sort_by_key(|d| d.seq);

@@ -31,6 +31,7 @@
 //! every instance.
 
 pub mod delivery;
+mod held;
 mod ids;
 pub mod lease;
 pub mod state;
