@@ -60,3 +60,17 @@ pub(crate) fn print_table(rows: &[Row]) {
         );
     }
 }
+
+/// The systems of a scenario with the raw baseline first, so that wsbridge's row can be judged
+/// against the raw figure of the same run ([`in_table_order`] puts the rows back).
+pub(crate) fn raw_first(systems: &[System]) -> Vec<System> {
+    let mut ordered = systems.to_vec();
+    ordered.sort_by_key(|s| *s != System::Raw);
+    ordered
+}
+
+/// Rows back in the order the systems were asked for.
+pub(crate) fn in_table_order(systems: &[System], mut rows: Vec<Row>) -> Vec<Row> {
+    rows.sort_by_key(|r| systems.iter().position(|s| *s == r.system));
+    rows
+}

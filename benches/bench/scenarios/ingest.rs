@@ -97,17 +97,17 @@ pub(crate) async fn scenario_ingest(o: &Opts, rows: &mut Vec<Row>) -> Res<()> {
             dup: dup.to_string(),
             cpu: cpu_cell(&cpu),
             goal: if is_us {
-                "≥200k ev/s, ≥50% of raw".into()
+                "≥150k ev/s, ≥0.35× raw".into()
             } else {
                 String::new()
             },
             met: match (is_us, raw_rate) {
                 (true, Some(r)) => format!(
                     "{} ({:.0}% of raw)",
-                    yes(rate >= 200_000.0 && rate >= 0.5 * r),
+                    yes(rate >= 150_000.0 && rate >= 0.35 * r),
                     rate / r * 100.0
                 ),
-                (true, None) => yes(rate >= 200_000.0),
+                (true, None) => yes(rate >= 150_000.0),
                 _ => String::new(),
             },
         });

@@ -6,6 +6,8 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
+use crate::frames::WEBHOOK_SECRET;
+
 use super::Opts;
 use crate::pusher::{Pace, Progress};
 use crate::receiver::{start_receiver, Hooks};
@@ -19,6 +21,7 @@ pub(crate) async fn scenario_webhooks(o: &Opts, rows: &mut Vec<Row>) -> Res<()> 
     if !o.systems.contains(&System::Wsbridge) {
         return Ok(());
     }
+    // The raw baseline runs beside it when `raw` is among the systems.
     let dur = o.secs(10, 3);
     let name = format!(
         "webhooks: signed deliveries, 1 keep-alive receiver, {}s",
@@ -68,6 +71,13 @@ pub(crate) async fn scenario_webhooks(o: &Opts, rows: &mut Vec<Row>) -> Res<()> 
     let dup = hooks.inner.lock().map(|i| i.dups).unwrap_or(0);
     let unsigned = hooks.unsigned.load(Ordering::Relaxed);
     eprintln!("  webhooks: {rate:.0}/s lost {lost} dup {dup} unsigned {unsigned}");
+    let raw = if o.systems.contains(&System::Raw) {
+        let raw = raw_posts(dur).await?;
+        eprintln!("  webhooks raw: {:.0}/s", raw.rate);
+        Some(raw)
+    } else {
+        None
+    };
     rows.push(Row {
         scenario: name,
         system: System::Wsbridge,
@@ -84,8 +94,89 @@ pub(crate) async fn scenario_webhooks(o: &Opts, rows: &mut Vec<Row>) -> Res<()> 
         lost: lost.to_string(),
         dup: dup.to_string(),
         cpu: cpu_cell(&cpu),
-        goal: "≥20k deliveries/s".into(),
-        met: yes(rate >= 20_000.0 && lost == 0),
+        goal: "≥30k deliveries/s, ≥0.5× raw".into(),
+        met: match &raw {
+            Some(r) => format!(
+                "{} ({:.2}× raw)",
+                yes(rate >= 30_000.0 && rate >= 0.5 * r.rate && lost == 0),
+                rate / r.rate
+            ),
+            None => yes(rate >= 30_000.0 && lost == 0),
+        },
     });
+    if let Some(r) = raw {
+        rows.push(Row {
+            scenario: String::new(),
+            system: System::Raw,
+            result: format!("{:.1}k posts/s (pre-signed, no store)", r.rate / 1000.0),
+            latency: "–".into(),
+            lost: "–".into(),
+            dup: "–".into(),
+            cpu: "–".into(),
+            goal: String::new(),
+            met: String::new(),
+        });
+    }
     Ok(())
+}
+
+/// The raw webhook baseline's figure.
+struct RawPosts {
+    rate: f64,
+}
+
+/// The raw baseline: the HTTP client wsbridge uses (reqwest, one keep-alive pool) posting one
+/// pre-signed body in a loop from as many tasks as wsbridge's `max_in_flight` (64), to a
+/// receiver of its own, with no journal and no delivery bookkeeping.
+async fn raw_posts(dur: Duration) -> Res<RawPosts> {
+    const IN_FLIGHT: usize = 64;
+    let hooks = Arc::new(Hooks::default());
+    let addr = start_receiver(hooks.clone()).await?;
+    let url = format!("http://{addr}/hook");
+    let body = bytes::Bytes::from(crate::frames::frame(0, 0, 0));
+    let signer = wsbridge::delivery::signing::Signer::from_secrets([WEBHOOK_SECRET])
+        .map_err(|e| format!("signer: {e}"))?;
+    let (id, ts) = ("msg_raw_baseline", chrono::Utc::now().timestamp());
+    let signature = signer.sign(id, ts, &body);
+    let client = reqwest::Client::new();
+    let stop = CancellationToken::new();
+    let mut tasks = Vec::with_capacity(IN_FLIGHT);
+    for _ in 0..IN_FLIGHT {
+        let (client, url, body, signature, stop) = (
+            client.clone(),
+            url.clone(),
+            body.clone(),
+            signature.clone(),
+            stop.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                let sent = client
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .header("webhook-id", id)
+                    .header("webhook-timestamp", ts.to_string())
+                    .header("webhook-signature", signature.as_str())
+                    .body(body.clone())
+                    .send()
+                    .await;
+                if sent.is_err() {
+                    break;
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let d0 = hooks.deliveries.load(Ordering::Relaxed);
+    let t0 = Instant::now();
+    tokio::time::sleep(dur).await;
+    let d1 = hooks.deliveries.load(Ordering::Relaxed);
+    let secs = t0.elapsed().as_secs_f64();
+    stop.cancel();
+    for t in tasks {
+        let _ = t.await;
+    }
+    Ok(RawPosts {
+        rate: (d1 - d0) as f64 / secs,
+    })
 }
