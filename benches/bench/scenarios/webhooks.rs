@@ -138,6 +138,7 @@ async fn raw_posts(dur: Duration) -> Res<RawPosts> {
         .map_err(|e| format!("signer: {e}"))?;
     let (id, ts) = ("msg_raw_baseline", chrono::Utc::now().timestamp());
     let signature = signer.sign(id, ts, &body);
+    wsbridge::install_crypto_provider();
     let client = reqwest::Client::new();
     let stop = CancellationToken::new();
     let mut tasks = Vec::with_capacity(IN_FLIGHT);
