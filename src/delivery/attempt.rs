@@ -67,7 +67,7 @@ pub(super) async fn attempt(
     let elapsed = t0.elapsed();
     endpoint.latency.observe(elapsed.as_secs_f64());
     let duration_ms = elapsed.as_millis() as u64;
-    let attempts_after = due.attempts + 1;
+    let attempts_after = due.attempts.saturating_add(1);
     let Outcome {
         status,
         failure,
