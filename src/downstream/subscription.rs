@@ -154,7 +154,8 @@ pub struct Replayed {
 /// watches it) and the connection's replay budget.
 #[derive(Clone, Debug)]
 pub struct FeedControl {
-    /// Ends this feed.
+    /// Ends the feed's replay task: the subscription's own token, or its connection's for a
+    /// subscription that starts live (dropping the feed ends the task too).
     pub stop: CancellationToken,
     /// Shared by every feed of one connection; cancelled on a slow-consumer verdict.
     pub slow: CancellationToken,
@@ -374,9 +375,12 @@ fn spawn_replay(
     let (tx, rx) = mpsc::channel(QUEUE);
     tokio::spawn(async move {
         let stop = shared.control.stop.clone();
+        // The feed dropped (its subscription gone) ends the task too, token or not.
+        let feed_gone = tx.clone();
         tokio::select! {
             _ = replay(&shared, live, from, &tx) => {}
             _ = stop.cancelled() => {}
+            _ = feed_gone.closed() => {}
         }
     });
     rx

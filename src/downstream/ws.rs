@@ -156,7 +156,10 @@ fn sub_key(id: &Value) -> String {
 }
 
 struct Sub {
-    stop: CancellationToken,
+    /// Stops its replay task at once on unsubscribe; `None` for a subscription from `latest`,
+    /// which has no replay to stop (a catch-up replay it may start later ends when its feed
+    /// is dropped, or with the connection): one token fewer per idle consumer.
+    stop: Option<CancellationToken>,
     /// The `subscription` member of its event frames, pre-rendered.
     id_json: Arc<str>,
     /// Which subscription of this id it is: a feed's items are written only while its
@@ -169,6 +172,8 @@ struct Sub {
 struct Subs {
     by_key: HashMap<String, Sub>,
     generations: u64,
+    /// Stops every replay task of the connection when it ends.
+    connection_stop: CancellationToken,
 }
 
 impl Subs {
@@ -340,8 +345,11 @@ async fn session(
         }
     }
     for sub in subs.by_key.values() {
-        sub.stop.cancel();
+        if let Some(stop) = &sub.stop {
+            stop.cancel();
+        }
     }
+    subs.connection_stop.cancel();
     debug!(consumer = %consumer.name, session = %session_id, "consumer disconnected");
     drop(guard);
     drop(slot);
@@ -531,7 +539,9 @@ async fn apply_op(
         ClientOp::Ping => (json!({"op": "pong"}).to_string(), None),
         ClientOp::Unsubscribe { id } => match subs.by_key.remove(&sub_key(&id)) {
             Some(sub) => {
-                sub.stop.cancel();
+                if let Some(stop) = &sub.stop {
+                    stop.cancel();
+                }
                 (json!({"op": "unsubscribed", "id": id}).to_string(), None)
             }
             None => (
@@ -577,9 +587,9 @@ async fn apply_op(
                 Ok(target) => target,
                 Err(frame) => return (frame, None),
             };
-            let stop = CancellationToken::new();
+            let stop = (start != Start::Latest).then(CancellationToken::new);
             let control = FeedControl {
-                stop: stop.clone(),
+                stop: stop.clone().unwrap_or_else(|| subs.connection_stop.clone()),
                 slow: slow.clone(),
                 budget: budget.clone(),
             };
