@@ -157,6 +157,9 @@ pub enum Control {
         /// The provider's message, safe to log.
         message: String,
     },
+    /// The provider asks the client to reconnect now (e.g. before a restart): the
+    /// connection is closed and opened again at once, without backoff.
+    Reconnect,
     /// Any other error the server reported; logged, the connection stays up.
     Error {
         /// The provider's error code, if any.
@@ -221,6 +224,11 @@ pub trait Adapter: Send + Sync + 'static {
 
     /// The heartbeat to send every ping interval, given the current unix time in seconds.
     fn heartbeat(&self, now_unix: i64) -> Heartbeat;
+
+    /// The dialect's heartbeat period, used when the upstream sets no `ping_interval`.
+    fn heartbeat_interval(&self) -> Option<std::time::Duration> {
+        None
+    }
 
     /// Classify and decode one inbound text frame.
     fn decode(&self, text: &str) -> Result<Inbound, DecodeError>;

@@ -212,6 +212,9 @@ impl UpstreamCounters {
     }
 }
 
+/// The heartbeat period when neither the upstream nor its dialect sets one.
+pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(20);
+
 /// Timing knobs of one supervisor (from the upstream's config).
 #[derive(Clone, Debug)]
 pub struct Timing {
@@ -219,8 +222,9 @@ pub struct Timing {
     pub backoff_initial: Duration,
     /// Longest reconnect delay (and the auth-failure delay).
     pub backoff_max: Duration,
-    /// Heartbeat period.
-    pub ping_interval: Duration,
+    /// Heartbeat period set on the upstream; `None`: the dialect's `[heartbeat] interval`,
+    /// else [`DEFAULT_PING_INTERVAL`].
+    pub ping_interval: Option<Duration>,
     /// Silence after which a connection is stale.
     pub stale_after: Duration,
     /// Subscribed time after which the backoff resets.
@@ -511,6 +515,10 @@ async fn supervise(
             SessionEnd::Shutdown if shutdown.is_cancelled() => break,
             SessionEnd::Shutdown => {
                 warn!(upstream = %name, "lease lost; connection closed");
+                continue;
+            }
+            SessionEnd::Moved => {
+                info!(upstream = %name, "reconnecting at the provider's request");
                 continue;
             }
             SessionEnd::AuthRejected(_) => {

@@ -48,6 +48,9 @@ pub enum SessionEnd {
     Stale(Duration),
     /// A read or write failed mid-connection.
     Transport(String),
+    /// The provider asked us to reconnect (a `reconnect` control frame): reconnect at once,
+    /// without backoff; not a failure.
+    Moved,
 }
 
 impl fmt::Display for SessionEnd {
@@ -60,6 +63,7 @@ impl fmt::Display for SessionEnd {
             SessionEnd::Closed(m) => write!(f, "connection closed: {m}"),
             SessionEnd::Stale(d) => write!(f, "stale: nothing received for {} ms", d.as_millis()),
             SessionEnd::Transport(m) => write!(f, "transport error: {m}"),
+            SessionEnd::Moved => f.write_str("the provider asked to reconnect"),
         }
     }
 }
@@ -68,7 +72,7 @@ impl SessionEnd {
     /// The failure reason of this end (`None` for a stop of our own).
     pub fn reason(&self) -> Option<Reason> {
         match self {
-            SessionEnd::Shutdown | SessionEnd::IngestClosed => None,
+            SessionEnd::Shutdown | SessionEnd::IngestClosed | SessionEnd::Moved => None,
             SessionEnd::AuthRejected(_) => Some(Reason::Auth),
             SessionEnd::ConnectFailed(f) => Some(f.reason),
             SessionEnd::Closed(_) => Some(Reason::Closed),
@@ -166,7 +170,12 @@ async fn connect_and_serve(
     };
 
     // Validation bounds ping_interval; the cap keeps an unvalidated one from overflowing.
-    let period = timing.ping_interval.min(MAX_WAIT);
+    // The upstream's own ping_interval wins over the dialect's `[heartbeat] interval`.
+    let period = timing
+        .ping_interval
+        .or_else(|| shared.adapter.heartbeat_interval())
+        .unwrap_or(super::DEFAULT_PING_INTERVAL)
+        .min(MAX_WAIT);
     let mut ping = tokio::time::interval_at(deadline_after(period), period);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let check_every = (timing.stale_after / 4)
@@ -230,6 +239,11 @@ async fn connect_and_serve(
                         }
                         Control::Error { code, message } => {
                             warn!(upstream = %name, code = code.as_deref().unwrap_or(""), message = %message, "provider reported an error");
+                        }
+                        Control::Reconnect => {
+                            info!(upstream = %name, "the provider asked to reconnect; reconnecting now");
+                            let _ = ws.close(None).await;
+                            return SessionEnd::Moved;
                         }
                         Control::Pong | Control::Reply => {}
                     },

@@ -590,6 +590,10 @@ impl Adapter for DialectAdapter {
         self.bound.heartbeat(now_unix)
     }
 
+    fn heartbeat_interval(&self) -> Option<std::time::Duration> {
+        self.bound.decoder.dialect.heartbeat_interval
+    }
+
     fn decode(&self, text: &str) -> Result<Inbound, DecodeError> {
         self.bound.decoder.decode(text)
     }

@@ -293,6 +293,7 @@ fn plain_control(kind: ControlKind) -> Control {
         ControlKind::Pong => Control::Pong,
         ControlKind::Greeting => Control::Connected,
         ControlKind::Reply => Control::Reply,
+        ControlKind::Reconnect => Control::Reconnect,
         ControlKind::AuthFailure => Control::AuthFailed {
             message: "(no message)".to_string(),
         },

@@ -248,6 +248,7 @@ fn control_kind(c: &Control) -> &'static str {
         Control::Reply => "reply",
         Control::AuthFailed { .. } => "auth_failure",
         Control::Error { .. } => "error",
+        Control::Reconnect => "reconnect",
     }
 }
 

@@ -1,6 +1,8 @@
 //! Dialect file → [`Dialect`]: every section checked, every expression compiled, every
 //! problem collected with its key before the file is refused.
 
+use std::time::Duration;
+
 use serde_json::Value;
 
 use super::examples::Example;
@@ -137,6 +139,11 @@ pub(super) fn load(origin: &str, text: &str) -> Result<Dialect, DialectError> {
     let subscribe = file
         .subscribe
         .and_then(|decl| subscribe(&mut c, decl, &vars));
+    let heartbeat_interval = file
+        .heartbeat
+        .as_ref()
+        .and_then(|h| h.interval.as_deref())
+        .and_then(|text| duration(&mut c, "heartbeat.interval", text, HEARTBEAT_BOUNDS));
     let heartbeat = match file.heartbeat {
         Some(decl) => heartbeat(&mut c, decl, &vars),
         None => Some(HeartbeatRule::Protocol),
@@ -172,6 +179,7 @@ pub(super) fn load(origin: &str, text: &str) -> Result<Dialect, DialectError> {
             connect,
             subscribe,
             heartbeat,
+            heartbeat_interval,
             controls,
             events,
             examples,
@@ -189,6 +197,40 @@ fn reads_url(code: &str) -> bool {
             .next()
             .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
     })
+}
+
+/// The range `[heartbeat] interval` may take (the same as an upstream's `ping_interval`).
+const HEARTBEAT_BOUNDS: (Duration, Duration) =
+    (Duration::from_millis(10), Duration::from_secs(3600));
+
+/// A duration written like `"20s"` or `"500ms"`, within `bounds`; a problem at `key` otherwise.
+fn duration(
+    c: &mut Checker,
+    key: &str,
+    text: &str,
+    (min, max): (Duration, Duration),
+) -> Option<Duration> {
+    match humantime::parse_duration(text) {
+        Ok(d) if d >= min && d <= max => Some(d),
+        Ok(_) => {
+            c.problem(
+                key,
+                format!(
+                    "{text:?}: must be between {} and {}",
+                    humantime::format_duration(min),
+                    humantime::format_duration(max)
+                ),
+            );
+            None
+        }
+        Err(e) => {
+            c.problem(
+                key,
+                format!("{text:?}: not a duration ({e}); write e.g. \"20s\""),
+            );
+            None
+        }
+    }
 }
 
 fn valid_name(name: &str) -> bool {
@@ -321,7 +363,6 @@ fn subscribe(c: &mut Checker, decl: SubscribeDecl, vars: &[String]) -> Option<Su
 }
 
 fn heartbeat(c: &mut Checker, decl: HeartbeatDecl, vars: &[String]) -> Option<HeartbeatRule> {
-    c.not_yet("heartbeat.interval", &decl.interval);
     match (decl.kind.as_str(), decl.frame, decl.text) {
         ("protocol", None, None) => Some(HeartbeatRule::Protocol),
         ("protocol", _, _) => {
@@ -360,17 +401,11 @@ fn control(c: &mut Checker, i: usize, decl: ControlDecl, vars: &[String]) -> Opt
         "reply" => ControlKind::Reply,
         "auth_failure" => ControlKind::AuthFailure,
         "error" => ControlKind::Error,
-        "reconnect" => {
-            c.problem(
-                format!("{key}.kind"),
-                "\"reconnect\" is not supported by this version of wsbridge yet",
-            );
-            return None;
-        }
+        "reconnect" => ControlKind::Reconnect,
         other => {
             c.problem(
                 format!("{key}.kind"),
-                format!("{other:?}: expected \"pong\", \"greeting\", \"reply\", \"auth_failure\" or \"error\""),
+                format!("{other:?}: expected \"pong\", \"greeting\", \"reply\", \"auth_failure\", \"error\" or \"reconnect\""),
             );
             return None;
         }

@@ -53,6 +53,9 @@ pub struct Dialect {
     connect: Connect,
     subscribe: Option<Subscribe>,
     heartbeat: HeartbeatRule,
+    /// `[heartbeat] interval`: the dialect's heartbeat period (an upstream's `ping_interval`
+    /// overrides it).
+    heartbeat_interval: Option<std::time::Duration>,
     controls: Vec<ControlRule>,
     events: Vec<EventRule>,
     examples: Vec<examples::Example>,
@@ -96,6 +99,12 @@ impl Dialect {
     /// `ownership` key overrides it).
     pub fn ownership(&self) -> Ownership {
         self.ownership
+    }
+
+    /// `[heartbeat] interval`: how often the dialect's heartbeat goes out when the upstream
+    /// sets no `ping_interval` of its own.
+    pub fn heartbeat_interval(&self) -> Option<std::time::Duration> {
+        self.heartbeat_interval
     }
 
     /// Whether the dialect's expressions read `$url`: only then must an upstream set `url`.
@@ -287,6 +296,8 @@ enum ControlKind {
     Reply,
     AuthFailure,
     Error,
+    /// The provider asks the client to move now (e.g. before a restart).
+    Reconnect,
 }
 
 /// One `[[control]]` rule, compiled.
