@@ -14,6 +14,7 @@
 
 #![warn(missing_docs)]
 
+pub mod binary;
 pub mod dialect;
 pub mod hashi;
 pub mod sim;
@@ -31,6 +32,7 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 
+pub use binary::{binary_text, BinaryFrames, BinaryRefused};
 pub use canonical::{canonical_json, derived_id, event_id};
 pub use secret::Secret;
 pub use time::parse_provider_time;
@@ -224,6 +226,16 @@ pub trait Adapter: Send + Sync + 'static {
 
     /// The heartbeat to send every ping interval, given the current unix time in seconds.
     fn heartbeat(&self, now_unix: i64) -> Heartbeat;
+
+    /// What binary frames hold (`[connect] binary`).
+    fn binary_frames(&self) -> BinaryFrames {
+        BinaryFrames::Text
+    }
+
+    /// The upgrade statuses that mean the credentials were refused (`auth_failed`).
+    fn auth_failure_statuses(&self) -> &[u16] {
+        &[401, 403]
+    }
 
     /// The dialect's heartbeat period, used when the upstream sets no `ping_interval`.
     fn heartbeat_interval(&self) -> Option<std::time::Duration> {

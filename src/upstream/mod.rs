@@ -139,6 +139,9 @@ pub struct UpstreamCounters {
     /// ended because a connection tracked `limits.tracked_frames` others (see
     /// [`occurrence`]): a repeat of one within the window would be taken for a copy.
     pub untracked: AtomicU64,
+    /// Binary frames that would inflate past the frame-size limit (a likely decompression
+    /// bomb): refused after reading at most the limit, counted as decode errors too.
+    pub inflate_refused: AtomicU64,
     /// Events per type (a lookup without allocation once a type has been seen).
     events_by_type: std::sync::Mutex<std::collections::HashMap<String, u64>>,
 }
@@ -162,6 +165,8 @@ pub struct CounterSnapshot {
     pub drain_timeouts: u64,
     /// See [`UpstreamCounters::untracked`].
     pub untracked: u64,
+    /// See [`UpstreamCounters::inflate_refused`].
+    pub inflate_refused: u64,
 }
 
 /// How many distinct event types one upstream counts separately.
@@ -208,6 +213,7 @@ impl UpstreamCounters {
             task_restarts: self.task.restarts(),
             drain_timeouts: self.drain_timeouts.load(Ordering::Relaxed),
             untracked: self.untracked.load(Ordering::Relaxed),
+            inflate_refused: self.inflate_refused.load(Ordering::Relaxed),
         }
     }
 }

@@ -6,6 +6,7 @@
 //! `stale_after` is abandoned: a half-open TCP connection is otherwise indistinguishable from
 //! a quiet provider.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -125,6 +126,7 @@ async fn connect(shared: &Shared) -> Result<Ws, SessionEnd> {
         &shared.connector,
         ws_config(&shared.limits),
         shared.timing.connect_timeout,
+        shared.adapter.auth_failure_statuses(),
     )
     .await
     .map_err(|e| match e {
@@ -297,16 +299,26 @@ enum Frame {
 fn read_frame(shared: &Shared, occurrences: &mut Occurrences, msg: Message) -> Frame {
     let name = &shared.name;
     let text = match &msg {
-        Message::Text(t) => t.as_str(),
-        Message::Binary(b) => match std::str::from_utf8(b) {
-            Ok(t) => t,
-            Err(_) => {
+        Message::Text(t) => Cow::Borrowed(t.as_str()),
+        Message::Binary(b) => match wsbridge_adapters::binary_text(
+            b,
+            shared.adapter.binary_frames(),
+            shared.limits.max_frame_bytes,
+        ) {
+            Ok(t) => Cow::Owned(t),
+            Err(e) => {
                 shared.counters.frames.fetch_add(1, Ordering::Relaxed);
                 shared
                     .counters
                     .decode_errors
                     .fetch_add(1, Ordering::Relaxed);
-                warn!(upstream = %name, bytes = b.len(), "skipping binary frame that is not UTF-8");
+                if e.is_too_large() {
+                    shared
+                        .counters
+                        .inflate_refused
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                warn!(upstream = %name, bytes = b.len(), error = %e, "skipping binary frame");
                 return Frame::Skip;
             }
         },
@@ -320,8 +332,8 @@ fn read_frame(shared: &Shared, occurrences: &mut Occurrences, msg: Message) -> F
         Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => return Frame::Skip,
     };
     shared.counters.frames.fetch_add(1, Ordering::Relaxed);
-    let decoded = wsbridge_adapters::check_depth(text, shared.limits.max_depth)
-        .and_then(|()| shared.adapter.decode(text));
+    let decoded = wsbridge_adapters::check_depth(&text, shared.limits.max_depth)
+        .and_then(|()| shared.adapter.decode(&text));
     match decoded {
         Ok(Inbound::Event(mut decoded)) => {
             if decoded.id_from_content {

@@ -1,7 +1,8 @@
 //! Dialect capabilities the shipped providers do not all use, each against a scripted test
 //! provider on a real socket (a tokio-tungstenite server on an ephemeral port) and through
 //! the real bridge: app-level heartbeats as plain text with the dialect's own interval, text
-//! control frames, and a provider's request to reconnect.
+//! control frames, and a provider's request to reconnect; compressed binary frames (a
+//! decompression bomb refused and counted) and the dialect's own auth-failure statuses.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -11,9 +12,11 @@ use std::sync::{Arc, Mutex};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
 use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 use wsbridge::config::Config;
+use wsbridge::upstream::UpstreamState;
 
 use crate::common::*;
 
@@ -108,6 +111,18 @@ fn write(path: &Path, text: &str) {
 /// A config with `dialect` (as `dialects/<name>.toml`) and one upstream of it at `url`, with
 /// `extra` keys, written to a fresh directory.
 fn config_with(tag: &str, name: &str, dialect: &str, url: &str, extra: &str) -> (PathBuf, Config) {
+    config_with_top(tag, name, dialect, url, "", extra)
+}
+
+/// Like [`config_with`], with `top` (tables such as `[limits]`) before the upstream.
+fn config_with_top(
+    tag: &str,
+    name: &str,
+    dialect: &str,
+    url: &str,
+    top: &str,
+    extra: &str,
+) -> (PathBuf, Config) {
     let dir = temp_dir(tag);
     let dialects = dir.join("dialects");
     std::fs::create_dir_all(&dialects).expect("dialects dir");
@@ -116,7 +131,7 @@ fn config_with(tag: &str, name: &str, dialect: &str, url: &str, extra: &str) -> 
     write(
         &path,
         &format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\n[storage]\npath = {:?}\n[dialects]\npaths = [{:?}]\n\n[[upstreams]]\nname = \"{name}-up\"\nadapter = \"{name}\"\nurl = \"{url}\"\n{extra}\n",
+            "[server]\nlisten = \"127.0.0.1:0\"\n[storage]\npath = {:?}\n[dialects]\npaths = [{:?}]\n{top}\n[[upstreams]]\nname = \"{name}-up\"\nadapter = \"{name}\"\nurl = \"{url}\"\n{extra}\n",
             dir.join("j.db").display().to_string(),
             dialects.display().to_string(),
         ),
@@ -235,5 +250,204 @@ fn a_bad_heartbeat_interval_is_refused_naming_the_key() {
             shown.contains("heartbeat.interval") && shown.contains(why),
             "{shown}"
         );
+    }
+}
+
+/// `data` compressed as `mode` ("gzip", raw "deflate", or "zlib").
+fn compress(mode: &str, data: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let level = flate2::Compression::default();
+    match mode {
+        "gzip" => {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), level);
+            e.write_all(data).expect("compress");
+            e.finish().expect("compress")
+        }
+        "deflate" => {
+            let mut e = flate2::write::DeflateEncoder::new(Vec::new(), level);
+            e.write_all(data).expect("compress");
+            e.finish().expect("compress")
+        }
+        _ => {
+            let mut e = flate2::write::ZlibEncoder::new(Vec::new(), level);
+            e.write_all(data).expect("compress");
+            e.finish().expect("compress")
+        }
+    }
+}
+
+/// A provider that sends compressed binary frames: an event, a bomb (1 MiB of spaces inside
+/// a JSON string, a few KiB compressed), a frame that is not compressed data, then another
+/// event.
+async fn compressed_provider(mode: &'static str) -> TestProvider {
+    TestProvider::start(move |_, mut ws, rec| async move {
+        let mut bomb = b"{\"kind\":\"bomb\",\"pad\":\"".to_vec();
+        bomb.extend(std::iter::repeat_n(b' ', 1 << 20));
+        bomb.extend(b"\"}");
+        let frames = [
+            compress(
+                mode,
+                json!({"kind": "packed", "n": 1}).to_string().as_bytes(),
+            ),
+            compress(mode, &bomb),
+            b"not compressed at all".to_vec(),
+            compress(
+                mode,
+                json!({"kind": "packed", "n": 2}).to_string().as_bytes(),
+            ),
+        ];
+        for f in frames {
+            if ws.send(Message::binary(f)).await.is_err() {
+                return;
+            }
+        }
+        while next_text(&mut ws, &rec).await.is_some() {}
+    })
+    .await
+}
+
+#[tokio::test]
+async fn compressed_binary_frames_are_inflated_and_a_bomb_is_refused_and_counted() {
+    for (binary, mode) in [
+        ("gzip", "gzip"),
+        ("deflate", "deflate"),
+        ("deflate", "zlib"),
+    ] {
+        let provider = compressed_provider(mode).await;
+        let dialect = format!(
+            "[dialect]\nname = \"packed\"\n[connect]\nurl = '$url'\nbinary = \"{binary}\"\n[[events]]\ntype = '.kind'\n"
+        );
+        // A small event limit: the upstream read limit is 2 x 4 KiB + 64 KiB, far below the
+        // bomb's 1 MiB.
+        let (_dir, config) = config_with_top(
+            &format!("packed-{mode}"),
+            "packed",
+            &dialect,
+            &provider.url,
+            "[limits]\nmax_event_bytes = 4096\n",
+            FAST,
+        );
+        let (bridge, mut rx) = start_bridge(&config).await;
+        for n in [1, 2] {
+            let p = next_matching(&mut rx, &format!("{mode} event {n}"), |p| {
+                p.envelope.event_type == "packed.packed"
+            })
+            .await;
+            assert_eq!(p.envelope.data["n"], n, "{mode}");
+        }
+        let u = &bridge.upstreams()[0];
+        let counters = u.counters();
+        assert_eq!(counters.inflate_refused, 1, "{mode}: {counters:?}");
+        assert_eq!(counters.decode_errors, 2, "{mode}: {counters:?}");
+        assert_eq!(counters.events, 2, "{mode}: {counters:?}");
+        // The bomb cost no reconnect: the connection was kept.
+        assert_eq!(provider.connections(), 1, "{mode}");
+        let metrics = metrics_text(&bridge).await;
+        assert!(
+            metrics.contains("wsbridge_upstream_inflate_refused_total{upstream=\"packed-up\"} 1"),
+            "{metrics}"
+        );
+        bridge.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn binary_reject_refuses_binary_frames_and_keeps_text_ones() {
+    let provider = TestProvider::start(|_, mut ws, rec| async move {
+        let bin = Message::binary(json!({"kind": "bin"}).to_string().into_bytes());
+        let text = Message::text(json!({"kind": "txt"}).to_string());
+        if ws.send(bin).await.is_err() || ws.send(text).await.is_err() {
+            return;
+        }
+        while next_text(&mut ws, &rec).await.is_some() {}
+    })
+    .await;
+    let dialect = "[dialect]\nname = \"textonly\"\n[connect]\nurl = '$url'\nbinary = \"reject\"\n[[events]]\ntype = '.kind'\n";
+    let (_dir, config) = config_with("textonly", "textonly", dialect, &provider.url, FAST);
+    let (bridge, mut rx) = start_bridge(&config).await;
+    next_matching(&mut rx, "the text event", |p| {
+        p.envelope.event_type == "textonly.txt"
+    })
+    .await;
+    let counters = bridge.upstreams()[0].counters();
+    assert_eq!(counters.decode_errors, 1, "{counters:?}");
+    assert_eq!(counters.events, 1, "{counters:?}");
+    assert_eq!(counters.inflate_refused, 0, "{counters:?}");
+    bridge.shutdown().await;
+}
+
+/// A provider that answers every upgrade with HTTP `status`.
+async fn refusing_provider(status: u16) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("ws://{}/feed", listener.local_addr().expect("addr"));
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                // The callback's type is tungstenite's, large error variant included.
+                #[allow(clippy::result_large_err)]
+                let refuse = |_: &Request, _: Response| -> Result<Response, ErrorResponse> {
+                    let mut answer = ErrorResponse::new(Some("bad key".to_string()));
+                    *answer.status_mut() = http::StatusCode::from_u16(status).expect("a status");
+                    Err(answer)
+                };
+                let _ = tokio_tungstenite::accept_hdr_async(tcp, refuse).await;
+            });
+        }
+    });
+    url
+}
+
+/// Starts a bridge with one upstream of `dialect` (named `name`) at `url` and waits until
+/// the upstream is in `state`.
+async fn until_state(
+    name: &str,
+    dialect: &str,
+    url: &str,
+    state: UpstreamState,
+) -> (wsbridge::bridge::Bridge, wsbridge::upstream::UpstreamStatus) {
+    let (_dir, config) = config_with(name, name, dialect, url, FAST);
+    let bridge = wsbridge::bridge::Bridge::start(&config)
+        .await
+        .expect("bridge starts");
+    let u = bridge.upstreams()[0].clone();
+    let status = wait_status(&u, &format!("{state:?}"), |s| s.state == state).await;
+    (bridge, status)
+}
+
+#[tokio::test]
+async fn the_dialects_auth_failure_statuses_decide_auth_failed() {
+    let url = refusing_provider(400).await;
+    // The dialect says 400 is this provider's answer to a bad key.
+    let dialect = "[dialect]\nname = \"strict\"\n[connect]\nurl = '$url'\nauth_failure_status = [400, 401]\n[[events]]\ntype = '.kind'\n";
+    let (bridge, status) = until_state("strict", dialect, &url, UpstreamState::AuthFailed).await;
+    assert!(
+        status.last_error.as_deref().unwrap_or("").contains("400"),
+        "{status:?}"
+    );
+    bridge.shutdown().await;
+
+    // Without the key, 400 is an HTTP status failure with backoff, not auth_failed.
+    let dialect =
+        "[dialect]\nname = \"lax\"\n[connect]\nurl = '$url'\n[[events]]\ntype = '.kind'\n";
+    let (bridge, status) = until_state("lax", dialect, &url, UpstreamState::Backoff).await;
+    assert_eq!(
+        status.last_error_reason,
+        Some(wsbridge::failure::Reason::HttpStatus),
+        "{status:?}"
+    );
+    bridge.shutdown().await;
+}
+
+#[test]
+fn bad_binary_and_auth_failure_status_values_are_refused_naming_the_key() {
+    for (line, key) in [
+        ("binary = \"brotli\"", "connect.binary"),
+        ("auth_failure_status = [200]", "connect.auth_failure_status"),
+        ("auth_failure_status = [429]", "connect.auth_failure_status"),
+    ] {
+        let text = format!("[dialect]\nname = \"x\"\n[connect]\nurl = '$url'\n{line}\n");
+        let err =
+            wsbridge::adapters::dialect::Dialect::load("x.toml", &text).expect_err("a bad value");
+        assert!(err.to_string().contains(key), "{err}");
     }
 }

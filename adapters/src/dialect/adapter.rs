@@ -590,6 +590,14 @@ impl Adapter for DialectAdapter {
         self.bound.heartbeat(now_unix)
     }
 
+    fn binary_frames(&self) -> crate::BinaryFrames {
+        self.bound.decoder.dialect.connect.binary
+    }
+
+    fn auth_failure_statuses(&self) -> &[u16] {
+        &self.bound.decoder.dialect.connect.auth_failure_status
+    }
+
     fn heartbeat_interval(&self) -> Option<std::time::Duration> {
         self.bound.decoder.dialect.heartbeat_interval
     }

@@ -326,8 +326,28 @@ fn params(c: &mut Checker, decls: std::collections::BTreeMap<String, ParamDecl>)
 }
 
 fn connect(c: &mut Checker, decl: ConnectDecl, vars: &[String]) -> Option<Connect> {
-    c.not_yet("connect.auth_failure_status", &decl.auth_failure_status);
-    c.not_yet("connect.binary", &decl.binary);
+    let binary = match decl.binary.as_deref() {
+        None => crate::BinaryFrames::Text,
+        Some(name) => match crate::BinaryFrames::parse(name) {
+            Some(m) => m,
+            None => {
+                c.problem(
+                    "connect.binary",
+                    format!("{name:?}: expected \"reject\", \"text\", \"gzip\" or \"deflate\""),
+                );
+                crate::BinaryFrames::Text
+            }
+        },
+    };
+    let auth_failure_status = decl.auth_failure_status.unwrap_or_else(|| vec![401, 403]);
+    for status in &auth_failure_status {
+        if !(400..=599).contains(status) || *status == 429 {
+            c.problem(
+                "connect.auth_failure_status",
+                format!("{status}: expected HTTP error statuses (400-599, not 429, which asks to retry later)"),
+            );
+        }
+    }
     let url = c.expr("connect.url", &decl.url, vars);
     let mut headers = Vec::new();
     for (name, code) in decl.headers {
@@ -340,7 +360,12 @@ fn connect(c: &mut Checker, decl: ConnectDecl, vars: &[String]) -> Option<Connec
             headers.push((name, e));
         }
     }
-    Some(Connect { url: url?, headers })
+    Some(Connect {
+        url: url?,
+        headers,
+        auth_failure_status,
+        binary,
+    })
 }
 
 fn subscribe(c: &mut Checker, decl: SubscribeDecl, vars: &[String]) -> Option<Subscribe> {

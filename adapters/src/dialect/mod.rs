@@ -256,6 +256,10 @@ pub enum Ownership {
 struct Connect {
     url: Expr,
     headers: Vec<(String, Expr)>,
+    /// Upgrade answers that mean auth_failed.
+    auth_failure_status: Vec<u16>,
+    /// What binary frames hold.
+    binary: crate::BinaryFrames,
 }
 
 /// `[subscribe]`, compiled.
