@@ -171,6 +171,17 @@ pub enum Control {
     },
 }
 
+/// What an inbound frame means to the session step that is waiting.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StepCheck {
+    /// The step's `expect` frame: the step is complete.
+    Done,
+    /// The step's `fail` frame: the credentials were refused (`auth_failed`).
+    Failed(String),
+    /// Neither: the frame is read as any other.
+    Other,
+}
+
 /// One decoded inbound text frame.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Inbound {
@@ -226,6 +237,29 @@ pub trait Adapter: Send + Sync + 'static {
 
     /// The heartbeat to send every ping interval, given the current unix time in seconds.
     fn heartbeat(&self, now_unix: i64) -> Heartbeat;
+
+    /// How many session steps (`[[session]]`) run after the upgrade, before subscribing.
+    fn session_steps(&self) -> usize {
+        0
+    }
+
+    /// The frames session step `step` sends when it starts (evaluated on every connect).
+    fn session_send(&self, step: usize) -> Result<Vec<String>, AdapterError> {
+        let _ = step;
+        Ok(Vec::new())
+    }
+
+    /// What an inbound frame means to session step `step`.
+    fn session_check(&self, step: usize, text: &str) -> StepCheck {
+        let _ = (step, text);
+        StepCheck::Done
+    }
+
+    /// How long session step `step` may wait for its frame; `None`: it waits for none.
+    fn session_timeout(&self, step: usize) -> Option<std::time::Duration> {
+        let _ = step;
+        None
+    }
 
     /// What binary frames hold (`[connect] binary`).
     fn binary_frames(&self) -> BinaryFrames {

@@ -185,7 +185,6 @@ fn unknown_keys_and_missing_sections_are_refused() {
 fn keys_this_version_does_not_run_yet_are_refused_not_ignored() {
     for (extra, key) in [
         ("[prepare]\nurl = '$url'\n", "prepare"),
-        ("[[session]]\nsend = '{}'\n", "session"),
         (
             "[[events]]\ntype = '.a'\nsplit = '.[]'\n",
             "events[0].split",

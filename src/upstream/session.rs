@@ -21,7 +21,7 @@ use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
-use wsbridge_adapters::{Control, Greeting, Heartbeat, Inbound};
+use wsbridge_adapters::{Control, Greeting, Heartbeat, Inbound, StepCheck};
 
 use super::connect::{self, OpenError};
 use super::occurrence::Occurrences;
@@ -159,8 +159,20 @@ async fn connect_and_serve(
     };
     let name = &shared.name;
     let timing = &shared.timing;
+    let mut occurrences =
+        Occurrences::new(shared.limits.dedup_window, shared.limits.tracked_frames);
+    let greeted = tokio::select! {
+        done = run_session(shared, &mut ws, ingest, &mut occurrences) => match done {
+            Ok(greeted) => greeted,
+            Err(end) => return end,
+        },
+        _ = shutdown.cancelled() => return SessionEnd::Shutdown,
+    };
     let mut phase = match shared.adapter.greeting() {
-        Greeting::Upgrade => {
+        Greeting::AwaitConnected if !greeted => {
+            Phase::AwaitGreeting(deadline_after(timing.connect_timeout))
+        }
+        _ => {
             shared.set_state(UpstreamState::Connected);
             if let Err(end) = subscribe(shared, &mut ws).await {
                 return end;
@@ -168,7 +180,6 @@ async fn connect_and_serve(
             *subscribed_at = Some(Instant::now());
             Phase::Subscribed
         }
-        Greeting::AwaitConnected => Phase::AwaitGreeting(deadline_after(timing.connect_timeout)),
     };
 
     // Validation bounds ping_interval; the cap keeps an unvalidated one from overflowing.
@@ -186,8 +197,6 @@ async fn connect_and_serve(
     let mut check = tokio::time::interval(check_every);
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_seen = Instant::now();
-    let mut occurrences =
-        Occurrences::new(shared.limits.dedup_window, shared.limits.tracked_frames);
 
     loop {
         tokio::select! {
@@ -277,6 +286,78 @@ async fn connect_and_serve(
             _ = shutdown.cancelled() => return drain(shared, ingest, &mut ws, &mut occurrences, None).await,
         }
     }
+}
+
+/// Runs the dialect's session steps (`[[session]]`) after the upgrade, before subscribing:
+/// each sends its frames, then waits (up to its timeout) for its `expect` frame; its `fail`
+/// frame means the credentials were refused. Other frames meanwhile are read as usual
+/// (events go to ingest). Returns whether the provider's greeting arrived meanwhile.
+async fn run_session(
+    shared: &Shared,
+    ws: &mut Ws,
+    ingest: &mpsc::Sender<Envelope>,
+    occurrences: &mut Occurrences,
+) -> Result<bool, SessionEnd> {
+    let adapter = &shared.adapter;
+    let mut greeted = false;
+    for step in 0..adapter.session_steps() {
+        let frames = adapter
+            .session_send(step)
+            .map_err(|e| SessionEnd::ConnectFailed(Failure::new(Reason::Other, e.to_string())))?;
+        for frame in frames {
+            ws.send(Message::text(frame))
+                .await
+                .map_err(|e| SessionEnd::Transport(format!("session step {step} not sent: {e}")))?;
+        }
+        let Some(limit) = adapter.session_timeout(step) else {
+            continue;
+        };
+        let deadline = Instant::now() + limit.min(MAX_WAIT);
+        loop {
+            let msg = match timeout_at(deadline, ws.next()).await {
+                Err(_) => {
+                    return Err(SessionEnd::ConnectFailed(Failure::new(
+                        Reason::Timeout,
+                        format!(
+                            "session step {step}: no expected frame within {} ms",
+                            limit.as_millis()
+                        ),
+                    )))
+                }
+                Ok(None) => return Err(SessionEnd::Closed("the server ended the stream".into())),
+                Ok(Some(Err(e))) => return Err(SessionEnd::Transport(e.to_string())),
+                Ok(Some(Ok(msg))) => msg,
+            };
+            if let Message::Text(t) = &msg {
+                match adapter.session_check(step, t.as_str()) {
+                    StepCheck::Done => break,
+                    StepCheck::Failed(why) => {
+                        let _ = ws.close(None).await;
+                        return Err(SessionEnd::AuthRejected(why));
+                    }
+                    StepCheck::Other => {}
+                }
+            }
+            match read_frame(shared, occurrences, msg) {
+                Frame::Skip => {}
+                Frame::Closed(why) => return Err(SessionEnd::Closed(why)),
+                Frame::Event(envelope) => {
+                    if ingest.send(envelope).await.is_err() {
+                        return Err(SessionEnd::IngestClosed);
+                    }
+                }
+                Frame::Control(Control::Connected) => greeted = true,
+                Frame::Control(Control::AuthFailed { message }) => {
+                    let _ = ws.close(None).await;
+                    return Err(SessionEnd::AuthRejected(message));
+                }
+                Frame::Control(Control::Reconnect) => return Err(SessionEnd::Moved),
+                Frame::Control(_) => {}
+            }
+        }
+        debug!(upstream = %shared.name, step, "session step complete");
+    }
+    Ok(greeted)
 }
 
 /// What one inbound message means to the session.

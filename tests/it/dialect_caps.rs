@@ -405,7 +405,19 @@ async fn until_state(
     url: &str,
     state: UpstreamState,
 ) -> (wsbridge::bridge::Bridge, wsbridge::upstream::UpstreamStatus) {
-    let (_dir, config) = config_with(name, name, dialect, url, FAST);
+    until_state_with(name, name, dialect, url, FAST, state).await
+}
+
+/// Like [`until_state`], in a directory tagged `tag`, with `extra` upstream keys.
+async fn until_state_with(
+    tag: &str,
+    name: &str,
+    dialect: &str,
+    url: &str,
+    extra: &str,
+    state: UpstreamState,
+) -> (wsbridge::bridge::Bridge, wsbridge::upstream::UpstreamStatus) {
+    let (_dir, config) = config_with(tag, name, dialect, url, extra);
     let bridge = wsbridge::bridge::Bridge::start(&config)
         .await
         .expect("bridge starts");
@@ -449,5 +461,209 @@ fn bad_binary_and_auth_failure_status_values_are_refused_naming_the_key() {
         let err =
             wsbridge::adapters::dialect::Dialect::load("x.toml", &text).expect_err("a bad value");
         assert!(err.to_string().contains(key), "{err}");
+    }
+}
+
+/// The secret the session test provider shares with its clients.
+const SESSION_SECRET: &str = "sess-s3cr3t";
+
+/// HMAC-SHA256 of `msg` under `key`, lower-case hex (what the provider checks).
+fn hmac_hex(key: &str, msg: &str) -> String {
+    use hmac::{Hmac, KeyInit, Mac};
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(key.as_bytes()).expect("any key length");
+    mac.update(msg.as_bytes());
+    hex::encode(mac.finalize().into_bytes())
+}
+
+/// A provider with a login: it greets with `{"event":"welcome"}`, then expects
+/// `{"op":"auth","key":K,"ts":T,"sig":hmac_sha256(SESSION_SECRET; K + T)}` and answers
+/// `{"event":"auth","ok":<signature valid>}` (no answer at all for the key "silent"); after
+/// a valid login each `{"op":"sub","topic":X}` gets an event on X. Anything before the
+/// login is refused with `{"event":"error"}`.
+async fn session_provider() -> TestProvider {
+    TestProvider::start(|_, mut ws, rec| async move {
+        let welcome = json!({"event": "welcome"}).to_string();
+        if ws.send(Message::text(welcome)).await.is_err() {
+            return;
+        }
+        let mut authed = false;
+        while let Some(text) = next_text(&mut ws, &rec).await {
+            let Ok(frame) = serde_json::from_str::<serde_json::Value>(&text) else {
+                continue;
+            };
+            let answer = match frame["op"].as_str() {
+                Some("auth") => {
+                    let key = frame["key"].as_str().unwrap_or_default();
+                    if key == "silent" {
+                        continue;
+                    }
+                    let signed = format!("{key}{}", frame["ts"]);
+                    authed = frame["sig"].as_str() == Some(&hmac_hex(SESSION_SECRET, &signed));
+                    json!({"event": "auth", "ok": authed})
+                }
+                Some("sub") if authed => json!({"kind": "tick", "topic": frame["topic"]}),
+                _ => json!({"event": "error", "why": "not logged in"}),
+            };
+            if ws.send(Message::text(answer.to_string())).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await
+}
+
+const SESSION_DIALECT: &str = r#"
+[dialect]
+name = "login"
+[params]
+api_key = { required = true }
+api_secret = { required = true, secret = true }
+topics = { default = [] }
+[connect]
+url = '$url'
+[[session]]
+expect = '.event == "welcome"'
+timeout = "5s"
+[[session]]
+send = '(now | floor) as $ts | {op: "auth", key: $api_key, ts: $ts, sig: hmac_sha256($api_secret; $api_key + ($ts | tostring))}'
+expect = '.event == "auth" and .ok'
+fail = '.event == "auth" and (.ok | not)'
+timeout = "300ms"
+[subscribe]
+each = '$topics[]'
+frame = '{op: "sub", topic: $item}'
+[[control]]
+match = 'has("event")'
+[[events]]
+type = '.kind'
+subject = '.topic'
+"#;
+
+fn login_upstream(key: &str, secret: &str) -> String {
+    format!("api_key = \"{key}\"\napi_secret = \"{secret}\"\ntopics = [\"t1\", \"t2\"]\n{FAST}")
+}
+
+#[tokio::test]
+async fn session_steps_log_in_with_an_hmac_signed_frame_before_subscribing() {
+    let provider = session_provider().await;
+    let (_dir, config) = config_with(
+        "login",
+        "login",
+        SESSION_DIALECT,
+        &provider.url,
+        &login_upstream("k1", SESSION_SECRET),
+    );
+    let (bridge, mut rx) = start_bridge(&config).await;
+    for topic in ["t1", "t2"] {
+        let p = next_matching(&mut rx, &format!("the tick on {topic}"), |p| {
+            p.envelope.subject.as_deref() == Some(topic)
+        })
+        .await;
+        assert_eq!(p.envelope.event_type, "login.tick");
+    }
+    // The login went first, signed correctly; the subscriptions after it.
+    let sent = provider.frames(0);
+    let first: serde_json::Value = serde_json::from_str(&sent[0]).expect("JSON");
+    assert_eq!(first["op"], "auth", "{sent:?}");
+    assert_eq!(
+        first["sig"].as_str(),
+        Some(hmac_hex(SESSION_SECRET, &format!("k1{}", first["ts"])).as_str())
+    );
+    assert_eq!(sent.len(), 3, "{sent:?}");
+    assert_eq!(provider.connections(), 1);
+    bridge.shutdown().await;
+}
+
+/// A session test provider and a bridge whose upstream logs in to it with `key` and
+/// `secret`, once the upstream is in `state`.
+async fn login_until(
+    tag: &str,
+    key: &str,
+    secret: &str,
+    state: UpstreamState,
+) -> (
+    TestProvider,
+    wsbridge::bridge::Bridge,
+    wsbridge::upstream::UpstreamStatus,
+) {
+    let provider = session_provider().await;
+    let upstream = login_upstream(key, secret);
+    let (bridge, status) = until_state_with(
+        tag,
+        "login",
+        SESSION_DIALECT,
+        &provider.url,
+        &upstream,
+        state,
+    )
+    .await;
+    (provider, bridge, status)
+}
+
+#[tokio::test]
+async fn a_session_fail_frame_is_auth_failed_and_nothing_is_subscribed() {
+    let (provider, bridge, status) = login_until(
+        "login-bad",
+        "k1",
+        "not-the-secret",
+        UpstreamState::AuthFailed,
+    )
+    .await;
+    let error = status.last_error.clone().unwrap_or_default();
+    assert!(error.contains("session[1]"), "{status:?}");
+    assert!(!error.contains("not-the-secret"), "{status:?}");
+    // Only the login was sent: no subscription after a refused one.
+    let sent = provider.frames(0);
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    bridge.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_session_step_that_gets_no_answer_times_out_with_backoff() {
+    let (_provider, bridge, status) = login_until(
+        "login-silent",
+        "silent",
+        SESSION_SECRET,
+        UpstreamState::Backoff,
+    )
+    .await;
+    assert_eq!(
+        status.last_error_reason,
+        Some(wsbridge::failure::Reason::Timeout),
+        "{status:?}"
+    );
+    assert!(
+        status
+            .last_error
+            .as_deref()
+            .unwrap_or("")
+            .contains("session step 1"),
+        "{status:?}"
+    );
+    bridge.shutdown().await;
+}
+
+#[test]
+fn bad_session_steps_are_refused_naming_the_key() {
+    for (step, key, why) in [
+        ("fail = 'true'", "session[0]", "needs `send`"),
+        (
+            "send = '{}'\ntimeout = \"1s\"",
+            "session[0]",
+            "belong to a step that waits",
+        ),
+        (
+            "expect = 'true'\ntimeout = \"forever\"",
+            "session[0].timeout",
+            "not a duration",
+        ),
+        ("send = '{op: nosuch}'", "session[0].send", "jq"),
+    ] {
+        let text =
+            format!("[dialect]\nname = \"x\"\n[connect]\nurl = '$url'\n[[session]]\n{step}\n");
+        let err = wsbridge::adapters::dialect::Dialect::load("x.toml", &text)
+            .expect_err("a bad step")
+            .to_string();
+        assert!(err.contains(key) && err.contains(why), "{step}: {err}");
     }
 }

@@ -494,6 +494,11 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// jq truthiness: everything but `false` and `null`.
+fn truthy(v: &Val) -> bool {
+    !matches!(v, Val::Null | Val::Bool(false))
+}
+
 /// A subscription item as shown in the status API.
 fn shown(v: &Val) -> String {
     as_text(v).unwrap_or_else(|| v.to_string())
@@ -588,6 +593,53 @@ impl Adapter for DialectAdapter {
 
     fn heartbeat(&self, now_unix: i64) -> Heartbeat {
         self.bound.heartbeat(now_unix)
+    }
+
+    fn session_steps(&self) -> usize {
+        self.bound.decoder.dialect.session.len()
+    }
+
+    fn session_send(&self, step: usize) -> Result<Vec<String>, AdapterError> {
+        let Some(s) = self.bound.decoder.dialect.session.get(step) else {
+            return Ok(Vec::new());
+        };
+        match &s.send {
+            None => Ok(Vec::new()),
+            Some(e) => self
+                .bound
+                .send_frames(e, None)
+                .map_err(|r| invalid(&format!("{}.send", s.key), r)),
+        }
+    }
+
+    fn session_check(&self, step: usize, text: &str) -> crate::StepCheck {
+        let Some(s) = self.bound.decoder.dialect.session.get(step) else {
+            return crate::StepCheck::Other;
+        };
+        let Ok(frame) = serde_json::from_str::<Value>(text) else {
+            return crate::StepCheck::Other;
+        };
+        let frame = to_jaq(&frame);
+        let holds = |e: &Option<Expr>| {
+            e.as_ref().is_some_and(
+                |e| matches!(e.first(frame.clone(), self.bound.vars()), Ok(Some(v)) if truthy(&v)),
+            )
+        };
+        if holds(&s.fail) {
+            crate::StepCheck::Failed(format!(
+                "{}: the provider refused the step (its `fail` frame)",
+                s.key
+            ))
+        } else if s.expect.is_none() || holds(&s.expect) {
+            crate::StepCheck::Done
+        } else {
+            crate::StepCheck::Other
+        }
+    }
+
+    fn session_timeout(&self, step: usize) -> Option<std::time::Duration> {
+        let s = self.bound.decoder.dialect.session.get(step)?;
+        s.expect.as_ref().map(|_| s.timeout)
     }
 
     fn binary_frames(&self) -> crate::BinaryFrames {

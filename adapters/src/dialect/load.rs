@@ -9,11 +9,11 @@ use super::examples::Example;
 use super::expr::Expr;
 use super::file::{
     ConnectDecl, ControlDecl, DialectFile, EventDecl, ExampleDecl, HeartbeatDecl, ParamDecl,
-    SubscribeDecl,
+    SessionDecl, SubscribeDecl,
 };
 use super::{
     var_names, Connect, ControlKind, ControlRule, Dialect, DialectError, EventRule, HeartbeatRule,
-    Matcher, Ownership, Param, ParamKind, Problem, Subscribe, TimeUnit,
+    Matcher, Ownership, Param, ParamKind, Problem, SessionStep, Subscribe, TimeUnit,
 };
 use sha2::Digest;
 
@@ -125,9 +125,7 @@ pub(super) fn load(origin: &str, text: &str) -> Result<Dialect, DialectError> {
     let vars = var_names(&params);
 
     c.not_yet("prepare", &file.prepare);
-    if !file.session.is_empty() {
-        c.problem("session", "not supported by this version of wsbridge yet");
-    }
+    let session = each(&mut c, file.session, &vars, session_step);
 
     let connect = match file.connect {
         Some(decl) => connect(&mut c, decl, &vars),
@@ -148,18 +146,8 @@ pub(super) fn load(origin: &str, text: &str) -> Result<Dialect, DialectError> {
         Some(decl) => heartbeat(&mut c, decl, &vars),
         None => Some(HeartbeatRule::Protocol),
     };
-    let controls: Vec<ControlRule> = file
-        .control
-        .into_iter()
-        .enumerate()
-        .filter_map(|(i, decl)| control(&mut c, i, decl, &vars))
-        .collect();
-    let events: Vec<EventRule> = file
-        .events
-        .into_iter()
-        .enumerate()
-        .filter_map(|(i, decl)| event(&mut c, i, decl, &vars))
-        .collect();
+    let controls = each(&mut c, file.control, &vars, control);
+    let events = each(&mut c, file.events, &vars, event);
     let examples: Vec<Example> = file
         .examples
         .into_iter()
@@ -177,6 +165,7 @@ pub(super) fn load(origin: &str, text: &str) -> Result<Dialect, DialectError> {
             fingerprint: sha2::Sha256::digest(text.as_bytes()).into(),
             params,
             connect,
+            session,
             subscribe,
             heartbeat,
             heartbeat_interval,
@@ -186,6 +175,21 @@ pub(super) fn load(origin: &str, text: &str) -> Result<Dialect, DialectError> {
         }),
         _ => Err(refuse(c.problems)),
     }
+}
+
+/// Every entry of an array of tables (`[[session]]`, `[[control]]`, `[[events]]`) compiled by
+/// `compile`, which records the problems of the entries it refuses.
+fn each<D, T>(
+    c: &mut Checker,
+    decls: Vec<D>,
+    vars: &[String],
+    compile: fn(&mut Checker, usize, D, &[String]) -> Option<T>,
+) -> Vec<T> {
+    decls
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, decl)| compile(c, i, decl, vars))
+        .collect()
 }
 
 /// Whether jq `code` mentions the variable `$url` (a mention inside a string literal counts
@@ -365,6 +369,54 @@ fn connect(c: &mut Checker, decl: ConnectDecl, vars: &[String]) -> Option<Connec
         headers,
         auth_failure_status,
         binary,
+    })
+}
+
+/// The default (and the bounds) of a `[[session]] timeout`.
+const SESSION_TIMEOUT: Duration = Duration::from_secs(10);
+const SESSION_TIMEOUT_BOUNDS: (Duration, Duration) =
+    (Duration::from_millis(10), Duration::from_secs(300));
+
+fn session_step(
+    c: &mut Checker,
+    i: usize,
+    decl: SessionDecl,
+    vars: &[String],
+) -> Option<SessionStep> {
+    let key = format!("session[{i}]");
+    if decl.send.is_none() && decl.expect.is_none() {
+        c.problem(
+            &key,
+            "needs `send` (a frame to send), `expect` (a frame to wait for), or both",
+        );
+        return None;
+    }
+    if decl.expect.is_none() && (decl.fail.is_some() || decl.timeout.is_some()) {
+        c.problem(
+            &key,
+            "`fail` and `timeout` belong to a step that waits (`expect`)",
+        );
+    }
+    let mut compile = |what: &str, code: Option<String>| match code {
+        None => Ok(None),
+        Some(code) => c
+            .expr(&format!("{key}.{what}"), &code, vars)
+            .map(Some)
+            .ok_or(()),
+    };
+    let send = compile("send", decl.send);
+    let expect = compile("expect", decl.expect);
+    let fail = compile("fail", decl.fail);
+    let timeout = match decl.timeout {
+        None => Some(SESSION_TIMEOUT),
+        Some(t) => duration(c, &format!("{key}.timeout"), &t, SESSION_TIMEOUT_BOUNDS),
+    };
+    Some(SessionStep {
+        key,
+        send: send.ok()?,
+        expect: expect.ok()?,
+        fail: fail.ok()?,
+        timeout: timeout?,
     })
 }
 

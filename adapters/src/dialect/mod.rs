@@ -51,6 +51,8 @@ pub struct Dialect {
     /// `[params]`, sorted by name.
     params: Vec<Param>,
     connect: Connect,
+    /// `[[session]]`, in order.
+    session: Vec<SessionStep>,
     subscribe: Option<Subscribe>,
     heartbeat: HeartbeatRule,
     /// `[heartbeat] interval`: the dialect's heartbeat period (an upstream's `ping_interval`
@@ -260,6 +262,20 @@ struct Connect {
     auth_failure_status: Vec<u16>,
     /// What binary frames hold.
     binary: crate::BinaryFrames,
+}
+
+/// One `[[session]]` step, compiled.
+#[derive(Debug)]
+struct SessionStep {
+    key: String,
+    /// The frames to send when the step starts.
+    send: Option<Expr>,
+    /// The frame that completes the step; `None`: the step completes once sent.
+    expect: Option<Expr>,
+    /// A frame that means the credentials were refused.
+    fail: Option<Expr>,
+    /// How long the step may wait for its `expect` frame.
+    timeout: std::time::Duration,
 }
 
 /// `[subscribe]`, compiled.
