@@ -261,6 +261,18 @@ pub trait Adapter: Send + Sync + 'static {
         None
     }
 
+    /// How long subscriptions may wait for their acknowledgement (`[subscribe] ack`);
+    /// `None`: the dialect expects none.
+    fn ack_timeout(&self) -> Option<std::time::Duration> {
+        None
+    }
+
+    /// The positions in `pending` (subscriptions as shown) that frame `text` acknowledges.
+    fn subscribe_acked(&self, text: &str, pending: &[String]) -> Vec<usize> {
+        let _ = (text, pending);
+        Vec::new()
+    }
+
     /// What binary frames hold (`[connect] binary`).
     fn binary_frames(&self) -> BinaryFrames {
         BinaryFrames::Text

@@ -86,7 +86,8 @@ pub async fn render(state: &AppState) -> String {
     let (mut task_restarts, mut task_failed) = (vec![], vec![]);
     let (mut frames, mut events, mut decode, mut reconnects, mut age, mut drain_timeouts) =
         (vec![], vec![], vec![], vec![], vec![], vec![]);
-    let (mut too_large, mut untracked, mut inflate_refused) = (vec![], vec![], vec![]);
+    let (mut too_large, mut untracked, mut inflate_refused, mut ack_timeouts) =
+        (vec![], vec![], vec![], vec![]);
     let mut up_failures = vec![];
     for u in &upstreams {
         let name = u.name();
@@ -117,6 +118,7 @@ pub async fn render(state: &AppState) -> String {
         }
         untracked.push((labels(&[("upstream", name)]), c.untracked));
         inflate_refused.push((labels(&[("upstream", name)]), c.inflate_refused));
+        ack_timeouts.push((labels(&[("upstream", name)]), c.ack_timeouts));
         for (t, n) in u.events_by_type() {
             events.push((labels(&[("upstream", name), ("type", &t)]), n));
         }
@@ -187,6 +189,12 @@ pub async fn render(state: &AppState) -> String {
         "upstream_inflate_refused",
         "Compressed binary frames refused because they inflate past the upstream read limit (a likely decompression bomb; skipped, connection kept)",
         inflate_refused,
+    );
+    counter_family(
+        &mut r,
+        "upstream_subscribe_ack_timeouts",
+        "Connections retried because a subscription was not acknowledged within the dialect's [subscribe] ack_timeout",
+        ack_timeouts,
     );
     gauge_family(
         &mut r,

@@ -142,6 +142,9 @@ pub struct UpstreamCounters {
     /// Binary frames that would inflate past the frame-size limit (a likely decompression
     /// bomb): refused after reading at most the limit, counted as decode errors too.
     pub inflate_refused: AtomicU64,
+    /// Connections given up because a subscription's acknowledgement (`[subscribe] ack`)
+    /// did not arrive within `ack_timeout`.
+    pub ack_timeouts: AtomicU64,
     /// Events per type (a lookup without allocation once a type has been seen).
     events_by_type: std::sync::Mutex<std::collections::HashMap<String, u64>>,
 }
@@ -167,6 +170,8 @@ pub struct CounterSnapshot {
     pub untracked: u64,
     /// See [`UpstreamCounters::inflate_refused`].
     pub inflate_refused: u64,
+    /// See [`UpstreamCounters::ack_timeouts`].
+    pub ack_timeouts: u64,
 }
 
 /// How many distinct event types one upstream counts separately.
@@ -214,6 +219,7 @@ impl UpstreamCounters {
             drain_timeouts: self.drain_timeouts.load(Ordering::Relaxed),
             untracked: self.untracked.load(Ordering::Relaxed),
             inflate_refused: self.inflate_refused.load(Ordering::Relaxed),
+            ack_timeouts: self.ack_timeouts.load(Ordering::Relaxed),
         }
     }
 }

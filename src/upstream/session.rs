@@ -168,16 +168,19 @@ async fn connect_and_serve(
         },
         _ = shutdown.cancelled() => return SessionEnd::Shutdown,
     };
+    // Subscriptions whose acknowledgement (`[subscribe] ack`) has not arrived yet.
+    let mut acks: Option<Acks> = None;
     let mut phase = match shared.adapter.greeting() {
         Greeting::AwaitConnected if !greeted => {
             Phase::AwaitGreeting(deadline_after(timing.connect_timeout))
         }
         _ => {
             shared.set_state(UpstreamState::Connected);
-            if let Err(end) = subscribe(shared, &mut ws).await {
-                return end;
+            match subscribe(shared, &mut ws).await {
+                Ok(None) => *subscribed_at = Some(Instant::now()),
+                Ok(Some(waiting)) => acks = Some(waiting),
+                Err(end) => return end,
             }
-            *subscribed_at = Some(Instant::now());
             Phase::Subscribed
         }
     };
@@ -213,6 +216,17 @@ async fn connect_and_serve(
                     Some(Ok(m)) => m,
                 };
                 last_seen = Instant::now();
+                if let (Some(waiting), Message::Text(t)) = (acks.as_mut(), &msg) {
+                    if waiting.take(shared, t.as_str()) {
+                        if waiting.pending.is_empty() {
+                            acks = None;
+                            shared.set_state(UpstreamState::Subscribed);
+                            *subscribed_at = Some(Instant::now());
+                            info!(upstream = %name, subscriptions = shared.adapter.subscriptions().len(), "upstream subscribed (every subscription acknowledged)");
+                        }
+                        continue;
+                    }
+                }
                 match read_frame(shared, &mut occurrences, msg) {
                     Frame::Skip => {}
                     Frame::Closed(why) => return SessionEnd::Closed(why),
@@ -237,10 +251,11 @@ async fn connect_and_serve(
                         Control::Connected => {
                             if let Phase::AwaitGreeting(_) = phase {
                                 shared.set_state(UpstreamState::Connected);
-                                if let Err(end) = subscribe(shared, &mut ws).await {
-                                    return end;
+                                match subscribe(shared, &mut ws).await {
+                                    Ok(None) => *subscribed_at = Some(Instant::now()),
+                                    Ok(Some(waiting)) => acks = Some(waiting),
+                                    Err(end) => return end,
                                 }
-                                *subscribed_at = Some(Instant::now());
                                 phase = Phase::Subscribed;
                             }
                         }
@@ -273,6 +288,18 @@ async fn connect_and_serve(
                 let silent = last_seen.elapsed();
                 if silent >= timing.stale_after {
                     return SessionEnd::Stale(silent);
+                }
+                if let Some(waiting) = &acks {
+                    if Instant::now() >= waiting.deadline {
+                        shared.counters.ack_timeouts.fetch_add(1, Ordering::Relaxed);
+                        warn!(upstream = %name, unacknowledged = ?waiting.pending,
+                            "no acknowledgement of these subscriptions within [subscribe] ack_timeout; reconnecting");
+                        let _ = ws.close(None).await;
+                        return SessionEnd::ConnectFailed(Failure::new(
+                            Reason::Timeout,
+                            format!("{} subscription(s) not acknowledged in time", waiting.pending.len()),
+                        ));
+                    }
                 }
                 if let Phase::AwaitGreeting(deadline) = phase {
                     if Instant::now() >= deadline {
@@ -536,18 +563,52 @@ fn drain_cut_short(shared: &Shared, grace: Duration, drained: u64, why: &str) ->
     SessionEnd::Shutdown
 }
 
-/// Sends the adapter's subscribe frames for every configured subscription.
-async fn subscribe(shared: &Shared, ws: &mut Ws) -> Result<(), SessionEnd> {
+/// Subscriptions sent whose acknowledgement has not arrived, and until when it may.
+struct Acks {
+    pending: Vec<String>,
+    deadline: Instant,
+}
+
+impl Acks {
+    /// Whether `text` acknowledges pending subscriptions (then they are no longer pending,
+    /// and the frame is consumed).
+    fn take(&mut self, shared: &Shared, text: &str) -> bool {
+        let acked = shared.adapter.subscribe_acked(text, &self.pending);
+        if acked.is_empty() {
+            return false;
+        }
+        let mut i = 0;
+        self.pending.retain(|_| {
+            i += 1;
+            !acked.contains(&(i - 1))
+        });
+        true
+    }
+}
+
+/// Sends the adapter's subscribe frames for every configured subscription. When the dialect
+/// expects acknowledgements, the upstream stays `connected` and the subscriptions waiting
+/// for theirs are returned.
+async fn subscribe(shared: &Shared, ws: &mut Ws) -> Result<Option<Acks>, SessionEnd> {
     let subs = shared.adapter.subscriptions();
     for frame in shared.adapter.subscribe_frames(subs) {
         ws.send(Message::text(frame))
             .await
             .map_err(|e| SessionEnd::Transport(format!("subscribe not sent: {e}")))?;
     }
+    if let Some(limit) = shared.adapter.ack_timeout() {
+        if !subs.is_empty() {
+            debug!(upstream = %shared.name, subscriptions = subs.len(), "subscribed; waiting for acknowledgements");
+            return Ok(Some(Acks {
+                pending: subs.to_vec(),
+                deadline: Instant::now() + limit.min(MAX_WAIT),
+            }));
+        }
+    }
     shared.set_state(UpstreamState::Subscribed);
     if subs.is_empty() {
         debug!(upstream = %shared.name, "connected (nothing to subscribe to)");
     }
     info!(upstream = %shared.name, subscriptions = subs.len(), "upstream subscribed");
-    Ok(())
+    Ok(None)
 }

@@ -667,3 +667,98 @@ fn bad_session_steps_are_refused_naming_the_key() {
         assert!(err.contains(key) && err.contains(why), "{step}: {err}");
     }
 }
+
+/// A provider that acknowledges each `{"op":"sub","topic":X}` with
+/// `{"event":"subscribed","topic":X}` and then sends an event on X, except for the topic
+/// "quiet", which it never acknowledges.
+async fn acking_provider() -> TestProvider {
+    TestProvider::start(|_, mut ws, rec| async move {
+        while let Some(text) = next_text(&mut ws, &rec).await {
+            let Ok(frame) = serde_json::from_str::<serde_json::Value>(&text) else {
+                continue;
+            };
+            let topic = frame["topic"].clone();
+            if topic == "quiet" {
+                continue;
+            }
+            let ack = json!({"event": "subscribed", "topic": topic}).to_string();
+            let event = json!({"kind": "tick", "topic": topic}).to_string();
+            if ws.send(Message::text(ack)).await.is_err()
+                || ws.send(Message::text(event)).await.is_err()
+            {
+                return;
+            }
+        }
+    })
+    .await
+}
+
+const ACK_DIALECT: &str = r#"
+[dialect]
+name = "acked"
+[params]
+topics = { default = [] }
+[connect]
+url = '$url'
+[subscribe]
+each = '$topics[]'
+frame = '{op: "sub", topic: $item}'
+ack = '.event == "subscribed" and .topic == $item'
+ack_timeout = "300ms"
+[[events]]
+type = '.kind'
+subject = '.topic'
+"#;
+
+#[tokio::test]
+async fn subscriptions_wait_for_their_acknowledgements() {
+    let provider = acking_provider().await;
+    let extra = format!("topics = [\"a\", \"b\"]\n{FAST}");
+    let (_dir, config) = config_with("acked", "acked", ACK_DIALECT, &provider.url, &extra);
+    // start_bridge waits for `subscribed`: reached only once both acks arrived.
+    let (bridge, mut rx) = start_bridge(&config).await;
+    for topic in ["a", "b"] {
+        next_matching(&mut rx, &format!("the tick on {topic}"), |p| {
+            p.envelope.subject.as_deref() == Some(topic)
+        })
+        .await;
+    }
+    let counters = bridge.upstreams()[0].counters();
+    // The acknowledgements were consumed, not journalled as events.
+    assert_eq!(counters.events, 2, "{counters:?}");
+    assert_eq!(counters.ack_timeouts, 0, "{counters:?}");
+    assert_eq!(provider.connections(), 1);
+    bridge.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_missing_acknowledgement_is_counted_and_the_connection_retried() {
+    let provider = acking_provider().await;
+    let extra = format!("topics = [\"a\", \"quiet\"]\n{FAST}");
+    let (_dir, config) = config_with("unacked", "acked", ACK_DIALECT, &provider.url, &extra);
+    let bridge = wsbridge::bridge::Bridge::start(&config)
+        .await
+        .expect("bridge starts");
+    let u = bridge.upstreams()[0].clone();
+    eventually("two ack timeouts and a retry", DEADLINE, || async {
+        let c = u.counters();
+        if c.ack_timeouts >= 2 && provider.connections() >= 2 {
+            Ok(())
+        } else {
+            Err(format!("{c:?}, {} connections", provider.connections()))
+        }
+    })
+    .await;
+    // Never subscribed: one subscription is still unacknowledged.
+    assert_ne!(u.status().state, UpstreamState::Subscribed);
+    // The acknowledged topic's events still flowed meanwhile.
+    assert!(u.counters().events >= 1);
+    let metrics = metrics_text(&bridge).await;
+    assert!(
+        metrics.lines().any(|l| l
+            .starts_with("wsbridge_upstream_subscribe_ack_timeouts_total{upstream=\"acked-up\"}")
+            && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+    bridge.shutdown().await;
+}

@@ -642,6 +642,40 @@ impl Adapter for DialectAdapter {
         s.expect.as_ref().map(|_| s.timeout)
     }
 
+    fn ack_timeout(&self) -> Option<std::time::Duration> {
+        let sub = self.bound.decoder.dialect.subscribe.as_ref()?;
+        sub.ack.as_ref().map(|(_, t)| *t)
+    }
+
+    fn subscribe_acked(&self, text: &str, pending: &[String]) -> Vec<usize> {
+        let Some((ack, _)) = self
+            .bound
+            .decoder
+            .dialect
+            .subscribe
+            .as_ref()
+            .and_then(|s| s.ack.as_ref())
+        else {
+            return Vec::new();
+        };
+        let Ok(frame) = serde_json::from_str::<Value>(text) else {
+            return Vec::new();
+        };
+        let frame = to_jaq(&frame);
+        let items = self.bound.items_named(pending);
+        let mut vars = self.bound.vars().to_vec();
+        vars.push(Val::Null);
+        let last = vars.len() - 1;
+        let mut out = Vec::new();
+        for (i, item) in items.into_iter().enumerate() {
+            vars[last] = item;
+            if matches!(ack.first(frame.clone(), &vars), Ok(Some(v)) if truthy(&v)) {
+                out.push(i);
+            }
+        }
+        out
+    }
+
     fn binary_frames(&self) -> crate::BinaryFrames {
         self.bound.decoder.dialect.connect.binary
     }

@@ -421,8 +421,6 @@ fn session_step(
 }
 
 fn subscribe(c: &mut Checker, decl: SubscribeDecl, vars: &[String]) -> Option<Subscribe> {
-    c.not_yet("subscribe.ack", &decl.ack);
-    c.not_yet("subscribe.ack_timeout", &decl.ack_timeout);
     let each = c.expr("subscribe.each", &decl.each, vars);
     let mut item_vars = vars.to_vec();
     item_vars.push(if decl.batch { "$items" } else { "$item" }.to_string());
@@ -431,11 +429,29 @@ fn subscribe(c: &mut Checker, decl: SubscribeDecl, vars: &[String]) -> Option<Su
         Some(code) => Some(c.expr("subscribe.unsubscribe", &code, &item_vars)?),
         None => None,
     };
+    let mut ack_vars = vars.to_vec();
+    ack_vars.push("$item".to_string());
+    let ack_timeout = match decl.ack_timeout.as_deref() {
+        None => Some(SESSION_TIMEOUT),
+        Some(t) => duration(c, "subscribe.ack_timeout", t, SESSION_TIMEOUT_BOUNDS),
+    };
+    let ack = match (decl.ack, ack_timeout) {
+        (Some(code), Some(t)) => Some((c.expr("subscribe.ack", &code, &ack_vars)?, t)),
+        (None, _) if decl.ack_timeout.is_some() => {
+            c.problem(
+                "subscribe.ack_timeout",
+                "belongs to `ack` (the acknowledgement to wait for)",
+            );
+            None
+        }
+        _ => None,
+    };
     Some(Subscribe {
         each: each?,
         batch: decl.batch,
         frame: frame?,
         unsubscribe,
+        ack,
     })
 }
 

@@ -286,6 +286,8 @@ struct Subscribe {
     batch: bool,
     frame: Expr,
     unsubscribe: Option<Expr>,
+    /// The frame that acknowledges one subscription (`$item`), and how long it may take.
+    ack: Option<(Expr, std::time::Duration)>,
 }
 
 /// `[heartbeat]`, compiled.
