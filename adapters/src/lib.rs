@@ -171,6 +171,15 @@ pub enum Control {
     },
 }
 
+/// An event's place in the provider's numbering: gaps are detected per `key`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Sequence {
+    /// What the numbers count per (`sequence_key`; empty: one numbering for all).
+    pub key: String,
+    /// The number.
+    pub number: u64,
+}
+
 /// What an inbound frame means to the session step that is waiting.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum StepCheck {
@@ -290,6 +299,12 @@ pub trait Adapter: Send + Sync + 'static {
 
     /// Classify and decode one inbound text frame.
     fn decode(&self, text: &str) -> Result<Inbound, DecodeError>;
+
+    /// Like [`Adapter::decode`], with the event's sequence number when its rule has one
+    /// (`sequence`, for gap detection).
+    fn decode_sequenced(&self, text: &str) -> Result<(Inbound, Option<Sequence>), DecodeError> {
+        self.decode(text).map(|i| (i, None))
+    }
 }
 
 /// Binds `dialect` to one upstream's parameters: the adapter its supervisor runs. Every

@@ -189,10 +189,6 @@ fn keys_this_version_does_not_run_yet_are_refused_not_ignored() {
             "[[events]]\ntype = '.a'\nsplit = '.[]'\n",
             "events[0].split",
         ),
-        (
-            "[[events]]\ntype = '.a'\nsequence = '.seq'\n",
-            "events[0].sequence",
-        ),
         ("[[events]]\ntype = '.a'\nreply = '{}'\n", "events[0].reply"),
     ] {
         let e = refused(&format!("{MINIMAL}\n{extra}"));

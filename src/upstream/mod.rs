@@ -25,6 +25,7 @@
 
 mod backoff;
 mod connect;
+pub mod gaps;
 pub mod occurrence;
 mod registry;
 mod session;
@@ -145,6 +146,9 @@ pub struct UpstreamCounters {
     /// Connections given up because a subscription's acknowledgement (`[subscribe] ack`)
     /// did not arrive within `ack_timeout`.
     pub ack_timeouts: AtomicU64,
+    /// Jumps in the provider's sequence numbers (a dialect's `sequence` rule): events the
+    /// provider skipped.
+    pub gaps: AtomicU64,
     /// Events per type (a lookup without allocation once a type has been seen).
     events_by_type: std::sync::Mutex<std::collections::HashMap<String, u64>>,
 }
@@ -172,6 +176,8 @@ pub struct CounterSnapshot {
     pub inflate_refused: u64,
     /// See [`UpstreamCounters::ack_timeouts`].
     pub ack_timeouts: u64,
+    /// See [`UpstreamCounters::gaps`].
+    pub gaps: u64,
 }
 
 /// How many distinct event types one upstream counts separately.
@@ -220,6 +226,7 @@ impl UpstreamCounters {
             untracked: self.untracked.load(Ordering::Relaxed),
             inflate_refused: self.inflate_refused.load(Ordering::Relaxed),
             ack_timeouts: self.ack_timeouts.load(Ordering::Relaxed),
+            gaps: self.gaps.load(Ordering::Relaxed),
         }
     }
 }

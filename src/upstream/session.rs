@@ -24,6 +24,7 @@ use tracing::{debug, info, warn};
 use wsbridge_adapters::{Control, Greeting, Heartbeat, Inbound, StepCheck};
 
 use super::connect::{self, OpenError};
+use super::gaps::Sequences;
 use super::occurrence::Occurrences;
 use super::{Shared, UpstreamState};
 use crate::envelope::Envelope;
@@ -159,10 +160,12 @@ async fn connect_and_serve(
     };
     let name = &shared.name;
     let timing = &shared.timing;
-    let mut occurrences =
-        Occurrences::new(shared.limits.dedup_window, shared.limits.tracked_frames);
+    let mut seen = Seen {
+        occurrences: Occurrences::new(shared.limits.dedup_window, shared.limits.tracked_frames),
+        sequences: Sequences::new(shared.limits.tracked_frames),
+    };
     let greeted = tokio::select! {
-        done = run_session(shared, &mut ws, ingest, &mut occurrences) => match done {
+        done = run_session(shared, &mut ws, ingest, &mut seen) => match done {
             Ok(greeted) => greeted,
             Err(end) => return end,
         },
@@ -227,7 +230,7 @@ async fn connect_and_serve(
                         continue;
                     }
                 }
-                match read_frame(shared, &mut occurrences, msg) {
+                match read_frame(shared, &mut seen, msg) {
                     Frame::Skip => {}
                     Frame::Closed(why) => return SessionEnd::Closed(why),
                     Frame::Event(envelope) => {
@@ -240,7 +243,7 @@ async fn connect_and_serve(
                                 Err(_) => return SessionEnd::IngestClosed,
                             },
                             _ = shutdown.cancelled() => {
-                                return drain(shared, ingest, &mut ws, &mut occurrences, Some(envelope)).await;
+                                return drain(shared, ingest, &mut ws, &mut seen, Some(envelope)).await;
                             }
                         }
                         // Time spent blocked on a full ingest queue is our stall, not the
@@ -310,7 +313,7 @@ async fn connect_and_serve(
                     }
                 }
             }
-            _ = shutdown.cancelled() => return drain(shared, ingest, &mut ws, &mut occurrences, None).await,
+            _ = shutdown.cancelled() => return drain(shared, ingest, &mut ws, &mut seen, None).await,
         }
     }
 }
@@ -323,7 +326,7 @@ async fn run_session(
     shared: &Shared,
     ws: &mut Ws,
     ingest: &mpsc::Sender<Envelope>,
-    occurrences: &mut Occurrences,
+    seen: &mut Seen,
 ) -> Result<bool, SessionEnd> {
     let adapter = &shared.adapter;
     let mut greeted = false;
@@ -365,7 +368,7 @@ async fn run_session(
                     StepCheck::Other => {}
                 }
             }
-            match read_frame(shared, occurrences, msg) {
+            match read_frame(shared, seen, msg) {
                 Frame::Skip => {}
                 Frame::Closed(why) => return Err(SessionEnd::Closed(why)),
                 Frame::Event(envelope) => {
@@ -387,6 +390,13 @@ async fn run_session(
     Ok(greeted)
 }
 
+/// What one connection remembers of the frames it read: content-identified frames (to
+/// number their repeats) and the provider's sequence numbers (to detect gaps).
+struct Seen {
+    occurrences: Occurrences,
+    sequences: Sequences,
+}
+
 /// What one inbound message means to the session.
 // Lives on the stack for one frame and is never stored: boxing the event would cost an
 // allocation per event on the hot path for nothing.
@@ -404,7 +414,7 @@ enum Frame {
 
 /// Counts and decodes one inbound message (the same way while serving and while draining);
 /// a repeat of a content-identified frame gets its occurrence's id ([`Occurrences`]).
-fn read_frame(shared: &Shared, occurrences: &mut Occurrences, msg: Message) -> Frame {
+fn read_frame(shared: &Shared, seen: &mut Seen, msg: Message) -> Frame {
     let name = &shared.name;
     let text = match &msg {
         Message::Text(t) => Cow::Borrowed(t.as_str()),
@@ -441,12 +451,12 @@ fn read_frame(shared: &Shared, occurrences: &mut Occurrences, msg: Message) -> F
     };
     shared.counters.frames.fetch_add(1, Ordering::Relaxed);
     let decoded = wsbridge_adapters::check_depth(&text, shared.limits.max_depth)
-        .and_then(|()| shared.adapter.decode(&text));
+        .and_then(|()| shared.adapter.decode_sequenced(&text));
     match decoded {
-        Ok(Inbound::Event(mut decoded)) => {
+        Ok((Inbound::Event(mut decoded), sequence)) => {
             if decoded.id_from_content {
-                decoded.id = occurrences.id_for(decoded.id, Instant::now());
-                let untracked = occurrences.take_evicted();
+                decoded.id = seen.occurrences.id_for(decoded.id, Instant::now());
+                let untracked = seen.occurrences.take_evicted();
                 if untracked > 0 {
                     shared
                         .counters
@@ -455,7 +465,16 @@ fn read_frame(shared: &Shared, occurrences: &mut Occurrences, msg: Message) -> F
                 }
             }
             let now = Utc::now();
-            let envelope = Envelope::new(decoded, &shared.source, shared.adapter.provider(), now);
+            let mut envelope =
+                Envelope::new(decoded, &shared.source, shared.adapter.provider(), now);
+            if let Some(seq) = sequence {
+                if let Some(missed) = seen.sequences.observe(&seq.key, seq.number) {
+                    shared.counters.gaps.fetch_add(1, Ordering::Relaxed);
+                    warn!(upstream = %name, key = %seq.key, sequence = seq.number, missed,
+                        "the provider's sequence skipped numbers: events missed");
+                    envelope.gap = Some(missed);
+                }
+            }
             shared.counters.count_event(&envelope.event_type);
             shared
                 .counters
@@ -463,7 +482,7 @@ fn read_frame(shared: &Shared, occurrences: &mut Occurrences, msg: Message) -> F
                 .store(now.timestamp_millis(), Ordering::Relaxed);
             Frame::Event(envelope)
         }
-        Ok(Inbound::Control(control)) => Frame::Control(control),
+        Ok((Inbound::Control(control), _)) => Frame::Control(control),
         Err(e) => {
             shared
                 .counters
@@ -484,7 +503,7 @@ async fn drain(
     shared: &Shared,
     ingest: &mpsc::Sender<Envelope>,
     ws: &mut Ws,
-    occurrences: &mut Occurrences,
+    seen: &mut Seen,
     pending: Option<Envelope>,
 ) -> SessionEnd {
     let name = &shared.name;
@@ -521,7 +540,7 @@ async fn drain(
             Ok(None | Some(Err(_))) => break,
             Ok(Some(Ok(msg))) => msg,
         };
-        match read_frame(shared, occurrences, msg) {
+        match read_frame(shared, seen, msg) {
             Frame::Closed(_) => break,
             Frame::Event(envelope) => {
                 if !queue_until(ingest, envelope, deadline).await {

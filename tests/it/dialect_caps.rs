@@ -762,3 +762,86 @@ async fn a_missing_acknowledgement_is_counted_and_the_connection_retried() {
     );
     bridge.shutdown().await;
 }
+
+const GAP_DIALECT: &str = r#"
+[dialect]
+name = "seqd"
+[connect]
+url = '$url'
+[[events]]
+type = '.kind'
+subject = '.ch'
+sequence = '.seq'
+sequence_key = '.ch'
+data = '.'
+"#;
+
+#[tokio::test]
+async fn sequence_gaps_per_key_are_counted_shown_and_marked_on_the_next_envelope() {
+    // Channel a skips 3 and 4; channel b counts on its own, without a gap.
+    let frames = [("a", 1), ("a", 2), ("b", 1), ("a", 5), ("b", 2), ("a", 6)];
+    let provider = TestProvider::start(move |_, mut ws, rec| async move {
+        for (ch, seq) in frames {
+            let frame = json!({"kind": "book", "ch": ch, "seq": seq}).to_string();
+            if ws.send(Message::text(frame)).await.is_err() {
+                return;
+            }
+        }
+        while next_text(&mut ws, &rec).await.is_some() {}
+    })
+    .await;
+    let token = "gap-consumer-token";
+    let (_dir, config) = config_with_top(
+        "seqd",
+        "seqd",
+        GAP_DIALECT,
+        &provider.url,
+        &format!("[[consumers]]\nname = \"c\"\ntoken = \"{token}\"\n"),
+        FAST,
+    );
+    let (bridge, _rx) = start_bridge(&config).await;
+    // Through /v1/ws, from the journal's start: the envelopes as journalled.
+    let mut ws = crate::common::ws::connect(&bridge, token).await;
+    crate::common::ws::recv(&mut ws).await;
+    ws.send(Message::text(
+        json!({"op": "subscribe", "id": "s", "from": "earliest", "filter": {"providers": ["seqd"]}})
+            .to_string(),
+    ))
+    .await
+    .expect("send");
+    let mut got = Vec::new();
+    while got.len() < frames.len() {
+        let frame = crate::common::ws::recv(&mut ws).await;
+        if frame["op"] == "event" {
+            got.push(frame["event"].clone());
+        }
+    }
+    for (event, (ch, seq)) in got.iter().zip(frames) {
+        assert_eq!(event["data"]["ch"], ch, "{event}");
+        assert_eq!(event["data"]["seq"], seq, "{event}");
+        if (ch, seq) == ("a", 5) {
+            assert_eq!(event["gap"], 2, "{event}");
+        } else {
+            assert!(event.get("gap").is_none(), "{event}");
+        }
+    }
+    let u = &bridge.upstreams()[0];
+    assert_eq!(u.counters().gaps, 1);
+    let metrics = metrics_text(&bridge).await;
+    assert!(
+        metrics.contains("wsbridge_upstream_gaps_total{upstream=\"seqd-up\"} 1"),
+        "{metrics}"
+    );
+    let shown = get_text(&bridge, "/v1/status").await;
+    assert!(shown.contains("\"gaps\":1"), "{shown}");
+    bridge.shutdown().await;
+}
+
+#[test]
+fn a_sequence_key_without_a_sequence_is_refused() {
+    let text = GAP_DIALECT.replace("sequence = '.seq'\n", "");
+    let err = wsbridge::adapters::dialect::Dialect::load("seqd.toml", &text)
+        .expect_err("refused")
+        .to_string();
+    assert!(err.contains("events[0].sequence_key"), "{err}");
+}

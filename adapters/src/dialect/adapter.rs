@@ -689,6 +689,13 @@ impl Adapter for DialectAdapter {
     }
 
     fn decode(&self, text: &str) -> Result<Inbound, DecodeError> {
+        self.bound.decoder.decode(text).map(|(i, _)| i)
+    }
+
+    fn decode_sequenced(
+        &self,
+        text: &str,
+    ) -> Result<(Inbound, Option<crate::Sequence>), DecodeError> {
         self.bound.decoder.decode(text)
     }
 }

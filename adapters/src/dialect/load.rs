@@ -547,12 +547,13 @@ fn control(c: &mut Checker, i: usize, decl: ControlDecl, vars: &[String]) -> Opt
 
 fn event(c: &mut Checker, i: usize, decl: EventDecl, vars: &[String]) -> Option<EventRule> {
     let key = format!("events[{i}]");
-    for (name, value) in [
-        ("sequence", &decl.sequence),
-        ("sequence_key", &decl.sequence_key),
-        ("reply", &decl.reply),
-        ("split", &decl.split),
-    ] {
+    if decl.sequence_key.is_some() && decl.sequence.is_none() {
+        c.problem(
+            format!("{key}.sequence_key"),
+            "belongs to `sequence` (the number whose gaps are detected)",
+        );
+    }
+    for (name, value) in [("reply", &decl.reply), ("split", &decl.split)] {
         c.not_yet(&format!("{key}.{name}"), value);
     }
     let time_unit = match decl.time_unit.as_deref() {
@@ -581,6 +582,8 @@ fn event(c: &mut Checker, i: usize, decl: EventDecl, vars: &[String]) -> Option<
     let time = opt(c, "time", decl.time);
     let data = opt(c, "data", decl.data);
     let id = opt(c, "id", decl.id);
+    let sequence = opt(c, "sequence", decl.sequence);
+    let sequence_key = opt(c, "sequence_key", decl.sequence_key);
     let data = data.ok()?;
     let data_path = data
         .as_ref()
@@ -597,6 +600,8 @@ fn event(c: &mut Checker, i: usize, decl: EventDecl, vars: &[String]) -> Option<
         time_unit,
         data,
         id: id.ok()?,
+        sequence: sequence.ok()?,
+        sequence_key: sequence_key.ok()?,
     })
 }
 

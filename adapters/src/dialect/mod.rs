@@ -357,6 +357,9 @@ struct EventRule {
     /// frame instead of copied.
     data_path: Option<Vec<String>>,
     id: Option<Expr>,
+    /// The provider's sequence number (gap detection), and the key it counts per.
+    sequence: Option<Expr>,
+    sequence_key: Option<Expr>,
 }
 
 /// A dialect file that cannot be used: every problem found, each with its key.
