@@ -31,7 +31,9 @@ use crate::downstream::{compile_consumers, Consumer, ConsumerConfig};
 use crate::routing::{RouteConfig, Router};
 pub use crate::storage::config::{Durability, StorageBackend, StorageConfig};
 use crate::tls::{ClientTls, ServerTls, TlsSettings};
-use crate::values::{bounds, de_duration, de_opt_secret, out_of_bounds, shown_url};
+use crate::values::{
+    bounds, de_duration, de_opt_duration, de_opt_secret, out_of_bounds, shown_url,
+};
 
 /// The validated configuration of one bridge process.
 #[derive(Clone, Debug)]
@@ -343,9 +345,9 @@ pub struct UpstreamConfig {
     /// Longest reconnect delay, also the delay after an auth failure.
     #[serde(default = "d_30s", deserialize_with = "de_duration")]
     pub backoff_max: Duration,
-    /// How often the heartbeat is sent.
-    #[serde(default = "d_20s", deserialize_with = "de_duration")]
-    pub ping_interval: Duration,
+    /// How often the heartbeat is sent; unset: the dialect's `[heartbeat] interval`, else 20s.
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub ping_interval: Option<Duration>,
     /// A connection with no inbound frame for this long is stale and is reconnected.
     #[serde(default = "d_60s", deserialize_with = "de_duration")]
     pub stale_after: Duration,
@@ -458,9 +460,6 @@ fn d_1s() -> Duration {
 }
 fn d_10s() -> Duration {
     Duration::from_secs(10)
-}
-fn d_20s() -> Duration {
-    Duration::from_secs(20)
 }
 fn d_30s() -> Duration {
     Duration::from_secs(30)
@@ -1060,12 +1059,6 @@ impl Config {
                     bounds::BACKOFF_MAX,
                 ),
                 (
-                    "ping_interval",
-                    u.ping_interval,
-                    bounds::TIMER_MIN,
-                    bounds::PING_INTERVAL_MAX,
-                ),
-                (
                     "stale_after",
                     u.stale_after,
                     bounds::TIMER_MIN,
@@ -1091,10 +1084,25 @@ impl Config {
             if u.backoff_initial > u.backoff_max {
                 issues.push(issue(at("backoff_initial"), "is longer than backoff_max"));
             }
-            if u.stale_after <= u.ping_interval {
+            if let Some(reason) = u
+                .ping_interval
+                .and_then(|d| out_of_bounds(d, bounds::TIMER_MIN, bounds::PING_INTERVAL_MAX))
+            {
+                issues.push(issue(at("ping_interval"), reason));
+            }
+            // Without its own ping_interval an upstream beats at its dialect's interval.
+            let ping = u
+                .ping_interval
+                .or_else(|| {
+                    self.registry
+                        .get(&u.adapter)
+                        .and_then(|d| d.heartbeat_interval())
+                })
+                .unwrap_or(crate::upstream::DEFAULT_PING_INTERVAL);
+            if u.stale_after <= ping {
                 issues.push(issue(
                     at("stale_after"),
-                    "must be longer than ping_interval, or every quiet connection looks stale",
+                    "must be longer than ping_interval (or the dialect's [heartbeat] interval), or every quiet connection looks stale",
                 ));
             }
         }

@@ -53,6 +53,10 @@ pub struct Envelope {
     pub provider: String,
     /// Extension: when the bridge received the frame, RFC 3339 UTC with microseconds.
     pub recvtime: String,
+    /// Extension `gap`: how many sequence numbers the provider skipped just before this
+    /// event (its dialect's `sequence` rule); absent when none were.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gap: Option<u64>,
     /// Extension: the journal position; absent only before the event is journalled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seq: Option<u64>,
@@ -77,6 +81,7 @@ impl Envelope {
             data: decoded.data,
             provider: provider.to_string(),
             recvtime: received.to_rfc3339_opts(SecondsFormat::Micros, true),
+            gap: None,
             seq: None,
         }
     }
@@ -172,6 +177,9 @@ pub struct StoredEnvelope<'a> {
     pub provider: String,
     /// See [`Envelope::recvtime`].
     pub recvtime: String,
+    /// See [`Envelope::gap`].
+    #[serde(default)]
+    pub gap: Option<u64>,
     /// See [`Envelope::seq`].
     #[serde(default)]
     pub seq: Option<u64>,
@@ -204,6 +212,7 @@ impl<'a> StoredEnvelope<'a> {
             data,
             provider: self.provider,
             recvtime: self.recvtime,
+            gap: self.gap,
             seq: self.seq,
         }
     }

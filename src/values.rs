@@ -19,6 +19,11 @@ pub fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error
     parse_duration(&s).map_err(serde::de::Error::custom)
 }
 
+/// An optional duration key: absent is `None`, present is parsed like [`de_duration`].
+pub fn de_opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    de_duration(d).map(Some)
+}
+
 /// Bounds of the configured durations. Every duration key has one: a value past it is a typo
 /// or a unit mistake, and an unbounded one overflows the clock arithmetic it feeds (an
 /// `Instant` deadline, a retry timestamp).

@@ -14,6 +14,7 @@
 
 #![warn(missing_docs)]
 
+pub mod binary;
 pub mod dialect;
 pub mod hashi;
 pub mod sim;
@@ -31,6 +32,7 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 
+pub use binary::{binary_text, BinaryFrames, BinaryRefused};
 pub use canonical::{canonical_json, derived_id, event_id};
 pub use secret::Secret;
 pub use time::parse_provider_time;
@@ -157,6 +159,9 @@ pub enum Control {
         /// The provider's message, safe to log.
         message: String,
     },
+    /// The provider asks the client to reconnect now (e.g. before a restart): the
+    /// connection is closed and opened again at once, without backoff.
+    Reconnect,
     /// Any other error the server reported; logged, the connection stays up.
     Error {
         /// The provider's error code, if any.
@@ -164,6 +169,26 @@ pub enum Control {
         /// The provider's message.
         message: String,
     },
+}
+
+/// An event's place in the provider's numbering: gaps are detected per `key`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Sequence {
+    /// What the numbers count per (`sequence_key`; empty: one numbering for all).
+    pub key: String,
+    /// The number.
+    pub number: u64,
+}
+
+/// What an inbound frame means to the session step that is waiting.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StepCheck {
+    /// The step's `expect` frame: the step is complete.
+    Done,
+    /// The step's `fail` frame: the credentials were refused (`auth_failed`).
+    Failed(String),
+    /// Neither: the frame is read as any other.
+    Other,
 }
 
 /// One decoded inbound text frame.
@@ -222,8 +247,64 @@ pub trait Adapter: Send + Sync + 'static {
     /// The heartbeat to send every ping interval, given the current unix time in seconds.
     fn heartbeat(&self, now_unix: i64) -> Heartbeat;
 
+    /// How many session steps (`[[session]]`) run after the upgrade, before subscribing.
+    fn session_steps(&self) -> usize {
+        0
+    }
+
+    /// The frames session step `step` sends when it starts (evaluated on every connect).
+    fn session_send(&self, step: usize) -> Result<Vec<String>, AdapterError> {
+        let _ = step;
+        Ok(Vec::new())
+    }
+
+    /// What an inbound frame means to session step `step`.
+    fn session_check(&self, step: usize, text: &str) -> StepCheck {
+        let _ = (step, text);
+        StepCheck::Done
+    }
+
+    /// How long session step `step` may wait for its frame; `None`: it waits for none.
+    fn session_timeout(&self, step: usize) -> Option<std::time::Duration> {
+        let _ = step;
+        None
+    }
+
+    /// How long subscriptions may wait for their acknowledgement (`[subscribe] ack`);
+    /// `None`: the dialect expects none.
+    fn ack_timeout(&self) -> Option<std::time::Duration> {
+        None
+    }
+
+    /// The positions in `pending` (subscriptions as shown) that frame `text` acknowledges.
+    fn subscribe_acked(&self, text: &str, pending: &[String]) -> Vec<usize> {
+        let _ = (text, pending);
+        Vec::new()
+    }
+
+    /// What binary frames hold (`[connect] binary`).
+    fn binary_frames(&self) -> BinaryFrames {
+        BinaryFrames::Text
+    }
+
+    /// The upgrade statuses that mean the credentials were refused (`auth_failed`).
+    fn auth_failure_statuses(&self) -> &[u16] {
+        &[401, 403]
+    }
+
+    /// The dialect's heartbeat period, used when the upstream sets no `ping_interval`.
+    fn heartbeat_interval(&self) -> Option<std::time::Duration> {
+        None
+    }
+
     /// Classify and decode one inbound text frame.
     fn decode(&self, text: &str) -> Result<Inbound, DecodeError>;
+
+    /// Like [`Adapter::decode`], with the event's sequence number when its rule has one
+    /// (`sequence`, for gap detection).
+    fn decode_sequenced(&self, text: &str) -> Result<(Inbound, Option<Sequence>), DecodeError> {
+        self.decode(text).map(|i| (i, None))
+    }
 }
 
 /// Binds `dialect` to one upstream's parameters: the adapter its supervisor runs. Every

@@ -185,20 +185,11 @@ fn unknown_keys_and_missing_sections_are_refused() {
 fn keys_this_version_does_not_run_yet_are_refused_not_ignored() {
     for (extra, key) in [
         ("[prepare]\nurl = '$url'\n", "prepare"),
-        ("[[session]]\nsend = '{}'\n", "session"),
         (
             "[[events]]\ntype = '.a'\nsplit = '.[]'\n",
             "events[0].split",
         ),
-        (
-            "[[events]]\ntype = '.a'\nsequence = '.seq'\n",
-            "events[0].sequence",
-        ),
         ("[[events]]\ntype = '.a'\nreply = '{}'\n", "events[0].reply"),
-        (
-            "[[control]]\nmatch = 'true'\nkind = \"reconnect\"\n",
-            "control[0].kind",
-        ),
     ] {
         let e = refused(&format!("{MINIMAL}\n{extra}"));
         assert!(e.contains(key), "{extra}: {e}");
@@ -603,4 +594,41 @@ fn controls_carry_the_providers_message() {
         hs.decode(r#"{"type":"pong"}"#),
         Ok(Inbound::Control(Control::Pong))
     ));
+}
+
+#[test]
+fn text_controls_a_reconnect_request_and_the_heartbeat_interval() {
+    let d = Arc::new(
+        Dialect::load(
+            "test/beat.toml",
+            &format!(
+                "{MINIMAL}\n[heartbeat]\nkind = \"app\"\ntext = \"ping\"\ninterval = \"250ms\"\n\
+                 [[control]]\ntext = \"pong\"\nkind = \"pong\"\n\
+                 [[control]]\nmatch = '.op == \"moving\"'\nkind = \"reconnect\"\n\
+                 [[events]]\ntype = '.kind'\n"
+            ),
+        )
+        .expect("loads"),
+    );
+    assert_eq!(
+        d.heartbeat_interval(),
+        Some(std::time::Duration::from_millis(250))
+    );
+    let a = DialectAdapter::bind(
+        d,
+        &Params::new(&url::Url::parse("ws://127.0.0.1:9/").expect("URL")),
+    )
+    .expect("binds");
+    assert_eq!(a.heartbeat(0), Heartbeat::Text("ping".into()));
+    assert_eq!(
+        a.heartbeat_interval(),
+        Some(std::time::Duration::from_millis(250))
+    );
+    assert_eq!(a.decode("pong"), Ok(Inbound::Control(Control::Pong)));
+    assert_eq!(
+        a.decode(r#"{"op":"moving"}"#),
+        Ok(Inbound::Control(Control::Reconnect))
+    );
+    // Text that is no declared control and not JSON stays a decode error.
+    assert!(a.decode("PONG").is_err());
 }

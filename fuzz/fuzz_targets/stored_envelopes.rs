@@ -37,6 +37,7 @@ fuzz_target!(|data: &[u8]| {
         data: payload,
         provider: "voicepact".into(),
         recvtime: "2024-01-15T10:30:00.000000Z".into(),
+        gap: None,
         seq: Some(1),
     };
     let bytes = envelope.to_bytes().expect("an envelope always serialises");

@@ -86,7 +86,8 @@ pub async fn render(state: &AppState) -> String {
     let (mut task_restarts, mut task_failed) = (vec![], vec![]);
     let (mut frames, mut events, mut decode, mut reconnects, mut age, mut drain_timeouts) =
         (vec![], vec![], vec![], vec![], vec![], vec![]);
-    let (mut too_large, mut untracked) = (vec![], vec![]);
+    let (mut too_large, mut untracked, mut inflate_refused, mut ack_timeouts, mut gaps) =
+        (vec![], vec![], vec![], vec![], vec![]);
     let mut up_failures = vec![];
     for u in &upstreams {
         let name = u.name();
@@ -116,6 +117,9 @@ pub async fn render(state: &AppState) -> String {
             ));
         }
         untracked.push((labels(&[("upstream", name)]), c.untracked));
+        inflate_refused.push((labels(&[("upstream", name)]), c.inflate_refused));
+        ack_timeouts.push((labels(&[("upstream", name)]), c.ack_timeouts));
+        gaps.push((labels(&[("upstream", name)]), c.gaps));
         for (t, n) in u.events_by_type() {
             events.push((labels(&[("upstream", name), ("type", &t)]), n));
         }
@@ -180,6 +184,24 @@ pub async fn render(state: &AppState) -> String {
         "upstream_untracked",
         "Frames forgotten before storage.dedup_window ended because a connection remembered limits.tracked_frames others (a repeat within the window is taken for a copy)",
         untracked,
+    );
+    counter_family(
+        &mut r,
+        "upstream_inflate_refused",
+        "Compressed binary frames refused because they inflate past the upstream read limit (a likely decompression bomb; skipped, connection kept)",
+        inflate_refused,
+    );
+    counter_family(
+        &mut r,
+        "upstream_subscribe_ack_timeouts",
+        "Connections retried because a subscription was not acknowledged within the dialect's [subscribe] ack_timeout",
+        ack_timeouts,
+    );
+    counter_family(
+        &mut r,
+        "upstream_gaps",
+        "Jumps in a provider's sequence numbers (the dialect's sequence rule): events the provider skipped",
+        gaps,
     );
     gauge_family(
         &mut r,

@@ -428,6 +428,7 @@ mod tests {
             data,
             provider: provider.into(),
             recvtime: "2024-01-15T10:30:01.123456Z".into(),
+            gap: None,
             seq: Some(42),
         }
     }

@@ -55,19 +55,21 @@ impl Connector {
 
 /// Why opening failed: the failure, and whether the server refused the credentials.
 pub enum OpenError {
-    /// The upgrade was answered 401 or 403.
+    /// The upgrade was answered with a status that means the credentials were refused.
     Auth(String),
     /// Anything else.
     Failed(Failure),
 }
 
 /// Opens `request`'s URL within `limit`: resolve, connect (each address in turn), TLS for
-/// `wss://`, then the upgrade.
+/// `wss://`, then the upgrade. An upgrade answered with one of `auth_statuses` is
+/// [`OpenError::Auth`].
 pub async fn open(
     request: Request,
     connector: &Connector,
     ws_config: WebSocketConfig,
     limit: Duration,
+    auth_statuses: &[u16],
 ) -> Result<WebSocketStream<Stream>, OpenError> {
     let deadline = Instant::now() + limit;
     let within = |step: &str| {
@@ -144,18 +146,19 @@ pub async fn open(
     match timeout_at(deadline, upgrade).await {
         Err(_) => Err(OpenError::Failed(within("no upgrade"))),
         Ok(Ok((ws, _response))) => Ok(ws),
-        Ok(Err(e)) => Err(upgrade_error(e, &peer)),
+        Ok(Err(e)) => Err(upgrade_error(e, &peer, auth_statuses)),
     }
 }
 
-/// A failed upgrade: 401/403 are the credentials, another status is `http_status`, an I/O
-/// error is classified (a TLS alert about our client certificate arrives here in TLS 1.3).
-fn upgrade_error(e: tungstenite::Error, peer: &str) -> OpenError {
+/// A failed upgrade: a status in `auth_statuses` (the dialect's, 401/403 by default) is the
+/// credentials, another status is `http_status`, an I/O error is classified (a TLS alert
+/// about our client certificate arrives here in TLS 1.3).
+fn upgrade_error(e: tungstenite::Error, peer: &str, auth_statuses: &[u16]) -> OpenError {
     match e {
         tungstenite::Error::Http(resp) => {
             let status = resp.status();
             let message = format!("HTTP {status} on upgrade");
-            if status == http::StatusCode::UNAUTHORIZED || status == http::StatusCode::FORBIDDEN {
+            if auth_statuses.contains(&status.as_u16()) {
                 OpenError::Auth(message)
             } else {
                 OpenError::Failed(Failure::new(Reason::HttpStatus, message))
@@ -261,6 +264,7 @@ mod tests {
             &connector,
             WebSocketConfig::default(),
             Duration::from_secs(5),
+            &[401, 403],
         )
         .await
         {

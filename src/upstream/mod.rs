@@ -25,6 +25,7 @@
 
 mod backoff;
 mod connect;
+pub mod gaps;
 pub mod occurrence;
 mod registry;
 mod session;
@@ -139,6 +140,15 @@ pub struct UpstreamCounters {
     /// ended because a connection tracked `limits.tracked_frames` others (see
     /// [`occurrence`]): a repeat of one within the window would be taken for a copy.
     pub untracked: AtomicU64,
+    /// Binary frames that would inflate past the frame-size limit (a likely decompression
+    /// bomb): refused after reading at most the limit, counted as decode errors too.
+    pub inflate_refused: AtomicU64,
+    /// Connections given up because a subscription's acknowledgement (`[subscribe] ack`)
+    /// did not arrive within `ack_timeout`.
+    pub ack_timeouts: AtomicU64,
+    /// Jumps in the provider's sequence numbers (a dialect's `sequence` rule): events the
+    /// provider skipped.
+    pub gaps: AtomicU64,
     /// Events per type (a lookup without allocation once a type has been seen).
     events_by_type: std::sync::Mutex<std::collections::HashMap<String, u64>>,
 }
@@ -162,6 +172,12 @@ pub struct CounterSnapshot {
     pub drain_timeouts: u64,
     /// See [`UpstreamCounters::untracked`].
     pub untracked: u64,
+    /// See [`UpstreamCounters::inflate_refused`].
+    pub inflate_refused: u64,
+    /// See [`UpstreamCounters::ack_timeouts`].
+    pub ack_timeouts: u64,
+    /// See [`UpstreamCounters::gaps`].
+    pub gaps: u64,
 }
 
 /// How many distinct event types one upstream counts separately.
@@ -208,9 +224,15 @@ impl UpstreamCounters {
             task_restarts: self.task.restarts(),
             drain_timeouts: self.drain_timeouts.load(Ordering::Relaxed),
             untracked: self.untracked.load(Ordering::Relaxed),
+            inflate_refused: self.inflate_refused.load(Ordering::Relaxed),
+            ack_timeouts: self.ack_timeouts.load(Ordering::Relaxed),
+            gaps: self.gaps.load(Ordering::Relaxed),
         }
     }
 }
+
+/// The heartbeat period when neither the upstream nor its dialect sets one.
+pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(20);
 
 /// Timing knobs of one supervisor (from the upstream's config).
 #[derive(Clone, Debug)]
@@ -219,8 +241,9 @@ pub struct Timing {
     pub backoff_initial: Duration,
     /// Longest reconnect delay (and the auth-failure delay).
     pub backoff_max: Duration,
-    /// Heartbeat period.
-    pub ping_interval: Duration,
+    /// Heartbeat period set on the upstream; `None`: the dialect's `[heartbeat] interval`,
+    /// else [`DEFAULT_PING_INTERVAL`].
+    pub ping_interval: Option<Duration>,
     /// Silence after which a connection is stale.
     pub stale_after: Duration,
     /// Subscribed time after which the backoff resets.
@@ -511,6 +534,10 @@ async fn supervise(
             SessionEnd::Shutdown if shutdown.is_cancelled() => break,
             SessionEnd::Shutdown => {
                 warn!(upstream = %name, "lease lost; connection closed");
+                continue;
+            }
+            SessionEnd::Moved => {
+                info!(upstream = %name, "reconnecting at the provider's request");
                 continue;
             }
             SessionEnd::AuthRejected(_) => {

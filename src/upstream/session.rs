@@ -6,6 +6,7 @@
 //! `stale_after` is abandoned: a half-open TCP connection is otherwise indistinguishable from
 //! a quiet provider.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -20,9 +21,10 @@ use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
-use wsbridge_adapters::{Control, Greeting, Heartbeat, Inbound};
+use wsbridge_adapters::{Control, Greeting, Heartbeat, Inbound, StepCheck};
 
 use super::connect::{self, OpenError};
+use super::gaps::Sequences;
 use super::occurrence::Occurrences;
 use super::{Shared, UpstreamState};
 use crate::envelope::Envelope;
@@ -48,6 +50,9 @@ pub enum SessionEnd {
     Stale(Duration),
     /// A read or write failed mid-connection.
     Transport(String),
+    /// The provider asked us to reconnect (a `reconnect` control frame): reconnect at once,
+    /// without backoff; not a failure.
+    Moved,
 }
 
 impl fmt::Display for SessionEnd {
@@ -60,6 +65,7 @@ impl fmt::Display for SessionEnd {
             SessionEnd::Closed(m) => write!(f, "connection closed: {m}"),
             SessionEnd::Stale(d) => write!(f, "stale: nothing received for {} ms", d.as_millis()),
             SessionEnd::Transport(m) => write!(f, "transport error: {m}"),
+            SessionEnd::Moved => f.write_str("the provider asked to reconnect"),
         }
     }
 }
@@ -68,7 +74,7 @@ impl SessionEnd {
     /// The failure reason of this end (`None` for a stop of our own).
     pub fn reason(&self) -> Option<Reason> {
         match self {
-            SessionEnd::Shutdown | SessionEnd::IngestClosed => None,
+            SessionEnd::Shutdown | SessionEnd::IngestClosed | SessionEnd::Moved => None,
             SessionEnd::AuthRejected(_) => Some(Reason::Auth),
             SessionEnd::ConnectFailed(f) => Some(f.reason),
             SessionEnd::Closed(_) => Some(Reason::Closed),
@@ -121,6 +127,7 @@ async fn connect(shared: &Shared) -> Result<Ws, SessionEnd> {
         &shared.connector,
         ws_config(&shared.limits),
         shared.timing.connect_timeout,
+        shared.adapter.auth_failure_statuses(),
     )
     .await
     .map_err(|e| match e {
@@ -153,20 +160,41 @@ async fn connect_and_serve(
     };
     let name = &shared.name;
     let timing = &shared.timing;
+    let mut seen = Seen {
+        occurrences: Occurrences::new(shared.limits.dedup_window, shared.limits.tracked_frames),
+        sequences: Sequences::new(shared.limits.tracked_frames),
+    };
+    let greeted = tokio::select! {
+        done = run_session(shared, &mut ws, ingest, &mut seen) => match done {
+            Ok(greeted) => greeted,
+            Err(end) => return end,
+        },
+        _ = shutdown.cancelled() => return SessionEnd::Shutdown,
+    };
+    // Subscriptions whose acknowledgement (`[subscribe] ack`) has not arrived yet.
+    let mut acks: Option<Acks> = None;
     let mut phase = match shared.adapter.greeting() {
-        Greeting::Upgrade => {
+        Greeting::AwaitConnected if !greeted => {
+            Phase::AwaitGreeting(deadline_after(timing.connect_timeout))
+        }
+        _ => {
             shared.set_state(UpstreamState::Connected);
-            if let Err(end) = subscribe(shared, &mut ws).await {
-                return end;
+            match subscribe(shared, &mut ws).await {
+                Ok(None) => *subscribed_at = Some(Instant::now()),
+                Ok(Some(waiting)) => acks = Some(waiting),
+                Err(end) => return end,
             }
-            *subscribed_at = Some(Instant::now());
             Phase::Subscribed
         }
-        Greeting::AwaitConnected => Phase::AwaitGreeting(deadline_after(timing.connect_timeout)),
     };
 
     // Validation bounds ping_interval; the cap keeps an unvalidated one from overflowing.
-    let period = timing.ping_interval.min(MAX_WAIT);
+    // The upstream's own ping_interval wins over the dialect's `[heartbeat] interval`.
+    let period = timing
+        .ping_interval
+        .or_else(|| shared.adapter.heartbeat_interval())
+        .unwrap_or(super::DEFAULT_PING_INTERVAL)
+        .min(MAX_WAIT);
     let mut ping = tokio::time::interval_at(deadline_after(period), period);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let check_every = (timing.stale_after / 4)
@@ -175,8 +203,6 @@ async fn connect_and_serve(
     let mut check = tokio::time::interval(check_every);
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_seen = Instant::now();
-    let mut occurrences =
-        Occurrences::new(shared.limits.dedup_window, shared.limits.tracked_frames);
 
     loop {
         tokio::select! {
@@ -193,7 +219,18 @@ async fn connect_and_serve(
                     Some(Ok(m)) => m,
                 };
                 last_seen = Instant::now();
-                match read_frame(shared, &mut occurrences, msg) {
+                if let (Some(waiting), Message::Text(t)) = (acks.as_mut(), &msg) {
+                    if waiting.take(shared, t.as_str()) {
+                        if waiting.pending.is_empty() {
+                            acks = None;
+                            shared.set_state(UpstreamState::Subscribed);
+                            *subscribed_at = Some(Instant::now());
+                            info!(upstream = %name, subscriptions = shared.adapter.subscriptions().len(), "upstream subscribed (every subscription acknowledged)");
+                        }
+                        continue;
+                    }
+                }
+                match read_frame(shared, &mut seen, msg) {
                     Frame::Skip => {}
                     Frame::Closed(why) => return SessionEnd::Closed(why),
                     Frame::Event(envelope) => {
@@ -206,7 +243,7 @@ async fn connect_and_serve(
                                 Err(_) => return SessionEnd::IngestClosed,
                             },
                             _ = shutdown.cancelled() => {
-                                return drain(shared, ingest, &mut ws, &mut occurrences, Some(envelope)).await;
+                                return drain(shared, ingest, &mut ws, &mut seen, Some(envelope)).await;
                             }
                         }
                         // Time spent blocked on a full ingest queue is our stall, not the
@@ -217,10 +254,11 @@ async fn connect_and_serve(
                         Control::Connected => {
                             if let Phase::AwaitGreeting(_) = phase {
                                 shared.set_state(UpstreamState::Connected);
-                                if let Err(end) = subscribe(shared, &mut ws).await {
-                                    return end;
+                                match subscribe(shared, &mut ws).await {
+                                    Ok(None) => *subscribed_at = Some(Instant::now()),
+                                    Ok(Some(waiting)) => acks = Some(waiting),
+                                    Err(end) => return end,
                                 }
-                                *subscribed_at = Some(Instant::now());
                                 phase = Phase::Subscribed;
                             }
                         }
@@ -230,6 +268,11 @@ async fn connect_and_serve(
                         }
                         Control::Error { code, message } => {
                             warn!(upstream = %name, code = code.as_deref().unwrap_or(""), message = %message, "provider reported an error");
+                        }
+                        Control::Reconnect => {
+                            info!(upstream = %name, "the provider asked to reconnect; reconnecting now");
+                            let _ = ws.close(None).await;
+                            return SessionEnd::Moved;
                         }
                         Control::Pong | Control::Reply => {}
                     },
@@ -249,6 +292,18 @@ async fn connect_and_serve(
                 if silent >= timing.stale_after {
                     return SessionEnd::Stale(silent);
                 }
+                if let Some(waiting) = &acks {
+                    if Instant::now() >= waiting.deadline {
+                        shared.counters.ack_timeouts.fetch_add(1, Ordering::Relaxed);
+                        warn!(upstream = %name, unacknowledged = ?waiting.pending,
+                            "no acknowledgement of these subscriptions within [subscribe] ack_timeout; reconnecting");
+                        let _ = ws.close(None).await;
+                        return SessionEnd::ConnectFailed(Failure::new(
+                            Reason::Timeout,
+                            format!("{} subscription(s) not acknowledged in time", waiting.pending.len()),
+                        ));
+                    }
+                }
                 if let Phase::AwaitGreeting(deadline) = phase {
                     if Instant::now() >= deadline {
                         return SessionEnd::ConnectFailed(Failure::new(
@@ -258,9 +313,88 @@ async fn connect_and_serve(
                     }
                 }
             }
-            _ = shutdown.cancelled() => return drain(shared, ingest, &mut ws, &mut occurrences, None).await,
+            _ = shutdown.cancelled() => return drain(shared, ingest, &mut ws, &mut seen, None).await,
         }
     }
+}
+
+/// Runs the dialect's session steps (`[[session]]`) after the upgrade, before subscribing:
+/// each sends its frames, then waits (up to its timeout) for its `expect` frame; its `fail`
+/// frame means the credentials were refused. Other frames meanwhile are read as usual
+/// (events go to ingest). Returns whether the provider's greeting arrived meanwhile.
+async fn run_session(
+    shared: &Shared,
+    ws: &mut Ws,
+    ingest: &mpsc::Sender<Envelope>,
+    seen: &mut Seen,
+) -> Result<bool, SessionEnd> {
+    let adapter = &shared.adapter;
+    let mut greeted = false;
+    for step in 0..adapter.session_steps() {
+        let frames = adapter
+            .session_send(step)
+            .map_err(|e| SessionEnd::ConnectFailed(Failure::new(Reason::Other, e.to_string())))?;
+        for frame in frames {
+            ws.send(Message::text(frame))
+                .await
+                .map_err(|e| SessionEnd::Transport(format!("session step {step} not sent: {e}")))?;
+        }
+        let Some(limit) = adapter.session_timeout(step) else {
+            continue;
+        };
+        let deadline = Instant::now() + limit.min(MAX_WAIT);
+        loop {
+            let msg = match timeout_at(deadline, ws.next()).await {
+                Err(_) => {
+                    return Err(SessionEnd::ConnectFailed(Failure::new(
+                        Reason::Timeout,
+                        format!(
+                            "session step {step}: no expected frame within {} ms",
+                            limit.as_millis()
+                        ),
+                    )))
+                }
+                Ok(None) => return Err(SessionEnd::Closed("the server ended the stream".into())),
+                Ok(Some(Err(e))) => return Err(SessionEnd::Transport(e.to_string())),
+                Ok(Some(Ok(msg))) => msg,
+            };
+            if let Message::Text(t) = &msg {
+                match adapter.session_check(step, t.as_str()) {
+                    StepCheck::Done => break,
+                    StepCheck::Failed(why) => {
+                        let _ = ws.close(None).await;
+                        return Err(SessionEnd::AuthRejected(why));
+                    }
+                    StepCheck::Other => {}
+                }
+            }
+            match read_frame(shared, seen, msg) {
+                Frame::Skip => {}
+                Frame::Closed(why) => return Err(SessionEnd::Closed(why)),
+                Frame::Event(envelope) => {
+                    if ingest.send(envelope).await.is_err() {
+                        return Err(SessionEnd::IngestClosed);
+                    }
+                }
+                Frame::Control(Control::Connected) => greeted = true,
+                Frame::Control(Control::AuthFailed { message }) => {
+                    let _ = ws.close(None).await;
+                    return Err(SessionEnd::AuthRejected(message));
+                }
+                Frame::Control(Control::Reconnect) => return Err(SessionEnd::Moved),
+                Frame::Control(_) => {}
+            }
+        }
+        debug!(upstream = %shared.name, step, "session step complete");
+    }
+    Ok(greeted)
+}
+
+/// What one connection remembers of the frames it read: content-identified frames (to
+/// number their repeats) and the provider's sequence numbers (to detect gaps).
+struct Seen {
+    occurrences: Occurrences,
+    sequences: Sequences,
 }
 
 /// What one inbound message means to the session.
@@ -280,19 +414,29 @@ enum Frame {
 
 /// Counts and decodes one inbound message (the same way while serving and while draining);
 /// a repeat of a content-identified frame gets its occurrence's id ([`Occurrences`]).
-fn read_frame(shared: &Shared, occurrences: &mut Occurrences, msg: Message) -> Frame {
+fn read_frame(shared: &Shared, seen: &mut Seen, msg: Message) -> Frame {
     let name = &shared.name;
     let text = match &msg {
-        Message::Text(t) => t.as_str(),
-        Message::Binary(b) => match std::str::from_utf8(b) {
-            Ok(t) => t,
-            Err(_) => {
+        Message::Text(t) => Cow::Borrowed(t.as_str()),
+        Message::Binary(b) => match wsbridge_adapters::binary_text(
+            b,
+            shared.adapter.binary_frames(),
+            shared.limits.max_frame_bytes,
+        ) {
+            Ok(t) => Cow::Owned(t),
+            Err(e) => {
                 shared.counters.frames.fetch_add(1, Ordering::Relaxed);
                 shared
                     .counters
                     .decode_errors
                     .fetch_add(1, Ordering::Relaxed);
-                warn!(upstream = %name, bytes = b.len(), "skipping binary frame that is not UTF-8");
+                if e.is_too_large() {
+                    shared
+                        .counters
+                        .inflate_refused
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                warn!(upstream = %name, bytes = b.len(), error = %e, "skipping binary frame");
                 return Frame::Skip;
             }
         },
@@ -306,13 +450,13 @@ fn read_frame(shared: &Shared, occurrences: &mut Occurrences, msg: Message) -> F
         Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => return Frame::Skip,
     };
     shared.counters.frames.fetch_add(1, Ordering::Relaxed);
-    let decoded = wsbridge_adapters::check_depth(text, shared.limits.max_depth)
-        .and_then(|()| shared.adapter.decode(text));
+    let decoded = wsbridge_adapters::check_depth(&text, shared.limits.max_depth)
+        .and_then(|()| shared.adapter.decode_sequenced(&text));
     match decoded {
-        Ok(Inbound::Event(mut decoded)) => {
+        Ok((Inbound::Event(mut decoded), sequence)) => {
             if decoded.id_from_content {
-                decoded.id = occurrences.id_for(decoded.id, Instant::now());
-                let untracked = occurrences.take_evicted();
+                decoded.id = seen.occurrences.id_for(decoded.id, Instant::now());
+                let untracked = seen.occurrences.take_evicted();
                 if untracked > 0 {
                     shared
                         .counters
@@ -321,7 +465,16 @@ fn read_frame(shared: &Shared, occurrences: &mut Occurrences, msg: Message) -> F
                 }
             }
             let now = Utc::now();
-            let envelope = Envelope::new(decoded, &shared.source, shared.adapter.provider(), now);
+            let mut envelope =
+                Envelope::new(decoded, &shared.source, shared.adapter.provider(), now);
+            if let Some(seq) = sequence {
+                if let Some(missed) = seen.sequences.observe(&seq.key, seq.number) {
+                    shared.counters.gaps.fetch_add(1, Ordering::Relaxed);
+                    warn!(upstream = %name, key = %seq.key, sequence = seq.number, missed,
+                        "the provider's sequence skipped numbers: events missed");
+                    envelope.gap = Some(missed);
+                }
+            }
             shared.counters.count_event(&envelope.event_type);
             shared
                 .counters
@@ -329,7 +482,7 @@ fn read_frame(shared: &Shared, occurrences: &mut Occurrences, msg: Message) -> F
                 .store(now.timestamp_millis(), Ordering::Relaxed);
             Frame::Event(envelope)
         }
-        Ok(Inbound::Control(control)) => Frame::Control(control),
+        Ok((Inbound::Control(control), _)) => Frame::Control(control),
         Err(e) => {
             shared
                 .counters
@@ -350,7 +503,7 @@ async fn drain(
     shared: &Shared,
     ingest: &mpsc::Sender<Envelope>,
     ws: &mut Ws,
-    occurrences: &mut Occurrences,
+    seen: &mut Seen,
     pending: Option<Envelope>,
 ) -> SessionEnd {
     let name = &shared.name;
@@ -387,7 +540,7 @@ async fn drain(
             Ok(None | Some(Err(_))) => break,
             Ok(Some(Ok(msg))) => msg,
         };
-        match read_frame(shared, occurrences, msg) {
+        match read_frame(shared, seen, msg) {
             Frame::Closed(_) => break,
             Frame::Event(envelope) => {
                 if !queue_until(ingest, envelope, deadline).await {
@@ -429,18 +582,52 @@ fn drain_cut_short(shared: &Shared, grace: Duration, drained: u64, why: &str) ->
     SessionEnd::Shutdown
 }
 
-/// Sends the adapter's subscribe frames for every configured subscription.
-async fn subscribe(shared: &Shared, ws: &mut Ws) -> Result<(), SessionEnd> {
+/// Subscriptions sent whose acknowledgement has not arrived, and until when it may.
+struct Acks {
+    pending: Vec<String>,
+    deadline: Instant,
+}
+
+impl Acks {
+    /// Whether `text` acknowledges pending subscriptions (then they are no longer pending,
+    /// and the frame is consumed).
+    fn take(&mut self, shared: &Shared, text: &str) -> bool {
+        let acked = shared.adapter.subscribe_acked(text, &self.pending);
+        if acked.is_empty() {
+            return false;
+        }
+        let mut i = 0;
+        self.pending.retain(|_| {
+            i += 1;
+            !acked.contains(&(i - 1))
+        });
+        true
+    }
+}
+
+/// Sends the adapter's subscribe frames for every configured subscription. When the dialect
+/// expects acknowledgements, the upstream stays `connected` and the subscriptions waiting
+/// for theirs are returned.
+async fn subscribe(shared: &Shared, ws: &mut Ws) -> Result<Option<Acks>, SessionEnd> {
     let subs = shared.adapter.subscriptions();
     for frame in shared.adapter.subscribe_frames(subs) {
         ws.send(Message::text(frame))
             .await
             .map_err(|e| SessionEnd::Transport(format!("subscribe not sent: {e}")))?;
     }
+    if let Some(limit) = shared.adapter.ack_timeout() {
+        if !subs.is_empty() {
+            debug!(upstream = %shared.name, subscriptions = subs.len(), "subscribed; waiting for acknowledgements");
+            return Ok(Some(Acks {
+                pending: subs.to_vec(),
+                deadline: Instant::now() + limit.min(MAX_WAIT),
+            }));
+        }
+    }
     shared.set_state(UpstreamState::Subscribed);
     if subs.is_empty() {
         debug!(upstream = %shared.name, "connected (nothing to subscribe to)");
     }
     info!(upstream = %shared.name, subscriptions = subs.len(), "upstream subscribed");
-    Ok(())
+    Ok(None)
 }

@@ -10,6 +10,7 @@ mod cli;
 mod consumers;
 mod crash;
 mod delivery;
+mod dialect_caps;
 mod dialects;
 mod downstream;
 mod golden;

@@ -807,6 +807,7 @@ fn envelope(i: usize) -> wsbridge::envelope::Envelope {
         data: json!({"n": i}),
         provider: "voipbin".into(),
         recvtime: "2024-01-15T10:30:00.000000Z".into(),
+        gap: None,
         seq: None,
     }
 }

@@ -30,6 +30,7 @@ fn fixture_envelope(id: &str, recvtime: &str) -> Envelope {
         data: json!({"id": id, "status": "answered"}),
         provider: "voipbin".into(),
         recvtime: recvtime.into(),
+        gap: None,
         seq: None,
     }
 }

@@ -494,6 +494,11 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// jq truthiness: everything but `false` and `null`.
+fn truthy(v: &Val) -> bool {
+    !matches!(v, Val::Null | Val::Bool(false))
+}
+
 /// A subscription item as shown in the status API.
 fn shown(v: &Val) -> String {
     as_text(v).unwrap_or_else(|| v.to_string())
@@ -590,7 +595,107 @@ impl Adapter for DialectAdapter {
         self.bound.heartbeat(now_unix)
     }
 
+    fn session_steps(&self) -> usize {
+        self.bound.decoder.dialect.session.len()
+    }
+
+    fn session_send(&self, step: usize) -> Result<Vec<String>, AdapterError> {
+        let Some(s) = self.bound.decoder.dialect.session.get(step) else {
+            return Ok(Vec::new());
+        };
+        match &s.send {
+            None => Ok(Vec::new()),
+            Some(e) => self
+                .bound
+                .send_frames(e, None)
+                .map_err(|r| invalid(&format!("{}.send", s.key), r)),
+        }
+    }
+
+    fn session_check(&self, step: usize, text: &str) -> crate::StepCheck {
+        let Some(s) = self.bound.decoder.dialect.session.get(step) else {
+            return crate::StepCheck::Other;
+        };
+        let Ok(frame) = serde_json::from_str::<Value>(text) else {
+            return crate::StepCheck::Other;
+        };
+        let frame = to_jaq(&frame);
+        let holds = |e: &Option<Expr>| {
+            e.as_ref().is_some_and(
+                |e| matches!(e.first(frame.clone(), self.bound.vars()), Ok(Some(v)) if truthy(&v)),
+            )
+        };
+        if holds(&s.fail) {
+            crate::StepCheck::Failed(format!(
+                "{}: the provider refused the step (its `fail` frame)",
+                s.key
+            ))
+        } else if s.expect.is_none() || holds(&s.expect) {
+            crate::StepCheck::Done
+        } else {
+            crate::StepCheck::Other
+        }
+    }
+
+    fn session_timeout(&self, step: usize) -> Option<std::time::Duration> {
+        let s = self.bound.decoder.dialect.session.get(step)?;
+        s.expect.as_ref().map(|_| s.timeout)
+    }
+
+    fn ack_timeout(&self) -> Option<std::time::Duration> {
+        let sub = self.bound.decoder.dialect.subscribe.as_ref()?;
+        sub.ack.as_ref().map(|(_, t)| *t)
+    }
+
+    fn subscribe_acked(&self, text: &str, pending: &[String]) -> Vec<usize> {
+        let Some((ack, _)) = self
+            .bound
+            .decoder
+            .dialect
+            .subscribe
+            .as_ref()
+            .and_then(|s| s.ack.as_ref())
+        else {
+            return Vec::new();
+        };
+        let Ok(frame) = serde_json::from_str::<Value>(text) else {
+            return Vec::new();
+        };
+        let frame = to_jaq(&frame);
+        let items = self.bound.items_named(pending);
+        let mut vars = self.bound.vars().to_vec();
+        vars.push(Val::Null);
+        let last = vars.len() - 1;
+        let mut out = Vec::new();
+        for (i, item) in items.into_iter().enumerate() {
+            vars[last] = item;
+            if matches!(ack.first(frame.clone(), &vars), Ok(Some(v)) if truthy(&v)) {
+                out.push(i);
+            }
+        }
+        out
+    }
+
+    fn binary_frames(&self) -> crate::BinaryFrames {
+        self.bound.decoder.dialect.connect.binary
+    }
+
+    fn auth_failure_statuses(&self) -> &[u16] {
+        &self.bound.decoder.dialect.connect.auth_failure_status
+    }
+
+    fn heartbeat_interval(&self) -> Option<std::time::Duration> {
+        self.bound.decoder.dialect.heartbeat_interval
+    }
+
     fn decode(&self, text: &str) -> Result<Inbound, DecodeError> {
+        self.bound.decoder.decode(text).map(|(i, _)| i)
+    }
+
+    fn decode_sequenced(
+        &self,
+        text: &str,
+    ) -> Result<(Inbound, Option<crate::Sequence>), DecodeError> {
         self.bound.decoder.decode(text)
     }
 }

@@ -20,7 +20,7 @@ use serde_json::Value;
 use super::expr::{from_jaq, to_jaq, Expr};
 use super::native::{self, Scope};
 use super::{ControlKind, ControlRule, Dialect, EventRule, Matcher, TimeUnit};
-use crate::{Control, DecodeError, DecodedEvent, Inbound};
+use crate::{Control, DecodeError, DecodedEvent, Inbound, Sequence};
 
 /// A dialect with one upstream's parameter values: decodes that upstream's frames.
 #[derive(Debug)]
@@ -107,16 +107,18 @@ struct Plan<'s> {
     subject: Option<String>,
     time: Option<chrono::DateTime<chrono::Utc>>,
     provider_id: Option<String>,
+    sequence: Option<Sequence>,
     data: Data<'s>,
 }
 
 impl Decoder {
-    /// Classifies and decodes one text frame.
-    pub(crate) fn decode(&self, text: &str) -> Result<Inbound, DecodeError> {
+    /// Classifies and decodes one text frame; an event's sequence number with it when its
+    /// rule has one.
+    pub(crate) fn decode(&self, text: &str) -> Result<(Inbound, Option<Sequence>), DecodeError> {
         for rule in &self.dialect.controls {
             if let Matcher::Text(t) = &rule.matcher {
                 if t == text {
-                    return Ok(Inbound::Control(plain_control(rule.kind)));
+                    return Ok((Inbound::Control(plain_control(rule.kind)), None));
                 }
             }
         }
@@ -129,19 +131,20 @@ impl Decoder {
                 jq: OnceCell::new(),
             };
             match self.classify(&frame)? {
-                Classified::Control(c) => return Ok(Inbound::Control(c)),
+                Classified::Control(c) => return Ok((Inbound::Control(c), None)),
                 Classified::Event(plan) => plan,
             }
         };
         let Some(plan) = plan else {
-            return Ok(Inbound::Event(DecodedEvent {
+            let event = DecodedEvent {
                 id: crate::event_id(&self.dialect.name, &self.host, &value),
                 id_from_content: true,
                 event_type: format!("{}.unknown", self.dialect.name),
                 subject: None,
                 time: None,
                 data: value,
-            }));
+            };
+            return Ok((Inbound::Event(event), None));
         };
         let (id, id_from_content) = match plan.provider_id {
             Some(id) => (id, false),
@@ -160,14 +163,15 @@ impl Decoder {
                 at.map(Value::take).unwrap_or(Value::Null)
             }
         };
-        Ok(Inbound::Event(DecodedEvent {
+        let event = DecodedEvent {
             id,
             id_from_content,
             event_type: plan.event_type,
             subject: plan.subject,
             time: plan.time,
             data,
-        }))
+        };
+        Ok((Inbound::Event(event), plan.sequence))
     }
 
     fn classify<'s: 'f, 'f>(
@@ -261,6 +265,23 @@ impl Decoder {
             Some(e) => frame.text(key, "id", e)?,
             None => None,
         };
+        let sequence = match &rule.sequence {
+            None => None,
+            Some(e) => {
+                let number = match frame.first(key, "sequence", e)?.as_deref() {
+                    None | Some(Value::Null) => None,
+                    Some(Value::Number(n)) => n.as_u64(),
+                    Some(Value::String(s)) => s.trim().parse().ok(),
+                    Some(_) => None,
+                }
+                .ok_or_else(|| self.error(key, "sequence", "gave no whole number >= 0"))?;
+                let key = match &rule.sequence_key {
+                    Some(k) => frame.text(key, "sequence_key", k)?.unwrap_or_default(),
+                    None => String::new(),
+                };
+                Some(Sequence { key, number })
+            }
+        };
         let data = match &rule.data {
             None => Data::Take(&[]),
             Some(e) => match frame.first(key, "data", e)? {
@@ -277,6 +298,7 @@ impl Decoder {
             subject,
             time,
             provider_id,
+            sequence,
             data,
         })
     }
@@ -293,6 +315,7 @@ fn plain_control(kind: ControlKind) -> Control {
         ControlKind::Pong => Control::Pong,
         ControlKind::Greeting => Control::Connected,
         ControlKind::Reply => Control::Reply,
+        ControlKind::Reconnect => Control::Reconnect,
         ControlKind::AuthFailure => Control::AuthFailed {
             message: "(no message)".to_string(),
         },

@@ -123,7 +123,7 @@ fn run(dialect: &Arc<Dialect>, ex: &Example) -> Vec<String> {
         Ok((d, _)) => d,
         Err(e) => return vec![format!("the example's params do not bind: {e}")],
     };
-    let got = decoder.decode(&ex.frame);
+    let got = decoder.decode(&ex.frame).map(|(inbound, _)| inbound);
     match (&ex.expect, got) {
         (
             Expect::Event {
@@ -248,6 +248,7 @@ fn control_kind(c: &Control) -> &'static str {
         Control::Reply => "reply",
         Control::AuthFailed { .. } => "auth_failure",
         Control::Error { .. } => "error",
+        Control::Reconnect => "reconnect",
     }
 }
 

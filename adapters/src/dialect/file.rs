@@ -16,7 +16,7 @@ pub(crate) struct DialectFile {
     pub prepare: Option<toml::Value>,
     pub connect: Option<ConnectDecl>,
     #[serde(default)]
-    pub session: Vec<toml::Value>,
+    pub session: Vec<SessionDecl>,
     pub subscribe: Option<SubscribeDecl>,
     pub heartbeat: Option<HeartbeatDecl>,
     #[serde(default)]
@@ -68,6 +68,16 @@ pub(crate) struct ConnectDecl {
     pub headers: BTreeMap<String, String>,
     pub auth_failure_status: Option<Vec<u16>>,
     pub binary: Option<String>,
+}
+
+/// One `[[session]]` step.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct SessionDecl {
+    pub send: Option<String>,
+    pub expect: Option<String>,
+    pub fail: Option<String>,
+    pub timeout: Option<String>,
 }
 
 /// `[subscribe]`.

@@ -1,17 +1,19 @@
 //! Dialect file → [`Dialect`]: every section checked, every expression compiled, every
 //! problem collected with its key before the file is refused.
 
+use std::time::Duration;
+
 use serde_json::Value;
 
 use super::examples::Example;
 use super::expr::Expr;
 use super::file::{
     ConnectDecl, ControlDecl, DialectFile, EventDecl, ExampleDecl, HeartbeatDecl, ParamDecl,
-    SubscribeDecl,
+    SessionDecl, SubscribeDecl,
 };
 use super::{
     var_names, Connect, ControlKind, ControlRule, Dialect, DialectError, EventRule, HeartbeatRule,
-    Matcher, Ownership, Param, ParamKind, Problem, Subscribe, TimeUnit,
+    Matcher, Ownership, Param, ParamKind, Problem, SessionStep, Subscribe, TimeUnit,
 };
 use sha2::Digest;
 
@@ -123,9 +125,7 @@ pub(super) fn load(origin: &str, text: &str) -> Result<Dialect, DialectError> {
     let vars = var_names(&params);
 
     c.not_yet("prepare", &file.prepare);
-    if !file.session.is_empty() {
-        c.problem("session", "not supported by this version of wsbridge yet");
-    }
+    let session = each(&mut c, file.session, &vars, session_step);
 
     let connect = match file.connect {
         Some(decl) => connect(&mut c, decl, &vars),
@@ -137,22 +137,17 @@ pub(super) fn load(origin: &str, text: &str) -> Result<Dialect, DialectError> {
     let subscribe = file
         .subscribe
         .and_then(|decl| subscribe(&mut c, decl, &vars));
+    let heartbeat_interval = file
+        .heartbeat
+        .as_ref()
+        .and_then(|h| h.interval.as_deref())
+        .and_then(|text| duration(&mut c, "heartbeat.interval", text, HEARTBEAT_BOUNDS));
     let heartbeat = match file.heartbeat {
         Some(decl) => heartbeat(&mut c, decl, &vars),
         None => Some(HeartbeatRule::Protocol),
     };
-    let controls: Vec<ControlRule> = file
-        .control
-        .into_iter()
-        .enumerate()
-        .filter_map(|(i, decl)| control(&mut c, i, decl, &vars))
-        .collect();
-    let events: Vec<EventRule> = file
-        .events
-        .into_iter()
-        .enumerate()
-        .filter_map(|(i, decl)| event(&mut c, i, decl, &vars))
-        .collect();
+    let controls = each(&mut c, file.control, &vars, control);
+    let events = each(&mut c, file.events, &vars, event);
     let examples: Vec<Example> = file
         .examples
         .into_iter()
@@ -170,14 +165,31 @@ pub(super) fn load(origin: &str, text: &str) -> Result<Dialect, DialectError> {
             fingerprint: sha2::Sha256::digest(text.as_bytes()).into(),
             params,
             connect,
+            session,
             subscribe,
             heartbeat,
+            heartbeat_interval,
             controls,
             events,
             examples,
         }),
         _ => Err(refuse(c.problems)),
     }
+}
+
+/// Every entry of an array of tables (`[[session]]`, `[[control]]`, `[[events]]`) compiled by
+/// `compile`, which records the problems of the entries it refuses.
+fn each<D, T>(
+    c: &mut Checker,
+    decls: Vec<D>,
+    vars: &[String],
+    compile: fn(&mut Checker, usize, D, &[String]) -> Option<T>,
+) -> Vec<T> {
+    decls
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, decl)| compile(c, i, decl, vars))
+        .collect()
 }
 
 /// Whether jq `code` mentions the variable `$url` (a mention inside a string literal counts
@@ -189,6 +201,40 @@ fn reads_url(code: &str) -> bool {
             .next()
             .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
     })
+}
+
+/// The range `[heartbeat] interval` may take (the same as an upstream's `ping_interval`).
+const HEARTBEAT_BOUNDS: (Duration, Duration) =
+    (Duration::from_millis(10), Duration::from_secs(3600));
+
+/// A duration written like `"20s"` or `"500ms"`, within `bounds`; a problem at `key` otherwise.
+fn duration(
+    c: &mut Checker,
+    key: &str,
+    text: &str,
+    (min, max): (Duration, Duration),
+) -> Option<Duration> {
+    match humantime::parse_duration(text) {
+        Ok(d) if d >= min && d <= max => Some(d),
+        Ok(_) => {
+            c.problem(
+                key,
+                format!(
+                    "{text:?}: must be between {} and {}",
+                    humantime::format_duration(min),
+                    humantime::format_duration(max)
+                ),
+            );
+            None
+        }
+        Err(e) => {
+            c.problem(
+                key,
+                format!("{text:?}: not a duration ({e}); write e.g. \"20s\""),
+            );
+            None
+        }
+    }
 }
 
 fn valid_name(name: &str) -> bool {
@@ -284,8 +330,28 @@ fn params(c: &mut Checker, decls: std::collections::BTreeMap<String, ParamDecl>)
 }
 
 fn connect(c: &mut Checker, decl: ConnectDecl, vars: &[String]) -> Option<Connect> {
-    c.not_yet("connect.auth_failure_status", &decl.auth_failure_status);
-    c.not_yet("connect.binary", &decl.binary);
+    let binary = match decl.binary.as_deref() {
+        None => crate::BinaryFrames::Text,
+        Some(name) => match crate::BinaryFrames::parse(name) {
+            Some(m) => m,
+            None => {
+                c.problem(
+                    "connect.binary",
+                    format!("{name:?}: expected \"reject\", \"text\", \"gzip\" or \"deflate\""),
+                );
+                crate::BinaryFrames::Text
+            }
+        },
+    };
+    let auth_failure_status = decl.auth_failure_status.unwrap_or_else(|| vec![401, 403]);
+    for status in &auth_failure_status {
+        if !(400..=599).contains(status) || *status == 429 {
+            c.problem(
+                "connect.auth_failure_status",
+                format!("{status}: expected HTTP error statuses (400-599, not 429, which asks to retry later)"),
+            );
+        }
+    }
     let url = c.expr("connect.url", &decl.url, vars);
     let mut headers = Vec::new();
     for (name, code) in decl.headers {
@@ -298,12 +364,63 @@ fn connect(c: &mut Checker, decl: ConnectDecl, vars: &[String]) -> Option<Connec
             headers.push((name, e));
         }
     }
-    Some(Connect { url: url?, headers })
+    Some(Connect {
+        url: url?,
+        headers,
+        auth_failure_status,
+        binary,
+    })
+}
+
+/// The default (and the bounds) of a `[[session]] timeout`.
+const SESSION_TIMEOUT: Duration = Duration::from_secs(10);
+const SESSION_TIMEOUT_BOUNDS: (Duration, Duration) =
+    (Duration::from_millis(10), Duration::from_secs(300));
+
+fn session_step(
+    c: &mut Checker,
+    i: usize,
+    decl: SessionDecl,
+    vars: &[String],
+) -> Option<SessionStep> {
+    let key = format!("session[{i}]");
+    if decl.send.is_none() && decl.expect.is_none() {
+        c.problem(
+            &key,
+            "needs `send` (a frame to send), `expect` (a frame to wait for), or both",
+        );
+        return None;
+    }
+    if decl.expect.is_none() && (decl.fail.is_some() || decl.timeout.is_some()) {
+        c.problem(
+            &key,
+            "`fail` and `timeout` belong to a step that waits (`expect`)",
+        );
+    }
+    let mut compile = |what: &str, code: Option<String>| match code {
+        None => Ok(None),
+        Some(code) => c
+            .expr(&format!("{key}.{what}"), &code, vars)
+            .map(Some)
+            .ok_or(()),
+    };
+    let send = compile("send", decl.send);
+    let expect = compile("expect", decl.expect);
+    let fail = compile("fail", decl.fail);
+    let timeout = match decl.timeout {
+        None => Some(SESSION_TIMEOUT),
+        Some(t) => duration(c, &format!("{key}.timeout"), &t, SESSION_TIMEOUT_BOUNDS),
+    };
+    Some(SessionStep {
+        key,
+        send: send.ok()?,
+        expect: expect.ok()?,
+        fail: fail.ok()?,
+        timeout: timeout?,
+    })
 }
 
 fn subscribe(c: &mut Checker, decl: SubscribeDecl, vars: &[String]) -> Option<Subscribe> {
-    c.not_yet("subscribe.ack", &decl.ack);
-    c.not_yet("subscribe.ack_timeout", &decl.ack_timeout);
     let each = c.expr("subscribe.each", &decl.each, vars);
     let mut item_vars = vars.to_vec();
     item_vars.push(if decl.batch { "$items" } else { "$item" }.to_string());
@@ -312,16 +429,33 @@ fn subscribe(c: &mut Checker, decl: SubscribeDecl, vars: &[String]) -> Option<Su
         Some(code) => Some(c.expr("subscribe.unsubscribe", &code, &item_vars)?),
         None => None,
     };
+    let mut ack_vars = vars.to_vec();
+    ack_vars.push("$item".to_string());
+    let ack_timeout = match decl.ack_timeout.as_deref() {
+        None => Some(SESSION_TIMEOUT),
+        Some(t) => duration(c, "subscribe.ack_timeout", t, SESSION_TIMEOUT_BOUNDS),
+    };
+    let ack = match (decl.ack, ack_timeout) {
+        (Some(code), Some(t)) => Some((c.expr("subscribe.ack", &code, &ack_vars)?, t)),
+        (None, _) if decl.ack_timeout.is_some() => {
+            c.problem(
+                "subscribe.ack_timeout",
+                "belongs to `ack` (the acknowledgement to wait for)",
+            );
+            None
+        }
+        _ => None,
+    };
     Some(Subscribe {
         each: each?,
         batch: decl.batch,
         frame: frame?,
         unsubscribe,
+        ack,
     })
 }
 
 fn heartbeat(c: &mut Checker, decl: HeartbeatDecl, vars: &[String]) -> Option<HeartbeatRule> {
-    c.not_yet("heartbeat.interval", &decl.interval);
     match (decl.kind.as_str(), decl.frame, decl.text) {
         ("protocol", None, None) => Some(HeartbeatRule::Protocol),
         ("protocol", _, _) => {
@@ -360,17 +494,11 @@ fn control(c: &mut Checker, i: usize, decl: ControlDecl, vars: &[String]) -> Opt
         "reply" => ControlKind::Reply,
         "auth_failure" => ControlKind::AuthFailure,
         "error" => ControlKind::Error,
-        "reconnect" => {
-            c.problem(
-                format!("{key}.kind"),
-                "\"reconnect\" is not supported by this version of wsbridge yet",
-            );
-            return None;
-        }
+        "reconnect" => ControlKind::Reconnect,
         other => {
             c.problem(
                 format!("{key}.kind"),
-                format!("{other:?}: expected \"pong\", \"greeting\", \"reply\", \"auth_failure\" or \"error\""),
+                format!("{other:?}: expected \"pong\", \"greeting\", \"reply\", \"auth_failure\", \"error\" or \"reconnect\""),
             );
             return None;
         }
@@ -419,12 +547,13 @@ fn control(c: &mut Checker, i: usize, decl: ControlDecl, vars: &[String]) -> Opt
 
 fn event(c: &mut Checker, i: usize, decl: EventDecl, vars: &[String]) -> Option<EventRule> {
     let key = format!("events[{i}]");
-    for (name, value) in [
-        ("sequence", &decl.sequence),
-        ("sequence_key", &decl.sequence_key),
-        ("reply", &decl.reply),
-        ("split", &decl.split),
-    ] {
+    if decl.sequence_key.is_some() && decl.sequence.is_none() {
+        c.problem(
+            format!("{key}.sequence_key"),
+            "belongs to `sequence` (the number whose gaps are detected)",
+        );
+    }
+    for (name, value) in [("reply", &decl.reply), ("split", &decl.split)] {
         c.not_yet(&format!("{key}.{name}"), value);
     }
     let time_unit = match decl.time_unit.as_deref() {
@@ -453,6 +582,8 @@ fn event(c: &mut Checker, i: usize, decl: EventDecl, vars: &[String]) -> Option<
     let time = opt(c, "time", decl.time);
     let data = opt(c, "data", decl.data);
     let id = opt(c, "id", decl.id);
+    let sequence = opt(c, "sequence", decl.sequence);
+    let sequence_key = opt(c, "sequence_key", decl.sequence_key);
     let data = data.ok()?;
     let data_path = data
         .as_ref()
@@ -469,6 +600,8 @@ fn event(c: &mut Checker, i: usize, decl: EventDecl, vars: &[String]) -> Option<
         time_unit,
         data,
         id: id.ok()?,
+        sequence: sequence.ok()?,
+        sequence_key: sequence_key.ok()?,
     })
 }
 

@@ -51,8 +51,13 @@ pub struct Dialect {
     /// `[params]`, sorted by name.
     params: Vec<Param>,
     connect: Connect,
+    /// `[[session]]`, in order.
+    session: Vec<SessionStep>,
     subscribe: Option<Subscribe>,
     heartbeat: HeartbeatRule,
+    /// `[heartbeat] interval`: the dialect's heartbeat period (an upstream's `ping_interval`
+    /// overrides it).
+    heartbeat_interval: Option<std::time::Duration>,
     controls: Vec<ControlRule>,
     events: Vec<EventRule>,
     examples: Vec<examples::Example>,
@@ -96,6 +101,12 @@ impl Dialect {
     /// `ownership` key overrides it).
     pub fn ownership(&self) -> Ownership {
         self.ownership
+    }
+
+    /// `[heartbeat] interval`: how often the dialect's heartbeat goes out when the upstream
+    /// sets no `ping_interval` of its own.
+    pub fn heartbeat_interval(&self) -> Option<std::time::Duration> {
+        self.heartbeat_interval
     }
 
     /// Whether the dialect's expressions read `$url`: only then must an upstream set `url`.
@@ -247,6 +258,24 @@ pub enum Ownership {
 struct Connect {
     url: Expr,
     headers: Vec<(String, Expr)>,
+    /// Upgrade answers that mean auth_failed.
+    auth_failure_status: Vec<u16>,
+    /// What binary frames hold.
+    binary: crate::BinaryFrames,
+}
+
+/// One `[[session]]` step, compiled.
+#[derive(Debug)]
+struct SessionStep {
+    key: String,
+    /// The frames to send when the step starts.
+    send: Option<Expr>,
+    /// The frame that completes the step; `None`: the step completes once sent.
+    expect: Option<Expr>,
+    /// A frame that means the credentials were refused.
+    fail: Option<Expr>,
+    /// How long the step may wait for its `expect` frame.
+    timeout: std::time::Duration,
 }
 
 /// `[subscribe]`, compiled.
@@ -257,6 +286,8 @@ struct Subscribe {
     batch: bool,
     frame: Expr,
     unsubscribe: Option<Expr>,
+    /// The frame that acknowledges one subscription (`$item`), and how long it may take.
+    ack: Option<(Expr, std::time::Duration)>,
 }
 
 /// `[heartbeat]`, compiled.
@@ -287,6 +318,8 @@ enum ControlKind {
     Reply,
     AuthFailure,
     Error,
+    /// The provider asks the client to move now (e.g. before a restart).
+    Reconnect,
 }
 
 /// One `[[control]]` rule, compiled.
@@ -324,6 +357,9 @@ struct EventRule {
     /// frame instead of copied.
     data_path: Option<Vec<String>>,
     id: Option<Expr>,
+    /// The provider's sequence number (gap detection), and the key it counts per.
+    sequence: Option<Expr>,
+    sequence_key: Option<Expr>,
 }
 
 /// A dialect file that cannot be used: every problem found, each with its key.

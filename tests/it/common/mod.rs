@@ -257,14 +257,19 @@ pub mod ws;
 
 /// The bridge's `/metrics` text (the Prometheus text format).
 pub async fn metrics_text(bridge: &Bridge) -> String {
+    get_text(bridge, "/metrics").await
+}
+
+/// The body of the bridge's answer to `GET path`.
+pub async fn get_text(bridge: &Bridge, path: &str) -> String {
     http_client()
-        .get(format!("http://{}/metrics", bridge.local_addr()))
+        .get(format!("http://{}{path}", bridge.local_addr()))
         .send()
         .await
-        .expect("GET /metrics")
+        .unwrap_or_else(|e| panic!("GET {path}: {e}"))
         .text()
         .await
-        .expect("metrics body")
+        .unwrap_or_else(|e| panic!("body of GET {path}: {e}"))
 }
 
 /// Every event id in the journal file `db`, in `seq` order, read straight from SQLite (for

@@ -226,6 +226,7 @@ fn received(id: &str, ago: chrono::Duration) -> NewEvent {
         data: json!({"id": id}),
         provider: "voipbin".into(),
         recvtime: recv.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+        gap: None,
         seq: None,
     };
     NewEvent::new(envelope, Vec::new()).expect("an envelope serialises")

@@ -121,7 +121,7 @@ const ENORMOUS: Duration = Duration::from_secs(500_000_000_000 * 31_557_600);
 async fn an_unvalidated_enormous_ping_interval_does_not_kill_the_supervisor() {
     let vb = start_sim(Provider::Voipbin).await;
     let mut cfg = config(&[upstream_block("vb", &vb, FAST)]);
-    cfg.upstreams[0].ping_interval = ENORMOUS;
+    cfg.upstreams[0].ping_interval = Some(ENORMOUS);
     let (bridge, mut rx) = start_bridge(&cfg).await;
     wait_sim_ready(&vb, 1).await;
     assert_eq!(vb.emit(numbered_call(1)).await, 1);

@@ -180,6 +180,7 @@ fn envelope(n: usize, data: Value) -> Envelope {
         data,
         provider: "voipbin".into(),
         recvtime: "2024-01-15T10:30:00.000000Z".into(),
+        gap: None,
         seq: None,
     }
 }
