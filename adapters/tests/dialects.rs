@@ -41,8 +41,16 @@ fn every_example_of_every_shipped_dialect_passes() {
 /// The event types each provider's doc names; each needs an example in its dialect file.
 #[test]
 fn every_documented_event_type_has_an_example() {
+    use wsbridge_adapters::hashi::wire::{CONTRACT_EVENTS, LOBBY_EVENTS, STORAGE_EVENTS};
+    use wsbridge_adapters::voicepact::wire::{CONTRACT_UPDATE, PAYMENT_UPDATE};
+    let hashi_types: Vec<&str> = CONTRACT_EVENTS
+        .iter()
+        .chain(&LOBBY_EVENTS)
+        .chain(&STORAGE_EVENTS)
+        .copied()
+        .collect();
     let documented: [(&str, &[&str]); 3] = [
-        ("voicepact", &["contract_update", "payment_update"]),
+        ("voicepact", &[CONTRACT_UPDATE, PAYMENT_UPDATE]),
         (
             "voipbin",
             &[
@@ -64,30 +72,7 @@ fn every_documented_event_type_has_an_example() {
                 "call_created",
             ],
         ),
-        (
-            "hashi",
-            &[
-                "contract.created",
-                "contract.initializing",
-                "contract.initialized",
-                "contract.deleted",
-                "contract.payment_transferred",
-                "contract.outcome_attested",
-                "contract.decision_contested",
-                "contract.mediation_submitted",
-                "contract.admin_decision",
-                "contract.payout_finalized",
-                "lobby.created",
-                "lobby.joined",
-                "lobby.left",
-                "lobby.deleted",
-                "storage.external_url_created",
-                "storage.presigned_url_created",
-                "storage.multipart_completed",
-                "storage.multipart_aborted",
-                "storage.deleted",
-            ],
-        ),
+        ("hashi", &hashi_types),
     ];
     for (name, types) in documented {
         let text = std::fs::read_to_string(format!("{}/{name}.toml", env!("CARGO_MANIFEST_DIR")))
