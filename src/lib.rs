@@ -22,6 +22,8 @@
 //! - [`bridge`]: the above assembled, started and stopped as one;
 //! - [`reload`]: SIGHUP and config-file changes applied without a restart;
 //! - [`demo`]: simulators + bridge + a printing consumer, for newcomers;
+//! - [`cli`]: `wsbridge tail` and `wsbridge admin`, the consumer protocol and the admin API
+//!   at a terminal;
 //! - [`dialect_tool`]: `wsbridge dialect list | check | decode`, for writing dialect files;
 //! - [`tls`]: the one trust policy of every outbound TLS connection, and HTTPS serving;
 //! - [`failure`]: why a connection or request failed, as a reason an operator can act on;
@@ -30,6 +32,7 @@
 #![warn(missing_docs)]
 
 pub mod bridge;
+pub mod cli;
 pub mod config;
 pub mod delivery;
 pub mod demo;

@@ -70,6 +70,12 @@ enum Command {
         #[command(subcommand)]
         command: DialectCommand,
     },
+    /// Follow a running bridge's events over /v1/ws: one line per event (or --json) until
+    /// Ctrl-C; exits 1 if the bridge refuses the subscription or closes the connection.
+    Tail(wsbridge::cli::tail::TailArgs),
+    /// Operate a running bridge through its admin API: upstreams, webhooks, dead letters,
+    /// replay, enable.
+    Admin(wsbridge::cli::admin::AdminArgs),
     /// Run the three provider simulators on their default ports (what config.toml points at),
     /// replaying every documented event type in a loop.
     Simulate {
@@ -113,7 +119,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let quiet_default = matches!(
         cli.command,
-        Command::Demo { .. } | Command::CheckConfig { .. } | Command::Dialect { .. }
+        Command::Demo { .. }
+            | Command::CheckConfig { .. }
+            | Command::Dialect { .. }
+            | Command::Tail(_)
+            | Command::Admin(_)
     );
     telemetry::init(cli.log_format, if quiet_default { "warn" } else { "info" });
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -238,6 +248,20 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Dialect { command } => dialect(command),
+        Command::Tail(args) => {
+            let stop = shutdown_signal()?;
+            wsbridge::cli::tail::run(args, stop, &mut std::io::stdout().lock()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Admin(args) => {
+            wsbridge::cli::admin::run(
+                args,
+                &mut std::io::stdout().lock(),
+                &mut std::io::stderr().lock(),
+            )
+            .await?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Simulate { interval } => {
             demo::simulate(interval).await?;
             Ok(ExitCode::SUCCESS)

@@ -7,6 +7,7 @@
 
 use std::sync::Arc;
 
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -34,6 +35,13 @@ pub(super) fn routes(state: Arc<AppState>) -> Router<Arc<AppState>> {
 /// A JSON error answer.
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({"error": message.into()}))).into_response()
+}
+
+/// The `{name}` segment of a webhook route, or why it cannot be read, for the JSON 400
+/// answer the API documents (`docs/openapi.json`): axum's own rejection, for a name that is
+/// not UTF-8 once percent-decoded, is plain text.
+fn webhook_name(path: Result<Path<String>, PathRejection>) -> Result<String, String> {
+    path.map(|Path(name)| name).map_err(|e| e.body_text())
 }
 
 /// The bearer check in front of every admin route.
@@ -106,9 +114,13 @@ struct ListQuery {
 
 async fn deliveries(
     State(state): State<Arc<AppState>>,
-    Path(name): Path<String>,
+    name: Result<Path<String>, PathRejection>,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
+    let name = match webhook_name(name) {
+        Ok(n) => n,
+        Err(why) => return error(StatusCode::BAD_REQUEST, why),
+    };
     if !state.delivery.has(&name) {
         return error(StatusCode::NOT_FOUND, format!("no webhook named {name:?}"));
     }
@@ -192,9 +204,13 @@ impl ReplayBody {
 
 async fn replay(
     State(state): State<Arc<AppState>>,
-    Path(name): Path<String>,
+    name: Result<Path<String>, PathRejection>,
     body: Result<Json<ReplayBody>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
+    let name = match webhook_name(name) {
+        Ok(n) => n,
+        Err(why) => return error(StatusCode::BAD_REQUEST, why),
+    };
     if !state.delivery.has(&name) {
         return error(StatusCode::NOT_FOUND, format!("no webhook named {name:?}"));
     }
@@ -215,7 +231,14 @@ async fn replay(
     }
 }
 
-async fn enable(State(state): State<Arc<AppState>>, Path(name): Path<String>) -> Response {
+async fn enable(
+    State(state): State<Arc<AppState>>,
+    name: Result<Path<String>, PathRejection>,
+) -> Response {
+    let name = match webhook_name(name) {
+        Ok(n) => n,
+        Err(why) => return error(StatusCode::BAD_REQUEST, why),
+    };
     match state.delivery.enable(&name, state.store.as_ref()).await {
         Ok(true) => Json(json!({ "webhook": name, "enabled": true })).into_response(),
         Ok(false) => error(StatusCode::NOT_FOUND, format!("no webhook named {name:?}")),

@@ -1,7 +1,8 @@
 //! Everything the bridge answers over HTTP, on one listener and one state: the status page,
-//! `/healthz`, `/readyz` and `/v1/status` ([`status`]), `/metrics` ([`metrics`]), the admin
-//! API under `/v1/admin/` ([`admin`]), and the consumers' `/v1/ws` and `/v1/events` (served
-//! by [`crate::downstream`], merged here). [`server`] is the accept loop with its connection
+//! `/healthz`, `/readyz` and `/v1/status` ([`status`]), `/metrics` ([`metrics`]), the OpenAPI
+//! document at `/v1/openapi.json` ([`openapi`]), the admin API under `/v1/admin/`
+//! ([`admin`]), and the consumers' `/v1/ws` and `/v1/events` (served by
+//! [`crate::downstream`], merged here). [`server`] is the accept loop with its connection
 //! limits and optional TLS.
 //!
 //! The handlers read the running bridge through [`AppState`], never through the bridge
@@ -11,6 +12,7 @@
 
 mod admin;
 pub mod metrics;
+pub mod openapi;
 pub mod server;
 mod status;
 
@@ -52,6 +54,7 @@ pub fn router(state: Arc<AppState>) -> axum::Router {
     axum::Router::new()
         .merge(status::routes())
         .merge(metrics::routes())
+        .merge(openapi::routes())
         .merge(admin::routes(state.clone()))
         .with_state(state)
         .merge(crate::downstream::router(hub))

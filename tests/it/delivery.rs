@@ -42,14 +42,7 @@ async fn setup(blocks: &[String]) -> (wsbridge::bridge::Bridge, wsbridge_adapter
     let vb = start_sim(Provider::Voipbin).await;
     let mut all = vec![upstream_block("vb", &vb, FAST)];
     all.extend_from_slice(blocks);
-    let mut cfg_text = config_text(&all);
-    cfg_text = cfg_text.replacen(
-        "[server]\n",
-        &format!("[server]\nadmin_token = \"{ADMIN}\"\n"),
-        1,
-    );
-    let cfg = wsbridge::config::Config::from_toml(&cfg_text, |_| None, false)
-        .unwrap_or_else(|e| panic!("{e}\n{cfg_text}"));
+    let cfg = config_with_admin(&all, ADMIN);
     let (bridge, _rx) = start_bridge(&cfg).await;
     wait_sim_ready(&vb, 1).await;
     (bridge, vb)

@@ -7,6 +7,7 @@ mod common;
 
 mod asyncapi;
 mod cli;
+mod cli_remote;
 mod consumers;
 mod crash;
 mod delivery;
@@ -16,6 +17,7 @@ mod downstream;
 mod golden;
 mod hardening;
 mod nats;
+mod openapi;
 mod ops;
 mod receivers;
 mod reload;

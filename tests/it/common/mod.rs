@@ -91,6 +91,17 @@ pub fn config(blocks: &[String]) -> Config {
     Config::from_toml(&text, |_| None, false).unwrap_or_else(|e| panic!("test config: {e}\n{text}"))
 }
 
+/// A config from blocks with `server.admin_token` set to `token` (the admin API on), its
+/// journal in a fresh temp directory.
+pub fn config_with_admin(blocks: &[String], token: &str) -> Config {
+    let text = config_text(blocks).replacen(
+        "[server]\n",
+        &format!("[server]\nadmin_token = \"{token}\"\n"),
+        1,
+    );
+    Config::from_toml(&text, |_| None, false).unwrap_or_else(|e| panic!("{e}\n{text}"))
+}
+
 /// Waits until the upstream's status satisfies `pred`.
 pub async fn wait_status(
     u: &UpstreamHandle,
