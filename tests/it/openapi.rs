@@ -217,6 +217,8 @@ async fn schemathesis_finds_every_operation_true_to_the_document() {
     let (bridge, _vb) = live_bridge().await;
     let base = format!("http://{}", bridge.local_addr());
     let report_dir = temp_dir("schemathesis");
+    let har = report_dir.join("run.har");
+    let har_path = har.clone();
     let (ok, report) = blocking(move || {
         let bin = schemathesis();
         let out = Command::new(bin)
@@ -236,8 +238,8 @@ async fn schemathesis_finds_every_operation_true_to_the_document() {
             .args(["--phases", "examples,coverage,fuzzing"])
             .args(["--max-examples", "40", "--seed", "17", "--workers", "1"])
             .args(["--request-timeout", "10"])
-            .arg("--report-dir")
-            .arg(&report_dir)
+            .args(["--report", "har", "--report-har-path"])
+            .arg(&har)
             .env("NO_COLOR", "1")
             .current_dir(&report_dir)
             .output()
@@ -270,5 +272,44 @@ async fn schemathesis_finds_every_operation_true_to_the_document() {
         assert!(report.contains(&line), "expected {line:?} in:\n{report}");
     }
     assert!(report.contains("No issues found"), "{report}");
+
+    // And each of them was answered 2xx at least once (the document's examples name the
+    // webhook `crm`), so that schemathesis checked success bodies, not only refusals.
+    let har: Value = serde_json::from_str(&std::fs::read_to_string(&har_path).expect("HAR report"))
+        .expect("HAR is JSON");
+    let answered: Vec<(String, String, u64)> = har["log"]["entries"]
+        .as_array()
+        .expect("HAR entries")
+        .iter()
+        .map(|e| {
+            let url = e["request"]["url"].as_str().unwrap_or("");
+            let path = url
+                .strip_prefix(&format!("http://{}", bridge.local_addr()))
+                .unwrap_or(url);
+            let path = path.split('?').next().unwrap_or("").to_string();
+            let method = e["request"]["method"].as_str().unwrap_or("").to_lowercase();
+            (method, path, e["response"]["status"].as_u64().unwrap_or(0))
+        })
+        .collect();
+    for (template, item) in doc["paths"].as_object().expect("paths") {
+        if template == "/v1/openapi.json" {
+            continue;
+        }
+        for method in item.as_object().expect("path item").keys() {
+            let (prefix, suffix) = template.split_once("{name}").unwrap_or((template, ""));
+            let succeeded = answered.iter().any(|(m, p, status)| {
+                m == method
+                    && (200..300).contains(status)
+                    && if template.contains("{name}") {
+                        p.starts_with(prefix)
+                            && p.ends_with(suffix)
+                            && p.len() > prefix.len() + suffix.len()
+                    } else {
+                        p == template
+                    }
+            });
+            assert!(succeeded, "{method} {template} was never answered 2xx");
+        }
+    }
     bridge.shutdown().await;
 }
