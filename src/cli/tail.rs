@@ -7,7 +7,10 @@
 //! frame about the subscription (a bad pattern, an unrecoverable position) and any close by
 //! the bridge (slow consumer 4001, shutdown 1001, ...) end the command with a message naming
 //! the code; an `unreadable_event` is reported on stderr and the tail goes on, as the
-//! subscription does. Ctrl-C closes the session normally (1000) and exits 0.
+//! subscription does. Ctrl-C closes the session normally (1000) and exits 0. The bridge does
+//! not ping consumers, so the tail sends `{"op":"ping"}` every `--keepalive`: a connection
+//! that went dead without a close (a lost network, a proxy dropping it) ends the tail with an
+//! error instead of leaving it silent forever.
 
 use std::future::Future;
 use std::io::Write;
@@ -37,6 +40,10 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// ceiling, so every event it sends fits, while a broken peer cannot make the CLI buffer
 /// without bound.
 pub const MAX_FRAME_BYTES: usize = 16 * 1024 * 1024;
+
+/// The longest `--keepalive` taken (an hour): beyond it a dead connection would go unnoticed
+/// for longer than anyone watches a terminal.
+pub const MAX_KEEPALIVE: Duration = Duration::from_secs(3600);
 
 /// The subscription's id in the session (one per session, so any fixed id will do).
 const SUBSCRIPTION: &str = "tail";
@@ -105,6 +112,10 @@ pub struct TailArgs {
     /// Exit after this many events.
     #[arg(long)]
     pub count: Option<u64>,
+    /// Send `{"op":"ping"}` this often; when nothing arrives from the bridge for twice as
+    /// long, the connection is taken as dead and the tail exits 1 ("0s": never; at most 1h).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub keepalive: Duration,
 }
 
 /// How a tail ended without an error.
@@ -126,6 +137,12 @@ pub async fn run(
     stop: impl Future<Output = ()>,
     out: &mut impl Write,
 ) -> Result<Ended, CliError> {
+    if args.keepalive > MAX_KEEPALIVE {
+        return Err(CliError::Usage(format!(
+            "--keepalive is at most {}",
+            humantime::format_duration(MAX_KEEPALIVE)
+        )));
+    }
     let target = Target::new(&args.url, Secret::new(args.token.clone()))?;
     let url = target.endpoint(&["v1", "ws"], true)?;
     let mut ws = tokio::time::timeout(CONNECT_TIMEOUT, connect(&target, &url))
@@ -157,14 +174,38 @@ pub async fn run(
         close(&mut ws).await;
         return Ok(Ended::Count);
     }
+    let keepalive = (!args.keepalive.is_zero()).then_some(args.keepalive);
+    let mut pings = tokio::time::interval_at(
+        tokio::time::Instant::now() + keepalive.unwrap_or(MAX_KEEPALIVE),
+        keepalive.unwrap_or(MAX_KEEPALIVE),
+    );
+    pings.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_heard = tokio::time::Instant::now();
     loop {
         let frame = tokio::select! {
             () = &mut stop => {
                 close(&mut ws).await;
                 return Ok(Ended::Interrupted);
             }
+            _ = pings.tick(), if keepalive.is_some() => {
+                let silence = last_heard.elapsed();
+                let limit = args.keepalive.saturating_mul(2);
+                if silence >= limit {
+                    close(&mut ws).await;
+                    return Err(CliError::Closed(format!(
+                        "no answer from the bridge for {} (a ping every --keepalive {})",
+                        humantime::format_duration(limit),
+                        humantime::format_duration(args.keepalive)
+                    )));
+                }
+                ws.send(Message::text(r#"{"op":"ping"}"#))
+                    .await
+                    .map_err(|e| CliError::Closed(e.to_string()))?;
+                continue;
+            }
             frame = next_frame(&mut ws) => frame?,
         };
+        last_heard = tokio::time::Instant::now();
         match frame["op"].as_str() {
             Some("event") => {
                 let line = if args.json {

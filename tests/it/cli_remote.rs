@@ -187,8 +187,9 @@ async fn tail_prints_readable_lines_or_envelopes_with_filters_from_a_position() 
 async fn tail_follows_live_events_and_stops_cleanly_on_ctrl_c() {
     let (bridge, vb) = live_bridge(&[]).await;
     emit_calls(&bridge, &vb, 1..2, 1).await;
+    // Pings every 50 ms: the bridge's pongs keep the tail going.
     let mut cmd = wsbridge(&bridge);
-    cmd.args(["tail", "--from", "earliest"])
+    cmd.args(["tail", "--from", "earliest", "--keepalive", "50ms"])
         .env("WSBRIDGE_TOKEN", CONSUMER_TOKEN);
     let tail = Running::start("wsbridge tail", cmd);
     let (tail, first) = next_line(tail).await;
@@ -248,6 +249,48 @@ async fn tail_fails_clearly_on_refusals_and_closes() {
         stderr.contains("closed the connection") && stderr.contains("1001"),
         "{stderr}"
     );
+}
+
+/// A peer that upgrades, says `ready` and then reads without ever answering (a bridge behind a
+/// connection that went dead without a close): the tail's pings go unanswered and it exits.
+#[tokio::test]
+async fn tail_gives_up_on_a_bridge_that_stops_answering() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let silent = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.expect("accept");
+        let mut ws = tokio_tungstenite::accept_async(tcp).await.expect("upgrade");
+        let ready = serde_json::json!({"op": "ready", "session": "s1", "consumer": "c",
+                                       "epoch": "e", "head": 0});
+        ws.send(Message::text(ready.to_string()))
+            .await
+            .expect("ready sent");
+        let mut read = 0usize;
+        while let Some(Ok(_)) = ws.next().await {
+            read += 1;
+        }
+        read
+    });
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_wsbridge"));
+    cmd.args(["tail", "--keepalive", "100ms", "--url"])
+        .arg(format!("http://{addr}"))
+        .env("WSBRIDGE_TOKEN", CONSUMER_TOKEN);
+    let stderr = fails(cmd).await;
+    assert!(
+        stderr.contains("no answer from the bridge for 200ms"),
+        "{stderr}"
+    );
+    let read = tokio::time::timeout(DEADLINE, silent)
+        .await
+        .expect("the peer's reader ends")
+        .expect("peer task");
+    // The subscribe, the ping after 100 ms, and the close.
+    assert!(read >= 3, "{read} frames read");
 }
 
 #[tokio::test]
