@@ -36,10 +36,10 @@ use super::{print_line, CliError, Target};
 /// bridge may take to answer `ready` and `subscribed`.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The largest frame accepted from the bridge: well above its own `limits.max_event_bytes`
-/// ceiling, so every event it sends fits, while a broken peer cannot make the CLI buffer
-/// without bound.
-pub const MAX_FRAME_BYTES: usize = 16 * 1024 * 1024;
+/// The largest frame accepted from the bridge: the largest event any bridge may be configured
+/// to journal (`limits.max_event_bytes` at its ceiling) plus room for the frame's own members,
+/// so every event fits, while a broken peer cannot make the CLI buffer without bound.
+pub const MAX_FRAME_BYTES: usize = crate::config::MAX_EVENT_BYTES + (64 << 10);
 
 /// The longest `--keepalive` taken (an hour): beyond it a dead connection would go unnoticed
 /// for longer than anyone watches a terminal.
