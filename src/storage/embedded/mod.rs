@@ -19,9 +19,11 @@
 //! providers' sockets, never our memory.
 //!
 //! The parts: `schema` (migrations, connection pragmas, the epoch), `writer` (the writer
-//! thread and everything it commits), `retention` (pruning) and `queries` (the readers
-//! and what they read); this module ties them into the [`Store`].
+//! thread and everything it commits), `ids` (the id index deduplication looks ids up in),
+//! `retention` (pruning) and `queries` (the readers and what they read); this module ties
+//! them into the [`Store`].
 
+mod ids;
 mod queries;
 mod retention;
 mod schema;
@@ -162,7 +164,8 @@ impl EmbeddedStore {
             retention,
             health: health.clone(),
         };
-        let writer = Writer::spawn(writer, shared, path)?;
+        let ids = ids::IdIndex::open(&mut writer, head.load(Ordering::Relaxed))?;
+        let writer = Writer::spawn(writer, ids, shared, path)?;
         info!(path = %path.display(), epoch = %epoch, head = head.load(Ordering::Relaxed), "embedded store open");
         Ok(Arc::new(EmbeddedStore {
             writer,

@@ -64,6 +64,26 @@ const MIGRATIONS: &[&str] = &[
     ) WITHOUT ROWID;
     CREATE INDEX latest_seq ON latest (seq);
     "#,
+    r#"
+    -- 0.6.0: the id index leaves the events table (its UNIQUE index took a random page write
+    -- per event); ids (hash of the id, seq) is written a generation at a time in hash order
+    -- (storage/embedded/ids.rs), and filled from the events on the first open.
+    CREATE TABLE ids (
+        h   INTEGER NOT NULL,
+        seq INTEGER NOT NULL,
+        PRIMARY KEY (h, seq)
+    ) WITHOUT ROWID;
+    CREATE TABLE events_v4 (
+        seq       INTEGER PRIMARY KEY,
+        id        TEXT NOT NULL,
+        recv_ms   INTEGER NOT NULL,
+        body      BLOB NOT NULL
+    );
+    INSERT INTO events_v4 (seq, id, recv_ms, body) SELECT seq, id, recv_ms, body FROM events;
+    DROP TABLE events;
+    ALTER TABLE events_v4 RENAME TO events;
+    DELETE FROM meta WHERE key = 'ids_through';
+    "#,
 ];
 
 /// `deliveries.state` of a delivery still to be made (or in flight).

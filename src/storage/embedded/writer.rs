@@ -13,6 +13,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::oneshot;
 use tracing::{error, info, warn};
 
+use super::ids::{self, IdIndex};
 use super::retention::Schedule;
 use super::{db, to_i64, COMMAND_QUEUE};
 use crate::storage::{Appended, AttemptRecord, NewEvent, NextStep, ReplaySelection, StoreError};
@@ -70,13 +71,14 @@ impl Writer {
     /// Starts the writer thread on `conn` (the file at `path`, for errors).
     pub(super) fn spawn(
         conn: Connection,
+        ids: IdIndex,
         shared: WriterShared,
         path: &Path,
     ) -> Result<Writer, StoreError> {
         let (tx, rx) = std::sync::mpsc::sync_channel(COMMAND_QUEUE);
         thread::Builder::new()
             .name("wsbridge-store".into())
-            .spawn(move || writer_loop(conn, rx, shared))
+            .spawn(move || writer_loop(conn, ids, rx, shared))
             .map_err(|source| StoreError::Io {
                 path: path.to_path_buf(),
                 source,
@@ -224,15 +226,28 @@ impl Drop for StoppedOnExit {
     }
 }
 
+/// What the writer thread carries from one commit to the next.
+struct Journal<'a> {
+    /// The seq the next stored event gets.
+    next_seq: u64,
+    /// Where deduplication finds ids.
+    ids: IdIndex,
+    /// The head, the retention point and the health the store handle reads.
+    shared: &'a WriterShared,
+}
+
 fn writer_loop(
     mut conn: Connection,
+    ids: IdIndex,
     commands: std::sync::mpsc::Receiver<Command>,
     shared: WriterShared,
 ) {
     let _stopped = StoppedOnExit(shared.health.clone());
-    let head = shared.head.as_ref();
-    let health = shared.health.as_ref();
-    let mut next_seq = head.load(Ordering::Acquire) + 1;
+    let mut journal = Journal {
+        next_seq: shared.head.load(Ordering::Acquire) + 1,
+        ids,
+        shared: &shared,
+    };
     let mut pruning = Schedule::new(shared.retention);
     loop {
         pruning.run_if_due(&mut conn, &shared.pruned);
@@ -262,22 +277,20 @@ fn writer_loop(
         // retrying cannot cure (a statement one command makes impossible) must not wedge the
         // writer: the batch is split and only the command that fails on its own is refused;
         // within an append, only the events that fail on their own are rejected.
-        match commit_retrying(&mut conn, &mut pending, &mut next_seq, head, health) {
+        match commit_retrying(&mut conn, &mut pending, &mut journal) {
             Ok(()) => {}
             Err(e) if pending.len() == 1 => {
                 if let Some(command) = pending.pop() {
-                    refuse(&mut conn, command, e, &mut next_seq, head, health);
+                    refuse(&mut conn, command, e, &mut journal);
                 }
             }
             Err(e) => {
                 warn!(error = %e, commands = pending.len(), "store batch failed; committing its commands one by one");
                 for command in pending {
                     let mut one = vec![command];
-                    if let Err(e) =
-                        commit_retrying(&mut conn, &mut one, &mut next_seq, head, health)
-                    {
+                    if let Err(e) = commit_retrying(&mut conn, &mut one, &mut journal) {
                         if let Some(command) = one.pop() {
-                            refuse(&mut conn, command, e, &mut next_seq, head, health);
+                            refuse(&mut conn, command, e, &mut journal);
                         }
                     }
                 }
@@ -290,14 +303,7 @@ fn writer_loop(
 /// committed one event at a time instead, and only the events that fail on their own are
 /// [`Appended::Rejected`] (ingest counts them): one impossible event must not cost the
 /// events journalled with it.
-fn refuse(
-    conn: &mut Connection,
-    command: Command,
-    e: StoreError,
-    next_seq: &mut u64,
-    head: &AtomicU64,
-    health: &WriterHealth,
-) {
+fn refuse(conn: &mut Connection, command: Command, e: StoreError, journal: &mut Journal<'_>) {
     let Command::Append {
         batch,
         window_ms,
@@ -317,7 +323,7 @@ fn refuse(
             window_ms,
             reply: one_reply,
         }];
-        let mut outcome = match commit_retrying(conn, &mut one, next_seq, head, health) {
+        let mut outcome = match commit_retrying(conn, &mut one, journal) {
             Ok(()) => answer.try_recv().ok().and_then(Result::ok),
             Err(e) => {
                 error!(event_id = %id, error = %e, "the store refuses this event; rejected (not journalled)");
@@ -340,17 +346,18 @@ fn refuse(
 fn commit_retrying(
     conn: &mut Connection,
     pending: &mut Vec<Command>,
-    next_seq: &mut u64,
-    head: &AtomicU64,
-    health: &WriterHealth,
+    journal: &mut Journal<'_>,
 ) -> Result<(), StoreError> {
+    let health = journal.shared.health.as_ref();
     let mut delay = COMMIT_RETRY_FIRST;
     let mut failed = false;
     loop {
-        match commit(conn, pending, *next_seq) {
+        journal.ids.begin();
+        match commit(conn, pending, journal) {
             Ok((results, new_next)) => {
-                *next_seq = new_next;
-                head.store(new_next - 1, Ordering::Release);
+                journal.next_seq = new_next;
+                journal.ids.committed(new_next - 1);
+                journal.shared.head.store(new_next - 1, Ordering::Release);
                 for (command, result) in pending.drain(..).zip(results) {
                     reply(command, result);
                 }
@@ -361,6 +368,7 @@ fn commit_retrying(
                 return Ok(());
             }
             Err(e) if is_environmental(&e) => {
+                journal.ids.rollback();
                 error!(error = %e, retry_in_ms = delay.as_millis() as u64, "store commit failed; retrying (ingest is held back meanwhile)");
                 failed = true;
                 health.failures.fetch_add(1, Ordering::Relaxed);
@@ -369,6 +377,7 @@ fn commit_retrying(
                 delay = (delay * 2).min(COMMIT_RETRY_MAX);
             }
             Err(e) => {
+                journal.ids.rollback();
                 if failed {
                     health.set(None);
                 }
@@ -467,16 +476,20 @@ fn reply(command: Command, result: Done) {
 fn commit(
     conn: &mut Connection,
     pending: &mut [Command],
-    mut next_seq: u64,
+    journal: &mut Journal<'_>,
 ) -> Result<(Vec<Done>, u64), StoreError> {
+    let mut next_seq = journal.next_seq;
     let tx = conn.transaction().map_err(db("begin"))?;
+    let pruned = to_i64(journal.shared.pruned.load(Ordering::Acquire));
+    journal.ids.flush_slice(&tx, pruned)?;
+    let ids = &mut journal.ids;
     let mut all = Vec::with_capacity(pending.len());
     for command in pending.iter_mut() {
         let done = match command {
             Command::Append {
                 batch, window_ms, ..
             } => {
-                let (outcome, next) = append_batch(&tx, batch, *window_ms, next_seq)?;
+                let (outcome, next) = append_batch(&tx, ids, batch, *window_ms, next_seq)?;
                 next_seq = next;
                 Done::Appended(outcome)
             }
@@ -495,7 +508,7 @@ fn commit(
                 selection,
                 now_ms,
                 ..
-            } => Done::Count(replay(&tx, endpoint, selection, *now_ms)?),
+            } => Done::Count(replay(&tx, ids, endpoint, selection, *now_ms)?),
             Command::SetDisabled {
                 endpoint, reason, ..
             } => {
@@ -521,18 +534,18 @@ fn commit(
 /// is a copy (nothing stored). An id seen longer ago than that is a new event: it gets
 /// [`crate::storage::renewed_id`]`(id, seq of that newest event)`, so every id stays unique in the
 /// journal. The newest event of an id is its `latest` row when it came back before, else the
-/// event stored under the id itself: a new id costs the insert alone (its conflict check is
-/// the lookup), plus a miss in the small `latest` table.
+/// event stored under the id itself, found through the id index ([`IdIndex`]): a new id
+/// costs a miss in memory, a miss in the index table and a miss in the small `latest`
+/// table, plus the append.
 fn append_batch(
     tx: &rusqlite::Transaction<'_>,
+    ids: &mut IdIndex,
     batch: &mut [NewEvent],
     window_ms: i64,
     mut next_seq: u64,
 ) -> Result<(Outcome, u64), StoreError> {
     let mut insert = tx
-        .prepare_cached(
-            "INSERT OR IGNORE INTO events (seq, id, recv_ms, body) VALUES (?1, ?2, ?3, ?4)",
-        )
+        .prepare_cached("INSERT INTO events (seq, id, recv_ms, body) VALUES (?1, ?2, ?3, ?4)")
         .map_err(db("prepare append"))?;
     let mut enqueue = tx
         .prepare_cached(
@@ -541,9 +554,6 @@ fn append_batch(
         .map_err(db("prepare enqueue"))?;
     let mut latest = tx
         .prepare_cached("SELECT seq, recv_ms FROM latest WHERE base = ?1")
-        .map_err(db("prepare dedup lookup"))?;
-    let mut by_id = tx
-        .prepare_cached("SELECT seq, recv_ms FROM events WHERE id = ?1")
         .map_err(db("prepare dedup lookup"))?;
     let mut remember = tx
         .prepare_cached(
@@ -572,34 +582,14 @@ fn append_batch(
             Some((seq, _)) => Some(crate::storage::renewed_id(&envelope.id, seq as u64)),
             None => None,
         };
-        // The insert collides when the id is journalled already (how an id that never came
-        // back is found), or when its `latest` row was pruned while an older event with it is
-        // kept (retention keeps events with pending deliveries): the same rule then decides
-        // against that event. Each round moves to a fresh id.
+        // The id is journalled already when it never came back (no `latest` row), or when
+        // its `latest` row was pruned while an older event with it is kept (retention keeps
+        // events with pending deliveries): the same rule then decides against that event.
+        // Each round moves to a fresh id.
         for _ in 0..MAX_RENEWALS {
-            // Ingest serialised the envelope; only one stored under a renewed id is
-            // serialised again, with that id.
-            let (id, body) = match renewed.clone() {
-                None => (
-                    envelope.id.clone(),
-                    crate::envelope::with_seq(unsequenced, next_seq),
-                ),
-                Some(fresh) => {
-                    let base = std::mem::replace(&mut envelope.id, fresh);
-                    let body = envelope.to_unsequenced();
-                    let id = std::mem::replace(&mut envelope.id, base);
-                    (id, crate::envelope::with_seq(&body?, next_seq))
-                }
-            };
-            let changed = insert
-                .execute(params![to_i64(next_seq), id, recv_ms, &body[..]])
-                .map_err(db("append"))?;
-            if changed == 0 {
-                let (seq, earlier_ms) = by_id
-                    .query_row([id.as_str()], |r| {
-                        Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
-                    })
-                    .map_err(db("dedup lookup"))?;
+            let id = renewed.clone().unwrap_or_else(|| envelope.id.clone());
+            let h = ids::hash(&id);
+            if let Some((seq, earlier_ms)) = ids.find(tx, &id, h)? {
                 if is_copy(recv_ms, earlier_ms) {
                     outcome.push(None);
                     continue 'events;
@@ -607,6 +597,21 @@ fn append_batch(
                 renewed = Some(crate::storage::renewed_id(&id, seq as u64));
                 continue;
             }
+            // Ingest serialised the envelope; only one stored under a renewed id is
+            // serialised again, with that id.
+            let body = match &renewed {
+                None => crate::envelope::with_seq(unsequenced, next_seq),
+                Some(fresh) => {
+                    let base = std::mem::replace(&mut envelope.id, fresh.clone());
+                    let body = envelope.to_unsequenced();
+                    envelope.id = base;
+                    crate::envelope::with_seq(&body?, next_seq)
+                }
+            };
+            insert
+                .execute(params![to_i64(next_seq), id, recv_ms, &body[..]])
+                .map_err(db("append"))?;
+            ids.insert(tx, h, to_i64(next_seq))?;
             if renewed.is_some() {
                 remember
                     .execute(params![envelope.id, to_i64(next_seq), recv_ms])
@@ -685,6 +690,7 @@ fn record_attempt(
 
 fn replay(
     tx: &rusqlite::Transaction<'_>,
+    ids: &IdIndex,
     endpoint: &str,
     selection: &ReplaySelection,
     now_ms: i64,
@@ -695,8 +701,8 @@ fn replay(
                 "SELECT seq FROM deliveries WHERE endpoint = ?1 AND state = 1",
                 vec![endpoint.to_string().into()],
             ),
-            ReplaySelection::Ids(ids) => {
-                return replay_seqs(tx, endpoint, &select_ids(tx, ids)?, now_ms);
+            ReplaySelection::Ids(wanted) => {
+                return replay_seqs(tx, endpoint, &select_ids(tx, ids, wanted)?, now_ms);
             }
             ReplaySelection::Seqs { from, to } => (
                 "SELECT seq FROM events WHERE seq BETWEEN ?1 AND ?2",
@@ -717,23 +723,16 @@ fn replay(
     replay_seqs(tx, endpoint, &seqs, now_ms)
 }
 
-/// The seqs of the journalled events among `ids`, looked up in chunks so that no statement
-/// exceeds SQLite's limit on bound variables.
-fn select_ids(tx: &rusqlite::Transaction<'_>, ids: &[String]) -> Result<Vec<i64>, StoreError> {
-    const CHUNK: usize = 500;
-    let mut seqs = Vec::with_capacity(ids.len());
-    for chunk in ids.chunks(CHUNK) {
-        let placeholders = vec!["?"; chunk.len()].join(",");
-        let mut stmt = tx
-            .prepare_cached(&format!(
-                "SELECT seq FROM events WHERE id IN ({placeholders})"
-            ))
-            .map_err(db("prepare replay selection"))?;
-        let rows = stmt
-            .query_map(rusqlite::params_from_iter(chunk), |r| r.get::<_, i64>(0))
-            .map_err(db("select replay"))?;
-        for row in rows {
-            seqs.push(row.map_err(db("select replay"))?);
+/// The seqs of the journalled events among `wanted`, found through the id index.
+fn select_ids(
+    tx: &rusqlite::Transaction<'_>,
+    ids: &IdIndex,
+    wanted: &[String],
+) -> Result<Vec<i64>, StoreError> {
+    let mut seqs = Vec::with_capacity(wanted.len());
+    for id in wanted {
+        if let Some((seq, _)) = ids.find(tx, id, ids::hash(id))? {
+            seqs.push(seq);
         }
     }
     Ok(seqs)
