@@ -13,7 +13,7 @@ use std::sync::Arc;
 use chrono::Utc;
 use serde_json::Value;
 use wsbridge_adapters::dialect::{builtin, Dialect, DialectError, Params, Registry};
-use wsbridge_adapters::{Adapter, AdapterError, Inbound};
+use wsbridge_adapters::{Adapter, AdapterError, Decoded};
 
 use crate::config::LimitsConfig;
 use crate::envelope::Envelope;
@@ -242,15 +242,18 @@ pub fn decode(
             continue;
         }
         let decoded = wsbridge_adapters::check_depth(frame, limits.max_depth)
-            .and_then(|()| adapter.decode(frame));
+            .and_then(|()| adapter.decode_frame(frame, limits.max_split_events));
         match decoded {
-            Ok(Inbound::Event(e)) => {
-                let envelope = Envelope::new(e, DECODE_SOURCE, adapter.provider(), Utc::now());
-                let json = serde_json::to_string(&envelope).map_err(std::io::Error::other)?;
-                writeln!(out, "{json}")?;
-                summary.events = summary.events.saturating_add(1);
+            Ok(Decoded::Events(events)) => {
+                for e in events {
+                    let envelope =
+                        Envelope::new(e.event, DECODE_SOURCE, adapter.provider(), Utc::now());
+                    let json = serde_json::to_string(&envelope).map_err(std::io::Error::other)?;
+                    writeln!(out, "{json}")?;
+                    summary.events = summary.events.saturating_add(1);
+                }
             }
-            Ok(Inbound::Control(c)) => {
+            Ok(Decoded::Control(c)) => {
                 writeln!(err, "line {line_no}: a control frame: {c:?}")?;
                 summary.controls = summary.controls.saturating_add(1);
             }

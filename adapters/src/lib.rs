@@ -200,6 +200,32 @@ pub enum Inbound {
     Control(Control),
 }
 
+/// The default of `limits.max_split_events`: most events one frame may carry (a dialect's
+/// `split` rule); a frame with more is a decode error, so one frame cannot flood the journal.
+pub const DEFAULT_MAX_SPLIT_EVENTS: usize = 1000;
+
+/// One event of an inbound frame, with what its connection does about it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FrameEvent {
+    /// The event.
+    pub event: DecodedEvent,
+    /// Its place in the provider's numbering, when its rule has `sequence`.
+    pub sequence: Option<Sequence>,
+    /// The frame to send back to the provider on the same connection once the event is
+    /// journalled (its rule's `reply`): the acknowledgement some providers require per event.
+    pub reply: Option<String>,
+}
+
+/// Everything one inbound frame decodes to: a control frame, or its events (one, or the
+/// items of a `split` rule, in the frame's order; none when a split frame carries none).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Decoded {
+    /// A control frame, consumed by the supervisor.
+    Control(Control),
+    /// The frame's events, in order.
+    Events(Vec<FrameEvent>),
+}
+
 /// How an adapter keeps its connection alive and proves it is not stale.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Heartbeat {
@@ -304,6 +330,21 @@ pub trait Adapter: Send + Sync + 'static {
     /// (`sequence`, for gap detection).
     fn decode_sequenced(&self, text: &str) -> Result<(Inbound, Option<Sequence>), DecodeError> {
         self.decode(text).map(|i| (i, None))
+    }
+
+    /// Every event one frame carries (a `split` rule's items, each its own event), with
+    /// their sequence numbers and reply frames; at most `max_events` of them (more is a
+    /// decode error: `limits.max_split_events`).
+    fn decode_frame(&self, text: &str, max_events: usize) -> Result<Decoded, DecodeError> {
+        let _ = max_events;
+        Ok(match self.decode_sequenced(text)? {
+            (Inbound::Control(c), _) => Decoded::Control(c),
+            (Inbound::Event(event), sequence) => Decoded::Events(vec![FrameEvent {
+                event,
+                sequence,
+                reply: None,
+            }]),
+        })
     }
 }
 

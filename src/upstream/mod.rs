@@ -282,6 +282,8 @@ pub struct FrameLimits {
     pub dedup_window: Duration,
     /// Most content-identified frames one connection remembers (`limits.tracked_frames`).
     pub tracked_frames: usize,
+    /// Most events one frame may carry (`limits.max_split_events`).
+    pub max_split_events: usize,
 }
 
 impl FrameLimits {
@@ -292,6 +294,7 @@ impl FrameLimits {
             max_depth: l.max_depth,
             dedup_window,
             tracked_frames: l.tracked_frames,
+            max_split_events: l.max_split_events,
         }
     }
 }

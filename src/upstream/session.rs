@@ -21,7 +21,7 @@ use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
-use wsbridge_adapters::{Control, Greeting, Heartbeat, Inbound, StepCheck};
+use wsbridge_adapters::{Control, Decoded, FrameEvent, Greeting, Heartbeat, StepCheck};
 
 use super::connect::{self, OpenError};
 use super::gaps::Sequences;
@@ -233,17 +233,21 @@ async fn connect_and_serve(
                 match read_frame(shared, &mut seen, msg) {
                     Frame::Skip => {}
                     Frame::Closed(why) => return SessionEnd::Closed(why),
-                    Frame::Event(envelope) => {
-                        // A full queue blocks this reader: backpressure reaches the provider's
-                        // TCP window instead of our memory. A stop while blocked keeps the
-                        // event: the drain queues it first.
-                        tokio::select! {
-                            permit = ingest.reserve() => match permit {
-                                Ok(permit) => permit.send(envelope),
-                                Err(_) => return SessionEnd::IngestClosed,
-                            },
-                            _ = shutdown.cancelled() => {
-                                return drain(shared, ingest, &mut ws, &mut seen, Some(envelope)).await;
+                    Frame::Events(envelopes) => {
+                        let mut envelopes = envelopes.into_iter();
+                        while let Some(envelope) = envelopes.next() {
+                            // A full queue blocks this reader: backpressure reaches the
+                            // provider's TCP window instead of our memory. A stop while
+                            // blocked keeps the frame's events: the drain queues them first.
+                            tokio::select! {
+                                permit = ingest.reserve() => match permit {
+                                    Ok(permit) => permit.send(envelope),
+                                    Err(_) => return SessionEnd::IngestClosed,
+                                },
+                                _ = shutdown.cancelled() => {
+                                    let pending = std::iter::once(envelope).chain(envelopes).collect();
+                                    return drain(shared, ingest, &mut ws, &mut seen, pending).await;
+                                }
                             }
                         }
                         // Time spent blocked on a full ingest queue is our stall, not the
@@ -313,7 +317,7 @@ async fn connect_and_serve(
                     }
                 }
             }
-            _ = shutdown.cancelled() => return drain(shared, ingest, &mut ws, &mut seen, None).await,
+            _ = shutdown.cancelled() => return drain(shared, ingest, &mut ws, &mut seen, Vec::new()).await,
         }
     }
 }
@@ -371,9 +375,11 @@ async fn run_session(
             match read_frame(shared, seen, msg) {
                 Frame::Skip => {}
                 Frame::Closed(why) => return Err(SessionEnd::Closed(why)),
-                Frame::Event(envelope) => {
-                    if ingest.send(envelope).await.is_err() {
-                        return Err(SessionEnd::IngestClosed);
+                Frame::Events(envelopes) => {
+                    for envelope in envelopes {
+                        if ingest.send(envelope).await.is_err() {
+                            return Err(SessionEnd::IngestClosed);
+                        }
                     }
                 }
                 Frame::Control(Control::Connected) => greeted = true,
@@ -406,8 +412,9 @@ enum Frame {
     Skip,
     /// The provider closed the connection; why.
     Closed(String),
-    /// An event, stamped and counted, for ingest.
-    Event(Envelope),
+    /// The frame's events (one, or a `split` frame's items), stamped and counted, for
+    /// ingest, in order.
+    Events(Vec<Envelope>),
     /// A control frame of the dialect.
     Control(Control),
 }
@@ -450,39 +457,21 @@ fn read_frame(shared: &Shared, seen: &mut Seen, msg: Message) -> Frame {
         Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => return Frame::Skip,
     };
     shared.counters.frames.fetch_add(1, Ordering::Relaxed);
-    let decoded = wsbridge_adapters::check_depth(&text, shared.limits.max_depth)
-        .and_then(|()| shared.adapter.decode_sequenced(&text));
+    let decoded = wsbridge_adapters::check_depth(&text, shared.limits.max_depth).and_then(|()| {
+        shared
+            .adapter
+            .decode_frame(&text, shared.limits.max_split_events)
+    });
     match decoded {
-        Ok((Inbound::Event(mut decoded), sequence)) => {
-            if decoded.id_from_content {
-                decoded.id = seen.occurrences.id_for(decoded.id, Instant::now());
-                let untracked = seen.occurrences.take_evicted();
-                if untracked > 0 {
-                    shared
-                        .counters
-                        .untracked
-                        .fetch_add(untracked, Ordering::Relaxed);
-                }
-            }
+        Ok(Decoded::Events(events)) => {
             let now = Utc::now();
-            let mut envelope =
-                Envelope::new(decoded, &shared.source, shared.adapter.provider(), now);
-            if let Some(seq) = sequence {
-                if let Some(missed) = seen.sequences.observe(&seq.key, seq.number) {
-                    shared.counters.gaps.fetch_add(1, Ordering::Relaxed);
-                    warn!(upstream = %name, key = %seq.key, sequence = seq.number, missed,
-                        "the provider's sequence skipped numbers: events missed");
-                    envelope.gap = Some(missed);
-                }
-            }
-            shared.counters.count_event(&envelope.event_type);
-            shared
-                .counters
-                .last_event_unix_ms
-                .store(now.timestamp_millis(), Ordering::Relaxed);
-            Frame::Event(envelope)
+            let envelopes = events
+                .into_iter()
+                .map(|e| stamp(shared, seen, e, now))
+                .collect();
+            Frame::Events(envelopes)
         }
-        Ok((Inbound::Control(control), _)) => Frame::Control(control),
+        Ok(Decoded::Control(control)) => Frame::Control(control),
         Err(e) => {
             shared
                 .counters
@@ -494,24 +483,64 @@ fn read_frame(shared: &Shared, seen: &mut Seen, msg: Message) -> Frame {
     }
 }
 
+/// One decoded event as an envelope: a repeat of a content-identified event gets its
+/// occurrence's id ([`Occurrences`]), a sequence gap is counted and marked, the event counted.
+fn stamp(
+    shared: &Shared,
+    seen: &mut Seen,
+    event: FrameEvent,
+    now: chrono::DateTime<Utc>,
+) -> Envelope {
+    let FrameEvent {
+        event: mut decoded,
+        sequence,
+        reply: _,
+    } = event;
+    if decoded.id_from_content {
+        decoded.id = seen.occurrences.id_for(decoded.id, Instant::now());
+        let untracked = seen.occurrences.take_evicted();
+        if untracked > 0 {
+            shared
+                .counters
+                .untracked
+                .fetch_add(untracked, Ordering::Relaxed);
+        }
+    }
+    let mut envelope = Envelope::new(decoded, &shared.source, shared.adapter.provider(), now);
+    if let Some(seq) = sequence {
+        if let Some(missed) = seen.sequences.observe(&seq.key, seq.number) {
+            shared.counters.gaps.fetch_add(1, Ordering::Relaxed);
+            warn!(upstream = %shared.name, key = %seq.key, sequence = seq.number, missed,
+                "the provider's sequence skipped numbers: events missed");
+            envelope.gap = Some(missed);
+        }
+    }
+    shared.counters.count_event(&envelope.event_type);
+    shared
+        .counters
+        .last_event_unix_ms
+        .store(now.timestamp_millis(), Ordering::Relaxed);
+    envelope
+}
+
 /// Ends a connection without losing what the provider already sent: sends the close frame,
 /// then keeps reading (and queueing every event to ingest) until the provider answers the
 /// close or ends the stream, for at most the drain grace (`server.shutdown_grace`). Providers
-/// do not replay, so an event left unread in the socket would be lost. `pending` is an event
+/// do not replay, so an event left unread in the socket would be lost. `pending` are events
 /// read before the stop that ingest had no room for yet.
 async fn drain(
     shared: &Shared,
     ingest: &mpsc::Sender<Envelope>,
     ws: &mut Ws,
     seen: &mut Seen,
-    pending: Option<Envelope>,
+    pending: Vec<Envelope>,
 ) -> SessionEnd {
     let name = &shared.name;
     let grace = shared.timing.drain_grace;
     let deadline = Instant::now() + grace;
     shared.set_state(UpstreamState::Draining);
     let mut drained: u64 = 0;
-    if let Some(envelope) = pending {
+    for envelope in pending {
         if !queue_until(ingest, envelope, deadline).await {
             return drain_cut_short(shared, grace, drained, "ingest queue full or closed");
         }
@@ -542,11 +571,18 @@ async fn drain(
         };
         match read_frame(shared, seen, msg) {
             Frame::Closed(_) => break,
-            Frame::Event(envelope) => {
-                if !queue_until(ingest, envelope, deadline).await {
-                    return drain_cut_short(shared, grace, drained, "ingest queue full or closed");
+            Frame::Events(envelopes) => {
+                for envelope in envelopes {
+                    if !queue_until(ingest, envelope, deadline).await {
+                        return drain_cut_short(
+                            shared,
+                            grace,
+                            drained,
+                            "ingest queue full or closed",
+                        );
+                    }
+                    drained += 1;
                 }
-                drained += 1;
             }
             Frame::Skip | Frame::Control(_) => {}
         }

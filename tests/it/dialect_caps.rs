@@ -845,3 +845,76 @@ fn a_sequence_key_without_a_sequence_is_refused() {
         .to_string();
     assert!(err.contains("events[0].sequence_key"), "{err}");
 }
+
+/// A dialect file named `name` that dials the upstream's `url`, with `rules` after.
+fn url_dialect(name: &str, rules: &str) -> String {
+    format!("[dialect]\nname = \"{name}\"\n[connect]\nurl = '$url'\n{rules}")
+}
+
+const SPLIT_RULES: &str = r#"
+[[events]]
+match = 'has("items")'
+split = '.items[]'
+type = '.kind'
+subject = '$frame.batch'
+data = '.'
+"#;
+
+#[tokio::test]
+async fn a_split_frame_is_journalled_item_by_item_in_order_and_an_oversized_one_is_refused() {
+    let batches = [
+        json!({"batch": "b1", "items": [{"kind": "a", "n": 1}, {"kind": "b", "n": 2}, {"kind": "a", "n": 3}]}),
+        // Over limits.max_split_events (3): a decode error, nothing of it journalled.
+        json!({"batch": "b2", "items": [{"kind": "a", "n": 4}, {"kind": "a", "n": 5}, {"kind": "a", "n": 6}, {"kind": "a", "n": 7}]}),
+        json!({"batch": "b3", "items": [{"kind": "c", "n": 8}]}),
+    ];
+    let provider = TestProvider::start(move |_, mut ws, rec| {
+        let batches = batches.clone();
+        async move {
+            for b in batches {
+                if ws.send(Message::text(b.to_string())).await.is_err() {
+                    return;
+                }
+            }
+            while next_text(&mut ws, &rec).await.is_some() {}
+        }
+    })
+    .await;
+    let (_dir, config) = config_with_top(
+        "batchy",
+        "batchy",
+        &url_dialect("batchy", SPLIT_RULES),
+        &provider.url,
+        "[limits]\nmax_split_events = 3\n",
+        FAST,
+    );
+    let (bridge, mut rx) = start_bridge(&config).await;
+    let mut got = Vec::new();
+    while got.len() < 4 {
+        let p = next_matching(&mut rx, "a batchy event", |p| {
+            p.envelope.provider == "batchy"
+        })
+        .await;
+        got.push(p.envelope.clone());
+    }
+    let seen: Vec<(String, Option<String>, serde_json::Value)> = got
+        .iter()
+        .map(|e| (e.event_type.clone(), e.subject.clone(), e.data["n"].clone()))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("batchy.a".into(), Some("b1".into()), json!(1)),
+            ("batchy.b".into(), Some("b1".into()), json!(2)),
+            ("batchy.a".into(), Some("b1".into()), json!(3)),
+            ("batchy.c".into(), Some("b3".into()), json!(8)),
+        ]
+    );
+    // Journalled in the frame's order, each under its own id.
+    let seqs: Vec<u64> = got.iter().filter_map(|e| e.seq).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    let ids: std::collections::BTreeSet<&str> = got.iter().map(|e| e.id.as_str()).collect();
+    assert_eq!(ids.len(), 4);
+    assert_eq!(bridge.upstreams()[0].counters().decode_errors, 1);
+    bridge.shutdown().await;
+}

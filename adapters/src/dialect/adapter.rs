@@ -698,4 +698,8 @@ impl Adapter for DialectAdapter {
     ) -> Result<(Inbound, Option<crate::Sequence>), DecodeError> {
         self.bound.decoder.decode(text)
     }
+
+    fn decode_frame(&self, text: &str, max_events: usize) -> Result<crate::Decoded, DecodeError> {
+        self.bound.decoder.decode_frame(text, max_events)
+    }
 }

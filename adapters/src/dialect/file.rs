@@ -151,6 +151,21 @@ pub(crate) struct ExampleDecl {
     pub id: Option<String>,
     pub control: Option<String>,
     pub error: Option<bool>,
+    /// A frame that carries several events (a `split` rule): each, in order.
+    pub events: Option<Vec<ExampleEventDecl>>,
     #[serde(default)]
     pub description: String,
+}
+
+/// One event of an `[[examples]] events` list.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ExampleEventDecl {
+    #[serde(rename = "type")]
+    pub event_type: String,
+    pub subject: Option<String>,
+    pub time: Option<String>,
+    pub data: Option<toml::Value>,
+    pub data_json: Option<String>,
+    pub id: Option<String>,
 }

@@ -553,9 +553,17 @@ fn event(c: &mut Checker, i: usize, decl: EventDecl, vars: &[String]) -> Option<
             "belongs to `sequence` (the number whose gaps are detected)",
         );
     }
-    for (name, value) in [("reply", &decl.reply), ("split", &decl.split)] {
-        c.not_yet(&format!("{key}.{name}"), value);
+    let splits = decl.split.is_some();
+    let split = match decl.split {
+        Some(code) => c.expr(&format!("{key}.split"), &code, vars).map(Some),
+        None => Some(None),
+    };
+    // In a split rule's other expressions `.` is the item and `$frame` the whole frame.
+    let mut rule_vars = vars.to_vec();
+    if splits {
+        rule_vars.push("$frame".to_string());
     }
+    let vars = rule_vars.as_slice();
     let time_unit = match decl.time_unit.as_deref() {
         None | Some("s") => TimeUnit::Seconds,
         Some("ms") => TimeUnit::Millis,
@@ -584,6 +592,7 @@ fn event(c: &mut Checker, i: usize, decl: EventDecl, vars: &[String]) -> Option<
     let id = opt(c, "id", decl.id);
     let sequence = opt(c, "sequence", decl.sequence);
     let sequence_key = opt(c, "sequence_key", decl.sequence_key);
+    let reply = opt(c, "reply", decl.reply);
     let data = data.ok()?;
     let data_path = data
         .as_ref()
@@ -602,6 +611,8 @@ fn event(c: &mut Checker, i: usize, decl: EventDecl, vars: &[String]) -> Option<
         id: id.ok()?,
         sequence: sequence.ok()?,
         sequence_key: sequence_key.ok()?,
+        split: split?,
+        reply: reply.ok()?,
     })
 }
 
@@ -620,11 +631,12 @@ fn example(c: &mut Checker, i: usize, decl: ExampleDecl) -> Option<Example> {
         decl.event_type.is_some(),
         decl.control.is_some(),
         decl.error == Some(true),
+        decl.events.is_some(),
     ];
     if outcomes.iter().filter(|o| **o).count() != 1 {
         c.problem(
             &key,
-            "says what the frame decodes to with exactly one of `type` (an event), `control` (its kind) or `error = true`",
+            "says what the frame decodes to with exactly one of `type` (an event), `events` (a split frame's events), `control` (its kind) or `error = true`",
         );
         return None;
     }
@@ -634,39 +646,31 @@ fn example(c: &mut Checker, i: usize, decl: ExampleDecl) -> Option<Example> {
         || decl.data_json.is_some()
         || decl.id.is_some();
     let expect = if let Some(event_type) = decl.event_type {
-        let data = match (decl.data, decl.data_json) {
-            (Some(data), None) => toml_to_json(data).map_err(|e| (format!("{key}.data"), e)),
-            (None, Some(text)) => serde_json::from_str(&text)
-                .map_err(|e| (format!("{key}.data_json"), format!("not JSON: {e}"))),
-            _ => Err((
-                key.clone(),
-                "an event example needs one of `data` or `data_json`".to_string(),
-            )),
-        };
-        let data = match data {
-            Ok(v) => v,
-            Err((k, e)) => {
-                c.problem(k, e);
-                return None;
-            }
-        };
-        let time = match decl.time {
-            Some(t) => match chrono::DateTime::parse_from_rfc3339(&t) {
-                Ok(t) => Some(t.with_timezone(&chrono::Utc)),
-                Err(e) => {
-                    c.problem(format!("{key}.time"), format!("{t:?} is not RFC 3339: {e}"));
-                    return None;
-                }
+        super::examples::Expect::Event(event_expect(
+            c,
+            &key,
+            super::file::ExampleEventDecl {
+                event_type,
+                subject: decl.subject,
+                time: decl.time,
+                data: decl.data,
+                data_json: decl.data_json,
+                id: decl.id,
             },
-            None => None,
-        };
-        super::examples::Expect::Event {
-            event_type,
-            subject: decl.subject,
-            time,
-            data,
-            id: decl.id,
+        )?)
+    } else if let Some(events) = decl.events {
+        let expects: Vec<_> = events
+            .into_iter()
+            .enumerate()
+            .filter_map(|(j, e)| event_expect(c, &format!("{key}.events[{j}]"), e))
+            .collect();
+        if c.problems
+            .iter()
+            .any(|p| p.key.starts_with(&format!("{key}.")))
+        {
+            return None;
         }
+        super::examples::Expect::Events(expects)
     } else if let Some(kind) = decl.control {
         if !matches!(
             kind.as_str(),
@@ -682,7 +686,7 @@ fn example(c: &mut Checker, i: usize, decl: ExampleDecl) -> Option<Example> {
     } else {
         super::examples::Expect::Error
     };
-    if !matches!(expect, super::examples::Expect::Event { .. }) && event_fields {
+    if !matches!(expect, super::examples::Expect::Event(_)) && event_fields {
         c.problem(
             &key,
             "`subject`, `time`, `data` and `id` describe an event example (one with `type`)",
@@ -694,6 +698,47 @@ fn example(c: &mut Checker, i: usize, decl: ExampleDecl) -> Option<Example> {
         frame: decl.frame,
         params,
         expect,
+    })
+}
+
+/// What one event of an example must be.
+fn event_expect(
+    c: &mut Checker,
+    key: &str,
+    decl: super::file::ExampleEventDecl,
+) -> Option<super::examples::EventExpect> {
+    let data = match (decl.data, decl.data_json) {
+        (Some(data), None) => toml_to_json(data).map_err(|e| (format!("{key}.data"), e)),
+        (None, Some(text)) => serde_json::from_str(&text)
+            .map_err(|e| (format!("{key}.data_json"), format!("not JSON: {e}"))),
+        _ => Err((
+            key.to_string(),
+            "an event example needs one of `data` or `data_json`".to_string(),
+        )),
+    };
+    let data = match data {
+        Ok(v) => v,
+        Err((k, e)) => {
+            c.problem(k, e);
+            return None;
+        }
+    };
+    let time = match decl.time {
+        Some(t) => match chrono::DateTime::parse_from_rfc3339(&t) {
+            Ok(t) => Some(t.with_timezone(&chrono::Utc)),
+            Err(e) => {
+                c.problem(format!("{key}.time"), format!("{t:?} is not RFC 3339: {e}"));
+                return None;
+            }
+        },
+        None => None,
+    };
+    Some(super::examples::EventExpect {
+        event_type: decl.event_type,
+        subject: decl.subject,
+        time,
+        data,
+        id: decl.id,
     })
 }
 

@@ -360,6 +360,11 @@ struct EventRule {
     /// The provider's sequence number (gap detection), and the key it counts per.
     sequence: Option<Expr>,
     sequence_key: Option<Expr>,
+    /// `split`: the frame's items, each its own event (`.` the item, `$frame` the frame in
+    /// the rule's other expressions).
+    split: Option<Expr>,
+    /// `reply`: the frame sent back to the provider once the event is journalled.
+    reply: Option<Expr>,
 }
 
 /// A dialect file that cannot be used: every problem found, each with its key.
