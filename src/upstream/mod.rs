@@ -4,7 +4,7 @@
 //! adapter's request, waits for the greeting where the dialect has one, subscribes, keeps the
 //! connection alive with the adapter's heartbeat, detects a stale connection, and on any end
 //! reconnects with exponential backoff and jitter, resubscribing every time. Every decoded
-//! event goes, stamped as an [`Envelope`], into the bridge's bounded ingest queue; when that
+//! event goes, stamped as an [`Envelope`](crate::envelope::Envelope), into the bridge's bounded ingest queue; when that
 //! queue is full the supervisor stops reading its socket (the provider's TCP window is the
 //! buffer), so ingest can never grow memory without bound.
 //!
@@ -48,7 +48,6 @@ pub use backoff::Backoff;
 pub use session::SessionEnd;
 
 use crate::config::{LimitsConfig, UpstreamConfig};
-use crate::envelope::Envelope;
 use crate::failure::{Reason, ReasonCounts};
 
 /// The supervisor's state, as operators and tests see it.
@@ -149,6 +148,12 @@ pub struct UpstreamCounters {
     /// Jumps in the provider's sequence numbers (a dialect's `sequence` rule): events the
     /// provider skipped.
     pub gaps: AtomicU64,
+    /// Reply frames (a dialect's `reply`) sent to the provider after their event was
+    /// journalled.
+    pub replies: AtomicU64,
+    /// Reply frames dropped because their connection was gone or its reply queue full (the
+    /// provider redelivers; the journal deduplicates).
+    pub replies_dropped: Arc<AtomicU64>,
     /// Events per type (a lookup without allocation once a type has been seen).
     events_by_type: std::sync::Mutex<std::collections::HashMap<String, u64>>,
 }
@@ -178,6 +183,10 @@ pub struct CounterSnapshot {
     pub ack_timeouts: u64,
     /// See [`UpstreamCounters::gaps`].
     pub gaps: u64,
+    /// See [`UpstreamCounters::replies`].
+    pub replies: u64,
+    /// See [`UpstreamCounters::replies_dropped`].
+    pub replies_dropped: u64,
 }
 
 /// How many distinct event types one upstream counts separately.
@@ -227,6 +236,8 @@ impl UpstreamCounters {
             inflate_refused: self.inflate_refused.load(Ordering::Relaxed),
             ack_timeouts: self.ack_timeouts.load(Ordering::Relaxed),
             gaps: self.gaps.load(Ordering::Relaxed),
+            replies: self.replies.load(Ordering::Relaxed),
+            replies_dropped: self.replies_dropped.load(Ordering::Relaxed),
         }
     }
 }
@@ -415,7 +426,7 @@ pub fn spawn(
     config: &UpstreamConfig,
     limits: FrameLimits,
     adapter: Arc<dyn Adapter>,
-    ingest: mpsc::Sender<Envelope>,
+    ingest: mpsc::Sender<crate::ingest::Queued>,
     shutdown: CancellationToken,
     drain_grace: Duration,
 ) -> UpstreamHandle {
@@ -430,7 +441,7 @@ pub fn spawn_gated(
     config: &UpstreamConfig,
     limits: FrameLimits,
     adapter: Arc<dyn Adapter>,
-    ingest: mpsc::Sender<Envelope>,
+    ingest: mpsc::Sender<crate::ingest::Queued>,
     shutdown: CancellationToken,
     drain_grace: Duration,
     gate: Option<watch::Receiver<bool>>,
@@ -492,7 +503,7 @@ pub fn spawn_gated(
 
 async fn supervise(
     shared: Shared,
-    ingest: mpsc::Sender<Envelope>,
+    ingest: mpsc::Sender<crate::ingest::Queued>,
     shutdown: CancellationToken,
     mut gate: Option<watch::Receiver<bool>>,
 ) {

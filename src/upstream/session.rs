@@ -29,6 +29,7 @@ use super::occurrence::Occurrences;
 use super::{Shared, UpstreamState};
 use crate::envelope::Envelope;
 use crate::failure::{Failure, Reason};
+use crate::ingest::{Queued, Reply};
 use crate::supervise::{deadline_after, MAX_WAIT};
 
 type Ws = WebSocketStream<connect::Stream>;
@@ -94,7 +95,7 @@ pub(crate) struct Outcome {
 /// Runs one connection to its end.
 pub(crate) async fn run(
     shared: &Shared,
-    ingest: &mpsc::Sender<Envelope>,
+    ingest: &mpsc::Sender<Queued>,
     shutdown: &CancellationToken,
 ) -> Outcome {
     let mut subscribed_at = None;
@@ -147,7 +148,7 @@ enum Phase {
 
 async fn connect_and_serve(
     shared: &Shared,
-    ingest: &mpsc::Sender<Envelope>,
+    ingest: &mpsc::Sender<Queued>,
     shutdown: &CancellationToken,
     subscribed_at: &mut Option<Instant>,
 ) -> SessionEnd {
@@ -160,9 +161,14 @@ async fn connect_and_serve(
     };
     let name = &shared.name;
     let timing = &shared.timing;
+    // Replies (a dialect's `reply`) come back here from ingest once their event is
+    // journalled; they go out on this connection only. Dropping the receiver with the
+    // connection makes a late reply a counted drop (the provider redelivers).
+    let (reply_to, mut replies) = mpsc::channel(REPLY_QUEUE);
     let mut seen = Seen {
         occurrences: Occurrences::new(shared.limits.dedup_window, shared.limits.tracked_frames),
         sequences: Sequences::new(shared.limits.tracked_frames),
+        reply_to,
     };
     let greeted = tokio::select! {
         done = run_session(shared, &mut ws, ingest, &mut seen) => match done {
@@ -282,6 +288,13 @@ async fn connect_and_serve(
                     },
                 }
             }
+            Some(frame) = replies.recv() => {
+                if let Err(e) = ws.send(Message::text(frame)).await {
+                    shared.counters.replies_dropped.fetch_add(1, Ordering::Relaxed);
+                    return SessionEnd::Transport(format!("reply not sent: {e}"));
+                }
+                shared.counters.replies.fetch_add(1, Ordering::Relaxed);
+            }
             _ = ping.tick() => {
                 let beat = match shared.adapter.heartbeat(Utc::now().timestamp()) {
                     Heartbeat::Text(t) => Message::text(t),
@@ -329,7 +342,7 @@ async fn connect_and_serve(
 async fn run_session(
     shared: &Shared,
     ws: &mut Ws,
-    ingest: &mpsc::Sender<Envelope>,
+    ingest: &mpsc::Sender<Queued>,
     seen: &mut Seen,
 ) -> Result<bool, SessionEnd> {
     let adapter = &shared.adapter;
@@ -401,7 +414,14 @@ async fn run_session(
 struct Seen {
     occurrences: Occurrences,
     sequences: Sequences,
+    /// Where this connection's replies come back once their events are journalled.
+    reply_to: mpsc::Sender<String>,
 }
+
+/// Replies one connection may have waiting to be sent: room for every event between it and
+/// the journal commit, so a reply is dropped only when the connection is gone (or stopped
+/// reading its queue). Each is a small frame.
+const REPLY_QUEUE: usize = crate::ingest::IN_FLIGHT;
 
 /// What one inbound message means to the session.
 // Lives on the stack for one frame and is never stored: boxing the event would cost an
@@ -414,7 +434,7 @@ enum Frame {
     Closed(String),
     /// The frame's events (one, or a `split` frame's items), stamped and counted, for
     /// ingest, in order.
-    Events(Vec<Envelope>),
+    Events(Vec<Queued>),
     /// A control frame of the dialect.
     Control(Control),
 }
@@ -483,18 +503,18 @@ fn read_frame(shared: &Shared, seen: &mut Seen, msg: Message) -> Frame {
     }
 }
 
-/// One decoded event as an envelope: a repeat of a content-identified event gets its
+/// One decoded event as an envelope (with its reply, if any): a repeat of a content-identified event gets its
 /// occurrence's id ([`Occurrences`]), a sequence gap is counted and marked, the event counted.
 fn stamp(
     shared: &Shared,
     seen: &mut Seen,
     event: FrameEvent,
     now: chrono::DateTime<Utc>,
-) -> Envelope {
+) -> Queued {
     let FrameEvent {
         event: mut decoded,
         sequence,
-        reply: _,
+        reply,
     } = event;
     if decoded.id_from_content {
         decoded.id = seen.occurrences.id_for(decoded.id, Instant::now());
@@ -520,7 +540,14 @@ fn stamp(
         .counters
         .last_event_unix_ms
         .store(now.timestamp_millis(), Ordering::Relaxed);
-    envelope
+    Queued {
+        envelope,
+        reply: reply.map(|frame| Reply {
+            frame,
+            to: seen.reply_to.clone(),
+            dropped: shared.counters.replies_dropped.clone(),
+        }),
+    }
 }
 
 /// Ends a connection without losing what the provider already sent: sends the close frame,
@@ -530,10 +557,10 @@ fn stamp(
 /// read before the stop that ingest had no room for yet.
 async fn drain(
     shared: &Shared,
-    ingest: &mpsc::Sender<Envelope>,
+    ingest: &mpsc::Sender<Queued>,
     ws: &mut Ws,
     seen: &mut Seen,
-    pending: Vec<Envelope>,
+    pending: Vec<Queued>,
 ) -> SessionEnd {
     let name = &shared.name;
     let grace = shared.timing.drain_grace;
@@ -594,11 +621,7 @@ async fn drain(
 }
 
 /// Queues `envelope` to ingest, waiting for room until `deadline`; false when it could not.
-async fn queue_until(
-    ingest: &mpsc::Sender<Envelope>,
-    envelope: Envelope,
-    deadline: Instant,
-) -> bool {
+async fn queue_until(ingest: &mpsc::Sender<Queued>, envelope: Queued, deadline: Instant) -> bool {
     matches!(
         timeout_at(deadline, ingest.send(envelope)).await,
         Ok(Ok(()))

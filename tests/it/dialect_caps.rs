@@ -918,3 +918,138 @@ async fn a_split_frame_is_journalled_item_by_item_in_order_and_an_oversized_one_
     assert_eq!(bridge.upstreams()[0].counters().decode_errors, 1);
     bridge.shutdown().await;
 }
+
+const ACKED_RULES: &str = r#"
+[[events]]
+type = '.kind'
+id = '.id'
+data = '.'
+reply = '{ack: .id}'
+"#;
+
+/// What the acknowledging provider knows: the journal to check each ack against, the
+/// events acknowledged (and whether each was journalled when its ack came), in order.
+#[derive(Default)]
+struct AckBook {
+    store: std::sync::OnceLock<Arc<dyn wsbridge::storage::Store>>,
+    acked: Mutex<Vec<(String, bool)>>,
+}
+
+impl AckBook {
+    fn acked(&self) -> Vec<(String, bool)> {
+        self.acked.lock().expect("lock").clone()
+    }
+
+    fn is_acked(&self, id: &str) -> bool {
+        self.acked().iter().any(|(a, _)| a == id)
+    }
+
+    /// Records an ack frame, checking the journal holds its event now.
+    async fn record(&self, frame: &str) {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(frame) else {
+            return;
+        };
+        let Some(id) = v["ack"].as_str() else { return };
+        let journalled = match self.store.get() {
+            Some(store) => store
+                .read_from(1, 1000)
+                .await
+                .expect("journal readable")
+                .iter()
+                .any(|e| e.id == id),
+            None => false,
+        };
+        self.acked
+            .lock()
+            .expect("lock")
+            .push((id.to_string(), journalled));
+    }
+}
+
+fn acked_event(id: &str, filler: usize) -> String {
+    json!({"kind": "note", "id": id, "text": "x".repeat(filler)}).to_string()
+}
+
+#[tokio::test]
+async fn replies_go_back_on_the_connection_only_after_the_journal_commit_and_redeliveries_are_acked(
+) {
+    let book = Arc::new(AckBook::default());
+    let provider = TestProvider::start({
+        let book = book.clone();
+        move |n, mut ws, rec| {
+            let book = book.clone();
+            async move {
+                // First connection: two events, then the provider goes away before it reads
+                // any acknowledgement.
+                if n == 0 {
+                    for id in ["e1", "e2"] {
+                        let _ = ws.send(Message::text(acked_event(id, 0))).await;
+                    }
+                    let _ = ws.close(None).await;
+                    return;
+                }
+                // Later: redeliver what was not acknowledged, then a new event too large for
+                // the journal (refused: never acknowledged), then e3.
+                for id in ["e1", "e2"] {
+                    if !book.is_acked(id) {
+                        let _ = ws.send(Message::text(acked_event(id, 0))).await;
+                    }
+                }
+                let _ = ws.send(Message::text(acked_event("big", 4096))).await;
+                let _ = ws.send(Message::text(acked_event("e3", 0))).await;
+                while let Some(frame) = next_text(&mut ws, &rec).await {
+                    book.record(&frame).await;
+                }
+            }
+        }
+    })
+    .await;
+    let (_dir, config) = config_with_top(
+        "acky",
+        "acky",
+        &url_dialect("acky", ACKED_RULES),
+        &provider.url,
+        "[limits]\nmax_event_bytes = 2048\n",
+        FAST,
+    );
+    let bridge = wsbridge::bridge::Bridge::start(&config)
+        .await
+        .expect("bridge starts");
+    let _ = book.store.set(bridge.store().clone());
+    eventually("e1, e2 and e3 acknowledged", DEADLINE, || async {
+        let acked = book.acked();
+        if ["e1", "e2", "e3"].iter().all(|id| book.is_acked(id)) {
+            Ok(())
+        } else {
+            Err(format!("{acked:?}"))
+        }
+    })
+    .await;
+    let acked = book.acked();
+    // Every ack came after its event was in the journal; the refused event got none (acks
+    // follow the journal's order, so it would have come before e3's).
+    assert!(acked.iter().all(|(_, journalled)| *journalled), "{acked:?}");
+    assert!(!book.is_acked("big"), "{acked:?}");
+    // Each event is journalled once, redelivered or not.
+    let stored: Vec<String> = bridge
+        .store()
+        .read_from(1, 100)
+        .await
+        .expect("journal")
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(stored, ["e1", "e2", "e3"]);
+    let c = bridge.upstreams()[0].counters();
+    assert!(c.replies >= 3, "{c:?}");
+    assert_eq!(bridge.ingest_stats().too_large, 1);
+    // The first connection's acks had nowhere to go: dropped and counted (or, if the first
+    // connection was still open when e1/e2 were journalled, sent there and lost with it).
+    assert!(provider.connections() >= 2);
+    let metrics = metrics_text(&bridge).await;
+    assert!(
+        metrics.contains("wsbridge_upstream_replies_total{upstream=\"acky-up\"}"),
+        "{metrics}"
+    );
+    bridge.shutdown().await;
+}
