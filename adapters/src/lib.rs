@@ -106,6 +106,18 @@ pub enum AdapterError {
     },
 }
 
+/// Why a `[prepare]` answer was not taken. Never quotes a secret or the answer's body.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PrepareRefused {
+    /// The credentials were refused (HTTP 401/403, or the dialect's `fail`): `auth_failed`.
+    #[error("credentials refused: {0}")]
+    Auth(String),
+    /// Any other failure (another non-2xx status, an answer that is not JSON): retried with
+    /// backoff.
+    #[error("{0}")]
+    Failed(String),
+}
+
 /// A frame that could not be decoded. It is counted and logged by the caller and the
 /// connection stays up: one bad frame must never cost the events after it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -330,6 +342,24 @@ pub trait Adapter: Send + Sync + 'static {
     /// (`sequence`, for gap detection).
     fn decode_sequenced(&self, text: &str) -> Result<(Inbound, Option<Sequence>), DecodeError> {
         self.decode(text).map(|i| (i, None))
+    }
+
+    /// `[prepare]`: the HTTP request to make before every connect (and every refresh);
+    /// `None` when the dialect makes none.
+    fn prepare_request(&self) -> Option<Result<http::Request<Vec<u8>>, AdapterError>> {
+        None
+    }
+
+    /// Takes the answer to the prepare request: a 2xx JSON answer the dialect's `fail` does
+    /// not refuse becomes `$prepared` for what the connection sends from now on.
+    fn prepared(&self, status: u16, body: &[u8]) -> Result<(), PrepareRefused> {
+        let _ = (status, body);
+        Ok(())
+    }
+
+    /// `[prepare] refresh`: how often the prepare request is repeated while connected.
+    fn prepare_refresh(&self) -> Option<std::time::Duration> {
+        None
     }
 
     /// Every event one frame carries (a `split` rule's items, each its own event), with

@@ -9,6 +9,7 @@ use serde_json::json;
 use wsbridge_adapters::dialect::{builtin, builtin_names, Dialect, DialectAdapter, Params};
 use wsbridge_adapters::{
     Adapter, AdapterError, Control, Decoded, FrameEvent, Greeting, Heartbeat, Inbound,
+    PrepareRefused,
 };
 
 fn shipped(name: &str) -> Arc<Dialect> {
@@ -169,12 +170,64 @@ fn unknown_keys_and_missing_sections_are_refused() {
 }
 
 #[test]
-fn keys_this_version_does_not_run_yet_are_refused_not_ignored() {
-    for (extra, key) in [("[prepare]\nurl = '$url'\n", "prepare")] {
-        let e = refused(&format!("{MINIMAL}\n{extra}"));
-        assert!(e.contains(key), "{extra}: {e}");
-        assert!(e.contains("not supported"), "{extra}: {e}");
-    }
+fn prepare_is_checked_at_load_and_its_answer_feeds_the_connect_request() {
+    let e = refused(&format!(
+        "{MINIMAL}\n[prepare]\nmethod = \"TRACE\"\nurl = '\"http://x/\"'\nrefresh = \"1ms\"\n"
+    ));
+    assert!(
+        e.contains("prepare.method") && e.contains("prepare.refresh"),
+        "{e}"
+    );
+    let text = r#"
+[dialect]
+name = "prep"
+[params]
+key = { required = true, secret = true }
+[prepare]
+method = "POST"
+url = '"https://api.example.invalid/open"'
+headers = { authorization = '"Bearer " + $key' }
+fail = '.ok | not'
+[connect]
+url = '$prepared.url'
+"#;
+    let d = Arc::new(Dialect::load("prep.toml", text).expect("loads"));
+    assert!(!d.uses_url());
+    let mut p = Params::without_url();
+    p.set("key", json!("k-secret"));
+    let a = DialectAdapter::bind(d, &p).expect("binds before any answer");
+    let req = a
+        .prepare_request()
+        .expect("a prepare call")
+        .expect("builds");
+    assert_eq!(req.method(), http::Method::POST);
+    assert_eq!(req.headers()["authorization"], "Bearer k-secret");
+    // Before an answer there is no URL to dial; a refused answer keeps it so.
+    assert!(a.connect_request().is_err());
+    assert!(matches!(
+        a.prepared(200, br#"{"ok":false}"#),
+        Err(PrepareRefused::Auth(_))
+    ));
+    assert!(matches!(
+        a.prepared(403, b"{}"),
+        Err(PrepareRefused::Auth(_))
+    ));
+    assert!(matches!(
+        a.prepared(502, b"{}"),
+        Err(PrepareRefused::Failed(_))
+    ));
+    assert!(matches!(
+        a.prepared(200, b"<html>"),
+        Err(PrepareRefused::Failed(_))
+    ));
+    assert!(a.connect_request().is_err());
+    a.prepared(
+        200,
+        br#"{"ok":true,"url":"wss://ws.example.invalid/link?t=1"}"#,
+    )
+    .expect("taken");
+    let req = a.connect_request().expect("the answer's URL");
+    assert_eq!(req.uri(), "wss://ws.example.invalid/link?t=1");
 }
 
 /// A dialect exercising the engine's rules.

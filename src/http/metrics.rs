@@ -88,7 +88,7 @@ pub async fn render(state: &AppState) -> String {
         (vec![], vec![], vec![], vec![], vec![], vec![]);
     let (mut too_large, mut untracked, mut inflate_refused, mut ack_timeouts, mut gaps) =
         (vec![], vec![], vec![], vec![], vec![]);
-    let (mut replies, mut replies_dropped) = (vec![], vec![]);
+    let (mut replies, mut replies_dropped, mut prepare_failures) = (vec![], vec![], vec![]);
     let mut up_failures = vec![];
     for u in &upstreams {
         let name = u.name();
@@ -123,6 +123,7 @@ pub async fn render(state: &AppState) -> String {
         gaps.push((labels(&[("upstream", name)]), c.gaps));
         replies.push((labels(&[("upstream", name)]), c.replies));
         replies_dropped.push((labels(&[("upstream", name)]), c.replies_dropped));
+        prepare_failures.push((labels(&[("upstream", name)]), c.prepare_failures));
         for (t, n) in u.events_by_type() {
             events.push((labels(&[("upstream", name), ("type", &t)]), n));
         }
@@ -217,6 +218,12 @@ pub async fn render(state: &AppState) -> String {
         "upstream_replies_dropped",
         "Reply frames dropped because their connection was gone (the provider redelivers; the journal deduplicates)",
         replies_dropped,
+    );
+    counter_family(
+        &mut r,
+        "upstream_prepare_failures",
+        "[prepare] refresh calls that failed while connected (the connection and the last answer were kept)",
+        prepare_failures,
     );
     gauge_family(
         &mut r,

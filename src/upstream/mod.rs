@@ -27,6 +27,7 @@ mod backoff;
 mod connect;
 pub mod gaps;
 pub mod occurrence;
+mod prepare;
 mod registry;
 mod session;
 
@@ -154,6 +155,9 @@ pub struct UpstreamCounters {
     /// Reply frames dropped because their connection was gone or its reply queue full (the
     /// provider redelivers; the journal deduplicates).
     pub replies_dropped: Arc<AtomicU64>,
+    /// `[prepare] refresh` calls that failed while connected (the connection and the last
+    /// answer were kept).
+    pub prepare_failures: AtomicU64,
     /// Events per type (a lookup without allocation once a type has been seen).
     events_by_type: std::sync::Mutex<std::collections::HashMap<String, u64>>,
 }
@@ -187,6 +191,8 @@ pub struct CounterSnapshot {
     pub replies: u64,
     /// See [`UpstreamCounters::replies_dropped`].
     pub replies_dropped: u64,
+    /// See [`UpstreamCounters::prepare_failures`].
+    pub prepare_failures: u64,
 }
 
 /// How many distinct event types one upstream counts separately.
@@ -238,6 +244,7 @@ impl UpstreamCounters {
             gaps: self.gaps.load(Ordering::Relaxed),
             replies: self.replies.load(Ordering::Relaxed),
             replies_dropped: self.replies_dropped.load(Ordering::Relaxed),
+            prepare_failures: self.prepare_failures.load(Ordering::Relaxed),
         }
     }
 }
@@ -331,6 +338,8 @@ pub(crate) struct Shared {
     pub status: Arc<watch::Sender<UpstreamStatus>>,
     /// DNS, TCP and TLS as this upstream's `tls_*` keys say.
     pub connector: connect::Connector,
+    /// The client of the dialect's `[prepare]` calls, when it makes any.
+    pub preparer: Option<Arc<prepare::Preparer>>,
 }
 
 impl Shared {
@@ -470,6 +479,12 @@ pub fn spawn_gated(
             config.uses_tls(),
             &format!("upstream {}", config.name),
         ),
+        preparer: adapter.prepare_request().map(|_| {
+            Arc::new(prepare::Preparer::new(
+                &config.tls,
+                &format!("upstream {} [prepare]", config.name),
+            ))
+        }),
     };
     let handle_parts = (shared.name.clone(), shared.counters.clone());
     let failed = shared.clone();

@@ -118,7 +118,24 @@ fn ws_config(limits: &super::FrameLimits) -> WebSocketConfig {
         .max_frame_size(Some(limits.max_frame_bytes))
 }
 
+/// Runs the dialect's `[prepare]` call, if it has one (its answer is `$prepared` for what
+/// the connection sends).
+async fn prepare(shared: &Shared) -> Result<(), SessionEnd> {
+    match &shared.preparer {
+        Some(p) => {
+            p.run(
+                shared.adapter.as_ref(),
+                shared.timing.connect_timeout,
+                shared.limits.max_frame_bytes,
+            )
+            .await
+        }
+        None => Ok(()),
+    }
+}
+
 async fn connect(shared: &Shared) -> Result<Ws, SessionEnd> {
+    prepare(shared).await?;
     let request = shared
         .adapter
         .connect_request()
@@ -209,6 +226,13 @@ async fn connect_and_serve(
     let mut check = tokio::time::interval(check_every);
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_seen = Instant::now();
+    // `[prepare] refresh`: the call repeated while connected.
+    let mut refresh = shared.adapter.prepare_refresh().map(|every| {
+        let every = every.min(MAX_WAIT);
+        let mut i = tokio::time::interval_at(deadline_after(every), every);
+        i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        i
+    });
 
     loop {
         tokio::select! {
@@ -294,6 +318,22 @@ async fn connect_and_serve(
                     return SessionEnd::Transport(format!("reply not sent: {e}"));
                 }
                 shared.counters.replies.fetch_add(1, Ordering::Relaxed);
+            }
+            _ = async { match refresh.as_mut() {
+                Some(i) => { i.tick().await; }
+                None => std::future::pending().await,
+            } } => {
+                match prepare(shared).await {
+                    Ok(()) => debug!(upstream = %name, "[prepare] refreshed"),
+                    Err(SessionEnd::AuthRejected(m)) => {
+                        let _ = ws.close(None).await;
+                        return SessionEnd::AuthRejected(m);
+                    }
+                    Err(e) => {
+                        shared.counters.prepare_failures.fetch_add(1, Ordering::Relaxed);
+                        warn!(upstream = %name, error = %e, "[prepare] refresh failed; keeping the connection and the last answer");
+                    }
+                }
             }
             _ = ping.tick() => {
                 let beat = match shared.adapter.heartbeat(Utc::now().timestamp()) {

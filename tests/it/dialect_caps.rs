@@ -108,8 +108,8 @@ fn write(path: &Path, text: &str) {
     std::fs::write(path, text).expect("write");
 }
 
-/// A config with `dialect` (as `dialects/<name>.toml`) and one upstream of it at `url`, with
-/// `extra` keys, written to a fresh directory.
+/// A config with `dialect` (as `dialects/<name>.toml`) and one upstream of it at `url` (none
+/// when empty), with `extra` keys, written to a fresh directory.
 fn config_with(tag: &str, name: &str, dialect: &str, url: &str, extra: &str) -> (PathBuf, Config) {
     config_with_top(tag, name, dialect, url, "", extra)
 }
@@ -131,9 +131,11 @@ fn config_with_top(
     write(
         &path,
         &format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\n[storage]\npath = {:?}\n[dialects]\npaths = [{:?}]\n{top}\n[[upstreams]]\nname = \"{name}-up\"\nadapter = \"{name}\"\nurl = \"{url}\"\n{extra}\n",
+            "[server]\nlisten = \"127.0.0.1:0\"\n[storage]\npath = {:?}\n[dialects]\npaths = [{:?}]\n{top}\n[[upstreams]]\nname = \"{name}-up\"\nadapter = \"{name}\"\n{}{extra}\n",
             dir.join("j.db").display().to_string(),
             dialects.display().to_string(),
+            // No `url` for a dialect that needs none (its URL comes from `[prepare]`).
+            if url.is_empty() { String::new() } else { format!("url = \"{url}\"\n") },
         ),
     );
     let config = Config::load(&path).expect("valid config");
@@ -1052,4 +1054,184 @@ async fn replies_go_back_on_the_connection_only_after_the_journal_commit_and_red
         "{metrics}"
     );
     bridge.shutdown().await;
+}
+
+/// A REST endpoint for `[prepare]` tests: `POST /open` with the right bearer key answers
+/// `{ok, url, ticket}` (the ticket numbers the calls), or what `mode` says.
+struct PrepServer {
+    base: String,
+    calls: tokio::sync::watch::Sender<u64>,
+    /// "ok", "refuse" (`ok: false`), or an HTTP status to answer.
+    mode: Mutex<String>,
+    ws_url: Mutex<String>,
+}
+
+const PREP_KEY: &str = "prep-s3cr3t-key";
+
+impl PrepServer {
+    async fn start(ws_url: &str) -> Arc<PrepServer> {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let server = Arc::new(PrepServer {
+            base: format!("http://{}", listener.local_addr().expect("addr")),
+            calls: tokio::sync::watch::channel(0).0,
+            mode: Mutex::new("ok".to_string()),
+            ws_url: Mutex::new(ws_url.to_string()),
+        });
+        let app = axum::Router::new()
+            .route("/open", axum::routing::post(prep_open))
+            .with_state(server.clone());
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        server
+    }
+
+    fn calls(&self) -> u64 {
+        *self.calls.borrow()
+    }
+}
+
+async fn prep_open(
+    axum::extract::State(s): axum::extract::State<Arc<PrepServer>>,
+    headers: axum::http::HeaderMap,
+    body: String,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let authorised = headers.get("authorization").and_then(|v| v.to_str().ok())
+        == Some(&format!("Bearer {PREP_KEY}"));
+    let json_body = headers.get("content-type").and_then(|v| v.to_str().ok())
+        == Some("application/json")
+        && serde_json::from_str::<serde_json::Value>(&body).ok() == Some(json!({"purpose": "ws"}));
+    if !authorised || !json_body {
+        return (axum::http::StatusCode::BAD_REQUEST, "bad request").into_response();
+    }
+    s.calls.send_modify(|n| *n += 1);
+    let n = s.calls();
+    let mode = s.mode.lock().expect("lock").clone();
+    if let Ok(status) = mode.parse::<u16>() {
+        let status = axum::http::StatusCode::from_u16(status).expect("status");
+        return (status, "{}").into_response();
+    }
+    let ws = s.ws_url.lock().expect("lock").clone();
+    axum::Json(
+        json!({"ok": mode == "ok", "url": format!("{ws}?ticket=t{n}"), "ticket": format!("t{n}")}),
+    )
+    .into_response()
+}
+
+const PREP_RULES: &str = r#"
+[params]
+rest_url = { required = true }
+api_key = { required = true, secret = true }
+[prepare]
+method = "POST"
+url = '$rest_url + "/open"'
+headers = { authorization = '"Bearer " + $api_key' }
+body = '{purpose: "ws"}'
+fail = '.ok | not'
+refresh = "50ms"
+[connect]
+url = '$prepared.url'
+[[session]]
+send = '{hello: $prepared.ticket}'
+[[events]]
+type = '.kind'
+"#;
+
+fn prep_dialect() -> String {
+    format!("[dialect]\nname = \"prep\"\n{PREP_RULES}")
+}
+
+/// A config with the `prep` dialect and one upstream of it (no `url`) using `server`.
+fn prep_config(server: &PrepServer) -> (PathBuf, Config) {
+    let keys = format!(
+        "rest_url = \"{}\"\napi_key = \"{PREP_KEY}\"\n{FAST}",
+        server.base
+    );
+    config_with_top("prep", "prep", &prep_dialect(), "", "", &keys)
+}
+
+#[tokio::test]
+async fn prepare_runs_before_every_connect_and_refreshes_while_connected() {
+    let server_slot: Arc<std::sync::OnceLock<Arc<PrepServer>>> = Arc::default();
+    let provider = TestProvider::start({
+        let slot = server_slot.clone();
+        move |n, mut ws, rec| {
+            let slot = slot.clone();
+            async move {
+                if next_text(&mut ws, &rec).await.is_none() {
+                    return;
+                }
+                let event = json!({"kind": "note", "conn": n}).to_string();
+                let _ = ws.send(Message::text(event)).await;
+                if n == 0 {
+                    // Stay while [prepare] refreshes twice, then go: the bridge reconnects.
+                    if let Some(server) = slot.get() {
+                        let mut calls = server.calls.subscribe();
+                        let _ = calls.wait_for(|c| *c >= 3).await;
+                    }
+                    let _ = ws.close(None).await;
+                    return;
+                }
+                while next_text(&mut ws, &rec).await.is_some() {}
+            }
+        }
+    })
+    .await;
+    let server = PrepServer::start(&provider.url).await;
+    let _ = server_slot.set(server.clone());
+    let (_dir, config) = prep_config(&server);
+    let (bridge, mut rx) = start_bridge(&config).await;
+    for conn in [0, 1] {
+        next_matching(&mut rx, "an event of each connection", |p| {
+            p.envelope.data["conn"] == conn
+        })
+        .await;
+    }
+    // Connection 0 was opened with the first answer; it stayed through the refreshes.
+    assert_eq!(
+        provider.frames(0).first().map(String::as_str),
+        Some(r#"{"hello":"t1"}"#)
+    );
+    // The reconnect prepared afresh: a later ticket.
+    let hello: serde_json::Value =
+        serde_json::from_str(&provider.frames(1)[0]).expect("hello is JSON");
+    let ticket: u64 = hello["hello"]
+        .as_str()
+        .and_then(|t| t.strip_prefix('t'))
+        .and_then(|n| n.parse().ok())
+        .expect("a ticket");
+    assert!(ticket >= 4, "{hello}");
+    assert_eq!(provider.connections(), 2);
+    let status = get_text(&bridge, "/v1/status").await;
+    assert!(!status.contains(PREP_KEY), "{status}");
+    bridge.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_refused_prepare_is_auth_failed_and_a_server_error_backs_off() {
+    for (mode, state, why) in [
+        ("401", UpstreamState::AuthFailed, "HTTP 401"),
+        ("refuse", UpstreamState::AuthFailed, "[prepare] fail"),
+        ("500", UpstreamState::Backoff, "HTTP 500"),
+    ] {
+        let provider = TestProvider::start(|_, mut ws, rec| async move {
+            while next_text(&mut ws, &rec).await.is_some() {}
+        })
+        .await;
+        let server = PrepServer::start(&provider.url).await;
+        *server.mode.lock().expect("lock") = mode.to_string();
+        let (_dir, config) = prep_config(&server);
+        let bridge = wsbridge::bridge::Bridge::start(&config)
+            .await
+            .expect("bridge starts");
+        let u = &bridge.upstreams()[0];
+        let got = wait_status(u, mode, |s| s.state == state).await;
+        let error = got.last_error.unwrap_or_default();
+        assert!(error.contains(why), "{mode}: {error}");
+        assert!(!error.contains(PREP_KEY), "{error}");
+        assert_eq!(provider.connections(), 0, "{mode}: never dialled");
+        assert!(server.calls() >= 1);
+        bridge.shutdown().await;
+    }
 }

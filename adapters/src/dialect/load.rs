@@ -9,11 +9,12 @@ use super::examples::Example;
 use super::expr::Expr;
 use super::file::{
     ConnectDecl, ControlDecl, DialectFile, EventDecl, ExampleDecl, HeartbeatDecl, ParamDecl,
-    SessionDecl, SubscribeDecl,
+    PrepareDecl, SessionDecl, SubscribeDecl,
 };
 use super::{
-    var_names, Connect, ControlKind, ControlRule, Dialect, DialectError, EventRule, HeartbeatRule,
-    Matcher, Ownership, Param, ParamKind, Problem, SessionStep, Subscribe, TimeUnit,
+    send_var_names, var_names, Connect, ControlKind, ControlRule, Dialect, DialectError, EventRule,
+    HeartbeatRule, Matcher, Ownership, Param, ParamKind, Prepare, Problem, SessionStep, Subscribe,
+    TimeUnit,
 };
 use sha2::Digest;
 
@@ -63,14 +64,6 @@ impl Checker {
                 self.problem(key, format!("jq: {e} in {code:?}"));
                 None
             }
-        }
-    }
-
-    /// A key the contract names but this version does not run yet: refused, so a file never
-    /// silently loses behaviour it asks for.
-    fn not_yet<T>(&mut self, key: &str, value: &Option<T>) {
-        if value.is_some() {
-            self.problem(key, "not supported by this version of wsbridge yet");
         }
     }
 }
@@ -123,8 +116,9 @@ pub(super) fn load(origin: &str, text: &str) -> Result<Dialect, DialectError> {
 
     let params = params(&mut c, file.params);
     let vars = var_names(&params);
-
-    c.not_yet("prepare", &file.prepare);
+    let prepare = file.prepare.and_then(|decl| prepare(&mut c, decl, &vars));
+    // What the connection sends may read `$prepared` too.
+    let vars = send_var_names(&params);
     let session = each(&mut c, file.session, &vars, session_step);
 
     let connect = match file.connect {
@@ -146,6 +140,7 @@ pub(super) fn load(origin: &str, text: &str) -> Result<Dialect, DialectError> {
         Some(decl) => heartbeat(&mut c, decl, &vars),
         None => Some(HeartbeatRule::Protocol),
     };
+    let vars = var_names(&params);
     let controls = each(&mut c, file.control, &vars, control);
     let events = each(&mut c, file.events, &vars, event);
     let examples: Vec<Example> = file
@@ -164,6 +159,7 @@ pub(super) fn load(origin: &str, text: &str) -> Result<Dialect, DialectError> {
             uses_url: c.uses_url,
             fingerprint: sha2::Sha256::digest(text.as_bytes()).into(),
             params,
+            prepare,
             connect,
             session,
             subscribe,
@@ -329,6 +325,70 @@ fn params(c: &mut Checker, decls: std::collections::BTreeMap<String, ParamDecl>)
     out
 }
 
+/// The range `[prepare] refresh` may take.
+const REFRESH_BOUNDS: (Duration, Duration) = (
+    Duration::from_millis(10),
+    Duration::from_secs(7 * 24 * 3600),
+);
+
+fn prepare(c: &mut Checker, decl: PrepareDecl, vars: &[String]) -> Option<Prepare> {
+    let method = match decl.method.as_deref().unwrap_or("GET") {
+        m @ ("GET" | "POST" | "PUT" | "PATCH" | "DELETE") => {
+            http::Method::from_bytes(m.as_bytes()).ok()
+        }
+        other => {
+            c.problem(
+                "prepare.method",
+                format!("{other:?}: expected \"GET\", \"POST\", \"PUT\", \"PATCH\" or \"DELETE\""),
+            );
+            None
+        }
+    };
+    let url = c.expr("prepare.url", &decl.url, vars);
+    let headers = headers(c, "prepare", decl.headers, vars);
+    let body = match decl.body {
+        Some(code) => Some(c.expr("prepare.body", &code, vars)?),
+        None => None,
+    };
+    let fail = match decl.fail {
+        Some(code) => Some(c.expr("prepare.fail", &code, vars)?),
+        None => None,
+    };
+    let refresh = match decl.refresh {
+        Some(text) => Some(duration(c, "prepare.refresh", &text, REFRESH_BOUNDS)?),
+        None => None,
+    };
+    Some(Prepare {
+        method: method?,
+        url: url?,
+        headers,
+        body,
+        fail,
+        refresh,
+    })
+}
+
+/// `<section>.headers`: each name checked, each value compiled.
+fn headers(
+    c: &mut Checker,
+    section: &str,
+    decl: std::collections::BTreeMap<String, String>,
+    vars: &[String],
+) -> Vec<(String, Expr)> {
+    let mut out = Vec::new();
+    for (name, code) in decl {
+        let key = format!("{section}.headers.{name}");
+        if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+            c.problem(&key, "not a valid HTTP header name");
+            continue;
+        }
+        if let Some(e) = c.expr(&key, &code, vars) {
+            out.push((name, e));
+        }
+    }
+    out
+}
+
 fn connect(c: &mut Checker, decl: ConnectDecl, vars: &[String]) -> Option<Connect> {
     let binary = match decl.binary.as_deref() {
         None => crate::BinaryFrames::Text,
@@ -353,17 +413,7 @@ fn connect(c: &mut Checker, decl: ConnectDecl, vars: &[String]) -> Option<Connec
         }
     }
     let url = c.expr("connect.url", &decl.url, vars);
-    let mut headers = Vec::new();
-    for (name, code) in decl.headers {
-        let key = format!("connect.headers.{name}");
-        if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
-            c.problem(&key, "not a valid HTTP header name");
-            continue;
-        }
-        if let Some(e) = c.expr(&key, &code, vars) {
-            headers.push((name, e));
-        }
-    }
+    let headers = headers(c, "connect", decl.headers, vars);
     Some(Connect {
         url: url?,
         headers,
