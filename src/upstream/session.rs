@@ -99,7 +99,31 @@ pub(crate) async fn run(
     shutdown: &CancellationToken,
 ) -> Outcome {
     let mut subscribed_at = None;
-    let end = connect_and_serve(shared, ingest, shutdown, &mut subscribed_at).await;
+    // Replies (a dialect's `reply`) come back here from ingest once their event is
+    // journalled; they go out on this connection only.
+    let (reply_to, mut replies) = mpsc::channel(REPLY_QUEUE);
+    let end = connect_and_serve(
+        shared,
+        ingest,
+        shutdown,
+        &mut subscribed_at,
+        (reply_to, &mut replies),
+    )
+    .await;
+    // The connection is gone: replies still waiting, and any that come later, are dropped
+    // and counted (the provider redelivers those events; the journal deduplicates them).
+    replies.close();
+    let mut unsent = 0u64;
+    while replies.try_recv().is_ok() {
+        unsent = unsent.saturating_add(1);
+    }
+    if unsent > 0 {
+        shared
+            .counters
+            .replies_dropped
+            .fetch_add(unsent, Ordering::Relaxed);
+        debug!(upstream = %shared.name, replies = unsent, "connection ended before these replies were sent");
+    }
     let healthy =
         subscribed_at.is_some_and(|t: Instant| t.elapsed() >= shared.timing.healthy_after);
     Outcome { end, healthy }
@@ -168,6 +192,7 @@ async fn connect_and_serve(
     ingest: &mpsc::Sender<Queued>,
     shutdown: &CancellationToken,
     subscribed_at: &mut Option<Instant>,
+    replies: (mpsc::Sender<String>, &mut mpsc::Receiver<String>),
 ) -> SessionEnd {
     let mut ws = tokio::select! {
         connected = connect(shared) => match connected {
@@ -178,10 +203,7 @@ async fn connect_and_serve(
     };
     let name = &shared.name;
     let timing = &shared.timing;
-    // Replies (a dialect's `reply`) come back here from ingest once their event is
-    // journalled; they go out on this connection only. Dropping the receiver with the
-    // connection makes a late reply a counted drop (the provider redelivers).
-    let (reply_to, mut replies) = mpsc::channel(REPLY_QUEUE);
+    let (reply_to, replies) = replies;
     let mut seen = Seen {
         occurrences: Occurrences::new(shared.limits.dedup_window, shared.limits.tracked_frames),
         sequences: Sequences::new(shared.limits.tracked_frames),
