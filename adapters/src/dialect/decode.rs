@@ -5,6 +5,8 @@
 //! rules, first match wins; a JSON frame no rule takes is still an event,
 //! `<dialect>.unknown`, with the whole frame as `data`. An expression that fails on the frame
 //! makes the frame a decode error (counted and skipped by the caller); nothing else is lost.
+//! A rule with `split` makes each output of its `split` expression an event of its own, in
+//! order (`.` the item, `$frame` the frame); a rule's `reply` is evaluated with the event.
 //!
 //! The frame is parsed once. Expressions inside the fast lane (`native.rs`) read it in place;
 //! the others get it converted to jaq's values, once per frame and only when one needs it.
