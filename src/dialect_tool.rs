@@ -301,6 +301,28 @@ mod tests {
     }
 
     #[test]
+    fn decode_prints_every_event_of_a_split_frame() {
+        let text = "[dialect]\nname = \"batch\"\n[connect]\nurl = '$url'\n[[events]]\nsplit = '.items[]'\ntype = '.k'\n";
+        let d = Arc::new(Dialect::load("batch.toml", text).expect("loads"));
+        let p = Params::new(&url::Url::parse("ws://127.0.0.1:1/").expect("URL"));
+        let a = wsbridge_adapters::build_adapter(d, &p).expect("binds");
+        let input = "{\"items\":[{\"k\":\"a\"},{\"k\":\"b\"},{\"k\":\"c\"}]}\n{\"items\":[]}\n";
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let s = decode(a.as_ref(), input.as_bytes(), &mut out, &mut err).expect("runs");
+        assert_eq!(s.events, 3);
+        assert_eq!(s.errors, 0);
+        let types: Vec<String> = String::from_utf8(out)
+            .expect("utf-8")
+            .lines()
+            .map(|l| {
+                let v: Value = serde_json::from_str(l).expect("an envelope per line");
+                v["type"].as_str().unwrap_or("").to_string()
+            })
+            .collect();
+        assert_eq!(types, ["batch.a", "batch.b", "batch.c"]);
+    }
+
+    #[test]
     fn params_take_strings_as_written_and_other_types_as_json() {
         let d = resolve("voipbin").expect("built in");
         let p = params(
