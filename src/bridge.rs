@@ -67,7 +67,7 @@ pub enum BridgeError {
 /// upstream's lease.
 fn spawner(
     limits: upstream::FrameLimits,
-    queue: mpsc::Sender<crate::envelope::Envelope>,
+    queue: mpsc::Sender<crate::ingest::Queued>,
     shutdown: CancellationToken,
     leases: Option<Arc<Leases>>,
 ) -> upstream::Spawner {

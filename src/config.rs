@@ -221,6 +221,11 @@ pub struct LimitsConfig {
     /// the least recently seen is forgotten and counted (`wsbridge_upstream_untracked_total`).
     #[serde(default = "default_tracked_frames")]
     pub tracked_frames: usize,
+    /// Most events one upstream frame may carry (a dialect's `split` rule); a frame with
+    /// more is a decode error (counted, logged, skipped), so one frame cannot flood the
+    /// journal.
+    #[serde(default = "default_max_split_events")]
+    pub max_split_events: usize,
 }
 
 impl Default for LimitsConfig {
@@ -236,6 +241,7 @@ impl Default for LimitsConfig {
             replay_memory_total: default_replay_memory_total(),
             replay_stall_timeout: d_30s(),
             tracked_frames: default_tracked_frames(),
+            max_split_events: default_max_split_events(),
         }
     }
 }
@@ -249,6 +255,10 @@ fn default_max_event_bytes() -> usize {
 
 fn default_tracked_frames() -> usize {
     100_000
+}
+
+fn default_max_split_events() -> usize {
+    wsbridge_adapters::DEFAULT_MAX_SPLIT_EVENTS
 }
 
 fn default_max_depth() -> usize {
@@ -524,6 +534,12 @@ impl LimitsConfig {
             out.push((
                 "tracked_frames",
                 "must be between 1000 and 10000000".to_string(),
+            ));
+        }
+        if !(1..=100_000).contains(&self.max_split_events) {
+            out.push((
+                "max_split_events",
+                "must be between 1 and 100000".to_string(),
             ));
         }
         out

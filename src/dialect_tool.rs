@@ -13,7 +13,7 @@ use std::sync::Arc;
 use chrono::Utc;
 use serde_json::Value;
 use wsbridge_adapters::dialect::{builtin, Dialect, DialectError, Params, Registry};
-use wsbridge_adapters::{Adapter, AdapterError, Inbound};
+use wsbridge_adapters::{Adapter, AdapterError, Decoded};
 
 use crate::config::LimitsConfig;
 use crate::envelope::Envelope;
@@ -242,15 +242,18 @@ pub fn decode(
             continue;
         }
         let decoded = wsbridge_adapters::check_depth(frame, limits.max_depth)
-            .and_then(|()| adapter.decode(frame));
+            .and_then(|()| adapter.decode_frame(frame, limits.max_split_events));
         match decoded {
-            Ok(Inbound::Event(e)) => {
-                let envelope = Envelope::new(e, DECODE_SOURCE, adapter.provider(), Utc::now());
-                let json = serde_json::to_string(&envelope).map_err(std::io::Error::other)?;
-                writeln!(out, "{json}")?;
-                summary.events = summary.events.saturating_add(1);
+            Ok(Decoded::Events(events)) => {
+                for e in events {
+                    let envelope =
+                        Envelope::new(e.event, DECODE_SOURCE, adapter.provider(), Utc::now());
+                    let json = serde_json::to_string(&envelope).map_err(std::io::Error::other)?;
+                    writeln!(out, "{json}")?;
+                    summary.events = summary.events.saturating_add(1);
+                }
             }
-            Ok(Inbound::Control(c)) => {
+            Ok(Decoded::Control(c)) => {
                 writeln!(err, "line {line_no}: a control frame: {c:?}")?;
                 summary.controls = summary.controls.saturating_add(1);
             }
@@ -295,6 +298,28 @@ mod tests {
         assert_eq!(types, ["voipbin.call.status", "voipbin.call.hangup"]);
         let err = String::from_utf8(err).expect("utf-8");
         assert!(err.starts_with("line 3: decode error"), "{err}");
+    }
+
+    #[test]
+    fn decode_prints_every_event_of_a_split_frame() {
+        let text = "[dialect]\nname = \"batch\"\n[connect]\nurl = '$url'\n[[events]]\nsplit = '.items[]'\ntype = '.k'\n";
+        let d = Arc::new(Dialect::load("batch.toml", text).expect("loads"));
+        let p = Params::new(&url::Url::parse("ws://127.0.0.1:1/").expect("URL"));
+        let a = wsbridge_adapters::build_adapter(d, &p).expect("binds");
+        let input = "{\"items\":[{\"k\":\"a\"},{\"k\":\"b\"},{\"k\":\"c\"}]}\n{\"items\":[]}\n";
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let s = decode(a.as_ref(), input.as_bytes(), &mut out, &mut err).expect("runs");
+        assert_eq!(s.events, 3);
+        assert_eq!(s.errors, 0);
+        let types: Vec<String> = String::from_utf8(out)
+            .expect("utf-8")
+            .lines()
+            .map(|l| {
+                let v: Value = serde_json::from_str(l).expect("an envelope per line");
+                v["type"].as_str().unwrap_or("").to_string()
+            })
+            .collect();
+        assert_eq!(types, ["batch.a", "batch.b", "batch.c"]);
     }
 
     #[test]

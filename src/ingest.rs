@@ -2,11 +2,14 @@
 //! deduplicates them and gives them their `seq` and their one serialisation) and are
 //! published.
 //!
-//! Upstream supervisors push [`Envelope`]s into one bounded queue; a task drains it in
+//! Upstream supervisors push [`Envelope`]s ([`Queued`]) into one bounded queue; a task drains it in
 //! batches, checks, serialises (once: the journal appends the seq to those bytes) and routes
 //! each, and hands the batch to a committer task, which gives it to the journal to commit in
 //! one transaction (group commit), in order. Only then is anything published: write-ahead
 //! (docs/architecture.md, "Invariants").
+//! An event whose dialect has a `reply` carries it ([`Reply`]): the committer hands it back
+//! to the event's connection once the event is journalled (or found already journalled), so
+//! the provider's acknowledgement means "durable".
 //! Ingest hands each event it journalled to the backend's live feed
 //! ([`crate::storage::Publisher`]): the embedded backend publishes it to the ring; with NATS
 //! the journal's tail feeds the ring (it also carries other instances' events), so ingest's
@@ -36,12 +39,68 @@ use crate::envelope::{sequenced_len, Envelope, Published};
 use crate::routing::Router;
 use crate::storage::{Appended, NewEvent, Publisher, Store, StoreError};
 
+/// An event on its way to the journal, with the frame its provider waits for once it is
+/// journalled (a dialect's `reply`), if any.
+#[derive(Debug)]
+pub struct Queued {
+    /// The event.
+    pub envelope: Envelope,
+    /// Sent back on the event's connection once the event is journalled (or found already
+    /// journalled); never for an event the journal refused.
+    pub reply: Option<Reply>,
+}
+
+impl From<Envelope> for Queued {
+    fn from(envelope: Envelope) -> Queued {
+        Queued {
+            envelope,
+            reply: None,
+        }
+    }
+}
+
+/// A frame for the provider, handed back to the connection an event came from after the
+/// journal commit: acknowledging an event only once it is durable makes the whole path
+/// at-least-once for providers that redeliver what was not acknowledged.
+#[derive(Debug)]
+pub struct Reply {
+    /// The frame's text.
+    pub frame: String,
+    /// The connection's bounded reply queue; closed once the connection is gone.
+    pub to: mpsc::Sender<String>,
+    /// Counted when the frame cannot be handed over (the connection is gone or its queue is
+    /// full): the provider then redelivers the event, which the journal deduplicates.
+    pub dropped: Arc<AtomicU64>,
+}
+
+impl Reply {
+    /// Hands the frame to its connection without waiting: the committer never blocks on one
+    /// connection.
+    fn hand_over(self) {
+        if let Err(e) = self.to.try_send(self.frame) {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            let why = match e {
+                mpsc::error::TrySendError::Full(_) => "its reply queue is full",
+                mpsc::error::TrySendError::Closed(_) => "its connection is gone",
+            };
+            debug!(
+                reason = why,
+                "reply to the provider dropped; it will redeliver"
+            );
+        }
+    }
+}
+
 /// Capacity of the queue from the supervisors to ingest.
 pub const INGEST_QUEUE: usize = 4096;
 /// Capacity of the publish ring.
 pub const PUBLISH_CAPACITY: usize = 8192;
 /// Most events taken from the queue per batch.
 const BATCH: usize = 512;
+/// Most events between a supervisor and the journal commit: the ingest queue and the
+/// prepared batches. A connection's reply queue holds as many, so that a reply is dropped
+/// only when its connection is gone or stopped reading it.
+pub const IN_FLIGHT: usize = INGEST_QUEUE + PIPELINE * BATCH;
 
 /// Ingest counters.
 #[derive(Debug, Default)]
@@ -115,7 +174,7 @@ pub struct Sinks {
 /// which journals whatever has gathered as one append (a larger transaction when the journal
 /// is the slower side).
 pub fn spawn(
-    mut queue: mpsc::Receiver<Envelope>,
+    mut queue: mpsc::Receiver<Queued>,
     store: Arc<dyn Store>,
     sinks: Sinks,
     stats: Arc<IngestStats>,
@@ -137,10 +196,12 @@ pub fn spawn(
             // Routing happens before journalling so that the event and its deliveries are
             // committed together: after a crash, nothing journalled lacks its deliveries.
             let router = router.load();
+            let mut replies = Vec::new();
             let events: Vec<NewEvent> = batch
                 .drain(..)
-                .filter_map(|envelope| {
+                .filter_map(|Queued { envelope, reply }| {
                     let unsequenced = admit(&envelope, max_event_bytes, &stats)?;
+                    replies.push(reply);
                     Some(NewEvent {
                         targets: router.targets(&envelope),
                         envelope,
@@ -152,7 +213,7 @@ pub fn spawn(
                 continue;
             }
             // The committer is gone only when the journal closed.
-            if prepared.send(events).await.is_err() {
+            if prepared.send(Prepared { events, replies }).await.is_err() {
                 return;
             }
         }
@@ -164,10 +225,16 @@ pub fn spawn(
 /// Prepared batches the committer may have waiting (each up to [`BATCH`] events).
 pub const PIPELINE: usize = 4;
 
+/// A batch ready to journal, with each event's reply (in the same order).
+struct Prepared {
+    events: Vec<NewEvent>,
+    replies: Vec<Option<Reply>>,
+}
+
 /// The committer: journals what ingest prepared, in order, then publishes it and wakes the
 /// endpoints that got deliveries.
 async fn commit(
-    mut prepared: mpsc::Receiver<Vec<NewEvent>>,
+    mut prepared: mpsc::Receiver<Prepared>,
     store: Arc<dyn Store>,
     publish: Publisher,
     wake: Arc<dyn Wake>,
@@ -176,7 +243,12 @@ async fn commit(
     let mut batches = Vec::with_capacity(PIPELINE);
     let mut woken: Vec<Arc<str>> = Vec::new();
     while prepared.recv_many(&mut batches, PIPELINE).await > 0 {
-        let events: Vec<NewEvent> = batches.drain(..).flatten().collect();
+        let mut events: Vec<NewEvent> = Vec::new();
+        let mut replies: Vec<Option<Reply>> = Vec::new();
+        for b in batches.drain(..) {
+            events.extend(b.events);
+            replies.extend(b.replies);
+        }
         for target in events.iter().flat_map(|n| n.targets.iter()) {
             if !woken.contains(target) {
                 woken.push(target.clone());
@@ -202,20 +274,32 @@ async fn commit(
                 continue;
             }
         };
-        for outcome in appended {
+        // One outcome per event, in order; an event without a reply has `None` beside it.
+        for (outcome, reply) in appended
+            .into_iter()
+            .zip(replies.into_iter().chain(std::iter::repeat_with(|| None)))
+        {
             match outcome {
                 Appended::Stored {
                     bytes, envelope, ..
                 } => {
                     stats.published.fetch_add(1, Ordering::Relaxed);
                     publish.journalled(Published::new(*envelope, bytes));
+                    if let Some(r) = reply {
+                        r.hand_over();
+                    }
                 }
                 Appended::Duplicate => {
                     stats.duplicates.fetch_add(1, Ordering::Relaxed);
                     debug!("duplicate event dropped");
+                    // Already journalled: the provider's redelivery is acknowledged too.
+                    if let Some(r) = reply {
+                        r.hand_over();
+                    }
                 }
                 Appended::Rejected => {
-                    // The store has logged which event and why.
+                    // The store has logged which event and why. Not acknowledged: the
+                    // provider keeps it (and may redeliver it).
                     stats.rejected.fetch_add(1, Ordering::Relaxed);
                 }
             }

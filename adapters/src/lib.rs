@@ -106,6 +106,18 @@ pub enum AdapterError {
     },
 }
 
+/// Why a `[prepare]` answer was not taken. Never quotes a secret or the answer's body.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PrepareRefused {
+    /// The credentials were refused (HTTP 401/403, or the dialect's `fail`): `auth_failed`.
+    #[error("credentials refused: {0}")]
+    Auth(String),
+    /// Any other failure (another non-2xx status, an answer that is not JSON): retried with
+    /// backoff.
+    #[error("{0}")]
+    Failed(String),
+}
+
 /// A frame that could not be decoded. It is counted and logged by the caller and the
 /// connection stays up: one bad frame must never cost the events after it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -198,6 +210,32 @@ pub enum Inbound {
     Event(DecodedEvent),
     /// A control frame, consumed by the supervisor.
     Control(Control),
+}
+
+/// The default of `limits.max_split_events`: most events one frame may carry (a dialect's
+/// `split` rule); a frame with more is a decode error, so one frame cannot flood the journal.
+pub const DEFAULT_MAX_SPLIT_EVENTS: usize = 1000;
+
+/// One event of an inbound frame, with what its connection does about it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FrameEvent {
+    /// The event.
+    pub event: DecodedEvent,
+    /// Its place in the provider's numbering, when its rule has `sequence`.
+    pub sequence: Option<Sequence>,
+    /// The frame to send back to the provider on the same connection once the event is
+    /// journalled (its rule's `reply`): the acknowledgement some providers require per event.
+    pub reply: Option<String>,
+}
+
+/// Everything one inbound frame decodes to: a control frame, or its events (one, or the
+/// items of a `split` rule, in the frame's order; none when a split frame carries none).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Decoded {
+    /// A control frame, consumed by the supervisor.
+    Control(Control),
+    /// The frame's events, in order.
+    Events(Vec<FrameEvent>),
 }
 
 /// How an adapter keeps its connection alive and proves it is not stale.
@@ -304,6 +342,39 @@ pub trait Adapter: Send + Sync + 'static {
     /// (`sequence`, for gap detection).
     fn decode_sequenced(&self, text: &str) -> Result<(Inbound, Option<Sequence>), DecodeError> {
         self.decode(text).map(|i| (i, None))
+    }
+
+    /// `[prepare]`: the HTTP request to make before every connect (and every refresh);
+    /// `None` when the dialect makes none.
+    fn prepare_request(&self) -> Option<Result<http::Request<Vec<u8>>, AdapterError>> {
+        None
+    }
+
+    /// Takes the answer to the prepare request: a 2xx JSON answer the dialect's `fail` does
+    /// not refuse becomes `$prepared` for what the connection sends from now on.
+    fn prepared(&self, status: u16, body: &[u8]) -> Result<(), PrepareRefused> {
+        let _ = (status, body);
+        Ok(())
+    }
+
+    /// `[prepare] refresh`: how often the prepare request is repeated while connected.
+    fn prepare_refresh(&self) -> Option<std::time::Duration> {
+        None
+    }
+
+    /// Every event one frame carries (a `split` rule's items, each its own event), with
+    /// their sequence numbers and reply frames; at most `max_events` of them (more is a
+    /// decode error: `limits.max_split_events`).
+    fn decode_frame(&self, text: &str, max_events: usize) -> Result<Decoded, DecodeError> {
+        let _ = max_events;
+        Ok(match self.decode_sequenced(text)? {
+            (Inbound::Control(c), _) => Decoded::Control(c),
+            (Inbound::Event(event), sequence) => Decoded::Events(vec![FrameEvent {
+                event,
+                sequence,
+                reply: None,
+            }]),
+        })
     }
 }
 

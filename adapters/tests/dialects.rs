@@ -7,7 +7,10 @@ use std::sync::Arc;
 
 use serde_json::json;
 use wsbridge_adapters::dialect::{builtin, builtin_names, Dialect, DialectAdapter, Params};
-use wsbridge_adapters::{Adapter, AdapterError, Control, Greeting, Heartbeat, Inbound};
+use wsbridge_adapters::{
+    Adapter, AdapterError, Control, Decoded, FrameEvent, Greeting, Heartbeat, Inbound,
+    PrepareRefused,
+};
 
 fn shipped(name: &str) -> Arc<Dialect> {
     builtin(name)
@@ -167,19 +170,64 @@ fn unknown_keys_and_missing_sections_are_refused() {
 }
 
 #[test]
-fn keys_this_version_does_not_run_yet_are_refused_not_ignored() {
-    for (extra, key) in [
-        ("[prepare]\nurl = '$url'\n", "prepare"),
-        (
-            "[[events]]\ntype = '.a'\nsplit = '.[]'\n",
-            "events[0].split",
-        ),
-        ("[[events]]\ntype = '.a'\nreply = '{}'\n", "events[0].reply"),
-    ] {
-        let e = refused(&format!("{MINIMAL}\n{extra}"));
-        assert!(e.contains(key), "{extra}: {e}");
-        assert!(e.contains("not supported"), "{extra}: {e}");
-    }
+fn prepare_is_checked_at_load_and_its_answer_feeds_the_connect_request() {
+    let e = refused(&format!(
+        "{MINIMAL}\n[prepare]\nmethod = \"TRACE\"\nurl = '\"http://x/\"'\nrefresh = \"1ms\"\n"
+    ));
+    assert!(
+        e.contains("prepare.method") && e.contains("prepare.refresh"),
+        "{e}"
+    );
+    let text = r#"
+[dialect]
+name = "prep"
+[params]
+key = { required = true, secret = true }
+[prepare]
+method = "POST"
+url = '"https://api.example.invalid/open"'
+headers = { authorization = '"Bearer " + $key' }
+fail = '.ok | not'
+[connect]
+url = '$prepared.url'
+"#;
+    let d = Arc::new(Dialect::load("prep.toml", text).expect("loads"));
+    assert!(!d.uses_url());
+    let mut p = Params::without_url();
+    p.set("key", json!("k-secret"));
+    let a = DialectAdapter::bind(d, &p).expect("binds before any answer");
+    let req = a
+        .prepare_request()
+        .expect("a prepare call")
+        .expect("builds");
+    assert_eq!(req.method(), http::Method::POST);
+    assert_eq!(req.headers()["authorization"], "Bearer k-secret");
+    // Before an answer there is no URL to dial; a refused answer keeps it so.
+    assert!(a.connect_request().is_err());
+    assert!(matches!(
+        a.prepared(200, br#"{"ok":false}"#),
+        Err(PrepareRefused::Auth(_))
+    ));
+    assert!(matches!(
+        a.prepared(403, b"{}"),
+        Err(PrepareRefused::Auth(_))
+    ));
+    assert!(matches!(
+        a.prepared(502, b"{}"),
+        Err(PrepareRefused::Failed(_))
+    ));
+    assert!(matches!(
+        a.prepared(200, b"<html>"),
+        Err(PrepareRefused::Failed(_))
+    ));
+    assert!(a.connect_request().is_err());
+    a.prepared(
+        200,
+        br#"{"ok":true,"url":"wss://ws.example.invalid/link?t=1"}"#,
+    )
+    .expect("taken");
+    let req = a.connect_request().expect("the answer's URL");
+    assert_eq!(req.uri(), "wss://ws.example.invalid/link?t=1");
 }
 
 /// A dialect exercising the engine's rules.
@@ -616,4 +664,140 @@ fn text_controls_a_reconnect_request_and_the_heartbeat_interval() {
     );
     // Text that is no declared control and not JSON stays a decode error.
     assert!(a.decode("PONG").is_err());
+}
+
+/// The rules of a dialect whose `batch` frames carry several events, acknowledged per
+/// event (after [`MINIMAL`]'s header: see [`split_text`]).
+const SPLIT: &str = r#"
+[[events]]
+match = '.op == "batch"'
+split = '.items[]'
+type = '.kind'
+subject = '$frame.channel + "/" + (.n | tostring)'
+id = '.uid'
+data = '.'
+reply = '{ack: $frame.batch, n: .n}'
+[[events]]
+type = '.kind'
+reply = '"ok " + .kind'
+
+[[examples]]
+description = "a batch of two"
+frame = '{"op":"batch","channel":"c","batch":7,"items":[{"kind":"a","n":1},{"kind":"b","n":2,"uid":"u-2"}]}'
+events = [
+  { type = "demo.a", subject = "c/1", data = { kind = "a", n = 1 } },
+  { type = "demo.b", subject = "c/2", data = { kind = "b", n = 2, uid = "u-2" }, id = "u-2" },
+]
+
+[[examples]]
+description = "an empty batch carries no events"
+frame = '{"op":"batch","channel":"c","batch":8,"items":[]}'
+events = []
+"#;
+
+/// [`SPLIT`] as a whole file.
+fn split_text() -> String {
+    format!("{MINIMAL}{SPLIT}")
+}
+
+fn split_adapter() -> DialectAdapter {
+    let d = Arc::new(Dialect::load("demo.toml", &split_text()).expect("loads"));
+    d.check_examples().expect("its examples pass");
+    let p = Params::new(&url::Url::parse("ws://127.0.0.1:9/s").expect("URL"));
+    DialectAdapter::bind(d, &p).expect("binds")
+}
+
+fn events_of(a: &DialectAdapter, frame: &serde_json::Value, max: usize) -> Vec<FrameEvent> {
+    match a.decode_frame(&frame.to_string(), max) {
+        Ok(Decoded::Events(e)) => e,
+        other => panic!("events expected, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_split_frame_is_one_event_per_item_in_order_with_its_own_id_and_reply() {
+    let a = split_adapter();
+    let frame = json!({"op": "batch", "channel": "c", "batch": 7, "items": [
+        {"kind": "a", "n": 1}, {"kind": "b", "n": 2, "uid": "u-2"}, {"kind": "a", "n": 3}]});
+    let events = events_of(&a, &frame, 10);
+    let kinds: Vec<&str> = events.iter().map(|e| e.event.event_type.as_str()).collect();
+    assert_eq!(kinds, ["demo.a", "demo.b", "demo.a"]);
+    let subjects: Vec<_> = events.iter().map(|e| e.event.subject.clone()).collect();
+    assert_eq!(
+        subjects,
+        [Some("c/1".into()), Some("c/2".into()), Some("c/3".into())]
+    );
+    // The provider's id where the item has one; else the frame's digest and the index.
+    let frame_id = wsbridge_adapters::event_id("demo", "127.0.0.1:9", &frame);
+    assert_eq!(
+        events[0].event.id,
+        wsbridge_adapters::derived_id("split", &frame_id, 0)
+    );
+    assert!(events[0].event.id_from_content);
+    assert_eq!(events[1].event.id, "u-2");
+    assert!(!events[1].event.id_from_content);
+    assert_eq!(
+        events[2].event.id,
+        wsbridge_adapters::derived_id("split", &frame_id, 2)
+    );
+    assert_eq!(events[2].event.data, json!({"kind": "a", "n": 3}));
+    // `reply` per item, with `$frame`.
+    let replies: Vec<_> = events.iter().map(|e| e.reply.clone()).collect();
+    assert_eq!(
+        replies,
+        [
+            Some(r#"{"ack":7,"n":1}"#.to_string()),
+            Some(r#"{"ack":7,"n":2}"#.to_string()),
+            Some(r#"{"ack":7,"n":3}"#.to_string()),
+        ]
+    );
+    // The same items in another frame are other events.
+    let other =
+        json!({"op": "batch", "channel": "c", "batch": 8, "items": [{"kind": "a", "n": 1}]});
+    assert_ne!(events_of(&a, &other, 10)[0].event.id, events[0].event.id);
+    // A frame the split rule does not take keeps its content id; a string reply is sent as is.
+    let plain = json!({"kind": "z"});
+    let one = events_of(&a, &plain, 10);
+    assert_eq!(one.len(), 1);
+    assert_eq!(
+        one[0].event.id,
+        wsbridge_adapters::event_id("demo", "127.0.0.1:9", &plain)
+    );
+    assert_eq!(one[0].reply.as_deref(), Some("ok z"));
+}
+
+#[test]
+fn a_split_frame_over_the_limit_is_a_decode_error() {
+    let a = split_adapter();
+    let frame = json!({"op": "batch", "channel": "c", "batch": 1, "items": [
+        {"kind": "a", "n": 1}, {"kind": "a", "n": 2}, {"kind": "a", "n": 3}]});
+    assert_eq!(events_of(&a, &frame, 3).len(), 3);
+    let e = a
+        .decode_frame(&frame.to_string(), 2)
+        .expect_err("over the limit");
+    assert!(e.reason.contains("events[0].split"), "{e}");
+    assert!(e.reason.contains("limits.max_split_events (2)"), "{e}");
+}
+
+#[test]
+fn split_examples_are_checked_item_by_item() {
+    let broken = split_text().replace(
+        "{ type = \"demo.b\", subject = \"c/2\"",
+        "{ type = \"demo.x\", subject = \"c/2\"",
+    );
+    let d = Arc::new(Dialect::load("demo.toml", &broken).expect("loads"));
+    let failures = d.check_examples().expect_err("one fails");
+    assert_eq!(failures.len(), 1);
+    let shown = failures[0].to_string();
+    assert!(
+        shown.contains("events[1].type: got \"demo.b\", expected \"demo.x\""),
+        "{shown}"
+    );
+    let e = refused(&format!(
+        "{MINIMAL}\n[[examples]]\nframe = '{{}}'\ntype = \"demo.a\"\nevents = []\n"
+    ));
+    assert!(
+        e.contains("examples[0]") && e.contains("exactly one"),
+        "{e}"
+    );
 }

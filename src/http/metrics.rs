@@ -88,6 +88,7 @@ pub async fn render(state: &AppState) -> String {
         (vec![], vec![], vec![], vec![], vec![], vec![]);
     let (mut too_large, mut untracked, mut inflate_refused, mut ack_timeouts, mut gaps) =
         (vec![], vec![], vec![], vec![], vec![]);
+    let (mut replies, mut replies_dropped, mut prepare_failures) = (vec![], vec![], vec![]);
     let mut up_failures = vec![];
     for u in &upstreams {
         let name = u.name();
@@ -120,6 +121,9 @@ pub async fn render(state: &AppState) -> String {
         inflate_refused.push((labels(&[("upstream", name)]), c.inflate_refused));
         ack_timeouts.push((labels(&[("upstream", name)]), c.ack_timeouts));
         gaps.push((labels(&[("upstream", name)]), c.gaps));
+        replies.push((labels(&[("upstream", name)]), c.replies));
+        replies_dropped.push((labels(&[("upstream", name)]), c.replies_dropped));
+        prepare_failures.push((labels(&[("upstream", name)]), c.prepare_failures));
         for (t, n) in u.events_by_type() {
             events.push((labels(&[("upstream", name), ("type", &t)]), n));
         }
@@ -202,6 +206,24 @@ pub async fn render(state: &AppState) -> String {
         "upstream_gaps",
         "Jumps in a provider's sequence numbers (the dialect's sequence rule): events the provider skipped",
         gaps,
+    );
+    counter_family(
+        &mut r,
+        "upstream_replies",
+        "Reply frames (the dialect's reply) sent to the provider after their event was journalled",
+        replies,
+    );
+    counter_family(
+        &mut r,
+        "upstream_replies_dropped",
+        "Reply frames dropped because their connection was gone (the provider redelivers; the journal deduplicates)",
+        replies_dropped,
+    );
+    counter_family(
+        &mut r,
+        "upstream_prepare_failures",
+        "[prepare] refresh calls that failed while connected (the connection and the last answer were kept)",
+        prepare_failures,
     );
     gauge_family(
         &mut r,

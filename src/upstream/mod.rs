@@ -4,7 +4,7 @@
 //! adapter's request, waits for the greeting where the dialect has one, subscribes, keeps the
 //! connection alive with the adapter's heartbeat, detects a stale connection, and on any end
 //! reconnects with exponential backoff and jitter, resubscribing every time. Every decoded
-//! event goes, stamped as an [`Envelope`], into the bridge's bounded ingest queue; when that
+//! event goes, stamped as an [`Envelope`](crate::envelope::Envelope), into the bridge's bounded ingest queue; when that
 //! queue is full the supervisor stops reading its socket (the provider's TCP window is the
 //! buffer), so ingest can never grow memory without bound.
 //!
@@ -27,6 +27,7 @@ mod backoff;
 mod connect;
 pub mod gaps;
 pub mod occurrence;
+mod prepare;
 mod registry;
 mod session;
 
@@ -48,7 +49,6 @@ pub use backoff::Backoff;
 pub use session::SessionEnd;
 
 use crate::config::{LimitsConfig, UpstreamConfig};
-use crate::envelope::Envelope;
 use crate::failure::{Reason, ReasonCounts};
 
 /// The supervisor's state, as operators and tests see it.
@@ -149,6 +149,15 @@ pub struct UpstreamCounters {
     /// Jumps in the provider's sequence numbers (a dialect's `sequence` rule): events the
     /// provider skipped.
     pub gaps: AtomicU64,
+    /// Reply frames (a dialect's `reply`) sent to the provider after their event was
+    /// journalled.
+    pub replies: AtomicU64,
+    /// Reply frames dropped because their connection was gone or its reply queue full (the
+    /// provider redelivers; the journal deduplicates).
+    pub replies_dropped: Arc<AtomicU64>,
+    /// `[prepare] refresh` calls that failed while connected (the connection and the last
+    /// answer were kept).
+    pub prepare_failures: AtomicU64,
     /// Events per type (a lookup without allocation once a type has been seen).
     events_by_type: std::sync::Mutex<std::collections::HashMap<String, u64>>,
 }
@@ -178,6 +187,12 @@ pub struct CounterSnapshot {
     pub ack_timeouts: u64,
     /// See [`UpstreamCounters::gaps`].
     pub gaps: u64,
+    /// See [`UpstreamCounters::replies`].
+    pub replies: u64,
+    /// See [`UpstreamCounters::replies_dropped`].
+    pub replies_dropped: u64,
+    /// See [`UpstreamCounters::prepare_failures`].
+    pub prepare_failures: u64,
 }
 
 /// How many distinct event types one upstream counts separately.
@@ -227,6 +242,9 @@ impl UpstreamCounters {
             inflate_refused: self.inflate_refused.load(Ordering::Relaxed),
             ack_timeouts: self.ack_timeouts.load(Ordering::Relaxed),
             gaps: self.gaps.load(Ordering::Relaxed),
+            replies: self.replies.load(Ordering::Relaxed),
+            replies_dropped: self.replies_dropped.load(Ordering::Relaxed),
+            prepare_failures: self.prepare_failures.load(Ordering::Relaxed),
         }
     }
 }
@@ -282,6 +300,8 @@ pub struct FrameLimits {
     pub dedup_window: Duration,
     /// Most content-identified frames one connection remembers (`limits.tracked_frames`).
     pub tracked_frames: usize,
+    /// Most events one frame may carry (`limits.max_split_events`).
+    pub max_split_events: usize,
 }
 
 impl FrameLimits {
@@ -292,6 +312,7 @@ impl FrameLimits {
             max_depth: l.max_depth,
             dedup_window,
             tracked_frames: l.tracked_frames,
+            max_split_events: l.max_split_events,
         }
     }
 }
@@ -317,6 +338,8 @@ pub(crate) struct Shared {
     pub status: Arc<watch::Sender<UpstreamStatus>>,
     /// DNS, TCP and TLS as this upstream's `tls_*` keys say.
     pub connector: connect::Connector,
+    /// The client of the dialect's `[prepare]` calls, when it makes any.
+    pub preparer: Option<Arc<prepare::Preparer>>,
 }
 
 impl Shared {
@@ -412,7 +435,7 @@ pub fn spawn(
     config: &UpstreamConfig,
     limits: FrameLimits,
     adapter: Arc<dyn Adapter>,
-    ingest: mpsc::Sender<Envelope>,
+    ingest: mpsc::Sender<crate::ingest::Queued>,
     shutdown: CancellationToken,
     drain_grace: Duration,
 ) -> UpstreamHandle {
@@ -427,7 +450,7 @@ pub fn spawn_gated(
     config: &UpstreamConfig,
     limits: FrameLimits,
     adapter: Arc<dyn Adapter>,
-    ingest: mpsc::Sender<Envelope>,
+    ingest: mpsc::Sender<crate::ingest::Queued>,
     shutdown: CancellationToken,
     drain_grace: Duration,
     gate: Option<watch::Receiver<bool>>,
@@ -456,6 +479,12 @@ pub fn spawn_gated(
             config.uses_tls(),
             &format!("upstream {}", config.name),
         ),
+        preparer: adapter.prepare_request().map(|_| {
+            Arc::new(prepare::Preparer::new(
+                &config.tls,
+                &format!("upstream {} [prepare]", config.name),
+            ))
+        }),
     };
     let handle_parts = (shared.name.clone(), shared.counters.clone());
     let failed = shared.clone();
@@ -489,7 +518,7 @@ pub fn spawn_gated(
 
 async fn supervise(
     shared: Shared,
-    ingest: mpsc::Sender<Envelope>,
+    ingest: mpsc::Sender<crate::ingest::Queued>,
     shutdown: CancellationToken,
     mut gate: Option<watch::Receiver<bool>>,
 ) {

@@ -21,7 +21,7 @@ use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
-use wsbridge_adapters::{Control, Greeting, Heartbeat, Inbound, StepCheck};
+use wsbridge_adapters::{Control, Decoded, FrameEvent, Greeting, Heartbeat, StepCheck};
 
 use super::connect::{self, OpenError};
 use super::gaps::Sequences;
@@ -29,6 +29,7 @@ use super::occurrence::Occurrences;
 use super::{Shared, UpstreamState};
 use crate::envelope::Envelope;
 use crate::failure::{Failure, Reason};
+use crate::ingest::{Queued, Reply};
 use crate::supervise::{deadline_after, MAX_WAIT};
 
 type Ws = WebSocketStream<connect::Stream>;
@@ -94,11 +95,35 @@ pub(crate) struct Outcome {
 /// Runs one connection to its end.
 pub(crate) async fn run(
     shared: &Shared,
-    ingest: &mpsc::Sender<Envelope>,
+    ingest: &mpsc::Sender<Queued>,
     shutdown: &CancellationToken,
 ) -> Outcome {
     let mut subscribed_at = None;
-    let end = connect_and_serve(shared, ingest, shutdown, &mut subscribed_at).await;
+    // Replies (a dialect's `reply`) come back here from ingest once their event is
+    // journalled; they go out on this connection only.
+    let (reply_to, mut replies) = mpsc::channel(REPLY_QUEUE);
+    let end = connect_and_serve(
+        shared,
+        ingest,
+        shutdown,
+        &mut subscribed_at,
+        (reply_to, &mut replies),
+    )
+    .await;
+    // The connection is gone: replies still waiting, and any that come later, are dropped
+    // and counted (the provider redelivers those events; the journal deduplicates them).
+    replies.close();
+    let mut unsent = 0u64;
+    while replies.try_recv().is_ok() {
+        unsent = unsent.saturating_add(1);
+    }
+    if unsent > 0 {
+        shared
+            .counters
+            .replies_dropped
+            .fetch_add(unsent, Ordering::Relaxed);
+        debug!(upstream = %shared.name, replies = unsent, "connection ended before these replies were sent");
+    }
     let healthy =
         subscribed_at.is_some_and(|t: Instant| t.elapsed() >= shared.timing.healthy_after);
     Outcome { end, healthy }
@@ -117,7 +142,24 @@ fn ws_config(limits: &super::FrameLimits) -> WebSocketConfig {
         .max_frame_size(Some(limits.max_frame_bytes))
 }
 
+/// Runs the dialect's `[prepare]` call, if it has one (its answer is `$prepared` for what
+/// the connection sends).
+async fn prepare(shared: &Shared) -> Result<(), SessionEnd> {
+    match &shared.preparer {
+        Some(p) => {
+            p.run(
+                shared.adapter.as_ref(),
+                shared.timing.connect_timeout,
+                shared.limits.max_frame_bytes,
+            )
+            .await
+        }
+        None => Ok(()),
+    }
+}
+
 async fn connect(shared: &Shared) -> Result<Ws, SessionEnd> {
+    prepare(shared).await?;
     let request = shared
         .adapter
         .connect_request()
@@ -147,9 +189,10 @@ enum Phase {
 
 async fn connect_and_serve(
     shared: &Shared,
-    ingest: &mpsc::Sender<Envelope>,
+    ingest: &mpsc::Sender<Queued>,
     shutdown: &CancellationToken,
     subscribed_at: &mut Option<Instant>,
+    replies: (mpsc::Sender<String>, &mut mpsc::Receiver<String>),
 ) -> SessionEnd {
     let mut ws = tokio::select! {
         connected = connect(shared) => match connected {
@@ -160,9 +203,11 @@ async fn connect_and_serve(
     };
     let name = &shared.name;
     let timing = &shared.timing;
+    let (reply_to, replies) = replies;
     let mut seen = Seen {
         occurrences: Occurrences::new(shared.limits.dedup_window, shared.limits.tracked_frames),
         sequences: Sequences::new(shared.limits.tracked_frames),
+        reply_to,
     };
     let greeted = tokio::select! {
         done = run_session(shared, &mut ws, ingest, &mut seen) => match done {
@@ -203,6 +248,13 @@ async fn connect_and_serve(
     let mut check = tokio::time::interval(check_every);
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_seen = Instant::now();
+    // `[prepare] refresh`: the call repeated while connected.
+    let mut refresh = shared.adapter.prepare_refresh().map(|every| {
+        let every = every.min(MAX_WAIT);
+        let mut i = tokio::time::interval_at(deadline_after(every), every);
+        i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        i
+    });
 
     loop {
         tokio::select! {
@@ -233,17 +285,21 @@ async fn connect_and_serve(
                 match read_frame(shared, &mut seen, msg) {
                     Frame::Skip => {}
                     Frame::Closed(why) => return SessionEnd::Closed(why),
-                    Frame::Event(envelope) => {
-                        // A full queue blocks this reader: backpressure reaches the provider's
-                        // TCP window instead of our memory. A stop while blocked keeps the
-                        // event: the drain queues it first.
-                        tokio::select! {
-                            permit = ingest.reserve() => match permit {
-                                Ok(permit) => permit.send(envelope),
-                                Err(_) => return SessionEnd::IngestClosed,
-                            },
-                            _ = shutdown.cancelled() => {
-                                return drain(shared, ingest, &mut ws, &mut seen, Some(envelope)).await;
+                    Frame::Events(envelopes) => {
+                        let mut envelopes = envelopes.into_iter();
+                        while let Some(envelope) = envelopes.next() {
+                            // A full queue blocks this reader: backpressure reaches the
+                            // provider's TCP window instead of our memory. A stop while
+                            // blocked keeps the frame's events: the drain queues them first.
+                            tokio::select! {
+                                permit = ingest.reserve() => match permit {
+                                    Ok(permit) => permit.send(envelope),
+                                    Err(_) => return SessionEnd::IngestClosed,
+                                },
+                                _ = shutdown.cancelled() => {
+                                    let pending = std::iter::once(envelope).chain(envelopes).collect();
+                                    return drain(shared, ingest, &mut ws, &mut seen, pending).await;
+                                }
                             }
                         }
                         // Time spent blocked on a full ingest queue is our stall, not the
@@ -276,6 +332,29 @@ async fn connect_and_serve(
                         }
                         Control::Pong | Control::Reply => {}
                     },
+                }
+            }
+            Some(frame) = replies.recv() => {
+                if let Err(e) = ws.send(Message::text(frame)).await {
+                    shared.counters.replies_dropped.fetch_add(1, Ordering::Relaxed);
+                    return SessionEnd::Transport(format!("reply not sent: {e}"));
+                }
+                shared.counters.replies.fetch_add(1, Ordering::Relaxed);
+            }
+            _ = async { match refresh.as_mut() {
+                Some(i) => { i.tick().await; }
+                None => std::future::pending().await,
+            } } => {
+                match prepare(shared).await {
+                    Ok(()) => debug!(upstream = %name, "[prepare] refreshed"),
+                    Err(SessionEnd::AuthRejected(m)) => {
+                        let _ = ws.close(None).await;
+                        return SessionEnd::AuthRejected(m);
+                    }
+                    Err(e) => {
+                        shared.counters.prepare_failures.fetch_add(1, Ordering::Relaxed);
+                        warn!(upstream = %name, error = %e, "[prepare] refresh failed; keeping the connection and the last answer");
+                    }
                 }
             }
             _ = ping.tick() => {
@@ -313,7 +392,7 @@ async fn connect_and_serve(
                     }
                 }
             }
-            _ = shutdown.cancelled() => return drain(shared, ingest, &mut ws, &mut seen, None).await,
+            _ = shutdown.cancelled() => return drain(shared, ingest, &mut ws, &mut seen, Vec::new()).await,
         }
     }
 }
@@ -325,7 +404,7 @@ async fn connect_and_serve(
 async fn run_session(
     shared: &Shared,
     ws: &mut Ws,
-    ingest: &mpsc::Sender<Envelope>,
+    ingest: &mpsc::Sender<Queued>,
     seen: &mut Seen,
 ) -> Result<bool, SessionEnd> {
     let adapter = &shared.adapter;
@@ -371,9 +450,11 @@ async fn run_session(
             match read_frame(shared, seen, msg) {
                 Frame::Skip => {}
                 Frame::Closed(why) => return Err(SessionEnd::Closed(why)),
-                Frame::Event(envelope) => {
-                    if ingest.send(envelope).await.is_err() {
-                        return Err(SessionEnd::IngestClosed);
+                Frame::Events(envelopes) => {
+                    for envelope in envelopes {
+                        if ingest.send(envelope).await.is_err() {
+                            return Err(SessionEnd::IngestClosed);
+                        }
                     }
                 }
                 Frame::Control(Control::Connected) => greeted = true,
@@ -395,7 +476,14 @@ async fn run_session(
 struct Seen {
     occurrences: Occurrences,
     sequences: Sequences,
+    /// Where this connection's replies come back once their events are journalled.
+    reply_to: mpsc::Sender<String>,
 }
+
+/// Replies one connection may have waiting to be sent: room for every event between it and
+/// the journal commit, so a reply is dropped only when the connection is gone (or stopped
+/// reading its queue). Each is a small frame.
+const REPLY_QUEUE: usize = crate::ingest::IN_FLIGHT;
 
 /// What one inbound message means to the session.
 // Lives on the stack for one frame and is never stored: boxing the event would cost an
@@ -406,8 +494,9 @@ enum Frame {
     Skip,
     /// The provider closed the connection; why.
     Closed(String),
-    /// An event, stamped and counted, for ingest.
-    Event(Envelope),
+    /// The frame's events (one, or a `split` frame's items), stamped and counted, for
+    /// ingest, in order.
+    Events(Vec<Queued>),
     /// A control frame of the dialect.
     Control(Control),
 }
@@ -450,39 +539,21 @@ fn read_frame(shared: &Shared, seen: &mut Seen, msg: Message) -> Frame {
         Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => return Frame::Skip,
     };
     shared.counters.frames.fetch_add(1, Ordering::Relaxed);
-    let decoded = wsbridge_adapters::check_depth(&text, shared.limits.max_depth)
-        .and_then(|()| shared.adapter.decode_sequenced(&text));
+    let decoded = wsbridge_adapters::check_depth(&text, shared.limits.max_depth).and_then(|()| {
+        shared
+            .adapter
+            .decode_frame(&text, shared.limits.max_split_events)
+    });
     match decoded {
-        Ok((Inbound::Event(mut decoded), sequence)) => {
-            if decoded.id_from_content {
-                decoded.id = seen.occurrences.id_for(decoded.id, Instant::now());
-                let untracked = seen.occurrences.take_evicted();
-                if untracked > 0 {
-                    shared
-                        .counters
-                        .untracked
-                        .fetch_add(untracked, Ordering::Relaxed);
-                }
-            }
+        Ok(Decoded::Events(events)) => {
             let now = Utc::now();
-            let mut envelope =
-                Envelope::new(decoded, &shared.source, shared.adapter.provider(), now);
-            if let Some(seq) = sequence {
-                if let Some(missed) = seen.sequences.observe(&seq.key, seq.number) {
-                    shared.counters.gaps.fetch_add(1, Ordering::Relaxed);
-                    warn!(upstream = %name, key = %seq.key, sequence = seq.number, missed,
-                        "the provider's sequence skipped numbers: events missed");
-                    envelope.gap = Some(missed);
-                }
-            }
-            shared.counters.count_event(&envelope.event_type);
-            shared
-                .counters
-                .last_event_unix_ms
-                .store(now.timestamp_millis(), Ordering::Relaxed);
-            Frame::Event(envelope)
+            let envelopes = events
+                .into_iter()
+                .map(|e| stamp(shared, seen, e, now))
+                .collect();
+            Frame::Events(envelopes)
         }
-        Ok((Inbound::Control(control), _)) => Frame::Control(control),
+        Ok(Decoded::Control(control)) => Frame::Control(control),
         Err(e) => {
             shared
                 .counters
@@ -494,24 +565,71 @@ fn read_frame(shared: &Shared, seen: &mut Seen, msg: Message) -> Frame {
     }
 }
 
+/// One decoded event as an envelope (with its reply, if any): a repeat of a content-identified event gets its
+/// occurrence's id ([`Occurrences`]), a sequence gap is counted and marked, the event counted.
+fn stamp(
+    shared: &Shared,
+    seen: &mut Seen,
+    event: FrameEvent,
+    now: chrono::DateTime<Utc>,
+) -> Queued {
+    let FrameEvent {
+        event: mut decoded,
+        sequence,
+        reply,
+    } = event;
+    if decoded.id_from_content {
+        decoded.id = seen.occurrences.id_for(decoded.id, Instant::now());
+        let untracked = seen.occurrences.take_evicted();
+        if untracked > 0 {
+            shared
+                .counters
+                .untracked
+                .fetch_add(untracked, Ordering::Relaxed);
+        }
+    }
+    let mut envelope = Envelope::new(decoded, &shared.source, shared.adapter.provider(), now);
+    if let Some(seq) = sequence {
+        if let Some(missed) = seen.sequences.observe(&seq.key, seq.number) {
+            shared.counters.gaps.fetch_add(1, Ordering::Relaxed);
+            warn!(upstream = %shared.name, key = %seq.key, sequence = seq.number, missed,
+                "the provider's sequence skipped numbers: events missed");
+            envelope.gap = Some(missed);
+        }
+    }
+    shared.counters.count_event(&envelope.event_type);
+    shared
+        .counters
+        .last_event_unix_ms
+        .store(now.timestamp_millis(), Ordering::Relaxed);
+    Queued {
+        envelope,
+        reply: reply.map(|frame| Reply {
+            frame,
+            to: seen.reply_to.clone(),
+            dropped: shared.counters.replies_dropped.clone(),
+        }),
+    }
+}
+
 /// Ends a connection without losing what the provider already sent: sends the close frame,
 /// then keeps reading (and queueing every event to ingest) until the provider answers the
 /// close or ends the stream, for at most the drain grace (`server.shutdown_grace`). Providers
-/// do not replay, so an event left unread in the socket would be lost. `pending` is an event
+/// do not replay, so an event left unread in the socket would be lost. `pending` are events
 /// read before the stop that ingest had no room for yet.
 async fn drain(
     shared: &Shared,
-    ingest: &mpsc::Sender<Envelope>,
+    ingest: &mpsc::Sender<Queued>,
     ws: &mut Ws,
     seen: &mut Seen,
-    pending: Option<Envelope>,
+    pending: Vec<Queued>,
 ) -> SessionEnd {
     let name = &shared.name;
     let grace = shared.timing.drain_grace;
     let deadline = Instant::now() + grace;
     shared.set_state(UpstreamState::Draining);
     let mut drained: u64 = 0;
-    if let Some(envelope) = pending {
+    for envelope in pending {
         if !queue_until(ingest, envelope, deadline).await {
             return drain_cut_short(shared, grace, drained, "ingest queue full or closed");
         }
@@ -542,11 +660,18 @@ async fn drain(
         };
         match read_frame(shared, seen, msg) {
             Frame::Closed(_) => break,
-            Frame::Event(envelope) => {
-                if !queue_until(ingest, envelope, deadline).await {
-                    return drain_cut_short(shared, grace, drained, "ingest queue full or closed");
+            Frame::Events(envelopes) => {
+                for envelope in envelopes {
+                    if !queue_until(ingest, envelope, deadline).await {
+                        return drain_cut_short(
+                            shared,
+                            grace,
+                            drained,
+                            "ingest queue full or closed",
+                        );
+                    }
+                    drained += 1;
                 }
-                drained += 1;
             }
             Frame::Skip | Frame::Control(_) => {}
         }
@@ -558,11 +683,7 @@ async fn drain(
 }
 
 /// Queues `envelope` to ingest, waiting for room until `deadline`; false when it could not.
-async fn queue_until(
-    ingest: &mpsc::Sender<Envelope>,
-    envelope: Envelope,
-    deadline: Instant,
-) -> bool {
+async fn queue_until(ingest: &mpsc::Sender<Queued>, envelope: Queued, deadline: Instant) -> bool {
     matches!(
         timeout_at(deadline, ingest.send(envelope)).await,
         Ok(Ok(()))

@@ -108,8 +108,8 @@ fn write(path: &Path, text: &str) {
     std::fs::write(path, text).expect("write");
 }
 
-/// A config with `dialect` (as `dialects/<name>.toml`) and one upstream of it at `url`, with
-/// `extra` keys, written to a fresh directory.
+/// A config with `dialect` (as `dialects/<name>.toml`) and one upstream of it at `url` (none
+/// when empty), with `extra` keys, written to a fresh directory.
 fn config_with(tag: &str, name: &str, dialect: &str, url: &str, extra: &str) -> (PathBuf, Config) {
     config_with_top(tag, name, dialect, url, "", extra)
 }
@@ -131,9 +131,11 @@ fn config_with_top(
     write(
         &path,
         &format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\n[storage]\npath = {:?}\n[dialects]\npaths = [{:?}]\n{top}\n[[upstreams]]\nname = \"{name}-up\"\nadapter = \"{name}\"\nurl = \"{url}\"\n{extra}\n",
+            "[server]\nlisten = \"127.0.0.1:0\"\n[storage]\npath = {:?}\n[dialects]\npaths = [{:?}]\n{top}\n[[upstreams]]\nname = \"{name}-up\"\nadapter = \"{name}\"\n{}{extra}\n",
             dir.join("j.db").display().to_string(),
             dialects.display().to_string(),
+            // No `url` for a dialect that needs none (its URL comes from `[prepare]`).
+            if url.is_empty() { String::new() } else { format!("url = \"{url}\"\n") },
         ),
     );
     let config = Config::load(&path).expect("valid config");
@@ -844,4 +846,392 @@ fn a_sequence_key_without_a_sequence_is_refused() {
         .expect_err("refused")
         .to_string();
     assert!(err.contains("events[0].sequence_key"), "{err}");
+}
+
+/// A dialect file named `name` that dials the upstream's `url`, with `rules` after.
+fn url_dialect(name: &str, rules: &str) -> String {
+    format!("[dialect]\nname = \"{name}\"\n[connect]\nurl = '$url'\n{rules}")
+}
+
+const SPLIT_RULES: &str = r#"
+[[events]]
+match = 'has("items")'
+split = '.items[]'
+type = '.kind'
+subject = '$frame.batch'
+data = '.'
+"#;
+
+#[tokio::test]
+async fn a_split_frame_is_journalled_item_by_item_in_order_and_an_oversized_one_is_refused() {
+    let batches = [
+        json!({"batch": "b1", "items": [{"kind": "a", "n": 1}, {"kind": "b", "n": 2}, {"kind": "a", "n": 3}]}),
+        // Over limits.max_split_events (3): a decode error, nothing of it journalled.
+        json!({"batch": "b2", "items": [{"kind": "a", "n": 4}, {"kind": "a", "n": 5}, {"kind": "a", "n": 6}, {"kind": "a", "n": 7}]}),
+        json!({"batch": "b3", "items": [{"kind": "c", "n": 8}]}),
+    ];
+    let provider = TestProvider::start(move |_, mut ws, rec| {
+        let batches = batches.clone();
+        async move {
+            for b in batches {
+                if ws.send(Message::text(b.to_string())).await.is_err() {
+                    return;
+                }
+            }
+            while next_text(&mut ws, &rec).await.is_some() {}
+        }
+    })
+    .await;
+    let (_dir, config) = config_with_top(
+        "batchy",
+        "batchy",
+        &url_dialect("batchy", SPLIT_RULES),
+        &provider.url,
+        "[limits]\nmax_split_events = 3\n",
+        FAST,
+    );
+    let (bridge, mut rx) = start_bridge(&config).await;
+    let mut got = Vec::new();
+    while got.len() < 4 {
+        let p = next_matching(&mut rx, "a batchy event", |p| {
+            p.envelope.provider == "batchy"
+        })
+        .await;
+        got.push(p.envelope.clone());
+    }
+    let seen: Vec<(String, Option<String>, serde_json::Value)> = got
+        .iter()
+        .map(|e| (e.event_type.clone(), e.subject.clone(), e.data["n"].clone()))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("batchy.a".into(), Some("b1".into()), json!(1)),
+            ("batchy.b".into(), Some("b1".into()), json!(2)),
+            ("batchy.a".into(), Some("b1".into()), json!(3)),
+            ("batchy.c".into(), Some("b3".into()), json!(8)),
+        ]
+    );
+    // Journalled in the frame's order, each under its own id.
+    let seqs: Vec<u64> = got.iter().filter_map(|e| e.seq).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    let ids: std::collections::BTreeSet<&str> = got.iter().map(|e| e.id.as_str()).collect();
+    assert_eq!(ids.len(), 4);
+    assert_eq!(bridge.upstreams()[0].counters().decode_errors, 1);
+    bridge.shutdown().await;
+}
+
+const ACKED_RULES: &str = r#"
+[[events]]
+type = '.kind'
+id = '.id'
+data = '.'
+reply = '{ack: .id}'
+"#;
+
+/// What the acknowledging provider knows: the journal to check each ack against, the
+/// events acknowledged (and whether each was journalled when its ack came), in order.
+#[derive(Default)]
+struct AckBook {
+    store: std::sync::OnceLock<Arc<dyn wsbridge::storage::Store>>,
+    acked: Mutex<Vec<(String, bool)>>,
+}
+
+impl AckBook {
+    fn acked(&self) -> Vec<(String, bool)> {
+        self.acked.lock().expect("lock").clone()
+    }
+
+    fn is_acked(&self, id: &str) -> bool {
+        self.acked().iter().any(|(a, _)| a == id)
+    }
+
+    /// Records an ack frame, checking the journal holds its event now.
+    async fn record(&self, frame: &str) {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(frame) else {
+            return;
+        };
+        let Some(id) = v["ack"].as_str() else { return };
+        let journalled = match self.store.get() {
+            Some(store) => store
+                .read_from(1, 1000)
+                .await
+                .expect("journal readable")
+                .iter()
+                .any(|e| e.id == id),
+            None => false,
+        };
+        self.acked
+            .lock()
+            .expect("lock")
+            .push((id.to_string(), journalled));
+    }
+}
+
+fn acked_event(id: &str, filler: usize) -> String {
+    json!({"kind": "note", "id": id, "text": "x".repeat(filler)}).to_string()
+}
+
+#[tokio::test]
+async fn replies_go_back_on_the_connection_only_after_the_journal_commit_and_redeliveries_are_acked(
+) {
+    let book = Arc::new(AckBook::default());
+    let provider = TestProvider::start({
+        let book = book.clone();
+        move |n, mut ws, rec| {
+            let book = book.clone();
+            async move {
+                // First connection: two events, then the provider goes away before it reads
+                // any acknowledgement.
+                if n == 0 {
+                    for id in ["e1", "e2"] {
+                        let _ = ws.send(Message::text(acked_event(id, 0))).await;
+                    }
+                    let _ = ws.close(None).await;
+                    return;
+                }
+                // Later: redeliver what was not acknowledged, then a new event too large for
+                // the journal (refused: never acknowledged), then e3.
+                for id in ["e1", "e2"] {
+                    if !book.is_acked(id) {
+                        let _ = ws.send(Message::text(acked_event(id, 0))).await;
+                    }
+                }
+                let _ = ws.send(Message::text(acked_event("big", 4096))).await;
+                let _ = ws.send(Message::text(acked_event("e3", 0))).await;
+                while let Some(frame) = next_text(&mut ws, &rec).await {
+                    book.record(&frame).await;
+                }
+            }
+        }
+    })
+    .await;
+    let (_dir, config) = config_with_top(
+        "acky",
+        "acky",
+        &url_dialect("acky", ACKED_RULES),
+        &provider.url,
+        "[limits]\nmax_event_bytes = 2048\n",
+        FAST,
+    );
+    let bridge = wsbridge::bridge::Bridge::start(&config)
+        .await
+        .expect("bridge starts");
+    let _ = book.store.set(bridge.store().clone());
+    eventually("e1, e2 and e3 acknowledged", DEADLINE, || async {
+        let acked = book.acked();
+        if ["e1", "e2", "e3"].iter().all(|id| book.is_acked(id)) {
+            Ok(())
+        } else {
+            Err(format!("{acked:?}"))
+        }
+    })
+    .await;
+    let acked = book.acked();
+    // Every ack came after its event was in the journal; the refused event got none (acks
+    // follow the journal's order, so it would have come before e3's).
+    assert!(acked.iter().all(|(_, journalled)| *journalled), "{acked:?}");
+    assert!(!book.is_acked("big"), "{acked:?}");
+    // Each event is journalled once, redelivered or not.
+    let stored: Vec<String> = bridge
+        .store()
+        .read_from(1, 100)
+        .await
+        .expect("journal")
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(stored, ["e1", "e2", "e3"]);
+    let c = bridge.upstreams()[0].counters();
+    assert!(c.replies >= 3, "{c:?}");
+    assert_eq!(bridge.ingest_stats().too_large, 1);
+    // The first connection's acks had nowhere to go: dropped and counted (or, if the first
+    // connection was still open when e1/e2 were journalled, sent there and lost with it).
+    assert!(provider.connections() >= 2);
+    let metrics = metrics_text(&bridge).await;
+    assert!(
+        metrics.contains("wsbridge_upstream_replies_total{upstream=\"acky-up\"}"),
+        "{metrics}"
+    );
+    bridge.shutdown().await;
+}
+
+/// A REST endpoint for `[prepare]` tests: `POST /open` with the right bearer key answers
+/// `{ok, url, ticket}` (the ticket numbers the calls), or what `mode` says.
+struct PrepServer {
+    base: String,
+    calls: tokio::sync::watch::Sender<u64>,
+    /// "ok", "refuse" (`ok: false`), or an HTTP status to answer.
+    mode: Mutex<String>,
+    ws_url: Mutex<String>,
+}
+
+const PREP_KEY: &str = "prep-s3cr3t-key";
+
+impl PrepServer {
+    async fn start(ws_url: &str) -> Arc<PrepServer> {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let server = Arc::new(PrepServer {
+            base: format!("http://{}", listener.local_addr().expect("addr")),
+            calls: tokio::sync::watch::channel(0).0,
+            mode: Mutex::new("ok".to_string()),
+            ws_url: Mutex::new(ws_url.to_string()),
+        });
+        let app = axum::Router::new()
+            .route("/open", axum::routing::post(prep_open))
+            .with_state(server.clone());
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        server
+    }
+
+    fn calls(&self) -> u64 {
+        *self.calls.borrow()
+    }
+}
+
+async fn prep_open(
+    axum::extract::State(s): axum::extract::State<Arc<PrepServer>>,
+    headers: axum::http::HeaderMap,
+    body: String,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let authorised = headers.get("authorization").and_then(|v| v.to_str().ok())
+        == Some(&format!("Bearer {PREP_KEY}"));
+    let json_body = headers.get("content-type").and_then(|v| v.to_str().ok())
+        == Some("application/json")
+        && serde_json::from_str::<serde_json::Value>(&body).ok() == Some(json!({"purpose": "ws"}));
+    if !authorised || !json_body {
+        return (axum::http::StatusCode::BAD_REQUEST, "bad request").into_response();
+    }
+    s.calls.send_modify(|n| *n += 1);
+    let n = s.calls();
+    let mode = s.mode.lock().expect("lock").clone();
+    if let Ok(status) = mode.parse::<u16>() {
+        let status = axum::http::StatusCode::from_u16(status).expect("status");
+        return (status, "{}").into_response();
+    }
+    let ws = s.ws_url.lock().expect("lock").clone();
+    axum::Json(
+        json!({"ok": mode == "ok", "url": format!("{ws}?ticket=t{n}"), "ticket": format!("t{n}")}),
+    )
+    .into_response()
+}
+
+const PREP_RULES: &str = r#"
+[params]
+rest_url = { required = true }
+api_key = { required = true, secret = true }
+[prepare]
+method = "POST"
+url = '$rest_url + "/open"'
+headers = { authorization = '"Bearer " + $api_key' }
+body = '{purpose: "ws"}'
+fail = '.ok | not'
+refresh = "50ms"
+[connect]
+url = '$prepared.url'
+[[session]]
+send = '{hello: $prepared.ticket}'
+[[events]]
+type = '.kind'
+"#;
+
+fn prep_dialect() -> String {
+    format!("[dialect]\nname = \"prep\"\n{PREP_RULES}")
+}
+
+/// A config with the `prep` dialect and one upstream of it (no `url`) using `server`.
+fn prep_config(server: &PrepServer) -> (PathBuf, Config) {
+    let keys = format!(
+        "rest_url = \"{}\"\napi_key = \"{PREP_KEY}\"\n{FAST}",
+        server.base
+    );
+    config_with_top("prep", "prep", &prep_dialect(), "", "", &keys)
+}
+
+#[tokio::test]
+async fn prepare_runs_before_every_connect_and_refreshes_while_connected() {
+    let server_slot: Arc<std::sync::OnceLock<Arc<PrepServer>>> = Arc::default();
+    let provider = TestProvider::start({
+        let slot = server_slot.clone();
+        move |n, mut ws, rec| {
+            let slot = slot.clone();
+            async move {
+                if next_text(&mut ws, &rec).await.is_none() {
+                    return;
+                }
+                let event = json!({"kind": "note", "conn": n}).to_string();
+                let _ = ws.send(Message::text(event)).await;
+                if n == 0 {
+                    // Stay while [prepare] refreshes twice, then go: the bridge reconnects.
+                    if let Some(server) = slot.get() {
+                        let mut calls = server.calls.subscribe();
+                        let _ = calls.wait_for(|c| *c >= 3).await;
+                    }
+                    let _ = ws.close(None).await;
+                    return;
+                }
+                while next_text(&mut ws, &rec).await.is_some() {}
+            }
+        }
+    })
+    .await;
+    let server = PrepServer::start(&provider.url).await;
+    let _ = server_slot.set(server.clone());
+    let (_dir, config) = prep_config(&server);
+    let (bridge, mut rx) = start_bridge(&config).await;
+    for conn in [0, 1] {
+        next_matching(&mut rx, "an event of each connection", |p| {
+            p.envelope.data["conn"] == conn
+        })
+        .await;
+    }
+    // Connection 0 was opened with the first answer; it stayed through the refreshes.
+    assert_eq!(
+        provider.frames(0).first().map(String::as_str),
+        Some(r#"{"hello":"t1"}"#)
+    );
+    // The reconnect prepared afresh: a later ticket.
+    let hello: serde_json::Value =
+        serde_json::from_str(&provider.frames(1)[0]).expect("hello is JSON");
+    let ticket: u64 = hello["hello"]
+        .as_str()
+        .and_then(|t| t.strip_prefix('t'))
+        .and_then(|n| n.parse().ok())
+        .expect("a ticket");
+    assert!(ticket >= 4, "{hello}");
+    assert_eq!(provider.connections(), 2);
+    let status = get_text(&bridge, "/v1/status").await;
+    assert!(!status.contains(PREP_KEY), "{status}");
+    bridge.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_refused_prepare_is_auth_failed_and_a_server_error_backs_off() {
+    for (mode, state, why) in [
+        ("401", UpstreamState::AuthFailed, "HTTP 401"),
+        ("refuse", UpstreamState::AuthFailed, "[prepare] fail"),
+        ("500", UpstreamState::Backoff, "HTTP 500"),
+    ] {
+        let provider = TestProvider::start(|_, mut ws, rec| async move {
+            while next_text(&mut ws, &rec).await.is_some() {}
+        })
+        .await;
+        let server = PrepServer::start(&provider.url).await;
+        *server.mode.lock().expect("lock") = mode.to_string();
+        let (_dir, config) = prep_config(&server);
+        let bridge = wsbridge::bridge::Bridge::start(&config)
+            .await
+            .expect("bridge starts");
+        let u = &bridge.upstreams()[0];
+        let got = wait_status(u, mode, |s| s.state == state).await;
+        let error = got.last_error.unwrap_or_default();
+        assert!(error.contains(why), "{mode}: {error}");
+        assert!(!error.contains(PREP_KEY), "{error}");
+        assert_eq!(provider.connections(), 0, "{mode}: never dialled");
+        assert!(server.calls() >= 1);
+        bridge.shutdown().await;
+    }
 }

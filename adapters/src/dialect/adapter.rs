@@ -82,6 +82,8 @@ struct Bound {
     subscriptions: Vec<String>,
     /// The same items as jq values, for `$item` / `$items`.
     items: Vec<Val>,
+    /// `$prepared`: the last `[prepare]` answer (`null` before the first).
+    prepared: std::sync::RwLock<Val>,
 }
 
 impl fmt::Debug for DialectAdapter {
@@ -116,6 +118,7 @@ impl DialectAdapter {
 impl Bound {
     fn new(dialect: Arc<Dialect>, params: &Params) -> Result<Self, AdapterError> {
         let (decoder, url) = decoder(dialect, params)?;
+        let prepares = decoder.dialect.prepare.is_some();
         let greeting = if decoder
             .dialect
             .controls
@@ -131,28 +134,39 @@ impl Bound {
             greeting,
             subscriptions: Vec::new(),
             items: Vec::new(),
+            prepared: std::sync::RwLock::new(Val::Null),
             decoder,
         };
-        b.display_url = b.redact_url(&url);
-        b.connect_request()?;
+        b.display_url = match &url {
+            Some(url) => b.redact_url(url),
+            None => "(the URL [prepare] answers)".to_string(),
+        };
         b.items = b.subscription_items()?;
         b.subscriptions = b.items.iter().map(shown).collect();
-        // Every frame this upstream will send, tried once now.
-        b.frames_for(false, &b.items)?;
-        b.frames_for(true, &b.items)?;
-        if let HeartbeatRule::Frame(e) = &b.decoder.dialect.heartbeat {
-            b.send_frames(e, None)
-                .map_err(|reason| invalid("heartbeat.frame", reason))?;
+        // Every frame this upstream will send, tried once now (with `[prepare]`, they depend
+        // on its answer: they are built, and can fail, on every connect).
+        if !prepares {
+            b.connect_request()?;
+            b.frames_for(false, &b.items)?;
+            b.frames_for(true, &b.items)?;
+            if let HeartbeatRule::Frame(e) = &b.decoder.dialect.heartbeat {
+                b.send_frames(e, None)
+                    .map_err(|reason| invalid("heartbeat.frame", reason))?;
+            }
         }
         Ok(b)
     }
 
-    fn vars(&self) -> &[Val] {
-        &self.decoder.vars
+    /// The values of the send expressions' variables: the parameters and `$prepared`.
+    fn vars(&self) -> Vec<Val> {
+        let prepared = self.prepared.read().map_or(Val::Null, |p| p.clone());
+        let mut v = self.decoder.vars.clone();
+        v.push(prepared);
+        v
     }
 
     fn connect_url(&self) -> Result<url::Url, AdapterError> {
-        connect_url(&self.decoder)
+        connect_url(&self.decoder, &self.vars())
     }
 
     fn subscription_items(&self) -> Result<Vec<Val>, AdapterError> {
@@ -160,7 +174,7 @@ impl Bound {
             return Ok(Vec::new());
         };
         sub.each
-            .all(Val::Null, self.vars())
+            .all(Val::Null, &self.vars())
             .map_err(|e| invalid("subscribe", self.redact(&format!("[subscribe] each: {e}"))))
     }
 
@@ -201,7 +215,7 @@ impl Bound {
     /// Every output of a frame expression as the text to send: a string as it is, any other
     /// value as JSON. `extra` is the value of `$item` / `$items`.
     fn send_frames(&self, expr: &Expr, extra: Option<Val>) -> Result<Vec<String>, String> {
-        let mut vars = self.vars().to_vec();
+        let mut vars = self.vars();
         vars.extend(extra);
         let outputs = expr.all(Val::Null, &vars).map_err(|e| self.redact(&e.0))?;
         outputs
@@ -344,11 +358,12 @@ pub(super) fn param_problems(dialect: &Dialect, params: &Params) -> Vec<ParamPro
     out
 }
 
-/// The decoder for `dialect` with `params` checked and bound, and the connect URL.
+/// The decoder for `dialect` with `params` checked and bound, and the connect URL (`None`
+/// when it depends on the `[prepare]` answer).
 pub(crate) fn decoder(
     dialect: Arc<Dialect>,
     params: &Params,
-) -> Result<(Decoder, url::Url), AdapterError> {
+) -> Result<(Decoder, Option<url::Url>), AdapterError> {
     if let Some(p) = param_problems(&dialect, params).into_iter().next() {
         let required = dialect
             .params
@@ -385,18 +400,27 @@ pub(crate) fn decoder(
         secrets,
         dialect,
     };
-    let url = connect_url(&decoder)?;
-    decoder.host = id_host(&url);
+    // The URL as it is before any `[prepare]` answer (`$prepared` null): with `[prepare]`,
+    // one that needs the answer is known only when connecting (content ids then omit the
+    // host).
+    let mut vars = decoder.vars.clone();
+    vars.push(Val::Null);
+    let url = match connect_url(&decoder, &vars) {
+        Ok(url) => Some(url),
+        Err(_) if decoder.dialect.prepare.is_some() => None,
+        Err(e) => return Err(e),
+    };
+    decoder.host = url.as_ref().map(id_host).unwrap_or_default();
     Ok((decoder, url))
 }
 
-/// Evaluates `[connect] url`.
-fn connect_url(d: &Decoder) -> Result<url::Url, AdapterError> {
+/// Evaluates `[connect] url` with the send expressions' variables `vars`.
+fn connect_url(d: &Decoder, vars: &[Val]) -> Result<url::Url, AdapterError> {
     let v = d
         .dialect
         .connect
         .url
-        .first(Val::Null, &d.vars)
+        .first(Val::Null, vars)
         .map_err(|err| invalid("url", redact(&d.secrets, &format!("[connect] url: {err}"))))?;
     let text = v
         .as_ref()
@@ -511,7 +535,7 @@ impl Bound {
         for (name, e) in &self.decoder.dialect.connect.headers {
             let key = format!("connect.headers.{name}");
             let value = e
-                .first(Val::Null, self.vars())
+                .first(Val::Null, &self.vars())
                 .map_err(|err| invalid(&key, self.redact(&err.0)))?
                 .as_ref()
                 .and_then(as_text)
@@ -523,6 +547,108 @@ impl Bound {
             req.headers_mut().insert(name, value);
         }
         Ok(req)
+    }
+
+    fn prepare_request(&self) -> Option<Result<http::Request<Vec<u8>>, AdapterError>> {
+        let p = self.decoder.dialect.prepare.as_ref()?;
+        Some(self.build_prepare(p))
+    }
+
+    fn build_prepare(&self, p: &super::Prepare) -> Result<http::Request<Vec<u8>>, AdapterError> {
+        let vars = &self.decoder.vars;
+        let text = |key: &str, e: &Expr| -> Result<String, AdapterError> {
+            e.first(Val::Null, vars)
+                .map_err(|err| invalid(key, self.redact(&err.0)))?
+                .as_ref()
+                .and_then(as_text)
+                .ok_or_else(|| invalid(key, "gave no string".to_string()))
+        };
+        let url = text("prepare.url", &p.url)?;
+        let url = url::Url::parse(&url).map_err(|e| {
+            invalid(
+                "prepare.url",
+                self.redact(&format!("gave {url:?}, not a URL: {e}")),
+            )
+        })?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(invalid(
+                "prepare.url",
+                format!("{}: not an http(s) URL", self.redact_url(&url)),
+            ));
+        }
+        let mut req = http::Request::builder()
+            .method(p.method.clone())
+            .uri(url.as_str());
+        for (name, e) in &p.headers {
+            let key = format!("prepare.headers.{name}");
+            let value = http::HeaderValue::from_str(&text(&key, e)?)
+                .map_err(|_| invalid(&key, "not a valid header value".to_string()))?;
+            req = req.header(name.as_str(), value);
+        }
+        let body = match &p.body {
+            None => Vec::new(),
+            Some(e) => {
+                let v = e
+                    .first(Val::Null, vars)
+                    .map_err(|err| invalid("prepare.body", self.redact(&err.0)))?
+                    .unwrap_or(Val::Null);
+                match as_text(&v) {
+                    Some(t) => t.into_bytes(),
+                    None => {
+                        req = req.header(http::header::CONTENT_TYPE, "application/json");
+                        from_jaq(&v)
+                            .map_err(|err| invalid("prepare.body", self.redact(&err.0)))?
+                            .to_string()
+                            .into_bytes()
+                    }
+                }
+            }
+        };
+        req.body(body)
+            .map_err(|e| invalid("prepare", self.redact(&e.to_string())))
+    }
+
+    fn prepared(&self, status: u16, body: &[u8]) -> Result<(), crate::PrepareRefused> {
+        use crate::PrepareRefused;
+        if status == 401 || status == 403 {
+            return Err(PrepareRefused::Auth(format!(
+                "[prepare] answered HTTP {status}"
+            )));
+        }
+        if !(200..300).contains(&status) {
+            return Err(PrepareRefused::Failed(format!(
+                "[prepare] answered HTTP {status}"
+            )));
+        }
+        let answer: Value = serde_json::from_slice(body)
+            .map_err(|e| PrepareRefused::Failed(format!("[prepare] answer is not JSON: {e}")))?;
+        let answer = to_jaq(&answer);
+        if let Some(fail) = self
+            .decoder
+            .dialect
+            .prepare
+            .as_ref()
+            .and_then(|p| p.fail.as_ref())
+        {
+            match fail.first(answer.clone(), &self.decoder.vars) {
+                Ok(Some(v)) if truthy(&v) => {
+                    return Err(PrepareRefused::Auth(
+                        "[prepare] fail: the answer refuses the credentials".to_string(),
+                    ))
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    return Err(PrepareRefused::Failed(format!(
+                        "[prepare] fail: {}",
+                        self.redact(&e.0)
+                    )))
+                }
+            }
+        }
+        if let Ok(mut p) = self.prepared.write() {
+            *p = answer;
+        }
+        Ok(())
     }
 
     fn subscribe_frames(&self, subs: &[String]) -> Vec<String> {
@@ -575,6 +701,18 @@ impl Adapter for DialectAdapter {
         self.bound.display_url.clone()
     }
 
+    fn prepare_request(&self) -> Option<Result<http::Request<Vec<u8>>, AdapterError>> {
+        self.bound.prepare_request()
+    }
+
+    fn prepared(&self, status: u16, body: &[u8]) -> Result<(), crate::PrepareRefused> {
+        self.bound.prepared(status, body)
+    }
+
+    fn prepare_refresh(&self) -> Option<std::time::Duration> {
+        self.bound.decoder.dialect.prepare.as_ref()?.refresh
+    }
+
     fn greeting(&self) -> Greeting {
         self.bound.greeting
     }
@@ -620,10 +758,10 @@ impl Adapter for DialectAdapter {
             return crate::StepCheck::Other;
         };
         let frame = to_jaq(&frame);
+        let vars = self.bound.vars();
         let holds = |e: &Option<Expr>| {
-            e.as_ref().is_some_and(
-                |e| matches!(e.first(frame.clone(), self.bound.vars()), Ok(Some(v)) if truthy(&v)),
-            )
+            e.as_ref()
+                .is_some_and(|e| matches!(e.first(frame.clone(), &vars), Ok(Some(v)) if truthy(&v)))
         };
         if holds(&s.fail) {
             crate::StepCheck::Failed(format!(
@@ -663,7 +801,7 @@ impl Adapter for DialectAdapter {
         };
         let frame = to_jaq(&frame);
         let items = self.bound.items_named(pending);
-        let mut vars = self.bound.vars().to_vec();
+        let mut vars = self.bound.vars();
         vars.push(Val::Null);
         let last = vars.len() - 1;
         let mut out = Vec::new();
@@ -697,5 +835,9 @@ impl Adapter for DialectAdapter {
         text: &str,
     ) -> Result<(Inbound, Option<crate::Sequence>), DecodeError> {
         self.bound.decoder.decode(text)
+    }
+
+    fn decode_frame(&self, text: &str, max_events: usize) -> Result<crate::Decoded, DecodeError> {
+        self.bound.decoder.decode_frame(text, max_events)
     }
 }

@@ -5,6 +5,8 @@
 //! rules, first match wins; a JSON frame no rule takes is still an event,
 //! `<dialect>.unknown`, with the whole frame as `data`. An expression that fails on the frame
 //! makes the frame a decode error (counted and skipped by the caller); nothing else is lost.
+//! A rule with `split` makes each output of its `split` expression an event of its own, in
+//! order (`.` the item, `$frame` the frame); a rule's `reply` is evaluated with the event.
 //!
 //! The frame is parsed once. Expressions inside the fast lane (`native.rs`) read it in place;
 //! the others get it converted to jaq's values, once per frame and only when one needs it.
@@ -20,7 +22,7 @@ use serde_json::Value;
 use super::expr::{from_jaq, to_jaq, Expr};
 use super::native::{self, Scope};
 use super::{ControlKind, ControlRule, Dialect, EventRule, Matcher, TimeUnit};
-use crate::{Control, DecodeError, DecodedEvent, Inbound, Sequence};
+use crate::{Control, DecodeError, Decoded, DecodedEvent, FrameEvent, Inbound, Sequence};
 
 /// A dialect with one upstream's parameter values: decodes that upstream's frames.
 #[derive(Debug)]
@@ -37,10 +39,15 @@ pub(crate) struct Decoder {
     pub(crate) secrets: Vec<String>,
 }
 
-/// One frame being decoded: the parsed frame and, once an expression needs it, its jaq form.
+/// One frame (or one item of a `split` frame) being decoded: the parsed value, the variable
+/// values its expressions see, and, once an expression needs it, its jaq form.
 struct Frame<'s, 'f> {
     decoder: &'s Decoder,
     value: &'f Value,
+    /// The variables as jaq values (a split item's add `$frame`) ...
+    vars: &'f [Val],
+    /// ... and as JSON values, for the fast lane.
+    values: &'f [Value],
     jq: OnceCell<Val>,
 }
 
@@ -54,14 +61,14 @@ impl<'s: 'f, 'f> Frame<'s, 'f> {
         expr: &'s Expr,
     ) -> Result<Option<Cow<'f, Value>>, DecodeError> {
         if let Some(n) = expr.native() {
-            let mut scope = Scope::new(&self.decoder.values);
+            let mut scope = Scope::new(self.values);
             if let Ok(v) = native::eval(n, &Cow::Borrowed(self.value), &mut scope) {
                 return Ok(v);
             }
         }
         let input = self.jq.get_or_init(|| to_jaq(self.value)).clone();
         let out = expr
-            .first(input, &self.decoder.vars)
+            .first(input, self.vars)
             .map_err(|e| self.decoder.error(key, what, &e.0))?;
         match out {
             None => Ok(None),
@@ -108,70 +115,179 @@ struct Plan<'s> {
     time: Option<chrono::DateTime<chrono::Utc>>,
     provider_id: Option<String>,
     sequence: Option<Sequence>,
+    reply: Option<String>,
     data: Data<'s>,
 }
 
-impl Decoder {
-    /// Classifies and decodes one text frame; an event's sequence number with it when its
-    /// rule has one.
-    pub(crate) fn decode(&self, text: &str) -> Result<(Inbound, Option<Sequence>), DecodeError> {
-        for rule in &self.dialect.controls {
-            if let Matcher::Text(t) = &rule.matcher {
-                if t == text {
-                    return Ok((Inbound::Control(plain_control(rule.kind)), None));
-                }
-            }
-        }
-        let mut value: Value = serde_json::from_str(text)
-            .map_err(|e| DecodeError::new(format!("frame is not valid JSON: {e}")))?;
-        let plan = {
-            let frame = Frame {
-                decoder: self,
-                value: &value,
-                jq: OnceCell::new(),
-            };
-            match self.classify(&frame)? {
-                Classified::Control(c) => return Ok((Inbound::Control(c), None)),
-                Classified::Event(plan) => plan,
-            }
-        };
-        let Some(plan) = plan else {
-            let event = DecodedEvent {
-                id: crate::event_id(&self.dialect.name, &self.host, &value),
-                id_from_content: true,
-                event_type: format!("{}.unknown", self.dialect.name),
-                subject: None,
-                time: None,
-                data: value,
-            };
-            return Ok((Inbound::Event(event), None));
-        };
-        let (id, id_from_content) = match plan.provider_id {
+impl Plan<'_> {
+    /// The event, `data` moved out of (or built from) `value`; `content_id` gives the id
+    /// when the provider's is absent.
+    fn into_event(
+        self,
+        value: &mut Value,
+        content_id: impl FnOnce(&Value) -> String,
+    ) -> FrameEvent {
+        let (id, id_from_content) = match self.provider_id {
             Some(id) => (id, false),
-            None => (
-                crate::event_id(&self.dialect.name, &self.host, &value),
-                true,
-            ),
+            None => (content_id(value), true),
         };
-        let data = match plan.data {
+        let data = match self.data {
             Data::Built(v) => v,
             Data::Take(keys) => {
-                let mut at = Some(&mut value);
+                let mut at = Some(value);
                 for k in keys {
                     at = at.and_then(|v| v.get_mut(k.as_str()));
                 }
                 at.map(Value::take).unwrap_or(Value::Null)
             }
         };
-        let event = DecodedEvent {
-            id,
-            id_from_content,
-            event_type: plan.event_type,
-            subject: plan.subject,
-            time: plan.time,
-            data,
+        FrameEvent {
+            event: DecodedEvent {
+                id,
+                id_from_content,
+                event_type: self.event_type,
+                subject: self.subject,
+                time: self.time,
+                data,
+            },
+            sequence: self.sequence,
+            reply: self.reply,
+        }
+    }
+}
+
+impl Decoder {
+    /// Classifies and decodes one text frame; an event's sequence number with it when its
+    /// rule has one. A `split` frame gives its first item (none: the frame is taken as a
+    /// `reply` control frame); [`Decoder::decode_frame`] gives them all.
+    pub(crate) fn decode(&self, text: &str) -> Result<(Inbound, Option<Sequence>), DecodeError> {
+        Ok(match self.decode_frame(text, usize::MAX)? {
+            Decoded::Control(c) => (Inbound::Control(c), None),
+            Decoded::Events(events) => match events.into_iter().next() {
+                Some(e) => (Inbound::Event(e.event), e.sequence),
+                None => (Inbound::Control(Control::Reply), None),
+            },
+        })
+    }
+
+    /// Classifies and decodes one text frame into a control frame or its events (a `split`
+    /// rule's items, at most `max_events` of them: more is a decode error).
+    pub(crate) fn decode_frame(
+        &self,
+        text: &str,
+        max_events: usize,
+    ) -> Result<Decoded, DecodeError> {
+        for rule in &self.dialect.controls {
+            if let Matcher::Text(t) = &rule.matcher {
+                if t == text {
+                    return Ok(Decoded::Control(plain_control(rule.kind)));
+                }
+            }
+        }
+        let mut value: Value = serde_json::from_str(text)
+            .map_err(|e| DecodeError::new(format!("frame is not valid JSON: {e}")))?;
+        let (rule, items) = {
+            let frame = Frame {
+                decoder: self,
+                value: &value,
+                vars: &self.vars,
+                values: &self.values,
+                jq: OnceCell::new(),
+            };
+            match self.classify(&frame)? {
+                Classified::Control(c) => return Ok(Decoded::Control(c)),
+                Classified::Unknown => (None, None),
+                Classified::Event(rule) => match &rule.split {
+                    Some(split) => (
+                        Some(rule),
+                        Some(self.items(rule, split, &frame, max_events)?),
+                    ),
+                    None => {
+                        let plan = self.event(rule, &frame)?;
+                        drop(frame);
+                        let event = plan.into_event(&mut value, |v| self.content_id(v));
+                        return Ok(Decoded::Events(vec![event]));
+                    }
+                },
+            }
         };
-        Ok((Inbound::Event(event), plan.sequence))
+        match (rule, items) {
+            (Some(rule), Some(items)) => self.split(rule, value, items).map(Decoded::Events),
+            _ => Ok(Decoded::Events(vec![FrameEvent {
+                event: DecodedEvent {
+                    id: self.content_id(&value),
+                    id_from_content: true,
+                    event_type: format!("{}.unknown", self.dialect.name),
+                    subject: None,
+                    time: None,
+                    data: value,
+                },
+                sequence: None,
+                reply: None,
+            }])),
+        }
+    }
+
+    /// The digest id of a frame's content (see `crate::event_id`).
+    fn content_id(&self, value: &Value) -> String {
+        crate::event_id(&self.dialect.name, &self.host, value)
+    }
+
+    /// A split rule's items on `frame`, at most `max_events`.
+    fn items<'s: 'f, 'f>(
+        &'s self,
+        rule: &'s EventRule,
+        split: &'s Expr,
+        frame: &Frame<'s, 'f>,
+        max_events: usize,
+    ) -> Result<Vec<Value>, DecodeError> {
+        let input = frame.jq.get_or_init(|| to_jaq(frame.value)).clone();
+        let items = split
+            .first_n(input, frame.vars, max_events.saturating_add(1))
+            .map_err(|e| self.error(&rule.key, "split", &e.0))?;
+        if items.len() > max_events {
+            return Err(self.error(
+                &rule.key,
+                "split",
+                &format!("gave more than limits.max_split_events ({max_events}) items"),
+            ));
+        }
+        items
+            .iter()
+            .map(|v| from_jaq(v).map_err(|e| self.error(&rule.key, "split", &e.0)))
+            .collect()
+    }
+
+    /// One event per item of a split frame, in order: in the rule's expressions `.` is the
+    /// item and `$frame` the frame; without the provider's id, an item's id is derived from
+    /// the frame's content id and the item's position.
+    fn split(
+        &self,
+        rule: &EventRule,
+        frame: Value,
+        items: Vec<Value>,
+    ) -> Result<Vec<FrameEvent>, DecodeError> {
+        let frame_id = self.content_id(&frame);
+        let mut vars = self.vars.clone();
+        vars.push(to_jaq(&frame));
+        let mut values = self.values.clone();
+        values.push(frame);
+        let mut out = Vec::with_capacity(items.len());
+        for (i, mut item) in items.into_iter().enumerate() {
+            let plan = {
+                let f = Frame {
+                    decoder: self,
+                    value: &item,
+                    vars: &vars,
+                    values: &values,
+                    jq: OnceCell::new(),
+                };
+                self.event(rule, &f)?
+            };
+            let index = u64::try_from(i).unwrap_or(u64::MAX);
+            out.push(plan.into_event(&mut item, |_| crate::derived_id("split", &frame_id, index)));
+        }
+        Ok(out)
     }
 
     fn classify<'s: 'f, 'f>(
@@ -192,10 +308,10 @@ impl Decoder {
                 Some(m) => frame.holds(&rule.key, m)?,
             };
             if taken {
-                return self.event(rule, frame).map(|p| Classified::Event(Some(p)));
+                return Ok(Classified::Event(rule));
             }
         }
-        Ok(Classified::Event(None))
+        Ok(Classified::Unknown)
     }
 
     fn error(&self, key: &str, what: &str, message: &str) -> DecodeError {
@@ -293,7 +409,16 @@ impl Decoder {
                 },
             },
         };
+        let reply = match &rule.reply {
+            None => None,
+            Some(e) => match frame.first(key, "reply", e)?.as_deref() {
+                None | Some(Value::Null) => None,
+                Some(Value::String(s)) => Some(s.clone()),
+                Some(other) => Some(other.to_string()),
+            },
+        };
         Ok(Plan {
+            reply,
             event_type: format!("{}.{event_type}", self.dialect.name),
             subject,
             time,
@@ -306,8 +431,10 @@ impl Decoder {
 
 enum Classified<'s> {
     Control(Control),
-    /// `None`: no rule took the frame.
-    Event(Option<Plan<'s>>),
+    /// The event rule that took the frame.
+    Event(&'s EventRule),
+    /// No rule took the frame.
+    Unknown,
 }
 
 fn plain_control(kind: ControlKind) -> Control {

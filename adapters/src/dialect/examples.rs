@@ -13,7 +13,7 @@ use serde_json::Value;
 
 use super::adapter::{decoder, Params};
 use super::{Dialect, ParamKind};
-use crate::{Control, Inbound};
+use crate::{Control, Decoded, DecodedEvent};
 
 /// The URL examples are decoded as if received from, unless they set `params.url`.
 const EXAMPLE_URL: &str = "ws://example.invalid/";
@@ -31,18 +31,28 @@ pub(crate) struct Example {
 /// What an example's frame must decode to.
 #[derive(Debug)]
 pub(crate) enum Expect {
-    Event {
-        event_type: String,
-        subject: Option<String>,
-        time: Option<DateTime<Utc>>,
-        data: Value,
-        id: Option<String>,
-    },
+    Event(EventExpect),
+    /// The events of a `split` frame, in order.
+    Events(Vec<EventExpect>),
     /// A control frame of this kind (`pong`, `greeting`, ...).
     Control(String),
     /// A decode error.
     Error,
 }
+
+/// What one event of an example must be.
+#[derive(Debug)]
+pub(crate) struct EventExpect {
+    pub event_type: String,
+    pub subject: Option<String>,
+    pub time: Option<DateTime<Utc>>,
+    pub data: Value,
+    /// Checked only when the example gives it.
+    pub id: Option<String>,
+}
+
+/// Most events an example's frame may decode to (a `split` frame's items).
+const MAX_EXAMPLE_EVENTS: usize = crate::DEFAULT_MAX_SPLIT_EVENTS;
 
 /// An example that does not decode to what it says.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -123,47 +133,24 @@ fn run(dialect: &Arc<Dialect>, ex: &Example) -> Vec<String> {
         Ok((d, _)) => d,
         Err(e) => return vec![format!("the example's params do not bind: {e}")],
     };
-    let got = decoder.decode(&ex.frame).map(|(inbound, _)| inbound);
+    let got = decoder.decode_frame(&ex.frame, MAX_EXAMPLE_EVENTS);
     match (&ex.expect, got) {
-        (
-            Expect::Event {
-                event_type,
-                subject,
-                time,
-                data,
-                id,
-            },
-            Ok(Inbound::Event(e)),
-        ) => {
-            if &e.event_type != event_type {
+        (Expect::Event(want), Ok(Decoded::Events(events))) if events.len() == 1 => {
+            compare("", &events[0].event, want, &mut diffs);
+        }
+        (Expect::Events(want), Ok(Decoded::Events(events))) => {
+            if events.len() != want.len() {
                 diffs.push(format!(
-                    "type: got {:?}, expected {event_type:?}",
-                    e.event_type
+                    "events: got {} events, expected {}",
+                    events.len(),
+                    want.len()
                 ));
             }
-            if &e.subject != subject {
-                diffs.push(format!(
-                    "subject: got {:?}, expected {subject:?}",
-                    e.subject
-                ));
-            }
-            if &e.time != time {
-                diffs.push(format!(
-                    "time: got {}, expected {}",
-                    show_time(e.time),
-                    show_time(*time)
-                ));
-            }
-            if &e.data != data {
-                diff_json("data", &e.data, data, &mut diffs);
-            }
-            if let Some(id) = id {
-                if &e.id != id {
-                    diffs.push(format!("id: got {:?}, expected {id:?}", e.id));
-                }
+            for (i, (got, want)) in events.iter().zip(want).enumerate() {
+                compare(&format!("events[{i}]."), &got.event, want, &mut diffs);
             }
         }
-        (Expect::Control(kind), Ok(Inbound::Control(c))) => {
+        (Expect::Control(kind), Ok(Decoded::Control(c))) => {
             if control_kind(&c) != kind {
                 diffs.push(format!("control: got {c:?}, expected {kind:?}"));
             }
@@ -176,6 +163,44 @@ fn run(dialect: &Arc<Dialect>, ex: &Example) -> Vec<String> {
         )),
     }
     diffs
+}
+
+/// Each difference between an event and what the example says it is, `at` before each key.
+fn compare(at: &str, e: &DecodedEvent, want: &EventExpect, diffs: &mut Vec<String>) {
+    let EventExpect {
+        event_type,
+        subject,
+        time,
+        data,
+        id,
+    } = want;
+    if &e.event_type != event_type {
+        diffs.push(format!(
+            "{at}type: got {:?}, expected {event_type:?}",
+            e.event_type
+        ));
+    }
+    if &e.subject != subject {
+        diffs.push(format!(
+            "{at}subject: got {:?}, expected {subject:?}",
+            e.subject
+        ));
+    }
+    if &e.time != time {
+        diffs.push(format!(
+            "{at}time: got {}, expected {}",
+            show_time(e.time),
+            show_time(*time)
+        ));
+    }
+    if &e.data != data {
+        diff_json(&format!("{at}data"), &e.data, data, diffs);
+    }
+    if let Some(id) = id {
+        if &e.id != id {
+            diffs.push(format!("{at}id: got {:?}, expected {id:?}", e.id));
+        }
+    }
 }
 
 /// Most differences listed for one example's `data` (the rest are summed up in one line).
@@ -252,17 +277,21 @@ fn control_kind(c: &Control) -> &'static str {
     }
 }
 
-fn outcome(got: &Result<Inbound, crate::DecodeError>) -> String {
+fn outcome(got: &Result<Decoded, crate::DecodeError>) -> String {
     match got {
-        Ok(Inbound::Event(e)) => format!("an event {:?}", e.event_type),
-        Ok(Inbound::Control(c)) => format!("a control frame {:?}", control_kind(c)),
+        Ok(Decoded::Events(events)) => match events.as_slice() {
+            [one] => format!("an event {:?}", one.event.event_type),
+            many => format!("{} events", many.len()),
+        },
+        Ok(Decoded::Control(c)) => format!("a control frame {:?}", control_kind(c)),
         Err(e) => format!("a decode error ({e})"),
     }
 }
 
 fn expected(e: &Expect) -> String {
     match e {
-        Expect::Event { event_type, .. } => format!("an event {event_type:?}"),
+        Expect::Event(e) => format!("an event {:?}", e.event_type),
+        Expect::Events(events) => format!("{} events", events.len()),
         Expect::Control(k) => format!("a control frame {k:?}"),
         Expect::Error => "a decode error".to_string(),
     }

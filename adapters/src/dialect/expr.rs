@@ -104,6 +104,23 @@ impl Expr {
         }
     }
 
+    /// The first `n` outputs at most, in order (the rest are never computed); the first
+    /// error fails.
+    pub(crate) fn first_n(
+        &self,
+        input: Val,
+        vars: &[Val],
+        n: usize,
+    ) -> Result<Vec<Val>, EvalError> {
+        let ctx = Ctx::<Data>::new(&self.filter.lut, Vars::new(vars.iter().cloned()));
+        self.filter
+            .id
+            .run((ctx, input))
+            .take(n)
+            .map(|r| r.map_err(exn_message))
+            .collect()
+    }
+
     /// Every output, in order; the first error fails.
     pub(crate) fn all(&self, input: Val, vars: &[Val]) -> Result<Vec<Val>, EvalError> {
         let ctx = Ctx::<Data>::new(&self.filter.lut, Vars::new(vars.iter().cloned()));

@@ -13,7 +13,7 @@ pub(crate) struct DialectFile {
     pub dialect: Option<Header>,
     #[serde(default)]
     pub params: BTreeMap<String, ParamDecl>,
-    pub prepare: Option<toml::Value>,
+    pub prepare: Option<PrepareDecl>,
     pub connect: Option<ConnectDecl>,
     #[serde(default)]
     pub session: Vec<SessionDecl>,
@@ -57,6 +57,19 @@ pub(crate) struct ParamDecl {
     pub check: Option<String>,
     #[serde(default)]
     pub description: String,
+}
+
+/// `[prepare]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PrepareDecl {
+    pub method: Option<String>,
+    pub url: String,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    pub body: Option<String>,
+    pub fail: Option<String>,
+    pub refresh: Option<String>,
 }
 
 /// `[connect]`.
@@ -151,6 +164,21 @@ pub(crate) struct ExampleDecl {
     pub id: Option<String>,
     pub control: Option<String>,
     pub error: Option<bool>,
+    /// A frame that carries several events (a `split` rule): each, in order.
+    pub events: Option<Vec<ExampleEventDecl>>,
     #[serde(default)]
     pub description: String,
+}
+
+/// One event of an `[[examples]] events` list.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ExampleEventDecl {
+    #[serde(rename = "type")]
+    pub event_type: String,
+    pub subject: Option<String>,
+    pub time: Option<String>,
+    pub data: Option<toml::Value>,
+    pub data_json: Option<String>,
+    pub id: Option<String>,
 }

@@ -9,11 +9,12 @@ use super::examples::Example;
 use super::expr::Expr;
 use super::file::{
     ConnectDecl, ControlDecl, DialectFile, EventDecl, ExampleDecl, HeartbeatDecl, ParamDecl,
-    SessionDecl, SubscribeDecl,
+    PrepareDecl, SessionDecl, SubscribeDecl,
 };
 use super::{
-    var_names, Connect, ControlKind, ControlRule, Dialect, DialectError, EventRule, HeartbeatRule,
-    Matcher, Ownership, Param, ParamKind, Problem, SessionStep, Subscribe, TimeUnit,
+    send_var_names, var_names, Connect, ControlKind, ControlRule, Dialect, DialectError, EventRule,
+    HeartbeatRule, Matcher, Ownership, Param, ParamKind, Prepare, Problem, SessionStep, Subscribe,
+    TimeUnit,
 };
 use sha2::Digest;
 
@@ -63,14 +64,6 @@ impl Checker {
                 self.problem(key, format!("jq: {e} in {code:?}"));
                 None
             }
-        }
-    }
-
-    /// A key the contract names but this version does not run yet: refused, so a file never
-    /// silently loses behaviour it asks for.
-    fn not_yet<T>(&mut self, key: &str, value: &Option<T>) {
-        if value.is_some() {
-            self.problem(key, "not supported by this version of wsbridge yet");
         }
     }
 }
@@ -123,8 +116,9 @@ pub(super) fn load(origin: &str, text: &str) -> Result<Dialect, DialectError> {
 
     let params = params(&mut c, file.params);
     let vars = var_names(&params);
-
-    c.not_yet("prepare", &file.prepare);
+    let prepare = file.prepare.and_then(|decl| prepare(&mut c, decl, &vars));
+    // What the connection sends may read `$prepared` too.
+    let vars = send_var_names(&params);
     let session = each(&mut c, file.session, &vars, session_step);
 
     let connect = match file.connect {
@@ -146,6 +140,7 @@ pub(super) fn load(origin: &str, text: &str) -> Result<Dialect, DialectError> {
         Some(decl) => heartbeat(&mut c, decl, &vars),
         None => Some(HeartbeatRule::Protocol),
     };
+    let vars = var_names(&params);
     let controls = each(&mut c, file.control, &vars, control);
     let events = each(&mut c, file.events, &vars, event);
     let examples: Vec<Example> = file
@@ -164,6 +159,7 @@ pub(super) fn load(origin: &str, text: &str) -> Result<Dialect, DialectError> {
             uses_url: c.uses_url,
             fingerprint: sha2::Sha256::digest(text.as_bytes()).into(),
             params,
+            prepare,
             connect,
             session,
             subscribe,
@@ -329,6 +325,70 @@ fn params(c: &mut Checker, decls: std::collections::BTreeMap<String, ParamDecl>)
     out
 }
 
+/// The range `[prepare] refresh` may take.
+const REFRESH_BOUNDS: (Duration, Duration) = (
+    Duration::from_millis(10),
+    Duration::from_secs(7 * 24 * 3600),
+);
+
+fn prepare(c: &mut Checker, decl: PrepareDecl, vars: &[String]) -> Option<Prepare> {
+    let method = match decl.method.as_deref().unwrap_or("GET") {
+        m @ ("GET" | "POST" | "PUT" | "PATCH" | "DELETE") => {
+            http::Method::from_bytes(m.as_bytes()).ok()
+        }
+        other => {
+            c.problem(
+                "prepare.method",
+                format!("{other:?}: expected \"GET\", \"POST\", \"PUT\", \"PATCH\" or \"DELETE\""),
+            );
+            None
+        }
+    };
+    let url = c.expr("prepare.url", &decl.url, vars);
+    let headers = headers(c, "prepare", decl.headers, vars);
+    let body = match decl.body {
+        Some(code) => Some(c.expr("prepare.body", &code, vars)?),
+        None => None,
+    };
+    let fail = match decl.fail {
+        Some(code) => Some(c.expr("prepare.fail", &code, vars)?),
+        None => None,
+    };
+    let refresh = match decl.refresh {
+        Some(text) => Some(duration(c, "prepare.refresh", &text, REFRESH_BOUNDS)?),
+        None => None,
+    };
+    Some(Prepare {
+        method: method?,
+        url: url?,
+        headers,
+        body,
+        fail,
+        refresh,
+    })
+}
+
+/// `<section>.headers`: each name checked, each value compiled.
+fn headers(
+    c: &mut Checker,
+    section: &str,
+    decl: std::collections::BTreeMap<String, String>,
+    vars: &[String],
+) -> Vec<(String, Expr)> {
+    let mut out = Vec::new();
+    for (name, code) in decl {
+        let key = format!("{section}.headers.{name}");
+        if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+            c.problem(&key, "not a valid HTTP header name");
+            continue;
+        }
+        if let Some(e) = c.expr(&key, &code, vars) {
+            out.push((name, e));
+        }
+    }
+    out
+}
+
 fn connect(c: &mut Checker, decl: ConnectDecl, vars: &[String]) -> Option<Connect> {
     let binary = match decl.binary.as_deref() {
         None => crate::BinaryFrames::Text,
@@ -353,17 +413,7 @@ fn connect(c: &mut Checker, decl: ConnectDecl, vars: &[String]) -> Option<Connec
         }
     }
     let url = c.expr("connect.url", &decl.url, vars);
-    let mut headers = Vec::new();
-    for (name, code) in decl.headers {
-        let key = format!("connect.headers.{name}");
-        if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
-            c.problem(&key, "not a valid HTTP header name");
-            continue;
-        }
-        if let Some(e) = c.expr(&key, &code, vars) {
-            headers.push((name, e));
-        }
-    }
+    let headers = headers(c, "connect", decl.headers, vars);
     Some(Connect {
         url: url?,
         headers,
@@ -553,9 +603,17 @@ fn event(c: &mut Checker, i: usize, decl: EventDecl, vars: &[String]) -> Option<
             "belongs to `sequence` (the number whose gaps are detected)",
         );
     }
-    for (name, value) in [("reply", &decl.reply), ("split", &decl.split)] {
-        c.not_yet(&format!("{key}.{name}"), value);
+    let splits = decl.split.is_some();
+    let split = match decl.split {
+        Some(code) => c.expr(&format!("{key}.split"), &code, vars).map(Some),
+        None => Some(None),
+    };
+    // In a split rule's other expressions `.` is the item and `$frame` the whole frame.
+    let mut rule_vars = vars.to_vec();
+    if splits {
+        rule_vars.push("$frame".to_string());
     }
+    let vars = rule_vars.as_slice();
     let time_unit = match decl.time_unit.as_deref() {
         None | Some("s") => TimeUnit::Seconds,
         Some("ms") => TimeUnit::Millis,
@@ -584,6 +642,7 @@ fn event(c: &mut Checker, i: usize, decl: EventDecl, vars: &[String]) -> Option<
     let id = opt(c, "id", decl.id);
     let sequence = opt(c, "sequence", decl.sequence);
     let sequence_key = opt(c, "sequence_key", decl.sequence_key);
+    let reply = opt(c, "reply", decl.reply);
     let data = data.ok()?;
     let data_path = data
         .as_ref()
@@ -602,6 +661,8 @@ fn event(c: &mut Checker, i: usize, decl: EventDecl, vars: &[String]) -> Option<
         id: id.ok()?,
         sequence: sequence.ok()?,
         sequence_key: sequence_key.ok()?,
+        split: split?,
+        reply: reply.ok()?,
     })
 }
 
@@ -620,11 +681,12 @@ fn example(c: &mut Checker, i: usize, decl: ExampleDecl) -> Option<Example> {
         decl.event_type.is_some(),
         decl.control.is_some(),
         decl.error == Some(true),
+        decl.events.is_some(),
     ];
     if outcomes.iter().filter(|o| **o).count() != 1 {
         c.problem(
             &key,
-            "says what the frame decodes to with exactly one of `type` (an event), `control` (its kind) or `error = true`",
+            "says what the frame decodes to with exactly one of `type` (an event), `events` (a split frame's events), `control` (its kind) or `error = true`",
         );
         return None;
     }
@@ -634,39 +696,31 @@ fn example(c: &mut Checker, i: usize, decl: ExampleDecl) -> Option<Example> {
         || decl.data_json.is_some()
         || decl.id.is_some();
     let expect = if let Some(event_type) = decl.event_type {
-        let data = match (decl.data, decl.data_json) {
-            (Some(data), None) => toml_to_json(data).map_err(|e| (format!("{key}.data"), e)),
-            (None, Some(text)) => serde_json::from_str(&text)
-                .map_err(|e| (format!("{key}.data_json"), format!("not JSON: {e}"))),
-            _ => Err((
-                key.clone(),
-                "an event example needs one of `data` or `data_json`".to_string(),
-            )),
-        };
-        let data = match data {
-            Ok(v) => v,
-            Err((k, e)) => {
-                c.problem(k, e);
-                return None;
-            }
-        };
-        let time = match decl.time {
-            Some(t) => match chrono::DateTime::parse_from_rfc3339(&t) {
-                Ok(t) => Some(t.with_timezone(&chrono::Utc)),
-                Err(e) => {
-                    c.problem(format!("{key}.time"), format!("{t:?} is not RFC 3339: {e}"));
-                    return None;
-                }
+        super::examples::Expect::Event(event_expect(
+            c,
+            &key,
+            super::file::ExampleEventDecl {
+                event_type,
+                subject: decl.subject,
+                time: decl.time,
+                data: decl.data,
+                data_json: decl.data_json,
+                id: decl.id,
             },
-            None => None,
-        };
-        super::examples::Expect::Event {
-            event_type,
-            subject: decl.subject,
-            time,
-            data,
-            id: decl.id,
+        )?)
+    } else if let Some(events) = decl.events {
+        let expects: Vec<_> = events
+            .into_iter()
+            .enumerate()
+            .filter_map(|(j, e)| event_expect(c, &format!("{key}.events[{j}]"), e))
+            .collect();
+        if c.problems
+            .iter()
+            .any(|p| p.key.starts_with(&format!("{key}.")))
+        {
+            return None;
         }
+        super::examples::Expect::Events(expects)
     } else if let Some(kind) = decl.control {
         if !matches!(
             kind.as_str(),
@@ -682,7 +736,7 @@ fn example(c: &mut Checker, i: usize, decl: ExampleDecl) -> Option<Example> {
     } else {
         super::examples::Expect::Error
     };
-    if !matches!(expect, super::examples::Expect::Event { .. }) && event_fields {
+    if !matches!(expect, super::examples::Expect::Event(_)) && event_fields {
         c.problem(
             &key,
             "`subject`, `time`, `data` and `id` describe an event example (one with `type`)",
@@ -694,6 +748,47 @@ fn example(c: &mut Checker, i: usize, decl: ExampleDecl) -> Option<Example> {
         frame: decl.frame,
         params,
         expect,
+    })
+}
+
+/// What one event of an example must be.
+fn event_expect(
+    c: &mut Checker,
+    key: &str,
+    decl: super::file::ExampleEventDecl,
+) -> Option<super::examples::EventExpect> {
+    let data = match (decl.data, decl.data_json) {
+        (Some(data), None) => toml_to_json(data).map_err(|e| (format!("{key}.data"), e)),
+        (None, Some(text)) => serde_json::from_str(&text)
+            .map_err(|e| (format!("{key}.data_json"), format!("not JSON: {e}"))),
+        _ => Err((
+            key.to_string(),
+            "an event example needs one of `data` or `data_json`".to_string(),
+        )),
+    };
+    let data = match data {
+        Ok(v) => v,
+        Err((k, e)) => {
+            c.problem(k, e);
+            return None;
+        }
+    };
+    let time = match decl.time {
+        Some(t) => match chrono::DateTime::parse_from_rfc3339(&t) {
+            Ok(t) => Some(t.with_timezone(&chrono::Utc)),
+            Err(e) => {
+                c.problem(format!("{key}.time"), format!("{t:?} is not RFC 3339: {e}"));
+                return None;
+            }
+        },
+        None => None,
+    };
+    Some(super::examples::EventExpect {
+        event_type: decl.event_type,
+        subject: decl.subject,
+        time,
+        data,
+        id: decl.id,
     })
 }
 

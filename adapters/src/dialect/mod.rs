@@ -50,6 +50,8 @@ pub struct Dialect {
     fingerprint: [u8; 32],
     /// `[params]`, sorted by name.
     params: Vec<Param>,
+    /// `[prepare]`: an HTTP call before every connect.
+    prepare: Option<Prepare>,
     connect: Connect,
     /// `[[session]]`, in order.
     session: Vec<SessionStep>,
@@ -142,6 +144,14 @@ fn var_names(params: &[Param]) -> Vec<String> {
     std::iter::once("$url".to_string())
         .chain(params.iter().map(|p| format!("${}", p.name)))
         .collect()
+}
+
+/// The variables of the expressions that build what the connection sends (`[connect]`,
+/// `[[session]]`, `[subscribe]`, `[heartbeat]`): the parameters and `$prepared`.
+fn send_var_names(params: &[Param]) -> Vec<String> {
+    let mut v = var_names(params);
+    v.push("$prepared".to_string());
+    v
 }
 
 /// One declared parameter.
@@ -253,6 +263,21 @@ pub enum Ownership {
     Lease,
 }
 
+/// `[prepare]`, compiled: an HTTP call before every connect whose JSON answer is
+/// `$prepared` in `[connect]`, `[[session]]`, `[subscribe]` and `[heartbeat]`.
+#[derive(Debug)]
+struct Prepare {
+    method: http::Method,
+    url: Expr,
+    headers: Vec<(String, Expr)>,
+    /// The request body: a string as is, other values as JSON.
+    body: Option<Expr>,
+    /// jq on the answer: true means the credentials were refused.
+    fail: Option<Expr>,
+    /// Repeated this often while connected.
+    refresh: Option<std::time::Duration>,
+}
+
 /// `[connect]`, compiled.
 #[derive(Debug)]
 struct Connect {
@@ -360,6 +385,11 @@ struct EventRule {
     /// The provider's sequence number (gap detection), and the key it counts per.
     sequence: Option<Expr>,
     sequence_key: Option<Expr>,
+    /// `split`: the frame's items, each its own event (`.` the item, `$frame` the frame in
+    /// the rule's other expressions).
+    split: Option<Expr>,
+    /// `reply`: the frame sent back to the provider once the event is journalled.
+    reply: Option<Expr>,
 }
 
 /// A dialect file that cannot be used: every problem found, each with its key.

@@ -243,7 +243,7 @@ async fn a_supervisor_task_that_panics_is_shown_failed_then_restarted() {
         .await
         .expect("an event within the deadline")
         .expect("ingest open");
-    assert_eq!(got.data["n"], 7);
+    assert_eq!(got.envelope.data["n"], 7);
     handle.stop().await;
     assert_eq!(handle.status().state, UpstreamState::Stopped);
 }
