@@ -80,6 +80,21 @@ pub struct StorageConfig {
         alias = "duplicate_window"
     )]
     pub dedup_window: Duration,
+    /// Embedded backend: how many recently journalled ids the id index holds in memory
+    /// before writing them to its table in one sweep (about 60 bytes each, two generations at
+    /// most; it grows to a sixteenth of the journal, up to [`MAX_ID_GENERATION`] or this
+    /// value if larger). Larger: fewer pages written per event as the journal grows.
+    #[serde(default = "default_id_generation")]
+    pub id_generation: usize,
+}
+
+/// Smallest `storage.id_generation`.
+pub const MIN_ID_GENERATION: usize = 1_024;
+/// Largest `storage.id_generation`, and the most a generation grows to by itself.
+pub const MAX_ID_GENERATION: usize = 4_194_304;
+
+fn default_id_generation() -> usize {
+    65_536
 }
 
 impl Default for StorageConfig {
@@ -98,6 +113,7 @@ impl Default for StorageConfig {
             tls: ClientTls::default(),
             lease_ttl: d_5s(),
             dedup_window: d_2m(),
+            id_generation: default_id_generation(),
         }
     }
 }
@@ -204,10 +220,16 @@ impl StorageConfig {
         out
     }
 
-    /// Durations out of their bounds, as (key, reason); checked for every backend, so that
-    /// switching to nats later cannot bring in a value that was never looked at.
+    /// Durations and sizes out of their bounds, as (key, reason); checked for every backend,
+    /// so that switching backends later cannot bring in a value that was never looked at.
     pub(crate) fn duration_problems(&self) -> Vec<(&'static str, String)> {
         let mut out = Vec::new();
+        if !(MIN_ID_GENERATION..=MAX_ID_GENERATION).contains(&self.id_generation) {
+            out.push((
+                "id_generation",
+                format!("must be between {MIN_ID_GENERATION} and {MAX_ID_GENERATION}"),
+            ));
+        }
         if let Some(retention) = self.retention {
             if let Some(reason) = out_of_bounds(retention, MINUTE, bounds::RETENTION_MAX) {
                 out.push((

@@ -45,6 +45,7 @@ pub async fn open(config: &StorageConfig, max_event_bytes: usize) -> Result<Open
                     durability: config.durability,
                     retention: config.retention,
                     dedup_window: config.dedup_window,
+                    id_generation: config.id_generation,
                 },
             )?;
             Ok(Opened {

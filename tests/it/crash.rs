@@ -185,3 +185,148 @@ async fn interrupted_mid_stream(stop: Stop) {
     drop(restarted);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The id index's write path (README, "Journal (write-ahead)"): recent ids are held in
+/// memory and written to the index table a generation at a time, a slice per commit. A
+/// SIGKILL lands while generations are being written out (a small `storage.id_generation`
+/// makes every few hundred events one); after the restart, the same frames sent again over
+/// the new connection are copies of what was journalled before the kill, whichever part of
+/// the index (the table, the slices written, or the memory rebuilt from the journal) holds
+/// their ids: the journal keeps each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_while_the_id_index_is_written_out_keeps_deduplicating() {
+    let vb = start_sim(Provider::Voipbin).await;
+    let dir = temp_dir("crash-ids");
+    let addr = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("probe");
+        probe.local_addr().expect("addr")
+    };
+    let db = dir.join("wsbridge.db");
+    let config = dir.join("config.toml");
+    let text = format!(
+        "[server]\nlisten = \"{addr}\"\n[storage]\npath = {db:?}\nid_generation = 1024\n\n{}\n",
+        upstream_block("vb", &vb, FAST),
+    );
+    std::fs::write(&config, text).expect("write config");
+    let frame = |i: u32| {
+        voipbin::wire::event(
+            "call.status",
+            "2024-01-15T10:30:00.000000Z",
+            &format!("customer_id:abc123:call:g{i}"),
+            json!({"id": format!("g{i}"), "status": "ringing"}),
+        )
+    };
+
+    let mut bridge = spawn_bridge(&config);
+    wait_sim_ready(&vb, 1).await;
+    // Stream until several generations have gone through, then kill mid-stream.
+    let streaming = Arc::new(AtomicBool::new(true));
+    let emitter = {
+        let vb = vb.clone();
+        let streaming = streaming.clone();
+        tokio::spawn(async move {
+            let mut i = 0u32;
+            while streaming.load(Ordering::Relaxed) {
+                vb.emit(frame(i)).await;
+                i += 1;
+                if i.is_multiple_of(20) {
+                    tokio::task::yield_now().await;
+                }
+            }
+            i
+        })
+    };
+    eventually("several id generations journalled", DEADLINE, || async {
+        (journal_len(&db) >= 4000).then_some(())
+    })
+    .await;
+    bridge.0.kill().expect("SIGKILL");
+    let _ = bridge.0.wait();
+    streaming.store(false, Ordering::Relaxed);
+    let emitted = emitter.await.expect("emitter");
+    let before: BTreeSet<String> = journal_ids(&db).into_iter().collect();
+    let (indexed_through, in_table) = index_state(&db);
+    assert!(
+        indexed_through > 0 && in_table > 0,
+        "generations were written out before the kill ({indexed_through}, {in_table})"
+    );
+
+    // Restart; send every frame again (copies: the first sight of each on the new
+    // connection), then one new frame that marks the end.
+    let _restarted = spawn_bridge(&config);
+    vb.wait_until(DEADLINE, |s| {
+        s.accepted >= 2 && s.connections.iter().any(|c| !c.subscriptions.is_empty())
+    })
+    .await
+    .expect("the restarted bridge subscribed");
+    for i in 0..emitted {
+        vb.emit(frame(i)).await;
+    }
+    vb.emit(frame(emitted)).await;
+    // One connection's frames are journalled in order: once the marker is in, all are.
+    let marker = format!("%\"id\":\"g{emitted}\"%");
+    eventually("the marker journalled", DEADLINE, || async {
+        journal_has(&db, &marker).then_some(())
+    })
+    .await;
+    let journal = journal_ids(&db);
+    let unique: BTreeSet<&String> = journal.iter().collect();
+    assert_eq!(
+        unique.len(),
+        journal.len(),
+        "the journal holds a duplicate id"
+    );
+    assert!(before.iter().all(|id| unique.contains(id)));
+    // Frames the dead bridge never journalled (read but lost with the process, or never
+    // read) are new events now; every frame is in the journal exactly once.
+    assert_eq!(journal.len(), emitted as usize + 1, "each frame once");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Whether an event whose serialised envelope is `LIKE` `pattern` is in the journal at `db`.
+fn journal_has(db: &Path, pattern: &str) -> bool {
+    let Ok(conn) =
+        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+    else {
+        return false;
+    };
+    conn.query_row(
+        "SELECT COUNT(*) FROM events WHERE CAST(body AS TEXT) LIKE ?1",
+        [pattern],
+        |r| r.get::<_, i64>(0),
+    )
+    .map(|n| n > 0)
+    .unwrap_or(false)
+}
+
+/// Events in the journal at `db`.
+fn journal_len(db: &Path) -> usize {
+    let Ok(conn) =
+        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+    else {
+        return 0;
+    };
+    conn.query_row("SELECT COUNT(*) FROM events", [], |r| r.get::<_, i64>(0))
+        .map(|n| n as usize)
+        .unwrap_or(0)
+}
+
+/// The id index's recorded point (`meta.ids_through`) and its table's entries.
+fn index_state(db: &Path) -> (i64, i64) {
+    let conn =
+        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .expect("open journal");
+    let through = conn
+        .query_row(
+            "SELECT value FROM meta WHERE key = 'ids_through'",
+            [],
+            |r| r.get::<_, String>(0),
+        )
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let in_table = conn
+        .query_row("SELECT COUNT(*) FROM ids", [], |r| r.get(0))
+        .expect("count ids");
+    (through, in_table)
+}

@@ -14,10 +14,10 @@
 //!   hash order, a slice per commit (in the commit's own transaction), so that each page of
 //!   the table is written once per generation rather than once per event.
 //!
-//! A generation holds [`MIN_GENERATION`] ids, or a sixteenth of the journal when that is more
-//! (at most [`MAX_GENERATION`]): the table's pages written per event stay a small fraction as
-//! the journal grows, and the memory stays bounded (under 60 bytes per id held; at most
-//! about 50 MB, with a journal of eight million events or more).
+//! A generation holds `storage.id_generation` ids (65,536 by default), or a sixteenth of the
+//! journal when that is more (at most [`MAX_ID_GENERATION`]): the table's pages written per
+//! event stay a small fraction as the journal grows, and the memory stays bounded (under 60
+//! bytes per id held, two generations at most).
 //!
 //! Hashes can collide, so a hash is only a candidate: each is checked against the journal's
 //! own row (`events.id` at that seq), which also makes entries for pruned events harmless
@@ -35,13 +35,10 @@ use sha2::{Digest, Sha256};
 use tracing::info;
 
 use super::db;
+use crate::storage::config::MAX_ID_GENERATION;
 use crate::storage::StoreError;
 
-/// The smallest generation (ids held in memory before they are written to the table).
-pub(super) const MIN_GENERATION: usize = 65_536;
-/// The largest generation.
-pub(super) const MAX_GENERATION: usize = 524_288;
-/// Entries of a sealed generation written per commit, at least.
+/// Entries of a sealed generation written per commit, at most an eighth of it.
 const FLUSH_SLICE: usize = 8_192;
 /// Events read per statement while indexing a journal on open.
 const REINDEX_CHUNK: i64 = 1_000_000;
@@ -66,6 +63,8 @@ pub(super) struct IdIndex {
     sealed_through: i64,
     /// The undo record of the open transaction.
     undo: Undo,
+    /// `storage.id_generation`: the smallest generation.
+    generation: usize,
 }
 
 /// What the open transaction changed in memory.
@@ -82,11 +81,16 @@ impl IdIndex {
     /// table whatever is missing from it beyond one generation (a journal written before the
     /// index existed, or a long stretch since the last write-out), and holds the rest in
     /// memory.
-    pub(super) fn open(conn: &mut Connection, head: u64) -> Result<IdIndex, StoreError> {
+    pub(super) fn open(
+        conn: &mut Connection,
+        head: u64,
+        generation: usize,
+    ) -> Result<IdIndex, StoreError> {
         let head = i64::try_from(head).unwrap_or(i64::MAX);
+        let generation_ids = i64::try_from(generation).unwrap_or(i64::MAX);
         let mut through = ids_through(conn)?;
-        if head.saturating_sub(through) > MIN_GENERATION as i64 {
-            let target = head - (MIN_GENERATION as i64) / 2;
+        if head.saturating_sub(through) > generation_ids {
+            let target = head - generation_ids / 2;
             info!(from = through, to = target, "indexing the journal's ids");
             while through < target {
                 let until = through.saturating_add(REINDEX_CHUNK).min(target);
@@ -115,6 +119,7 @@ impl IdIndex {
             flushed: 0,
             sealed_through: through,
             undo: Undo::default(),
+            generation,
         };
         for (h, seq) in recent {
             if let Some(other) = index.active.insert(h, seq) {
@@ -208,10 +213,10 @@ impl IdIndex {
             return Ok(());
         }
         let remaining = self.sealed.len() - self.flushed;
-        let n = if self.active.len() >= generation_for(self.sealed_through) {
+        let n = if self.active.len() >= self.generation_for(self.sealed_through) {
             remaining
         } else {
-            remaining.min(FLUSH_SLICE)
+            remaining.min(FLUSH_SLICE.min(self.sealed.len() / 8).max(1))
         };
         let slice = &self.sealed[self.flushed..self.flushed + n];
         let mut insert = tx
@@ -269,7 +274,7 @@ impl IdIndex {
     }
 
     fn seal_if_full(&mut self, head: i64) {
-        if !self.sealed.is_empty() || self.active.len() < generation_for(head) {
+        if !self.sealed.is_empty() || self.active.len() < self.generation_for(head) {
             return;
         }
         let mut sealed: Vec<(i64, i64)> = self.active.drain().collect();
@@ -281,7 +286,14 @@ impl IdIndex {
             .unwrap_or(self.sealed_through);
         self.sealed = sealed;
         self.flushed = 0;
-        self.active.shrink_to(generation_for(head));
+        self.active.shrink_to(self.generation_for(head));
+    }
+
+    /// The generation size for a journal whose newest seq is `head`.
+    fn generation_for(&self, head: i64) -> usize {
+        usize::try_from(head / 16)
+            .unwrap_or(MAX_ID_GENERATION)
+            .clamp(self.generation, MAX_ID_GENERATION.max(self.generation))
     }
 
     /// Ids held in memory (both generations), for tests and sizing.
@@ -289,13 +301,6 @@ impl IdIndex {
     pub(super) fn in_memory(&self) -> usize {
         self.active.len() + self.sealed.len() - self.flushed
     }
-}
-
-/// The generation size for a journal whose newest seq is `head`.
-fn generation_for(head: i64) -> usize {
-    usize::try_from(head / 16)
-        .unwrap_or(MAX_GENERATION)
-        .clamp(MIN_GENERATION, MAX_GENERATION)
 }
 
 /// `(seq, receive time)` when the event at `seq` is stored under `id`.
@@ -356,6 +361,9 @@ mod tests {
     use crate::storage::embedded::schema::{migrate, open_connection};
     use crate::storage::embedded::test_support::temp_db;
 
+    /// The generation the tests run with (the default).
+    const MIN_GENERATION: usize = 65_536;
+
     fn journal(name: &str) -> (std::path::PathBuf, Connection) {
         let path = temp_db(name);
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
@@ -405,7 +413,7 @@ mod tests {
     #[test]
     fn generations_are_written_out_and_every_id_stays_findable() {
         let (path, mut conn) = journal("ids-generations");
-        let mut index = IdIndex::open(&mut conn, 0).unwrap();
+        let mut index = IdIndex::open(&mut conn, 0, MIN_GENERATION).unwrap();
         let total = MIN_GENERATION as i64 + 3 * FLUSH_SLICE as i64;
         append(&mut conn, &mut index, 1, total, 1000);
         assert!(index.in_memory() <= 2 * MIN_GENERATION);
@@ -432,18 +440,18 @@ mod tests {
     #[test]
     fn open_rebuilds_and_indexes_what_the_table_lacks() {
         let (path, mut conn) = journal("ids-reopen");
-        let mut index = IdIndex::open(&mut conn, 0).unwrap();
+        let mut index = IdIndex::open(&mut conn, 0, MIN_GENERATION).unwrap();
         let total = 3 * MIN_GENERATION as i64;
         append(&mut conn, &mut index, 1, total, 4096);
         drop(index);
-        let index = IdIndex::open(&mut conn, total as u64).unwrap();
+        let index = IdIndex::open(&mut conn, total as u64, MIN_GENERATION).unwrap();
         for seq in [1, 2 * MIN_GENERATION as i64 + 3, total] {
             assert_eq!(find(&mut conn, &index, &format!("e{seq}")), Some(seq));
         }
         // Forget the table altogether, as a journal from before the index.
         conn.execute_batch("DELETE FROM ids; DELETE FROM meta WHERE key = 'ids_through';")
             .unwrap();
-        let index = IdIndex::open(&mut conn, total as u64).unwrap();
+        let index = IdIndex::open(&mut conn, total as u64, MIN_GENERATION).unwrap();
         assert!(index.in_memory() <= MIN_GENERATION, "{}", index.in_memory());
         assert!(table_len(&conn) >= total - MIN_GENERATION as i64);
         for seq in [1, MIN_GENERATION as i64, total - 1] {
@@ -457,7 +465,7 @@ mod tests {
     #[test]
     fn a_hash_is_checked_against_the_journal() {
         let (path, mut conn) = journal("ids-collide");
-        let mut index = IdIndex::open(&mut conn, 0).unwrap();
+        let mut index = IdIndex::open(&mut conn, 0, MIN_GENERATION).unwrap();
         append(&mut conn, &mut index, 1, 2, 10);
         // "x" is made to collide with "e1" (same key), stored at seq 3.
         index.begin();
@@ -485,7 +493,7 @@ mod tests {
     #[test]
     fn a_failed_transaction_is_undone_in_memory() {
         let (path, mut conn) = journal("ids-rollback");
-        let mut index = IdIndex::open(&mut conn, 0).unwrap();
+        let mut index = IdIndex::open(&mut conn, 0, MIN_GENERATION).unwrap();
         append(&mut conn, &mut index, 1, MIN_GENERATION as i64, 4096);
         index.begin();
         {
@@ -521,7 +529,7 @@ mod tests {
     #[test]
     fn pruned_events_leave_the_table() {
         let (path, mut conn) = journal("ids-prune");
-        let mut index = IdIndex::open(&mut conn, 0).unwrap();
+        let mut index = IdIndex::open(&mut conn, 0, MIN_GENERATION).unwrap();
         let gen = MIN_GENERATION as i64;
         append(&mut conn, &mut index, 1, gen + 12 * 4096, 4096);
         assert_eq!(table_len(&conn), gen);

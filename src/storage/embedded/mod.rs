@@ -80,6 +80,8 @@ pub struct EmbeddedOptions {
     pub retention: Option<Duration>,
     /// Copies of an id received within this are stored once; see [`Store::append`].
     pub dedup_window: Duration,
+    /// `storage.id_generation`: ids the id index holds in memory before writing them out.
+    pub id_generation: usize,
 }
 
 impl Default for EmbeddedOptions {
@@ -89,6 +91,7 @@ impl Default for EmbeddedOptions {
             durability: Durability::Normal,
             retention: None,
             dedup_window: storage.dedup_window,
+            id_generation: storage.id_generation,
         }
     }
 }
@@ -140,6 +143,7 @@ impl EmbeddedStore {
             durability,
             retention,
             dedup_window,
+            id_generation,
         } = options;
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|source| StoreError::Io {
@@ -164,7 +168,7 @@ impl EmbeddedStore {
             retention,
             health: health.clone(),
         };
-        let ids = ids::IdIndex::open(&mut writer, head.load(Ordering::Relaxed))?;
+        let ids = ids::IdIndex::open(&mut writer, head.load(Ordering::Relaxed), id_generation)?;
         let writer = Writer::spawn(writer, ids, shared, path)?;
         info!(path = %path.display(), epoch = %epoch, head = head.load(Ordering::Relaxed), "embedded store open");
         Ok(Arc::new(EmbeddedStore {
