@@ -30,33 +30,49 @@ fn kraken_file() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/dialects/kraken.toml")
 }
 
-/// A config in a fresh directory: `[dialects] paths = [dialect]`, a consumer, a webhook at
-/// `hook` with a route for every `kraken` event, and one upstream of `symbols` × `channels`
-/// at `url`.
-fn kraken_config(
+/// A Kraken test server (knowing BTC/USD and ETH/USD, heartbeats every 50 ms), a webhook
+/// receiver, and a config in a fresh directory: `[dialects] paths = [dialect]`, a consumer,
+/// the webhook with a route for every `kraken` event, and one upstream of `symbols` ×
+/// `channels` on the server with `extra` keys.
+struct Setup {
+    kraken: KrakenSim,
+    hook: Receiver,
+    config: Config,
+    _dir: PathBuf,
+}
+
+async fn setup(
     tag: &str,
     dialect: &Path,
-    url: &str,
-    hook: &str,
     symbols: &[&str],
     channels: &[&str],
-) -> (PathBuf, Config) {
+    extra: &str,
+) -> Setup {
+    let kraken = KrakenSim::start(&["BTC/USD", "ETH/USD"], Duration::from_millis(50)).await;
+    let hook = Receiver::start(vec![], Answer::status(200)).await;
     let dir = temp_dir(tag);
     let path = dir.join("config.toml");
     let text = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\n[storage]\npath = {:?}\n[dialects]\npaths = [{:?}]\n\n\
          [[consumers]]\nname = \"c\"\ntoken = \"{CONSUMER_TOKEN}\"\n\n\
-         [[webhooks]]\nname = \"desk\"\nurl = \"{hook}\"\nsecrets = [\"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"]\nallow_private = true\nretry = [\"100ms\"]\ntimeout = \"5s\"\n\n\
+         [[webhooks]]\nname = \"desk\"\nurl = \"{}\"\nsecrets = [\"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"]\nallow_private = true\nretry = [\"100ms\"]\ntimeout = \"5s\"\n\n\
          [[routes]]\nname = \"markets\"\nproviders = [\"kraken\"]\nto = [\"desk\"]\n\n\
-         [[upstreams]]\nname = \"kraken-spot\"\nadapter = \"kraken\"\nurl = \"{url}\"\nsymbols = {}\nchannels = {}\n{FAST}",
+         [[upstreams]]\nname = \"kraken-spot\"\nadapter = \"kraken\"\nurl = \"{}\"\nsymbols = {}\nchannels = {}\n{extra}{FAST}",
         dir.join("j.db").display().to_string(),
         dialect.display().to_string(),
+        hook.url(),
+        kraken.url(),
         json!(symbols),
         json!(channels),
     );
     std::fs::write(&path, text).expect("write config");
     let config = Config::load(&path).expect("valid config");
-    (dir, config)
+    Setup {
+        kraken,
+        hook,
+        config,
+        _dir: dir,
+    }
 }
 
 /// Connects to `/v1/ws` and subscribes to every `kraken` event from now on.
@@ -84,19 +100,18 @@ async fn next_event(ws: &mut Ws) -> Value {
 
 #[tokio::test]
 async fn kraken_from_its_dialect_file_reaches_webhooks_and_v1_ws_and_resubscribes_on_reconnect() {
-    let kraken = KrakenSim::start(&["BTC/USD", "ETH/USD"], Duration::from_millis(50)).await;
-    let hook = Receiver::start(vec![], Answer::status(200)).await;
-    let (_dir, config) = kraken_config(
+    let env = setup(
         "kraken-e2e",
         &kraken_file(),
-        kraken.url(),
-        &hook.url(),
         &["BTC/USD", "ETH/USD"],
         &["trade", "ticker"],
-    );
+        "",
+    )
+    .await;
+    let (kraken, hook, config) = (&env.kraken, &env.hook, &env.config);
     // Subscribed only once the status greeting came and all four (channel, symbol)
     // subscriptions were acknowledged.
-    let (bridge, _rx) = start_bridge(&config).await;
+    let (bridge, _rx) = start_bridge(config).await;
     let upstream = bridge.upstreams()[0].clone();
     kraken.wait_subscribed(0, 4, DEADLINE).await;
     let mut ws = kraken_consumer(&bridge).await;
@@ -211,8 +226,6 @@ async fn kraken_from_its_dialect_file_reaches_webhooks_and_v1_ws_and_resubscribe
 
 #[tokio::test]
 async fn a_refused_kraken_subscription_is_logged_counted_and_retried() {
-    let kraken = KrakenSim::start(&["BTC/USD"], Duration::from_millis(50)).await;
-    let hook = Receiver::start(vec![], Answer::status(200)).await;
     // The shipped file with a short acknowledgement timeout (10s would outlast the test).
     let dir = temp_dir("kraken-refused-dialect");
     let dialect = dir.join("kraken.toml");
@@ -223,14 +236,19 @@ async fn a_refused_kraken_subscription_is_logged_counted_and_retried() {
         text.replace("ack_timeout = \"10s\"", "ack_timeout = \"300ms\""),
     )
     .expect("write");
-    let (_dir, config) = kraken_config(
+    let Setup {
+        kraken,
+        config,
+        _dir,
+        ..
+    } = setup(
         "kraken-refused",
         &dialect,
-        kraken.url(),
-        &hook.url(),
         &["BTC/USD", "NOPE/USD"],
         &["trade"],
-    );
+        "",
+    )
+    .await;
     let bridge = wsbridge::bridge::Bridge::start(&config)
         .await
         .expect("bridge starts");
@@ -246,5 +264,38 @@ async fn a_refused_kraken_subscription_is_logged_counted_and_retried() {
     // The refusals are `error` controls: neither events nor decode errors.
     assert_eq!(u.counters().events, 0, "{:?}", u.counters());
     assert_eq!(u.counters().decode_errors, 0);
+    bridge.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_kraken_book_subscription_sends_its_depth_and_journals_the_snapshot() {
+    let book_env = setup(
+        "kraken-book",
+        &kraken_file(),
+        &["BTC/USD"],
+        &["book"],
+        "depth = 25\n",
+    )
+    .await;
+    let (bridge, mut rx) = start_bridge(&book_env.config).await;
+    let book = next_matching(&mut rx, "the book snapshot", |p| {
+        p.envelope.event_type == "kraken.book.snapshot"
+    })
+    .await;
+    assert_eq!(book.envelope.subject.as_deref(), Some("BTC/USD"));
+    let subscribe = book_env
+        .kraken
+        .requests()
+        .into_iter()
+        .find(|r| r["method"] == "subscribe")
+        .expect("a subscribe request");
+    assert_eq!(
+        subscribe,
+        json!({"method": "subscribe", "params": {"channel": "book", "symbol": ["BTC/USD"], "snapshot": true, "depth": 25}})
+    );
+    book_env
+        .hook
+        .wait_until(DEADLINE, "the book snapshot delivered", |r| !r.is_empty())
+        .await;
     bridge.shutdown().await;
 }

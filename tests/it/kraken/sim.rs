@@ -16,7 +16,9 @@
 //!   "subscribe","result":{"channel":..,"symbol":..,"snapshot":..},"success":true,
 //!   "time_in":..,"time_out":..}` (`depth` in a book ack), or `success: false` with `error`.
 //!   Channel frames: `{"channel":"trade"|"ticker"|"book","type":"snapshot"|"update",
-//!   "data":[..]}`; the trade snapshot "reflects the most recent 50 trades".
+//!   "data":[..]}`; the trade snapshot "reflects the most recent 50 trades"; a book snapshot
+//!   item is `{"symbol":..,"bids":[{"price":..,"qty":..}..],"asks":[..]}` (the page's example,
+//!   abridged here to two levels a side).
 //!
 //! Which symbols exist is the test's choice (the doc lists none); an unknown one or an
 //! unknown channel gets a `success: false` acknowledgement.
@@ -53,6 +55,8 @@ struct State {
     conns: Vec<Conn>,
     /// Trades sent per symbol, newest last (for the snapshot of a new subscription).
     trades: Vec<Value>,
+    /// Every request frame received, in order (over all connections).
+    requests: Vec<Value>,
     pings: u64,
     heartbeats: u64,
     refused: u64,
@@ -133,6 +137,11 @@ impl KrakenSim {
     pub fn counts(&self) -> (u64, u64, u64) {
         let s = self.state.lock().expect("lock");
         (s.pings, s.heartbeats, s.refused)
+    }
+
+    /// Every request frame received so far.
+    pub fn requests(&self) -> Vec<Value> {
+        self.state.lock().expect("lock").requests.clone()
     }
 
     /// Waits until connection `n` has acknowledged `subs` (channel, symbol) subscriptions.
@@ -312,6 +321,7 @@ fn answer(
     state: &Mutex<State>,
     symbols: &BTreeSet<String>,
 ) -> Vec<String> {
+    state.lock().expect("lock").requests.push(req.clone());
     match req["method"].as_str() {
         Some("ping") => {
             state.lock().expect("lock").pings += 1;
@@ -366,6 +376,17 @@ fn answer(
                         .cloned()
                         .collect()
                 };
+                // The book snapshot (the book page's example, two levels a side).
+                if snapshot && channel == "book" {
+                    out.push(
+                        json!({"channel": "book", "type": "snapshot", "data": [{
+                            "symbol": symbol,
+                            "bids": [{"price": 0.5666, "qty": 4831.75496356}, {"price": 0.5665, "qty": 6658.22734739}],
+                            "asks": [{"price": 0.5668, "qty": 4410.79769741}, {"price": 0.5669, "qty": 4655.40412487}],
+                        }]})
+                        .to_string(),
+                    );
+                }
                 // The trade snapshot: the most recent 50 trades of the symbol.
                 if snapshot && channel == "trade" && !recent.is_empty() {
                     let from = recent.len().saturating_sub(50);
