@@ -4,7 +4,8 @@
 //! ([`sim`]) on a real socket. Events reach a real webhook receiver and `/v1/ws` with their
 //! types, ids and subjects; a frame of several trades is one event per trade; a reconnect
 //! subscribes afresh and the trade snapshot it brings is deduplicated by the trade ids; a
-//! refused subscription keeps the upstream from `subscribed` and is retried. (`dialect
+//! book subscription carries its `depth` and its snapshot is journalled; a refused
+//! subscription keeps the upstream from `subscribed` and is retried. (`dialect
 //! check` on the file is in `cli.rs`.)
 
 mod sim;

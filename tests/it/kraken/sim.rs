@@ -9,7 +9,8 @@
 //!   when given).
 //! - https://docs.kraken.com/api/docs/websocket-v2/heartbeat: `{"channel":"heartbeat"}`
 //!   "approximately once every second in the absence of any other channel updates", generated
-//!   once a channel is subscribed (here the period is the test's choice).
+//!   once a channel is subscribed (here the period is the test's choice, and a heartbeat goes
+//!   out on every tick, other traffic or not).
 //! - https://docs.kraken.com/api/docs/websocket-v2/trade, .../ticker, .../book: `{"method":
 //!   "subscribe","params":{"channel":..,"symbol":[..],"snapshot":..,"depth":..}}`; "a separate
 //!   acknowledgement response for each symbol in the subscription list": `{"method":
