@@ -235,6 +235,15 @@ fn succeeds(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+#[test]
+fn dialect_check_passes_the_kraken_example_file() {
+    let stdout = succeeds(wsbridge().args(["dialect", "check", "examples/dialects/kraken.toml"]));
+    assert!(
+        stdout.contains("examples/dialects/kraken.toml: ok (dialect \"kraken\""),
+        "{stdout}"
+    );
+}
+
 /// A fresh directory for one CLI test's files.
 fn cli_dir(tag: &str) -> std::path::PathBuf {
     crate::common::temp_dir(&format!("cli-{tag}"))

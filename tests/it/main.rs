@@ -16,6 +16,7 @@ mod dialects;
 mod downstream;
 mod golden;
 mod hardening;
+mod kraken;
 mod nats;
 mod openapi;
 mod ops;
