@@ -20,6 +20,7 @@
 
 mod consumers;
 mod frames;
+mod prefill;
 mod pusher;
 mod raw;
 mod receiver;
@@ -70,7 +71,7 @@ const SCENARIOS: &[&str] = &[
 
 fn usage() -> ! {
     eprintln!(
-        "usage: cargo bench --bench bench -- [--quick] [--only {}] [--systems wsbridge,raw,nchan] [--hold SECS]",
+        "usage: cargo bench --bench bench -- [--quick] [--only {}] [--systems wsbridge,raw,nchan] [--hold SECS] [--journal N]",
         SCENARIOS.join(",")
     );
     std::process::exit(2)
@@ -141,6 +142,13 @@ fn main() {
                         .and_then(|h| h.parse().ok())
                         .unwrap_or_else(|| usage()),
                 )
+            }
+            "--journal" => {
+                let n: u64 = it
+                    .next()
+                    .and_then(|h| h.parse().ok())
+                    .unwrap_or_else(|| usage());
+                let _ = prefill::JOURNAL.set(n);
             }
             "--only" => {
                 only = it

@@ -84,6 +84,9 @@ struct BridgeOpts<'a> {
 
 fn start_wsbridge(o: &BridgeOpts) -> Res<Server> {
     let dir = work_dir("wsbridge")?;
+    if let Some(&n) = crate::prefill::JOURNAL.get().filter(|n| **n > 0) {
+        crate::prefill::prefill(&dir.join("wsbridge.db"), n)?;
+    }
     let port = free_port()?;
     let mut cfg = format!(
         "[server]\nlisten = \"127.0.0.1:{port}\"\n[storage]\npath = {:?}\n\n",
