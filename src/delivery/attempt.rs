@@ -31,6 +31,9 @@ struct SlotGuard {
     webhook: Arc<str>,
     seq: u64,
     done: Option<mpsc::Sender<Finished>>,
+    /// The dispatcher was told the request was answered (the slot is free; the outcome is
+    /// being recorded).
+    answered: bool,
 }
 
 impl Drop for SlotGuard {
@@ -39,11 +42,11 @@ impl Drop for SlotGuard {
             if std::thread::panicking() {
                 error!(webhook = %self.webhook, seq = self.seq, "delivery attempt panicked; the delivery stays pending");
             }
-            let _ = done.try_send(Finished {
-                seq: self.seq,
-                pause_until: Some(deadline_after(Duration::from_secs(1))),
-                gone: false,
-            });
+            let mut last = Finished::settled(self.seq);
+            if !self.answered {
+                last.pause_until = Some(deadline_after(Duration::from_secs(1)));
+            }
+            let _ = done.try_send(last);
         }
     }
 }
@@ -59,6 +62,7 @@ pub(super) async fn attempt(
         webhook: endpoint.name.clone(),
         seq: due.seq,
         done: Some(done),
+        answered: false,
     };
     let name = &endpoint.name;
     let started_ms = Utc::now().timestamp_millis();
@@ -89,6 +93,7 @@ pub(super) async fn attempt(
         seq: due.seq,
         pause_until: pause.map(deadline_after),
         gone,
+        settled: false,
     };
     if let Some(f) = &failure {
         endpoint.failures.count(f.reason);
@@ -131,12 +136,19 @@ pub(super) async fn attempt(
         error,
         duration_ms,
     };
+    // The slot is free once the receiver answered: the dispatcher starts the next delivery
+    // while this outcome is being recorded, and hands this one out again only once it is
+    // settled (recording waits for the journal's writer, which ingest's commits share).
+    if let Some(done) = &guard.done {
+        let _ = done.send(finished).await;
+        guard.answered = true;
+    }
     if let Err(e) = store.record(name, due.seq, record, next).await {
         // The delivery stays pending and is attempted again: at-least-once holds.
         error!(webhook = %name, seq = due.seq, error = %e, "cannot record the attempt");
     }
     if let Some(done) = guard.done.take() {
-        let _ = done.send(finished).await;
+        let _ = done.send(Finished::settled(due.seq)).await;
     }
 }
 

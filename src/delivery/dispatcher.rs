@@ -25,13 +25,28 @@ use crate::storage::Store;
 /// How often a dispatcher re-reads its endpoint's state from a shared store.
 const SHARED_STATE_EVERY: Duration = Duration::from_secs(1);
 
-/// What an attempt tells its dispatcher.
+/// What an attempt tells its dispatcher: twice, once its request is answered (the slot is
+/// free, the outcome is being recorded) and once the outcome is recorded (`settled`).
 pub(super) struct Finished {
     pub(super) seq: u64,
     /// Pause the whole endpoint until then (429/5xx slow-down).
     pub(super) pause_until: Option<Instant>,
     /// The endpoint answered 410 Gone.
     pub(super) gone: bool,
+    /// The outcome is in the store: the delivery may be handed out again if still due.
+    pub(super) settled: bool,
+}
+
+impl Finished {
+    /// The second report: `seq`'s outcome is recorded.
+    pub(super) fn settled(seq: u64) -> Finished {
+        Finished {
+            seq,
+            pause_until: None,
+            gone: false,
+            settled: true,
+        }
+    }
 }
 
 /// A simple token bucket for `max_per_second`.
@@ -79,7 +94,10 @@ pub(super) async fn dispatch(
     let name = endpoint.name.clone();
     let max = endpoint.config.max_in_flight;
     let mut in_flight: HashSet<u64> = HashSet::new();
-    let (done_tx, mut done_rx) = mpsc::channel::<Finished>(max);
+    // Answered, their outcome being recorded: still pending in the store, not handed out
+    // again until recorded. At most `max` (the dispatcher starts nothing while more wait).
+    let mut settling: HashSet<u64> = HashSet::new();
+    let (done_tx, mut done_rx) = mpsc::channel::<Finished>(max.saturating_mul(2));
     let mut paused_until: Option<Instant> = None;
     let mut rate = endpoint.config.max_per_second.map(RateLimit::new);
     let mut store_backoff = Duration::from_millis(100);
@@ -112,14 +130,19 @@ pub(super) async fn dispatch(
         // Waiting for an eighth of the slots to free up costs a few completions of latency
         // at most; with nothing in flight (a quiet endpoint) it queries at once.
         let refill = (max / 8).max(1);
-        if !disabled && !paused && (in_flight.is_empty() || in_flight.len() + refill <= max) {
+        if !disabled
+            && !paused
+            && settling.len() <= max
+            && (in_flight.is_empty() || in_flight.len() + refill <= max)
+        {
             let now_ms = Utc::now().timestamp_millis();
-            // In-flight rows are still pending in the store: ask for enough to skip them.
+            // In-flight and settling rows are still pending in the store: ask for enough to
+            // skip them.
             match store
                 .due(
                     &name,
                     now_ms,
-                    max + in_flight.len(),
+                    max + in_flight.len() + settling.len(),
                     endpoint.config.ordered,
                 )
                 .await
@@ -133,7 +156,7 @@ pub(super) async fn dispatch(
                             not_taken.push(d.seq);
                             break;
                         }
-                        if in_flight.contains(&d.seq) {
+                        if in_flight.contains(&d.seq) || settling.contains(&d.seq) {
                             // Running here still (its outcome not yet read): the store offers
                             // it again later if it holds it.
                             not_taken.push(d.seq);
@@ -202,7 +225,14 @@ pub(super) async fn dispatch(
                     more.push(d);
                 }
                 for done in std::iter::once(done).chain(more) {
-                in_flight.remove(&done.seq);
+                // An attempt that ended without its first report (it panicked) settles
+                // from in flight directly.
+                let was_in_flight = in_flight.remove(&done.seq);
+                if done.settled {
+                    settling.remove(&done.seq);
+                } else if was_in_flight {
+                    settling.insert(done.seq);
+                }
                 endpoint.stats.in_flight.store(in_flight.len() as u64, Ordering::Relaxed);
                 if let Some(until) = done.pause_until {
                     paused_until = Some(paused_until.map_or(until, |p| p.max(until)));
