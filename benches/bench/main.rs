@@ -71,7 +71,7 @@ const SCENARIOS: &[&str] = &[
 
 fn usage() -> ! {
     eprintln!(
-        "usage: cargo bench --bench bench -- [--quick] [--only {}] [--systems wsbridge,raw,nchan] [--hold SECS] [--journal N]",
+        "usage: cargo bench --bench bench -- [--quick] [--only {}] [--systems wsbridge,raw,nchan] [--hold SECS] [--journal N] [--consumers N] [--endpoints N]",
         SCENARIOS.join(",")
     );
     std::process::exit(2)
@@ -149,6 +149,18 @@ fn main() {
                     .and_then(|h| h.parse().ok())
                     .unwrap_or_else(|| usage());
                 let _ = prefill::JOURNAL.set(n);
+            }
+            "--consumers" | "--endpoints" => {
+                let n: usize = it
+                    .next()
+                    .and_then(|h| h.parse().ok())
+                    .filter(|n| *n > 0)
+                    .unwrap_or_else(|| usage());
+                let _ = if a == "--consumers" {
+                    servers::CONSUMERS.set(n)
+                } else {
+                    servers::ENDPOINTS.set(n)
+                };
             }
             "--only" => {
                 only = it

@@ -82,6 +82,18 @@ struct BridgeOpts<'a> {
     backoff_initial: &'a str,
 }
 
+/// Webhook endpoints the wsbridge server gets (`--endpoints N`; 1 by default).
+pub(crate) static ENDPOINTS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+
+/// `--endpoints`, at least 1.
+pub(crate) fn endpoints() -> usize {
+    ENDPOINTS.get().copied().unwrap_or(1).max(1)
+}
+
+/// Consumers of the fan-out, latency and memory scenarios (`--consumers N`), overriding
+/// their defaults.
+pub(crate) static CONSUMERS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+
 fn start_wsbridge(o: &BridgeOpts) -> Res<Server> {
     let dir = work_dir("wsbridge")?;
     if let Some(&n) = crate::prefill::JOURNAL.get().filter(|n| **n > 0) {
@@ -104,8 +116,29 @@ fn start_wsbridge(o: &BridgeOpts) -> Res<Server> {
     // Every load-tool consumer uses the one token: lift the per-token cap above their number.
     cfg += "[limits]\nmax_connections_per_token = 100000\n\n";
     if let Some(w) = o.webhook {
+        // `--endpoints N`: N endpoints at the one receiver, each routed every event.
+        let n = endpoints();
+        let names: Vec<String> = (0..n)
+            .map(|k| {
+                if k == 0 {
+                    "recv".to_string()
+                } else {
+                    format!("recv{k}")
+                }
+            })
+            .collect();
+        for name in &names {
+            cfg += &format!(
+                "[[webhooks]]\nname = \"{name}\"\nurl = \"http://{w}/hook\"\nsecrets = [\"{WEBHOOK_SECRET}\"]\nallow_private = true\nmax_in_flight = 64\n\n"
+            );
+        }
         cfg += &format!(
-            "[[webhooks]]\nname = \"recv\"\nurl = \"http://{w}/hook\"\nsecrets = [\"{WEBHOOK_SECRET}\"]\nallow_private = true\nmax_in_flight = 64\n\n[[routes]]\nname = \"all\"\nto = [\"recv\"]\n"
+            "[[routes]]\nname = \"all\"\nto = [{}]\n",
+            names
+                .iter()
+                .map(|n| format!("\"{n}\""))
+                .collect::<Vec<_>>()
+                .join(", ")
         );
     }
     let path = dir.join("config.toml");

@@ -104,7 +104,10 @@ async fn run_fanout(
 
 /// Fan-out with a window of 64 frames ahead of the slowest consumer.
 pub(crate) async fn scenario_fanout(o: &Opts, rows: &mut Vec<Row>) -> Res<()> {
-    let consumers = if o.quick { 200 } else { 1000 };
+    let consumers = crate::servers::CONSUMERS
+        .get()
+        .copied()
+        .unwrap_or(if o.quick { 200 } else { 1000 });
     let dur = o.secs(10, 3);
     let name = format!(
         "fan-out {consumers} consumers, ≤64 ahead, {FRAME_BYTES} B, {}s",
@@ -162,7 +165,10 @@ struct LatencyResult {
 
 /// Latency with many consumers at 100 events/s, against the raw baseline's p99.
 pub(crate) async fn scenario_latency(o: &Opts, rows: &mut Vec<Row>) -> Res<()> {
-    let consumers = if o.quick { 200 } else { 1000 };
+    let consumers = crate::servers::CONSUMERS
+        .get()
+        .copied()
+        .unwrap_or(if o.quick { 200 } else { 1000 });
     let dur = o.secs(20, 4);
     let name = format!(
         "latency {consumers} consumers, 100 ev/s, {}s",

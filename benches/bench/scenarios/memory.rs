@@ -14,7 +14,10 @@ use crate::Res;
 
 /// 10,000 idle subscribed consumers: RSS per consumer, and RSS over time at 1 event/s.
 pub(crate) async fn scenario_memory(o: &Opts, rows: &mut Vec<Row>) -> Res<()> {
-    let consumers = if o.quick { 2000 } else { 10_000 };
+    let consumers = crate::servers::CONSUMERS
+        .get()
+        .copied()
+        .unwrap_or(if o.quick { 2000 } else { 10_000 });
     let hold = o.hold.map_or(o.secs(60, 10), Duration::from_secs);
     let name = format!(
         "memory {consumers} idle subscribed consumers, {}s at 1 ev/s",

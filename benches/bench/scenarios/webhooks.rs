@@ -23,8 +23,14 @@ pub(crate) async fn scenario_webhooks(o: &Opts, rows: &mut Vec<Row>) -> Res<()> 
     }
     // The raw baseline runs beside it when `raw` is among the systems.
     let dur = o.secs(10, 3);
+    let endpoints = crate::servers::endpoints();
     let name = format!(
-        "webhooks: signed deliveries, 1 keep-alive receiver, {}s",
+        "webhooks: signed deliveries, {endpoints} endpoint{} at 1 keep-alive receiver, {}s",
+        if endpoints == 1 {
+            ""
+        } else {
+            "s (every event to each)"
+        },
         dur.as_secs()
     );
     let hooks = Arc::new(Hooks::default());
@@ -68,7 +74,13 @@ pub(crate) async fn scenario_webhooks(o: &Opts, rows: &mut Vec<Row>) -> Res<()> 
     srv.stop();
     let rate = (d1 - d0) as f64 / cpu.secs;
     let lost = sent.saturating_sub(hooks.distinct(0));
-    let dup = hooks.inner.lock().map(|i| i.dups).unwrap_or(0);
+    // With N endpoints every event arrives N times: only copies beyond that are duplicates.
+    let dup = hooks
+        .inner
+        .lock()
+        .map(|i| i.dups)
+        .unwrap_or(0)
+        .saturating_sub((endpoints as u64 - 1).saturating_mul(hooks.distinct(0)));
     let unsigned = hooks.unsigned.load(Ordering::Relaxed);
     eprintln!("  webhooks: {rate:.0}/s lost {lost} dup {dup} unsigned {unsigned}");
     let raw = if o.systems.contains(&System::Raw) {
