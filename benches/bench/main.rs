@@ -71,7 +71,7 @@ const SCENARIOS: &[&str] = &[
 
 fn usage() -> ! {
     eprintln!(
-        "usage: cargo bench --bench bench -- [--quick] [--only {}] [--systems wsbridge,raw,nchan] [--hold SECS] [--journal N] [--consumers N] [--endpoints N]",
+        "usage: cargo bench --bench bench -- [--quick] [--only {}] [--systems wsbridge,raw,nchan] [--hold SECS] [--journal N] [--consumers N] [--endpoints N] [--nats URL]",
         SCENARIOS.join(",")
     );
     std::process::exit(2)
@@ -149,6 +149,9 @@ fn main() {
                     .and_then(|h| h.parse().ok())
                     .unwrap_or_else(|| usage());
                 let _ = prefill::JOURNAL.set(n);
+            }
+            "--nats" => {
+                let _ = servers::NATS.set(it.next().cloned().unwrap_or_else(|| usage()));
             }
             "--consumers" | "--endpoints" => {
                 let n: usize = it

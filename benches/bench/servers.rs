@@ -82,6 +82,9 @@ struct BridgeOpts<'a> {
     backoff_initial: &'a str,
 }
 
+/// `--nats URL`: wsbridge journals to NATS JetStream at URL instead of its embedded store.
+pub(crate) static NATS: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
 /// Webhook endpoints the wsbridge server gets (`--endpoints N`; 1 by default).
 pub(crate) static ENDPOINTS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
 
@@ -101,9 +104,17 @@ fn start_wsbridge(o: &BridgeOpts) -> Res<Server> {
     }
     let port = free_port()?;
     let mut cfg = format!(
-        "[server]\nlisten = \"127.0.0.1:{port}\"\n[storage]\npath = {:?}\n\n",
+        "[server]\nlisten = \"127.0.0.1:{port}\"\n[storage]\npath = {:?}\n",
         dir.join("wsbridge.db").display().to_string()
     );
+    if let Some(url) = NATS.get() {
+        // A fresh prefix per server: its own streams on the shared server.
+        cfg += &format!(
+            "backend = \"nats\"\nurl = [{url:?}]\nprefix = \"bench{}\"\n",
+            std::process::id() as u64 * 1000 + port as u64 % 1000
+        );
+    }
+    cfg += "\n";
     for p in o.upstreams {
         cfg += &format!(
             "[[upstreams]]\nname = \"vb{}\"\nadapter = \"voipbin\"\nurl = \"{}\"\ntoken = \"bench-upstream-token\"\ntopics = [\"customer_id:abc123:call:*\"]\nbackoff_initial = \"{}\"\nbackoff_max = \"5s\"\n\n",
