@@ -168,6 +168,8 @@ pub struct Hub {
     limits: DownstreamLimits,
     /// Replay memory of all connections.
     replay: Arc<ReplayBudget>,
+    /// Traces (`[telemetry]`): a span per event frame sent; `None`: off.
+    traces: Option<crate::traces::Traces>,
 }
 
 impl Hub {
@@ -178,6 +180,7 @@ impl Hub {
         publish: broadcast::Sender<Arc<Published>>,
         shutdown: tokio_util::sync::CancellationToken,
         limits: &crate::config::LimitsConfig,
+        traces: Option<crate::traces::Traces>,
     ) -> Arc<Hub> {
         let downstream_limits = DownstreamLimits::from_config(limits);
         Arc::new(Hub {
@@ -189,7 +192,33 @@ impl Hub {
             max_event_frame: limits.max_downstream_frame_bytes(),
             replay: ReplayBudget::new(&downstream_limits),
             limits: downstream_limits,
+            traces,
         })
+    }
+
+    /// With traces on, a `wsbridge.consumer.send` span for the event `text` (journal position
+    /// `seq`) being written to a consumer over `transport` (`ws`, `sse`); it ends when
+    /// dropped, once the frame is written. Off: `None`, and nothing is done.
+    pub(crate) fn trace_send(
+        &self,
+        transport: &'static str,
+        seq: u64,
+        text: &str,
+    ) -> Option<crate::traces::SdkSpan> {
+        let traces = self.traces.as_ref()?;
+        let ids = crate::traces::EventTrace::of_json(text.as_bytes())?;
+        Some(traces.stage(
+            &ids,
+            "wsbridge.consumer.send",
+            opentelemetry::trace::SpanKind::Producer,
+            vec![
+                opentelemetry::KeyValue::new("wsbridge.transport", transport),
+                opentelemetry::KeyValue::new(
+                    "wsbridge.seq",
+                    i64::try_from(seq).unwrap_or(i64::MAX),
+                ),
+            ],
+        ))
     }
 
     /// A place for one more connection of `consumer`, or `None` (counted) when its token

@@ -24,4 +24,5 @@ mod reload;
 mod status_page;
 mod storage_file;
 mod tls;
+mod traces;
 mod upstream;
