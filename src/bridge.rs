@@ -213,6 +213,7 @@ impl Bridge {
             shutdown.clone(),
             &config.limits,
             traces.clone(),
+            config.server.admin_token.clone(),
         );
         let http_limits = HttpLimits::from_config(config);
         let http_stats = Arc::new(HttpStats::new(http_limits.max_connections));

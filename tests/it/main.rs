@@ -8,6 +8,7 @@ mod common;
 mod asyncapi;
 mod cli;
 mod cli_remote;
+mod console;
 mod consumers;
 mod crash;
 mod delivery;
