@@ -212,3 +212,42 @@ async fn without_telemetry_webhooks_carry_no_traceparent() {
     assert!(got[0].headers.get("traceparent").is_none());
     bridge.shutdown().await;
 }
+
+/// `sample_ratio = 0.0`: no span of the event is exported, and the webhook's `traceparent`
+/// says "not sampled" (flags `00`), so the receiver does not record its part either.
+#[tokio::test]
+async fn an_unsampled_event_exports_nothing_and_says_so_downstream() {
+    let collector = Receiver::start(vec![], Answer::status(200)).await;
+    let hook = Receiver::start(vec![], Answer::status(200)).await;
+    let vb = start_sim(Provider::Voipbin).await;
+    let cfg = config(&blocks(
+        &vb,
+        &hook,
+        &format!(
+            "[telemetry]\notlp_endpoint = \"http://{}/\"\nsample_ratio = 0.0\n",
+            collector.addr
+        ),
+    ));
+    let (bridge, _rx) = start_bridge(&cfg).await;
+    wait_sim_ready(&vb, 1).await;
+    assert_eq!(vb.emit(numbered_call(7)).await, 1);
+    let got = hook.wait_for(1, DEADLINE).await;
+    let envelope: Value = serde_json::from_slice(&got[0].body).expect("envelope");
+    let expected = EventTrace::of(
+        envelope["source"].as_str().expect("source"),
+        envelope["id"].as_str().expect("id"),
+    );
+    let header = got[0].header("traceparent");
+    assert!(
+        header.starts_with(&format!("00-{}-", expected.trace_id)) && header.ends_with("-00"),
+        "traceparent {header:?}"
+    );
+    // Shutdown flushes the exporter: whatever it had is at the collector now.
+    bridge.shutdown().await;
+    let trace_id = expected.trace_id.to_string();
+    let exported = spans(&collector.requests());
+    assert!(
+        exported.iter().all(|s| s.trace_id != trace_id),
+        "spans of an unsampled event were exported: {exported:#?}"
+    );
+}
