@@ -60,7 +60,14 @@ const STEP_MS = 30000;
     const replay = `#replay-${webhook}-${deadSeq}`;
     await page.waitForSelector(replay, { timeout: STEP_MS });
     seen.deadRowText = await page.textContent(`#dead-${webhook}`);
-    if (screenshot) await page.screenshot({ path: screenshot, fullPage: true });
+    if (screenshot) {
+      // A few more seconds of live samples, so the screenshot's charts show lines.
+      await page.waitForFunction(
+        () => Number(document.getElementById("chart-events").dataset.points) >= 8 &&
+              Number(document.getElementById("chart-latency").dataset.points) >= 3,
+        null, { timeout: STEP_MS });
+      await page.screenshot({ path: screenshot, fullPage: true });
+    }
     await page.click(replay);
     await page.waitForSelector(replay, { state: "detached", timeout: STEP_MS });
     seen.replayed = true;
