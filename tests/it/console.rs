@@ -62,6 +62,9 @@ async fn the_console_tails_charts_and_replays_a_dead_letter() {
         Answer::status(200),
     )
     .await;
+    // Answers the call's first delivery 410 Gone, which disables the endpoint until the
+    // console's Re-enable button; then 200.
+    let gone = Receiver::start(vec![Answer::status(410)], Answer::status(200)).await;
     // Gets the Hashi events, emitted all along the browser run: live rates and latencies.
     let audit = Receiver::start(vec![], Answer::status(200)).await;
     let vb = start_sim(Provider::Voipbin).await;
@@ -72,8 +75,12 @@ async fn the_console_tails_charts_and_replays_a_dead_letter() {
             upstream_block("hashi-main", &hs, FAST),
             format!(
                 "[[webhooks]]\nname = \"crm\"\nurl = \"{}\"\nsecrets = [\"{SECRET}\"]\nallow_private = true\nretry = [\"50ms\"]\n\n\
-                 [[routes]]\nname = \"calls\"\nproviders = [\"voipbin\"]\nto = [\"crm\"]\n",
+                 [[routes]]\nname = \"calls\"\nproviders = [\"voipbin\"]\nto = [\"crm\", \"gone\"]\n",
                 hook.url()
+            ),
+            format!(
+                "[[webhooks]]\nname = \"gone\"\nurl = \"{}\"\nsecrets = [\"{SECRET}\"]\nallow_private = true\n",
+                gone.url()
             ),
             format!(
                 "[[webhooks]]\nname = \"audit\"\nurl = \"{}\"\nsecrets = [\"{SECRET}\"]\nallow_private = true\n\n\
@@ -109,13 +116,13 @@ async fn the_console_tails_charts_and_replays_a_dead_letter() {
     let id = first[0].header("webhook-id").to_string();
     eventually("the delivery dead-lettered", DEADLINE, || async {
         let status: Value = serde_json::from_str(&get_text(&bridge, "/v1/status").await).ok()?;
-        let crm = status["webhooks"]
-            .as_array()?
-            .iter()
-            .find(|w| w["name"] == "crm")?;
-        (crm["dead"] == 1).then_some(())
+        let hooks = status["webhooks"].as_array()?;
+        let crm = hooks.iter().find(|w| w["name"] == "crm")?;
+        let gone = hooks.iter().find(|w| w["name"] == "gone")?;
+        (crm["dead"] == 1 && gone["enabled"] == false).then_some(())
     })
     .await;
+    gone.wait_for(1, DEADLINE).await;
 
     // Hashi events keep coming while the browser runs (four a second, until it is done).
     let live = tokio::spawn({
@@ -209,6 +216,12 @@ async fn the_console_tails_charts_and_replays_a_dead_letter() {
     assert_eq!(got[2].header("webhook-id"), id);
     let body: Value = serde_json::from_slice(&got[2].body).expect("envelope");
     assert_eq!(body["seq"], seq);
+
+    // Re-enabled with its button: the held delivery goes out and is answered 200.
+    assert_eq!(seen["reenabled"], true, "{seen}");
+    let got = gone.wait_for(2, DEADLINE).await;
+    assert_eq!(got[1].answered, 200);
+    assert_eq!(got[1].header("webhook-id"), id);
 
     assert!(shot.is_file(), "the driver took a screenshot");
     if std::env::var_os("WSBRIDGE_UPDATE_SCREENSHOT").is_some() {

@@ -1,6 +1,7 @@
 // Drives the operator console in headless Chromium with playwright-core (tests/it/console.rs).
 // Arguments: the console URL, the admin token, the webhook with a dead letter, its seq, how
-// many events the tail must show, and where to write the screenshot. Prints one JSON object
+// many events the tail must show, and where to write the screenshot; the webhook `gone` is
+// disabled (a 410) and is re-enabled. Prints one JSON object
 // with what it saw; exits non-zero (with the reason on stderr) when a step fails.
 "use strict";
 const { chromium } = require("playwright-core");
@@ -71,6 +72,10 @@ const STEP_MS = 30000;
     await page.click(replay);
     await page.waitForSelector(replay, { state: "detached", timeout: STEP_MS });
     seen.replayed = true;
+    // The endpoint a 410 disabled, re-enabled with its button.
+    await page.click("#enable-gone");
+    await page.waitForSelector("#enable-gone", { state: "detached", timeout: STEP_MS });
+    seen.reenabled = true;
     process.stdout.write(JSON.stringify(seen) + "\n");
   } finally {
     await browser.close();
