@@ -33,6 +33,7 @@ use crate::ingest::{self, IngestSnapshot, IngestStats, Sinks};
 use crate::storage::nats::lease::Leases;
 use crate::storage::{self, Store, StoreError};
 use crate::tls::server::Acceptor;
+use crate::traces::Traces;
 use crate::upstream::{self, UpstreamHandle, Upstreams};
 
 /// Why the bridge could not start.
@@ -47,6 +48,9 @@ pub enum BridgeError {
     /// A webhook endpoint could not be set up.
     #[error(transparent)]
     Delivery(#[from] DeliveryError),
+    /// The trace exporter could not be set up.
+    #[error(transparent)]
+    Traces(#[from] crate::traces::TracesError),
     /// The server's TLS certificate could not be used (normally caught at load).
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
@@ -109,6 +113,8 @@ pub struct Bridge {
     local_addr: SocketAddr,
     /// The HTTPS certificate in use (`server.tls_cert`), replaced on reload.
     server_tls: Option<Acceptor>,
+    /// The trace exporter (`[telemetry]`), flushed at shutdown.
+    traces: Option<Traces>,
 }
 
 /// How a shutdown ended.
@@ -143,13 +149,22 @@ impl Bridge {
         let started = shutdown.clone().drop_guard();
         // What the backend gives: the store, its leases (NATS) and its live feed. NATS's
         // `max_payload` is checked against `limits.max_event_bytes` here.
+        // Traces (`[telemetry] otlp_endpoint`): the exporter's thread starts here; `None` when
+        // off, and then nothing per event is done for them.
+        let traces = Traces::start(&config.telemetry)?;
         let storage::Opened {
             store,
             leases,
             live,
         } = storage::open(&config.storage, config.limits.max_event_bytes).await?;
         let delivery = Arc::new(
-            DeliveryService::start(&config.webhooks, store.clone(), shutdown.child_token()).await?,
+            DeliveryService::start_traced(
+                &config.webhooks,
+                store.clone(),
+                shutdown.child_token(),
+                traces.clone(),
+            )
+            .await?,
         );
 
         let listener = tokio::net::TcpListener::bind(config.server.listen)
@@ -186,6 +201,7 @@ impl Bridge {
                 wake: delivery.clone(),
                 publish: ingest_publish,
                 max_event_bytes: config.limits.max_event_bytes,
+                traces: traces.clone(),
             },
             stats.clone(),
         );
@@ -196,6 +212,8 @@ impl Bridge {
             publish.clone(),
             shutdown.clone(),
             &config.limits,
+            traces.clone(),
+            config.server.admin_token.clone(),
         );
         let http_limits = HttpLimits::from_config(config);
         let http_stats = Arc::new(HttpStats::new(http_limits.max_connections));
@@ -233,6 +251,7 @@ impl Bridge {
             server_task,
             local_addr,
             server_tls,
+            traces,
         })
     }
 
@@ -271,6 +290,9 @@ impl Bridge {
         }
         if new.limits != current.limits {
             report.needs_restart.push("limits".into());
+        }
+        if new.telemetry != current.telemetry {
+            report.needs_restart.push("telemetry".into());
         }
         // Before webhooks and upstreams, so that a failure here leaves everything as it was.
         match (&self.server_tls, &new.server.tls) {
@@ -393,6 +415,11 @@ impl Bridge {
             }
         };
         self.delivery.join(grace).await;
+        if let Some(traces) = self.traces {
+            // Exports the spans still buffered; blocking (an HTTP request), so off the runtime,
+            // and bounded by `telemetry.export_timeout`.
+            let _ = tokio::task::spawn_blocking(move || traces.shutdown()).await;
+        }
         info!(journal_complete, "bridge stopped");
         Shutdown { journal_complete }
     }

@@ -59,6 +59,8 @@ pub struct Config {
     /// The dialects upstreams may name: the built-in ones and those `[dialects] paths` held
     /// at load (a reload reads them again).
     pub registry: Registry,
+    /// `[telemetry]`: OpenTelemetry traces (off unless `otlp_endpoint` is set).
+    pub telemetry: crate::traces::TelemetryConfig,
 }
 
 /// `[dialects]`: users' dialect files, loaded at start and on every reload.
@@ -769,6 +771,8 @@ impl Config {
             section(top.remove("limits"), "limits", issues).unwrap_or_default();
         let mut dialects: DialectsConfig =
             section(top.remove("dialects"), "dialects", issues).unwrap_or_default();
+        let telemetry: crate::traces::TelemetryConfig =
+            section(top.remove("telemetry"), "telemetry", issues).unwrap_or_default();
         for p in &mut dialects.paths {
             if p.is_relative() {
                 *p = base_dir.join(&*p);
@@ -840,7 +844,7 @@ impl Config {
         for key in top.keys() {
             issues.push(issue(
                 key.clone(),
-                "unknown section; expected server, storage, limits, dialects, upstreams, webhooks, consumers or routes",
+                "unknown section; expected server, storage, limits, dialects, telemetry, upstreams, webhooks, consumers or routes",
             ));
         }
         let mut config = Config {
@@ -854,6 +858,7 @@ impl Config {
             limits,
             dialects,
             registry,
+            telemetry,
         };
         config.resolve_dialects(&positions, issues);
         config.load_tls(&positions, tls, issues);
@@ -1009,6 +1014,9 @@ impl Config {
         }
         for (key, reason) in self.limits.replay_problems() {
             issues.push(issue(format!("limits.{key}"), reason));
+        }
+        for (key, reason) in self.telemetry.problems() {
+            issues.push(issue(format!("telemetry.{key}"), reason));
         }
         if self.upstreams.is_empty() && !issues.iter().any(|i| i.key.starts_with("upstreams")) {
             issues.push(issue(

@@ -38,6 +38,7 @@ use tracing::{debug, error, warn};
 use crate::envelope::{sequenced_len, Envelope, Published};
 use crate::routing::Router;
 use crate::storage::{Appended, NewEvent, Publisher, Store, StoreError};
+use crate::traces::Traces;
 
 /// An event on its way to the journal, with the frame its provider waits for once it is
 /// journalled (a dialect's `reply`), if any.
@@ -163,6 +164,8 @@ pub struct Sinks {
     pub publish: Publisher,
     /// `limits.max_event_bytes`: a larger envelope is refused here, before the journal.
     pub max_event_bytes: usize,
+    /// Traces (`[telemetry]`): each event's receive and journal spans; `None`: off.
+    pub traces: Option<Traces>,
 }
 
 /// Starts the ingest task. It ends when every sender of `queue` is gone and what they queued
@@ -184,9 +187,17 @@ pub fn spawn(
         wake,
         publish,
         max_event_bytes,
+        traces,
     } = sinks;
     let (prepared, to_commit) = mpsc::channel(PIPELINE);
-    let committer = tokio::spawn(commit(to_commit, store, publish, wake, stats.clone()));
+    let committer = tokio::spawn(commit(
+        to_commit,
+        store,
+        publish,
+        wake,
+        stats.clone(),
+        traces,
+    ));
     tokio::spawn(async move {
         let mut batch = Vec::with_capacity(BATCH);
         while queue.recv_many(&mut batch, BATCH).await > 0 {
@@ -239,6 +250,7 @@ async fn commit(
     publish: Publisher,
     wake: Arc<dyn Wake>,
     stats: Arc<IngestStats>,
+    traces: Option<Traces>,
 ) {
     let mut batches = Vec::with_capacity(PIPELINE);
     let mut woken: Vec<Arc<str>> = Vec::new();
@@ -255,6 +267,7 @@ async fn commit(
             }
         }
         let n = events.len() as u64;
+        let traced = traces.as_ref().map(|_| trace::before_append(&events));
         let appended = match store.append(events).await {
             Ok(a) => a,
             // Closed: the bridge is shutting down (or the store's writer is gone, which
@@ -274,6 +287,9 @@ async fn commit(
                 continue;
             }
         };
+        if let (Some(t), Some(traced)) = (&traces, traced) {
+            trace::after_append(t, traced, &appended);
+        }
         // One outcome per event, in order; an event without a reply has `None` beside it.
         for (outcome, reply) in appended
             .into_iter()
@@ -340,4 +356,72 @@ fn admit(envelope: &Envelope, max_event_bytes: usize, stats: &IngestStats) -> Op
         "event larger than limits.max_event_bytes; refused (not journalled)"
     );
     None
+}
+
+/// The receive and journal spans of a committed batch (only with `[telemetry]` on).
+mod trace {
+    use std::time::{Duration, SystemTime};
+
+    use opentelemetry::KeyValue;
+
+    use crate::storage::{Appended, NewEvent};
+    use crate::traces::{EventTrace, Traces};
+
+    /// What is known of an event before the append.
+    pub(super) struct Pending {
+        ids: EventTrace,
+        received: Option<SystemTime>,
+        attributes: Vec<KeyValue>,
+    }
+
+    /// Before the append: each event's ids and what its receive span says, and when the
+    /// append started.
+    pub(super) fn before_append(events: &[NewEvent]) -> (SystemTime, Vec<Pending>) {
+        let pending = events
+            .iter()
+            .map(|n| {
+                let e = &n.envelope;
+                Pending {
+                    ids: EventTrace::of(&e.source, &e.id),
+                    received: e
+                        .received_ms()
+                        .and_then(|ms| u64::try_from(ms).ok())
+                        .map(|ms| SystemTime::UNIX_EPOCH + Duration::from_millis(ms)),
+                    attributes: vec![
+                        KeyValue::new("wsbridge.provider", e.provider.clone()),
+                        KeyValue::new("wsbridge.source", e.source.clone()),
+                        KeyValue::new("wsbridge.event_id", e.id.clone()),
+                        KeyValue::new("wsbridge.event_type", e.event_type.clone()),
+                    ],
+                }
+            })
+            .collect();
+        (SystemTime::now(), pending)
+    }
+
+    /// After it: each event's receive span (`recvtime` until the append started) and journal
+    /// span, with its seq or what happened to it. A duplicate's copy is a receive span under
+    /// the original's (it has the original's identity, so the derived ids are taken).
+    pub(super) fn after_append(
+        traces: &Traces,
+        (started, pending): (SystemTime, Vec<Pending>),
+        appended: &[Appended],
+    ) {
+        for (p, outcome) in pending.into_iter().zip(appended) {
+            let outcome = match outcome {
+                Appended::Stored { seq, .. } => {
+                    KeyValue::new("wsbridge.seq", i64::try_from(*seq).unwrap_or(i64::MAX))
+                }
+                Appended::Duplicate => {
+                    let mut attributes = p.attributes;
+                    attributes.push(KeyValue::new("wsbridge.outcome", "duplicate"));
+                    traces.received(&p.ids, p.received, started, attributes, true);
+                    continue;
+                }
+                Appended::Rejected => KeyValue::new("wsbridge.outcome", "rejected"),
+            };
+            traces.received(&p.ids, p.received, started, p.attributes, false);
+            traces.journalled(&p.ids, started, vec![outcome]);
+        }
+    }
 }

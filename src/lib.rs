@@ -28,6 +28,7 @@
 //! - [`tls`]: the one trust policy of every outbound TLS connection, and HTTPS serving;
 //! - [`failure`]: why a connection or request failed, as a reason an operator can act on;
 //! - [`telemetry`]: logging setup.
+//! - [`traces`]: OpenTelemetry traces of each event (OTLP), when configured.
 
 #![warn(missing_docs)]
 
@@ -49,6 +50,7 @@ pub mod storage;
 pub mod supervise;
 pub mod telemetry;
 pub mod tls;
+pub mod traces;
 pub mod upstream;
 pub mod values;
 

@@ -22,6 +22,9 @@ use crate::envelope::{StoredEnvelope, CLOUDEVENTS_JSON};
 use crate::failure::{Failure, Reason};
 use crate::storage::{AttemptRecord, DueDelivery, NextStep, Store};
 use crate::supervise::deadline_after;
+use crate::traces::{traceparent, EventTrace, Span as _};
+use opentelemetry::trace::SpanKind;
+use opentelemetry::KeyValue;
 
 /// Frees an attempt's in-flight slot however the attempt ends: a panicking attempt that never
 /// told its dispatcher held the slot for good. The delivery stays pending (its outcome was
@@ -66,8 +69,22 @@ pub(super) async fn attempt(
     };
     let name = &endpoint.name;
     let started_ms = Utc::now().timestamp_millis();
+    let mut span = endpoint.traces.as_ref().and_then(|t| {
+        let ids = EventTrace::of_json(&due.bytes)?;
+        Some(t.stage(
+            &ids,
+            "wsbridge.webhook.attempt",
+            SpanKind::Client,
+            vec![
+                KeyValue::new("wsbridge.webhook", name.to_string()),
+                KeyValue::new("wsbridge.seq", i64::try_from(due.seq).unwrap_or(i64::MAX)),
+                KeyValue::new("wsbridge.attempt", i64::from(due.attempts) + 1),
+            ],
+        ))
+    });
+    let parent = span.as_ref().map(|s| traceparent(s.span_context()));
     let t0 = Instant::now();
-    let result = send(&endpoint, &due).await;
+    let result = send(&endpoint, &due, parent.as_deref()).await;
     let elapsed = t0.elapsed();
     endpoint.latency.observe(elapsed.as_secs_f64());
     let duration_ms = elapsed.as_millis() as u64;
@@ -99,6 +116,15 @@ pub(super) async fn attempt(
         endpoint.failures.count(f.reason);
     }
     endpoint.set_last_failure(failure.clone().map(|f| (f, started_ms)));
+    if let Some(span) = &mut span {
+        if let Some(code) = status {
+            span.set_attribute(KeyValue::new("http.response.status_code", i64::from(code)));
+        }
+        if let Some(f) = &failure {
+            span.set_status(opentelemetry::trace::Status::error(f.reason.to_string()));
+        }
+        span.end();
+    }
     // Recorded and shown as `reason: message`, so the admin API's attempt list says why.
     let error = failure.map(|f| format!("{}: {}", f.reason, f.message));
     match next {
@@ -153,12 +179,20 @@ pub(super) async fn attempt(
 }
 
 /// Builds, signs and sends the request; `Err` is a failure without a response.
-async fn send(endpoint: &Endpoint, due: &DueDelivery) -> Result<Response, Failure> {
+/// `traceparent`: the attempt's span, sent so that the receiver can join the trace.
+async fn send(
+    endpoint: &Endpoint,
+    due: &DueDelivery,
+    traceparent: Option<&str>,
+) -> Result<Response, Failure> {
     let config = &endpoint.config;
     let mut request = endpoint
         .client
         .post(config.url.clone())
         .headers(endpoint.static_headers.clone());
+    if let Some(value) = traceparent {
+        request = request.header("traceparent", value);
+    }
     let body: Bytes = match config.mode {
         Mode::Structured => {
             request = request.header(reqwest::header::CONTENT_TYPE, CLOUDEVENTS_JSON);

@@ -24,6 +24,7 @@ use super::ssrf;
 use crate::failure::{Failure, Reason, ReasonCounts};
 use crate::storage::Store;
 use crate::supervise::TaskHealth;
+use crate::traces::Traces;
 
 /// Why the delivery engine could not start.
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +83,8 @@ pub(super) struct Endpoint {
     /// The last failed attempt's failure and when it started (unix ms), until a delivery
     /// succeeds.
     last_failure: Mutex<Option<(Failure, i64)>>,
+    /// Traces (`[telemetry]`); `None`: off.
+    pub(super) traces: Option<Traces>,
 }
 
 impl Endpoint {
@@ -115,6 +118,8 @@ pub struct DeliveryService {
     attempts: tokio_util::task::TaskTracker,
     /// Attempt latency per endpoint, for `/metrics`.
     latency: LatencyFamily,
+    /// Traces (`[telemetry]`): a span per attempt; `None`: off.
+    traces: Option<Traces>,
 }
 
 /// Attempt latency histograms, one series per endpoint (`webhook` label).
@@ -189,12 +194,24 @@ impl DeliveryService {
         store: Arc<dyn Store>,
         shutdown: CancellationToken,
     ) -> Result<DeliveryService, DeliveryError> {
+        Self::start_traced(webhooks, store, shutdown, None).await
+    }
+
+    /// [`DeliveryService::start`], each attempt traced with `traces` (a span per attempt,
+    /// its `traceparent` sent with the request).
+    pub async fn start_traced(
+        webhooks: &[WebhookConfig],
+        store: Arc<dyn Store>,
+        shutdown: CancellationToken,
+        traces: Option<Traces>,
+    ) -> Result<DeliveryService, DeliveryError> {
         let service = DeliveryService {
             store,
             shutdown,
             endpoints: RwLock::new(HashMap::new()),
             attempts: tokio_util::task::TaskTracker::new(),
             latency: LatencyFamily::new_with_constructor(latency_histogram),
+            traces,
         };
         service.reconcile(webhooks).await?;
         Ok(service)
@@ -220,7 +237,10 @@ impl DeliveryService {
                     .latency
                     .get_or_create(&vec![("webhook".to_string(), config.name.clone())])
                     .clone();
-                fresh.push(build_endpoint(config, self.store.as_ref(), latency).await?);
+                fresh.push(
+                    build_endpoint(config, self.store.as_ref(), latency, self.traces.clone())
+                        .await?,
+                );
             }
         }
         let mut changes = Vec::new();
@@ -451,6 +471,7 @@ async fn build_endpoint(
     config: &WebhookConfig,
     store: &dyn Store,
     latency: prometheus_client::metrics::histogram::Histogram,
+    traces: Option<Traces>,
 ) -> Result<Arc<Endpoint>, DeliveryError> {
     let fail = |reason: String| DeliveryError::Endpoint {
         name: config.name.clone(),
@@ -524,5 +545,6 @@ async fn build_endpoint(
         health: Arc::new(TaskHealth::default()),
         failures: ReasonCounts::default(),
         last_failure: Mutex::new(None),
+        traces,
     }))
 }

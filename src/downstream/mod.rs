@@ -33,6 +33,10 @@ use crate::envelope::Published;
 use crate::routing::{Filter, FilterConfig, RouteIssue};
 use crate::storage::Store;
 
+/// The consumer name of a session opened with `server.admin_token` (the operator console's
+/// live tail): it may see every event.
+pub const ADMIN_CONSUMER: &str = "admin";
+
 /// `[[consumers]]`: one consumer identity.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -168,6 +172,12 @@ pub struct Hub {
     limits: DownstreamLimits,
     /// Replay memory of all connections.
     replay: Arc<ReplayBudget>,
+    /// Traces (`[telemetry]`): a span per event frame sent; `None`: off.
+    traces: Option<crate::traces::Traces>,
+    /// `server.admin_token` as a consumer that may see everything, so that the operator
+    /// console can tail the stream with the one token it holds; accepted only from the
+    /// `Authorization` header, never `?token=` (it must not end up in a URL or a log).
+    admin: Option<Arc<Consumer>>,
 }
 
 impl Hub {
@@ -178,8 +188,19 @@ impl Hub {
         publish: broadcast::Sender<Arc<Published>>,
         shutdown: tokio_util::sync::CancellationToken,
         limits: &crate::config::LimitsConfig,
+        traces: Option<crate::traces::Traces>,
+        admin_token: Option<Secret>,
     ) -> Arc<Hub> {
         let downstream_limits = DownstreamLimits::from_config(limits);
+        let admin = admin_token.map(|token| {
+            Arc::new(Consumer {
+                name: Arc::from(ADMIN_CONSUMER),
+                token,
+                allow: Filter::default(),
+                revoked: tokio_util::sync::CancellationToken::new(),
+                connections: AtomicUsize::new(0),
+            })
+        });
         Arc::new(Hub {
             consumers: arc_swap::ArcSwap::from_pointee(consumers),
             store,
@@ -189,7 +210,34 @@ impl Hub {
             max_event_frame: limits.max_downstream_frame_bytes(),
             replay: ReplayBudget::new(&downstream_limits),
             limits: downstream_limits,
+            traces,
+            admin,
         })
+    }
+
+    /// With traces on, a `wsbridge.consumer.send` span for the event `text` (journal position
+    /// `seq`) being written to a consumer over `transport` (`ws`, `sse`); it ends when
+    /// dropped, once the frame is written. Off: `None`, and nothing is done.
+    pub(crate) fn trace_send(
+        &self,
+        transport: &'static str,
+        seq: u64,
+        text: &str,
+    ) -> Option<crate::traces::SdkSpan> {
+        let traces = self.traces.as_ref()?;
+        let ids = crate::traces::EventTrace::of_json(text.as_bytes())?;
+        Some(traces.stage(
+            &ids,
+            "wsbridge.consumer.send",
+            opentelemetry::trace::SpanKind::Producer,
+            vec![
+                opentelemetry::KeyValue::new("wsbridge.transport", transport),
+                opentelemetry::KeyValue::new(
+                    "wsbridge.seq",
+                    i64::try_from(seq).unwrap_or(i64::MAX),
+                ),
+            ],
+        ))
     }
 
     /// A place for one more connection of `consumer`, or `None` (counted) when its token
@@ -243,11 +291,16 @@ impl Hub {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
         let presented = header.or(query_token)?;
-        self.consumers
+        let consumer = self
+            .consumers
             .load()
             .iter()
             .find(|c| c.token.matches(presented))
-            .cloned()
+            .cloned();
+        consumer.or_else(|| {
+            let admin = self.admin.as_ref()?;
+            (header.is_some() && admin.token.matches(presented)).then(|| admin.clone())
+        })
     }
 
     /// Replaces the consumer list (hot reload). Consumers that are unchanged keep their

@@ -203,6 +203,8 @@ pub async fn stream(
         match next {
             Some(item @ (FeedItem::Event(_) | FeedItem::Replayed(_))) => {
                 let (seq, text) = item.event_text()?;
+                // Ends as the event is handed to the response stream.
+                let _span = hub.trace_send("sse", seq, text);
                 hub.stats
                     .frames_sent
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

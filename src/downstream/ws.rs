@@ -398,6 +398,7 @@ async fn write_events(
             rest = Some(item);
             break;
         };
+        let span = hub.trace_send("ws", seq, text);
         if socket
             .feed(Message::text(event_frame(sub_id_json, seq, text)))
             .await
@@ -405,6 +406,7 @@ async fn write_events(
         {
             return (false, None);
         }
+        drop(span);
         // A replayed event's budget is given back here, once its frame is in the socket's
         // buffer.
         drop(item);

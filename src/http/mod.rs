@@ -1,4 +1,4 @@
-//! Everything the bridge answers over HTTP, on one listener and one state: the status page,
+//! Everything the bridge answers over HTTP, on one listener and one state: the operator console,
 //! `/healthz`, `/readyz` and `/v1/status` ([`status`]), `/metrics` ([`metrics`]), the OpenAPI
 //! document at `/v1/openapi.json` ([`openapi`]), the admin API under `/v1/admin/`
 //! ([`admin`]), and the consumers' `/v1/ws` and `/v1/events` (served by

@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 
 use super::AppState;
 
-/// The status page at `/`, `/healthz`, `/readyz` and `/v1/status`.
+/// The operator console at `/`, `/healthz`, `/readyz` and `/v1/status`.
 pub(super) fn routes() -> axum::Router<Arc<AppState>> {
     axum::Router::new()
         .route("/", get(page))
@@ -29,7 +29,9 @@ pub(super) fn routes() -> axum::Router<Arc<AppState>> {
         .route("/v1/status", get(status))
 }
 
-/// The status page: one self-contained HTML file that polls `/v1/status`.
+/// The operator console: one self-contained HTML file that polls `/v1/status` and `/metrics`
+/// for its tables and charts and, with the admin token typed in, tails `/v1/events` and uses
+/// the admin API (README, "The operator console").
 async fn page() -> Html<&'static str> {
     Html(include_str!("status_page.html"))
 }

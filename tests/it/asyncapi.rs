@@ -16,7 +16,7 @@ use tokio_tungstenite::tungstenite::Message;
 use wsbridge::bridge::Bridge;
 use wsbridge_adapters::Provider;
 
-use crate::common::examples::{blocking, run_setup};
+use crate::common::examples::{blocking, npm_install};
 use crate::common::ws::{connect, recv, subscribe_from, Ws};
 use crate::common::*;
 
@@ -31,22 +31,12 @@ fn repo() -> PathBuf {
 fn node_modules() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("asyncapi-node");
-        std::fs::create_dir_all(&dir).expect("scratch dir");
-        // A project of its own, so npm installs here and not in a parent directory's.
-        let manifest = dir.join("package.json");
-        if !manifest.exists() {
-            std::fs::write(&manifest, "{\"private\": true}\n").expect("package.json");
-        }
-        run_setup(
+        npm_install(
+            "asyncapi-node",
+            &["@asyncapi/parser@^3.6", "ajv@^8.17", "ajv-formats@^3"],
             "installing @asyncapi/parser, ajv and ajv-formats from npm \
              (is node/npm installed and the npm registry reachable?)",
-            Command::new("npm")
-                .args(["install", "--no-audit", "--no-fund", "--no-package-lock"])
-                .args(["@asyncapi/parser@^3.6", "ajv@^8.17", "ajv-formats@^3"])
-                .current_dir(&dir),
-        );
-        dir.join("node_modules")
+        )
     })
 }
 

@@ -9,14 +9,13 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
+use crate::common::examples::Group;
 use crate::common::receiver::{Answer, Receiver};
 use crate::common::*;
 use serde_json::json;
-use tokio::io::AsyncReadExt;
-use wsbridge_adapters::{hashi, voicepact, voipbin, Provider};
+use wsbridge_adapters::{voicepact, voipbin, Provider};
 
 /// How long one Chromium run may take (a cold start on a busy 2-core machine is slow).
 const BROWSER_DEADLINE: Duration = Duration::from_secs(120);
@@ -41,29 +40,19 @@ fn chromium() -> PathBuf {
     }
 }
 
-/// A running Chromium in its own process group: the whole group (browser, renderers, GPU
-/// and crash handler) is killed on drop, also when the test panics; its profile is removed.
-struct Browser {
-    child: tokio::process::Child,
-    group: u32,
-    profile: PathBuf,
-}
+/// Removes Chromium's profile directory when dropped, also when the test panics.
+struct Profile(PathBuf);
 
-impl Drop for Browser {
+impl Drop for Profile {
     fn drop(&mut self) {
-        let _ = self.child.start_kill();
-        let _ = std::process::Command::new("kill")
-            .args(["-KILL", "--", &format!("-{}", self.group)])
-            .stderr(Stdio::null())
-            .status();
-        let _ = std::fs::remove_dir_all(&self.profile);
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
 /// Loads `url` in headless Chromium, lets the page run for 5 s of virtual time, and returns
 /// the DOM it dumps.
 async fn dump_dom(url: &str) -> String {
-    let profile = temp_dir("chromium-profile");
+    let profile = Profile(temp_dir("chromium-profile"));
     let mut cmd = tokio::process::Command::new(chromium());
     cmd.args([
         "--headless",
@@ -76,38 +65,12 @@ async fn dump_dom(url: &str) -> String {
         "--disable-sync",
         "--disable-dev-shm-usage",
     ])
-    .arg(format!("--user-data-dir={}", profile.display()))
-    .args(["--virtual-time-budget=5000", "--dump-dom", url])
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .process_group(0)
-    .kill_on_drop(true);
-    let child = cmd
-        .spawn()
-        .unwrap_or_else(|e| panic!("starting chromium failed: {e} (apt-get install chromium)"));
-    let group = child.id().expect("chromium has a pid");
-    let mut browser = Browser {
-        child,
-        group,
-        profile,
-    };
-    let mut stdout = browser.child.stdout.take().expect("stdout piped");
-    let mut stderr = browser.child.stderr.take().expect("stderr piped");
-    let (mut out, mut err) = (Vec::new(), Vec::new());
-    let run = async {
-        let (o, e, status) = tokio::join!(
-            stdout.read_to_end(&mut out),
-            stderr.read_to_end(&mut err),
-            browser.child.wait()
-        );
-        o.and(e).and(status)
-    };
-    let status = match tokio::time::timeout(BROWSER_DEADLINE, run).await {
-        Ok(Ok(status)) => status,
-        Ok(Err(e)) => panic!("reading chromium's output: {e}"),
-        Err(_) => panic!("chromium did not finish within {BROWSER_DEADLINE:?}"),
-    };
+    .arg(format!("--user-data-dir={}", profile.0.display()))
+    .args(["--virtual-time-budget=5000", "--dump-dom", url]);
+    // The whole group (browser, renderers, GPU and crash handler) is killed when done.
+    let (status, out, err) = Group::spawn("chromium (apt-get install chromium)", &mut cmd)
+        .output("chromium", BROWSER_DEADLINE)
+        .await;
     let dom = String::from_utf8_lossy(&out).into_owned();
     if !status.success() || !dom.contains("</html>") {
         let err = String::from_utf8_lossy(&err);
@@ -197,15 +160,7 @@ async fn the_status_page_shows_every_upstream_subscribed_with_its_events() {
             .await,
             1
         );
-        assert_eq!(
-            hs.emit(hashi::wire::event(
-                "lobby",
-                "lobby.joined",
-                json!({"lobbyId": "ABC123", "timestamp": "2024-01-15T10:30:00.000Z", "payload": {"n": i}}),
-            ))
-            .await,
-            1
-        );
+        assert_eq!(hs.emit(numbered_lobby_join(i)).await, 1);
     }
     for provider in ["voicepact", "voipbin", "hashi"] {
         for _ in 0..2 {

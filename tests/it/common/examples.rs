@@ -271,3 +271,100 @@ pub async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'stat
         Err(e) => panic!("blocking task did not finish: {e}"),
     }
 }
+
+/// `node_modules` of a scratch npm project `name` under the cargo target's scratch directory
+/// with `packages` installed from npm (`what` says what for, when it fails), once per test
+/// run and project: tests running in parallel wait for the first one's install.
+pub fn npm_install(name: &str, packages: &[&str], what: &str) -> PathBuf {
+    static DONE: OnceLock<Mutex<std::collections::HashMap<String, PathBuf>>> = OnceLock::new();
+    let mut done = DONE
+        .get_or_init(Mutex::default)
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(dir) = done.get(name) {
+        return dir.clone();
+    }
+    let modules = install(name, packages, what);
+    done.insert(name.to_string(), modules.clone());
+    modules
+}
+
+fn install(name: &str, packages: &[&str], what: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    // A project of its own, so npm installs here and not in a parent directory's.
+    let manifest = dir.join("package.json");
+    if !manifest.exists() {
+        std::fs::write(&manifest, "{\"private\": true}\n").expect("package.json");
+    }
+    run_setup(
+        what,
+        Command::new("npm")
+            .args(["install", "--no-audit", "--no-fund", "--no-package-lock"])
+            .args(packages)
+            .current_dir(&dir),
+    );
+    dir.join("node_modules")
+}
+
+/// A child process in a process group of its own (stdin closed, stdout and stderr piped):
+/// the whole group (a browser and its helpers) is killed when this is dropped, also when the
+/// test panics.
+pub struct Group {
+    /// The child, the group's leader.
+    pub child: tokio::process::Child,
+    group: u32,
+}
+
+impl Group {
+    /// Spawns `cmd` so; `what` names it if it cannot start.
+    pub fn spawn(what: &str, cmd: &mut tokio::process::Command) -> Group {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true);
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {what} failed: {e}"));
+        let group = child.id().expect("a running child has a pid");
+        Group { child, group }
+    }
+
+    /// Waits for the child to exit within `limit` (the test fails naming `what` otherwise),
+    /// reading all of its stdout and stderr; the group is killed afterwards.
+    pub async fn output(
+        mut self,
+        what: &str,
+        limit: std::time::Duration,
+    ) -> (std::process::ExitStatus, Vec<u8>, Vec<u8>) {
+        use tokio::io::AsyncReadExt;
+        let mut stdout = self.child.stdout.take().expect("stdout piped");
+        let mut stderr = self.child.stderr.take().expect("stderr piped");
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let run = async {
+            let (o, e, status) = tokio::join!(
+                stdout.read_to_end(&mut out),
+                stderr.read_to_end(&mut err),
+                self.child.wait()
+            );
+            o.and(e).and(status)
+        };
+        let status = match tokio::time::timeout(limit, run).await {
+            Ok(Ok(status)) => status,
+            Ok(Err(e)) => panic!("reading {what}'s output: {e}"),
+            Err(_) => panic!("{what} did not finish within {limit:?}"),
+        };
+        (status, out, err)
+    }
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", self.group)])
+            .stderr(Stdio::null())
+            .status();
+    }
+}

@@ -31,6 +31,21 @@ pub fn numbered_call(i: usize) -> serde_json::Value {
     )
 }
 
+/// A Hashi `lobby.joined` frame in lobby `ABC123` numbered `n` (in its payload, so each is a
+/// distinct event).
+pub fn numbered_lobby_join(n: u64) -> serde_json::Value {
+    wsbridge_adapters::hashi::wire::event(
+        "lobby",
+        "lobby.joined",
+        serde_json::json!({"lobbyId": "ABC123", "timestamp": "2024-01-15T10:30:00.000Z", "payload": {"n": n}}),
+    )
+}
+
+/// The repository's root (to read documents and scripts from it).
+pub fn repo() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
 /// An HTTP client for talking to a bridge; installs rustls' crypto first, since a test process
 /// that only spawns the binary has not started a bridge that would have done it.
 pub fn http_client() -> reqwest::Client {
