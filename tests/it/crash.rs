@@ -50,10 +50,7 @@ async fn interrupted_mid_stream(stop: Stop) {
         .collect();
     let rx = Receiver::start(script, Answer::status(200)).await;
     let dir = temp_dir("crash");
-    let addr = {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("probe");
-        probe.local_addr().expect("addr")
-    };
+    let addr = free_addr();
     let db = dir.join("wsbridge.db");
     let config = dir.join("config.toml");
     let text = format!(
@@ -71,28 +68,7 @@ async fn interrupted_mid_stream(stop: Stop) {
     wait_sim_ready(&vb, 1).await;
 
     // Stream events continuously from another task.
-    let streaming = Arc::new(AtomicBool::new(true));
-    let emitter = {
-        let vb = vb.clone();
-        let streaming = streaming.clone();
-        tokio::spawn(async move {
-            let mut i = 0u32;
-            while streaming.load(Ordering::Relaxed) {
-                let frame = voipbin::wire::event(
-                    "call.status",
-                    "2024-01-15T10:30:00.000000Z",
-                    &format!("customer_id:abc123:call:k{i}"),
-                    json!({"id": format!("k{i}"), "status": "ringing"}),
-                );
-                vb.emit(frame).await;
-                i += 1;
-                if i.is_multiple_of(20) {
-                    tokio::task::yield_now().await;
-                }
-            }
-            i
-        })
-    };
+    let (streaming, emitter) = stream(&vb, "k");
 
     // A consumer connected across the stop.
     let url = format!("ws://{addr}/v1/ws?token=watcher-token");
@@ -197,10 +173,7 @@ async fn interrupted_mid_stream(stop: Stop) {
 async fn sigkill_while_the_id_index_is_written_out_keeps_deduplicating() {
     let vb = start_sim(Provider::Voipbin).await;
     let dir = temp_dir("crash-ids");
-    let addr = {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("probe");
-        probe.local_addr().expect("addr")
-    };
+    let addr = free_addr();
     let db = dir.join("wsbridge.db");
     let config = dir.join("config.toml");
     let text = format!(
@@ -208,34 +181,10 @@ async fn sigkill_while_the_id_index_is_written_out_keeps_deduplicating() {
         upstream_block("vb", &vb, FAST),
     );
     std::fs::write(&config, text).expect("write config");
-    let frame = |i: u32| {
-        voipbin::wire::event(
-            "call.status",
-            "2024-01-15T10:30:00.000000Z",
-            &format!("customer_id:abc123:call:g{i}"),
-            json!({"id": format!("g{i}"), "status": "ringing"}),
-        )
-    };
-
     let mut bridge = spawn_bridge(&config);
     wait_sim_ready(&vb, 1).await;
     // Stream until several generations have gone through, then kill mid-stream.
-    let streaming = Arc::new(AtomicBool::new(true));
-    let emitter = {
-        let vb = vb.clone();
-        let streaming = streaming.clone();
-        tokio::spawn(async move {
-            let mut i = 0u32;
-            while streaming.load(Ordering::Relaxed) {
-                vb.emit(frame(i)).await;
-                i += 1;
-                if i.is_multiple_of(20) {
-                    tokio::task::yield_now().await;
-                }
-            }
-            i
-        })
-    };
+    let (streaming, emitter) = stream(&vb, "g");
     eventually("several id generations journalled", DEADLINE, || async {
         (journal_len(&db) >= 4000).then_some(())
     })
@@ -260,9 +209,9 @@ async fn sigkill_while_the_id_index_is_written_out_keeps_deduplicating() {
     .await
     .expect("the restarted bridge subscribed");
     for i in 0..emitted {
-        vb.emit(frame(i)).await;
+        vb.emit(call_frame("g", i)).await;
     }
-    vb.emit(frame(emitted)).await;
+    vb.emit(call_frame("g", emitted)).await;
     // One connection's frames are journalled in order: once the marker is in, all are.
     let marker = format!("%\"id\":\"g{emitted}\"%");
     eventually("the marker journalled", DEADLINE, || async {
@@ -281,6 +230,47 @@ async fn sigkill_while_the_id_index_is_written_out_keeps_deduplicating() {
     // read) are new events now; every frame is in the journal exactly once.
     assert_eq!(journal.len(), emitted as usize + 1, "each frame once");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A port free on 127.0.0.1 for a bridge to listen on.
+fn free_addr() -> std::net::SocketAddr {
+    let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("probe");
+    probe.local_addr().expect("addr")
+}
+
+/// The `i`-th VoIPBIN `call.status` frame of a stream named `tag` (call `<tag><i>`).
+fn call_frame(tag: &str, i: u32) -> serde_json::Value {
+    voipbin::wire::event(
+        "call.status",
+        "2024-01-15T10:30:00.000000Z",
+        &format!("customer_id:abc123:call:{tag}{i}"),
+        json!({"id": format!("{tag}{i}"), "status": "ringing"}),
+    )
+}
+
+/// Emits [`call_frame`]s of `tag` from `vb` flat out until the flag is cleared; the task
+/// answers how many it emitted.
+fn stream(
+    vb: &wsbridge_adapters::sim::Simulator,
+    tag: &'static str,
+) -> (Arc<AtomicBool>, tokio::task::JoinHandle<u32>) {
+    let streaming = Arc::new(AtomicBool::new(true));
+    let emitter = {
+        let vb = vb.clone();
+        let streaming = streaming.clone();
+        tokio::spawn(async move {
+            let mut i = 0u32;
+            while streaming.load(Ordering::Relaxed) {
+                vb.emit(call_frame(tag, i)).await;
+                i += 1;
+                if i.is_multiple_of(20) {
+                    tokio::task::yield_now().await;
+                }
+            }
+            i
+        })
+    };
+    (streaming, emitter)
 }
 
 /// Whether an event whose serialised envelope is `LIKE` `pattern` is in the journal at `db`.

@@ -375,11 +375,23 @@ mod tests {
     /// Appends events `from..=to` (id `e<seq>`) as the writer does: row, then index entry,
     /// in transactions of `per_commit` events, each beginning with a write-out slice.
     fn append(conn: &mut Connection, index: &mut IdIndex, from: i64, to: i64, per_commit: i64) {
+        append_pruned(conn, index, from, to, per_commit, 0);
+    }
+
+    /// [`append`], telling each write-out slice that events up to `pruned` were pruned.
+    fn append_pruned(
+        conn: &mut Connection,
+        index: &mut IdIndex,
+        from: i64,
+        to: i64,
+        per_commit: i64,
+        pruned: i64,
+    ) {
         let mut seq = from;
         while seq <= to {
             index.begin();
             let tx = conn.transaction().unwrap();
-            index.flush_slice(&tx, 0).unwrap();
+            index.flush_slice(&tx, pruned).unwrap();
             let last = (seq + per_commit - 1).min(to);
             for s in seq..=last {
                 let id = format!("e{s}");
@@ -542,21 +554,8 @@ mod tests {
         let mut seq = gen + 12 * 4096 + 1;
         // Fill and write out the next generation, telling it what was pruned.
         while ids_through(&conn).unwrap() == gen {
-            index.begin();
-            let tx = conn.transaction().unwrap();
-            index.flush_slice(&tx, gen / 2).unwrap();
-            for s in seq..seq + 4096 {
-                let id = format!("e{s}");
-                tx.execute(
-                    "INSERT INTO events (seq, id, recv_ms, body) VALUES (?1, ?2, ?1, x'00')",
-                    params![s, id],
-                )
-                .unwrap();
-                index.insert(&tx, hash(&id), s).unwrap();
-            }
-            tx.commit().unwrap();
+            append_pruned(&mut conn, &mut index, seq, seq + 4095, 4096, gen / 2);
             seq += 4096;
-            index.committed((seq - 1) as u64);
         }
         let old: i64 = conn
             .query_row(
