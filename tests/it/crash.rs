@@ -120,12 +120,7 @@ async fn interrupted_mid_stream(stop: Stop) {
 
     // Everything journalled (before and after the kill) is delivered at least once.
     let journal = journal_ids(&db);
-    let unique: BTreeSet<&String> = journal.iter().collect();
-    assert_eq!(
-        unique.len(),
-        journal.len(),
-        "the journal holds a duplicate id"
-    );
+    let unique = ids_once(&journal);
     assert!(
         before_restart.iter().all(|id| unique.contains(id)),
         "journalled events vanished"
@@ -219,17 +214,23 @@ async fn sigkill_while_the_id_index_is_written_out_keeps_deduplicating() {
     })
     .await;
     let journal = journal_ids(&db);
+    let unique = ids_once(&journal);
+    assert!(before.iter().all(|id| unique.contains(id)));
+    // Frames the dead bridge never journalled (read but lost with the process, or never
+    // read) are new events now; every frame is in the journal exactly once.
+    assert_eq!(journal.len(), emitted as usize + 1, "each frame once");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The set of `journal`'s ids, asserting that each is there once.
+fn ids_once(journal: &[String]) -> BTreeSet<&String> {
     let unique: BTreeSet<&String> = journal.iter().collect();
     assert_eq!(
         unique.len(),
         journal.len(),
         "the journal holds a duplicate id"
     );
-    assert!(before.iter().all(|id| unique.contains(id)));
-    // Frames the dead bridge never journalled (read but lost with the process, or never
-    // read) are new events now; every frame is in the journal exactly once.
-    assert_eq!(journal.len(), emitted as usize + 1, "each frame once");
-    let _ = std::fs::remove_dir_all(&dir);
+    unique
 }
 
 /// A port free on 127.0.0.1 for a bridge to listen on.
