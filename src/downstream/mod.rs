@@ -61,8 +61,9 @@ pub struct Consumer {
     /// The configured name.
     pub name: Arc<str>,
     token: Secret,
-    /// The consumer's ceiling: an event outside it is never sent.
-    pub allow: Filter,
+    /// The consumer's ceiling: an event outside it is never sent. Shared by its sessions'
+    /// subscriptions (not copied per connection).
+    pub allow: Arc<Filter>,
     /// Cancelled when a reload removes or changes this consumer: its sessions close.
     revoked: tokio_util::sync::CancellationToken,
     /// Connections (WebSocket and SSE) open with this consumer's token now.
@@ -106,7 +107,7 @@ pub fn compile_consumers(
             Ok(allow) => out.push(Arc::new(Consumer {
                 name: Arc::from(c.name.as_str()),
                 token: c.token.clone(),
-                allow,
+                allow: Arc::new(allow),
                 revoked: tokio_util::sync::CancellationToken::new(),
                 connections: AtomicUsize::new(0),
             })),
@@ -196,7 +197,7 @@ impl Hub {
             Arc::new(Consumer {
                 name: Arc::from(ADMIN_CONSUMER),
                 token,
-                allow: Filter::default(),
+                allow: Arc::new(Filter::default()),
                 revoked: tokio_util::sync::CancellationToken::new(),
                 connections: AtomicUsize::new(0),
             })

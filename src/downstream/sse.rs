@@ -123,15 +123,8 @@ pub async fn stream(
     };
     let stop = control.stop.clone();
     let slow = control.slow.clone();
-    let feed = match subscription::open(
-        &hub,
-        filter,
-        Arc::new(consumer.allow.clone()),
-        start,
-        None,
-        control,
-    )
-    .await
+    let feed = match subscription::open(&hub, filter, consumer.allow.clone(), start, None, control)
+        .await
     {
         Ok(feed) => feed,
         Err(OpenError::Position(e)) => {

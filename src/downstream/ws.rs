@@ -172,8 +172,6 @@ struct Sub {
 struct Subs {
     by_key: HashMap<String, Sub>,
     generations: u64,
-    /// Stops every replay task of the connection when it ends.
-    connection_stop: CancellationToken,
 }
 
 impl Subs {
@@ -192,7 +190,7 @@ async fn session(
     let guard = hub.session();
     let budget = hub.replay.connection();
     let session_id = format!("s{}", guard.id);
-    let allow = Arc::new(consumer.allow.clone());
+    let allow = consumer.allow.clone();
     info!(consumer = %consumer.name, session = %session_id, "consumer connected");
 
     let ready = match hub.store.position().await {
@@ -349,7 +347,10 @@ async fn session(
             stop.cancel();
         }
     }
-    subs.connection_stop.cancel();
+    // Stops every replay task of the connection (a subscription from `latest` has no token
+    // of its own: its catch-up replays stop on the connection's `slow` token, cancelled here
+    // once the session is over, or with a slow-consumer verdict).
+    slow.cancel();
     debug!(consumer = %consumer.name, session = %session_id, "consumer disconnected");
     drop(guard);
     drop(slot);
@@ -591,7 +592,7 @@ async fn apply_op(
             };
             let stop = (start != Start::Latest).then(CancellationToken::new);
             let control = FeedControl {
-                stop: stop.clone().unwrap_or_else(|| subs.connection_stop.clone()),
+                stop: stop.clone().unwrap_or_else(|| slow.clone()),
                 slow: slow.clone(),
                 budget: budget.clone(),
             };
