@@ -333,15 +333,7 @@ fn read_entries(tx: &Transaction<'_>, from: i64, to: i64) -> Result<Vec<(i64, i6
 }
 
 fn ids_through(conn: &Connection) -> Result<i64, StoreError> {
-    let v: Option<String> = conn
-        .query_row(
-            "SELECT value FROM meta WHERE key = 'ids_through'",
-            [],
-            |r| r.get(0),
-        )
-        .optional()
-        .map_err(db("read id index point"))?;
-    Ok(v.and_then(|v| v.parse().ok()).unwrap_or(0))
+    super::schema::meta_number(conn, "ids_through", "read id index point")
 }
 
 fn set_ids_through(tx: &Transaction<'_>, through: i64) -> Result<(), StoreError> {

@@ -5,7 +5,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection};
 use tracing::{info, warn};
 
 use super::{db, to_i64};
@@ -63,15 +63,7 @@ impl Schedule {
 
 /// The retention point recorded by earlier pruning (0: nothing pruned yet).
 pub(super) fn load_pruned_through(conn: &Connection) -> Result<u64, StoreError> {
-    let v: Option<String> = conn
-        .query_row(
-            "SELECT value FROM meta WHERE key = 'pruned_through'",
-            [],
-            |r| r.get(0),
-        )
-        .optional()
-        .map_err(db("read retention point"))?;
-    Ok(v.and_then(|v| v.parse().ok()).unwrap_or(0))
+    super::schema::meta_number(conn, "pruned_through", "read retention point")
 }
 
 /// Deletes up to [`PRUNE_CHUNK`] of the oldest events received before `cutoff_ms`, except

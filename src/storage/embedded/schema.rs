@@ -175,6 +175,20 @@ pub(super) fn load_or_create_epoch(conn: &Connection) -> Result<String, StoreErr
     Ok(epoch)
 }
 
+/// The number `meta` holds under `key` (0 when it holds none, or not a number); `op` names
+/// the read in errors.
+pub(super) fn meta_number<T: std::str::FromStr + Default>(
+    conn: &Connection,
+    key: &str,
+    op: &'static str,
+) -> Result<T, StoreError> {
+    let v: Option<String> = conn
+        .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+        .optional()
+        .map_err(db(op))?;
+    Ok(v.and_then(|v| v.parse().ok()).unwrap_or_default())
+}
+
 /// The highest seq in the journal (0: empty).
 pub(super) fn stored_head(conn: &Connection) -> Result<u64, StoreError> {
     Ok(conn
