@@ -207,19 +207,21 @@ pub fn spawn(
             // Routing happens before journalling so that the event and its deliveries are
             // committed together: after a crash, nothing journalled lacks its deliveries.
             let router = router.load();
+            let mut events = Vec::with_capacity(batch.len());
             let mut replies = Vec::new();
-            let events: Vec<NewEvent> = batch
-                .drain(..)
-                .filter_map(|Queued { envelope, reply }| {
-                    let unsequenced = admit(&envelope, max_event_bytes, &stats)?;
-                    replies.push(reply);
-                    Some(NewEvent {
-                        targets: router.targets(&envelope),
-                        envelope,
-                        unsequenced,
-                    })
-                })
-                .collect();
+            for Queued { envelope, reply } in batch.drain(..) {
+                let Some(unsequenced) = admit(&envelope, max_event_bytes, &stats) else {
+                    continue;
+                };
+                if let Some(reply) = reply {
+                    replies.push((events.len(), reply));
+                }
+                events.push(NewEvent {
+                    targets: router.targets(&envelope),
+                    envelope,
+                    unsequenced,
+                });
+            }
             if events.is_empty() {
                 continue;
             }
@@ -236,10 +238,11 @@ pub fn spawn(
 /// Prepared batches the committer may have waiting (each up to [`BATCH`] events).
 pub const PIPELINE: usize = 4;
 
-/// A batch ready to journal, with each event's reply (in the same order).
+/// A batch ready to journal, with the replies of those of its events that have one, by
+/// their position in `events` (ascending): most events have none.
 struct Prepared {
     events: Vec<NewEvent>,
-    replies: Vec<Option<Reply>>,
+    replies: Vec<(usize, Reply)>,
 }
 
 /// The committer: journals what ingest prepared, in order, then publishes it and wakes the
@@ -256,10 +259,11 @@ async fn commit(
     let mut woken: Vec<Arc<str>> = Vec::new();
     while prepared.recv_many(&mut batches, PIPELINE).await > 0 {
         let mut events: Vec<NewEvent> = Vec::new();
-        let mut replies: Vec<Option<Reply>> = Vec::new();
+        let mut replies: Vec<(usize, Reply)> = Vec::new();
         for b in batches.drain(..) {
+            let offset = events.len();
+            replies.extend(b.replies.into_iter().map(|(at, r)| (offset + at, r)));
             events.extend(b.events);
-            replies.extend(b.replies);
         }
         for target in events.iter().flat_map(|n| n.targets.iter()) {
             if !woken.contains(target) {
@@ -290,11 +294,10 @@ async fn commit(
         if let (Some(t), Some(traced)) = (&traces, traced) {
             trace::after_append(t, traced, &appended);
         }
-        // One outcome per event, in order; an event without a reply has `None` beside it.
-        for (outcome, reply) in appended
-            .into_iter()
-            .zip(replies.into_iter().chain(std::iter::repeat_with(|| None)))
-        {
+        // One outcome per event, in order; the replies are in the same order.
+        let mut replies = replies.into_iter().peekable();
+        for (at, outcome) in appended.into_iter().enumerate() {
+            let reply = replies.next_if(|(r, _)| *r == at).map(|(_, r)| r);
             match outcome {
                 Appended::Stored {
                     bytes, envelope, ..

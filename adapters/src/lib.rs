@@ -338,12 +338,6 @@ pub trait Adapter: Send + Sync + 'static {
     /// Classify and decode one inbound text frame.
     fn decode(&self, text: &str) -> Result<Inbound, DecodeError>;
 
-    /// Like [`Adapter::decode`], with the event's sequence number when its rule has one
-    /// (`sequence`, for gap detection).
-    fn decode_sequenced(&self, text: &str) -> Result<(Inbound, Option<Sequence>), DecodeError> {
-        self.decode(text).map(|i| (i, None))
-    }
-
     /// `[prepare]`: the HTTP request to make before every connect (and every refresh);
     /// `None` when the dialect makes none.
     fn prepare_request(&self) -> Option<Result<http::Request<Vec<u8>>, AdapterError>> {
@@ -367,11 +361,11 @@ pub trait Adapter: Send + Sync + 'static {
     /// decode error: `limits.max_split_events`).
     fn decode_frame(&self, text: &str, max_events: usize) -> Result<Decoded, DecodeError> {
         let _ = max_events;
-        Ok(match self.decode_sequenced(text)? {
-            (Inbound::Control(c), _) => Decoded::Control(c),
-            (Inbound::Event(event), sequence) => Decoded::Events(vec![FrameEvent {
+        Ok(match self.decode(text)? {
+            Inbound::Control(c) => Decoded::Control(c),
+            Inbound::Event(event) => Decoded::Events(vec![FrameEvent {
                 event,
-                sequence,
+                sequence: None,
                 reply: None,
             }]),
         })

@@ -69,9 +69,10 @@ pub(super) async fn attempt(
     };
     let name = &endpoint.name;
     let started_ms = Utc::now().timestamp_millis();
+    // Boxed: held across the request, so it is part of every attempt's state.
     let mut span = endpoint.traces.as_ref().and_then(|t| {
         let ids = EventTrace::of_json(&due.bytes)?;
-        Some(t.stage(
+        Some(Box::new(t.stage(
             &ids,
             "wsbridge.webhook.attempt",
             SpanKind::Client,
@@ -80,7 +81,7 @@ pub(super) async fn attempt(
                 KeyValue::new("wsbridge.seq", i64::try_from(due.seq).unwrap_or(i64::MAX)),
                 KeyValue::new("wsbridge.attempt", i64::from(due.attempts) + 1),
             ],
-        ))
+        )))
     });
     let parent = span.as_ref().map(|s| traceparent(s.span_context()));
     let t0 = Instant::now();

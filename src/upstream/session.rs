@@ -486,9 +486,6 @@ struct Seen {
 const REPLY_QUEUE: usize = crate::ingest::IN_FLIGHT;
 
 /// What one inbound message means to the session.
-// Lives on the stack for one frame and is never stored: boxing the event would cost an
-// allocation per event on the hot path for nothing.
-#[allow(clippy::large_enum_variant)]
 enum Frame {
     /// Nothing to act on (protocol ping or pong, a skipped bad frame).
     Skip,

@@ -830,13 +830,6 @@ impl Adapter for DialectAdapter {
         self.bound.decoder.decode(text).map(|(i, _)| i)
     }
 
-    fn decode_sequenced(
-        &self,
-        text: &str,
-    ) -> Result<(Inbound, Option<crate::Sequence>), DecodeError> {
-        self.bound.decoder.decode(text)
-    }
-
     fn decode_frame(&self, text: &str, max_events: usize) -> Result<crate::Decoded, DecodeError> {
         self.bound.decoder.decode_frame(text, max_events)
     }
