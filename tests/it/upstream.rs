@@ -315,6 +315,11 @@ async fn tokens_never_reach_the_logs() {
         .with_max_level(tracing::Level::DEBUG)
         .finish();
     let _guard = tracing::subscriber::set_default(subscriber);
+    // Other tests in this binary hit the same log call sites at the same time, from threads
+    // without this subscriber; a call site whose interest was settled by one of them just
+    // before this subscriber existed could stay off for it (seen once in CI: no
+    // "upstream starting" line). Settle every call site's interest again, with it.
+    tracing::callsite::rebuild_interest_cache();
 
     let vb = start_sim(Provider::Voipbin).await;
     let hs = start_sim(Provider::Hashi).await;
