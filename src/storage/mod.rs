@@ -91,6 +91,9 @@ pub enum StoreError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// The backend does not offer this operation.
+    #[error("this storage backend does not support {0}")]
+    Unsupported(&'static str),
     /// I/O around the store (creating its directory).
     #[error("store I/O on {path}: {source}")]
     Io {
@@ -297,6 +300,30 @@ pub enum ReplaySelection {
     },
 }
 
+/// A durable consumer's identity: the consumer (token) that owns it and its name. Two
+/// consumers may each have a durable of the same name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DurableKey {
+    /// The owning consumer's configured name.
+    pub consumer: String,
+    /// The durable's name (validated by the downstream side).
+    pub name: String,
+}
+
+/// A durable consumer's state as the store keeps it: the store does not interpret `state`
+/// (the downstream durable runtime writes and reads it), only `keep_from`, so that retention
+/// keeps what a durable still owes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SavedDurable {
+    /// Whose durable.
+    pub key: DurableKey,
+    /// Opaque state, returned byte for byte by [`Store::durables`].
+    pub state: Bytes,
+    /// The lowest seq the durable may still need (its acked floor + 1, or an older dead
+    /// letter): retention prunes no event at or above it while the durable exists.
+    pub keep_from: u64,
+}
+
 /// The storage seam: journal and delivery queue. Methods are async so that network-backed
 /// stores fit; the embedded store runs its blocking work on its own writer thread and on the
 /// blocking pool, never on the async runtime's workers.
@@ -397,6 +424,29 @@ pub trait Store: Send + Sync + 'static {
     /// consumer's unacknowledged messages) offers them again on the next `due`. Stores that
     /// hand out rows without holding them ignore it.
     async fn release(&self, _endpoint: &str, _seqs: &[u64]) {}
+
+    /// Every saved durable consumer, in key order (read once when the bridge starts and by
+    /// the admin API).
+    async fn durables(&self) -> Result<Vec<SavedDurable>, StoreError> {
+        Err(StoreError::Unsupported("durable consumers"))
+    }
+
+    /// Saves a durable's state, replacing what was saved before; the call returns once it is
+    /// durable (embedded: batched into the writer's group commits).
+    async fn save_durable(&self, _durable: SavedDurable) -> Result<(), StoreError> {
+        Err(StoreError::Unsupported("durable consumers"))
+    }
+
+    /// Deletes a durable's state; `false` when there was none.
+    async fn delete_durable(&self, _key: &DurableKey) -> Result<bool, StoreError> {
+        Err(StoreError::Unsupported("durable consumers"))
+    }
+
+    /// The seq of the first retained event received at or after `at_ms` (unix ms), or the
+    /// head + 1 when there is none (a durable's seek by time).
+    async fn seq_at(&self, _at_ms: i64) -> Result<u64, StoreError> {
+        Err(StoreError::Unsupported("seek by time"))
+    }
 
     /// True when other processes share this store, so state another instance may change
     /// (an endpoint disabled by a 410 elsewhere) must be re-read instead of cached for good.
