@@ -215,6 +215,14 @@ impl Bridge {
             traces.clone(),
             config.server.admin_token.clone(),
         );
+        hub.durables.load().await?;
+        tokio::spawn(hub.durables.clone().expire_idle(
+            (config.limits.durable_ttl / 4).clamp(
+                std::time::Duration::from_secs(1),
+                std::time::Duration::from_secs(60),
+            ),
+            shutdown.child_token(),
+        ));
         let http_limits = HttpLimits::from_config(config);
         let http_stats = Arc::new(HttpStats::new(http_limits.max_connections));
         let app = http::router(Arc::new(AppState {

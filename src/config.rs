@@ -228,6 +228,21 @@ pub struct LimitsConfig {
     /// journal.
     #[serde(default = "default_max_split_events")]
     pub max_split_events: usize,
+    /// Durable subscriptions one consumer may have; one more is refused
+    /// (`too_many_durables`), so one token cannot fill the store with cursors.
+    #[serde(default = "default_max_durables")]
+    pub max_durables: usize,
+    /// The largest `max_unacked` a durable subscription may ask for: what one connection
+    /// may hold unacknowledged, the bound of a durable's memory per connection.
+    #[serde(default = "default_max_unacked")]
+    pub max_unacked: usize,
+    /// A durable with no connection and no ack for this long is deleted (and logged);
+    /// until then retention keeps what it owes.
+    #[serde(default = "d_7d", deserialize_with = "de_duration")]
+    pub durable_ttl: Duration,
+    /// Dead letters one durable keeps; beyond it the oldest are dropped (counted, logged).
+    #[serde(default = "default_durable_dead_letters")]
+    pub durable_dead_letters: usize,
 }
 
 impl Default for LimitsConfig {
@@ -244,6 +259,10 @@ impl Default for LimitsConfig {
             replay_stall_timeout: d_30s(),
             tracked_frames: default_tracked_frames(),
             max_split_events: default_max_split_events(),
+            max_durables: default_max_durables(),
+            max_unacked: default_max_unacked(),
+            durable_ttl: d_7d(),
+            durable_dead_letters: default_durable_dead_letters(),
         }
     }
 }
@@ -253,6 +272,22 @@ impl Default for LimitsConfig {
 /// `max_payload` of 1 MiB, so the default NATS server takes every event the bridge accepts.
 fn default_max_event_bytes() -> usize {
     (1 << 20) - crate::storage::nats::HEADER_RESERVE
+}
+
+fn default_max_durables() -> usize {
+    16
+}
+
+fn default_max_unacked() -> usize {
+    10_000
+}
+
+fn default_durable_dead_letters() -> usize {
+    1_000
+}
+
+fn d_7d() -> Duration {
+    Duration::from_secs(7 * 24 * 3600)
 }
 
 fn default_tracked_frames() -> usize {
@@ -542,6 +577,23 @@ impl LimitsConfig {
             out.push((
                 "max_split_events",
                 "must be between 1 and 100000".to_string(),
+            ));
+        }
+        if self.max_durables > 10_000 {
+            out.push(("max_durables", "must be at most 10000".to_string()));
+        }
+        if !(1..=1_000_000).contains(&self.max_unacked) {
+            out.push(("max_unacked", "must be between 1 and 1000000".to_string()));
+        }
+        if !(Duration::from_secs(60)..=Duration::from_secs(365 * 24 * 3600))
+            .contains(&self.durable_ttl)
+        {
+            out.push(("durable_ttl", "must be between 1m and 365d".to_string()));
+        }
+        if !(1..=1_000_000).contains(&self.durable_dead_letters) {
+            out.push((
+                "durable_dead_letters",
+                "must be between 1 and 1000000".to_string(),
             ));
         }
         out

@@ -16,6 +16,7 @@
 //! `limits.max_connections_per_token` connections (one more is refused with HTTP 429).
 
 pub mod budget;
+pub mod durable;
 pub mod sse;
 pub mod subscription;
 pub mod ws;
@@ -179,6 +180,8 @@ pub struct Hub {
     /// console can tail the stream with the one token it holds; accepted only from the
     /// `Authorization` header, never `?token=` (it must not end up in a URL or a log).
     admin: Option<Arc<Consumer>>,
+    /// Durable subscriptions (cursors the bridge keeps, with acks).
+    pub durables: Arc<durable::Durables>,
 }
 
 impl Hub {
@@ -204,6 +207,10 @@ impl Hub {
         });
         Arc::new(Hub {
             consumers: arc_swap::ArcSwap::from_pointee(consumers),
+            durables: durable::Durables::new(
+                store.clone(),
+                durable::DurableLimits::from_config(limits),
+            ),
             store,
             publish,
             stats: HubStats::default(),

@@ -249,6 +249,15 @@ impl Feed {
         }
     }
 
+    /// The next seq the feed owes once it reads the live ring (everything before it was
+    /// handed out or did not match); `None` while it replays.
+    pub fn live_cursor(&self) -> Option<u64> {
+        match &self.state {
+            State::Live { next, .. } => Some(*next),
+            _ => None,
+        }
+    }
+
     /// The next item if one is ready now (never waits): a connection writes what is ready
     /// in one batch.
     pub fn try_next(&mut self) -> Option<FeedItem> {

@@ -29,10 +29,12 @@ use axum::response::{IntoResponse, Response};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use serde::Deserialize;
 use serde_json::{json, Value};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
 use super::budget::ConnectionBudget;
+use super::durable::{self, Delivery, DurableHandle, DurableRequest};
 use super::subscription::{self, Feed, FeedControl, FeedEnd, FeedItem, OpenError, Start};
 use super::{ConnectionSlot, Consumer, Hub};
 use crate::routing::{Filter, FilterConfig};
@@ -113,11 +115,49 @@ enum ClientOp {
         from: Option<Value>,
         #[serde(default)]
         epoch: Option<String>,
+        /// A durable subscription's name (absent: a plain one).
+        #[serde(default)]
+        durable: Option<String>,
+        #[serde(default)]
+        ack_wait: Option<Value>,
+        #[serde(default)]
+        max_unacked: Option<usize>,
+        #[serde(default)]
+        max_deliver: Option<u32>,
     },
     Unsubscribe {
         id: Value,
     },
+    Ack {
+        id: Value,
+        #[serde(default)]
+        seqs: Option<Vec<u64>>,
+        #[serde(default)]
+        upto: Option<u64>,
+    },
+    Nak {
+        id: Value,
+        seq: u64,
+        #[serde(default)]
+        delay: Option<Value>,
+    },
     Ping,
+}
+
+/// A duration given as `"5s"`/`"250ms"` (humantime) or a number of milliseconds.
+fn parse_duration(what: &str, v: &Value) -> Result<std::time::Duration, String> {
+    match v {
+        Value::Number(n) => n
+            .as_u64()
+            .map(std::time::Duration::from_millis)
+            .ok_or_else(|| format!("{what} must be a duration like \"5s\" or milliseconds")),
+        Value::String(t) => humantime::parse_duration(t).map_err(|_| {
+            format!("{what} must be a duration like \"5s\" or milliseconds, not {t:?}")
+        }),
+        _ => Err(format!(
+            "{what} must be a duration like \"5s\" or milliseconds"
+        )),
+    }
 }
 
 fn error_frame(code: &str, message: impl Into<String>, id: Option<&Value>) -> String {
@@ -156,6 +196,8 @@ fn sub_key(id: &Value) -> String {
 }
 
 struct Sub {
+    /// A durable subscription's hold (acks, naks; detaches when dropped).
+    durable: Option<DurableHandle>,
     /// Stops its replay task at once on unsubscribe; `None` for a subscription from `latest`,
     /// which has no replay to stop (a catch-up replay it may start later ends when its feed
     /// is dropped, or with the connection): one token fewer per idle consumer.
@@ -262,18 +304,44 @@ async fn session(
                 let (reply, feed) = Box::pin(apply_op(&hub, &consumer, &allow, text.as_str(), &mut subs, &slow, &budget)).await;
                 // The ack goes out before the feed is polled, so `subscribed` precedes the
                 // subscription's first event.
-                if !send_reply!(Message::text(reply)) {
+                // Acks and naks that worked are not answered (an empty reply).
+                if !reply.is_empty() && !send_reply!(Message::text(reply)) {
                     break;
                 }
-                if let Some((key, generation, feed)) = feed {
-                    feeds.push(next_item(key, generation, feed));
+                if let Some((key, generation, source)) = feed {
+                    feeds.push(next_of(key, generation, source));
                 }
             }
-            Some((key, generation, item, mut feed)) = feeds.next(), if !feeds.is_empty() => {
+            Some((key, generation, next)) = feeds.next(), if !feeds.is_empty() => {
                 // A feed of an unsubscribed subscription (its id possibly reused since): it is
                 // dropped with everything it had ready, which also ends its replay task.
                 let Some(sub) = subs.current(&key, generation) else {
                     continue;
+                };
+                let (item, mut feed) = match next {
+                    Next::Plain(item, feed) => (item, feed),
+                    Next::Durable(Some(first), mut events) => {
+                        let sent = tokio::select! {
+                            r = write_durable_events(&mut socket, &sub.id_json, first, &mut events, &hub) => r,
+                            _ = &mut slow_verdict => true,
+                        };
+                        if !sent {
+                            break;
+                        }
+                        feeds.push(next_of(key, generation, Source::Durable(events)));
+                        continue;
+                    }
+                    Next::Durable(None, _) => {
+                        // The durable was deleted (admin API): this subscription ends.
+                        if let Some(sub) = subs.by_key.remove(&key) {
+                            let id: Value = serde_json::from_str(&sub.id_json).unwrap_or(Value::Null);
+                            let frame = error_frame("unknown_durable", "the durable was deleted", Some(&id));
+                            if !send_reply!(Message::text(frame)) {
+                                break;
+                            }
+                        }
+                        continue;
+                    }
                 };
                 let mut item = item;
                 if item.as_ref().and_then(FeedItem::event_text).is_some() {
@@ -289,7 +357,7 @@ async fn session(
                     }
                     item = rest;
                     if item.is_none() {
-                        feeds.push(next_item(key, generation, feed));
+                        feeds.push(next_of(key, generation, Source::Plain(feed)));
                         continue;
                     }
                 }
@@ -301,7 +369,7 @@ async fn session(
                         if !send_reply!(Message::text(frame.to_string())) {
                             break;
                         }
-                        feeds.push(next_item(key, generation, feed));
+                        feeds.push(next_of(key, generation, Source::Plain(feed)));
                     }
                     // The `slow` branch below handles the verdict.
                     Some(FeedItem::End(FeedEnd::SlowConsumer)) => {}
@@ -425,11 +493,69 @@ async fn write_events(
     (true, rest)
 }
 
-type FeedNext = (String, u64, Option<FeedItem>, Feed);
+/// What a subscription's events come from: its own feed, or its durable's pump.
+enum Source {
+    Plain(Feed),
+    Durable(mpsc::Receiver<Delivery>),
+}
 
-async fn next_item(key: String, generation: u64, mut feed: Feed) -> FeedNext {
-    let item = feed.next().await;
-    (key, generation, item, feed)
+/// A subscription's next item, with its source to read on from.
+enum Next {
+    Plain(Option<FeedItem>, Feed),
+    Durable(Option<Delivery>, mpsc::Receiver<Delivery>),
+}
+
+async fn next_of(key: String, generation: u64, source: Source) -> (String, u64, Next) {
+    let next = match source {
+        Source::Plain(mut feed) => Next::Plain(feed.next().await, feed),
+        Source::Durable(mut events) => Next::Durable(events.recv().await, events),
+    };
+    (key, generation, next)
+}
+
+/// Writes `first` and what else the durable already handed this connection (up to
+/// [`WRITE_BATCH`]) with one flush; whether the socket is still good.
+async fn write_durable_events(
+    socket: &mut WebSocket,
+    sub_id_json: &str,
+    first: Delivery,
+    events: &mut mpsc::Receiver<Delivery>,
+    hub: &Hub,
+) -> bool {
+    use futures_util::SinkExt;
+    let mut next = Some(first);
+    let mut written = 0u64;
+    while let Some(d) = next.take() {
+        let text = std::str::from_utf8(&d.bytes).unwrap_or("null");
+        let span = hub.trace_send("ws", d.seq, text);
+        let frame = durable_event_frame(sub_id_json, d.seq, d.delivery, text);
+        if socket.feed(Message::text(frame)).await.is_err() {
+            return false;
+        }
+        drop(span);
+        written += 1;
+        if written as usize >= WRITE_BATCH {
+            break;
+        }
+        next = events.try_recv().ok();
+    }
+    if socket.flush().await.is_err() {
+        return false;
+    }
+    hub.stats.frames_sent.fetch_add(written, Ordering::Relaxed);
+    true
+}
+
+/// `{"op":"event","subscription":<id>,"seq":<seq>,"delivery":<n>,"event":<envelope>}`.
+fn durable_event_frame(sub_id_json: &str, seq: u64, delivery: u32, envelope: &str) -> String {
+    let mut frame = String::with_capacity(envelope.len() + sub_id_json.len() + 80);
+    frame.push_str(r#"{"op":"event","subscription":"#);
+    frame.push_str(sub_id_json);
+    // Writing into a String cannot fail.
+    let _ = write!(frame, r#","seq":{seq},"delivery":{delivery},"event":"#);
+    frame.push_str(envelope);
+    frame.push('}');
+    frame
 }
 
 /// `{"op":"event","subscription":<id>,"seq":<seq>,"event":<envelope>}` around the journal's
@@ -454,7 +580,7 @@ fn parse_op(text: &str) -> Result<ClientOp, String> {
     serde_json::from_value::<ClientOp>(raw.clone()).map_err(|e| {
         let known = matches!(
             raw.get("op").and_then(Value::as_str),
-            Some("subscribe" | "unsubscribe" | "ping")
+            Some("subscribe" | "unsubscribe" | "ack" | "nak" | "ping")
         );
         let (code, message) = if known {
             ("bad_request", e.to_string())
@@ -462,7 +588,7 @@ fn parse_op(text: &str) -> Result<ClientOp, String> {
             (
                 "unknown_op",
                 format!(
-                    "unknown op {}; expected subscribe, unsubscribe or ping",
+                    "unknown op {}; expected subscribe, unsubscribe, ack, nak or ping",
                     raw.get("op").unwrap_or(&Value::Null)
                 ),
             )
@@ -511,6 +637,8 @@ pub fn check_client_frame(text: &str) -> Result<&'static str, String> {
     match parse_op(text)? {
         ClientOp::Ping => Ok("ping"),
         ClientOp::Unsubscribe { .. } => Ok("unsubscribe"),
+        ClientOp::Ack { .. } => Ok("ack"),
+        ClientOp::Nak { .. } => Ok("nak"),
         ClientOp::Subscribe {
             id, filter, from, ..
         } => {
@@ -521,8 +649,8 @@ pub fn check_client_frame(text: &str) -> Result<&'static str, String> {
     }
 }
 
-/// A new subscription's key, generation and feed.
-type NewFeed = (String, u64, Feed);
+/// A new subscription's key, generation and event source.
+type NewFeed = (String, u64, Source);
 
 /// Applies one client op: the frame to answer with, and the feed of a new subscription.
 async fn apply_op(
@@ -556,35 +684,130 @@ async fn apply_op(
                 None,
             ),
         },
+        ClientOp::Ack { id, seqs, upto } => {
+            let Some(handle) = durable_of(subs, &id) else {
+                return (not_durable(subs, &id), None);
+            };
+            match (seqs, upto) {
+                (Some(seqs), None) => {
+                    handle.ack(&seqs);
+                }
+                (None, Some(upto)) => {
+                    handle.ack_upto(upto);
+                }
+                _ => {
+                    return (
+                        error_frame("bad_request", "ack takes either seqs or upto", Some(&id)),
+                        None,
+                    )
+                }
+            }
+            // Acks are not answered: a consumer acking every event would double the traffic.
+            (String::new(), None)
+        }
+        ClientOp::Nak { id, seq, delay } => {
+            let Some(handle) = durable_of(subs, &id) else {
+                return (not_durable(subs, &id), None);
+            };
+            let delay = match delay.as_ref().map(|d| parse_duration("delay", d)) {
+                None => std::time::Duration::ZERO,
+                Some(Ok(d)) if d <= durable::MAX_NAK_DELAY => d,
+                Some(Ok(_)) => {
+                    return (
+                        error_frame("bad_request", "delay must be at most 24h", Some(&id)),
+                        None,
+                    )
+                }
+                Some(Err(m)) => return (error_frame("bad_request", m, Some(&id)), None),
+            };
+            match handle.nak(seq, delay) {
+                Ok(()) => (String::new(), None),
+                Err(e) => (error_frame("not_acked", e.to_string(), Some(&id)), None),
+            }
+        }
         ClientOp::Subscribe {
             id,
             filter,
             from,
             epoch,
+            durable: Some(name),
+            ack_wait,
+            max_unacked,
+            max_deliver,
         } => {
             if let Err(frame) = check_id(&id) {
                 return (frame, None);
             }
             let key = sub_key(&id);
-            if subs.by_key.len() >= MAX_SUBSCRIPTIONS {
+            if let Err(frame) = room_for(subs, &key, &id) {
+                return (frame, None);
+            }
+            let start = match from.as_ref().map(|f| parse_start(Some(f))) {
+                None => None,
+                Some(Ok(s)) => Some(s),
+                Some(Err(m)) => return (error_frame("bad_request", m, Some(&id)), None),
+            };
+            if epoch.is_some() {
                 return (
                     error_frame(
-                        "too_many_subscriptions",
-                        format!("at most {MAX_SUBSCRIPTIONS} per connection"),
+                        "bad_request",
+                        "a durable subscription takes no epoch: the bridge keeps its cursor",
                         Some(&id),
                     ),
                     None,
                 );
             }
-            if subs.by_key.contains_key(&key) {
-                return (
-                    error_frame(
-                        "duplicate_subscription",
-                        "a subscription with this id exists",
-                        Some(&id),
-                    ),
-                    None,
-                );
+            let ack_wait = match ack_wait.as_ref().map(|w| parse_duration("ack_wait", w)) {
+                None => None,
+                Some(Ok(w)) => Some(w),
+                Some(Err(m)) => return (error_frame("bad_request", m, Some(&id)), None),
+            };
+            let req = DurableRequest {
+                name,
+                start,
+                ack_wait,
+                max_deliver,
+                max_unacked,
+            };
+            match hub
+                .durables
+                .subscribe(hub, consumer, &filter, &req, slow)
+                .await
+            {
+                Ok(sub) => {
+                    debug!(consumer = %consumer.name, subscription = %key, durable = %req.name, "durable subscribed");
+                    subs.generations += 1;
+                    let generation = subs.generations;
+                    subs.by_key.insert(
+                        key.clone(),
+                        Sub {
+                            durable: Some(sub.handle),
+                            stop: None,
+                            id_json: Arc::from(key.as_str()),
+                            generation,
+                        },
+                    );
+                    (
+                        json!({"op": "subscribed", "id": id, "durable": req.name, "acked": sub.acked, "pending": sub.pending}).to_string(),
+                        Some((key, generation, Source::Durable(sub.events))),
+                    )
+                }
+                Err(r) => (error_frame(r.code, r.message, Some(&id)), None),
+            }
+        }
+        ClientOp::Subscribe {
+            id,
+            filter,
+            from,
+            epoch,
+            ..
+        } => {
+            if let Err(frame) = check_id(&id) {
+                return (frame, None);
+            }
+            let key = sub_key(&id);
+            if let Err(frame) = room_for(subs, &key, &id) {
+                return (frame, None);
             }
             let (filter, start) = match subscribe_target(&id, &filter, from.as_ref()) {
                 Ok(target) => target,
@@ -606,6 +829,7 @@ async fn apply_op(
                     subs.by_key.insert(
                         key.clone(),
                         Sub {
+                            durable: None,
                             stop,
                             id_json: Arc::from(key.as_str()),
                             generation,
@@ -613,7 +837,7 @@ async fn apply_op(
                     );
                     (
                         json!({"op": "subscribed", "id": id}).to_string(),
-                        Some((key, generation, feed)),
+                        Some((key, generation, Source::Plain(feed))),
                     )
                 }
                 Err(OpenError::Position(e)) => (
@@ -623,6 +847,48 @@ async fn apply_op(
                 Err(OpenError::Store(e)) => (error_frame("unavailable", e, Some(&id)), None),
             }
         }
+    }
+}
+
+/// Whether a new subscription `key` may be added: the `error` frame when the connection
+/// holds its maximum or the id is taken.
+fn room_for(subs: &Subs, key: &str, id: &Value) -> Result<(), String> {
+    if subs.by_key.len() >= MAX_SUBSCRIPTIONS {
+        return Err(error_frame(
+            "too_many_subscriptions",
+            format!("at most {MAX_SUBSCRIPTIONS} per connection"),
+            Some(id),
+        ));
+    }
+    if subs.by_key.contains_key(key) {
+        return Err(error_frame(
+            "duplicate_subscription",
+            "a subscription with this id exists",
+            Some(id),
+        ));
+    }
+    Ok(())
+}
+
+/// The durable hold of subscription `id`, if it is a durable one.
+fn durable_of<'a>(subs: &'a Subs, id: &Value) -> Option<&'a DurableHandle> {
+    subs.by_key.get(&sub_key(id))?.durable.as_ref()
+}
+
+/// The error for an ack or nak naming a subscription that is not durable.
+fn not_durable(subs: &Subs, id: &Value) -> String {
+    if subs.by_key.contains_key(&sub_key(id)) {
+        error_frame(
+            "unknown_durable",
+            "this subscription is not durable: nothing to acknowledge",
+            Some(id),
+        )
+    } else {
+        error_frame(
+            "unknown_subscription",
+            "no subscription with this id",
+            Some(id),
+        )
     }
 }
 
