@@ -486,6 +486,37 @@ impl Durables {
         Ok(())
     }
 
+    /// Acks from outside a connection (`POST /v1/durables/{name}/ack`, for SSE consumers):
+    /// `seqs`, or with `upto` every event up to it that a connection holds.
+    pub fn ack(
+        &self,
+        key: &DurableKey,
+        seqs: Option<&[u64]>,
+        upto: Option<u64>,
+    ) -> Result<AckOutcome, AdminError> {
+        let d = self.get(key)?;
+        let out = {
+            let mut st = lock(&d.state);
+            let mut out = seqs.map(|s| st.ack(s)).unwrap_or_default();
+            if let Some(upto) = upto {
+                let more = st.ack_upto(None, upto);
+                out.acked += more.acked;
+                out.ignored += more.ignored;
+            }
+            out
+        };
+        if out.ignored > 0 {
+            self.stats
+                .acks_ignored
+                .fetch_add(out.ignored, Ordering::Relaxed);
+        }
+        if out.acked > 0 {
+            d.touch();
+            d.wake.notify_one();
+        }
+        Ok(out)
+    }
+
     /// Acks that settled nothing since start (unknown or already acked seqs).
     pub fn acks_ignored(&self) -> u64 {
         self.stats.acks_ignored.load(Ordering::Relaxed)
@@ -608,7 +639,7 @@ impl DurableHandle {
 
     /// Acknowledges every event this connection holds up to `upto`.
     pub fn ack_upto(&self, upto: u64) -> AckOutcome {
-        let out = lock(&self.durable.state).ack_upto(self.conn, upto);
+        let out = lock(&self.durable.state).ack_upto(Some(self.conn), upto);
         self.after_ack(out)
     }
 

@@ -353,12 +353,14 @@ impl DurableState {
         out
     }
 
-    /// Acknowledges every event `conn` holds up to `upto` (never another connection's).
-    pub fn ack_upto(&mut self, conn: ConnId, upto: u64) -> AckOutcome {
+    /// Acknowledges every event `conn` holds up to `upto` (never another connection's);
+    /// with `None`, every held event up to `upto`, whoever holds it (acks from outside a
+    /// connection, as SSE consumers send them).
+    pub fn ack_upto(&mut self, conn: Option<ConnId>, upto: u64) -> AckOutcome {
         let held: Vec<u64> = self
             .outstanding
             .range(..=upto)
-            .filter(|(_, e)| e.holder == Some(conn))
+            .filter(|(_, e)| e.holder.is_some() && (conn.is_none() || e.holder == conn))
             .map(|(s, _)| *s)
             .collect();
         let mut out = self.ack(&held);
@@ -702,7 +704,7 @@ mod tests {
             }
         );
         assert_eq!(
-            d.ack_upto(1, 50),
+            d.ack_upto(Some(1), 50),
             AckOutcome {
                 acked: 0,
                 ignored: 1
@@ -724,7 +726,7 @@ mod tests {
             vec![(1, 1, 1), (2, 2, 1), (1, 3, 1), (2, 4, 1)],
             "round-robin over the connections"
         );
-        assert_eq!(d.ack_upto(1, 4).acked, 2);
+        assert_eq!(d.ack_upto(Some(1), 4).acked, 2);
         assert_eq!(d.floor(), 1);
         assert_eq!(d.outstanding(), 2);
     }
