@@ -338,8 +338,8 @@ pub(super) fn durables(conn: &Connection) -> Result<Vec<SavedDurable>, StoreErro
 /// A binary search over seq, not a scan and not an index on `recv_ms`: `recv_ms` is the
 /// envelope's `recvtime`, stamped by the upstream session when the frame arrives, and ingest
 /// journals events in arrival order through one queue and one writer, so `recv_ms` grows
-/// with seq. That costs about 2·log2(head) primary-key lookups per call (a few dozen even on
-/// a journal of billions), where an index would cost a B-tree insert on every append (the
+/// with seq. That costs about log2(head) primary-key lookups per call (some 30 on a journal
+/// of a billion events), where an index would cost a B-tree insert on every append (the
 /// hot path issue 8 tuned) for a rarely used seek. The order is not strict: events of
 /// concurrent upstream connections interleave within milliseconds, and the wall clock may
 /// step; the search then lands within that disorder, which a seek by time tolerates

@@ -848,20 +848,27 @@ mod tests {
     use crate::storage::embedded::EmbeddedStore;
     use crate::storage::Store;
 
+    /// A store in a fresh file (`name`) whose database refuses the inserts into `table` that
+    /// match `when`: a trigger aborts them, standing in for any failure retrying cannot cure.
+    fn refusing(name: &str, table: &str, when: &str) -> (std::path::PathBuf, Arc<EmbeddedStore>) {
+        let path = temp_db(name);
+        let store = EmbeddedStore::open(&path, Durability::Normal).unwrap();
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch(&format!(
+                "CREATE TRIGGER refuse_bad BEFORE INSERT ON {table} WHEN {when}
+                 BEGIN SELECT RAISE(ABORT, 'refused'); END;"
+            ))
+            .unwrap();
+        (path, store)
+    }
+
     /// An event the database refuses on its own (here a trigger that aborts it, standing in
     /// for any failure retrying cannot cure) is rejected; the events batched with it are
     /// journalled with gapless seqs, and the store stays ready.
     #[tokio::test]
     async fn an_event_refused_on_its_own_is_rejected_and_its_batch_is_journalled() {
-        let path = temp_db("refuse");
-        let store = EmbeddedStore::open(&path, Durability::Normal).unwrap();
-        let other = Connection::open(&path).unwrap();
-        other
-            .execute_batch(
-                "CREATE TRIGGER refuse_bad BEFORE INSERT ON events WHEN NEW.id = 'bad'
-                 BEGIN SELECT RAISE(ABORT, 'refused'); END;",
-            )
-            .unwrap();
+        let (path, store) = refusing("refuse", "events", "NEW.id = 'bad'");
         let out = store
             .append(vec![new("a"), new("bad"), new("b")])
             .await
@@ -1052,15 +1059,7 @@ mod tests {
     #[tokio::test]
     async fn a_durable_save_refused_on_its_own_fails_alone() {
         use crate::storage::embedded::test_support::durable;
-        let path = temp_db("durable-refused");
-        let store = EmbeddedStore::open(&path, Durability::Normal).unwrap();
-        let other = Connection::open(&path).unwrap();
-        other
-            .execute_batch(
-                "CREATE TRIGGER refuse_bad BEFORE INSERT ON durables WHEN NEW.name = 'bad'
-                 BEGIN SELECT RAISE(ABORT, 'refused'); END;",
-            )
-            .unwrap();
+        let (path, store) = refusing("durable-refused", "durables", "NEW.name = 'bad'");
         // Sent together, so that they share commits.
         let none = durable("c", "none", "", 1).key;
         let (good, bad, appended, deleted) = tokio::join!(

@@ -487,7 +487,7 @@ impl NatsStore {
                 READER_CREATE_TIMEOUT,
                 self.events.create_consumer(consumer::pull::OrderedConfig {
                     filter_subject: self.names.events_filter(),
-                    deliver_policy: start.clone(),
+                    deliver_policy: start,
                     ..Default::default()
                 }),
             )
