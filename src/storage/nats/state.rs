@@ -100,9 +100,9 @@ impl Bucket {
 
     /// Every key that has a value, in key order: read through an ephemeral ordered consumer
     /// that delivers the last message of each key (the stream holds only that one anyway),
-    /// until the server says nothing is pending. A key rewritten while the listing runs
-    /// may come twice; its newest value (or absence) wins. The caller bounds how many keys there are
-    /// (e.g. `max_durables` per consumer).
+    /// until the server says nothing is pending. A key rewritten while the listing runs may
+    /// come twice; its newest value (or absence) wins. The caller bounds how many keys there
+    /// are (e.g. `max_durables` per consumer).
     pub async fn entries(&self) -> Result<BTreeMap<String, Entry>, StoreError> {
         let consumer = self
             .stream
