@@ -26,7 +26,6 @@ fn key(path: Result<Path<(String, String)>, PathRejection>) -> Result<DurableKey
 fn failed(e: AdminError) -> Response {
     match e {
         AdminError::Unknown { .. } => error(StatusCode::NOT_FOUND, e.to_string()),
-        AdminError::Position(m) => error(StatusCode::BAD_REQUEST, m),
         AdminError::Store(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
 }

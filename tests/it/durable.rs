@@ -502,15 +502,16 @@ async fn seek_sends_from_the_new_position_and_delete_ends_the_subscription() {
         again.iter().map(|g| g.seq).collect::<Vec<_>>(),
         got[2..].iter().map(|g| g.seq).collect::<Vec<_>>()
     );
-    // Seeking outside the journal is refused.
-    let (status, _) = admin(
+    // Beyond the head: from the next new event (the answer says where).
+    let (status, moved) = admin(
         &bridge,
         reqwest::Method::POST,
         "/v1/admin/durables/worker/seeker/seek",
         Some(json!({"seq": 1_000_000})),
     )
     .await;
-    assert_eq!(status, 400);
+    assert_eq!(status, 200);
+    assert_eq!(moved["seq"], last + 1, "{moved}");
     // By time: from the start of the journal.
     let (status, _) = admin(
         &bridge,

@@ -204,9 +204,6 @@ pub enum AdminError {
         /// The name.
         name: String,
     },
-    /// The seek target is not in the journal.
-    #[error("{0}")]
-    Position(String),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -447,7 +444,8 @@ impl Durables {
         Ok(lock(&self.get(key)?.state).dead_letters())
     }
 
-    /// Moves the durable's cursor; its connections get what follows from there.
+    /// Moves the durable's cursor (kept within the journal); its connections get what follows
+    /// from there. Returns the seq it moved to.
     pub async fn seek(&self, key: &DurableKey, to: SeekTo) -> Result<u64, AdminError> {
         let d = self.get(key)?;
         let pos = self.store.position().await?;
@@ -455,12 +453,9 @@ impl Durables {
             SeekTo::Seq(s) => s,
             SeekTo::Time(ms) => self.store.seq_at(ms).await?,
         };
-        if seq < pos.first || seq > pos.head.saturating_add(1) {
-            return Err(AdminError::Position(format!(
-                "seq {seq} is not in the journal ({}..={})",
-                pos.first, pos.head
-            )));
-        }
+        // Before the oldest retained event: from the oldest; beyond the head: from the next
+        // new event. The answer says where it went.
+        let seq = seq.clamp(pos.first.max(1), pos.head.saturating_add(1));
         lock(&d.state).seek(seq.saturating_sub(1));
         d.moved.fetch_add(1, Ordering::AcqRel);
         d.wake.notify_one();
