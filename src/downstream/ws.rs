@@ -104,6 +104,8 @@ pub async fn upgrade(
 }
 
 /// A client op.
+// A parse result that lives for one frame: the size of `Subscribe` costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Deserialize)]
 #[serde(tag = "op", rename_all = "lowercase")]
 enum ClientOp {

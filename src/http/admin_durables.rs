@@ -18,9 +18,9 @@ use crate::downstream::durable::{AdminError, SeekTo};
 use crate::storage::DurableKey;
 
 /// The `{consumer}/{name}` of a durable route, or the 400 answer.
-fn key(path: Result<Path<(String, String)>, PathRejection>) -> Result<DurableKey, Response> {
+fn key(path: Result<Path<(String, String)>, PathRejection>) -> Result<DurableKey, Box<Response>> {
     path.map(|Path((consumer, name))| DurableKey { consumer, name })
-        .map_err(|e| error(StatusCode::BAD_REQUEST, e.body_text()))
+        .map_err(|e| Box::new(error(StatusCode::BAD_REQUEST, e.body_text())))
 }
 
 fn failed(e: AdminError) -> Response {
@@ -45,7 +45,7 @@ pub(super) async fn dead_letters(
 ) -> Response {
     let key = match key(path) {
         Ok(k) => k,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     match state.hub.durables.dead_letters(&key) {
         Ok(list) => {
@@ -81,7 +81,7 @@ pub(super) async fn seek(
 ) -> Response {
     let key = match key(path) {
         Ok(k) => k,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let to = match body {
         Ok(Json(SeekBody {
@@ -123,7 +123,7 @@ pub(super) async fn replay(
 ) -> Response {
     let key = match key(path) {
         Ok(k) => k,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     match body {
         Ok(Json(ReplayBody { dead: true })) => {}
@@ -146,7 +146,7 @@ pub(super) async fn delete(
 ) -> Response {
     let key = match key(path) {
         Ok(k) => k,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     match state.hub.durables.delete(&key).await {
         Ok(()) => Json(json!({"consumer": key.consumer, "name": key.name, "deleted": true}))
