@@ -32,6 +32,9 @@ fn failed(e: AdminError) -> Response {
 
 /// `GET /v1/admin/durables`.
 pub(super) async fn list(State(state): State<Arc<AppState>>) -> Response {
+    if let Err(e) = state.hub.durables.refresh().await {
+        return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
+    }
     match state.store.position().await {
         Ok(pos) => Json(json!({ "durables": state.hub.durables.list(pos.head) })).into_response(),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
@@ -47,7 +50,7 @@ pub(super) async fn dead_letters(
         Ok(k) => k,
         Err(r) => return *r,
     };
-    match state.hub.durables.dead_letters(&key) {
+    match state.hub.durables.dead_letters(&key).await {
         Ok(list) => {
             let list: Vec<_> = list
                 .iter()
