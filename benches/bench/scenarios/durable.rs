@@ -226,10 +226,17 @@ async fn durable_run(dur: Duration) -> Res<DurableRun> {
     let srv = start_server(System::Wsbridge, &pushers, None).await?;
     let shared = Arc::new(Shared::default());
     let stop = CancellationToken::new();
+    // Worker 0 is closed on its own (the drop whose redelivery is measured).
+    let drop0 = stop.child_token();
     let mut handles = Vec::new();
     for idx in 0..WORKERS {
         let ws = connect_durable(srv.addr).await?;
-        handles.push(tokio::spawn(worker(ws, idx, shared.clone(), stop.clone())));
+        let own = if idx == 0 {
+            drop0.clone()
+        } else {
+            stop.clone()
+        };
+        handles.push(tokio::spawn(worker(ws, idx, shared.clone(), own)));
     }
     let push_stop = CancellationToken::new();
     let drivers = drive_all(&pushers, &Pace::Full, &push_stop);
@@ -247,7 +254,8 @@ async fn durable_run(dur: Duration) -> Res<DurableRun> {
     let first = handles.next();
     let redelivery_ms = match (full, first) {
         (Ok(()), Some(h0)) => {
-            h0.abort();
+            // The worker returns and its socket is dropped (closed without a goodbye).
+            drop0.cancel();
             let _ = h0.await;
             let dropped = Instant::now();
             let held: Vec<u64> = shared

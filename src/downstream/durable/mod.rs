@@ -946,6 +946,9 @@ async fn pump(d: Arc<Durable>, hub: Arc<Hub>, allow: Arc<Filter>) {
     let mut heartbeat = tokio::time::interval(d.heartbeat);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     heartbeat.tick().await;
+    // The save in progress: saves run beside the pump (one at a time, each of the newest
+    // state), so handing out events never waits for the store's commit.
+    let mut saving: Option<tokio::task::JoinHandle<()>> = None;
     loop {
         requeue_wanted(&d, &store).await;
         let now = now_ms();
@@ -955,8 +958,13 @@ async fn pump(d: Arc<Durable>, hub: Arc<Hub>, allow: Arc<Filter>) {
             (st.dispatch(now), st.next_timer())
         };
         deliver(&d, sends);
-        if let Err(e) = d.save_if(&store, false).await {
-            warn!(consumer = %d.key.consumer, durable = %d.key.name, error = %e, "cannot save the durable's state; retrying with the next change");
+        if saving.is_none() && lock(&d.state).dirty() {
+            let (d, store) = (d.clone(), store.clone());
+            saving = Some(tokio::spawn(async move {
+                if let Err(e) = d.save_if(&store, false).await {
+                    warn!(consumer = %d.key.consumer, durable = %d.key.name, error = %e, "cannot save the durable's state; retrying with the next change");
+                }
+            }));
         }
         if d.deleted.is_cancelled() {
             break;
@@ -1011,6 +1019,9 @@ async fn pump(d: Arc<Durable>, hub: Arc<Hub>, allow: Arc<Filter>) {
         tokio::select! {
             _ = d.wake.notified() => {}
             _ = d.deleted.cancelled() => {}
+            _ = async { if let Some(h) = saving.as_mut() { let _ = h.await; } }, if saving.is_some() => {
+                saving = None;
+            }
             _ = heartbeat.tick() => {
                 d.touch();
                 if let Err(e) = d.save_if(&store, true).await {
@@ -1036,6 +1047,9 @@ async fn pump(d: Arc<Durable>, hub: Arc<Hub>, allow: Arc<Filter>) {
                 }
             }
         }
+    }
+    if let Some(h) = saving {
+        let _ = h.await;
     }
     let _ = d.save_if(&store, false).await;
 }

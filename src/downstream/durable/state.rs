@@ -489,6 +489,11 @@ impl DurableState {
         Some(self.snapshot())
     }
 
+    /// Whether the state changed since the last [`DurableState::checkpoint`].
+    pub fn dirty(&self) -> bool {
+        self.dirty
+    }
+
     /// Marks the state as changed (a save failed: it must be saved again).
     pub fn mark_dirty(&mut self) {
         self.dirty = true;
