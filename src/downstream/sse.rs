@@ -8,6 +8,18 @@
 //! `event: error` (`slow consumer`) and the stream ends; it reconnects with `Last-Event-ID`.
 //! So does one that does not read its replay (see [`super::budget`]). A token that holds
 //! `limits.max_connections_per_token` connections already is refused with 429.
+//!
+//! **Durable** (`?durable=NAME`, README "Durable subscriptions over SSE"): the bridge keeps the
+//! cursor, so `Last-Event-ID` is ignored and `from` applies only when the durable is created;
+//! `ack_wait`, `max_deliver` and `max_unacked` are query parameters as in the `/v1/ws`
+//! subscribe. The stream starts with `event: subscribed` (`{"durable","acked","pending"}`),
+//! then each event is `id: <seq>` and one `data:` line with the object the WebSocket event
+//! frame carries, `{"seq":42,"delivery":1,"event":<envelope>}`: every event, redelivered or
+//! not, is a default (`message`) event, so a client listening for messages alone misses none,
+//! and the delivery count is there for all. The client acknowledges with
+//! `POST /v1/durables/{name}/ack` ([`ack`]). The stream ends with `event: error`
+//! (`unknown_durable: ...`) when the durable is deleted. A refusal of the subscribe is a JSON
+//! 4xx/503 with the `/v1/ws` error code.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -17,11 +29,12 @@ use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use futures_util::stream;
+use futures_util::{stream, StreamExt};
 use serde_json::json;
 
+use super::durable::{Delivery, DurableHandle, DurableRequest};
 use super::subscription::{self, FeedControl, FeedEnd, FeedItem, OpenError, Start};
-use super::Hub;
+use super::{Consumer, Hub};
 use crate::routing::{Filter, FilterConfig};
 
 /// Query parameters of `/v1/events`, each list accepting commas and repeats.
@@ -30,6 +43,11 @@ struct SseQuery {
     token: Option<String>,
     filter: FilterConfig,
     from: Option<String>,
+    /// A durable subscription's name (absent: a plain stream).
+    durable: Option<String>,
+    ack_wait: Option<String>,
+    max_deliver: Option<String>,
+    max_unacked: Option<String>,
 }
 
 fn parse_query(raw: Option<&str>) -> SseQuery {
@@ -48,6 +66,10 @@ fn parse_query(raw: Option<&str>) -> SseQuery {
             "types" => q.filter.types.extend(list(&v)),
             "subjects" => q.filter.subjects.extend(list(&v)),
             "from" => q.from = Some(v.into_owned()),
+            "durable" => q.durable = Some(v.into_owned()),
+            "ack_wait" => q.ack_wait = Some(v.into_owned()),
+            "max_deliver" => q.max_deliver = Some(v.into_owned()),
+            "max_unacked" => q.max_unacked = Some(v.into_owned()),
             _ => {}
         }
     }
@@ -90,9 +112,13 @@ pub async fn stream(
             return bad(StatusCode::BAD_REQUEST, "bad_pattern", msg);
         }
     };
+    if let Some(name) = q.durable.clone() {
+        // The bridge keeps a durable's cursor: Last-Event-ID means nothing here.
+        return durable_stream(hub, consumer, slot, q, name).await;
+    }
     let last_event_id = headers.get("last-event-id").and_then(|v| v.to_str().ok());
-    let start = match (last_event_id, q.from.as_deref()) {
-        (Some(id), _) => match id.trim().parse::<u64>() {
+    let start = match last_event_id {
+        Some(id) => match id.trim().parse::<u64>() {
             Ok(seq) => Start::Seq(seq.saturating_add(1)),
             Err(_) => {
                 return bad(
@@ -102,17 +128,9 @@ pub async fn stream(
                 )
             }
         },
-        (None, None | Some("latest")) => Start::Latest,
-        (None, Some("earliest")) => Start::Earliest,
-        (None, Some(s)) => match s.parse::<u64>() {
-            Ok(seq) if seq > 0 => Start::Seq(seq),
-            _ => {
-                return bad(
-                    StatusCode::BAD_REQUEST,
-                    "bad_request",
-                    format!("from={s:?}: use latest, earliest or a seq"),
-                )
-            }
+        None => match parse_from(q.from.as_deref()) {
+            Ok(start) => start,
+            Err(m) => return bad(StatusCode::BAD_REQUEST, "bad_request", m),
         },
     };
     let budget = hub.replay.connection();
@@ -239,6 +257,277 @@ pub async fn stream(
                 .text("keep-alive"),
         )
         .into_response()
+}
+
+/// `from` as a query parameter: absent or `latest`, `earliest`, or a positive seq; otherwise
+/// what is wrong (a `bad_request`).
+fn parse_from(from: Option<&str>) -> Result<Start, String> {
+    match from {
+        None | Some("latest") => Ok(Start::Latest),
+        Some("earliest") => Ok(Start::Earliest),
+        Some(s) => match s.parse::<u64>() {
+            Ok(seq) if seq > 0 => Ok(Start::Seq(seq)),
+            _ => Err(format!("from={s:?}: use latest, earliest or a seq")),
+        },
+    }
+}
+
+/// A number query parameter, or what is wrong with it.
+fn parse_number<T: std::str::FromStr>(what: &str, v: Option<&str>) -> Result<Option<T>, String> {
+    v.map(|t| {
+        t.trim()
+            .parse::<T>()
+            .map_err(|_| format!("{what}={t:?} is not a number"))
+    })
+    .transpose()
+}
+
+/// `ack_wait` as a query parameter: a duration like `30s` or `250ms`, or a number of
+/// milliseconds (as on `/v1/ws`); otherwise what is wrong.
+fn parse_ack_wait(v: Option<&str>) -> Result<Option<Duration>, String> {
+    v.map(|t| {
+        let t = t.trim();
+        t.parse::<u64>()
+            .map(Duration::from_millis)
+            .or_else(|_| humantime::parse_duration(t))
+            .map_err(|_| format!("ack_wait={t:?}: a duration like \"30s\" or milliseconds"))
+    })
+    .transpose()
+}
+
+/// The HTTP status of a refused durable subscribe, by its `/v1/ws` error code.
+fn refused_status(code: &str) -> StatusCode {
+    match code {
+        "durable_mismatch" | "unrecoverable_position" => StatusCode::CONFLICT,
+        "too_many_durables" => StatusCode::TOO_MANY_REQUESTS,
+        "unavailable" => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::BAD_REQUEST,
+    }
+}
+
+/// The durable subscription's request from the query, or what is wrong (a `bad_request`).
+fn durable_request(q: &SseQuery, name: String) -> Result<DurableRequest, String> {
+    let start = match q.from.as_deref() {
+        None => None,
+        from => Some(parse_from(from)?),
+    };
+    Ok(DurableRequest {
+        name,
+        start,
+        ack_wait: parse_ack_wait(q.ack_wait.as_deref())?,
+        max_deliver: parse_number("max_deliver", q.max_deliver.as_deref())?,
+        max_unacked: parse_number("max_unacked", q.max_unacked.as_deref())?,
+    })
+}
+
+/// `data` of a durable event: `{"seq":<seq>,"delivery":<n>,"event":<envelope>}` around the
+/// journal's serialised envelope (the members of the `/v1/ws` event frame).
+fn durable_data(seq: u64, delivery: u32, envelope: &str) -> String {
+    use std::fmt::Write as _;
+    let mut data = String::with_capacity(envelope.len() + 48);
+    // Writing into a String cannot fail.
+    let _ = write!(data, r#"{{"seq":{seq},"delivery":{delivery},"event":"#);
+    data.push_str(envelope);
+    data.push('}');
+    data
+}
+
+/// `GET /v1/events?durable=NAME`: attaches this stream to the durable (see the module doc).
+async fn durable_stream(
+    hub: Arc<Hub>,
+    consumer: Arc<Consumer>,
+    slot: super::ConnectionSlot,
+    q: SseQuery,
+    name: String,
+) -> Response {
+    let req = match durable_request(&q, name) {
+        Ok(req) => req,
+        Err(m) => return bad(StatusCode::BAD_REQUEST, "bad_request", m),
+    };
+    let slow = tokio_util::sync::CancellationToken::new();
+    let sub = match hub
+        .durables
+        .subscribe(&hub, &consumer, &q.filter, &req, &slow)
+        .await
+    {
+        Ok(sub) => sub,
+        Err(r) => return bad(refused_status(r.code), r.code, r.message),
+    };
+    tracing::debug!(consumer = %consumer.name, durable = %req.name, "durable SSE stream attached");
+    let subscribed = Event::default()
+        .event("subscribed")
+        .data(json!({"durable": req.name, "acked": sub.acked, "pending": sub.pending}).to_string());
+    // The durable detaches a connection that cannot take its events (and gives them to the
+    // others); a watcher counts that at once, even while the stream is not polled.
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn({
+        let (slow, stop, hub, consumer) =
+            (slow.clone(), stop.clone(), hub.clone(), consumer.clone());
+        async move {
+            tokio::select! {
+                _ = slow.cancelled() => {
+                    hub.stats
+                        .slow_disconnects
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::info!(consumer = %consumer.name, "closing a slow durable SSE consumer");
+                }
+                _ = stop.cancelled() => {}
+            }
+        }
+    });
+    let state = DurableAlive {
+        events: sub.events,
+        _handle: sub.handle,
+        _guard: hub.session(),
+        _slot: slot,
+        _stop: stop.drop_guard(),
+        revoked: consumer.revoked.clone(),
+        slow,
+        hub,
+    };
+    let events = stream::unfold(Some(state), |alive| async move {
+        // Dropping `alive` (the end of the stream, or the client gone) detaches the
+        // connection: what it holds unacknowledged goes to another one at once.
+        let mut alive = alive?;
+        let end = |message: &str| Some((Ok(Event::default().event("error").data(message)), None));
+        tokio::select! {
+            biased;
+            d = alive.events.recv() => match d {
+                Some(d) => {
+                    let event = alive.event(&d);
+                    Some((Ok::<_, Infallible>(event), Some(alive)))
+                }
+                None => end("unknown_durable: the durable was deleted"),
+            },
+            _ = alive.slow.cancelled() => end("slow consumer"),
+            _ = alive.hub.shutdown.cancelled() => None,
+            _ = alive.revoked.cancelled() => end("consumer configuration changed"),
+        }
+    });
+    let events = stream::once(async move { Ok(subscribed) }).chain(events);
+    Sse::new(events)
+        .keep_alive(
+            KeepAlive::new()
+                .interval(Duration::from_secs(15))
+                .text("keep-alive"),
+        )
+        .into_response()
+}
+
+/// What lives as long as a durable stream: its events, its hold on the durable (detached when
+/// dropped), the session count, the connection's place and what ends the stream.
+struct DurableAlive {
+    events: tokio::sync::mpsc::Receiver<Delivery>,
+    _handle: DurableHandle,
+    _guard: super::SessionGuard,
+    _slot: super::ConnectionSlot,
+    _stop: tokio_util::sync::DropGuard,
+    revoked: tokio_util::sync::CancellationToken,
+    slow: tokio_util::sync::CancellationToken,
+    hub: Arc<Hub>,
+}
+
+impl DurableAlive {
+    /// The SSE event of one delivery, traced and counted.
+    fn event(&self, d: &Delivery) -> Event {
+        let text = std::str::from_utf8(&d.bytes).unwrap_or("null");
+        // Ends as the event is handed to the response stream.
+        let _span = self.hub.trace_send("sse", d.seq, text);
+        self.hub
+            .stats
+            .frames_sent
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Event::default()
+            .id(d.seq.to_string())
+            .data(durable_data(d.seq, d.delivery, text))
+    }
+}
+
+/// The body of `POST /v1/durables/{name}/ack`: exactly one of `seqs` and `upto`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AckBody {
+    #[serde(default)]
+    seqs: Option<Vec<u64>>,
+    #[serde(default)]
+    upto: Option<u64>,
+}
+
+/// `POST /v1/durables/{name}/ack`: acknowledges events of the consumer's durable `name`, for
+/// SSE consumers (which cannot send on their stream). Same authentication as
+/// `/v1/events`. Body `{"seqs":[..]}` (any connection's events: one may finish what went to
+/// another after its ack deadline) or `{"upto":n}` (every event up to `n` that any connection
+/// of the durable holds: for a durable read by one stream at a time; with several, ack by
+/// `seqs`). Answers 200 `{"acked":n,"ignored":m}` (unknown and already acknowledged seqs are
+/// ignored and counted, never an error), 401 for an unknown token, 404 for a durable this
+/// consumer does not have, 400 for a bad body; errors are JSON `{"code","message"}`.
+pub async fn ack(
+    State(hub): State<Arc<Hub>>,
+    headers: HeaderMap,
+    path: Result<axum::extract::Path<String>, axum::extract::rejection::PathRejection>,
+    RawQuery(raw): RawQuery,
+    body: axum::body::Bytes,
+) -> Response {
+    let q = parse_query(raw.as_deref());
+    let Some(consumer) = hub.authenticate(&headers, q.token.as_deref()) else {
+        return bad(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "unknown or missing consumer token".into(),
+        );
+    };
+    let name = match path {
+        Ok(axum::extract::Path(name)) => name,
+        Err(e) => return bad(StatusCode::BAD_REQUEST, "bad_request", e.body_text()),
+    };
+    let body = match serde_json::from_slice::<AckBody>(&body) {
+        Ok(b) => b,
+        Err(e) => {
+            return bad(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("body: {e}; expected {{\"seqs\":[..]}} or {{\"upto\":n}}"),
+            )
+        }
+    };
+    let (seqs, upto) = match (body.seqs, body.upto) {
+        (Some(seqs), None) if seqs.len() > hub.max_ack_seqs => {
+            return bad(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!(
+                    "at most {} seqs per ack (limits.max_unacked)",
+                    hub.max_ack_seqs
+                ),
+            )
+        }
+        (Some(seqs), None) => (Some(seqs), None),
+        (None, Some(upto)) => (None, Some(upto)),
+        _ => {
+            return bad(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "ack takes either seqs or upto".into(),
+            )
+        }
+    };
+    let key = crate::storage::DurableKey {
+        consumer: consumer.name.to_string(),
+        name,
+    };
+    match hub.durables.ack(&key, seqs.as_deref(), upto) {
+        Ok(out) => axum::Json(json!({"acked": out.acked, "ignored": out.ignored})).into_response(),
+        Err(super::durable::AdminError::Unknown { .. }) => bad(
+            StatusCode::NOT_FOUND,
+            "unknown_durable",
+            format!("this consumer has no durable {:?}", key.name),
+        ),
+        Err(e) => bad(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            e.to_string(),
+        ),
+    }
 }
 
 /// What lives as long as the stream: the session count, the connection's place, the replay task

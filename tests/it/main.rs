@@ -15,6 +15,7 @@ mod delivery;
 mod dialect_caps;
 mod dialects;
 mod downstream;
+mod durable_sse;
 mod golden;
 mod hardening;
 mod kraken;
