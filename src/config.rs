@@ -585,10 +585,10 @@ impl LimitsConfig {
         if !(1..=1_000_000).contains(&self.max_unacked) {
             out.push(("max_unacked", "must be between 1 and 1000000".to_string()));
         }
-        if !(Duration::from_secs(60)..=Duration::from_secs(365 * 24 * 3600))
+        if !(Duration::from_secs(1)..=Duration::from_secs(365 * 24 * 3600))
             .contains(&self.durable_ttl)
         {
-            out.push(("durable_ttl", "must be between 1m and 365d".to_string()));
+            out.push(("durable_ttl", "must be between 1s and 365d".to_string()));
         }
         if !(1..=1_000_000).contains(&self.durable_dead_letters) {
             out.push((

@@ -1,5 +1,5 @@
 //! The admin API under `/v1/admin/` (README, "Admin API"): what operators use to see and steer
-//! upstreams and webhook deliveries.
+//! upstreams, webhook deliveries and durable subscriptions ([`super::admin_durables`]).
 //!
 //! Authentication is `Authorization: Bearer <server.admin_token>` (401 otherwise, compared in
 //! constant time); with no admin token configured the whole API is off and answers 404.
@@ -29,11 +29,28 @@ pub(super) fn routes(state: Arc<AppState>) -> Router<Arc<AppState>> {
         .route("/v1/admin/webhooks/{name}/deliveries", get(deliveries))
         .route("/v1/admin/webhooks/{name}/replay", post(replay))
         .route("/v1/admin/webhooks/{name}/enable", post(enable))
+        .route("/v1/admin/durables", get(super::admin_durables::list))
+        .route(
+            "/v1/admin/durables/{consumer}/{name}",
+            axum::routing::delete(super::admin_durables::delete),
+        )
+        .route(
+            "/v1/admin/durables/{consumer}/{name}/dead-letters",
+            get(super::admin_durables::dead_letters),
+        )
+        .route(
+            "/v1/admin/durables/{consumer}/{name}/seek",
+            post(super::admin_durables::seek),
+        )
+        .route(
+            "/v1/admin/durables/{consumer}/{name}/replay",
+            post(super::admin_durables::replay),
+        )
         .route_layer(axum::middleware::from_fn_with_state(state, require_admin))
 }
 
 /// A JSON error answer.
-fn error(status: StatusCode, message: impl Into<String>) -> Response {
+pub(super) fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({"error": message.into()}))).into_response()
 }
 

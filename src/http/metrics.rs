@@ -285,7 +285,7 @@ pub async fn render(state: &AppState) -> String {
         true => state.store.position().await.ok(),
         false => None,
     };
-    if let Some(pos) = position {
+    if let Some(pos) = &position {
         gauge(
             &mut r,
             "journal_head_seq",
@@ -293,6 +293,7 @@ pub async fn render(state: &AppState) -> String {
             i64::try_from(pos.head).unwrap_or(i64::MAX),
         );
     }
+    durable_metrics(&mut r, state, position.as_ref().map(|p| p.head));
     if let Some(bytes) = state.store.size_bytes() {
         gauge(
             &mut r,
@@ -499,6 +500,63 @@ pub async fn render(state: &AppState) -> String {
         out.clear();
     }
     out
+}
+
+/// Durable subscriptions: per durable its lag, pending and redeliveries (when the journal's
+/// head is known), and the bridge-wide ack and expiry counters.
+fn durable_metrics(r: &mut Registry, state: &AppState, head: Option<u64>) {
+    let durables = &state.hub.durables;
+    let i = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    if let Some(head) = head {
+        let list = durables.list(head);
+        let key = |d: &crate::downstream::durable::DurableInfo| {
+            labels(&[("consumer", &d.consumer), ("durable", &d.name)])
+        };
+        gauge_family(
+            r,
+            "durable_lag",
+            "Journal head less the durable's acked floor (events it is behind)",
+            list.iter().map(|d| (key(d), i(d.lag))).collect(),
+        );
+        gauge_family(
+            r,
+            "durable_pending",
+            "Events after the durable's floor not acknowledged yet (unread journal events counted as pending)",
+            list.iter().map(|d| (key(d), i(d.pending))).collect(),
+        );
+        gauge_family(
+            r,
+            "durable_connections",
+            "Connections attached to the durable now",
+            list.iter()
+                .map(|d| (key(d), d.connections as i64))
+                .collect(),
+        );
+        gauge_family(
+            r,
+            "durable_dead_letters",
+            "Dead letters the durable keeps (events not acked after max_deliver deliveries)",
+            list.iter().map(|d| (key(d), d.dead as i64)).collect(),
+        );
+        counter_family(
+            r,
+            "durable_redeliveries",
+            "Events sent again (ack_wait passed, nak, or the holding connection closed) since start",
+            list.iter().map(|d| (key(d), d.redeliveries)).collect(),
+        );
+    }
+    counter(
+        r,
+        "durable_acks_ignored",
+        "Acks for seqs that were not outstanding (unknown, already acked, or from before a seek)",
+        durables.acks_ignored(),
+    );
+    counter(
+        r,
+        "durables_expired",
+        "Durables deleted after limits.durable_ttl without activity",
+        durables.expired(),
+    );
 }
 
 /// The Prometheus text format (0.0.4) of an OpenMetrics exposition from [`render`]: a

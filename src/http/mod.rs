@@ -11,6 +11,7 @@
 //! and nothing depends on them.
 
 mod admin;
+mod admin_durables;
 pub mod metrics;
 pub mod openapi;
 pub mod server;

@@ -82,12 +82,27 @@ async fn summary(state: &AppState) -> Value {
         }
         webhooks.push(v);
     }
-    let journal = match &unavailable {
-        Some(why) => json!({"error": why}),
-        None => match state.store.position().await {
-            Ok(p) => json!({"head": p.head, "first": p.first, "epoch": p.epoch}),
-            Err(e) => json!({"error": e.to_string()}),
-        },
+    let position = match &unavailable {
+        Some(why) => Err(why.clone()),
+        None => state.store.position().await.map_err(|e| e.to_string()),
+    };
+    let journal = match &position {
+        Ok(p) => json!({"head": p.head, "first": p.first, "epoch": p.epoch}),
+        Err(why) => json!({"error": why}),
+    };
+    // Each durable's progress (its filter and timings are on the admin API).
+    let durables: Vec<Value> = match &position {
+        Ok(p) => state
+            .hub
+            .durables
+            .list(p.head)
+            .into_iter()
+            .map(|d| {
+                json!({"consumer": d.consumer, "name": d.name, "acked": d.acked, "lag": d.lag,
+                       "pending": d.pending, "connections": d.connections, "dead": d.dead})
+            })
+            .collect(),
+        Err(_) => Vec::new(),
     };
     json!({
         "version": env!("CARGO_PKG_VERSION"),
@@ -99,6 +114,7 @@ async fn summary(state: &AppState) -> Value {
         "upstreams": upstreams,
         "webhooks": webhooks,
         "consumers": state.hub.counters(),
+        "durables": durables,
     })
 }
 

@@ -15,6 +15,7 @@ mod delivery;
 mod dialect_caps;
 mod dialects;
 mod downstream;
+mod durable;
 mod durable_sse;
 mod golden;
 mod hardening;

@@ -1049,3 +1049,112 @@ async fn a_lease_holder_whose_renewal_hangs_gives_the_upstream_up_before_the_lea
         "the holder gave the upstream up {after:?} after NATS froze; the lease may expire after {ttl:?}"
     );
 }
+
+/// A saved durable of `consumer` named `name`.
+fn saved_durable(
+    consumer: &str,
+    name: &str,
+    state: &'static [u8],
+    keep_from: u64,
+) -> wsbridge::storage::SavedDurable {
+    wsbridge::storage::SavedDurable {
+        key: wsbridge::storage::DurableKey {
+            consumer: consumer.into(),
+            name: name.into(),
+        },
+        state: bytes::Bytes::from_static(state),
+        keep_from,
+    }
+}
+
+/// Durables saved on one instance are listed on another (key order, names with characters
+/// a subject cannot hold, state byte for byte); a save replaces, a delete removes and says
+/// whether there was anything to remove.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durables_are_saved_replaced_listed_and_deleted_across_instances() {
+    let (prefix, a) = bare_store("durables").await;
+    let b = store_on(&prefix).await;
+    let (a, b) = (a.as_ref(), b.as_ref());
+    assert!(Store::durables(a).await.expect("list").is_empty());
+    let odd = saved_durable("a.b", "x *>", &[0, 255, 1], 3);
+    for d in [
+        saved_durable("b", "sync", b"s1", 7),
+        odd.clone(),
+        saved_durable("a", "sync", b"", 1),
+    ] {
+        Store::save_durable(a, d).await.expect("save");
+    }
+    Store::save_durable(b, saved_durable("b", "sync", b"s2", 9))
+        .await
+        .expect("replace from the other instance");
+    let expected = vec![
+        saved_durable("a", "sync", b"", 1),
+        odd.clone(),
+        saved_durable("b", "sync", b"s2", 9),
+    ];
+    assert_eq!(Store::durables(a).await.expect("list"), expected);
+    assert_eq!(Store::durables(b).await.expect("list"), expected);
+
+    assert!(Store::delete_durable(b, &odd.key).await.expect("delete"));
+    assert!(!Store::delete_durable(a, &odd.key).await.expect("delete"));
+    let names = |list: Vec<wsbridge::storage::SavedDurable>| {
+        list.into_iter()
+            .map(|d| (d.key.consumer, d.key.name))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        names(Store::durables(a).await.expect("list")),
+        [("a".into(), "sync".into()), ("b".into(), "sync".into())]
+    );
+
+    // Many keys: the listing reads until the server has nothing pending.
+    for i in 0..40 {
+        Store::save_durable(a, saved_durable("many", &format!("d{i:02}"), b"x", i))
+            .await
+            .expect("save");
+    }
+    let listed = Store::durables(b).await.expect("list");
+    assert_eq!(listed.len(), 42);
+    assert_eq!(
+        listed
+            .iter()
+            .filter(|d| d.key.consumer == "many")
+            .map(|d| d.keep_from)
+            .collect::<Vec<_>>(),
+        (0..40).collect::<Vec<_>>()
+    );
+    cleanup(SHARED_NATS, &prefix).await;
+}
+
+/// A seek by time finds the first message the journal stored at or after the time: head + 1
+/// on an empty journal and past the head, and the first retained message once the stream's
+/// limits removed older ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seq_at_seeks_the_journal_by_the_time_it_stored_each_event() {
+    let (prefix, store) = bare_store("seqat").await;
+    let s = store.as_ref();
+    let now_ms = || chrono::Utc::now().timestamp_millis();
+    assert_eq!(Store::seq_at(s, now_ms()).await.expect("seek"), 1);
+    let early = append_routed(s, 0..2, "none").await;
+    // A millisecond that starts after both were stored.
+    let stored_by = now_ms();
+    eventually("the clock moves on", LONG, || async {
+        (now_ms() > stored_by).then_some(())
+    })
+    .await;
+    let mid = now_ms();
+    let late = append_routed(s, 2..3, "none").await;
+    assert_eq!(Store::seq_at(s, 0).await.expect("seek"), early[0]);
+    assert_eq!(Store::seq_at(s, i64::MIN).await.expect("seek"), early[0]);
+    assert_eq!(Store::seq_at(s, mid).await.expect("seek"), late[0]);
+    let head = late[0];
+    assert_eq!(
+        Store::seq_at(s, now_ms() + 3_600_000).await.expect("seek"),
+        head + 1
+    );
+    assert_eq!(Store::seq_at(s, i64::MAX).await.expect("seek"), head + 1);
+
+    update_events_stream(&prefix, |c| c.max_messages = 1).await;
+    assert_eq!(Store::seq_at(s, 0).await.expect("seek"), head);
+    cleanup(SHARED_NATS, &prefix).await;
+}

@@ -12,7 +12,7 @@ use serde_json::json;
 use wsbridge::envelope::Envelope;
 use wsbridge::storage::config::Durability;
 use wsbridge::storage::embedded::EmbeddedStore;
-use wsbridge::storage::{Appended, DeliveryState, NewEvent, Store};
+use wsbridge::storage::{Appended, DeliveryState, DurableKey, NewEvent, SavedDurable, Store};
 
 /// The fixture's epoch, as 0.5.0 created it.
 const EPOCH: &str = "fixture-epoch";
@@ -125,4 +125,18 @@ async fn a_journal_written_by_0_5_0_opens_with_its_events_deliveries_and_dedup()
     // And it opens again, as the current schema now.
     let store = EmbeddedStore::open(&path, Durability::Normal).expect("reopens");
     assert_eq!(store.position().await.expect("position").head, 6);
+
+    // The migrated file keeps durable consumers, as a new one does.
+    assert!(store.durables().await.expect("durables").is_empty());
+    let saved = SavedDurable {
+        key: DurableKey {
+            consumer: "all".into(),
+            name: "billing".into(),
+        },
+        state: bytes::Bytes::from_static(b"state"),
+        keep_from: 2,
+    };
+    store.save_durable(saved.clone()).await.expect("save");
+    assert_eq!(store.durables().await.expect("durables"), vec![saved]);
+    assert_eq!(store.seq_at(0).await.expect("seek"), 1);
 }

@@ -41,8 +41,9 @@ use tracing::info;
 
 use super::config::Durability;
 use super::{
-    Appended, AttemptRecord, DeliveryCounts, DeliveryInfo, DeliveryState, DueDelivery,
-    JournalPosition, NewEvent, NextStep, ReplaySelection, Store, StoreError, StoredEvent,
+    Appended, AttemptRecord, DeliveryCounts, DeliveryInfo, DeliveryState, DueDelivery, DurableKey,
+    JournalPosition, NewEvent, NextStep, ReplaySelection, SavedDurable, Store, StoreError,
+    StoredEvent,
 };
 use queries::Readers;
 use writer::{Writer, WriterHealth, WriterShared};
@@ -308,6 +309,30 @@ impl Store for EmbeddedStore {
 
     async fn set_disabled(&self, endpoint: &str, reason: Option<String>) -> Result<(), StoreError> {
         self.writer.set_disabled(endpoint, reason).await
+    }
+
+    async fn durables(&self) -> Result<Vec<SavedDurable>, StoreError> {
+        self.readers.with_reader(queries::durables).await
+    }
+
+    async fn save_durable(&self, durable: SavedDurable) -> Result<(), StoreError> {
+        self.writer.save_durable(durable).await
+    }
+
+    async fn delete_durable(&self, key: &DurableKey) -> Result<bool, StoreError> {
+        self.writer.delete_durable(key).await
+    }
+
+    async fn seq_at(&self, at_ms: i64) -> Result<u64, StoreError> {
+        // The head before the search: an event committed meanwhile gets a later seq, so
+        // head + 1 never skips it.
+        let head = self.head.load(Ordering::Acquire);
+        let pruned = to_i64(self.pruned.load(Ordering::Acquire));
+        let found = self
+            .readers
+            .with_reader(move |conn| queries::seq_at(conn, at_ms, pruned))
+            .await?;
+        Ok(found.unwrap_or(head.saturating_add(1)))
     }
 
     fn size_bytes(&self) -> Option<u64> {

@@ -12,8 +12,8 @@ use super::schema::{open_connection, open_replay_connection, DEAD, PENDING};
 use super::{db, REPLAY_READERS};
 use crate::storage::config::Durability;
 use crate::storage::{
-    AttemptRecord, DeliveryCounts, DeliveryInfo, DeliveryState, DueDelivery, StoreError,
-    StoredEvent,
+    AttemptRecord, DeliveryCounts, DeliveryInfo, DeliveryState, DueDelivery, DurableKey,
+    SavedDurable, StoreError, StoredEvent,
 };
 
 /// The store's read connections.
@@ -308,12 +308,179 @@ pub(super) fn disabled(conn: &Connection, endpoint: &str) -> Result<Option<Strin
     .map_err(db("read endpoint state"))
 }
 
+/// Every saved durable consumer, in key order (SQLite compares TEXT bytewise, as `String`'s
+/// `Ord` does, so this is [`DurableKey`]'s order).
+pub(super) fn durables(conn: &Connection) -> Result<Vec<SavedDurable>, StoreError> {
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT consumer, name, state, keep_from FROM durables ORDER BY consumer, name",
+        )
+        .map_err(db("prepare durables"))?;
+    let rows = stmt
+        .query_map([], |r| {
+            Ok(SavedDurable {
+                key: DurableKey {
+                    consumer: r.get(0)?,
+                    name: r.get(1)?,
+                },
+                state: Bytes::from(r.get::<_, Vec<u8>>(2)?),
+                keep_from: u64::try_from(r.get::<_, i64>(3)?).unwrap_or(0),
+            })
+        })
+        .map_err(db("read durables"))?;
+    rows.collect::<Result<Vec<_>, _>>()
+        .map_err(db("read durables"))
+}
+
+/// The seq of the first event above the retention point `pruned` received at or after
+/// `at_ms`; `None` when no retained event was.
+///
+/// A binary search over seq, not a scan and not an index on `recv_ms`: `recv_ms` is the
+/// envelope's `recvtime`, stamped by the upstream session when the frame arrives, and ingest
+/// journals events in arrival order through one queue and one writer, so `recv_ms` grows
+/// with seq. That costs about log2(head) primary-key lookups per call (some 30 on a journal
+/// of a billion events), where an index would cost a B-tree insert on every append (the
+/// hot path issue 8 tuned) for a rarely used seek. The order is not strict: events of
+/// concurrent upstream connections interleave within milliseconds, and the wall clock may
+/// step; the search then lands within that disorder, which a seek by time tolerates
+/// (retention's pruning walk relies on the same order). Everything runs in one read
+/// transaction, so pruning cannot move the journal under the search.
+pub(super) fn seq_at(
+    conn: &Connection,
+    at_ms: i64,
+    pruned: i64,
+) -> Result<Option<u64>, StoreError> {
+    let tx = conn
+        .unchecked_transaction()
+        .map_err(db("begin seek by time"))?;
+    let last: Option<i64> = tx
+        .query_row("SELECT MAX(seq) FROM events", [], |r| r.get(0))
+        .map_err(db("read head"))?;
+    let Some(last) = last else {
+        return Ok(None);
+    };
+    let mut next = tx
+        .prepare_cached("SELECT seq, recv_ms FROM events WHERE seq >= ?1 ORDER BY seq LIMIT 1")
+        .map_err(db("prepare seek by time"))?;
+    // The first event at or after `seq`: (its seq, its recv_ms).
+    let mut first_from = |seq: i64| {
+        next.query_row([seq], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))
+            .optional()
+            .map_err(db("seek by time"))
+    };
+    // The smallest `s` in `lo..=hi` whose first event at or after it was received at or after
+    // `at_ms` (or does not exist): `hi` = last + 1 always qualifies.
+    let (mut lo, mut hi) = (pruned.saturating_add(1).max(1), last.saturating_add(1));
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        match first_from(mid)? {
+            Some((_, recv_ms)) if recv_ms < at_ms => lo = mid + 1,
+            _ => hi = mid,
+        }
+    }
+    let found = first_from(lo)?.map(|(seq, _)| u64::try_from(seq).unwrap_or(0));
+    drop(next);
+    tx.finish().map_err(db("end seek by time"))?;
+    Ok(found)
+}
+
 #[cfg(test)]
 mod tests {
     use crate::storage::config::Durability;
     use crate::storage::embedded::test_support::{new, temp_db};
     use crate::storage::embedded::EmbeddedStore;
     use crate::storage::Store;
+
+    /// A seek by time finds the first retained event received at or after the time, on an
+    /// empty journal, within it, past its head and after pruning (skipping what retention
+    /// pruned and what it holds back only for a webhook delivery).
+    #[tokio::test]
+    async fn seq_at_finds_the_first_retained_event_received_at_or_after_a_time() {
+        use crate::storage::embedded::test_support::received_at_ms;
+        use crate::storage::embedded::EmbeddedOptions;
+        let path = temp_db("seq-at");
+        let minute = 60_000;
+        let now = chrono::Utc::now().timestamp_millis();
+        let base = now - 180 * minute;
+        {
+            let store = EmbeddedStore::open(&path, Durability::Normal).unwrap();
+            assert_eq!(store.seq_at(0).await.unwrap(), 1, "empty: head + 1");
+            assert_eq!(store.seq_at(now).await.unwrap(), 1);
+            let mut routed = received_at_ms("b", base + 10 * minute);
+            routed.targets = vec![std::sync::Arc::from("crm")];
+            store
+                .append(vec![
+                    received_at_ms("a", base),
+                    routed,
+                    received_at_ms("c", base + 20 * minute),
+                    received_at_ms("d", now - 10 * minute),
+                    received_at_ms("e", now - 5 * minute),
+                ])
+                .await
+                .unwrap();
+            assert_eq!(store.seq_at(i64::MIN).await.unwrap(), 1);
+            assert_eq!(store.seq_at(base).await.unwrap(), 1, "at, not after");
+            assert_eq!(store.seq_at(base + 1).await.unwrap(), 2);
+            assert_eq!(store.seq_at(base + 10 * minute).await.unwrap(), 2);
+            assert_eq!(store.seq_at(base + 15 * minute).await.unwrap(), 3);
+            assert_eq!(store.seq_at(now - 7 * minute).await.unwrap(), 5);
+            assert_eq!(store.seq_at(now).await.unwrap(), 6, "after the head");
+            assert_eq!(store.seq_at(i64::MAX).await.unwrap(), 6);
+        }
+        // Retention prunes 1..=3 (b is held back for its delivery, below the retention point).
+        let store = EmbeddedStore::open_with(
+            &path,
+            EmbeddedOptions {
+                retention: Some(std::time::Duration::from_secs(3600)),
+                ..EmbeddedOptions::default()
+            },
+        )
+        .unwrap();
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while store.position().await.unwrap().first != 4 {
+            assert!(tokio::time::Instant::now() < deadline, "never pruned");
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            store.due("crm", i64::MAX, 10, false).await.unwrap().len(),
+            1
+        );
+        assert_eq!(store.seq_at(0).await.unwrap(), 4);
+        assert_eq!(store.seq_at(base + 10 * minute).await.unwrap(), 4);
+        assert_eq!(store.seq_at(now - 7 * minute).await.unwrap(), 5);
+        assert_eq!(store.seq_at(now).await.unwrap(), 6);
+        let _ = std::fs::remove_dir_all(path.parent().unwrap().parent().unwrap());
+    }
+
+    /// The binary search agrees with a scan on a longer journal, at every event's time and
+    /// between events.
+    #[tokio::test]
+    async fn seq_at_agrees_with_a_scan_across_a_longer_journal() {
+        use crate::storage::embedded::test_support::received_at_ms;
+        let path = temp_db("seq-at-long");
+        let store = EmbeddedStore::open(&path, Durability::Normal).unwrap();
+        let base = 1_700_000_000_000i64;
+        // Several events share a millisecond, as a burst does.
+        let times: Vec<i64> = (0..500).map(|i| base + (i / 3) * 1000).collect();
+        store
+            .append(
+                times
+                    .iter()
+                    .enumerate()
+                    .map(|(i, t)| received_at_ms(&format!("e{i}"), *t))
+                    .collect(),
+            )
+            .await
+            .unwrap();
+        for at in (base - 1000..=base + 170_000).step_by(500) {
+            let expected = times
+                .iter()
+                .position(|t| *t >= at)
+                .map_or(times.len() as u64 + 1, |i| i as u64 + 1);
+            assert_eq!(store.seq_at(at).await.unwrap(), expected, "at {at}");
+        }
+        let _ = std::fs::remove_dir_all(path.parent().unwrap().parent().unwrap());
+    }
 
     #[tokio::test]
     async fn replay_pages_stop_at_their_byte_limit_but_always_make_progress() {

@@ -1,6 +1,13 @@
 //! Retention: the writer thread prunes events older than `storage.retention`, a bounded
-//! chunk at a time, keeping those a webhook delivery still refers to, and records how far it
-//! got (`pruned_through` in `meta`) so that a reader asking for a pruned seq is told.
+//! chunk at a time, keeping those a webhook delivery still refers to and every event a
+//! durable consumer may still need, and records how far it got (`pruned_through` in `meta`)
+//! so that a reader asking for a pruned seq is told.
+//!
+//! Durable consumers: no event at or above the lowest `keep_from` of the saved durables is
+//! pruned, and the retention point stays below it, so the durable reads what it still owes
+//! through the ordinary journal reads (a delivery's event kept below the retention point
+//! could not be read that way). Deleting the durable (by the runtime's `durable_ttl`, or the
+//! admin API) lets the next pass prune again.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -67,8 +74,9 @@ pub(super) fn load_pruned_through(conn: &Connection) -> Result<u64, StoreError> 
 }
 
 /// Deletes up to [`PRUNE_CHUNK`] of the oldest events received before `cutoff_ms`, except
-/// those a webhook delivery still refers to, and moves the retention point past them.
-/// Returns how many seqs the retention point advanced.
+/// those a webhook delivery still refers to, and moves the retention point past them, but
+/// never up to the lowest `keep_from` of a saved durable consumer. Returns how many seqs the
+/// retention point advanced.
 pub(super) fn prune(
     conn: &mut Connection,
     cutoff_ms: i64,
@@ -76,14 +84,22 @@ pub(super) fn prune(
 ) -> Result<u64, StoreError> {
     let from = to_i64(pruned.load(Ordering::Acquire));
     let tx = conn.transaction().map_err(db("begin prune"))?;
+    // The last seq retention may delete: below every durable's `keep_from`. A handful of
+    // rows (`max_durables` per consumer), read once per pass.
+    let keep_from: Option<i64> = tx
+        .query_row("SELECT MIN(keep_from) FROM durables", [], |r| r.get(0))
+        .map_err(db("read durables' positions"))?;
+    let last_prunable = keep_from.map_or(i64::MAX, |k| k.saturating_sub(1));
     // Seqs follow receive order (give or take clock steps), so the oldest events are the
     // lowest seqs: walk up from the retention point and stop at the first one to keep.
     let through: Option<i64> = {
         let mut stmt = tx
-            .prepare_cached("SELECT seq, recv_ms FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2")
+            .prepare_cached(
+                "SELECT seq, recv_ms FROM events WHERE seq > ?1 AND seq <= ?3 ORDER BY seq LIMIT ?2",
+            )
             .map_err(db("prepare prune"))?;
         let rows = stmt
-            .query_map(params![from, PRUNE_CHUNK], |r| {
+            .query_map(params![from, PRUNE_CHUNK, last_prunable], |r| {
                 Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
             })
             .map_err(db("select prune"))?;
@@ -97,11 +113,12 @@ pub(super) fn prune(
         }
         through
     };
-    // Events held back below the retention point for a delivery that has since ended.
+    // Events held back below the retention point for a delivery that has since ended (not
+    // those a durable created since, or moved back, may still need).
     let released = tx
         .execute(
             "DELETE FROM events WHERE seq <= ?1 AND seq NOT IN (SELECT seq FROM deliveries WHERE seq <= ?1)",
-            params![from],
+            params![from.min(last_prunable)],
         )
         .map_err(db("prune held events"))?;
     let Some(through) = through else {
@@ -158,6 +175,95 @@ mod tests {
             );
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
+    }
+
+    /// Opens the store at `path` with an hour of retention.
+    fn open_with_an_hour(path: &std::path::Path) -> std::sync::Arc<EmbeddedStore> {
+        EmbeddedStore::open_with(
+            path,
+            EmbeddedOptions {
+                retention: Some(std::time::Duration::from_secs(3600)),
+                ..EmbeddedOptions::default()
+            },
+        )
+        .unwrap()
+    }
+
+    /// Retention keeps every event from the lowest `keep_from` of the saved durables on, and
+    /// prunes again once the durable holding it back is deleted.
+    #[tokio::test]
+    async fn retention_keeps_what_durables_still_need_and_prunes_again_after_delete() {
+        use crate::storage::embedded::test_support::durable;
+        let path = temp_db("retention-durables");
+        let old = chrono::Duration::hours(2);
+        {
+            let store = EmbeddedStore::open(&path, Durability::Normal).unwrap();
+            store
+                .append(vec![
+                    received("a", old, &[]),
+                    received("b", old, &[]),
+                    received("c", old, &[]),
+                    received("d", old, &[]),
+                    received("e", chrono::Duration::zero(), &[]),
+                ])
+                .await
+                .unwrap();
+            store
+                .save_durable(durable("c1", "slow", "", 3))
+                .await
+                .unwrap();
+            store
+                .save_durable(durable("c2", "less", "", 4))
+                .await
+                .unwrap();
+        }
+        {
+            let store = open_with_an_hour(&path);
+            // 1..=4 are old, but "slow" still needs 3 on: the journal starts at 3.
+            let pos = wait_first(&store, 3).await;
+            assert_eq!(pos.head, 5);
+            assert_eq!(
+                store
+                    .read_from(3, 10)
+                    .await
+                    .unwrap()
+                    .iter()
+                    .map(|e| e.seq)
+                    .collect::<Vec<_>>(),
+                vec![3, 4, 5]
+            );
+            assert!(matches!(
+                store.read_from(2, 10).await,
+                Err(StoreError::NotRetained { from: 2, first: 3 })
+            ));
+            // However far the cutoff, a pass does not go past it.
+            let mut side = open_connection(&path, Durability::Normal).unwrap();
+            let now_ms = chrono::Utc::now().timestamp_millis() + 1;
+            assert_eq!(prune(&mut side, now_ms, &AtomicU64::new(2)).unwrap(), 0);
+            let kept: i64 = side
+                .query_row("SELECT COUNT(*) FROM events WHERE seq >= 3", [], |r| {
+                    r.get(0)
+                })
+                .unwrap();
+            assert_eq!(kept, 3);
+            assert!(store
+                .delete_durable(&durable("c1", "slow", "", 0).key)
+                .await
+                .unwrap());
+        }
+        {
+            // Without "slow", "less" holds the journal at 4.
+            let store = open_with_an_hour(&path);
+            wait_first(&store, 4).await;
+            assert!(store
+                .delete_durable(&durable("c2", "less", "", 0).key)
+                .await
+                .unwrap());
+        }
+        let store = open_with_an_hour(&path);
+        let pos = wait_first(&store, 5).await;
+        assert_eq!(pos.head, 5);
+        let _ = std::fs::remove_dir_all(path.parent().unwrap().parent().unwrap());
     }
 
     #[tokio::test]

@@ -84,6 +84,18 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE events_v4 RENAME TO events;
     DELETE FROM meta WHERE key = 'ids_through';
     "#,
+    r#"
+    -- Durable consumers (issue 16): per (consumer, durable name) the durable runtime's state,
+    -- opaque to the store, and the lowest seq the durable may still need, which retention
+    -- keeps (retention.rs). Few rows (`max_durables` per consumer), rewritten as acks come.
+    CREATE TABLE durables (
+        consumer  TEXT NOT NULL,
+        name      TEXT NOT NULL,
+        state     BLOB NOT NULL,
+        keep_from INTEGER NOT NULL,
+        PRIMARY KEY (consumer, name)
+    ) WITHOUT ROWID;
+    "#,
 ];
 
 /// `deliveries.state` of a delivery still to be made (or in flight).
@@ -142,10 +154,16 @@ pub(super) fn open_replay_connection(
 
 /// Applies the migrations that have not run yet, each in its own transaction.
 pub(super) fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    migrate_through(conn, MIGRATIONS.len())
+}
+
+/// Applies the migrations that have not run yet up to the `through`-th (tests build the files
+/// earlier versions made with it).
+fn migrate_through(conn: &mut Connection, through: usize) -> Result<(), StoreError> {
     let done: usize = conn
         .query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))
         .map_err(db("read schema version"))? as usize;
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(done) {
+    for (i, sql) in MIGRATIONS.iter().enumerate().take(through).skip(done) {
         let tx = conn.transaction().map_err(db("begin migration"))?;
         tx.execute_batch(sql).map_err(db("migrate"))?;
         tx.execute_batch(&format!("PRAGMA user_version = {}", i + 1))
@@ -198,4 +216,65 @@ pub(super) fn stored_head(conn: &Connection) -> Result<u64, StoreError> {
         .map_err(db("read head"))?
         .try_into()
         .unwrap_or(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::embedded::test_support::{durable, new, temp_db};
+    use crate::storage::embedded::EmbeddedStore;
+    use crate::storage::Store;
+
+    /// A file made by the schema before durable consumers (version 4, the schema of 0.6.0
+    /// up to this change) is migrated on open: its events and their dedup stay, and
+    /// durables can be saved in it.
+    #[tokio::test]
+    async fn a_file_of_the_schema_before_durables_migrates_and_keeps_its_events() {
+        let path = temp_db("schema-v4");
+        let events = {
+            let store = EmbeddedStore::open(&path, Durability::Normal).unwrap();
+            store.append(vec![new("a"), new("b")]).await.unwrap();
+            store.read_from(1, 10).await.unwrap()
+        };
+        // Back to exactly what version 4 made: no durables table, user_version 4.
+        {
+            let conn = open_connection(&path, Durability::Normal).unwrap();
+            conn.execute_batch("DROP TABLE durables; PRAGMA user_version = 4;")
+                .unwrap();
+        }
+        // Also a fresh file created at version 4 and migrated from there.
+        let fresh = temp_db("schema-v4-fresh");
+        std::fs::create_dir_all(fresh.parent().unwrap()).unwrap();
+        let mut conn = open_connection(&fresh, Durability::Normal).unwrap();
+        migrate_through(&mut conn, 4).unwrap();
+        let tables = |conn: &Connection| -> i64 {
+            conn.query_row(
+                "SELECT COUNT(*) FROM sqlite_master WHERE name = 'durables'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap()
+        };
+        assert_eq!(tables(&conn), 0);
+        migrate(&mut conn).unwrap();
+        assert_eq!(tables(&conn), 1);
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version as usize, MIGRATIONS.len());
+        drop(conn);
+
+        let store = EmbeddedStore::open(&path, Durability::Normal).unwrap();
+        assert_eq!(store.read_from(1, 10).await.unwrap(), events);
+        let out = store.append(vec![new("b"), new("c")]).await.unwrap();
+        assert_eq!(out[0], crate::storage::Appended::Duplicate, "dedup kept");
+        store.save_durable(durable("c", "d", "s", 2)).await.unwrap();
+        assert_eq!(
+            store.durables().await.unwrap(),
+            vec![durable("c", "d", "s", 2)]
+        );
+        for p in [&path, &fresh] {
+            let _ = std::fs::remove_dir_all(p.parent().unwrap().parent().unwrap());
+        }
+    }
 }

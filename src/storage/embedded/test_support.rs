@@ -8,7 +8,7 @@ use serde_json::json;
 use wsbridge_adapters::DecodedEvent;
 
 use crate::envelope::Envelope;
-use crate::storage::NewEvent;
+use crate::storage::{DurableKey, NewEvent, SavedDurable};
 
 pub(super) fn env(id: &str) -> Envelope {
     Envelope::new(
@@ -41,4 +41,24 @@ pub(super) fn received(id: &str, ago: chrono::Duration, targets: &[&str]) -> New
     e.recvtime = (Utc::now() - ago).to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
     NewEvent::new(e, targets.iter().map(|t| Arc::from(*t)).collect())
         .expect("an envelope serialises")
+}
+
+/// An event received at `at_ms` (unix ms).
+pub(super) fn received_at_ms(id: &str, at_ms: i64) -> NewEvent {
+    let mut e = env(id);
+    let at = chrono::DateTime::from_timestamp_millis(at_ms).expect("a time in range");
+    e.recvtime = at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+    NewEvent::new(e, vec![]).expect("an envelope serialises")
+}
+
+/// A durable of `consumer` named `name` with `state`, needing events from `keep_from` on.
+pub(super) fn durable(consumer: &str, name: &str, state: &str, keep_from: u64) -> SavedDurable {
+    SavedDurable {
+        key: DurableKey {
+            consumer: consumer.into(),
+            name: name.into(),
+        },
+        state: bytes::Bytes::copy_from_slice(state.as_bytes()),
+        keep_from,
+    }
 }

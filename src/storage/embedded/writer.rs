@@ -1,5 +1,6 @@
 //! The writer thread: it owns the write connection and applies the store's commands
-//! (appends, attempt records, replays, endpoint state) in group commits. A failed commit is
+//! (appends, attempt records, replays, endpoint state, durable consumers' state) in group
+//! commits. A failed commit is
 //! retried while the environment is at fault and split when a command is.
 
 use std::path::Path;
@@ -16,7 +17,10 @@ use tracing::{error, info, warn};
 use super::ids::{self, IdIndex};
 use super::retention::Schedule;
 use super::{db, to_i64, COMMAND_QUEUE};
-use crate::storage::{Appended, AttemptRecord, NewEvent, NextStep, ReplaySelection, StoreError};
+use crate::storage::{
+    Appended, AttemptRecord, DurableKey, NewEvent, NextStep, ReplaySelection, SavedDurable,
+    StoreError,
+};
 
 /// Most commands merged into one transaction.
 const MAX_COMMANDS_PER_COMMIT: usize = 64;
@@ -48,6 +52,16 @@ enum Command {
         reason: Option<String>,
         reply: Reply<()>,
     },
+    /// Insert or replace a durable consumer's state: acks arrive often, so they ride the
+    /// group commits of the journal instead of costing an fsync each.
+    SaveDurable {
+        durable: SavedDurable,
+        reply: Reply<()>,
+    },
+    DeleteDurable {
+        key: DurableKey,
+        reply: Reply<bool>,
+    },
 }
 
 /// Per event of an append: `Some((seq, bytes, renewed id))` when stored (the id is `Some`
@@ -59,6 +73,8 @@ enum Done {
     Appended(Outcome),
     Unit,
     Count(u64),
+    /// Whether the command found what it acted on (a durable deleted).
+    Found(bool),
 }
 
 /// The store's end of the writer thread: its bounded command queue. Dropping it stops the
@@ -168,6 +184,21 @@ impl Writer {
         self.ask(|reply| Command::SetDisabled {
             endpoint: endpoint.to_string(),
             reason,
+            reply,
+        })
+        .await
+    }
+
+    /// Inserts or replaces a durable consumer's saved state; answers once committed.
+    pub(super) async fn save_durable(&self, durable: SavedDurable) -> Result<(), StoreError> {
+        self.ask(|reply| Command::SaveDurable { durable, reply })
+            .await
+    }
+
+    /// Deletes a durable consumer's saved state; `false` when there was none.
+    pub(super) async fn delete_durable(&self, key: &DurableKey) -> Result<bool, StoreError> {
+        self.ask(|reply| Command::DeleteDurable {
+            key: key.clone(),
             reply,
         })
         .await
@@ -425,7 +456,12 @@ fn reply_error(command: Command, e: StoreError) {
         Command::Replay { reply, .. } => {
             let _ = reply.send(Err(e));
         }
-        Command::Record { reply, .. } | Command::SetDisabled { reply, .. } => {
+        Command::Record { reply, .. }
+        | Command::SetDisabled { reply, .. }
+        | Command::SaveDurable { reply, .. } => {
+            let _ = reply.send(Err(e));
+        }
+        Command::DeleteDurable { reply, .. } => {
             let _ = reply.send(Err(e));
         }
     }
@@ -458,14 +494,25 @@ fn reply(command: Command, result: Done) {
         (Command::Replay { reply, .. }, Done::Count(n)) => {
             let _ = reply.send(Ok(n));
         }
-        (Command::Record { reply, .. } | Command::SetDisabled { reply, .. }, _) => {
+        (
+            Command::Record { reply, .. }
+            | Command::SetDisabled { reply, .. }
+            | Command::SaveDurable { reply, .. },
+            _,
+        ) => {
             let _ = reply.send(Ok(()));
+        }
+        (Command::DeleteDurable { reply, .. }, Done::Found(found)) => {
+            let _ = reply.send(Ok(found));
         }
         // `commit` answers each command with its own kind of result.
         (Command::Append { reply, .. }, _) => {
             let _ = reply.send(Err(StoreError::Closed));
         }
         (Command::Replay { reply, .. }, _) => {
+            let _ = reply.send(Err(StoreError::Closed));
+        }
+        (Command::DeleteDurable { reply, .. }, _) => {
             let _ = reply.send(Err(StoreError::Closed));
         }
     }
@@ -519,6 +566,30 @@ fn commit(
                 )
                 .map_err(db("set endpoint state"))?;
                 Done::Unit
+            }
+            Command::SaveDurable { durable, .. } => {
+                tx.prepare_cached(
+                    "INSERT INTO durables (consumer, name, state, keep_from) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (consumer, name) DO UPDATE
+                     SET state = excluded.state, keep_from = excluded.keep_from",
+                )
+                .and_then(|mut st| {
+                    st.execute(params![
+                        durable.key.consumer,
+                        durable.key.name,
+                        &durable.state[..],
+                        to_i64(durable.keep_from)
+                    ])
+                })
+                .map_err(db("save durable"))?;
+                Done::Unit
+            }
+            Command::DeleteDurable { key, .. } => {
+                let deleted = tx
+                    .prepare_cached("DELETE FROM durables WHERE consumer = ?1 AND name = ?2")
+                    .and_then(|mut st| st.execute(params![key.consumer, key.name]))
+                    .map_err(db("delete durable"))?;
+                Done::Found(deleted > 0)
             }
         };
         all.push(done);
@@ -777,20 +848,27 @@ mod tests {
     use crate::storage::embedded::EmbeddedStore;
     use crate::storage::Store;
 
+    /// A store in a fresh file (`name`) whose database refuses the inserts into `table` that
+    /// match `when`: a trigger aborts them, standing in for any failure retrying cannot cure.
+    fn refusing(name: &str, table: &str, when: &str) -> (std::path::PathBuf, Arc<EmbeddedStore>) {
+        let path = temp_db(name);
+        let store = EmbeddedStore::open(&path, Durability::Normal).unwrap();
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch(&format!(
+                "CREATE TRIGGER refuse_bad BEFORE INSERT ON {table} WHEN {when}
+                 BEGIN SELECT RAISE(ABORT, 'refused'); END;"
+            ))
+            .unwrap();
+        (path, store)
+    }
+
     /// An event the database refuses on its own (here a trigger that aborts it, standing in
     /// for any failure retrying cannot cure) is rejected; the events batched with it are
     /// journalled with gapless seqs, and the store stays ready.
     #[tokio::test]
     async fn an_event_refused_on_its_own_is_rejected_and_its_batch_is_journalled() {
-        let path = temp_db("refuse");
-        let store = EmbeddedStore::open(&path, Durability::Normal).unwrap();
-        let other = Connection::open(&path).unwrap();
-        other
-            .execute_batch(
-                "CREATE TRIGGER refuse_bad BEFORE INSERT ON events WHEN NEW.id = 'bad'
-                 BEGIN SELECT RAISE(ABORT, 'refused'); END;",
-            )
-            .unwrap();
+        let (path, store) = refusing("refuse", "events", "NEW.id = 'bad'");
         let out = store
             .append(vec![new("a"), new("bad"), new("b")])
             .await
@@ -924,6 +1002,95 @@ mod tests {
         let due = store.due("hook", i64::MAX, 10, false).await.unwrap();
         assert_eq!(due.len(), 1);
         assert_eq!((due[0].seq, due[0].id.as_str()), (2, renewed.as_str()));
+        let _ = std::fs::remove_dir_all(path.parent().unwrap().parent().unwrap());
+    }
+
+    /// Durables are saved, replaced, listed in key order and deleted, and what was saved
+    /// survives closing the store.
+    #[tokio::test]
+    async fn durables_are_saved_replaced_listed_deleted_and_survive_reopening() {
+        use crate::storage::embedded::test_support::durable;
+        let path = temp_db("durables");
+        {
+            let store = EmbeddedStore::open(&path, Durability::Normal).unwrap();
+            assert!(store.durables().await.unwrap().is_empty());
+            // Saved out of key order; one key with characters SQL and subjects care about,
+            // one state with bytes that are not UTF-8.
+            let mut odd = durable("b", "x.y *>'\"", "", 1);
+            odd.state = Bytes::from_static(&[0, 255, 1]);
+            store
+                .save_durable(durable("b", "sync", "s1", 7))
+                .await
+                .unwrap();
+            store.save_durable(odd.clone()).await.unwrap();
+            store
+                .save_durable(durable("a", "sync", "s0", 3))
+                .await
+                .unwrap();
+            // Replacing keeps one row with the newest state and position.
+            store
+                .save_durable(durable("b", "sync", "s2", 9))
+                .await
+                .unwrap();
+            assert_eq!(
+                store.durables().await.unwrap(),
+                vec![
+                    durable("a", "sync", "s0", 3),
+                    durable("b", "sync", "s2", 9),
+                    odd.clone()
+                ]
+            );
+            assert!(store.delete_durable(&odd.key).await.unwrap());
+            assert!(
+                !store.delete_durable(&odd.key).await.unwrap(),
+                "gone already"
+            );
+        }
+        let store = EmbeddedStore::open(&path, Durability::Normal).unwrap();
+        assert_eq!(
+            store.durables().await.unwrap(),
+            vec![durable("a", "sync", "s0", 3), durable("b", "sync", "s2", 9)]
+        );
+        let _ = std::fs::remove_dir_all(path.parent().unwrap().parent().unwrap());
+    }
+
+    /// A durable save the database refuses on its own fails alone: the appends and saves
+    /// committed with it in one batch are split from it and committed.
+    #[tokio::test]
+    async fn a_durable_save_refused_on_its_own_fails_alone() {
+        use crate::storage::embedded::test_support::durable;
+        let (path, store) = refusing("durable-refused", "durables", "NEW.name = 'bad'");
+        // Sent together, so that they share commits.
+        let none = durable("c", "none", "", 1).key;
+        let (good, bad, appended, deleted) = tokio::join!(
+            store.save_durable(durable("c", "good", "g", 1)),
+            store.save_durable(durable("c", "bad", "b", 1)),
+            store.append(vec![new("a"), new("b")]),
+            store.delete_durable(&none),
+        );
+        good.unwrap();
+        assert!(
+            matches!(
+                bad,
+                Err(StoreError::Database {
+                    op: "save durable",
+                    ..
+                })
+            ),
+            "{bad:?}"
+        );
+        assert_eq!(appended.unwrap().len(), 2);
+        assert!(!deleted.unwrap());
+        assert_eq!(
+            store.durables().await.unwrap(),
+            vec![durable("c", "good", "g", 1)]
+        );
+        assert_eq!(store.position().await.unwrap().head, 2);
+        assert_eq!(
+            store.unavailable(),
+            None,
+            "a refused save is not the store's failure"
+        );
         let _ = std::fs::remove_dir_all(path.parent().unwrap().parent().unwrap());
     }
 

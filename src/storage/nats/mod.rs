@@ -12,7 +12,9 @@
 //! - webhook deliveries are durable pull consumers on the journal, one per endpoint, shared by
 //!   every instance (see [`delivery`]); dead letters go to `<prefix>_dlq`, admin replays to
 //!   `<prefix>_replay`; endpoint state (disabled by a 410) is in the bucket `<prefix>_state` ([`state`]);
-//! - upstream leases are in the bucket `<prefix>_leases` (see [`lease`]).
+//! - upstream leases are in the bucket `<prefix>_leases` (see [`lease`]);
+//! - durable consumers' saved state is in the bucket `<prefix>_durables`, created when a
+//!   durable is first used (see [`durables`]).
 //!
 //! Serialise once: the envelope is serialised once, without its `seq` (which only the stream
 //! can assign), and published. Whoever reads it back (the live tail, a resume, a webhook
@@ -31,6 +33,7 @@
 //! every instance.
 
 pub mod delivery;
+pub mod durables;
 mod held;
 mod ids;
 pub mod lease;
@@ -48,8 +51,9 @@ use futures_util::StreamExt;
 use tracing::{error, info, warn};
 
 use super::{
-    Appended, AttemptRecord, DeliveryCounts, DeliveryInfo, DeliveryState, DueDelivery,
-    JournalPosition, NewEvent, NextStep, ReplaySelection, Store, StoreError, StoredEvent,
+    Appended, AttemptRecord, DeliveryCounts, DeliveryInfo, DeliveryState, DueDelivery, DurableKey,
+    JournalPosition, NewEvent, NextStep, ReplaySelection, SavedDurable, Store, StoreError,
+    StoredEvent,
 };
 use crate::storage::config::StorageConfig;
 
@@ -97,6 +101,8 @@ pub struct Names {
     pub leases: String,
     /// The id index stream (see [`ids`]).
     pub ids: String,
+    /// The durable consumers' KV bucket (see [`durables`]).
+    pub durables: String,
 }
 
 impl Names {
@@ -110,6 +116,7 @@ impl Names {
             state: format!("{prefix}_state"),
             leases: format!("{prefix}_leases"),
             ids: format!("{prefix}_ids"),
+            durables: format!("{prefix}_durables"),
         }
     }
 
@@ -228,6 +235,8 @@ pub struct NatsStore {
     write_failures: AtomicU64,
     queues: delivery::Queues,
     ids: ids::IdIndex,
+    /// The durable consumers' bucket, opened on first use.
+    durables: tokio::sync::OnceCell<state::Bucket>,
 }
 
 impl NatsStore {
@@ -299,6 +308,7 @@ impl NatsStore {
             write_failures: AtomicU64::new(0),
             queues,
             ids,
+            durables: tokio::sync::OnceCell::new(),
         }))
     }
 
@@ -462,35 +472,28 @@ impl NatsStore {
         }
     }
 
-    /// Reads up to `limit` journal messages from `from` (inclusive) through `last`, stopping
-    /// before the message that would take the bytes read past `max_bytes` (the first message
-    /// is kept whatever its size).
-    async fn read_range(
+    /// An ephemeral ordered consumer on the whole journal, starting where `start` says.
+    async fn journal_reader(
         &self,
-        from: u64,
-        last: u64,
-        limit: usize,
-        max_bytes: usize,
-    ) -> Result<Vec<StoredEvent>, StoreError> {
+        start: consumer::DeliverPolicy,
+    ) -> Result<consumer::Consumer<consumer::pull::OrderedConfig>, StoreError> {
         // In a cluster that just lost a node, a reader placed on the dead node is never
         // created: give each try a short limit and try again (the server then places it on a
         // live one).
         let mut tries = 0;
-        let consumer = loop {
+        loop {
             tries += 1;
             let created = tokio::time::timeout(
                 READER_CREATE_TIMEOUT,
                 self.events.create_consumer(consumer::pull::OrderedConfig {
                     filter_subject: self.names.events_filter(),
-                    deliver_policy: consumer::DeliverPolicy::ByStartSequence {
-                        start_sequence: from,
-                    },
+                    deliver_policy: start,
                     ..Default::default()
                 }),
             )
             .await;
             match created {
-                Ok(Ok(c)) => break c,
+                Ok(Ok(c)) => return Ok(c),
                 Ok(Err(e)) if tries >= READER_CREATE_TRIES => {
                     return Err(nats_err("open a journal reader")(e))
                 }
@@ -502,7 +505,41 @@ impl NatsStore {
                 }
                 _ => continue,
             }
-        };
+        }
+    }
+
+    /// The durable consumers' bucket, created or opened on first use (a deployment without
+    /// durable consumers has no such stream).
+    async fn durables_bucket(&self) -> Result<&state::Bucket, StoreError> {
+        self.durables
+            .get_or_try_init(|| async {
+                state::Bucket::open(
+                    &self.js,
+                    &self.names.durables,
+                    &format!("{}.durables", self.names.prefix),
+                    self.replicas,
+                    None,
+                )
+                .await
+            })
+            .await
+    }
+
+    /// Reads up to `limit` journal messages from `from` (inclusive) through `last`, stopping
+    /// before the message that would take the bytes read past `max_bytes` (the first message
+    /// is kept whatever its size).
+    async fn read_range(
+        &self,
+        from: u64,
+        last: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let consumer = self
+            .journal_reader(consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: from,
+            })
+            .await?;
         let mut messages = consumer
             .messages()
             .await
@@ -827,6 +864,69 @@ impl Store for NatsStore {
 
     async fn set_disabled(&self, endpoint: &str, reason: Option<String>) -> Result<(), StoreError> {
         self.queues.set_disabled(endpoint, reason).await
+    }
+
+    /// See [`durables`] for the bucket, its keys and values, and how `keep_from` relates to
+    /// the journal stream's limits (it cannot hold them back).
+    async fn durables(&self) -> Result<Vec<SavedDurable>, StoreError> {
+        durables::list(self.durables_bucket().await?).await
+    }
+
+    async fn save_durable(&self, durable: SavedDurable) -> Result<(), StoreError> {
+        durables::save(self.durables_bucket().await?, &durable).await
+    }
+
+    async fn delete_durable(&self, key: &DurableKey) -> Result<bool, StoreError> {
+        durables::delete(self.durables_bucket().await?, key).await
+    }
+
+    /// The journal's own timestamps: JetStream stamps each message when it stores it, a
+    /// moment after the bridge received the event (its `recvtime`), so a seek lands on the
+    /// first event *stored* at or after `at_ms`; with the bridge's and the server's clocks in
+    /// step that includes every event received at or after it.
+    async fn seq_at(&self, at_ms: i64) -> Result<u64, StoreError> {
+        let info = self
+            .events
+            .get_info()
+            .await
+            .map_err(nats_err("read the journal's state"))?;
+        // Read before the seek: an event stored meanwhile gets a later seq, so head + 1 never
+        // skips it.
+        let after_head = info.state.last_sequence.saturating_add(1);
+        if info.state.messages == 0 {
+            return Ok(after_head);
+        }
+        // JetStream times are nanoseconds in an i64 on some clients: keep within them.
+        let at_ms = at_ms.clamp(0, i64::MAX / 1_000_000);
+        let Ok(start_time) = async_nats::datetime::from_nanos(i128::from(at_ms) * 1_000_000) else {
+            return Ok(after_head);
+        };
+        let reader = self
+            .journal_reader(consumer::DeliverPolicy::ByStartTime { start_time })
+            .await?;
+        // The server positions the consumer: nothing pending means no message at or after.
+        if reader.cached_info().num_pending == 0 {
+            return Ok(after_head);
+        }
+        let mut messages = reader
+            .messages()
+            .await
+            .map_err(nats_err("seek the journal by time"))?;
+        match tokio::time::timeout(READ_TIMEOUT, messages.next()).await {
+            Ok(Some(m)) => m
+                .map_err(nats_err("seek the journal by time"))?
+                .info()
+                .map(|i| i.stream_sequence)
+                .map_err(|e| StoreError::Nats {
+                    op: "read message info",
+                    source: e,
+                }),
+            // Never head + 1 on silence: a seek would then skip everything retained.
+            Ok(None) | Err(_) => Err(StoreError::Nats {
+                op: "seek the journal by time",
+                source: "no answer from NATS".into(),
+            }),
+        }
     }
 
     async fn disabled(&self, endpoint: &str) -> Result<Option<String>, StoreError> {

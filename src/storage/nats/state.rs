@@ -1,5 +1,5 @@
 //! A small key-value bucket on a JetStream stream, for state every instance must see: which
-//! endpoints are disabled, who holds each upstream lease.
+//! endpoints are disabled, who holds each upstream lease, the durable consumers' state.
 //!
 //! Why not the client's KV API: it asks the server for its account info first, which this
 //! client version cannot parse from the 2.9 servers we run against; the bucket below uses only
@@ -9,15 +9,20 @@
 //! Sequence`, so two instances racing for a lease cannot both win. With a `max_age`, a value
 //! that is not rewritten in time disappears (the lease TTL).
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::message::PublishMessage;
-use async_nats::jetstream::{self, stream};
+use async_nats::jetstream::{self, consumer, stream};
 use bytes::Bytes;
+use futures_util::StreamExt;
 
 use super::nats_err;
 use crate::storage::StoreError;
+
+/// Longest wait for the next key while listing a bucket.
+const LIST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// One bucket.
 pub struct Bucket {
@@ -91,6 +96,69 @@ impl Bucket {
             }
             Err(e) => Err(nats_err("read shared state")(e)),
         }
+    }
+
+    /// Every key that has a value, in key order: read through an ephemeral ordered consumer
+    /// that delivers the last message of each key (the stream holds only that one anyway),
+    /// until the server says nothing is pending. A key rewritten while the listing runs may
+    /// come twice; its newest value (or absence) wins. The caller bounds how many keys there
+    /// are (e.g. `max_durables` per consumer).
+    pub async fn entries(&self) -> Result<BTreeMap<String, Entry>, StoreError> {
+        let consumer = self
+            .stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: format!("{}.>", self.subject_prefix),
+                deliver_policy: consumer::DeliverPolicy::LastPerSubject,
+                ..Default::default()
+            })
+            .await
+            .map_err(nats_err("list shared state"))?;
+        let mut pending = consumer.cached_info().num_pending;
+        let mut out = BTreeMap::new();
+        if pending == 0 {
+            return Ok(out);
+        }
+        let mut messages = consumer
+            .messages()
+            .await
+            .map_err(nats_err("list shared state"))?;
+        let prefix = format!("{}.", self.subject_prefix);
+        while pending > 0 {
+            let message = match tokio::time::timeout(LIST_TIMEOUT, messages.next()).await {
+                Ok(Some(m)) => m.map_err(nats_err("list shared state"))?,
+                Ok(None) | Err(_) => {
+                    return Err(StoreError::Nats {
+                        op: "list shared state",
+                        source: format!(
+                            "the listing stopped with {pending} keys still to come (no answer from NATS)"
+                        )
+                        .into(),
+                    })
+                }
+            };
+            let info = message.info().map_err(|source| StoreError::Nats {
+                op: "read message info",
+                source,
+            })?;
+            pending = info.pending;
+            let revision = info.stream_sequence;
+            let Some(key) = message.subject.as_str().strip_prefix(&prefix) else {
+                continue;
+            };
+            // Messages come in stream order: a later one of a key is its newer value.
+            if message.payload.is_empty() {
+                out.remove(key);
+            } else {
+                out.insert(
+                    key.to_string(),
+                    Entry {
+                        value: message.payload.clone(),
+                        revision,
+                    },
+                );
+            }
+        }
+        Ok(out)
     }
 
     /// Sets the key, whatever it held.

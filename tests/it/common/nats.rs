@@ -87,7 +87,9 @@ pub async fn cleanup(url: &str, prefix: &str) {
         return;
     };
     let js = async_nats::jetstream::new(client);
-    for s in ["events", "dlq", "replay", "state", "leases", "ids"] {
+    for s in [
+        "events", "dlq", "replay", "state", "leases", "ids", "durables",
+    ] {
         let _ = js.delete_stream(format!("{prefix}_{s}")).await;
     }
 }
