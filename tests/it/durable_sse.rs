@@ -385,7 +385,7 @@ async fn ack_refusals() {
 /// Refused durable subscribes: JSON with the `/v1/ws` code and a status that says what to do.
 #[tokio::test]
 async fn durable_stream_refusals() {
-    let s = setup("[limits]\nmax_durables = 1\nmax_unacked = 100\n").await;
+    let s = setup("[limits]\nmax_durables = 1\nmax_unacked = 300\n").await;
     let (_stream, _) = s.attach(&format!("durable=one&{CALLS}&ack_wait=5s")).await;
     let cases = [
         // Same name, another filter or ack_wait.
@@ -409,7 +409,7 @@ async fn durable_stream_refusals() {
             "bad_request",
         ),
         (
-            format!("durable=one&{CALLS}&max_unacked=101"),
+            format!("durable=one&{CALLS}&max_unacked=301"),
             400,
             "bad_request",
         ),
