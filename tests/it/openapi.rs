@@ -5,7 +5,8 @@
 //! target's scratch directory; if Python or PyPI is missing the test fails, it never skips)
 //! runs every operation against a live bridge with the admin token: no 5xx, every status,
 //! content type, header and body as documented, malformed input refused with 4xx, other
-//! methods refused with 405, and the admin operations refused (401) without the token.
+//! methods refused with 405, and the admin operations refused (401) without the token (the
+//! consumer operation, `POST /v1/durables/{name}/ack`, without a consumer token).
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -103,7 +104,8 @@ fn the_document_names_every_route_and_no_other() {
 }
 
 /// A bridge with the admin token, a webhook whose endpoint refuses connections (so it has
-/// dead letters to list) and events in the journal.
+/// dead letters to list), events in the journal, and a durable subscription `billing-sync` of
+/// the consumer `admin` (the admin token's, which schemathesis sends) for the ack operation.
 async fn live_bridge() -> (Bridge, Simulator) {
     let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("probe port");
     let dead_addr = probe.local_addr().expect("probe addr");
@@ -125,6 +127,7 @@ async fn live_bridge() -> (Bridge, Simulator) {
         assert_eq!(vb.emit(numbered_call(i)).await, 1);
     }
     wait_published(&bridge, 3).await;
+    durable_of_admin(&bridge).await;
     let store = bridge.store().clone();
     eventually("dead letters to list", DEADLINE, || async {
         let dead = store.counts("crm").await.expect("counts").dead;
@@ -132,6 +135,22 @@ async fn live_bridge() -> (Bridge, Simulator) {
     })
     .await;
     (bridge, vb)
+}
+
+/// Creates the durable `billing-sync` of the consumer `admin` over `/v1/ws` (it outlives the
+/// connection).
+async fn durable_of_admin(bridge: &Bridge) {
+    use futures_util::SinkExt;
+    let mut ws = crate::common::ws::connect(bridge, ADMIN_TOKEN).await;
+    assert_eq!(crate::common::ws::recv(&mut ws).await["op"], "ready");
+    ws.send(tokio_tungstenite::tungstenite::Message::text(
+        serde_json::json!({"op": "subscribe", "id": "d", "durable": "billing-sync", "from": "earliest"})
+            .to_string(),
+    ))
+    .await
+    .expect("subscribe sent");
+    let answer = crate::common::ws::recv(&mut ws).await;
+    assert_eq!(answer["op"], "subscribed", "{answer}");
 }
 
 #[tokio::test]
@@ -145,12 +164,18 @@ async fn the_bridge_serves_the_document_and_admin_operations_need_the_token() {
     let base = format!("http://{}", bridge.local_addr());
     let paths = document()["paths"].as_object().expect("paths").clone();
     let mut admin_ops = 0;
+    let mut consumer_ops = 0;
     for (path, item) in &paths {
         for (method, op) in item.as_object().expect("path item") {
-            if op.get("security").is_none() {
+            let Some(security) = op.get("security") else {
                 continue;
+            };
+            let consumer_op = security[0].get("consumerToken").is_some();
+            if consumer_op {
+                consumer_ops += 1;
+            } else {
+                admin_ops += 1;
             }
-            admin_ops += 1;
             let url = format!("{base}{}", path.replace("{name}", "crm"));
             for token in [None, Some("wrong-token")] {
                 let mut req = match method.as_str() {
@@ -166,11 +191,15 @@ async fn the_bridge_serves_the_document_and_admin_operations_need_the_token() {
                 let body: Value = serde_json::from_str(&text)
                     .unwrap_or_else(|e| panic!("{method} {path}: not JSON ({e}): {text}"));
                 assert_eq!(status, 401, "{method} {path} with {token:?}: {body}");
-                assert!(body["error"].is_string(), "{body}");
+                if consumer_op {
+                    assert_eq!(body["code"], "unauthorized", "{body}");
+                } else {
+                    assert!(body["error"].is_string(), "{body}");
+                }
             }
         }
     }
-    assert_eq!(admin_ops, 5);
+    assert_eq!((admin_ops, consumer_ops), (5, 1));
 
     // A webhook name that is not UTF-8 once decoded gets the documented JSON 400 (axum's
     // own answer was plain text).
