@@ -188,6 +188,9 @@ pub struct Hub {
     /// connection may hold, so one request can always ack all a stream holds while a body
     /// cannot make the bridge walk an unbounded list.
     max_ack_seqs: usize,
+    /// The open durable SSE streams, so that an ack `upto` a seq settles only what its own
+    /// stream holds.
+    sse_durable: sse::DurableStreams,
 }
 
 impl Hub {
@@ -227,6 +230,7 @@ impl Hub {
             traces,
             admin,
             max_ack_seqs: limits.max_unacked,
+            sse_durable: sse::DurableStreams::default(),
         })
     }
 

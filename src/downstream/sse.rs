@@ -12,12 +12,14 @@
 //! **Durable** (`?durable=NAME`, README "Durable subscriptions over SSE"): the bridge keeps the
 //! cursor, so `Last-Event-ID` is ignored and `from` applies only when the durable is created;
 //! `ack_wait`, `max_deliver` and `max_unacked` are query parameters as in the `/v1/ws`
-//! subscribe. The stream starts with `event: subscribed` (`{"durable","acked","pending"}`),
+//! subscribe. The stream starts with `event: subscribed` (`{"durable","session","acked",
+//! "pending"}`),
 //! then each event is `id: <seq>` and one `data:` line with the object the WebSocket event
 //! frame carries, `{"seq":42,"delivery":1,"event":<envelope>}`: every event, redelivered or
 //! not, is a default (`message`) event, so a client listening for messages alone misses none,
 //! and the delivery count is there for all. The client acknowledges with
-//! `POST /v1/durables/{name}/ack` ([`ack`]). The stream ends with `event: error`
+//! `POST /v1/durables/{name}/ack` ([`ack`]); an ack `upto` a seq names the stream by the
+//! `session` its `subscribed` event gave, and settles only what that stream holds. The stream ends with `event: error`
 //! (`unknown_durable: ...`) when the durable is deleted. A refusal of the subscribe is a JSON
 //! 4xx/503 with the `/v1/ws` error code.
 
@@ -354,9 +356,14 @@ async fn durable_stream(
         Err(r) => return bad(refused_status(r.code), r.code, r.message),
     };
     tracing::debug!(consumer = %consumer.name, durable = %req.name, "durable SSE stream attached");
-    let subscribed = Event::default()
-        .event("subscribed")
-        .data(json!({"durable": req.name, "acked": sub.acked, "pending": sub.pending}).to_string());
+    let guard = hub.session();
+    let session = guard.id;
+    let handle = Arc::new(sub.handle);
+    hub.sse_durable.insert(session, &consumer.name, &handle);
+    let subscribed = Event::default().event("subscribed").data(
+        json!({"durable": req.name, "session": format!("s{session}"), "acked": sub.acked, "pending": sub.pending})
+            .to_string(),
+    );
     // The durable detaches a connection that cannot take its events (and gives them to the
     // others); a watcher counts that at once, even while the stream is not polled.
     let stop = tokio_util::sync::CancellationToken::new();
@@ -377,8 +384,9 @@ async fn durable_stream(
     });
     let state = DurableAlive {
         events: sub.events,
-        _handle: sub.handle,
-        _guard: hub.session(),
+        _handle: handle,
+        session,
+        _guard: guard,
         _slot: slot,
         _stop: stop.drop_guard(),
         revoked: consumer.revoked.clone(),
@@ -418,13 +426,55 @@ async fn durable_stream(
 /// dropped), the session count, the connection's place and what ends the stream.
 struct DurableAlive {
     events: tokio::sync::mpsc::Receiver<Delivery>,
-    _handle: DurableHandle,
+    _handle: Arc<DurableHandle>,
+    /// Its session number, under which [`DurableStreams`] knows it.
+    session: u64,
     _guard: super::SessionGuard,
     _slot: super::ConnectionSlot,
     _stop: tokio_util::sync::DropGuard,
     revoked: tokio_util::sync::CancellationToken,
     slow: tokio_util::sync::CancellationToken,
     hub: Arc<Hub>,
+}
+
+impl Drop for DurableAlive {
+    fn drop(&mut self) {
+        self.hub.sse_durable.remove(self.session);
+    }
+}
+
+/// The open durable SSE streams by session number, each with its consumer's name.
+type StreamMap = std::collections::HashMap<u64, (Arc<str>, std::sync::Weak<DurableHandle>)>;
+
+/// The open durable SSE streams: an ack `upto` a seq names its stream (`session`, from its
+/// `subscribed` event) and settles only what that stream holds, never another worker's
+/// events. One entry per open stream (removed when it ends), so bounded by the connections.
+#[derive(Default)]
+pub struct DurableStreams(std::sync::Mutex<StreamMap>);
+
+impl DurableStreams {
+    fn lock(&self) -> std::sync::MutexGuard<'_, StreamMap> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn insert(&self, session: u64, consumer: &Arc<str>, handle: &Arc<DurableHandle>) {
+        self.lock()
+            .insert(session, (consumer.clone(), Arc::downgrade(handle)));
+    }
+
+    fn remove(&self, session: u64) {
+        self.lock().remove(&session);
+    }
+
+    /// The stream `session` ("s12") if it is open, of `consumer`, on the durable `name`.
+    fn get(&self, session: &str, consumer: &str, name: &str) -> Option<Arc<DurableHandle>> {
+        let n: u64 = session.strip_prefix('s')?.parse().ok()?;
+        let (owner, handle) = self.lock().get(&n).cloned()?;
+        let handle = handle.upgrade()?;
+        (&*owner == consumer && handle.name() == name).then_some(handle)
+    }
 }
 
 impl DurableAlive {
@@ -443,7 +493,8 @@ impl DurableAlive {
     }
 }
 
-/// The body of `POST /v1/durables/{name}/ack`: exactly one of `seqs` and `upto`.
+/// The body of `POST /v1/durables/{name}/ack`: exactly one of `seqs` and `upto`, and with
+/// `upto` the stream's `session`.
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct AckBody {
@@ -451,16 +502,19 @@ struct AckBody {
     seqs: Option<Vec<u64>>,
     #[serde(default)]
     upto: Option<u64>,
+    #[serde(default)]
+    session: Option<String>,
 }
 
 /// `POST /v1/durables/{name}/ack`: acknowledges events of the consumer's durable `name`, for
 /// SSE consumers (which cannot send on their stream). Same authentication as
 /// `/v1/events`. Body `{"seqs":[..]}` (any connection's events: one may finish what went to
-/// another after its ack deadline) or `{"upto":n}` (every event up to `n` that any connection
-/// of the durable holds: for a durable read by one stream at a time; with several, ack by
-/// `seqs`). Answers 200 `{"acked":n,"ignored":m}` (unknown and already acknowledged seqs are
-/// ignored and counted, never an error), 401 for an unknown token, 404 for a durable this
-/// consumer does not have, 400 for a bad body; errors are JSON `{"code","message"}`.
+/// another after its ack deadline) or `{"upto":n,"session":"s12"}` (every event up to `n`
+/// that the stream `session` holds, never another stream's: the rule of `upto` on `/v1/ws`).
+/// Answers 200 `{"acked":n,"ignored":m}` (unknown and already acknowledged seqs are ignored
+/// and counted, never an error), 401 for an unknown token, 404 for a durable this consumer
+/// does not have (`unknown_durable`) or a stream that is not open (`unknown_session`), 400
+/// for a bad body; errors are JSON `{"code","message"}`.
 pub async fn ack(
     State(hub): State<Arc<Hub>>,
     headers: HeaderMap,
@@ -490,8 +544,8 @@ pub async fn ack(
             )
         }
     };
-    let (seqs, upto) = match (body.seqs, body.upto) {
-        (Some(seqs), None) if seqs.len() > hub.max_ack_seqs => {
+    let seqs = match (body.seqs, body.upto, body.session) {
+        (Some(seqs), None, None) if seqs.len() > hub.max_ack_seqs => {
             return bad(
                 StatusCode::BAD_REQUEST,
                 "bad_request",
@@ -501,13 +555,31 @@ pub async fn ack(
                 ),
             )
         }
-        (Some(seqs), None) => (Some(seqs), None),
-        (None, Some(upto)) => (None, Some(upto)),
+        (Some(seqs), None, None) => seqs,
+        (None, Some(upto), Some(session)) => {
+            let Some(handle) = hub.sse_durable.get(&session, &consumer.name, &name) else {
+                return bad(
+                    StatusCode::NOT_FOUND,
+                    "unknown_session",
+                    format!("no open stream {session:?} of the durable {name:?}"),
+                );
+            };
+            let out = handle.ack_upto(upto);
+            return axum::Json(json!({"acked": out.acked, "ignored": out.ignored}))
+                .into_response();
+        }
+        (None, Some(_), None) => {
+            return bad(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "upto needs the stream's session (from its subscribed event): it acks only what that stream holds".into(),
+            )
+        }
         _ => {
             return bad(
                 StatusCode::BAD_REQUEST,
                 "bad_request",
-                "ack takes either seqs or upto".into(),
+                "ack takes either {\"seqs\":[..]} or {\"upto\":n,\"session\":..}".into(),
             )
         }
     };
@@ -515,7 +587,7 @@ pub async fn ack(
         consumer: consumer.name.to_string(),
         name,
     };
-    match hub.durables.ack(&key, seqs.as_deref(), upto) {
+    match hub.durables.ack(&key, Some(&seqs), None) {
         Ok(out) => axum::Json(json!({"acked": out.acked, "ignored": out.ignored})).into_response(),
         Err(super::durable::AdminError::Unknown { .. }) => bad(
             StatusCode::NOT_FOUND,

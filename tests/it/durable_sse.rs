@@ -217,9 +217,10 @@ async fn acks_by_post_and_a_reconnect_gets_back_only_the_unacked() {
     let query = format!("durable=billing-sync&{CALLS}&from=earliest");
 
     let (mut stream, subscribed) = s.attach(&query).await;
+    let session = subscribed["session"].as_str().expect("session").to_string();
     assert_eq!(
         subscribed,
-        json!({"durable": "billing-sync", "acked": 0, "pending": 5})
+        json!({"durable": "billing-sync", "session": session, "acked": 0, "pending": 5})
     );
     assert_eq!(stream.deliveries(5).await, ones(&seqs, 1));
 
@@ -255,12 +256,31 @@ async fn acks_by_post_and_a_reconnect_gets_back_only_the_unacked() {
     assert_eq!(subscribed["pending"], 2, "{subscribed}");
     assert_eq!(stream.deliveries(2).await, ones(&seqs[3..], 2));
 
-    // Live events follow on the same stream; `upto` settles everything held up to it.
+    // Live events follow on the same stream; `upto` settles everything this stream holds up
+    // to it. It names the stream: without its session, or with a closed stream's, it is
+    // refused.
     let live = s.emit(6..7).await;
     assert_eq!(stream.deliveries(1).await, ones(&live, 1));
+    let upto = |session: &str| json!({"upto": live[0], "session": session}).to_string();
     let (status, out) = s
         .ack(TOKEN, "billing-sync", &json!({"upto": live[0]}).to_string())
         .await;
+    assert_eq!(
+        (status, &out["code"]),
+        (400, &json!("bad_request")),
+        "{out}"
+    );
+    let (status, out) = s.ack(TOKEN, "billing-sync", &upto(&session)).await;
+    assert_eq!(
+        (status, &out["code"]),
+        (404, &json!("unknown_session")),
+        "{out}"
+    );
+    let session = subscribed["session"].as_str().expect("session");
+    // Another consumer cannot ack this consumer's stream.
+    let (status, out) = s.ack(OTHER_TOKEN, "billing-sync", &upto(session)).await;
+    assert_eq!(status, 404, "{out}");
+    let (status, out) = s.ack(TOKEN, "billing-sync", &upto(session)).await;
     assert_eq!((status, out), (200, json!({"acked": 3, "ignored": 0})));
 
     // Everything is acknowledged: the next stream starts with the next new event.
@@ -278,9 +298,25 @@ async fn acks_by_post_and_a_reconnect_gets_back_only_the_unacked() {
 async fn two_streams_share_one_durable() {
     let mut s = setup("").await;
     let query = format!("durable=workers&{CALLS}&max_unacked=2");
-    let (mut a, _) = s.attach(&query).await;
-    let (mut b, _) = s.attach(&query).await;
-    let seqs = s.emit(1..11).await;
+    let (mut a, a_sub) = s.attach(&query).await;
+    let (mut b, b_sub) = s.attach(&query).await;
+
+    // Four events, none acked: each stream holds two (its max_unacked). An ack `upto` the
+    // newest with one stream's session settles that stream's two, not the other's.
+    let first = s.emit(1..5).await;
+    let mut held = a.deliveries(2).await;
+    held.extend(b.deliveries(2).await);
+    let mut held_seqs: Vec<u64> = held.iter().map(|(seq, _)| *seq).collect();
+    held_seqs.sort_unstable();
+    assert_eq!(held_seqs, first, "{held:?}");
+    for sub in [&a_sub, &b_sub] {
+        let body = json!({"upto": first[3], "session": sub["session"]}).to_string();
+        let (status, out) = s.ack(TOKEN, "workers", &body).await;
+        assert_eq!((status, out), (200, json!({"acked": 2, "ignored": 0})));
+    }
+
+    // Ten more, each acked as it is handled: each to one of them, none twice.
+    let seqs = s.emit(5..15).await;
     let mut got = Vec::new();
     let mut per_stream = [0usize; 2];
     while got.len() < seqs.len() {
@@ -323,7 +359,7 @@ async fn a_deleted_durable_ends_its_stream() {
     let last = stream.next().await;
     assert_eq!(last.event, "error", "{last:?}");
     assert!(last.data.starts_with("unknown_durable"), "{last:?}");
-    let (status, out) = s.ack(TOKEN, "gone", r#"{"upto": 1}"#).await;
+    let (status, out) = s.ack(TOKEN, "gone", r#"{"seqs": [1]}"#).await;
     assert_eq!(status, 404, "{out}");
     s.bridge.shutdown().await;
 }
@@ -358,6 +394,8 @@ async fn ack_refusals() {
         "not json",
         "{}",
         r#"{"seqs":[1],"upto":2}"#,
+        r#"{"upto":2}"#,
+        r#"{"seqs":[1],"session":"s1"}"#,
         r#"{"seqs":[-1]}"#,
         r#"{"upto":1,"more":true}"#,
     ] {
