@@ -5,8 +5,8 @@
 //! - [`ConsumerConfig`]: `[[consumers]]`, a token and what that consumer may ever see;
 //! - [`subscription`]: the core both protocols share: replay from the journal, then live,
 //!   with no gap and no duplicate, and the slow-consumer rule;
-//! - [`ws`] and [`sse`]: the two wire protocols (and `POST /v1/durables/{name}/ack`, the
-//!   acknowledgements of durable SSE streams);
+//! - [`ws`] and [`sse`]: the two wire protocols, and [`acks`]: `POST
+//!   /v1/durables/{name}/ack`, the acknowledgements of durable SSE streams;
 //! - [`durable`]: durable subscriptions, the cursors the bridge keeps.
 //!
 //! Memory is bounded per connection: a live subscription reads shared pointers to events
@@ -17,6 +17,7 @@
 //! per connection and in total ([`budget`]), and one consumer token may hold at most
 //! `limits.max_connections_per_token` connections (one more is refused with HTTP 429).
 
+pub mod acks;
 pub mod budget;
 pub mod durable;
 pub mod sse;
@@ -407,6 +408,6 @@ pub fn router(hub: Arc<Hub>) -> axum::Router {
     axum::Router::new()
         .route("/v1/ws", axum::routing::get(ws::upgrade))
         .route("/v1/events", axum::routing::get(sse::stream))
-        .route("/v1/durables/{name}/ack", axum::routing::post(sse::ack))
+        .route("/v1/durables/{name}/ack", axum::routing::post(acks::post))
         .with_state(hub)
 }

@@ -18,7 +18,7 @@
 //! frame carries, `{"seq":42,"delivery":1,"event":<envelope>}`: every event, redelivered or
 //! not, is a default (`message`) event, so a client listening for messages alone misses none,
 //! and the delivery count is there for all. The client acknowledges with
-//! `POST /v1/durables/{name}/ack` ([`ack`]); an ack `upto` a seq names the stream by the
+//! `POST /v1/durables/{name}/ack` ([`super::acks`]); an ack `upto` a seq names the stream by the
 //! `session` its `subscribed` event gave, and settles only what that stream holds. The stream ends with `event: error`
 //! (`unknown_durable: ...`) when the durable is deleted. A refusal of the subscribe is a JSON
 //! 4xx/503 with the `/v1/ws` error code.
@@ -34,15 +34,15 @@ use axum::response::{IntoResponse, Response};
 use futures_util::{stream, StreamExt};
 use serde_json::json;
 
-use super::durable::{Delivery, DurableHandle, DurableRequest};
+use super::durable::{Delivery, DurableHandle, DurableRequest, Refused};
 use super::subscription::{self, FeedControl, FeedEnd, FeedItem, OpenError, Start};
 use super::{Consumer, Hub};
 use crate::routing::{Filter, FilterConfig};
 
 /// Query parameters of `/v1/events`, each list accepting commas and repeats.
 #[derive(Default)]
-struct SseQuery {
-    token: Option<String>,
+pub(super) struct SseQuery {
+    pub(super) token: Option<String>,
     filter: FilterConfig,
     from: Option<String>,
     /// A durable subscription's name (absent: a plain stream).
@@ -52,7 +52,7 @@ struct SseQuery {
     max_unacked: Option<String>,
 }
 
-fn parse_query(raw: Option<&str>) -> SseQuery {
+pub(super) fn parse_query(raw: Option<&str>) -> SseQuery {
     let mut q = SseQuery::default();
     for (k, v) in url::form_urlencoded::parse(raw.unwrap_or("").as_bytes()) {
         let list = |v: &str| {
@@ -78,7 +78,8 @@ fn parse_query(raw: Option<&str>) -> SseQuery {
     q
 }
 
-fn bad(status: StatusCode, code: &str, message: String) -> Response {
+/// A JSON refusal `{"code","message"}` with `status` (the consumer endpoints' error shape).
+pub(super) fn bad(status: StatusCode, code: &str, message: String) -> Response {
     (
         status,
         axum::Json(json!({"code": code, "message": message})),
@@ -297,13 +298,17 @@ fn parse_ack_wait(v: Option<&str>) -> Result<Option<Duration>, String> {
     .transpose()
 }
 
-/// The HTTP status of a refused durable subscribe, by its `/v1/ws` error code.
-fn refused_status(code: &str) -> StatusCode {
-    match code {
-        "durable_mismatch" | "unrecoverable_position" => StatusCode::CONFLICT,
-        "too_many_durables" => StatusCode::TOO_MANY_REQUESTS,
-        "unavailable" => StatusCode::SERVICE_UNAVAILABLE,
-        _ => StatusCode::BAD_REQUEST,
+/// The answer to a refused durable subscribe: its `/v1/ws` error code with a status that
+/// says what to do (each code spelled out, so `tests/it/asyncapi` finds what is sent).
+fn refusal(r: Refused) -> Response {
+    let m = r.message;
+    match r.code {
+        "durable_mismatch" => bad(StatusCode::CONFLICT, "durable_mismatch", m),
+        "unrecoverable_position" => bad(StatusCode::CONFLICT, "unrecoverable_position", m),
+        "too_many_durables" => bad(StatusCode::TOO_MANY_REQUESTS, "too_many_durables", m),
+        "unavailable" => bad(StatusCode::SERVICE_UNAVAILABLE, "unavailable", m),
+        "bad_pattern" => bad(StatusCode::BAD_REQUEST, "bad_pattern", m),
+        _ => bad(StatusCode::BAD_REQUEST, "bad_request", m),
     }
 }
 
@@ -353,7 +358,7 @@ async fn durable_stream(
         .await
     {
         Ok(sub) => sub,
-        Err(r) => return bad(refused_status(r.code), r.code, r.message),
+        Err(r) => return refusal(r),
     };
     tracing::debug!(consumer = %consumer.name, durable = %req.name, "durable SSE stream attached");
     let guard = hub.session();
@@ -469,7 +474,12 @@ impl DurableStreams {
     }
 
     /// The stream `session` ("s12") if it is open, of `consumer`, on the durable `name`.
-    fn get(&self, session: &str, consumer: &str, name: &str) -> Option<Arc<DurableHandle>> {
+    pub(super) fn get(
+        &self,
+        session: &str,
+        consumer: &str,
+        name: &str,
+    ) -> Option<Arc<DurableHandle>> {
         let n: u64 = session.strip_prefix('s')?.parse().ok()?;
         let (owner, handle) = self.lock().get(&n).cloned()?;
         let handle = handle.upgrade()?;
@@ -490,115 +500,6 @@ impl DurableAlive {
         Event::default()
             .id(d.seq.to_string())
             .data(durable_data(d.seq, d.delivery, text))
-    }
-}
-
-/// The body of `POST /v1/durables/{name}/ack`: exactly one of `seqs` and `upto`, and with
-/// `upto` the stream's `session`.
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct AckBody {
-    #[serde(default)]
-    seqs: Option<Vec<u64>>,
-    #[serde(default)]
-    upto: Option<u64>,
-    #[serde(default)]
-    session: Option<String>,
-}
-
-/// `POST /v1/durables/{name}/ack`: acknowledges events of the consumer's durable `name`, for
-/// SSE consumers (which cannot send on their stream). Same authentication as
-/// `/v1/events`. Body `{"seqs":[..]}` (any connection's events: one may finish what went to
-/// another after its ack deadline) or `{"upto":n,"session":"s12"}` (every event up to `n`
-/// that the stream `session` holds, never another stream's: the rule of `upto` on `/v1/ws`).
-/// Answers 200 `{"acked":n,"ignored":m}` (unknown and already acknowledged seqs are ignored
-/// and counted, never an error), 401 for an unknown token, 404 for a durable this consumer
-/// does not have (`unknown_durable`) or a stream that is not open (`unknown_session`), 400
-/// for a bad body; errors are JSON `{"code","message"}`.
-pub async fn ack(
-    State(hub): State<Arc<Hub>>,
-    headers: HeaderMap,
-    path: Result<axum::extract::Path<String>, axum::extract::rejection::PathRejection>,
-    RawQuery(raw): RawQuery,
-    body: axum::body::Bytes,
-) -> Response {
-    let q = parse_query(raw.as_deref());
-    let Some(consumer) = hub.authenticate(&headers, q.token.as_deref()) else {
-        return bad(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "unknown or missing consumer token".into(),
-        );
-    };
-    let name = match path {
-        Ok(axum::extract::Path(name)) => name,
-        Err(e) => return bad(StatusCode::BAD_REQUEST, "bad_request", e.body_text()),
-    };
-    let body = match serde_json::from_slice::<AckBody>(&body) {
-        Ok(b) => b,
-        Err(e) => {
-            return bad(
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                format!("body: {e}; expected {{\"seqs\":[..]}} or {{\"upto\":n}}"),
-            )
-        }
-    };
-    let seqs = match (body.seqs, body.upto, body.session) {
-        (Some(seqs), None, None) if seqs.len() > hub.max_ack_seqs => {
-            return bad(
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                format!(
-                    "at most {} seqs per ack (limits.max_unacked)",
-                    hub.max_ack_seqs
-                ),
-            )
-        }
-        (Some(seqs), None, None) => seqs,
-        (None, Some(upto), Some(session)) => {
-            let Some(handle) = hub.sse_durable.get(&session, &consumer.name, &name) else {
-                return bad(
-                    StatusCode::NOT_FOUND,
-                    "unknown_session",
-                    format!("no open stream {session:?} of the durable {name:?}"),
-                );
-            };
-            let out = handle.ack_upto(upto);
-            return axum::Json(json!({"acked": out.acked, "ignored": out.ignored}))
-                .into_response();
-        }
-        (None, Some(_), None) => {
-            return bad(
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                "upto needs the stream's session (from its subscribed event): it acks only what that stream holds".into(),
-            )
-        }
-        _ => {
-            return bad(
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                "ack takes either {\"seqs\":[..]} or {\"upto\":n,\"session\":..}".into(),
-            )
-        }
-    };
-    let key = crate::storage::DurableKey {
-        consumer: consumer.name.to_string(),
-        name,
-    };
-    match hub.durables.ack(&key, Some(&seqs), None) {
-        Ok(out) => axum::Json(json!({"acked": out.acked, "ignored": out.ignored})).into_response(),
-        Err(super::durable::AdminError::Unknown { .. }) => bad(
-            StatusCode::NOT_FOUND,
-            "unknown_durable",
-            format!("this consumer has no durable {:?}", key.name),
-        ),
-        Err(e) => bad(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            e.to_string(),
-        ),
     }
 }
 
