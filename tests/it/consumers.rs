@@ -8,7 +8,8 @@
 //! no gap and no duplicate; a cursor from another store (another epoch) is refused by the
 //! bridge with `unrecoverable_position` and the consumer re-syncs from `earliest` (or exits
 //! with status 4 when told to); a token the bridge refuses makes the consumer exit with
-//! status 3 at once instead of retrying forever.
+//! status 3 at once instead of retrying forever; with `--durable` (the bridge keeps the
+//! cursor) a second run gets exactly what the first did not acknowledge.
 //!
 //! The Python consumer's dependency (`websockets`) is installed from PyPI into a venv under
 //! the cargo target's scratch directory, the Node consumer's (`ws`) from npm: if that fails
