@@ -526,4 +526,36 @@ mod tests {
         assert_eq!(q.from.as_deref(), Some("earliest"));
         assert_eq!(q.token.as_deref(), Some("t"));
     }
+
+    #[test]
+    fn durable_parameters_parse_as_the_subscribe_members() {
+        let q = parse_query(Some(
+            "durable=billing&ack_wait=250ms&max_deliver=3&max_unacked=16&from=earliest",
+        ));
+        let req = durable_request(&q, "billing".into()).expect("valid");
+        assert_eq!(req.start, Some(Start::Earliest));
+        assert_eq!(req.ack_wait, Some(Duration::from_millis(250)));
+        assert_eq!((req.max_deliver, req.max_unacked), (Some(3), Some(16)));
+        // Milliseconds as a bare number, as on /v1/ws; no `from`: the durable's own cursor.
+        let q = parse_query(Some("durable=b&ack_wait=1500"));
+        let req = durable_request(&q, "b".into()).expect("valid");
+        assert_eq!(
+            (req.start, req.ack_wait),
+            (None, Some(Duration::from_millis(1500)))
+        );
+        for bad in ["ack_wait=soon", "max_deliver=-1", "max_unacked=x", "from=0"] {
+            let q = parse_query(Some(bad));
+            assert!(durable_request(&q, "b".into()).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_durable_event_carries_seq_delivery_and_the_envelope() {
+        let data = durable_data(42, 2, r#"{"id":"e1","seq":42}"#);
+        let v: serde_json::Value = serde_json::from_str(&data).expect("JSON");
+        assert_eq!(
+            v,
+            json!({"seq": 42, "delivery": 2, "event": {"id": "e1", "seq": 42}})
+        );
+    }
 }

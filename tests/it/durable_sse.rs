@@ -4,11 +4,13 @@
 //! reconnected stream gets back exactly the unacknowledged ones (`delivery` 2) and ignores
 //! `Last-Event-ID`, two streams share one durable, a deleted durable ends its stream, and the
 //! refusals (unknown durable 404, wrong token 401, bad body 400, `durable_mismatch` 409,
-//! `too_many_durables` 429, bad parameters 400) are JSON with the `/v1/ws` error code.
+//! `too_many_durables` 429, bad parameters 400) are JSON with the `/v1/ws` error code. The
+//! stream tests run on both backends (the embedded file and the shared NATS server).
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
+use crate::common::nats::{cleanup, nats_config, unique_prefix, SHARED_NATS};
 use crate::common::*;
 use serde_json::{json, Value};
 use wsbridge::bridge::Bridge;
@@ -21,31 +23,62 @@ const TOKEN: &str = "token-durable-sse";
 const OTHER_TOKEN: &str = "token-durable-sse-other";
 const CALLS: &str = "types=voipbin.call.*";
 
+#[derive(Clone, Copy, Debug)]
+enum Backend {
+    Embedded,
+    Nats,
+}
+
 struct Setup {
     bridge: Bridge,
     vb: Simulator,
     published: tokio::sync::broadcast::Receiver<Arc<Published>>,
+    /// The NATS backend's prefix, for the cleanup.
+    nats_prefix: Option<String>,
 }
 
 async fn setup(extra: &str) -> Setup {
+    setup_on(Backend::Embedded, extra).await
+}
+
+async fn setup_on(backend: Backend, extra: &str) -> Setup {
     let vb = start_sim(Provider::Voipbin).await;
-    let cfg = config(&[
+    let blocks = [
         upstream_block("vb", &vb, FAST),
         format!(
             "[[consumers]]\nname = \"billing\"\ntoken = \"{TOKEN}\"\n\n\
              [[consumers]]\nname = \"other\"\ntoken = \"{OTHER_TOKEN}\"\n\n{extra}"
         ),
-    ]);
+    ];
+    let (cfg, nats_prefix) = match backend {
+        Backend::Embedded => (config(&blocks), None),
+        Backend::Nats => {
+            let prefix = unique_prefix("dsse");
+            (
+                nats_config(&blocks, &[SHARED_NATS.to_string()], &prefix, ""),
+                Some(prefix),
+            )
+        }
+    };
     let (bridge, published) = start_bridge(&cfg).await;
     wait_sim_ready(&vb, 1).await;
     Setup {
         bridge,
         vb,
         published,
+        nats_prefix,
     }
 }
 
 impl Setup {
+    /// Stops the bridge and removes what it left on NATS.
+    async fn finish(self) {
+        self.bridge.shutdown().await;
+        if let Some(prefix) = &self.nats_prefix {
+            cleanup(SHARED_NATS, prefix).await;
+        }
+    }
+
     /// Emits calls `range` and waits until each is journalled; their seqs.
     async fn emit(&mut self, range: std::ops::Range<usize>) -> Vec<u64> {
         let mut seqs = Vec::new();
@@ -210,9 +243,8 @@ fn ones(seqs: &[u64], delivery: u64) -> Vec<(u64, u64)> {
 
 /// Events, acks by POST, and a reconnect that gets back exactly the unacknowledged ones with
 /// `delivery` 2 (the bridge keeps the cursor: `from` and `Last-Event-ID` do not move it).
-#[tokio::test]
-async fn acks_by_post_and_a_reconnect_gets_back_only_the_unacked() {
-    let mut s = setup("").await;
+async fn acks_by_post_and_a_reconnect_gets_back_only_the_unacked(backend: Backend) {
+    let mut s = setup_on(backend, "").await;
     let seqs = s.emit(1..6).await;
     let query = format!("durable=billing-sync&{CALLS}&from=earliest");
 
@@ -290,13 +322,23 @@ async fn acks_by_post_and_a_reconnect_gets_back_only_the_unacked() {
     assert_eq!(subscribed["pending"], 0, "{subscribed}");
     let next = s.emit(7..8).await;
     assert_eq!(stream.deliveries(1).await, ones(&next, 1));
-    s.bridge.shutdown().await;
+    drop(stream);
+    s.finish().await;
+}
+
+#[tokio::test]
+async fn acks_by_post_and_a_reconnect_gets_back_only_the_unacked_embedded() {
+    acks_by_post_and_a_reconnect_gets_back_only_the_unacked(Backend::Embedded).await;
+}
+
+#[tokio::test]
+async fn acks_by_post_and_a_reconnect_gets_back_only_the_unacked_nats() {
+    acks_by_post_and_a_reconnect_gets_back_only_the_unacked(Backend::Nats).await;
 }
 
 /// Two streams on one durable share its events: each to one of them, none lost, none twice.
-#[tokio::test]
-async fn two_streams_share_one_durable() {
-    let mut s = setup("").await;
+async fn two_streams_share_one_durable(backend: Backend) {
+    let mut s = setup_on(backend, "").await;
     let query = format!("durable=workers&{CALLS}&max_unacked=2");
     let (mut a, a_sub) = s.attach(&query).await;
     let (mut b, b_sub) = s.attach(&query).await;
@@ -339,7 +381,18 @@ async fn two_streams_share_one_durable() {
         seqs.iter().copied().collect(),
         "every event once ({per_stream:?} per stream)"
     );
-    s.bridge.shutdown().await;
+    drop((a, b));
+    s.finish().await;
+}
+
+#[tokio::test]
+async fn two_streams_share_one_durable_embedded() {
+    two_streams_share_one_durable(Backend::Embedded).await;
+}
+
+#[tokio::test]
+async fn two_streams_share_one_durable_nats() {
+    two_streams_share_one_durable(Backend::Nats).await;
 }
 
 /// Deleting the durable ends its stream with a final `event: error`.
