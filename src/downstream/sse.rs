@@ -163,19 +163,10 @@ pub async fn stream(
     // slow verdict: a watcher counts it and drops the queued events (and the replay budget
     // they hold) at once; the stream ends with the verdict when it is next polled.
     let feed = Arc::new(tokio::sync::Mutex::new(Some(feed)));
-    tokio::spawn({
-        let (feed, slow, stop, hub) = (feed.clone(), slow.clone(), stop.clone(), hub.clone());
-        async move {
-            tokio::select! {
-                _ = slow.cancelled() => {
-                    hub.stats
-                        .slow_disconnects
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    tracing::info!(consumer = %consumer.name, "closing a slow SSE consumer");
-                    feed.lock().await.take();
-                }
-                _ = stop.cancelled() => {}
-            }
+    watch_slow(&hub, &consumer, &slow, &stop, {
+        let feed = feed.clone();
+        || async move {
+            feed.lock().await.take();
         }
     });
     let alive = Alive {
@@ -253,6 +244,15 @@ pub async fn stream(
             None => None,
         }
     });
+    respond(events)
+}
+
+/// The SSE response over `events`, with a `: keep-alive` comment every 15 s so that proxies
+/// do not close an idle stream.
+fn respond<S>(events: S) -> Response
+where
+    S: futures_util::Stream<Item = Result<Event, Infallible>> + Send + 'static,
+{
     Sse::new(events)
         .keep_alive(
             KeepAlive::new()
@@ -260,6 +260,34 @@ pub async fn stream(
                 .text("keep-alive"),
         )
         .into_response()
+}
+
+/// Counts and logs a slow-consumer verdict on `slow` as soon as it comes, then runs `then`
+/// (a consumer that stopped reading is not polled, so its stream cannot act on it); ends
+/// with `stop`, cancelled when the stream is dropped.
+fn watch_slow<F, Fut>(
+    hub: &Arc<Hub>,
+    consumer: &Arc<Consumer>,
+    slow: &tokio_util::sync::CancellationToken,
+    stop: &tokio_util::sync::CancellationToken,
+    then: F,
+) where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let (hub, consumer, slow, stop) = (hub.clone(), consumer.clone(), slow.clone(), stop.clone());
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = slow.cancelled() => {
+                hub.stats
+                    .slow_disconnects
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::info!(consumer = %consumer.name, "closing a slow SSE consumer");
+                then().await;
+            }
+            _ = stop.cancelled() => {}
+        }
+    });
 }
 
 /// `from` as a query parameter: absent or `latest`, `earliest`, or a positive seq; otherwise
@@ -372,21 +400,7 @@ async fn durable_stream(
     // The durable detaches a connection that cannot take its events (and gives them to the
     // others); a watcher counts that at once, even while the stream is not polled.
     let stop = tokio_util::sync::CancellationToken::new();
-    tokio::spawn({
-        let (slow, stop, hub, consumer) =
-            (slow.clone(), stop.clone(), hub.clone(), consumer.clone());
-        async move {
-            tokio::select! {
-                _ = slow.cancelled() => {
-                    hub.stats
-                        .slow_disconnects
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    tracing::info!(consumer = %consumer.name, "closing a slow durable SSE consumer");
-                }
-                _ = stop.cancelled() => {}
-            }
-        }
-    });
+    watch_slow(&hub, &consumer, &slow, &stop, || async {});
     let state = DurableAlive {
         events: sub.events,
         _handle: handle,
@@ -418,13 +432,7 @@ async fn durable_stream(
         }
     });
     let events = stream::once(async move { Ok(subscribed) }).chain(events);
-    Sse::new(events)
-        .keep_alive(
-            KeepAlive::new()
-                .interval(Duration::from_secs(15))
-                .text("keep-alive"),
-        )
-        .into_response()
+    respond(events)
 }
 
 /// What lives as long as a durable stream: its events, its hold on the durable (detached when
