@@ -35,8 +35,8 @@ use frames::{frame, parse_event, Mark, FRAME_BYTES, START};
 use raw::raw_server;
 use report::print_table;
 use scenarios::{
-    scenario_fanout, scenario_ingest, scenario_latency, scenario_latency1, scenario_memory,
-    scenario_reconnect, scenario_webhooks, Opts,
+    scenario_durable, scenario_fanout, scenario_ingest, scenario_latency, scenario_latency1,
+    scenario_memory, scenario_reconnect, scenario_webhooks, Opts,
 };
 use servers::{nchan_available, System, NCHAN_MODULE, NGINX};
 
@@ -67,6 +67,7 @@ const SCENARIOS: &[&str] = &[
     "webhooks",
     "memory",
     "reconnect",
+    "durable",
 ];
 
 fn usage() -> ! {
@@ -220,6 +221,7 @@ fn main() {
                 "webhooks" => scenario_webhooks(&o, &mut rows).await?,
                 "memory" => scenario_memory(&o, &mut rows).await?,
                 "reconnect" => scenario_reconnect(&o, &mut rows).await?,
+                "durable" => scenario_durable(&o, &mut rows).await?,
                 _ => {}
             }
         }

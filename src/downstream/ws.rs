@@ -104,6 +104,8 @@ pub async fn upgrade(
 }
 
 /// A client op.
+// A parse result that lives for one frame: the size of `Subscribe` costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Deserialize)]
 #[serde(tag = "op", rename_all = "lowercase")]
 enum ClientOp {
@@ -735,13 +737,10 @@ async fn apply_op(
             max_unacked,
             max_deliver,
         } => {
-            if let Err(frame) = check_id(&id) {
-                return (frame, None);
-            }
-            let key = sub_key(&id);
-            if let Err(frame) = room_for(subs, &key, &id) {
-                return (frame, None);
-            }
+            let key = match new_key(subs, &id) {
+                Ok(key) => key,
+                Err(frame) => return (frame, None),
+            };
             let start = match from.as_ref().map(|f| parse_start(Some(f))) {
                 None => None,
                 Some(Ok(s)) => Some(s),
@@ -802,13 +801,10 @@ async fn apply_op(
             epoch,
             ..
         } => {
-            if let Err(frame) = check_id(&id) {
-                return (frame, None);
-            }
-            let key = sub_key(&id);
-            if let Err(frame) = room_for(subs, &key, &id) {
-                return (frame, None);
-            }
+            let key = match new_key(subs, &id) {
+                Ok(key) => key,
+                Err(frame) => return (frame, None),
+            };
             let (filter, start) = match subscribe_target(&id, &filter, from.as_ref()) {
                 Ok(target) => target,
                 Err(frame) => return (frame, None),
@@ -848,6 +844,15 @@ async fn apply_op(
             }
         }
     }
+}
+
+/// The key of a new subscription `id`, or the `error` frame when the id is not a string or a
+/// number, is taken, or the connection holds its maximum.
+fn new_key(subs: &Subs, id: &Value) -> Result<String, String> {
+    check_id(id)?;
+    let key = sub_key(id);
+    room_for(subs, &key, id)?;
+    Ok(key)
 }
 
 /// Whether a new subscription `key` may be added: the `error` frame when the connection

@@ -18,21 +18,23 @@ use crate::downstream::durable::{AdminError, SeekTo};
 use crate::storage::DurableKey;
 
 /// The `{consumer}/{name}` of a durable route, or the 400 answer.
-fn key(path: Result<Path<(String, String)>, PathRejection>) -> Result<DurableKey, Response> {
+fn key(path: Result<Path<(String, String)>, PathRejection>) -> Result<DurableKey, Box<Response>> {
     path.map(|Path((consumer, name))| DurableKey { consumer, name })
-        .map_err(|e| error(StatusCode::BAD_REQUEST, e.body_text()))
+        .map_err(|e| Box::new(error(StatusCode::BAD_REQUEST, e.body_text())))
 }
 
 fn failed(e: AdminError) -> Response {
     match e {
         AdminError::Unknown { .. } => error(StatusCode::NOT_FOUND, e.to_string()),
-        AdminError::Position(m) => error(StatusCode::BAD_REQUEST, m),
         AdminError::Store(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
 }
 
 /// `GET /v1/admin/durables`.
 pub(super) async fn list(State(state): State<Arc<AppState>>) -> Response {
+    if let Err(e) = state.hub.durables.refresh().await {
+        return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
+    }
     match state.store.position().await {
         Ok(pos) => Json(json!({ "durables": state.hub.durables.list(pos.head) })).into_response(),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
@@ -46,9 +48,9 @@ pub(super) async fn dead_letters(
 ) -> Response {
     let key = match key(path) {
         Ok(k) => k,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
-    match state.hub.durables.dead_letters(&key) {
+    match state.hub.durables.dead_letters(&key).await {
         Ok(list) => {
             let list: Vec<_> = list
                 .iter()
@@ -82,7 +84,7 @@ pub(super) async fn seek(
 ) -> Response {
     let key = match key(path) {
         Ok(k) => k,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let to = match body {
         Ok(Json(SeekBody {
@@ -124,7 +126,7 @@ pub(super) async fn replay(
 ) -> Response {
     let key = match key(path) {
         Ok(k) => k,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     match body {
         Ok(Json(ReplayBody { dead: true })) => {}
@@ -147,7 +149,7 @@ pub(super) async fn delete(
 ) -> Response {
     let key = match key(path) {
         Ok(k) => k,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     match state.hub.durables.delete(&key).await {
         Ok(()) => Json(json!({"consumer": key.consumer, "name": key.name, "deleted": true}))

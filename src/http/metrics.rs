@@ -293,6 +293,10 @@ pub async fn render(state: &AppState) -> String {
             i64::try_from(pos.head).unwrap_or(i64::MAX),
         );
     }
+    // On a shared store, what other instances did since (a failed read keeps the last view).
+    if available {
+        let _ = state.hub.durables.refresh().await;
+    }
     durable_metrics(&mut r, state, position.as_ref().map(|p| p.head));
     if let Some(bytes) = state.store.size_bytes() {
         gauge(

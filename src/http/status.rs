@@ -91,6 +91,9 @@ async fn summary(state: &AppState) -> Value {
         Err(why) => json!({"error": why}),
     };
     // Each durable's progress (its filter and timings are on the admin API).
+    if position.is_ok() {
+        let _ = state.hub.durables.refresh().await;
+    }
     let durables: Vec<Value> = match &position {
         Ok(p) => state
             .hub

@@ -123,6 +123,20 @@ async fn the_console_tails_charts_and_replays_a_dead_letter() {
     })
     .await;
     gone.wait_for(1, DEADLINE).await;
+    // A durable subscription for the console's table (owned by the admin consumer), left
+    // idle with everything unacked: its lag is the journal's head.
+    {
+        use futures_util::SinkExt;
+        let mut ws = crate::common::ws::connect(&bridge, ADMIN).await;
+        crate::common::ws::recv(&mut ws).await;
+        ws.send(tokio_tungstenite::tungstenite::Message::text(
+            json!({"op": "subscribe", "id": 1, "durable": "console", "from": "earliest", "max_unacked": 1})
+                .to_string(),
+        ))
+        .await
+        .expect("subscribe");
+        assert_eq!(crate::common::ws::recv(&mut ws).await["op"], "subscribed");
+    }
 
     // Hashi events keep coming while the browser runs (four a second, until it is done).
     let live = tokio::spawn({
@@ -147,6 +161,14 @@ async fn the_console_tails_charts_and_replays_a_dead_letter() {
     live.abort();
 
     assert_eq!(seen["publicTailHidden"], true, "{seen}");
+    assert_eq!(seen["durableName"], "console", "{seen}");
+    assert!(
+        seen["durableLag"]
+            .as_str()
+            .and_then(|t| t.replace(',', "").parse::<u64>().ok())
+            .is_some_and(|lag| lag >= 3),
+        "the durable's lag is shown: {seen}"
+    );
     assert_eq!(seen["publicDeadHidden"], true, "{seen}");
     assert_eq!(seen["tokenInStorage"], ADMIN);
     assert_eq!(

@@ -128,6 +128,17 @@ async fn admin(
     (status, serde_json::from_str(&text).unwrap_or(Value::Null))
 }
 
+/// Waits until the (first) durable the admin API lists satisfies `pred`.
+async fn wait_durable(bridge: &Bridge, what: &str, pred: impl Fn(&Value) -> bool) {
+    eventually(what, DEADLINE, || async {
+        match durables(bridge).await.first() {
+            Some(d) if pred(d) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+}
+
 async fn durables(bridge: &Bridge) -> Vec<Value> {
     let (_, v) = admin(bridge, reqwest::Method::GET, "/v1/admin/durables", None).await;
     v["durables"].as_array().cloned().unwrap_or_default()
@@ -150,17 +161,9 @@ async fn acked_events_stay_acked_and_only_the_unacked_come_back_with_delivery_2(
         json!({"op": "ack", "id": "s1", "seqs": [seqs[0], seqs[1], seqs[3]]}),
     )
     .await;
-    eventually(
-        "the floor moves past the acked prefix",
-        DEADLINE,
-        || async {
-            let list = durables(&bridge).await;
-            match list.first() {
-                Some(d) if d["acked"] == seqs[1] && d["pending"] == 3 => Ok(()),
-                other => Err(format!("{other:?}")),
-            }
-        },
-    )
+    wait_durable(&bridge, "the floor moves past the acked prefix", |d| {
+        d["acked"] == seqs[1] && d["pending"] == 3
+    })
     .await;
     drop(ws);
 
@@ -193,12 +196,8 @@ async fn acked_events_stay_acked_and_only_the_unacked_come_back_with_delivery_2(
         json!({"op": "ack", "id": "again", "upto": new.seq}),
     )
     .await;
-    eventually("everything acked", DEADLINE, || async {
-        let list = durables(&bridge).await;
-        match list.first() {
-            Some(d) if d["acked"] == new.seq && d["pending"] == 0 && d["lag"] == 0 => Ok(()),
-            other => Err(format!("{other:?}")),
-        }
+    wait_durable(&bridge, "everything acked", |d| {
+        d["acked"] == new.seq && d["pending"] == 0 && d["lag"] == 0
     })
     .await;
     let metrics = metrics_text(&bridge).await;
@@ -306,11 +305,8 @@ async fn unacked_events_come_back_after_ack_wait_then_go_to_dead_letters_and_rep
         },
         "sent again after ack_wait"
     );
-    eventually("dead-lettered after max_deliver", DEADLINE, || async {
-        match durables(&bridge).await.first() {
-            Some(d) if d["dead"] == 1 => Ok(()),
-            other => Err(format!("{other:?}")),
-        }
+    wait_durable(&bridge, "dead-lettered after max_deliver", |d| {
+        d["dead"] == 1
     })
     .await;
     let (_, dead) = admin(
@@ -345,11 +341,8 @@ async fn unacked_events_come_back_after_ack_wait_then_go_to_dead_letters_and_rep
         json!({"op": "ack", "id": "s", "seqs": [first.seq]}),
     )
     .await;
-    eventually("acked and no dead letter left", DEADLINE, || async {
-        match durables(&bridge).await.first() {
-            Some(d) if d["dead"] == 0 && d["pending"] == 0 => Ok(()),
-            other => Err(format!("{other:?}")),
-        }
+    wait_durable(&bridge, "acked and no dead letter left", |d| {
+        d["dead"] == 0 && d["pending"] == 0
     })
     .await;
     // Unknown durables are 404 on every route.
@@ -482,13 +475,7 @@ async fn seek_sends_from_the_new_position_and_delete_ends_the_subscription() {
     let got = events(&mut ws, 5).await;
     let last = got.last().expect("events").seq;
     send(&mut ws, json!({"op": "ack", "id": "s", "upto": last})).await;
-    eventually("all acked", DEADLINE, || async {
-        match durables(&bridge).await.first() {
-            Some(d) if d["acked"] == last => Ok(()),
-            other => Err(format!("{other:?}")),
-        }
-    })
-    .await;
+    wait_durable(&bridge, "all acked", |d| d["acked"] == last).await;
     let (status, _) = admin(
         &bridge,
         reqwest::Method::POST,
@@ -502,15 +489,16 @@ async fn seek_sends_from_the_new_position_and_delete_ends_the_subscription() {
         again.iter().map(|g| g.seq).collect::<Vec<_>>(),
         got[2..].iter().map(|g| g.seq).collect::<Vec<_>>()
     );
-    // Seeking outside the journal is refused.
-    let (status, _) = admin(
+    // Beyond the head: from the next new event (the answer says where).
+    let (status, moved) = admin(
         &bridge,
         reqwest::Method::POST,
         "/v1/admin/durables/worker/seeker/seek",
         Some(json!({"seq": 1_000_000})),
     )
     .await;
-    assert_eq!(status, 400);
+    assert_eq!(status, 200);
+    assert_eq!(moved["seq"], last + 1, "{moved}");
     // By time: from the start of the journal.
     let (status, _) = admin(
         &bridge,

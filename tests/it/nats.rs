@@ -185,6 +185,108 @@ async fn a_consumer_resumes_on_another_instance_without_gap() {
     cleanup(SHARED_NATS, &prefix).await;
 }
 
+/// Subscribes durable `name` from `earliest`; the `subscribed` answer.
+async fn subscribe_durable(ws: &mut Ws, name: &str) -> Value {
+    let ready = recv(ws).await;
+    assert_eq!(ready["op"], "ready", "{ready}");
+    ws.send(Message::text(
+        json!({"op": "subscribe", "id": "d", "durable": name, "from": "earliest"}).to_string(),
+    ))
+    .await
+    .expect("send");
+    let answer = recv(ws).await;
+    assert_eq!(answer["op"], "subscribed", "{answer}");
+    answer
+}
+
+/// `n` durable event frames as (seq, delivery).
+async fn durable_events(ws: &mut Ws, n: usize) -> Vec<(u64, u64)> {
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let f = recv(ws).await;
+        assert_eq!(f["op"], "event", "unexpected frame {f}");
+        out.push((
+            f["seq"].as_u64().expect("seq"),
+            f["delivery"].as_u64().expect("delivery"),
+        ));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_consumed_on_one_instance_continues_on_another() {
+    let prefix = unique_prefix("durable");
+    let vb = start_sim(Provider::Voipbin).await;
+    let blocks = [upstream_block("vb", &vb, FAST), consumer_block()];
+    let urls = [SHARED_NATS.to_string()];
+    let cfg = nats_config(&blocks, &urls, &prefix, "");
+    let (a, _) = start_bridge(&cfg).await;
+    let (b, _) = start_bridge(&cfg).await;
+    wait_sim_ready(&vb, 2).await;
+
+    let mut on_a = connect(&a, TOKEN).await;
+    let sub = subscribe_durable(&mut on_a, "billing").await;
+    assert_eq!(sub["acked"], 0, "{sub}");
+    emit_range(&vb, 0..20).await;
+    let first = durable_events(&mut on_a, 20).await;
+    assert!(first.iter().all(|(_, d)| *d == 1), "{first:?}");
+    // Ack the first 12 (and one more above the gap), then leave instance A.
+    on_a.send(Message::text(
+        json!({"op": "ack", "id": "d", "upto": first[11].0}).to_string(),
+    ))
+    .await
+    .expect("ack");
+    on_a.send(Message::text(
+        json!({"op": "ack", "id": "d", "seqs": [first[15].0]}).to_string(),
+    ))
+    .await
+    .expect("ack");
+    // The acks reach the store with A's next save; wait until A shows them, then close.
+    eventually("A saved the acks", DEADLINE, || async {
+        let v = admin(&a, "GET", "durables", None).await;
+        match v["durables"][0]["acked"].as_u64() {
+            Some(f) if f == first[11].0 => Ok(()),
+            other => Err(format!("{other:?} in {v}")),
+        }
+    })
+    .await;
+    drop(on_a);
+    // A's pump saves once more when the connection is gone; B reads the store when its
+    // connection subscribes.
+    eventually("the durable is idle on A", DEADLINE, || async {
+        let v = admin(&a, "GET", "durables", None).await;
+        match v["durables"][0]["connections"].as_u64() {
+            Some(0) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+
+    let mut on_b = connect(&b, TOKEN).await;
+    let sub = subscribe_durable(&mut on_b, "billing").await;
+    assert_eq!(sub["acked"], first[11].0, "{sub}");
+    let expected: Vec<(u64, u64)> = first[12..]
+        .iter()
+        .filter(|(s, _)| *s != first[15].0)
+        .map(|(s, _)| (*s, 2))
+        .collect();
+    let again = durable_events(&mut on_b, expected.len()).await;
+    assert_eq!(
+        again, expected,
+        "exactly the unacked, as redeliveries, on B"
+    );
+    emit_range(&vb, 20..22).await;
+    let new = durable_events(&mut on_b, 2).await;
+    assert!(new.iter().all(|(_, d)| *d == 1), "{new:?}");
+    // B's admin view lists it with its connection.
+    let v = admin(&b, "GET", "durables", None).await;
+    assert_eq!(v["durables"][0]["connections"], 1, "{v}");
+
+    a.shutdown().await;
+    b.shutdown().await;
+    cleanup(SHARED_NATS, &prefix).await;
+}
+
 async fn admin(bridge: &Bridge, method: &str, path: &str, body: Option<Value>) -> Value {
     let url = format!("http://{}/v1/admin/{path}", bridge.local_addr());
     let client = http_client();

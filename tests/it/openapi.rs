@@ -70,7 +70,11 @@ fn routed_paths() -> BTreeSet<String> {
             let path = entry.expect("entry").path();
             if path.extension().is_some_and(|e| e == "rs") {
                 let text = std::fs::read_to_string(&path).expect("source");
-                for part in text.split(".route(\"").skip(1) {
+                // `.route("…"`, also when rustfmt put the path on the next line.
+                for part in text.split(".route(").skip(1) {
+                    let Some(part) = part.trim_start().strip_prefix('"') else {
+                        continue;
+                    };
                     if let Some(end) = part.find('"') {
                         paths.insert(part[..end].to_string());
                     }
@@ -103,9 +107,35 @@ fn the_document_names_every_route_and_no_other() {
     );
 }
 
+/// Whether the request path `path` is an instance of the document's `template` (each
+/// `{param}` segment stands for one non-empty segment).
+fn path_fits(template: &str, path: &str) -> bool {
+    let (t, p): (Vec<&str>, Vec<&str>) = (template.split('/').collect(), path.split('/').collect());
+    t.len() == p.len()
+        && t.iter().zip(&p).all(|(t, p)| {
+            if t.starts_with('{') && t.ends_with('}') {
+                !p.is_empty()
+            } else {
+                t == p
+            }
+        })
+}
+
+/// Subscribes durable `name` (from the start) as subscription `id`.
+async fn keep_durable(ws: &mut crate::common::ws::Ws, name: &str, id: u32) {
+    let op = serde_json::json!({"op": "subscribe", "id": id, "durable": name, "from": "earliest"});
+    let _ = futures_util::SinkExt::send(
+        ws,
+        tokio_tungstenite::tungstenite::Message::text(op.to_string()),
+    )
+    .await;
+}
+
+/// The consumer whose durables the document's examples name.
+const WORKER_TOKEN: &str = "token-openapi-worker";
+
 /// A bridge with the admin token, a webhook whose endpoint refuses connections (so it has
-/// dead letters to list), events in the journal, and a durable subscription `billing-sync` of
-/// the consumer `admin` (the admin token's, which schemathesis sends) for the ack operation.
+/// dead letters to list), events in the journal, and durables the document's examples name.
 async fn live_bridge() -> (Bridge, Simulator) {
     let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("probe port");
     let dead_addr = probe.local_addr().expect("probe addr");
@@ -118,16 +148,43 @@ async fn live_bridge() -> (Bridge, Simulator) {
                 "[[webhooks]]\nname = \"crm\"\nurl = \"http://{dead_addr}/hooks\"\nsecrets = [\"{SECRET}\"]\nallow_private = true\nretry = [\"50ms\"]\ntimeout = \"5s\"\n"
             ),
             "[[routes]]\nname = \"calls\"\nproviders = [\"voipbin\"]\nto = [\"crm\"]\n".to_string(),
+            format!("[[consumers]]\nname = \"worker\"\ntoken = \"{WORKER_TOKEN}\"\n"),
         ],
         ADMIN_TOKEN,
     );
     let (bridge, _rx) = start_bridge(&cfg).await;
     wait_sim_ready(&vb, 1).await;
+    // The durables the document's examples name: `billing-sync`, and `scratch` to delete, of
+    // the consumer `worker`; and `billing-sync` of the consumer `admin` (the admin token's,
+    // which schemathesis sends) for the ack operation. Schemathesis deletes whichever names
+    // it learnt from the list, so each is held by a connection that subscribes it again
+    // (creating it anew) when it is deleted.
+    for (token, name) in [
+        (WORKER_TOKEN, "billing-sync"),
+        (WORKER_TOKEN, "scratch"),
+        (ADMIN_TOKEN, "billing-sync"),
+    ] {
+        let mut ws = crate::common::ws::connect(&bridge, token).await;
+        crate::common::ws::recv(&mut ws).await;
+        keep_durable(&mut ws, name, 0).await;
+        assert_eq!(crate::common::ws::recv(&mut ws).await["op"], "subscribed");
+        tokio::spawn(async move {
+            use futures_util::StreamExt;
+            let mut n = 0;
+            while let Some(Ok(msg)) = ws.next().await {
+                let text = msg.into_text().unwrap_or_default();
+                let frame: Value = serde_json::from_str(text.as_str()).unwrap_or(Value::Null);
+                if frame["code"] == "unknown_durable" {
+                    n += 1;
+                    keep_durable(&mut ws, name, n).await;
+                }
+            }
+        });
+    }
     for i in 1..4 {
         assert_eq!(vb.emit(numbered_call(i)).await, 1);
     }
     wait_published(&bridge, 3).await;
-    durable_of_admin(&bridge).await;
     let store = bridge.store().clone();
     eventually("dead letters to list", DEADLINE, || async {
         let dead = store.counts("crm").await.expect("counts").dead;
@@ -135,22 +192,6 @@ async fn live_bridge() -> (Bridge, Simulator) {
     })
     .await;
     (bridge, vb)
-}
-
-/// Creates the durable `billing-sync` of the consumer `admin` over `/v1/ws` (it outlives the
-/// connection).
-async fn durable_of_admin(bridge: &Bridge) {
-    use futures_util::SinkExt;
-    let mut ws = crate::common::ws::connect(bridge, ADMIN_TOKEN).await;
-    assert_eq!(crate::common::ws::recv(&mut ws).await["op"], "ready");
-    ws.send(tokio_tungstenite::tungstenite::Message::text(
-        serde_json::json!({"op": "subscribe", "id": "d", "durable": "billing-sync", "from": "earliest"})
-            .to_string(),
-    ))
-    .await
-    .expect("subscribe sent");
-    let answer = crate::common::ws::recv(&mut ws).await;
-    assert_eq!(answer["op"], "subscribed", "{answer}");
 }
 
 #[tokio::test]
@@ -176,10 +217,15 @@ async fn the_bridge_serves_the_document_and_admin_operations_need_the_token() {
             } else {
                 admin_ops += 1;
             }
-            let url = format!("{base}{}", path.replace("{name}", "crm"));
+            let url = format!(
+                "{base}{}",
+                path.replace("{name}", "crm")
+                    .replace("{consumer}", "worker")
+            );
             for token in [None, Some("wrong-token")] {
                 let mut req = match method.as_str() {
                     "post" => client.post(&url).header("content-type", "application/json"),
+                    "delete" => client.delete(&url),
                     _ => client.get(&url),
                 };
                 if let Some(t) = token {
@@ -199,7 +245,7 @@ async fn the_bridge_serves_the_document_and_admin_operations_need_the_token() {
             }
         }
     }
-    assert_eq!((admin_ops, consumer_ops), (5, 1));
+    assert_eq!((admin_ops, consumer_ops), (10, 1));
 
     // A webhook name that is not UTF-8 once decoded gets the documented JSON 400 (axum's
     // own answer was plain text).
@@ -325,17 +371,8 @@ async fn schemathesis_finds_every_operation_true_to_the_document() {
             continue;
         }
         for method in item.as_object().expect("path item").keys() {
-            let (prefix, suffix) = template.split_once("{name}").unwrap_or((template, ""));
             let succeeded = answered.iter().any(|(m, p, status)| {
-                m == method
-                    && (200..300).contains(status)
-                    && if template.contains("{name}") {
-                        p.starts_with(prefix)
-                            && p.ends_with(suffix)
-                            && p.len() > prefix.len() + suffix.len()
-                    } else {
-                        p == template
-                    }
+                m == method && (200..300).contains(status) && path_fits(template, p)
             });
             assert!(succeeded, "{method} {template} was never answered 2xx");
         }

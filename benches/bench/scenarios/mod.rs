@@ -1,5 +1,6 @@
 //! The scenarios, each adding rows to the report, and what they share.
 
+mod durable;
 mod fanout;
 mod ingest;
 mod latency1;
@@ -18,6 +19,7 @@ use crate::pusher::{Pace, Pusher};
 use crate::servers::System;
 use crate::Res;
 
+pub(crate) use durable::scenario_durable;
 pub(crate) use fanout::{scenario_fanout, scenario_latency};
 pub(crate) use ingest::scenario_ingest;
 pub(crate) use latency1::scenario_latency1;

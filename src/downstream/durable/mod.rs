@@ -204,9 +204,6 @@ pub enum AdminError {
         /// The name.
         name: String,
     },
-    /// The seek target is not in the journal.
-    #[error("{0}")]
-    Position(String),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -251,6 +248,9 @@ struct Durable {
     saving: tokio::sync::Mutex<()>,
     /// Counts seeks: the pump reads from the new cursor when it changes.
     moved: AtomicU64,
+    /// How often a serving pump saves even without a change, so that the saved activity
+    /// time stays fresh for other instances' `limits.durable_ttl` expiry.
+    heartbeat: Duration,
 }
 
 struct Link {
@@ -298,22 +298,55 @@ impl Durables {
         };
         let mut map = lock(&self.map);
         for s in saved {
-            match serde_json::from_slice::<Saved>(&s.state) {
-                Ok(saved) => match Durable::from_saved(s.key.clone(), saved, &self.limits) {
-                    Some(d) => {
-                        map.insert(s.key, Arc::new(d));
-                    }
-                    None => {
-                        warn!(consumer = %s.key.consumer, durable = %s.key.name, "saved durable has a filter that no longer compiles; skipped")
-                    }
-                },
-                Err(e) => {
-                    warn!(consumer = %s.key.consumer, durable = %s.key.name, error = %e, "saved durable state unreadable; skipped")
-                }
+            if let Some(d) = self.parse(s) {
+                map.insert(d.key.clone(), Arc::new(d));
             }
         }
         info!(durables = map.len(), "durable consumers loaded");
         self.available.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// A saved durable, or `None` (logged) when its state cannot be used.
+    fn parse(&self, s: SavedDurable) -> Option<Durable> {
+        match serde_json::from_slice::<Saved>(&s.state) {
+            Ok(saved) => {
+                let d = Durable::from_saved(s.key.clone(), saved, &self.limits);
+                if d.is_none() {
+                    warn!(consumer = %s.key.consumer, durable = %s.key.name, "saved durable has a filter that no longer compiles; skipped");
+                }
+                d
+            }
+            Err(e) => {
+                warn!(consumer = %s.key.consumer, durable = %s.key.name, error = %e, "saved durable state unreadable; skipped");
+                None
+            }
+        }
+    }
+
+    /// On a store other bridge instances share (NATS): takes every durable this instance
+    /// does not serve now from the store again (another instance may have moved it, created
+    /// it or deleted it), so a durable continues on this instance where the other left off,
+    /// and the admin API, status and expiry see what the store holds. A durable this
+    /// instance serves keeps its live state. Nothing to do on a store of its own.
+    pub async fn refresh(&self) -> Result<(), StoreError> {
+        if !self.store.shared() || !self.available.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let saved = self.store.durables().await?;
+        let parsed: Vec<Durable> = saved.into_iter().filter_map(|s| self.parse(s)).collect();
+        let mut map = lock(&self.map);
+        let keys: std::collections::BTreeSet<DurableKey> =
+            parsed.iter().map(|d| d.key.clone()).collect();
+        map.retain(|k, d| keys.contains(k) || d.serving());
+        for d in parsed {
+            match map.get(&d.key) {
+                Some(ours) if ours.serving() => {}
+                _ => {
+                    map.insert(d.key.clone(), Arc::new(d));
+                }
+            }
+        }
         Ok(())
     }
 
@@ -329,6 +362,10 @@ impl Durables {
             }
             let ttl = i64::try_from(self.limits.ttl.as_millis()).unwrap_or(i64::MAX);
             let cutoff = now_ms().saturating_sub(ttl);
+            if let Err(e) = self.refresh().await {
+                warn!(error = %e, "cannot read the durables from the store; expiry waits for the next round");
+                continue;
+            }
             let idle: Vec<Arc<Durable>> = lock(&self.map)
                 .values()
                 .filter(|d| {
@@ -395,6 +432,9 @@ impl Durables {
             .position()
             .await
             .map_err(|e| refused("unavailable", e.to_string()))?;
+        self.refresh()
+            .await
+            .map_err(|e| refused("unavailable", e.to_string()))?;
         let existing = lock(&self.map).get(&key).cloned();
         let durable = match existing {
             Some(d) => {
@@ -437,30 +477,31 @@ impl Durables {
         })
     }
 
-    /// Every durable, for the admin API and status (`head`: the journal's newest seq).
+    /// Every durable, for the admin API and status (`head`: the journal's newest seq); on a
+    /// shared store call [`Durables::refresh`] first.
     pub fn list(&self, head: u64) -> Vec<DurableInfo> {
         lock(&self.map).values().map(|d| d.info(head)).collect()
     }
 
     /// The dead letters of a durable.
-    pub fn dead_letters(&self, key: &DurableKey) -> Result<Vec<DeadLetter>, AdminError> {
+    pub async fn dead_letters(&self, key: &DurableKey) -> Result<Vec<DeadLetter>, AdminError> {
+        self.refresh().await?;
         Ok(lock(&self.get(key)?.state).dead_letters())
     }
 
-    /// Moves the durable's cursor; its connections get what follows from there.
+    /// Moves the durable's cursor (kept within the journal); its connections get what follows
+    /// from there. Returns the seq it moved to.
     pub async fn seek(&self, key: &DurableKey, to: SeekTo) -> Result<u64, AdminError> {
+        self.refresh().await?;
         let d = self.get(key)?;
         let pos = self.store.position().await?;
         let seq = match to {
             SeekTo::Seq(s) => s,
             SeekTo::Time(ms) => self.store.seq_at(ms).await?,
         };
-        if seq < pos.first || seq > pos.head.saturating_add(1) {
-            return Err(AdminError::Position(format!(
-                "seq {seq} is not in the journal ({}..={})",
-                pos.first, pos.head
-            )));
-        }
+        // Before the oldest retained event: from the oldest; beyond the head: from the next
+        // new event. The answer says where it went.
+        let seq = seq.clamp(pos.first.max(1), pos.head.saturating_add(1));
         lock(&d.state).seek(seq.saturating_sub(1));
         d.moved.fetch_add(1, Ordering::AcqRel);
         d.wake.notify_one();
@@ -471,6 +512,7 @@ impl Durables {
 
     /// Sends the durable's dead letters again (delivery counts reset); how many.
     pub async fn replay_dead(&self, key: &DurableKey) -> Result<usize, AdminError> {
+        self.refresh().await?;
         let d = self.get(key)?;
         let n = lock(&d.state).replay_dead();
         d.wake.notify_one();
@@ -480,6 +522,7 @@ impl Durables {
 
     /// Deletes a durable; its connections' subscriptions end (`unknown_durable`).
     pub async fn delete(&self, key: &DurableKey) -> Result<(), AdminError> {
+        self.refresh().await?;
         let d = self.get(key)?;
         self.remove(&d).await?;
         info!(consumer = %key.consumer, durable = %key.name, "durable deleted by the admin API");
@@ -704,6 +747,7 @@ impl Durable {
             deleted: CancellationToken::new(),
             saving: tokio::sync::Mutex::new(()),
             moved: AtomicU64::new(0),
+            heartbeat: (limits.ttl / 4).clamp(Duration::from_secs(1), Duration::from_secs(60)),
         }
     }
 
@@ -719,6 +763,12 @@ impl Durable {
             saved.active_ms,
             limits,
         ))
+    }
+
+    /// Whether this instance serves the durable now (connections attached, or its pump
+    /// still finishing).
+    fn serving(&self) -> bool {
+        self.pumping.load(Ordering::Acquire) || !lock(&self.links).is_empty()
     }
 
     fn touch(&self) {
@@ -893,6 +943,9 @@ async fn pump(d: Arc<Durable>, hub: Arc<Hub>, allow: Arc<Filter>) {
     let mut feed: Option<Feed> = None;
     let mut moved = d.moved.load(Ordering::Acquire);
     let mut retry_at: Option<tokio::time::Instant> = None;
+    let mut heartbeat = tokio::time::interval(d.heartbeat);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    heartbeat.tick().await;
     loop {
         requeue_wanted(&d, &store).await;
         let now = now_ms();
@@ -958,6 +1011,12 @@ async fn pump(d: Arc<Durable>, hub: Arc<Hub>, allow: Arc<Filter>) {
         tokio::select! {
             _ = d.wake.notified() => {}
             _ = d.deleted.cancelled() => {}
+            _ = heartbeat.tick() => {
+                d.touch();
+                if let Err(e) = d.save_if(&store, true).await {
+                    warn!(consumer = %d.key.consumer, durable = %d.key.name, error = %e, "cannot save the durable's state; retrying with the next change");
+                }
+            }
             _ = sleep_until(timer), if timer.is_some() => {}
             _ = sleep_until(retry_at), if retry_at.is_some() && feed.is_none() => {}
             item = next_of(&mut feed), if reading => {

@@ -420,10 +420,7 @@ impl DurableState {
     /// instead.
     pub fn dispatch(&mut self, now_ms: i64) -> Vec<Send> {
         let mut sends = Vec::new();
-        loop {
-            let Some(&seq) = self.ready.first() else {
-                break;
-            };
+        while let Some(&seq) = self.ready.first() {
             let Some(conn) = self.pick_conn() else {
                 break;
             };

@@ -69,6 +69,8 @@ function closed(schema) {
   const read = (f) => fs.readFileSync(path.join(downstreamDir, f), 'utf8').split('#[cfg(test)]')[0];
   const ws = read('ws.rs');
   const sse = read('sse.rs');
+  // Durable subscribes are refused with these codes (sent through `error_frame` in ws.rs).
+  const durable = read('durable/mod.rs');
   const wsOps = new Set([
     ...all(/"op":\s*"([a-z_]+)"/g, ws),
     // The client ops the parser knows.
@@ -78,6 +80,7 @@ function closed(schema) {
     ...all(/error_frame\(\s*"([a-z_]+)"/g, ws),
     ...all(/"code":\s*"([a-z_]+)"/g, ws),
     ...all(/\(\s*"([a-z_]+)",\s*(?:e\.to_string|format!)/g, ws),
+    ...all(/refused\(\s*"([a-z_]+)"/g, durable),
   ]);
   const sseCodes = new Set(all(/bad\(\s*StatusCode::[A-Z_]+,\s*"([a-z_]+)"/g, sse));
   const sseDataCodes = new Set(all(/"code":\s*"([a-z_]+)"/g, sse));

@@ -26,6 +26,10 @@ const STEP_MS = 30000;
     await page.waitForSelector("#last-updated:not(:text('never'))", { timeout: STEP_MS });
     seen.publicTailHidden = await page.locator("#tail-section").isHidden();
     seen.publicDeadHidden = await page.locator("#dead-section").isHidden();
+    // The durable subscription the test created, with its lag.
+    await page.waitForSelector("#durable-admin-console-lag", { timeout: STEP_MS });
+    seen.durableName = await page.textContent("#durable-admin-console-name");
+    seen.durableLag = await page.textContent("#durable-admin-console-lag");
 
     await page.fill("#admin-token", token);
     await page.click("#token-save");
