@@ -9,7 +9,8 @@
 //! bridge with `unrecoverable_position` and the consumer re-syncs from `earliest` (or exits
 //! with status 4 when told to); a token the bridge refuses makes the consumer exit with
 //! status 3 at once instead of retrying forever; with `--durable` (the bridge keeps the
-//! cursor) a second run gets exactly what the first did not acknowledge.
+//! cursor) a second run gets exactly what the first did not acknowledge, and the Python and
+//! the Node consumer on one durable share its events, each once.
 //!
 //! The Python consumer's dependency (`websockets`) is installed from PyPI into a venv under
 //! the cargo target's scratch directory, the Node consumer's (`ws`) from npm: if that fails
@@ -477,6 +478,84 @@ async fn durable_run_resumes_where_the_acks_left_it(lang: Lang) {
             .ok_or(format!("acked {} pending {}", d.acked, d.pending))
     })
     .await;
+    s.bridge.shutdown().await;
+}
+
+/// The Python and the Node consumer on one durable share its events: each event printed by
+/// one of them, once, none lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_and_node_consumers_share_one_durable() {
+    let mut s = setup().await;
+    let args = vec![
+        "--url".to_string(),
+        format!("ws://{}/v1/ws", s.bridge.local_addr()),
+        "--token".into(),
+        TOKEN.into(),
+        "--durable".into(),
+        "shared-worker".into(),
+    ];
+    let (python, node) = blocking(move || {
+        let start = |lang: Lang| {
+            let mut cmd = lang.command();
+            cmd.args(&args);
+            ConsumerProc::start(format!("{} consumer (shared durable)", lang.name()), cmd)
+        };
+        (start(Lang::Python), start(Lang::Node))
+    })
+    .await;
+    // Both attached before the events come, so that both can get some.
+    let head = s.bridge.store().position().await.expect("position").head;
+    eventually("two connections on the durable", RUN_DEADLINE, || async {
+        let list = s.bridge.hub().durables.list(head);
+        let n = list.first().map_or(0, |d| d.connections);
+        (n == 2).then_some(()).ok_or(format!("{n} connections"))
+    })
+    .await;
+    let journalled = emit(&mut s, 1..21).await;
+    let lines = blocking(move || {
+        let deadline = Instant::now() + RUN_DEADLINE;
+        let mut lines: Vec<(&'static str, String)> = Vec::new();
+        let events =
+            |l: &[(&str, String)]| l.iter().filter(|(_, l)| l.starts_with("EVENT ")).count();
+        while events(&lines) < 20 {
+            let mut got = false;
+            for (who, run) in [("python", &python), ("node", &node)] {
+                if let Ok(line) = run.run.lines.try_recv() {
+                    lines.push((who, line));
+                    got = true;
+                }
+            }
+            if !got {
+                if Instant::now() > deadline {
+                    node.fail(
+                        &format!(
+                            "20 events not printed in time; python's stderr:\n{}\nlines: {lines:?}",
+                            python.run.stderr()
+                        ),
+                        &[],
+                    );
+                }
+                thread::sleep(Duration::from_millis(10));
+            }
+        }
+        lines
+    })
+    .await;
+    let mut printed: Vec<String> = lines
+        .iter()
+        .filter(|(_, l)| l.starts_with("EVENT "))
+        .map(|(_, l)| l.clone())
+        .collect();
+    printed.sort_by_key(|l| seqs(std::slice::from_ref(l)));
+    assert_eq!(printed, journalled, "each event once, none lost: {lines:?}");
+    for who in ["python", "node"] {
+        assert!(
+            lines
+                .iter()
+                .any(|(w, l)| *w == who && l.starts_with("EVENT ")),
+            "{who} got none of the events (shared round-robin): {lines:?}"
+        );
+    }
     s.bridge.shutdown().await;
 }
 
