@@ -12,14 +12,14 @@
 //! **Durable** (`?durable=NAME`, README "Durable subscriptions over SSE"): the bridge keeps the
 //! cursor, so `Last-Event-ID` is ignored and `from` applies only when the durable is created;
 //! `ack_wait`, `max_deliver` and `max_unacked` are query parameters as in the `/v1/ws`
-//! subscribe. The stream starts with `event: subscribed` (`{"durable","session","acked",
-//! "pending"}`),
-//! then each event is `id: <seq>` and one `data:` line with the object the WebSocket event
-//! frame carries, `{"seq":42,"delivery":1,"event":<envelope>}`: every event, redelivered or
-//! not, is a default (`message`) event, so a client listening for messages alone misses none,
-//! and the delivery count is there for all. The client acknowledges with
-//! `POST /v1/durables/{name}/ack` ([`super::acks`]); an ack `upto` a seq names the stream by the
-//! `session` its `subscribed` event gave, and settles only what that stream holds. The stream ends with `event: error`
+//! subscribe. The stream starts with `event: subscribed`
+//! (`{"durable","session","acked","pending"}`), then each event is `id: <seq>` and one `data:`
+//! line with the object the WebSocket event frame carries,
+//! `{"seq":42,"delivery":1,"event":<envelope>}`: every event, redelivered or not, is a default
+//! (`message`) event, so a client listening for messages alone misses none, and the delivery
+//! count is there for all. The client acknowledges with `POST /v1/durables/{name}/ack`
+//! ([`super::acks`]); an ack `upto` a seq names the stream by the `session` its `subscribed`
+//! event gave, and settles only what that stream holds. The stream ends with `event: error`
 //! (`unknown_durable: ...`) when the durable is deleted. A refusal of the subscribe is a JSON
 //! 4xx/503 with the `/v1/ws` error code.
 
@@ -419,6 +419,9 @@ async fn durable_stream(
         let end = |message: &str| Some((Ok(Event::default().event("error").data(message)), None));
         tokio::select! {
             biased;
+            // The verdict first: the durable has detached this stream already, and what it
+            // still has queued went to the other connections.
+            _ = alive.slow.cancelled() => end("slow consumer"),
             d = alive.events.recv() => match d {
                 Some(d) => {
                     let event = alive.event(&d);
@@ -426,7 +429,6 @@ async fn durable_stream(
                 }
                 None => end("unknown_durable: the durable was deleted"),
             },
-            _ = alive.slow.cancelled() => end("slow consumer"),
             _ = alive.hub.shutdown.cancelled() => None,
             _ = alive.revoked.cancelled() => end("consumer configuration changed"),
         }
