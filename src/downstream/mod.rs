@@ -5,7 +5,9 @@
 //! - [`ConsumerConfig`]: `[[consumers]]`, a token and what that consumer may ever see;
 //! - [`subscription`]: the core both protocols share: replay from the journal, then live,
 //!   with no gap and no duplicate, and the slow-consumer rule;
-//! - [`ws`] and [`sse`]: the two wire protocols.
+//! - [`ws`] and [`sse`]: the two wire protocols, and [`acks`]: `POST
+//!   /v1/durables/{name}/ack`, the acknowledgements of durable SSE streams;
+//! - [`durable`]: durable subscriptions, the cursors the bridge keeps.
 //!
 //! Memory is bounded per connection: a live subscription reads shared pointers to events
 //! (each serialised once by the journal) from the one shared ring; a consumer more than the
@@ -15,6 +17,7 @@
 //! per connection and in total ([`budget`]), and one consumer token may hold at most
 //! `limits.max_connections_per_token` connections (one more is refused with HTTP 429).
 
+pub mod acks;
 pub mod budget;
 pub mod durable;
 pub mod sse;
@@ -182,6 +185,13 @@ pub struct Hub {
     admin: Option<Arc<Consumer>>,
     /// Durable subscriptions (cursors the bridge keeps, with acks).
     pub durables: Arc<durable::Durables>,
+    /// Most seqs one `POST /v1/durables/{name}/ack` may name: `limits.max_unacked`, what one
+    /// connection may hold, so one request can always ack all a stream holds while a body
+    /// cannot make the bridge walk an unbounded list.
+    max_ack_seqs: usize,
+    /// The open durable SSE streams, so that an ack `upto` a seq settles only what its own
+    /// stream holds.
+    sse_durable: sse::DurableStreams,
 }
 
 impl Hub {
@@ -220,6 +230,8 @@ impl Hub {
             limits: downstream_limits,
             traces,
             admin,
+            max_ack_seqs: limits.max_unacked,
+            sse_durable: sse::DurableStreams::default(),
         })
     }
 
@@ -396,5 +408,6 @@ pub fn router(hub: Arc<Hub>) -> axum::Router {
     axum::Router::new()
         .route("/v1/ws", axum::routing::get(ws::upgrade))
         .route("/v1/events", axum::routing::get(sse::stream))
+        .route("/v1/durables/{name}/ack", axum::routing::post(acks::post))
         .with_state(hub)
 }

@@ -8,6 +8,20 @@
 //! `event: error` (`slow consumer`) and the stream ends; it reconnects with `Last-Event-ID`.
 //! So does one that does not read its replay (see [`super::budget`]). A token that holds
 //! `limits.max_connections_per_token` connections already is refused with 429.
+//!
+//! **Durable** (`?durable=NAME`, README "Durable subscriptions over SSE"): the bridge keeps the
+//! cursor, so `Last-Event-ID` is ignored and `from` applies only when the durable is created;
+//! `ack_wait`, `max_deliver` and `max_unacked` are query parameters as in the `/v1/ws`
+//! subscribe. The stream starts with `event: subscribed`
+//! (`{"durable","session","acked","pending"}`), then each event is `id: <seq>` and one `data:`
+//! line with the object the WebSocket event frame carries,
+//! `{"seq":42,"delivery":1,"event":<envelope>}`: every event, redelivered or not, is a default
+//! (`message`) event, so a client listening for messages alone misses none, and the delivery
+//! count is there for all. The client acknowledges with `POST /v1/durables/{name}/ack`
+//! ([`super::acks`]); an ack `upto` a seq names the stream by the `session` its `subscribed`
+//! event gave, and settles only what that stream holds. The stream ends with `event: error`
+//! (`unknown_durable: ...`) when the durable is deleted. A refusal of the subscribe is a JSON
+//! 4xx/503 with the `/v1/ws` error code.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -17,22 +31,28 @@ use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use futures_util::stream;
+use futures_util::{stream, StreamExt};
 use serde_json::json;
 
+use super::durable::{Delivery, DurableHandle, DurableRequest, Refused};
 use super::subscription::{self, FeedControl, FeedEnd, FeedItem, OpenError, Start};
-use super::Hub;
+use super::{Consumer, Hub};
 use crate::routing::{Filter, FilterConfig};
 
 /// Query parameters of `/v1/events`, each list accepting commas and repeats.
 #[derive(Default)]
-struct SseQuery {
-    token: Option<String>,
+pub(super) struct SseQuery {
+    pub(super) token: Option<String>,
     filter: FilterConfig,
     from: Option<String>,
+    /// A durable subscription's name (absent: a plain stream).
+    durable: Option<String>,
+    ack_wait: Option<String>,
+    max_deliver: Option<String>,
+    max_unacked: Option<String>,
 }
 
-fn parse_query(raw: Option<&str>) -> SseQuery {
+pub(super) fn parse_query(raw: Option<&str>) -> SseQuery {
     let mut q = SseQuery::default();
     for (k, v) in url::form_urlencoded::parse(raw.unwrap_or("").as_bytes()) {
         let list = |v: &str| {
@@ -48,13 +68,18 @@ fn parse_query(raw: Option<&str>) -> SseQuery {
             "types" => q.filter.types.extend(list(&v)),
             "subjects" => q.filter.subjects.extend(list(&v)),
             "from" => q.from = Some(v.into_owned()),
+            "durable" => q.durable = Some(v.into_owned()),
+            "ack_wait" => q.ack_wait = Some(v.into_owned()),
+            "max_deliver" => q.max_deliver = Some(v.into_owned()),
+            "max_unacked" => q.max_unacked = Some(v.into_owned()),
             _ => {}
         }
     }
     q
 }
 
-fn bad(status: StatusCode, code: &str, message: String) -> Response {
+/// A JSON refusal `{"code","message"}` with `status` (the consumer endpoints' error shape).
+pub(super) fn bad(status: StatusCode, code: &str, message: String) -> Response {
     (
         status,
         axum::Json(json!({"code": code, "message": message})),
@@ -90,9 +115,13 @@ pub async fn stream(
             return bad(StatusCode::BAD_REQUEST, "bad_pattern", msg);
         }
     };
+    if let Some(name) = q.durable.clone() {
+        // The bridge keeps a durable's cursor: Last-Event-ID means nothing here.
+        return durable_stream(hub, consumer, slot, q, name).await;
+    }
     let last_event_id = headers.get("last-event-id").and_then(|v| v.to_str().ok());
-    let start = match (last_event_id, q.from.as_deref()) {
-        (Some(id), _) => match id.trim().parse::<u64>() {
+    let start = match last_event_id {
+        Some(id) => match id.trim().parse::<u64>() {
             Ok(seq) => Start::Seq(seq.saturating_add(1)),
             Err(_) => {
                 return bad(
@@ -102,17 +131,9 @@ pub async fn stream(
                 )
             }
         },
-        (None, None | Some("latest")) => Start::Latest,
-        (None, Some("earliest")) => Start::Earliest,
-        (None, Some(s)) => match s.parse::<u64>() {
-            Ok(seq) if seq > 0 => Start::Seq(seq),
-            _ => {
-                return bad(
-                    StatusCode::BAD_REQUEST,
-                    "bad_request",
-                    format!("from={s:?}: use latest, earliest or a seq"),
-                )
-            }
+        None => match parse_from(q.from.as_deref()) {
+            Ok(start) => start,
+            Err(m) => return bad(StatusCode::BAD_REQUEST, "bad_request", m),
         },
     };
     let budget = hub.replay.connection();
@@ -142,19 +163,10 @@ pub async fn stream(
     // slow verdict: a watcher counts it and drops the queued events (and the replay budget
     // they hold) at once; the stream ends with the verdict when it is next polled.
     let feed = Arc::new(tokio::sync::Mutex::new(Some(feed)));
-    tokio::spawn({
-        let (feed, slow, stop, hub) = (feed.clone(), slow.clone(), stop.clone(), hub.clone());
-        async move {
-            tokio::select! {
-                _ = slow.cancelled() => {
-                    hub.stats
-                        .slow_disconnects
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    tracing::info!(consumer = %consumer.name, "closing a slow SSE consumer");
-                    feed.lock().await.take();
-                }
-                _ = stop.cancelled() => {}
-            }
+    watch_slow(&hub, &consumer, &slow, &stop, {
+        let feed = feed.clone();
+        || async move {
+            feed.lock().await.take();
         }
     });
     let alive = Alive {
@@ -232,6 +244,15 @@ pub async fn stream(
             None => None,
         }
     });
+    respond(events)
+}
+
+/// The SSE response over `events`, with a `: keep-alive` comment every 15 s so that proxies
+/// do not close an idle stream.
+fn respond<S>(events: S) -> Response
+where
+    S: futures_util::Stream<Item = Result<Event, Infallible>> + Send + 'static,
+{
     Sse::new(events)
         .keep_alive(
             KeepAlive::new()
@@ -239,6 +260,257 @@ pub async fn stream(
                 .text("keep-alive"),
         )
         .into_response()
+}
+
+/// Counts and logs a slow-consumer verdict on `slow` as soon as it comes, then runs `then`
+/// (a consumer that stopped reading is not polled, so its stream cannot act on it); ends
+/// with `stop`, cancelled when the stream is dropped.
+fn watch_slow<F, Fut>(
+    hub: &Arc<Hub>,
+    consumer: &Arc<Consumer>,
+    slow: &tokio_util::sync::CancellationToken,
+    stop: &tokio_util::sync::CancellationToken,
+    then: F,
+) where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let (hub, consumer, slow, stop) = (hub.clone(), consumer.clone(), slow.clone(), stop.clone());
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = slow.cancelled() => {
+                hub.stats
+                    .slow_disconnects
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::info!(consumer = %consumer.name, "closing a slow SSE consumer");
+                then().await;
+            }
+            _ = stop.cancelled() => {}
+        }
+    });
+}
+
+/// `from` as a query parameter: absent or `latest`, `earliest`, or a positive seq; otherwise
+/// what is wrong (a `bad_request`).
+fn parse_from(from: Option<&str>) -> Result<Start, String> {
+    match from {
+        None | Some("latest") => Ok(Start::Latest),
+        Some("earliest") => Ok(Start::Earliest),
+        Some(s) => match s.parse::<u64>() {
+            Ok(seq) if seq > 0 => Ok(Start::Seq(seq)),
+            _ => Err(format!("from={s:?}: use latest, earliest or a seq")),
+        },
+    }
+}
+
+/// A number query parameter, or what is wrong with it.
+fn parse_number<T: std::str::FromStr>(what: &str, v: Option<&str>) -> Result<Option<T>, String> {
+    v.map(|t| {
+        t.trim()
+            .parse::<T>()
+            .map_err(|_| format!("{what}={t:?} is not a number"))
+    })
+    .transpose()
+}
+
+/// `ack_wait` as a query parameter: a duration like `30s` or `250ms`, or a number of
+/// milliseconds (as on `/v1/ws`); otherwise what is wrong.
+fn parse_ack_wait(v: Option<&str>) -> Result<Option<Duration>, String> {
+    v.map(|t| {
+        let t = t.trim();
+        t.parse::<u64>()
+            .map(Duration::from_millis)
+            .or_else(|_| humantime::parse_duration(t))
+            .map_err(|_| format!("ack_wait={t:?}: a duration like \"30s\" or milliseconds"))
+    })
+    .transpose()
+}
+
+/// The answer to a refused durable subscribe: its `/v1/ws` error code with a status that
+/// says what to do (each code spelled out, so `tests/it/asyncapi` finds what is sent).
+fn refusal(r: Refused) -> Response {
+    let m = r.message;
+    match r.code {
+        "durable_mismatch" => bad(StatusCode::CONFLICT, "durable_mismatch", m),
+        "unrecoverable_position" => bad(StatusCode::CONFLICT, "unrecoverable_position", m),
+        "too_many_durables" => bad(StatusCode::TOO_MANY_REQUESTS, "too_many_durables", m),
+        "unavailable" => bad(StatusCode::SERVICE_UNAVAILABLE, "unavailable", m),
+        "bad_pattern" => bad(StatusCode::BAD_REQUEST, "bad_pattern", m),
+        _ => bad(StatusCode::BAD_REQUEST, "bad_request", m),
+    }
+}
+
+/// The durable subscription's request from the query, or what is wrong (a `bad_request`).
+fn durable_request(q: &SseQuery, name: String) -> Result<DurableRequest, String> {
+    let start = match q.from.as_deref() {
+        None => None,
+        from => Some(parse_from(from)?),
+    };
+    Ok(DurableRequest {
+        name,
+        start,
+        ack_wait: parse_ack_wait(q.ack_wait.as_deref())?,
+        max_deliver: parse_number("max_deliver", q.max_deliver.as_deref())?,
+        max_unacked: parse_number("max_unacked", q.max_unacked.as_deref())?,
+    })
+}
+
+/// `data` of a durable event: `{"seq":<seq>,"delivery":<n>,"event":<envelope>}` around the
+/// journal's serialised envelope (the members of the `/v1/ws` event frame).
+fn durable_data(seq: u64, delivery: u32, envelope: &str) -> String {
+    use std::fmt::Write as _;
+    let mut data = String::with_capacity(envelope.len() + 48);
+    // Writing into a String cannot fail.
+    let _ = write!(data, r#"{{"seq":{seq},"delivery":{delivery},"event":"#);
+    data.push_str(envelope);
+    data.push('}');
+    data
+}
+
+/// `GET /v1/events?durable=NAME`: attaches this stream to the durable (see the module doc).
+async fn durable_stream(
+    hub: Arc<Hub>,
+    consumer: Arc<Consumer>,
+    slot: super::ConnectionSlot,
+    q: SseQuery,
+    name: String,
+) -> Response {
+    let req = match durable_request(&q, name) {
+        Ok(req) => req,
+        Err(m) => return bad(StatusCode::BAD_REQUEST, "bad_request", m),
+    };
+    let slow = tokio_util::sync::CancellationToken::new();
+    let sub = match hub
+        .durables
+        .subscribe(&hub, &consumer, &q.filter, &req, &slow)
+        .await
+    {
+        Ok(sub) => sub,
+        Err(r) => return refusal(r),
+    };
+    tracing::debug!(consumer = %consumer.name, durable = %req.name, "durable SSE stream attached");
+    let guard = hub.session();
+    let session = guard.id;
+    let handle = Arc::new(sub.handle);
+    hub.sse_durable.insert(session, &consumer.name, &handle);
+    let subscribed = Event::default().event("subscribed").data(
+        json!({"durable": req.name, "session": format!("s{session}"), "acked": sub.acked, "pending": sub.pending})
+            .to_string(),
+    );
+    // The durable detaches a connection that cannot take its events (and gives them to the
+    // others); a watcher counts that at once, even while the stream is not polled.
+    let stop = tokio_util::sync::CancellationToken::new();
+    watch_slow(&hub, &consumer, &slow, &stop, || async {});
+    let state = DurableAlive {
+        events: sub.events,
+        _handle: handle,
+        session,
+        _guard: guard,
+        _slot: slot,
+        _stop: stop.drop_guard(),
+        revoked: consumer.revoked.clone(),
+        slow,
+        hub,
+    };
+    let events = stream::unfold(Some(state), |alive| async move {
+        // Dropping `alive` (the end of the stream, or the client gone) detaches the
+        // connection: what it holds unacknowledged goes to another one at once.
+        let mut alive = alive?;
+        let end = |message: &str| Some((Ok(Event::default().event("error").data(message)), None));
+        tokio::select! {
+            biased;
+            // The verdict first: the durable has detached this stream already, and what it
+            // still has queued went to the other connections.
+            _ = alive.slow.cancelled() => end("slow consumer"),
+            d = alive.events.recv() => match d {
+                Some(d) => {
+                    let event = alive.event(&d);
+                    Some((Ok::<_, Infallible>(event), Some(alive)))
+                }
+                None => end("unknown_durable: the durable was deleted"),
+            },
+            _ = alive.hub.shutdown.cancelled() => None,
+            _ = alive.revoked.cancelled() => end("consumer configuration changed"),
+        }
+    });
+    let events = stream::once(async move { Ok(subscribed) }).chain(events);
+    respond(events)
+}
+
+/// What lives as long as a durable stream: its events, its hold on the durable (detached when
+/// dropped), the session count, the connection's place and what ends the stream.
+struct DurableAlive {
+    events: tokio::sync::mpsc::Receiver<Delivery>,
+    _handle: Arc<DurableHandle>,
+    /// Its session number, under which [`DurableStreams`] knows it.
+    session: u64,
+    _guard: super::SessionGuard,
+    _slot: super::ConnectionSlot,
+    _stop: tokio_util::sync::DropGuard,
+    revoked: tokio_util::sync::CancellationToken,
+    slow: tokio_util::sync::CancellationToken,
+    hub: Arc<Hub>,
+}
+
+impl Drop for DurableAlive {
+    fn drop(&mut self) {
+        self.hub.sse_durable.remove(self.session);
+    }
+}
+
+/// The open durable SSE streams by session number, each with its consumer's name.
+type StreamMap = std::collections::HashMap<u64, (Arc<str>, std::sync::Weak<DurableHandle>)>;
+
+/// The open durable SSE streams: an ack `upto` a seq names its stream (`session`, from its
+/// `subscribed` event) and settles only what that stream holds, never another worker's
+/// events. One entry per open stream (removed when it ends), so bounded by the connections.
+#[derive(Default)]
+pub struct DurableStreams(std::sync::Mutex<StreamMap>);
+
+impl DurableStreams {
+    fn lock(&self) -> std::sync::MutexGuard<'_, StreamMap> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn insert(&self, session: u64, consumer: &Arc<str>, handle: &Arc<DurableHandle>) {
+        self.lock()
+            .insert(session, (consumer.clone(), Arc::downgrade(handle)));
+    }
+
+    fn remove(&self, session: u64) {
+        self.lock().remove(&session);
+    }
+
+    /// The stream `session` ("s12") if it is open, of `consumer`, on the durable `name`.
+    pub(super) fn get(
+        &self,
+        session: &str,
+        consumer: &str,
+        name: &str,
+    ) -> Option<Arc<DurableHandle>> {
+        let n: u64 = session.strip_prefix('s')?.parse().ok()?;
+        let (owner, handle) = self.lock().get(&n).cloned()?;
+        let handle = handle.upgrade()?;
+        (&*owner == consumer && handle.name() == name).then_some(handle)
+    }
+}
+
+impl DurableAlive {
+    /// The SSE event of one delivery, traced and counted.
+    fn event(&self, d: &Delivery) -> Event {
+        let text = std::str::from_utf8(&d.bytes).unwrap_or("null");
+        // Ends as the event is handed to the response stream.
+        let _span = self.hub.trace_send("sse", d.seq, text);
+        self.hub
+            .stats
+            .frames_sent
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Event::default()
+            .id(d.seq.to_string())
+            .data(durable_data(d.seq, d.delivery, text))
+    }
 }
 
 /// What lives as long as the stream: the session count, the connection's place, the replay task
@@ -263,5 +535,37 @@ mod tests {
         assert_eq!(q.filter.types, vec!["voipbin.call.*", "hashi.lobby.*"]);
         assert_eq!(q.from.as_deref(), Some("earliest"));
         assert_eq!(q.token.as_deref(), Some("t"));
+    }
+
+    #[test]
+    fn durable_parameters_parse_as_the_subscribe_members() {
+        let q = parse_query(Some(
+            "durable=billing&ack_wait=250ms&max_deliver=3&max_unacked=16&from=earliest",
+        ));
+        let req = durable_request(&q, "billing".into()).expect("valid");
+        assert_eq!(req.start, Some(Start::Earliest));
+        assert_eq!(req.ack_wait, Some(Duration::from_millis(250)));
+        assert_eq!((req.max_deliver, req.max_unacked), (Some(3), Some(16)));
+        // Milliseconds as a bare number, as on /v1/ws; no `from`: the durable's own cursor.
+        let q = parse_query(Some("durable=b&ack_wait=1500"));
+        let req = durable_request(&q, "b".into()).expect("valid");
+        assert_eq!(
+            (req.start, req.ack_wait),
+            (None, Some(Duration::from_millis(1500)))
+        );
+        for bad in ["ack_wait=soon", "max_deliver=-1", "max_unacked=x", "from=0"] {
+            let q = parse_query(Some(bad));
+            assert!(durable_request(&q, "b".into()).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_durable_event_carries_seq_delivery_and_the_envelope() {
+        let data = durable_data(42, 2, r#"{"id":"e1","seq":42}"#);
+        let v: serde_json::Value = serde_json::from_str(&data).expect("JSON");
+        assert_eq!(
+            v,
+            json!({"seq": 42, "delivery": 2, "event": {"id": "e1", "seq": 42}})
+        );
     }
 }

@@ -8,7 +8,9 @@
 //! no gap and no duplicate; a cursor from another store (another epoch) is refused by the
 //! bridge with `unrecoverable_position` and the consumer re-syncs from `earliest` (or exits
 //! with status 4 when told to); a token the bridge refuses makes the consumer exit with
-//! status 3 at once instead of retrying forever.
+//! status 3 at once instead of retrying forever; with `--durable` (the bridge keeps the
+//! cursor) a second run gets exactly what the first did not acknowledge, and the Python and
+//! the Node consumer on one durable share its events, each once.
 //!
 //! The Python consumer's dependency (`websockets`) is installed from PyPI into a venv under
 //! the cargo target's scratch directory, the Node consumer's (`ws`) from npm: if that fails
@@ -387,6 +389,184 @@ async fn exits_3_on_a_refused_token(lang: Lang) {
         );
     }
     s.bridge.shutdown().await;
+}
+
+/// The seq and the delivery (1 unless the line says `delivery=N`) of each EVENT line of a
+/// durable run.
+fn durable_seqs(lines: &[String]) -> Vec<(u64, u64)> {
+    lines
+        .iter()
+        .filter_map(|l| l.strip_prefix("EVENT "))
+        .map(|l| {
+            let fields: Vec<&str> = l.split(' ').collect();
+            let delivery = match fields.len() {
+                4 => 1,
+                5 => fields[4]
+                    .strip_prefix("delivery=")
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or_else(|| panic!("a sixth field is delivery=N: {l:?}")),
+                _ => panic!("an EVENT line has five or six fields: {l:?}"),
+            };
+            (fields[0].parse().expect("a numeric seq"), delivery)
+        })
+        .collect()
+}
+
+/// `--durable`: the bridge keeps the cursor. A run that stops after five of eight events has
+/// acked those five; the next run (with no state file) gets the other three, and nothing
+/// else: every event once in all, none lost. Events the first run was sent but did not handle
+/// come again marked `delivery=2`.
+async fn durable_run_resumes_where_the_acks_left_it(lang: Lang) {
+    let mut s = setup().await;
+    let journalled = emit(&mut s, 1..9).await;
+    let args = |max: &str| {
+        vec![
+            "--url".to_string(),
+            format!("ws://{}/v1/ws", s.bridge.local_addr()),
+            "--token".into(),
+            TOKEN.into(),
+            "--durable".into(),
+            "example-worker".into(),
+            "--from".into(),
+            "earliest".into(),
+            "--max-events".into(),
+            max.into(),
+        ]
+    };
+    let first = run_consumer(lang, "durable, first run", args("5")).await;
+    assert!(first.status.success(), "{}", describe(&first));
+    let got = durable_seqs(&first.stdout);
+    assert_eq!(
+        got,
+        vec![(1, 1), (2, 1), (3, 1), (4, 1), (5, 1)],
+        "{}",
+        describe(&first)
+    );
+    let second = run_consumer(lang, "durable, second run", args("3")).await;
+    assert!(second.status.success(), "{}", describe(&second));
+    let got = durable_seqs(&second.stdout);
+    assert_eq!(
+        got.iter().map(|(seq, _)| *seq).collect::<Vec<_>>(),
+        vec![6, 7, 8],
+        "exactly the unacknowledged ones, in order\n{}",
+        describe(&second)
+    );
+    assert!(
+        got.iter().all(|(_, d)| (1..=2).contains(d)),
+        "{}",
+        describe(&second)
+    );
+    // The lines are the journalled events' (the delivery field aside).
+    for line in &second.stdout {
+        if let Some(rest) = line.strip_prefix("EVENT ") {
+            let plain = rest.split(" delivery=").next().unwrap_or(rest);
+            assert!(
+                journalled.contains(&format!("EVENT {plain}")),
+                "{line}\n{}",
+                describe(&second)
+            );
+        }
+    }
+    // Both runs acked all they handled: the durable owes nothing.
+    let head = s.bridge.store().position().await.expect("position").head;
+    let info = s.bridge.hub().durables.list(head);
+    assert_eq!(info.len(), 1, "{info:?}");
+    eventually("the durable's floor at seq 8", DEADLINE, || async {
+        let d = &s.bridge.hub().durables.list(head)[0];
+        (d.acked == 8 && d.pending == 0)
+            .then_some(())
+            .ok_or(format!("acked {} pending {}", d.acked, d.pending))
+    })
+    .await;
+    s.bridge.shutdown().await;
+}
+
+/// The Python and the Node consumer on one durable share its events: each event printed by
+/// one of them, once, none lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_and_node_consumers_share_one_durable() {
+    let mut s = setup().await;
+    let args = vec![
+        "--url".to_string(),
+        format!("ws://{}/v1/ws", s.bridge.local_addr()),
+        "--token".into(),
+        TOKEN.into(),
+        "--durable".into(),
+        "shared-worker".into(),
+    ];
+    let (python, node) = blocking(move || {
+        let start = |lang: Lang| {
+            let mut cmd = lang.command();
+            cmd.args(&args);
+            ConsumerProc::start(format!("{} consumer (shared durable)", lang.name()), cmd)
+        };
+        (start(Lang::Python), start(Lang::Node))
+    })
+    .await;
+    // Both attached before the events come, so that both can get some.
+    let head = s.bridge.store().position().await.expect("position").head;
+    eventually("two connections on the durable", RUN_DEADLINE, || async {
+        let list = s.bridge.hub().durables.list(head);
+        let n = list.first().map_or(0, |d| d.connections);
+        (n == 2).then_some(()).ok_or(format!("{n} connections"))
+    })
+    .await;
+    let journalled = emit(&mut s, 1..21).await;
+    let lines = blocking(move || {
+        let deadline = Instant::now() + RUN_DEADLINE;
+        let mut lines: Vec<(&'static str, String)> = Vec::new();
+        let events =
+            |l: &[(&str, String)]| l.iter().filter(|(_, l)| l.starts_with("EVENT ")).count();
+        while events(&lines) < 20 {
+            let mut got = false;
+            for (who, run) in [("python", &python), ("node", &node)] {
+                if let Ok(line) = run.run.lines.try_recv() {
+                    lines.push((who, line));
+                    got = true;
+                }
+            }
+            if !got {
+                if Instant::now() > deadline {
+                    node.fail(
+                        &format!(
+                            "20 events not printed in time; python's stderr:\n{}\nlines: {lines:?}",
+                            python.run.stderr()
+                        ),
+                        &[],
+                    );
+                }
+                thread::sleep(Duration::from_millis(10));
+            }
+        }
+        lines
+    })
+    .await;
+    let mut printed: Vec<String> = lines
+        .iter()
+        .filter(|(_, l)| l.starts_with("EVENT "))
+        .map(|(_, l)| l.clone())
+        .collect();
+    printed.sort_by_key(|l| seqs(std::slice::from_ref(l)));
+    assert_eq!(printed, journalled, "each event once, none lost: {lines:?}");
+    for who in ["python", "node"] {
+        assert!(
+            lines
+                .iter()
+                .any(|(w, l)| *w == who && l.starts_with("EVENT ")),
+            "{who} got none of the events (shared round-robin): {lines:?}"
+        );
+    }
+    s.bridge.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_consumer_durable_run_resumes_where_the_acks_left_it() {
+    durable_run_resumes_where_the_acks_left_it(Lang::Python).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_consumer_durable_run_resumes_where_the_acks_left_it() {
+    durable_run_resumes_where_the_acks_left_it(Lang::Node).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

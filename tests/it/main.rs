@@ -16,6 +16,7 @@ mod dialect_caps;
 mod dialects;
 mod downstream;
 mod durable;
+mod durable_sse;
 mod golden;
 mod hardening;
 mod kraken;

@@ -5,7 +5,8 @@
 //! target's scratch directory; if Python or PyPI is missing the test fails, it never skips)
 //! runs every operation against a live bridge with the admin token: no 5xx, every status,
 //! content type, header and body as documented, malformed input refused with 4xx, other
-//! methods refused with 405, and the admin operations refused (401) without the token.
+//! methods refused with 405, and the admin operations refused (401) without the token (the
+//! consumer operation, `POST /v1/durables/{name}/ack`, without a consumer token).
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -106,8 +107,6 @@ fn the_document_names_every_route_and_no_other() {
     );
 }
 
-/// A bridge with the admin token, a webhook whose endpoint refuses connections (so it has
-/// dead letters to list) and events in the journal.
 /// Whether the request path `path` is an instance of the document's `template` (each
 /// `{param}` segment stands for one non-empty segment).
 fn path_fits(template: &str, path: &str) -> bool {
@@ -135,6 +134,8 @@ async fn keep_durable(ws: &mut crate::common::ws::Ws, name: &str, id: u32) {
 /// The consumer whose durables the document's examples name.
 const WORKER_TOKEN: &str = "token-openapi-worker";
 
+/// A bridge with the admin token, a webhook whose endpoint refuses connections (so it has
+/// dead letters to list), events in the journal, and durables the document's examples name.
 async fn live_bridge() -> (Bridge, Simulator) {
     let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("probe port");
     let dead_addr = probe.local_addr().expect("probe addr");
@@ -153,11 +154,17 @@ async fn live_bridge() -> (Bridge, Simulator) {
     );
     let (bridge, _rx) = start_bridge(&cfg).await;
     wait_sim_ready(&vb, 1).await;
-    // The durables the document's examples name: `billing-sync`, and `scratch` to delete.
-    // Schemathesis deletes whichever names it learnt from the list, so each is held by a
-    // connection that subscribes it again (creating it anew) when it is deleted.
-    for name in ["billing-sync", "scratch"] {
-        let mut ws = crate::common::ws::connect(&bridge, WORKER_TOKEN).await;
+    // The durables the document's examples name: `billing-sync`, and `scratch` to delete, of
+    // the consumer `worker`; and `billing-sync` of the consumer `admin` (the admin token's,
+    // which schemathesis sends) for the ack operation. Schemathesis deletes whichever names
+    // it learnt from the list, so each is held by a connection that subscribes it again
+    // (creating it anew) when it is deleted.
+    for (token, name) in [
+        (WORKER_TOKEN, "billing-sync"),
+        (WORKER_TOKEN, "scratch"),
+        (ADMIN_TOKEN, "billing-sync"),
+    ] {
+        let mut ws = crate::common::ws::connect(&bridge, token).await;
         crate::common::ws::recv(&mut ws).await;
         keep_durable(&mut ws, name, 0).await;
         assert_eq!(crate::common::ws::recv(&mut ws).await["op"], "subscribed");
@@ -198,12 +205,18 @@ async fn the_bridge_serves_the_document_and_admin_operations_need_the_token() {
     let base = format!("http://{}", bridge.local_addr());
     let paths = document()["paths"].as_object().expect("paths").clone();
     let mut admin_ops = 0;
+    let mut consumer_ops = 0;
     for (path, item) in &paths {
         for (method, op) in item.as_object().expect("path item") {
-            if op.get("security").is_none() {
+            let Some(security) = op.get("security") else {
                 continue;
+            };
+            let consumer_op = security[0].get("consumerToken").is_some();
+            if consumer_op {
+                consumer_ops += 1;
+            } else {
+                admin_ops += 1;
             }
-            admin_ops += 1;
             let url = format!(
                 "{base}{}",
                 path.replace("{name}", "crm")
@@ -224,11 +237,15 @@ async fn the_bridge_serves_the_document_and_admin_operations_need_the_token() {
                 let body: Value = serde_json::from_str(&text)
                     .unwrap_or_else(|e| panic!("{method} {path}: not JSON ({e}): {text}"));
                 assert_eq!(status, 401, "{method} {path} with {token:?}: {body}");
-                assert!(body["error"].is_string(), "{body}");
+                if consumer_op {
+                    assert_eq!(body["code"], "unauthorized", "{body}");
+                } else {
+                    assert!(body["error"].is_string(), "{body}");
+                }
             }
         }
     }
-    assert_eq!(admin_ops, 10);
+    assert_eq!((admin_ops, consumer_ops), (10, 1));
 
     // A webhook name that is not UTF-8 once decoded gets the documented JSON 400 (axum's
     // own answer was plain text).

@@ -19,6 +19,12 @@
 // - `unrecoverable_position` → a loud warning and a re-sync from `earliest` (or as
 //   --on-unrecoverable says).
 // - Events are deduplicated by envelope `id` (the last 10,000 ids) across reconnects.
+// - With --durable NAME the bridge keeps the cursor instead (a durable subscription): every
+//   (re)connection subscribes with `durable`, each event is handled (printed) and then
+//   acknowledged, in batches (`ack` with the `seqs` handled in the current read burst, sent
+//   once the burst's frames are handled or 100 are). An event the bridge delivers again gets a
+//   sixth field `delivery=N` on its EVENT line. `--from` applies only when the durable is
+//   created.
 // - Exit status: 0 after --max-events events or on SIGINT/SIGTERM; 2 usage error, bad state
 //   file or a refused subscription (bad_pattern, bad_request); 3 token refused (HTTP 401/403);
 //   4 `unrecoverable_position` with --on-unrecoverable exit.
@@ -33,6 +39,8 @@ const EXIT_USAGE = 2;
 const EXIT_AUTH = 3;
 const EXIT_UNRECOVERABLE = 4;
 const SLOW_CONSUMER_CLOSE = 4001;
+// Durable subscriptions: at most this many handled events wait for their ack.
+const ACK_BATCH = 100;
 
 class Fatal extends Error {
   constructor(status, message) {
@@ -62,7 +70,7 @@ const isSeq = (v) => Number.isInteger(v);
 
 const USAGE = `usage: consumer.js [--url URL] --token TOKEN [--token-in-query]
        [--providers P,..] [--types T,..] [--subjects S,..] [--from latest|earliest|N]
-       [--state-file PATH] [--state-interval SECONDS] [--max-events N] [--jsonl]
+       [--state-file PATH] [--durable NAME] [--state-interval SECONDS] [--max-events N] [--jsonl]
        [--on-unrecoverable earliest|latest|exit] [--sub-id PREFIX] [--dedup-size N]
        [--backoff-initial SECONDS] [--backoff-max SECONDS]`;
 
@@ -81,6 +89,7 @@ function parseArgs(argv) {
     subjects: [],
     from: 'latest',
     stateFile: null,
+    durable: null,
     stateInterval: 1.0,
     maxEvents: 0,
     jsonl: false,
@@ -126,6 +135,7 @@ function parseArgs(argv) {
         break;
       }
       case '--state-file': args.stateFile = take(); break;
+      case '--durable': args.durable = take(); break;
       case '--state-interval': args.stateInterval = number(arg, take()); break;
       case '--max-events': args.maxEvents = number(arg, take(), { integer: true }); break;
       case '--jsonl': args.jsonl = true; break;
@@ -149,6 +159,7 @@ function parseArgs(argv) {
     }
   }
   if (!args.token) usageError('--token (or WSBRIDGE_TOKEN) is required');
+  if (args.durable && args.stateFile) usageError('--state-file has no use with --durable: the bridge keeps the cursor');
   return args;
 }
 
@@ -262,6 +273,8 @@ class Consumer {
     this.epoch = null; // of the current session's ready frame
     this.head = null;
     this.resynced = false; // one re-sync per session; a second unrecoverable_position is fatal
+    this.toAck = []; // durable: seqs handled and not acknowledged yet
+    this.ackScheduled = false;
     this.ws = null;
     this.stopping = false;
     this.filter = {};
@@ -316,6 +329,7 @@ class Consumer {
   }
 
   describeResume() {
+    if (this.args.durable) return `durable ${this.args.durable} (the bridge keeps its cursor)`;
     if (this.cursor.lastSeq === null) return `from ${this.args.from}`;
     return `from ${this.cursor.lastSeq + 1} (epoch ${this.cursor.epoch})`;
   }
@@ -436,7 +450,9 @@ class Consumer {
     this.head = frame.head ?? null;
     this.resynced = false;
     out(`READY ${field(this.epoch)} ${field(this.head)}`);
-    if (this.cursor.lastSeq !== null) this.subscribe(ws, this.cursor.lastSeq + 1, this.cursor.epoch);
+    this.toAck = []; // acks are per connection: what the last one held is sent again
+    if (this.args.durable) this.subscribe(ws, this.args.from); // the bridge keeps the cursor
+    else if (this.cursor.lastSeq !== null) this.subscribe(ws, this.cursor.lastSeq + 1, this.cursor.epoch);
     else this.subscribe(ws, this.args.from);
   }
 
@@ -444,25 +460,54 @@ class Consumer {
     this.subCounter += 1;
     this.subId = `${this.args.subId}-${this.subCounter}`;
     const frame = { op: 'subscribe', id: this.subId, filter: this.filter, from };
+    if (this.args.durable) frame.durable = this.args.durable;
     if (epoch !== null) frame.epoch = epoch;
-    if (from === 'latest' && this.cursor.lastSeq === null && isSeq(this.head)) {
+    if (from === 'latest' && this.cursor.lastSeq === null && isSeq(this.head) && !this.args.durable) {
       // Take position now: a reconnect before the first event resumes from head + 1
       // instead of asking for "latest" again and losing what arrived in between.
       this.cursor.reset(this.epoch, this.head);
     }
     ws.send(JSON.stringify(frame));
-    log('INFO', `subscribe ${this.subId} from=${from}${epoch ? ` epoch=${epoch}` : ''} filter=${JSON.stringify(this.filter)}`);
+    log('INFO', `subscribe ${this.subId} from=${from}${epoch ? ` epoch=${epoch}` : ''}${this.args.durable ? ` durable=${this.args.durable}` : ''} filter=${JSON.stringify(this.filter)}`);
+  }
+
+  // Acknowledges the durable events handled since the last ack, in one frame.
+  flushAcks(ws) {
+    this.ackScheduled = false;
+    if (!this.toAck.length) return;
+    const seqs = this.toAck;
+    this.toAck = [];
+    if (ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify({ op: 'ack', id: this.subId, seqs }));
+  }
+
+  // After an event is handled: a durable one is acknowledged (batched: the frames of one read
+  // burst are handled before setImmediate runs), a plain one moves the saved cursor.
+  handled(ws, seq) {
+    if (!this.args.durable) {
+      this.cursor.save();
+      return;
+    }
+    if (isSeq(seq)) this.toAck.push(seq);
+    if (this.toAck.length >= ACK_BATCH) this.flushAcks(ws);
+    else if (!this.ackScheduled) {
+      this.ackScheduled = true;
+      setImmediate(() => this.flushAcks(ws));
+    }
   }
 
   // Handles one frame after `ready`; returns {done} or {fatal} to end the session.
   onFrame(ws, frame) {
     switch (frame.op) {
       case 'event':
-        return this.onEvent(frame);
+        return this.onEvent(ws, frame);
       case 'subscribed':
         if (frame.id === this.subId) {
           this.attempt = 0; // a working session resets the backoff
-          log('INFO', `subscribed ${this.subId}`);
+          if (this.args.durable) {
+            log('INFO', `subscribed ${this.subId} to durable ${this.args.durable}: acked through ${frame.acked}, ${frame.pending} pending`);
+          } else {
+            log('INFO', `subscribed ${this.subId}`);
+          }
         }
         return null;
       case 'error':
@@ -477,7 +522,7 @@ class Consumer {
     }
   }
 
-  onEvent(frame) {
+  onEvent(ws, frame) {
     if (frame.subscription !== this.subId) return null; // replaced after a re-sync
     const env = frame.event;
     if (env === null || typeof env !== 'object' || Array.isArray(env)) {
@@ -486,20 +531,23 @@ class Consumer {
     }
     const seq = frame.seq ?? env.seq;
     const id = env.id;
-    if (isSeq(seq)) this.cursor.advance(seq, this.epoch);
+    if (isSeq(seq) && !this.args.durable) this.cursor.advance(seq, this.epoch);
     if (id !== undefined && id !== null && !this.seen.add(id)) {
       log('DEBUG', `duplicate event ${id} (seq ${seq}) skipped`);
-      this.cursor.save();
+      this.handled(ws, seq);
       return null;
     }
-    out(`EVENT ${field(seq)} ${field(env.type)} ${field(env.subject)} ${field(id)}`);
+    let line = `EVENT ${field(seq)} ${field(env.type)} ${field(env.subject)} ${field(id)}`;
+    if (Number.isInteger(frame.delivery) && frame.delivery > 1) line += ` delivery=${frame.delivery}`;
+    out(line);
     if (this.args.jsonl) out(JSON.stringify(env));
     this.printed += 1;
+    this.handled(ws, seq);
     if (this.args.maxEvents && this.printed >= this.args.maxEvents) {
+      this.flushAcks(ws);
       this.cursor.save(true);
       return { done: true };
     }
-    this.cursor.save();
     return null;
   }
 
@@ -524,8 +572,14 @@ class Consumer {
       this.subscribe(ws, policy);
       return null;
     }
-    if ((code === 'bad_pattern' || code === 'bad_request') && sub === this.subId) {
+    if (['bad_pattern', 'bad_request', 'durable_mismatch', 'too_many_durables'].includes(code) && sub === this.subId) {
       return { fatal: new Fatal(EXIT_USAGE, `the server refused the subscription: ${code}: ${message}`) };
+    }
+    if (code === 'unknown_durable' && this.args.durable && sub === this.subId) {
+      log('WARN', `the durable ${this.args.durable} was deleted on the bridge; subscribing again creates it anew from ${this.args.from}`);
+      this.toAck = [];
+      this.subscribe(ws, this.args.from);
+      return null;
     }
     log('WARN', `server error ${code}: ${message}`);
     return null;

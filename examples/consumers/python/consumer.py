@@ -23,6 +23,11 @@ Contract shared by the Python and Node.js consumers (see ../README.md):
 - `unrecoverable_position` → a loud warning and a re-sync from `earliest` (or as
   --on-unrecoverable says).
 - Events are deduplicated by envelope `id` (the last 10,000 ids) across reconnects.
+- With --durable NAME the bridge keeps the cursor instead (a durable subscription): every
+  (re)connection subscribes with `durable`, each event is handled (printed) and then
+  acknowledged, in batches (`ack` with the `seqs` handled since the last ack, sent when no
+  more frames are waiting or 100 are handled). An event the bridge delivers again gets a sixth
+  field `delivery=N` on its EVENT line. `--from` applies only when the durable is created.
 - Exit status: 0 after --max-events events or on SIGINT/SIGTERM; 2 for a usage error, a bad
   state file or a subscription the server refuses (bad_pattern, bad_request); 3 when the
   server refuses the token (HTTP 401/403); 4 on `unrecoverable_position` with
@@ -50,6 +55,11 @@ EXIT_AUTH = 3
 EXIT_UNRECOVERABLE = 4
 
 SLOW_CONSUMER_CLOSE = 4001
+
+# Durable subscriptions: acks are sent once no frame arrives for this long, or when this many
+# handled events wait for their ack, whichever comes first.
+ACK_IDLE = 0.05
+ACK_BATCH = 100
 
 
 class Fatal(Exception):
@@ -190,6 +200,7 @@ class Consumer:
         self.epoch = None  # of the current session's ready frame
         self.head = None
         self.resynced = False  # one re-sync per session; a second unrecoverable_position is fatal
+        self.to_ack = []  # durable: seqs handled and not acknowledged yet
         self.filter = {
             key: values
             for key, values in (
@@ -254,6 +265,8 @@ class Consumer:
         return delay
 
     def describe_resume(self):
+        if self.args.durable:
+            return f"durable {self.args.durable} (the bridge keeps its cursor)"
         if self.cursor.last_seq is None:
             return f"from {self.args.from_}"
         return f"from {self.cursor.last_seq + 1} (epoch {self.cursor.epoch})"
@@ -279,20 +292,35 @@ class Consumer:
         out(f"READY {field(self.epoch)} {field(self.head)}")
         self.resynced = False
 
-        if self.cursor.last_seq is not None:
+        self.to_ack = []  # acks are per connection: what the last one held is sent again
+        if self.args.durable:
+            await self.subscribe(ws, self.args.from_)  # the bridge keeps the cursor
+        elif self.cursor.last_seq is not None:
             await self.subscribe(ws, self.cursor.last_seq + 1, self.cursor.epoch)
         else:
             await self.subscribe(ws, self.args.from_)
 
         while True:
-            frame = await self.recv(ws)
+            if self.to_ack:
+                try:
+                    # Cancelling recv() loses nothing: the next call returns the next frame.
+                    frame = await asyncio.wait_for(self.recv(ws), ACK_IDLE)
+                except asyncio.TimeoutError:
+                    await self.flush_acks(ws)
+                    continue
+            else:
+                frame = await self.recv(ws)
             op = frame.get("op")
             if op == "event":
                 await self.on_event(ws, frame)
             elif op == "subscribed":
                 if frame.get("id") == self.sub_id:
                     self.attempt = 0  # a working session resets the backoff
-                    log("INFO", f"subscribed {self.sub_id}")
+                    if self.args.durable:
+                        log("INFO", f"subscribed {self.sub_id} to durable {self.args.durable}: "
+                                    f"acked through {frame.get('acked')}, {frame.get('pending')} pending")
+                    else:
+                        log("INFO", f"subscribed {self.sub_id}")
             elif op == "error":
                 await self.on_error(ws, frame)
             elif op in ("pong", "unsubscribed", "ready"):
@@ -316,16 +344,26 @@ class Consumer:
         self.sub_counter += 1
         self.sub_id = f"{self.args.sub_id}-{self.sub_counter}"
         frame = {"op": "subscribe", "id": self.sub_id, "filter": self.filter, "from": from_}
+        if self.args.durable:
+            frame["durable"] = self.args.durable
         if epoch is not None:
             frame["epoch"] = epoch
         if from_ == "latest" and self.cursor.last_seq is None and isinstance(self.head, int) \
-                and not isinstance(self.head, bool):
+                and not isinstance(self.head, bool) and not self.args.durable:
             # Take position now: a reconnect before the first event resumes from head + 1
             # instead of asking for "latest" again and losing what arrived in between.
             self.cursor.reset(self.epoch, self.head)
         await ws.send(json.dumps(frame))
         log("INFO", f"subscribe {self.sub_id} from={from_}" + (f" epoch={epoch}" if epoch else "")
+                    + (f" durable={self.args.durable}" if self.args.durable else "")
                     + f" filter={json.dumps(self.filter)}")
+
+    async def flush_acks(self, ws):
+        """Acknowledges the durable events handled since the last ack, in one frame."""
+        if not self.to_ack:
+            return
+        seqs, self.to_ack = self.to_ack, []
+        await ws.send(json.dumps({"op": "ack", "id": self.sub_id, "seqs": seqs}))
 
     async def on_event(self, ws, frame):
         if frame.get("subscription") != self.sub_id:
@@ -335,23 +373,40 @@ class Consumer:
             log("WARN", "ignoring an event frame without an envelope")
             return
         seq = frame.get("seq", envelope.get("seq"))
+        is_seq = isinstance(seq, int) and not isinstance(seq, bool)
         event_id = envelope.get("id")
-        if isinstance(seq, int) and not isinstance(seq, bool):
+        if is_seq and not self.args.durable:
             self.cursor.advance(seq, self.epoch)
         if event_id is not None and not self.seen.add(event_id):
             log("DEBUG", f"duplicate event {event_id} (seq {seq}) skipped")
-            self.cursor.save()
+            await self.handled(ws, seq if is_seq else None)
             return
-        out(f"EVENT {field(seq)} {field(envelope.get('type'))} {field(envelope.get('subject'))} "
-            f"{field(event_id)}")
+        line = (f"EVENT {field(seq)} {field(envelope.get('type'))} "
+                f"{field(envelope.get('subject'))} {field(event_id)}")
+        delivery = frame.get("delivery")
+        if isinstance(delivery, int) and delivery > 1:
+            line += f" delivery={delivery}"
+        out(line)
         if self.args.jsonl:
             out(json.dumps(envelope, separators=(",", ":"), ensure_ascii=False))
         self.printed += 1
+        await self.handled(ws, seq if is_seq else None)
         if self.args.max_events and self.printed >= self.args.max_events:
+            await self.flush_acks(ws)
             self.cursor.save(force=True)
             await ws.close()
             raise Done()
-        self.cursor.save()
+
+    async def handled(self, ws, seq):
+        """After an event is handled: a durable one is acknowledged (batched), a plain one
+        moves the saved cursor."""
+        if not self.args.durable:
+            self.cursor.save()
+            return
+        if seq is not None:
+            self.to_ack.append(seq)
+        if len(self.to_ack) >= ACK_BATCH:
+            await self.flush_acks(ws)
 
     async def on_error(self, ws, frame):
         code = frame.get("code")
@@ -374,8 +429,14 @@ class Consumer:
             self.cursor.reset(self.epoch)
             self.cursor.save(force=True)
             await self.subscribe(ws, policy)
-        elif code in ("bad_pattern", "bad_request") and sub == self.sub_id:
+        elif code in ("bad_pattern", "bad_request", "durable_mismatch", "too_many_durables") \
+                and sub == self.sub_id:
             raise Fatal(EXIT_USAGE, f"the server refused the subscription: {code}: {message}")
+        elif code == "unknown_durable" and self.args.durable and sub == self.sub_id:
+            log("WARN", f"the durable {self.args.durable} was deleted on the bridge; "
+                        f"subscribing again creates it anew from {self.args.from_}")
+            self.to_ack = []
+            await self.subscribe(ws, self.args.from_)
         else:
             log("WARN", f"server error {code}: {message}")
 
@@ -409,6 +470,8 @@ def parse_args(argv):
     p.add_argument("--from", dest="from_", type=parse_from, default="latest",
                    help="latest (default), earliest or a seq; a cursor in --state-file wins")
     p.add_argument("--state-file", help="keep the cursor (epoch, last seq) in this file")
+    p.add_argument("--durable", metavar="NAME",
+                   help="a durable subscription: the bridge keeps the cursor, events are acked")
     p.add_argument("--state-interval", type=float, default=1.0,
                    help="seconds between cursor writes while events flow (0 = every event)")
     p.add_argument("--max-events", type=int, default=0, help="exit 0 after N events")
@@ -421,6 +484,8 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if not args.token:
         p.error("--token (or WSBRIDGE_TOKEN) is required")
+    if args.durable and args.state_file:
+        p.error("--state-file has no use with --durable: the bridge keeps the cursor")
     if args.max_events < 0 or args.dedup_size < 1:
         p.error("--max-events must be >= 0 and --dedup-size >= 1")
     return args
