@@ -41,7 +41,7 @@ pub const MAX_NAME: usize = 64;
 pub const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(30);
 /// `max_deliver` when the subscribe does not give one.
 pub const DEFAULT_MAX_DELIVER: u32 = 10;
-/// `max_unacked` when the subscribe does not give one.
+/// `max_unacked` when the subscribe does not give one (or `limits.max_unacked` if lower).
 pub const DEFAULT_MAX_UNACKED: usize = 256;
 /// The range `ack_wait` must be in.
 pub const ACK_WAIT_RANGE: std::ops::RangeInclusive<Duration> =
@@ -405,7 +405,9 @@ impl Durables {
             ));
         }
         check_name(&req.name).map_err(|m| refused("bad_request", m))?;
-        let max_unacked = req.max_unacked.unwrap_or(DEFAULT_MAX_UNACKED);
+        let max_unacked = req
+            .max_unacked
+            .unwrap_or(DEFAULT_MAX_UNACKED.min(self.limits.max_unacked));
         if max_unacked == 0 || max_unacked > self.limits.max_unacked {
             return Err(refused(
                 "bad_request",
