@@ -583,12 +583,17 @@ impl Durables {
     }
 
     async fn remove(&self, d: &Arc<Durable>) -> Result<(), StoreError> {
-        self.store.delete_durable(&d.key).await?;
+        {
+            // Under the save lock: no save is under way, and none starts until the deletion
+            // is decided (a save landing after the delete would bring the durable back).
+            let _turn = d.saving.lock().await;
+            self.store.delete_durable(&d.key).await?;
+            d.deleted.cancel();
+        }
         let mut map = lock(&self.map);
         if map.get(&d.key).is_some_and(|x| Arc::ptr_eq(x, d)) {
             map.remove(&d.key);
         }
-        d.deleted.cancel();
         lock(&d.links).clear();
         Ok(())
     }
