@@ -1048,6 +1048,59 @@ async fn a_replay_and_a_retry_of_the_same_event_are_each_acknowledged() {
     cleanup(SHARED_NATS, &prefix).await;
 }
 
+/// The delivery queue's one rule on NATS: a delivery handed out is held (not handed out again,
+/// not even by a second queue of the endpoint on this instance) until it is answered; dropped
+/// unanswered it is offered again at once, and answered with a retry it comes back when the
+/// server redelivers it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_delivery_is_handed_out_again_only_once_released_or_due() {
+    use wsbridge::storage::NextStep;
+    let (prefix, store) = bare_store("heldrule").await;
+    let s = store.as_ref();
+    let queue = queue_of(s, "crm").await;
+    let seqs = append_routed(s, 0..2, "crm").await;
+    // A partial answer is dropped (released) and comes first in the next one.
+    let mut held = eventually("both deliveries handed out", LONG, || async {
+        let due = queue.due(0, 16).await.ok()?;
+        (due.len() == 2).then_some(due)
+    })
+    .await;
+    assert_eq!(held.iter().map(|d| d.seq).collect::<Vec<_>>(), seqs);
+    assert!(queue.due(0, 16).await.expect("due").is_empty(), "both held");
+    let reloaded = queue_of(s, "crm").await;
+    assert!(
+        reloaded.due(0, 16).await.expect("due").is_empty(),
+        "a second queue of the endpoint shares what is held"
+    );
+    // Released: offered again at once.
+    let second = held.pop().expect("two held");
+    queue.release(second);
+    let again = queue.due(0, 16).await.expect("due");
+    assert_eq!(again.iter().map(|d| d.seq).collect::<Vec<_>>(), [seqs[1]]);
+    // Answered with a retry: back when the server redelivers it, its attempt counted.
+    let first = held.pop().expect("one held");
+    let retry_at = chrono::Utc::now().timestamp_millis() + 300;
+    queue
+        .record(first, attempt(500), NextStep::RetryAt(retry_at))
+        .await
+        .expect("record the failure");
+    let retried = due_until(queue.as_ref(), seqs[0]).await;
+    assert_eq!(retried.attempts, 1);
+    for done in std::iter::once(retried).chain(again) {
+        queue
+            .record(done, attempt(200), NextStep::Delivered)
+            .await
+            .expect("record the success");
+    }
+    let events = format!("{prefix}_events");
+    let main = format!("{prefix}_wh_crm");
+    eventually("both acknowledged", LONG, || async {
+        (consumer_backlog(&events, &main).await? == 0).then_some(())
+    })
+    .await;
+    cleanup(SHARED_NATS, &prefix).await;
+}
+
 /// A dead letter carries a deterministic `Nats-Msg-Id` (a second publish of it, after a crash
 /// between the publish and the `Term`, is dropped by the duplicate window), and two instances
 /// replaying the dead letters at once queue each of them once.
