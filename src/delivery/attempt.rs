@@ -1,6 +1,7 @@
 //! One attempt at a delivery: the request built (structured or binary mode), signed just
 //! before it is sent, sent, and its answer (or why none came) classified by
-//! [`super::outcome`], recorded in the store and reported to the dispatcher.
+//! [`super::outcome`], recorded through the endpoint's queue (which answers the held
+//! delivery) and reported to the dispatcher.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -20,7 +21,7 @@ use super::signing::{HEADER_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP};
 use super::ssrf;
 use crate::envelope::{StoredEnvelope, CLOUDEVENTS_JSON};
 use crate::failure::{Failure, Reason};
-use crate::storage::{AttemptRecord, DueDelivery, NextStep, Store};
+use crate::storage::{AttemptRecord, DeliveryQueue, DueDelivery, HeldDelivery, NextStep};
 use crate::supervise::deadline_after;
 use crate::traces::{traceparent, EventTrace, Span as _};
 use opentelemetry::trace::SpanKind;
@@ -28,8 +29,8 @@ use opentelemetry::KeyValue;
 
 /// Frees an attempt's in-flight slot however the attempt ends: a panicking attempt that never
 /// told its dispatcher held the slot for good. The delivery stays pending (its outcome was
-/// not recorded) and the endpoint pauses a second, so a delivery that always panics is not
-/// retried in a hot loop.
+/// not recorded; its dropped handle releases it) and the endpoint pauses a second, so a
+/// delivery that always panics is not retried in a hot loop.
 struct SlotGuard {
     webhook: Arc<str>,
     seq: u64,
@@ -45,8 +46,9 @@ impl Drop for SlotGuard {
             if std::thread::panicking() {
                 error!(webhook = %self.webhook, seq = self.seq, "delivery attempt panicked; the delivery stays pending");
             }
-            let mut last = Finished::settled(self.seq);
+            let mut last = Finished::recorded();
             if !self.answered {
+                last.frees_slot = true;
                 last.pause_until = Some(deadline_after(Duration::from_secs(1)));
             }
             let _ = done.try_send(last);
@@ -54,11 +56,12 @@ impl Drop for SlotGuard {
     }
 }
 
-/// Sends one delivery, records the outcome, tells the dispatcher.
+/// Sends one delivery, records the outcome (answering the held delivery), tells the
+/// dispatcher.
 pub(super) async fn attempt(
     endpoint: Arc<Endpoint>,
-    store: Arc<dyn Store>,
-    due: DueDelivery,
+    queue: Arc<dyn DeliveryQueue>,
+    due: HeldDelivery,
     done: mpsc::Sender<Finished>,
 ) {
     let mut guard = SlotGuard {
@@ -108,10 +111,9 @@ pub(super) async fn attempt(
         jitter,
     );
     let finished = Finished {
-        seq: due.seq,
+        frees_slot: true,
         pause_until: pause.map(deadline_after),
         gone,
-        settled: false,
     };
     if let Some(f) = &failure {
         endpoint.failures.count(f.reason);
@@ -164,18 +166,19 @@ pub(super) async fn attempt(
         duration_ms,
     };
     // The slot is free once the receiver answered: the dispatcher starts the next delivery
-    // while this outcome is being recorded, and hands this one out again only once it is
-    // settled (recording waits for the journal's writer, which ingest's commits share).
+    // while this outcome is being recorded, and the queue holds this one until it is
+    // (recording waits for the journal's writer, which ingest's commits share).
     if let Some(done) = &guard.done {
         let _ = done.send(finished).await;
         guard.answered = true;
     }
-    if let Err(e) = store.record(name, due.seq, record, next).await {
+    let seq = due.seq;
+    if let Err(e) = queue.record(due, record, next).await {
         // The delivery stays pending and is attempted again: at-least-once holds.
-        error!(webhook = %name, seq = due.seq, error = %e, "cannot record the attempt");
+        error!(webhook = %name, seq, error = %e, "cannot record the attempt");
     }
     if let Some(done) = guard.done.take() {
-        let _ = done.send(Finished::settled(due.seq)).await;
+        let _ = done.send(Finished::recorded()).await;
     }
 }
 

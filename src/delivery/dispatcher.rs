@@ -1,13 +1,16 @@
-//! One endpoint's dispatcher: it asks the store for due deliveries of its endpoint (never more
-//! than `max_in_flight` at once, never one it has in flight), starts each as an attempt on its
-//! own task, and sleeps until something changes: an attempt finished, ingest enqueued new
-//! events, an admin replayed or re-enabled, or the next retry falls due. Ordering (`ordered`)
-//! is the store's: it offers a subject's delivery only once no older one of it is pending.
+//! One endpoint's dispatcher: it takes due deliveries from its endpoint's queue
+//! ([`DeliveryQueue`], from the store once when it starts), never more than `max_in_flight`
+//! attempts at once, starts each as an attempt on its own task, and sleeps until something
+//! changes: an attempt finished, ingest enqueued new events, an admin replayed or re-enabled,
+//! or the next retry falls due. The queue never hands out a delivery it holds (one handed out
+//! and not yet answered), so the dispatcher keeps no list of what runs, only a count: an
+//! attempt's slot is free once the receiver answered, while its delivery stays held until
+//! the outcome is recorded. Ordering (`ordered`) is the queue's: it offers a subject's
+//! delivery only once no older one of it is pending.
 //! Endpoints share nothing but the store, so a dead or slow endpoint only ever fills its own
 //! in-flight slots; the others and ingest carry on (isolation: docs/architecture.md,
 //! "Invariants").
 
-use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,33 +22,75 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, warn};
 
 use super::attempt::attempt;
+use super::config::WebhookConfig;
 use super::service::Endpoint;
-use crate::storage::Store;
+use crate::storage::{DeliveryQueue, QueueOptions, Store};
 
 /// How often a dispatcher re-reads its endpoint's state from a shared store.
 const SHARED_STATE_EVERY: Duration = Duration::from_secs(1);
 
 /// What an attempt tells its dispatcher: twice, once its request is answered (the slot is
-/// free, the outcome is being recorded) and once the outcome is recorded (`settled`).
+/// free, the outcome is being recorded) and once the outcome is recorded (the queue no longer
+/// holds the delivery: it may be due again, so the dispatcher looks).
 pub(super) struct Finished {
-    pub(super) seq: u64,
+    /// The attempt's in-flight slot is free: its request was answered (the first report), or
+    /// it ended without that report (it panicked).
+    pub(super) frees_slot: bool,
     /// Pause the whole endpoint until then (429/5xx slow-down).
     pub(super) pause_until: Option<Instant>,
     /// The endpoint answered 410 Gone.
     pub(super) gone: bool,
-    /// The outcome is in the store: the delivery may be handed out again if still due.
-    pub(super) settled: bool,
 }
 
 impl Finished {
-    /// The second report: `seq`'s outcome is recorded.
-    pub(super) fn settled(seq: u64) -> Finished {
+    /// The second report: the outcome is recorded.
+    pub(super) fn recorded() -> Finished {
         Finished {
-            seq,
+            frees_slot: false,
             pause_until: None,
             gone: false,
-            settled: true,
         }
+    }
+}
+
+/// How the dispatcher's queue is set up from the endpoint's settings.
+fn queue_options(config: &WebhookConfig) -> QueueOptions {
+    QueueOptions {
+        ordered: config.ordered,
+        // An attempt may run for `timeout`; a shared store must not hand the delivery to
+        // another instance meanwhile.
+        ack_wait: config
+            .timeout
+            .saturating_mul(2)
+            .saturating_add(Duration::from_secs(10)),
+        // `max_in_flight` running plus as many answered whose outcome is being recorded:
+        // beyond that the queue hands out nothing until the store catches up.
+        max_held: config.max_in_flight.saturating_mul(2),
+    }
+}
+
+/// The endpoint's queue, asked of the store until it answers (a NATS server unreachable at
+/// start), with backoff; `None` once `shutdown` is cancelled.
+async fn open_queue(
+    endpoint: &Endpoint,
+    store: &dyn Store,
+    shutdown: &CancellationToken,
+) -> Option<Arc<dyn DeliveryQueue>> {
+    let options = queue_options(&endpoint.config);
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match store.delivery_queue(&endpoint.name, options).await {
+            Ok(queue) => return Some(queue),
+            Err(e) => {
+                error!(webhook = %endpoint.name, error = %e, retry_ms = backoff.as_millis() as u64,
+                    "cannot set up the endpoint's queue; retrying");
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = shutdown.cancelled() => return None,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
     }
 }
 
@@ -93,10 +138,11 @@ pub(super) async fn dispatch(
 ) {
     let name = endpoint.name.clone();
     let max = endpoint.config.max_in_flight;
-    let mut in_flight: HashSet<u64> = HashSet::new();
-    // Answered, their outcome being recorded: still pending in the store, not handed out
-    // again until recorded. At most `max` (the dispatcher starts nothing while more wait).
-    let mut settling: HashSet<u64> = HashSet::new();
+    let Some(queue) = open_queue(&endpoint, store.as_ref(), &shutdown).await else {
+        return;
+    };
+    // Attempts whose request has not been answered yet: at most `max`.
+    let mut running = 0usize;
     let (done_tx, mut done_rx) = mpsc::channel::<Finished>(max.saturating_mul(2));
     let mut paused_until: Option<Instant> = None;
     let mut rate = endpoint.config.max_per_second.map(RateLimit::new);
@@ -124,71 +170,45 @@ pub(super) async fn dispatch(
             wake_at = Some(wake_at.map_or(p, |w| w.min(p)));
         }
         let disabled = endpoint.disabled_reason().is_some();
-        // Refill in batches: each `due` query reads up to `max + in_flight` rows (bodies
-        // included) to skip the ones in flight, so querying after every single completion
-        // cost O(max) per delivery and was what bounded the webhook benchmark (issue 8).
-        // Waiting for an eighth of the slots to free up costs a few completions of latency
-        // at most; with nothing in flight (a quiet endpoint) it queries at once.
+        // Refill in batches: a `due` query reads past the rows the queue holds (bodies
+        // included), so querying after every single completion cost O(max) per delivery and
+        // was what bounded the webhook benchmark (issue 8). Waiting for an eighth of the
+        // slots to free up costs a few completions of latency at most; with nothing running
+        // (a quiet endpoint) it queries at once.
         let refill = (max / 8).max(1);
-        if !disabled
-            && !paused
-            && settling.len() <= max
-            && (in_flight.is_empty() || in_flight.len() + refill <= max)
-        {
+        if !disabled && !paused && (running == 0 || running + refill <= max) {
             let now_ms = Utc::now().timestamp_millis();
-            // In-flight and settling rows are still pending in the store: ask for enough to
-            // skip them.
-            match store
-                .due(
-                    &name,
-                    now_ms,
-                    max + in_flight.len() + settling.len(),
-                    endpoint.config.ordered,
-                )
-                .await
-            {
+            match queue.due(now_ms, max.saturating_sub(running)).await {
                 Ok(due) => {
                     store_backoff = Duration::from_millis(100);
-                    let mut due = due.into_iter();
-                    let mut not_taken = Vec::new();
-                    for d in due.by_ref() {
-                        if in_flight.len() >= max {
-                            not_taken.push(d.seq);
+                    for d in due {
+                        if running >= max {
+                            // Not started: dropping the handle releases it.
                             break;
-                        }
-                        if in_flight.contains(&d.seq) || settling.contains(&d.seq) {
-                            // Running here still (its outcome not yet read): the store offers
-                            // it again later if it holds it.
-                            not_taken.push(d.seq);
-                            continue;
                         }
                         if let Some(limit) = rate.as_mut() {
                             if let Err(wait) = limit.take() {
                                 wake_at = Some(wake_at.map_or(now + wait, |w| w.min(now + wait)));
-                                not_taken.push(d.seq);
+                                // This one and the rest are released, offered again later.
                                 break;
                             }
                         }
-                        in_flight.insert(d.seq);
+                        running += 1;
                         endpoint
                             .stats
                             .in_flight
-                            .store(in_flight.len() as u64, Ordering::Relaxed);
+                            .store(running as u64, Ordering::Relaxed);
                         attempts.spawn(own_attempts.track_future(attempt(
                             endpoint.clone(),
-                            store.clone(),
+                            queue.clone(),
                             d,
                             done_tx.clone(),
                         )));
                     }
-                    not_taken.extend(due.map(|d| d.seq));
-                    if !not_taken.is_empty() {
-                        store.release(&name, &not_taken).await;
-                    }
-                    // Sleep until the next retry falls due (rows due now are either in
-                    // flight, waiting behind an older one of their subject, or rate limited,
+                    // Sleep until the next retry falls due (deliveries due now are either
+                    // running, waiting behind an older one of their subject, or rate limited,
                     // and all of those wake us otherwise).
-                    match store.next_due(&name, now_ms).await {
+                    match queue.next_due(now_ms).await {
                         Ok(Some(at_ms)) => {
                             let wait = Duration::from_millis(
                                 u64::try_from(at_ms.saturating_sub(now_ms)).unwrap_or(0),
@@ -225,15 +245,10 @@ pub(super) async fn dispatch(
                     more.push(d);
                 }
                 for done in std::iter::once(done).chain(more) {
-                // An attempt that ended without its first report (it panicked) settles
-                // from in flight directly.
-                let was_in_flight = in_flight.remove(&done.seq);
-                if done.settled {
-                    settling.remove(&done.seq);
-                } else if was_in_flight {
-                    settling.insert(done.seq);
+                if done.frees_slot {
+                    running = running.saturating_sub(1);
+                    endpoint.stats.in_flight.store(running as u64, Ordering::Relaxed);
                 }
-                endpoint.stats.in_flight.store(in_flight.len() as u64, Ordering::Relaxed);
                 if let Some(until) = done.pause_until {
                     paused_until = Some(paused_until.map_or(until, |p| p.max(until)));
                 }
@@ -252,7 +267,7 @@ pub(super) async fn dispatch(
             _ = shutdown.cancelled() => break,
         }
     }
-    debug!(webhook = %name, in_flight = in_flight.len(), "dispatcher stopped");
+    debug!(webhook = %name, in_flight = running, "dispatcher stopped");
 }
 
 #[cfg(test)]

@@ -7,12 +7,14 @@
 //! - [`ssrf`]: the guard against endpoints that point into the bridge's own network;
 //! - `service`: the [`DeliveryService`], one dispatcher per endpoint, and what the admin API
 //!   shows of each;
-//! - `dispatcher`: one endpoint's loop (due deliveries, the in-flight bound, pauses);
+//! - `dispatcher`: one endpoint's loop (due deliveries from its queue, the in-flight bound,
+//!   pauses);
 //! - `attempt`: one HTTP attempt (request, signature, send, answer or failure);
 //! - `outcome`: what an attempt's result means for the delivery (a pure rule).
 //!
 //! Delivery state lives in the store ([`crate::storage::Store`]), so pending and retrying
-//! deliveries resume after a restart.
+//! deliveries resume after a restart; a dispatcher takes and answers deliveries through its
+//! endpoint's [`crate::storage::DeliveryQueue`], which never hands out one it holds.
 
 pub mod config;
 pub mod signing;

@@ -264,8 +264,8 @@ impl DeliveryService {
                 let in_flight = tokio_util::task::TaskTracker::new();
                 let name = endpoint.name.clone();
                 // An updated endpoint's new dispatcher starts once the old one has stopped and
-                // its attempts have finished: otherwise both would send the rows the old one
-                // has in flight (a duplicate, and for `ordered` an overtaking).
+                // its attempts have finished: the queue hands out nothing the old one holds,
+                // but both would run attempts at once, past `max_in_flight`.
                 let predecessor = map.remove(&name).map(|old| {
                     changes.push(format!("webhook {name}: updated"));
                     old.stop.cancel();
@@ -292,7 +292,7 @@ impl DeliveryService {
                         );
                         async move {
                             // A restarted dispatcher first lets its predecessor's attempts
-                            // finish: it would send the rows they hold again otherwise.
+                            // finish, so that `max_in_flight` holds across the restart.
                             in_flight.close();
                             tokio::select! {
                                 _ = in_flight.wait() => {}
@@ -515,18 +515,6 @@ async fn build_endpoint(
             .map_err(|_| fail(format!("header {k:?}: bad value")))?;
         value.set_sensitive(true);
         static_headers.insert(name, value);
-    }
-    // An attempt may run for `timeout`; a shared store must not hand the delivery to another
-    // instance meanwhile.
-    let ack_wait = config
-        .timeout
-        .saturating_mul(2)
-        .saturating_add(Duration::from_secs(10));
-    if let Err(e) = store
-        .prepare_endpoint(&config.name, config.ordered, ack_wait)
-        .await
-    {
-        error!(webhook = %config.name, error = %e, "cannot set up the endpoint's queue; retried on first use");
     }
     let disabled = store.disabled(&config.name).await.unwrap_or_else(|e| {
         error!(webhook = %config.name, error = %e, "cannot read endpoint state; assuming enabled");

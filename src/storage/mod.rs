@@ -25,6 +25,11 @@
 //! A delivery that was in flight when the process died is still `pending` on restart and is
 //! sent again: delivery is at-least-once, and receivers deduplicate by `webhook-id`.
 //!
+//! A dispatcher takes its endpoint's deliveries through a [`DeliveryQueue`]
+//! ([`Store::delivery_queue`]), whose one rule both backends keep: a delivery handed out is
+//! held ([`HeldDelivery`]) and never handed out again until it is answered (its outcome
+//! recorded) or released (see `queue`).
+//!
 //! Implementations: [`embedded::EmbeddedStore`] (one SQLite file, the default) and
 //! [`nats::NatsStore`] (NATS JetStream, shared by several bridge instances; its delivery
 //! queue is the journal itself, read by one durable consumer per endpoint). [`open()`] opens
@@ -36,8 +41,10 @@ pub mod config;
 pub mod embedded;
 pub mod nats;
 mod open;
+mod queue;
 
 pub use open::{open, LiveFeed, Opened, Publisher};
+pub use queue::{DeliveryQueue, HeldDelivery, Holder, QueueOptions};
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -194,8 +201,8 @@ impl NewEvent {
     }
 }
 
-/// One delivery that is due now.
-#[derive(Clone, Debug)]
+/// One delivery that is due now (handed out inside a [`HeldDelivery`]).
+#[derive(Clone, Debug, Default)]
 pub struct DueDelivery {
     /// The event's journal position.
     pub seq: u64,
@@ -324,7 +331,8 @@ pub struct SavedDurable {
     pub keep_from: u64,
 }
 
-/// The storage seam: journal and delivery queue. Methods are async so that network-backed
+/// The storage seam: the journal, each endpoint's delivery queue ([`Store::delivery_queue`])
+/// and the admin side of the queues (listing, counts, replay, disabling). Methods are async so that network-backed
 /// stores fit; the embedded store runs its blocking work on its own writer thread and on the
 /// blocking pool, never on the async runtime's workers.
 #[async_trait]
@@ -364,28 +372,15 @@ pub trait Store: Send + Sync + 'static {
     /// The journal's epoch, head and first retained seq.
     async fn position(&self) -> Result<JournalPosition, StoreError>;
 
-    /// Up to `limit` pending deliveries of `endpoint` due at `now_ms`, oldest seq first. With
-    /// `ordered`, only the oldest pending delivery of each subject is eligible.
-    async fn due(
+    /// `endpoint`'s delivery queue, set up as `options` says (a NATS store creates or updates
+    /// the endpoint's consumers). The dispatcher asks once when it starts; asking again for
+    /// the same endpoint (a reload) gives a queue that shares what the earlier one holds, so
+    /// nothing held is handed out twice across the two.
+    async fn delivery_queue(
         &self,
         endpoint: &str,
-        now_ms: i64,
-        limit: usize,
-        ordered: bool,
-    ) -> Result<Vec<DueDelivery>, StoreError>;
-
-    /// When the earliest pending delivery of `endpoint` due strictly after `after_ms` is due
-    /// (unix ms), if any: the dispatcher's next wake-up.
-    async fn next_due(&self, endpoint: &str, after_ms: i64) -> Result<Option<i64>, StoreError>;
-
-    /// Records an attempt and applies its outcome.
-    async fn record(
-        &self,
-        endpoint: &str,
-        seq: u64,
-        attempt: AttemptRecord,
-        next: NextStep,
-    ) -> Result<(), StoreError>;
+        options: QueueOptions,
+    ) -> Result<Arc<dyn DeliveryQueue>, StoreError>;
 
     /// Lists up to `limit` deliveries of `endpoint` in `state`, oldest first.
     async fn deliveries(
@@ -406,24 +401,6 @@ pub trait Store: Send + Sync + 'static {
 
     /// Why `endpoint` is disabled, if it is.
     async fn disabled(&self, endpoint: &str) -> Result<Option<String>, StoreError>;
-
-    /// Sets up `endpoint`'s queue before its dispatcher starts: `ordered` as configured, and
-    /// how long an attempt may run before the store may hand the delivery to someone else.
-    /// Stores whose queues need no setup ignore it.
-    async fn prepare_endpoint(
-        &self,
-        _endpoint: &str,
-        _ordered: bool,
-        _ack_wait: std::time::Duration,
-    ) -> Result<(), StoreError> {
-        Ok(())
-    }
-
-    /// Hands back deliveries that [`Store::due`] returned but the dispatcher did not start
-    /// (in-flight or rate limit reached): a store that holds what it hands out (a JetStream
-    /// consumer's unacknowledged messages) offers them again on the next `due`. Stores that
-    /// hand out rows without holding them ignore it.
-    async fn release(&self, _endpoint: &str, _seqs: &[u64]) {}
 
     /// Every saved durable consumer, in key order (read once when the bridge starts and by
     /// the admin API).

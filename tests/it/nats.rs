@@ -947,12 +947,31 @@ fn attempt(status: u16) -> wsbridge::storage::AttemptRecord {
 }
 
 /// Calls `due` until it returns a delivery of `seq`.
-async fn due_until(store: &wsbridge::storage::nats::NatsStore, endpoint: &str, seq: u64) {
+async fn due_until(
+    queue: &dyn wsbridge::storage::DeliveryQueue,
+    seq: u64,
+) -> wsbridge::storage::HeldDelivery {
     eventually("the delivery is due", LONG, || async {
-        let due = Store::due(store, endpoint, 0, 16, false).await.ok()?;
-        due.iter().any(|d| d.seq == seq).then_some(())
+        // The others are released as this answer is dropped.
+        let due = queue.due(0, 16).await.ok()?;
+        due.into_iter().find(|d| d.seq == seq)
     })
-    .await;
+    .await
+}
+
+/// An unordered endpoint's queue on `store`, as a dispatcher would ask for it.
+async fn queue_of(
+    store: &wsbridge::storage::nats::NatsStore,
+    endpoint: &str,
+) -> std::sync::Arc<dyn wsbridge::storage::DeliveryQueue> {
+    let options = wsbridge::storage::QueueOptions {
+        ordered: false,
+        ack_wait: Duration::from_secs(60),
+        max_held: 32,
+    };
+    Store::delivery_queue(store, endpoint, options)
+        .await
+        .expect("the endpoint's queue")
 }
 
 /// Unanswered and unsent messages of a consumer.
@@ -973,13 +992,12 @@ async fn a_replay_and_a_retry_of_the_same_event_are_each_acknowledged() {
     use wsbridge::storage::{NextStep, ReplaySelection};
     let (prefix, store) = bare_store("collide").await;
     let s = store.as_ref();
-    Store::prepare_endpoint(s, "crm", false, Duration::from_secs(60))
-        .await
-        .expect("prepare");
+    let queue = queue_of(s, "crm").await;
     let seq = append_routed(s, 0..1, "crm").await[0];
-    due_until(s, "crm", seq).await;
+    let held = due_until(queue.as_ref(), seq).await;
     let retry_at = chrono::Utc::now().timestamp_millis() + 1500;
-    Store::record(s, "crm", seq, attempt(500), NextStep::RetryAt(retry_at))
+    queue
+        .record(held, attempt(500), NextStep::RetryAt(retry_at))
         .await
         .expect("record the failure");
     let queued = Store::replay(s, "crm", ReplaySelection::Seqs { from: seq, to: seq })
@@ -987,12 +1005,12 @@ async fn a_replay_and_a_retry_of_the_same_event_are_each_acknowledged() {
         .expect("replay");
     assert_eq!(queued, 1);
     // The replay comes first (its retry is not due yet) and is held, its attempt running.
-    due_until(s, "crm", seq).await;
+    let replayed = due_until(queue.as_ref(), seq).await;
     // Then the journal consumer redelivers the same seq to this instance.
     let events = format!("{prefix}_events");
     let main = format!("{prefix}_wh_crm");
     eventually("the retry redelivered to this instance", LONG, || async {
-        let _ = Store::due(s, "crm", 0, 16, false).await;
+        let _ = queue.due(0, 16).await;
         let client = async_nats::connect(SHARED_NATS).await.ok()?;
         let js = async_nats::jetstream::new(client);
         let info = js
@@ -1005,7 +1023,8 @@ async fn a_replay_and_a_retry_of_the_same_event_are_each_acknowledged() {
         (info.delivered.consumer_sequence >= 2).then_some(())
     })
     .await;
-    Store::record(s, "crm", seq, attempt(200), NextStep::Delivered)
+    queue
+        .record(replayed, attempt(200), NextStep::Delivered)
         .await
         .expect("record the replay's success");
     let replay_stream = format!("{prefix}_replay");
@@ -1017,11 +1036,65 @@ async fn a_replay_and_a_retry_of_the_same_event_are_each_acknowledged() {
     )
     .await;
     // The journal consumer's delivery was deferred, not lost: it comes again and is acked.
-    due_until(s, "crm", seq).await;
-    Store::record(s, "crm", seq, attempt(200), NextStep::Delivered)
+    let retried = due_until(queue.as_ref(), seq).await;
+    queue
+        .record(retried, attempt(200), NextStep::Delivered)
         .await
         .expect("record the retry's success");
     eventually("the journal delivery acknowledged", LONG, || async {
+        (consumer_backlog(&events, &main).await? == 0).then_some(())
+    })
+    .await;
+    cleanup(SHARED_NATS, &prefix).await;
+}
+
+/// The delivery queue's one rule on NATS: a delivery handed out is held (not handed out again,
+/// not even by a second queue of the endpoint on this instance) until it is answered; dropped
+/// unanswered it is offered again at once, and answered with a retry it comes back when the
+/// server redelivers it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_delivery_is_handed_out_again_only_once_released_or_due() {
+    use wsbridge::storage::NextStep;
+    let (prefix, store) = bare_store("heldrule").await;
+    let s = store.as_ref();
+    let queue = queue_of(s, "crm").await;
+    let seqs = append_routed(s, 0..2, "crm").await;
+    // A partial answer is dropped (released) and comes first in the next one.
+    let mut held = eventually("both deliveries handed out", LONG, || async {
+        let due = queue.due(0, 16).await.ok()?;
+        (due.len() == 2).then_some(due)
+    })
+    .await;
+    assert_eq!(held.iter().map(|d| d.seq).collect::<Vec<_>>(), seqs);
+    assert!(queue.due(0, 16).await.expect("due").is_empty(), "both held");
+    let reloaded = queue_of(s, "crm").await;
+    assert!(
+        reloaded.due(0, 16).await.expect("due").is_empty(),
+        "a second queue of the endpoint shares what is held"
+    );
+    // Released: offered again at once.
+    let second = held.pop().expect("two held");
+    queue.release(second);
+    let again = queue.due(0, 16).await.expect("due");
+    assert_eq!(again.iter().map(|d| d.seq).collect::<Vec<_>>(), [seqs[1]]);
+    // Answered with a retry: back when the server redelivers it, its attempt counted.
+    let first = held.pop().expect("one held");
+    let retry_at = chrono::Utc::now().timestamp_millis() + 300;
+    queue
+        .record(first, attempt(500), NextStep::RetryAt(retry_at))
+        .await
+        .expect("record the failure");
+    let retried = due_until(queue.as_ref(), seqs[0]).await;
+    assert_eq!(retried.attempts, 1);
+    for done in std::iter::once(retried).chain(again) {
+        queue
+            .record(done, attempt(200), NextStep::Delivered)
+            .await
+            .expect("record the success");
+    }
+    let events = format!("{prefix}_events");
+    let main = format!("{prefix}_wh_crm");
+    eventually("both acknowledged", LONG, || async {
         (consumer_backlog(&events, &main).await? == 0).then_some(())
     })
     .await;
@@ -1036,12 +1109,11 @@ async fn dead_letters_are_written_and_replayed_once() {
     use wsbridge::storage::{NextStep, ReplaySelection};
     let (prefix, a) = bare_store("dlqonce").await;
     let b = store_on(&prefix).await;
-    Store::prepare_endpoint(a.as_ref(), "crm", false, Duration::from_secs(60))
-        .await
-        .expect("prepare");
+    let queue = queue_of(a.as_ref(), "crm").await;
     let seq = append_routed(a.as_ref(), 0..1, "crm").await[0];
-    due_until(a.as_ref(), "crm", seq).await;
-    Store::record(a.as_ref(), "crm", seq, attempt(500), NextStep::Dead)
+    let held = due_until(queue.as_ref(), seq).await;
+    queue
+        .record(held, attempt(500), NextStep::Dead)
         .await
         .expect("dead-letter");
 
@@ -1087,9 +1159,7 @@ async fn reading_below_the_first_retained_seq_is_not_retained() {
     assert!(Store::read_from(s, 1, 10).await.expect("fresh").is_empty());
     assert!(Store::read_from(s, 0, 10).await.expect("fresh").is_empty());
     assert_eq!(Store::position(s).await.expect("position").first, 1);
-    Store::prepare_endpoint(s, "crm", false, Duration::from_secs(60))
-        .await
-        .expect("prepare");
+    let _queue = queue_of(s, "crm").await;
     let seqs = append_routed(s, 0..5, "crm").await;
     assert_eq!(Store::read_from(s, 1, 10).await.expect("read").len(), 5);
 

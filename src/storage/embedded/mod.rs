@@ -20,11 +20,13 @@
 //!
 //! The parts: `schema` (migrations, connection pragmas, the epoch), `writer` (the writer
 //! thread and everything it commits), `ids` (the id index deduplication looks ids up in),
-//! `retention` (pruning) and `queries` (the readers and what they read); this module ties
-//! them into the [`Store`].
+//! `retention` (pruning), `queries` (the readers and what they read) and `queue` (each
+//! endpoint's delivery queue, with the deliveries it holds); this module ties them into the
+//! [`Store`].
 
 mod ids;
 mod queries;
+mod queue;
 mod retention;
 mod schema;
 #[cfg(test)]
@@ -41,8 +43,8 @@ use tracing::info;
 
 use super::config::Durability;
 use super::{
-    Appended, AttemptRecord, DeliveryCounts, DeliveryInfo, DeliveryState, DueDelivery, DurableKey,
-    JournalPosition, NewEvent, NextStep, ReplaySelection, SavedDurable, Store, StoreError,
+    Appended, DeliveryCounts, DeliveryInfo, DeliveryQueue, DeliveryState, DurableKey,
+    JournalPosition, NewEvent, QueueOptions, ReplaySelection, SavedDurable, Store, StoreError,
     StoredEvent,
 };
 use queries::Readers;
@@ -68,6 +70,8 @@ pub struct EmbeddedStore {
     path: PathBuf,
     /// `storage.dedup_window` in milliseconds.
     dedup_window_ms: i64,
+    /// What each endpoint's queues have handed out and not had answered.
+    held: queue::HeldSets,
 }
 
 /// How an [`EmbeddedStore`] is opened (from `[storage]`).
@@ -181,6 +185,7 @@ impl EmbeddedStore {
             health,
             path: path.to_path_buf(),
             dedup_window_ms: i64::try_from(dedup_window.as_millis()).unwrap_or(i64::MAX),
+            held: queue::HeldSets::default(),
         }))
     }
 
@@ -251,35 +256,18 @@ impl Store for EmbeddedStore {
         })
     }
 
-    async fn due(
+    async fn delivery_queue(
         &self,
         endpoint: &str,
-        now_ms: i64,
-        limit: usize,
-        ordered: bool,
-    ) -> Result<Vec<DueDelivery>, StoreError> {
-        let endpoint = endpoint.to_string();
-        let limit = to_i64(limit as u64);
-        self.readers
-            .with_reader(move |conn| queries::due(conn, &endpoint, now_ms, limit, ordered))
-            .await
-    }
-
-    async fn next_due(&self, endpoint: &str, after_ms: i64) -> Result<Option<i64>, StoreError> {
-        let endpoint = endpoint.to_string();
-        self.readers
-            .with_reader(move |conn| queries::next_due(conn, &endpoint, after_ms))
-            .await
-    }
-
-    async fn record(
-        &self,
-        endpoint: &str,
-        seq: u64,
-        attempt: AttemptRecord,
-        next: NextStep,
-    ) -> Result<(), StoreError> {
-        self.writer.record(endpoint, seq, attempt, next).await
+        options: QueueOptions,
+    ) -> Result<Arc<dyn DeliveryQueue>, StoreError> {
+        Ok(Arc::new(queue::EmbeddedQueue {
+            endpoint: endpoint.to_string(),
+            options,
+            writer: self.writer.clone(),
+            readers: self.readers.clone(),
+            held: self.held.of(endpoint),
+        }))
     }
 
     async fn deliveries(

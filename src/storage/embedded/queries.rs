@@ -16,7 +16,9 @@ use crate::storage::{
     SavedDurable, StoreError, StoredEvent,
 };
 
-/// The store's read connections.
+/// The store's read connections (shared: each endpoint's delivery queue reads through a
+/// clone).
+#[derive(Clone)]
 pub(super) struct Readers {
     reader: Arc<tokio::sync::Mutex<Connection>>,
     replay: Arc<ReplayReaders>,
@@ -387,7 +389,7 @@ pub(super) fn seq_at(
 #[cfg(test)]
 mod tests {
     use crate::storage::config::Durability;
-    use crate::storage::embedded::test_support::{new, temp_db};
+    use crate::storage::embedded::test_support::{new, queue_options, temp_db};
     use crate::storage::embedded::EmbeddedStore;
     use crate::storage::Store;
 
@@ -441,10 +443,8 @@ mod tests {
             assert!(tokio::time::Instant::now() < deadline, "never pruned");
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
-        assert_eq!(
-            store.due("crm", i64::MAX, 10, false).await.unwrap().len(),
-            1
-        );
+        let queue = store.delivery_queue("crm", queue_options()).await.unwrap();
+        assert_eq!(queue.due(i64::MAX, 10).await.unwrap().len(), 1);
         assert_eq!(store.seq_at(0).await.unwrap(), 4);
         assert_eq!(store.seq_at(base + 10 * minute).await.unwrap(), 4);
         assert_eq!(store.seq_at(now - 7 * minute).await.unwrap(), 5);

@@ -157,7 +157,7 @@ mod tests {
     use super::*;
     use crate::storage::config::Durability;
     use crate::storage::embedded::schema::open_connection;
-    use crate::storage::embedded::test_support::{new, received, temp_db};
+    use crate::storage::embedded::test_support::{new, queue_options, received, temp_db};
     use crate::storage::embedded::{EmbeddedOptions, EmbeddedStore};
     use crate::storage::{Appended, AttemptRecord, JournalPosition, NextStep, Store};
 
@@ -300,7 +300,8 @@ mod tests {
         ));
         assert_eq!(store.read_from(4, 10).await.unwrap().len(), 1);
         // b is still owed to a webhook: its delivery still has its bytes.
-        let due = store.due("crm", i64::MAX, 10, false).await.unwrap();
+        let queue = store.delivery_queue("crm", queue_options()).await.unwrap();
+        let mut due = queue.due(i64::MAX, 10).await.unwrap();
         assert_eq!(due.len(), 1);
         assert_eq!((due[0].seq, due[0].id.as_str()), (2, "b"));
         // Pruned ids are past the dedup window: "a" seen again is a new event, seq 5.
@@ -316,8 +317,8 @@ mod tests {
             error: None,
             duration_ms: 1,
         };
-        store
-            .record("crm", 2, done, NextStep::Delivered)
+        queue
+            .record(due.remove(0), done, NextStep::Delivered)
             .await
             .unwrap();
         let mut side = open_connection(&path, Durability::Normal).unwrap();

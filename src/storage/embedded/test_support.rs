@@ -8,7 +8,7 @@ use serde_json::json;
 use wsbridge_adapters::DecodedEvent;
 
 use crate::envelope::Envelope;
-use crate::storage::{DurableKey, NewEvent, SavedDurable};
+use crate::storage::{DurableKey, NewEvent, QueueOptions, SavedDurable};
 
 pub(super) fn env(id: &str) -> Envelope {
     Envelope::new(
@@ -60,5 +60,14 @@ pub(super) fn durable(consumer: &str, name: &str, state: &str, keep_from: u64) -
         },
         state: bytes::Bytes::copy_from_slice(state.as_bytes()),
         keep_from,
+    }
+}
+
+/// An unordered endpoint's queue settings, holding up to 16 deliveries.
+pub(super) fn queue_options() -> QueueOptions {
+    QueueOptions {
+        ordered: false,
+        ack_wait: std::time::Duration::from_secs(60),
+        max_held: 16,
     }
 }

@@ -77,8 +77,10 @@ enum Done {
     Found(bool),
 }
 
-/// The store's end of the writer thread: its bounded command queue. Dropping it stops the
-/// thread once it has committed what it was given.
+/// The store's end of the writer thread: its bounded command queue. Cloned into each
+/// endpoint's delivery queue; dropping the last clone stops the thread once it has committed
+/// what it was given.
+#[derive(Clone)]
 pub(super) struct Writer {
     commands: std::sync::mpsc::SyncSender<Command>,
 }
@@ -844,7 +846,7 @@ mod tests {
     use super::*;
     use crate::envelope::Envelope;
     use crate::storage::config::Durability;
-    use crate::storage::embedded::test_support::{new, received, temp_db};
+    use crate::storage::embedded::test_support::{new, queue_options, received, temp_db};
     use crate::storage::embedded::EmbeddedStore;
     use crate::storage::Store;
 
@@ -999,7 +1001,13 @@ mod tests {
             "every id is unique in the journal: {ids:?}"
         );
         // The delivery was queued under the stored event.
-        let due = store.due("hook", i64::MAX, 10, false).await.unwrap();
+        let due = store
+            .delivery_queue("hook", queue_options())
+            .await
+            .unwrap()
+            .due(i64::MAX, 10)
+            .await
+            .unwrap();
         assert_eq!(due.len(), 1);
         assert_eq!((due[0].seq, due[0].id.as_str()), (2, renewed.as_str()));
         let _ = std::fs::remove_dir_all(path.parent().unwrap().parent().unwrap());

@@ -29,12 +29,13 @@
 //! the endpoint's consumer has not yet examined or acknowledged (an upper bound).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::{pull, AckPolicy, Consumer, DeliverPolicy};
 use async_nats::jetstream::message::{AckKind, Acker};
 use async_nats::jetstream::{self, stream};
+use async_trait::async_trait;
 use bytes::Bytes;
 use chrono::Utc;
 use futures_util::StreamExt;
@@ -44,8 +45,8 @@ use super::held::{Arrival, HeldTable};
 use super::state::Bucket;
 use super::{header, nats_err, token, with_seq, Names, HEADER_TARGETS};
 use crate::storage::{
-    AttemptRecord, DeliveryCounts, DeliveryInfo, DeliveryState, DueDelivery, NextStep, StoreError,
-    StoredEvent,
+    AttemptRecord, DeliveryCounts, DeliveryInfo, DeliveryQueue, DeliveryState, HeldDelivery,
+    Holder, NextStep, QueueOptions, StoreError, StoredEvent,
 };
 
 /// How often a dispatcher polls its consumer for work published by other instances (and
@@ -72,8 +73,13 @@ const DISABLED_TTL: Duration = Duration::from_secs(1);
 /// Most deliveries of one endpoint unacknowledged at once across all instances (those waiting
 /// for a retry included).
 const MAX_ACK_PENDING: i64 = 10_000;
-/// Ack wait of a consumer prepared without its endpoint's settings.
-const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(60);
+/// Settings of a queue prepared without its endpoint's (an admin request for an endpoint
+/// whose dispatcher has not set it up yet); the dispatcher's own replace them.
+const DEFAULT_OPTIONS: QueueOptions = QueueOptions {
+    ordered: false,
+    ack_wait: Duration::from_secs(60),
+    max_held: 32,
+};
 
 /// Fetches up to `n` available messages without waiting for more; bounded in time, so a
 /// request lost in a reconnect cannot stall the dispatcher.
@@ -161,15 +167,37 @@ impl From<Attempt> for AttemptRecord {
     }
 }
 
+/// What this instance holds of one endpoint ([`HeldTable`]), shared by every
+/// [`EndpointQueue`] made for the endpoint (a reload's re-prepare keeps it), and what a
+/// [`HeldDelivery`] dropped unanswered is released in.
+#[derive(Default)]
+struct Held(Mutex<HeldTable<Acker>>);
+
+impl Held {
+    fn lock(&self) -> MutexGuard<'_, HeldTable<Acker>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl Holder for Held {
+    fn unhold(&self, seq: u64) {
+        self.lock().release(&[seq]);
+    }
+}
+
 /// One endpoint's consumers and local bookkeeping.
 struct EndpointQueue {
     token: String,
     ordered: bool,
     ack_wait: Duration,
+    /// Most deliveries handed out and not yet answered ([`QueueOptions::max_held`]).
+    max_held: usize,
     main: Consumer<pull::Config>,
     replay: Consumer<pull::Config>,
-    in_flight: Mutex<HeldTable<Acker>>,
-    history: Mutex<HashMap<u64, Vec<AttemptRecord>>>,
+    in_flight: Arc<Held>,
+    history: Arc<Mutex<HashMap<u64, Vec<AttemptRecord>>>>,
     disabled: Mutex<Option<(Instant, Option<String>)>>,
 }
 
@@ -180,10 +208,13 @@ impl EndpointQueue {
         self.ordered.then_some(ORDERED_FETCH_EXPIRES)
     }
 
-    fn in_flight(&self) -> std::sync::MutexGuard<'_, HeldTable<Acker>> {
-        self.in_flight
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    fn in_flight(&self) -> MutexGuard<'_, HeldTable<Acker>> {
+        self.in_flight.lock()
+    }
+
+    /// `delivery`, handed out held in this endpoint's table.
+    fn handle(&self, delivery: crate::storage::DueDelivery) -> HeldDelivery {
+        HeldDelivery::new(delivery, self.in_flight.clone())
     }
 
     fn history(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Vec<AttemptRecord>>> {
@@ -282,12 +313,16 @@ impl Queues {
     /// Creates or updates the endpoint's consumers: `ordered` allows one unacknowledged
     /// delivery at a time; `ack_wait` must exceed the endpoint's timeout, or a slow attempt is
     /// redelivered to another instance while still running.
-    pub async fn prepare(
+    async fn prepare(
         &self,
         endpoint: &str,
-        ordered: bool,
-        ack_wait: Duration,
-    ) -> Result<(), StoreError> {
+        options: QueueOptions,
+    ) -> Result<Arc<EndpointQueue>, StoreError> {
+        let QueueOptions {
+            ordered,
+            ack_wait,
+            max_held,
+        } = options;
         let tok = endpoint_token(endpoint);
         let prefix = &self.names.prefix;
         let events = self
@@ -327,36 +362,47 @@ impl Queues {
             .endpoints
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        // A re-prepare (reload) keeps what this instance holds in flight.
-        let (in_flight, history) = match map.remove(endpoint) {
-            Some(old) => (
-                std::mem::take(&mut *old.in_flight()),
-                std::mem::take(&mut *old.history()),
-            ),
-            None => (HeldTable::default(), HashMap::new()),
+        // A re-prepare (reload) shares what this instance holds in flight with the queue it
+        // replaces: handles the old one gave out are still answered in the same table.
+        let (in_flight, history) = match map.get(endpoint) {
+            Some(old) => (old.in_flight.clone(), old.history.clone()),
+            None => (Arc::default(), Arc::default()),
         };
-        map.insert(
-            endpoint.to_string(),
-            Arc::new(EndpointQueue {
-                token: tok,
-                ordered,
-                ack_wait,
-                main,
-                replay,
-                in_flight: Mutex::new(in_flight),
-                history: Mutex::new(history),
-                disabled: Mutex::new(None),
-            }),
-        );
-        Ok(())
+        let q = Arc::new(EndpointQueue {
+            token: tok,
+            ordered,
+            ack_wait,
+            max_held,
+            main,
+            replay,
+            in_flight,
+            history,
+            disabled: Mutex::new(None),
+        });
+        map.insert(endpoint.to_string(), q.clone());
+        Ok(q)
+    }
+
+    /// The endpoint's queue (`queues` is this), as [`crate::storage::Store::delivery_queue`]
+    /// gives it.
+    pub async fn queue(
+        queues: &Arc<Queues>,
+        endpoint: &str,
+        options: QueueOptions,
+    ) -> Result<Arc<dyn DeliveryQueue>, StoreError> {
+        let q = queues.prepare(endpoint, options).await?;
+        Ok(Arc::new(NatsQueue {
+            queues: queues.clone(),
+            endpoint: endpoint.to_string(),
+            q,
+        }))
     }
 
     async fn get(&self, endpoint: &str) -> Result<Arc<EndpointQueue>, StoreError> {
         if let Some(q) = self.lookup(endpoint) {
             return Ok(q);
         }
-        self.prepare(endpoint, false, DEFAULT_ACK_WAIT).await?;
-        self.lookup(endpoint).ok_or(StoreError::Closed)
+        self.prepare(endpoint, DEFAULT_OPTIONS).await
     }
 
     fn lookup(&self, endpoint: &str) -> Option<Arc<EndpointQueue>> {
@@ -371,19 +417,25 @@ impl Queues {
         format!("disabled.{}", endpoint_token(endpoint))
     }
 
-    /// Fetches up to `limit` minus what this instance already holds: replays first, then
-    /// new or redelivered journal messages routed to the endpoint. Nothing while the endpoint
-    /// is disabled on any instance.
-    pub async fn due(&self, endpoint: &str, limit: usize) -> Result<Vec<DueDelivery>, StoreError> {
-        let q = self.get(endpoint).await?;
-        self.keep_held(&q).await;
-        if self.disabled_cached(&q, endpoint).await?.is_some() {
+    /// Hands out up to `limit` deliveries (fewer when the queue holds nearly `max_held`),
+    /// never one this instance holds: first what was fetched earlier but released (or an
+    /// ordered endpoint's retry now due), then replays, then new or redelivered journal
+    /// messages routed to the endpoint. Nothing while the endpoint is disabled on any
+    /// instance.
+    async fn due(
+        &self,
+        endpoint: &str,
+        q: &EndpointQueue,
+        limit: usize,
+    ) -> Result<Vec<HeldDelivery>, StoreError> {
+        self.keep_held(q).await;
+        if self.disabled_cached(q, endpoint).await?.is_some() {
             return Ok(Vec::new());
         }
-        // The dispatcher asks for `max + running` (the embedded store returns running rows
-        // too); this store never returns a running delivery, so it can give `max - running`:
-        // first what was fetched earlier but released, then new messages.
-        let (mut out, room) = q.in_flight().take_released(limit, Instant::now());
+        let (released, room) = q
+            .in_flight()
+            .take_released(limit, q.max_held, Instant::now());
+        let mut out: Vec<HeldDelivery> = released.into_iter().map(|d| q.handle(d)).collect();
         if room == 0 {
             return Ok(out);
         }
@@ -418,7 +470,7 @@ impl Queues {
             };
             let id = header(&msg, HEADER_ID).unwrap_or_default();
             let attempts = u32::try_from(attempts).unwrap_or(u32::MAX);
-            out.push(q.in_flight().hold(
+            let held = q.in_flight().hold(
                 seq,
                 acker,
                 replay_seq,
@@ -426,7 +478,8 @@ impl Queues {
                 msg.payload,
                 attempts,
                 Instant::now(),
-            ));
+            );
+            out.push(q.handle(held));
         }
         for _round in 0..8 {
             let want = room.saturating_sub(out.len() - released_count);
@@ -471,15 +524,9 @@ impl Queues {
                         Arrival::Busy(acker) => Some(acker),
                         Arrival::Free(acker) => {
                             let attempts = u32::try_from(attempts).unwrap_or(u32::MAX);
-                            out.push(held.hold(
-                                seq,
-                                acker,
-                                None,
-                                id,
-                                bytes,
-                                attempts,
-                                Instant::now(),
-                            ));
+                            let d =
+                                held.hold(seq, acker, None, id, bytes, attempts, Instant::now());
+                            out.push(q.handle(d));
                             None
                         }
                     }
@@ -514,22 +561,18 @@ impl Queues {
         }
     }
 
-    /// Marks deliveries the dispatcher did not start as available for its next `due`.
-    pub fn release(&self, endpoint: &str, seqs: &[u64]) {
-        if let Some(q) = self.lookup(endpoint) {
-            q.in_flight().release(seqs);
-        }
-    }
-
-    /// Applies an attempt's outcome to the message this instance holds.
-    pub async fn record(
+    /// Applies an attempt's outcome to the message this instance holds: the entry leaves
+    /// the table as it is answered (an ordered endpoint's retry goes back in, not handed out
+    /// before its time).
+    async fn record(
         &self,
-        endpoint: &str,
-        seq: u64,
+        q: &EndpointQueue,
+        delivery: HeldDelivery,
         attempt: AttemptRecord,
         next: NextStep,
     ) -> Result<(), StoreError> {
-        let q = self.get(endpoint).await?;
+        // From here on the table, not the handle, says whether it is held.
+        let seq = delivery.into_delivery().seq;
         let Some(held) = q.in_flight().remove(seq) else {
             return Ok(());
         };
@@ -841,5 +884,34 @@ impl Queues {
             *d = Some((Instant::now(), reason.clone()));
         }
         Ok(reason)
+    }
+}
+
+/// One endpoint's queue on NATS, from [`Queues::queue`].
+struct NatsQueue {
+    queues: Arc<Queues>,
+    endpoint: String,
+    q: Arc<EndpointQueue>,
+}
+
+#[async_trait]
+impl DeliveryQueue for NatsQueue {
+    async fn due(&self, _now_ms: i64, limit: usize) -> Result<Vec<HeldDelivery>, StoreError> {
+        // Retries fall due on the server (or, held here, by the table's own time).
+        self.queues.due(&self.endpoint, &self.q, limit).await
+    }
+
+    async fn next_due(&self, after_ms: i64) -> Result<Option<i64>, StoreError> {
+        // Other instances publish events and retries fall due on the server: poll.
+        Ok(Some(after_ms.saturating_add(POLL.as_millis() as i64)))
+    }
+
+    async fn record(
+        &self,
+        held: HeldDelivery,
+        attempt: AttemptRecord,
+        next: NextStep,
+    ) -> Result<(), StoreError> {
+        self.queues.record(&self.q, held, attempt, next).await
     }
 }

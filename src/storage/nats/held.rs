@@ -2,9 +2,10 @@
 //! consumers and not yet answered (acknowledged, nak'd or terminated). A pure table (no I/O,
 //! no clock of its own: the time is given), generic over the message's acknowledgement handle
 //! so that its rules are tested on their own:
-//! - never hand out what is in flight: a delivery handed to the dispatcher is not handed out
-//!   again until the dispatcher releases it (it did not start it) or it is answered (it
-//!   leaves the table);
+//! - never hand out what is in flight (the rule of [`crate::storage::DeliveryQueue`]): a
+//!   delivery handed to the dispatcher is not handed out again until the dispatcher releases
+//!   it (it did not start it: its handle was dropped) or it is answered (it leaves the table);
+//! - at most `max_held` are handed out and unanswered at once;
 //! - one event is held once: a redelivery of the same message renews the entry's handle (the
 //!   attempt keeps running, the answer goes to the newer delivery), while a second message
 //!   for an event already held (a replay of an event the journal consumer holds, or the
@@ -77,17 +78,16 @@ impl<A> HeldTable<A> {
     }
 
     /// Hands out held deliveries the dispatcher released (or retries now due), oldest seq
-    /// first, within the room `limit` leaves. The dispatcher asks for `max + running` (the
-    /// embedded store returns running rows too); this table never hands out a running
-    /// delivery, so the room is `limit - 2 × running`. Returns them and the room left for
-    /// new messages.
+    /// first: at most `limit`, and no more than keeps what is handed out and unanswered at
+    /// `max_held`. Returns them and the room left for new messages.
     pub(super) fn take_released(
         &mut self,
         limit: usize,
+        max_held: usize,
         now: Instant,
     ) -> (Vec<DueDelivery>, usize) {
-        let running = self.held.values().filter(|f| f.taken).count();
-        let room = limit.saturating_sub(running.saturating_mul(2));
+        let taken = self.held.values().filter(|f| f.taken).count();
+        let room = limit.min(max_held.saturating_sub(taken));
         let mut released: Vec<(&u64, &mut Held<A>)> = self
             .held
             .iter_mut()
@@ -270,21 +270,21 @@ mod tests {
         for seq in [3, 1, 2] {
             hold(&mut table, seq, "m", None);
         }
-        // All three run: nothing to hand out, and they take twice their room.
-        let (due, room) = table.take_released(10, now);
+        // All three run: nothing to hand out; the room is the limit.
+        let (due, room) = table.take_released(10, 16, now);
         assert!(due.is_empty());
-        assert_eq!(room, 4);
+        assert_eq!(room, 10);
         // The dispatcher did not start 3 and 1: they go out again, oldest first, once.
         table.release(&[3, 1]);
-        let (due, room) = table.take_released(10, now);
+        let (due, room) = table.take_released(10, 16, now);
         assert_eq!(seqs(&due), [1, 3]);
         assert_eq!(due[0].bytes, Bytes::from("body1"));
-        assert_eq!(room, 10 - 2 - 2);
-        let (due, _) = table.take_released(10, now);
+        assert_eq!(room, 10 - 2);
+        let (due, _) = table.take_released(10, 16, now);
         assert!(due.is_empty(), "handed out already: {:?}", seqs(&due));
         // Releasing what is not held changes nothing.
         table.release(&[99]);
-        assert!(table.take_released(10, now).0.is_empty());
+        assert!(table.take_released(10, 16, now).0.is_empty());
     }
 
     #[test]
@@ -295,15 +295,16 @@ mod tests {
             hold(&mut table, seq, "m", None);
         }
         table.release(&[5, 4, 2, 1]);
-        // One running (3) takes two places of the five asked for: three go out.
-        let (due, room) = table.take_released(5, now);
+        // One running (3) of at most four held: three go out, whatever the limit.
+        let (due, room) = table.take_released(5, 4, now);
         assert_eq!(seqs(&due), [1, 2, 4]);
         assert_eq!(room, 0);
-        // Four running now: no room for 5 however much is asked below eight.
-        assert!(table.take_released(8, now).0.is_empty());
-        let (due, room) = table.take_released(9, now);
+        // Four held now: no room for 5 however much is asked.
+        assert!(table.take_released(8, 4, now).0.is_empty());
+        // Within a larger bound, the limit decides.
+        let (due, room) = table.take_released(3, 8, now);
         assert_eq!(seqs(&due), [5]);
-        assert_eq!(room, 0);
+        assert_eq!(room, 2);
     }
 
     #[test]
@@ -316,7 +317,7 @@ mod tests {
         assert_eq!((held.acker, held.id.as_str()), ("first", "id7"));
         assert!(table.is_empty());
         assert!(table.remove(7).is_none(), "answered once");
-        assert!(table.take_released(10, now).0.is_empty());
+        assert!(table.take_released(10, 16, now).0.is_empty());
         // The server redelivers it later (a nak's delay ran out): a new delivery.
         assert_eq!(
             table.arrived_from_journal(7, "again"),
@@ -330,7 +331,10 @@ mod tests {
         let mut table = HeldTable::default();
         hold(&mut table, 4, "journal-1", None);
         assert_eq!(table.arrived_from_journal(4, "journal-2"), Arrival::Renewed);
-        assert!(table.take_released(10, now).0.is_empty(), "still running");
+        assert!(
+            table.take_released(10, 16, now).0.is_empty(),
+            "still running"
+        );
         assert_eq!(table.remove(4).map(|h| h.acker), Some("journal-2"));
 
         hold(&mut table, 5, "replay-1", Some(40));
@@ -384,18 +388,18 @@ mod tests {
         let held = table.remove(2).expect("held");
         table.retry_at(2, held, now + Duration::from_secs(5));
         assert!(!table.is_empty(), "an ordered endpoint's retry stays held");
-        assert!(table.take_released(10, now).0.is_empty(), "not yet due");
+        assert!(table.take_released(10, 16, now).0.is_empty(), "not yet due");
         assert!(table
-            .take_released(10, now + Duration::from_secs(4))
+            .take_released(10, 16, now + Duration::from_secs(4))
             .0
             .is_empty());
-        let (due, _) = table.take_released(10, now + Duration::from_secs(5));
+        let (due, _) = table.take_released(10, 16, now + Duration::from_secs(5));
         assert_eq!(seqs(&due), [2]);
         assert_eq!(due[0].attempts, 1);
         // Handed out: running again, and no longer waiting for a time.
-        assert!(table.take_released(10, now).0.is_empty());
+        assert!(table.take_released(10, 16, now).0.is_empty());
         table.release(&[2]);
-        assert_eq!(seqs(&table.take_released(10, now).0), [2]);
+        assert_eq!(seqs(&table.take_released(10, 16, now).0), [2]);
     }
 
     #[test]

@@ -51,8 +51,8 @@ use futures_util::StreamExt;
 use tracing::{error, info, warn};
 
 use super::{
-    Appended, AttemptRecord, DeliveryCounts, DeliveryInfo, DeliveryState, DueDelivery, DurableKey,
-    JournalPosition, NewEvent, NextStep, ReplaySelection, SavedDurable, Store, StoreError,
+    Appended, DeliveryCounts, DeliveryInfo, DeliveryQueue, DeliveryState, DurableKey,
+    JournalPosition, NewEvent, QueueOptions, ReplaySelection, SavedDurable, Store, StoreError,
     StoredEvent,
 };
 use crate::storage::config::StorageConfig;
@@ -233,7 +233,7 @@ pub struct NatsStore {
     journal_ok: AtomicBool,
     /// Publish rounds that failed and were retried.
     write_failures: AtomicU64,
-    queues: delivery::Queues,
+    queues: Arc<delivery::Queues>,
     ids: ids::IdIndex,
     /// The durable consumers' bucket, opened on first use.
     durables: tokio::sync::OnceCell<state::Bucket>,
@@ -306,7 +306,7 @@ impl NatsStore {
             lease_ttl: config.lease_ttl,
             journal_ok: AtomicBool::new(true),
             write_failures: AtomicU64::new(0),
-            queues,
+            queues: Arc::new(queues),
             ids,
             durables: tokio::sync::OnceCell::new(),
         }))
@@ -762,29 +762,12 @@ impl Store for NatsStore {
         })
     }
 
-    async fn due(
+    async fn delivery_queue(
         &self,
         endpoint: &str,
-        _now_ms: i64,
-        limit: usize,
-        _ordered: bool,
-    ) -> Result<Vec<DueDelivery>, StoreError> {
-        self.queues.due(endpoint, limit).await
-    }
-
-    async fn next_due(&self, _endpoint: &str, after_ms: i64) -> Result<Option<i64>, StoreError> {
-        // Other instances publish events and retries fall due on the server: poll.
-        Ok(Some(after_ms + delivery::POLL.as_millis() as i64))
-    }
-
-    async fn record(
-        &self,
-        endpoint: &str,
-        seq: u64,
-        attempt: AttemptRecord,
-        next: NextStep,
-    ) -> Result<(), StoreError> {
-        self.queues.record(endpoint, seq, attempt, next).await
+        options: QueueOptions,
+    ) -> Result<Arc<dyn DeliveryQueue>, StoreError> {
+        delivery::Queues::queue(&self.queues, endpoint, options).await
     }
 
     async fn deliveries(
@@ -931,19 +914,6 @@ impl Store for NatsStore {
 
     async fn disabled(&self, endpoint: &str) -> Result<Option<String>, StoreError> {
         self.queues.disabled(endpoint).await
-    }
-
-    async fn prepare_endpoint(
-        &self,
-        endpoint: &str,
-        ordered: bool,
-        ack_wait: Duration,
-    ) -> Result<(), StoreError> {
-        self.queues.prepare(endpoint, ordered, ack_wait).await
-    }
-
-    async fn release(&self, endpoint: &str, seqs: &[u64]) {
-        self.queues.release(endpoint, seqs);
     }
 
     fn shared(&self) -> bool {

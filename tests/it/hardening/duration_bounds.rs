@@ -248,11 +248,17 @@ async fn a_supervisor_task_that_panics_is_shown_failed_then_restarted() {
     assert_eq!(handle.status().state, UpstreamState::Stopped);
 }
 
-/// The embedded store, except that its first `due` query panics (a bug in the dispatcher's
-/// path that kills its task).
+/// The embedded store, except that the first `due` query of its queues panics (a bug in the
+/// dispatcher's path that kills its task).
 struct PanicsOnFirstDue {
     inner: std::sync::Arc<wsbridge::storage::embedded::EmbeddedStore>,
-    armed: std::sync::atomic::AtomicBool,
+    armed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// An endpoint's queue of [`PanicsOnFirstDue`].
+struct PanickingQueue {
+    inner: std::sync::Arc<dyn wsbridge::storage::DeliveryQueue>,
+    armed: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 mod delegate {
@@ -269,29 +275,15 @@ mod delegate {
         async fn position(&self) -> Result<JournalPosition, StoreError> {
             self.inner.position().await
         }
-        async fn due(
+        async fn delivery_queue(
             &self,
             endpoint: &str,
-            now_ms: i64,
-            limit: usize,
-            ordered: bool,
-        ) -> Result<Vec<DueDelivery>, StoreError> {
-            if self.armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
-                panic!("injected dispatcher bug");
-            }
-            self.inner.due(endpoint, now_ms, limit, ordered).await
-        }
-        async fn next_due(&self, endpoint: &str, after_ms: i64) -> Result<Option<i64>, StoreError> {
-            self.inner.next_due(endpoint, after_ms).await
-        }
-        async fn record(
-            &self,
-            endpoint: &str,
-            seq: u64,
-            attempt: AttemptRecord,
-            next: NextStep,
-        ) -> Result<(), StoreError> {
-            self.inner.record(endpoint, seq, attempt, next).await
+            options: QueueOptions,
+        ) -> Result<std::sync::Arc<dyn DeliveryQueue>, StoreError> {
+            Ok(std::sync::Arc::new(super::PanickingQueue {
+                inner: self.inner.delivery_queue(endpoint, options).await?,
+                armed: self.armed.clone(),
+            }))
         }
         async fn deliveries(
             &self,
@@ -320,6 +312,27 @@ mod delegate {
         }
         async fn disabled(&self, endpoint: &str) -> Result<Option<String>, StoreError> {
             self.inner.disabled(endpoint).await
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl DeliveryQueue for super::PanickingQueue {
+        async fn due(&self, now_ms: i64, limit: usize) -> Result<Vec<HeldDelivery>, StoreError> {
+            if self.armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                panic!("injected dispatcher bug");
+            }
+            self.inner.due(now_ms, limit).await
+        }
+        async fn next_due(&self, after_ms: i64) -> Result<Option<i64>, StoreError> {
+            self.inner.next_due(after_ms).await
+        }
+        async fn record(
+            &self,
+            held: HeldDelivery,
+            attempt: AttemptRecord,
+            next: NextStep,
+        ) -> Result<(), StoreError> {
+            self.inner.record(held, attempt, next).await
         }
     }
 }
@@ -361,7 +374,7 @@ async fn a_webhook_dispatcher_that_panics_is_shown_failed_then_restarted() {
         .expect("journalled with a delivery to crm");
     let store = std::sync::Arc::new(PanicsOnFirstDue {
         inner,
-        armed: std::sync::atomic::AtomicBool::new(true),
+        armed: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)),
     });
     let shutdown = tokio_util::sync::CancellationToken::new();
     let service = DeliveryService::start(&cfg.webhooks, store, shutdown.clone())
