@@ -49,29 +49,43 @@ fn per_id(requests: &[crate::common::receiver::Received]) -> BTreeMap<String, us
 }
 
 async fn subscribe(ws: &mut Ws, from: Value) -> Value {
+    subscribe_op(
+        ws,
+        json!({"op": "subscribe", "id": "s", "filter": {}, "from": from}),
+    )
+    .await
+    .0
+}
+
+/// Reads `ready`, sends the subscribe `op`; `ready` and the `subscribed` answer.
+async fn subscribe_op(ws: &mut Ws, op: Value) -> (Value, Value) {
     let ready = recv(ws).await;
     assert_eq!(ready["op"], "ready", "{ready}");
-    ws.send(Message::text(
-        json!({"op": "subscribe", "id": "s", "filter": {}, "from": from}).to_string(),
-    ))
-    .await
-    .expect("send");
-    let ack = recv(ws).await;
-    assert_eq!(ack["op"], "subscribed", "{ack}");
-    ready
+    ws.send(Message::text(op.to_string())).await.expect("send");
+    let answer = recv(ws).await;
+    assert_eq!(answer["op"], "subscribed", "{answer}");
+    (ready, answer)
 }
 
 /// Reads `n` event frames: (seq, event id).
 async fn events(ws: &mut Ws, n: usize) -> Vec<(u64, String)> {
+    event_frames(ws, n, |f| {
+        assert_eq!(f["seq"], f["event"]["seq"], "frame seq is the envelope seq");
+        (
+            f["seq"].as_u64().expect("seq"),
+            f["event"]["id"].as_str().expect("id").to_string(),
+        )
+    })
+    .await
+}
+
+/// Reads `n` event frames, each through `take`.
+async fn event_frames<T>(ws: &mut Ws, n: usize, take: impl Fn(&Value) -> T) -> Vec<T> {
     let mut out = Vec::with_capacity(n);
     while out.len() < n {
         let f = recv(ws).await;
         assert_eq!(f["op"], "event", "unexpected frame {f}");
-        out.push((
-            f["seq"].as_u64().expect("seq"),
-            f["event"]["id"].as_str().expect("id").to_string(),
-        ));
-        assert_eq!(f["seq"], f["event"]["seq"], "frame seq is the envelope seq");
+        out.push(take(&f));
     }
     out
 }
@@ -187,30 +201,23 @@ async fn a_consumer_resumes_on_another_instance_without_gap() {
 
 /// Subscribes durable `name` from `earliest`; the `subscribed` answer.
 async fn subscribe_durable(ws: &mut Ws, name: &str) -> Value {
-    let ready = recv(ws).await;
-    assert_eq!(ready["op"], "ready", "{ready}");
-    ws.send(Message::text(
-        json!({"op": "subscribe", "id": "d", "durable": name, "from": "earliest"}).to_string(),
-    ))
+    subscribe_op(
+        ws,
+        json!({"op": "subscribe", "id": "d", "durable": name, "from": "earliest"}),
+    )
     .await
-    .expect("send");
-    let answer = recv(ws).await;
-    assert_eq!(answer["op"], "subscribed", "{answer}");
-    answer
+    .1
 }
 
 /// `n` durable event frames as (seq, delivery).
 async fn durable_events(ws: &mut Ws, n: usize) -> Vec<(u64, u64)> {
-    let mut out = Vec::with_capacity(n);
-    while out.len() < n {
-        let f = recv(ws).await;
-        assert_eq!(f["op"], "event", "unexpected frame {f}");
-        out.push((
+    event_frames(ws, n, |f| {
+        (
             f["seq"].as_u64().expect("seq"),
             f["delivery"].as_u64().expect("delivery"),
-        ));
-    }
-    out
+        )
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
