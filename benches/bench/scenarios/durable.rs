@@ -21,7 +21,7 @@ use super::{drive_all, Opts};
 use crate::consumers::crowd;
 use crate::frames::{parse_event, ws_config, CONSUMER_TOKEN};
 use crate::pusher::Pace;
-use crate::report::{cpu_cell, yes, Row};
+use crate::report::{closed_note, cpu_cell, yes, Row};
 use crate::servers::{pushers_for, start_server, CpuUse, CpuWindow, System};
 use crate::Res;
 
@@ -191,6 +191,8 @@ struct DurableRun {
     cpu: CpuUse,
     /// Redelivery after a connection drops: (first, last) of the held events, ms.
     redelivery_ms: Option<(f64, f64)>,
+    /// The (plain) consumer was closed during the run.
+    closed: bool,
 }
 
 async fn plain_run(dur: Duration) -> Res<DurableRun> {
@@ -211,6 +213,11 @@ async fn plain_run(dur: Duration) -> Res<DurableRun> {
         let _ = d.await;
     }
     consumers.stop.cancel();
+    // A plain consumer more than the ring behind is closed (4001): say so in its row.
+    let mut closed = false;
+    for h in consumers.handles {
+        closed |= h.await.map(|seen| seen.closed).unwrap_or(false);
+    }
     srv.stop();
     Ok(DurableRun {
         rate: f1.saturating_sub(f0) as f64 / cpu.secs,
@@ -218,6 +225,7 @@ async fn plain_run(dur: Duration) -> Res<DurableRun> {
         dup: 0,
         cpu,
         redelivery_ms: None,
+        closed,
     })
 }
 
@@ -314,6 +322,7 @@ async fn durable_run(dur: Duration) -> Res<DurableRun> {
         dup,
         cpu,
         redelivery_ms,
+        closed: false,
     })
 }
 
@@ -357,7 +366,11 @@ pub(crate) async fn scenario_durable(o: &Opts, rows: &mut Vec<Row>) -> Res<()> {
     rows.push(Row {
         scenario: name.clone(),
         system: System::Wsbridge,
-        result: format!("plain {:.0}k ev/s", plain.rate / 1000.0),
+        result: format!(
+            "plain {:.0}k ev/s{}",
+            plain.rate / 1000.0,
+            closed_note(u64::from(plain.closed))
+        ),
         latency: "–".into(),
         lost: plain.lost.to_string(),
         dup: plain.dup.to_string(),
