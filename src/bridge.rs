@@ -214,6 +214,7 @@ impl Bridge {
             &config.limits,
             traces.clone(),
             config.server.admin_token.clone(),
+            leases.clone(),
         );
         hub.durables.load().await?;
         tokio::spawn(hub.durables.clone().expire_idle(

@@ -195,7 +195,10 @@ pub struct Hub {
 }
 
 impl Hub {
-    /// A hub over `store` and the live `publish` stream, within `limits`.
+    /// A hub over `store` and the live `publish` stream, within `limits`; `leases` (a shared
+    /// store's) let one instance at a time serve each durable subscription.
+    // Each argument is one part of the running bridge, passed once at start.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         consumers: Vec<Arc<Consumer>>,
         store: Arc<dyn Store>,
@@ -204,6 +207,7 @@ impl Hub {
         limits: &crate::config::LimitsConfig,
         traces: Option<crate::traces::Traces>,
         admin_token: Option<Secret>,
+        leases: Option<Arc<crate::storage::nats::lease::Leases>>,
     ) -> Arc<Hub> {
         let downstream_limits = DownstreamLimits::from_config(limits);
         let admin = admin_token.map(|token| {
@@ -219,6 +223,7 @@ impl Hub {
             consumers: arc_swap::ArcSwap::from_pointee(consumers),
             durables: durable::Durables::new(
                 store.clone(),
+                leases,
                 durable::DurableLimits::from_config(limits),
             ),
             store,

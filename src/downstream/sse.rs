@@ -403,7 +403,7 @@ async fn durable_stream(
     watch_slow(&hub, &consumer, &slow, &stop, || async {});
     let state = DurableAlive {
         events: sub.events,
-        _handle: handle,
+        handle,
         session,
         _guard: guard,
         _slot: slot,
@@ -427,7 +427,10 @@ async fn durable_stream(
                     let event = alive.event(&d);
                     Some((Ok::<_, Infallible>(event), Some(alive)))
                 }
-                None => end("unknown_durable: the durable was deleted"),
+                None => match alive.handle.lost() {
+                    Some(_) => end("unavailable: this bridge instance lost the durable's lease; subscribe again"),
+                    None => end("unknown_durable: the durable was deleted"),
+                },
             },
             _ = alive.hub.shutdown.cancelled() => None,
             _ = alive.revoked.cancelled() => end("consumer configuration changed"),
@@ -441,7 +444,7 @@ async fn durable_stream(
 /// dropped), the session count, the connection's place and what ends the stream.
 struct DurableAlive {
     events: tokio::sync::mpsc::Receiver<Delivery>,
-    _handle: Arc<DurableHandle>,
+    handle: Arc<DurableHandle>,
     /// Its session number, under which [`DurableStreams`] knows it.
     session: u64,
     _guard: super::SessionGuard,

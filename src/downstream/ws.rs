@@ -334,10 +334,14 @@ async fn session(
                         continue;
                     }
                     Next::Durable(None, _) => {
-                        // The durable was deleted (admin API): this subscription ends.
+                        // The durable was deleted (admin API), or this instance lost its lease
+                        // (a shared store): this subscription ends.
                         if let Some(sub) = subs.by_key.remove(&key) {
                             let id: Value = serde_json::from_str(&sub.id_json).unwrap_or(Value::Null);
-                            let frame = error_frame("unknown_durable", "the durable was deleted", Some(&id));
+                            let frame = match sub.durable.as_ref().and_then(DurableHandle::lost) {
+                                Some(why) => error_frame("unavailable", why, Some(&id)),
+                                None => error_frame("unknown_durable", "the durable was deleted", Some(&id)),
+                            };
                             if !send_reply!(Message::text(frame)) {
                                 break;
                             }

@@ -234,6 +234,18 @@ async fn a_durable_consumed_on_one_instance_continues_on_another() {
     let mut on_a = connect(&a, TOKEN).await;
     let sub = subscribe_durable(&mut on_a, "billing").await;
     assert_eq!(sub["acked"], 0, "{sub}");
+    // While A serves it, B refuses it (one instance at a time, by the durable's lease).
+    let mut early = connect(&b, TOKEN).await;
+    recv(&mut early).await;
+    early
+        .send(Message::text(
+            json!({"op": "subscribe", "id": "d", "durable": "billing"}).to_string(),
+        ))
+        .await
+        .expect("send");
+    let refused = recv(&mut early).await;
+    assert_eq!(refused["code"], "unavailable", "{refused}");
+    drop(early);
     emit_range(&vb, 0..20).await;
     let first = durable_events(&mut on_a, 20).await;
     assert!(first.iter().all(|(_, d)| *d == 1), "{first:?}");
@@ -269,8 +281,28 @@ async fn a_durable_consumed_on_one_instance_continues_on_another() {
     })
     .await;
 
-    let mut on_b = connect(&b, TOKEN).await;
-    let sub = subscribe_durable(&mut on_b, "billing").await;
+    // A gives the lease up once its state is saved; B takes it over (a subscribe may come
+    // a moment early and be refused: try again).
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let (mut on_b, sub) = loop {
+        let mut ws = connect(&b, TOKEN).await;
+        recv(&mut ws).await;
+        ws.send(Message::text(
+            json!({"op": "subscribe", "id": "d", "durable": "billing", "from": "earliest"})
+                .to_string(),
+        ))
+        .await
+        .expect("send");
+        let answer = recv(&mut ws).await;
+        if answer["op"] == "subscribed" {
+            break (ws, answer);
+        }
+        assert_eq!(answer["code"], "unavailable", "{answer}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "B never got the durable"
+        );
+    };
     assert_eq!(sub["acked"], first[11].0, "{sub}");
     let expected: Vec<(u64, u64)> = first[12..]
         .iter()

@@ -19,7 +19,7 @@
 pub mod state;
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -33,6 +33,7 @@ use self::state::{AckOutcome, Checkpoint, ConnId, DeadLetter, DurableState, NotH
 use super::subscription::{self, Feed, FeedControl, FeedEnd, FeedItem, OpenError, Start};
 use super::{Consumer, Hub};
 use crate::routing::{Filter, FilterConfig};
+use crate::storage::nats::lease::Leases;
 use crate::storage::{DurableKey, SavedDurable, Store, StoreError};
 
 /// Longest durable name.
@@ -50,6 +51,10 @@ pub const ACK_WAIT_RANGE: std::ops::RangeInclusive<Duration> =
 pub const MAX_NAK_DELAY: Duration = Duration::from_secs(24 * 3600);
 /// How long the pump waits before reading again after the journal failed.
 const STORE_RETRY: Duration = Duration::from_secs(1);
+/// How long a subscribe waits for a durable's lease on a shared store (the lease is tried at
+/// once and then every `storage.lease_ttl`/5, so this covers a handover from an instance
+/// whose last connection just closed).
+const LEASE_WAIT: Duration = Duration::from_secs(3);
 
 /// `[limits]` as they apply to durables.
 #[derive(Clone, Copy, Debug)]
@@ -219,6 +224,8 @@ struct Stats {
 /// Every durable of the bridge.
 pub struct Durables {
     store: Arc<dyn Store>,
+    /// A shared store's leases (NATS): one instance at a time serves a durable.
+    leases: Option<Arc<Leases>>,
     limits: DurableLimits,
     map: Mutex<BTreeMap<DurableKey, Arc<Durable>>>,
     /// Whether the store keeps durables (loaded at start); when not, durable subscribes get
@@ -248,9 +255,24 @@ struct Durable {
     saving: tokio::sync::Mutex<()>,
     /// Counts seeks: the pump reads from the new cursor when it changes.
     moved: AtomicU64,
+    /// Held while a connection attaches (and while a finished pump decides to give the
+    /// lease up), so attaching and taking or releasing the lease do not interleave.
+    attach: tokio::sync::Mutex<()>,
+    /// The lease this instance holds on a shared store while it serves the durable.
+    lease: Mutex<Option<LeaseHold>>,
+    /// Set when the lease was lost while serving: the connections' subscriptions end with
+    /// `unavailable` instead of `unknown_durable`.
+    lease_lost: AtomicBool,
     /// How often a serving pump saves even without a change, so that the saved activity
     /// time stays fresh for other instances' `limits.durable_ttl` expiry.
     heartbeat: Duration,
+}
+
+/// A held lease: the flag says whether it is still held; cancelling `stop` and dropping
+/// every clone of the flag gives it up.
+struct LeaseHold {
+    stop: CancellationToken,
+    held: tokio::sync::watch::Receiver<bool>,
 }
 
 struct Link {
@@ -271,9 +293,14 @@ fn rfc3339(ms: i64) -> String {
 
 impl Durables {
     /// Durables over `store`, within `limits`; empty until [`Durables::load`].
-    pub fn new(store: Arc<dyn Store>, limits: DurableLimits) -> Arc<Durables> {
+    pub fn new(
+        store: Arc<dyn Store>,
+        leases: Option<Arc<Leases>>,
+        limits: DurableLimits,
+    ) -> Arc<Durables> {
         Arc::new(Durables {
             store,
+            leases,
             limits,
             map: Mutex::new(BTreeMap::new()),
             available: std::sync::atomic::AtomicBool::new(false),
@@ -445,6 +472,11 @@ impl Durables {
             }
             None => self.create(key, filter_config, req, &pos).await?,
         };
+        let attaching = durable.clone();
+        let _attaching = attaching.attach.lock().await;
+        if let Some(leases) = &self.leases {
+            self.ensure_lease(&durable, leases).await?;
+        }
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(max_unacked.saturating_mul(2).max(2));
         let (acked, known, read_through) = {
@@ -477,6 +509,56 @@ impl Durables {
             },
             events: rx,
         })
+    }
+
+    /// Makes sure this instance holds `d`'s lease (a shared store): when it does not yet,
+    /// takes it (waiting at most [`LEASE_WAIT`]) and then reads the durable's newest saved
+    /// state, which the instance that served it last saved before giving the lease up.
+    async fn ensure_lease(&self, d: &Arc<Durable>, leases: &Leases) -> Result<(), Refused> {
+        if lock(&d.lease).as_ref().is_some_and(|h| *h.held.borrow()) {
+            return Ok(());
+        }
+        if let Some(old) = lock(&d.lease).take() {
+            old.stop.cancel();
+        }
+        let stop = CancellationToken::new();
+        let mut held = leases
+            .keep_durable(&d.key, stop.clone())
+            .map_err(|e| refused("unavailable", e.to_string()))?;
+        let got = matches!(
+            tokio::time::timeout(LEASE_WAIT, held.wait_for(|h| *h)).await,
+            Ok(Ok(_))
+        );
+        if !got {
+            stop.cancel();
+            return Err(refused(
+                "unavailable",
+                "another bridge instance serves this durable now: connect its workers to that instance, or subscribe again once its connections have closed",
+            ));
+        }
+        match self.store.durables().await {
+            Ok(saved) => {
+                if let Some(fresh) = saved
+                    .into_iter()
+                    .find(|s| s.key == d.key)
+                    .and_then(|s| serde_json::from_slice::<Saved>(&s.state).ok())
+                {
+                    *lock(&d.state) = DurableState::new(
+                        fresh.settings,
+                        fresh.checkpoint,
+                        self.limits.dead_letters,
+                    );
+                    d.active_ms.fetch_max(fresh.active_ms, Ordering::Relaxed);
+                }
+            }
+            Err(e) => {
+                stop.cancel();
+                return Err(refused("unavailable", e.to_string()));
+            }
+        }
+        d.lease_lost.store(false, Ordering::Release);
+        *lock(&d.lease) = Some(LeaseHold { stop, held });
+        Ok(())
     }
 
     /// Every durable, for the admin API and status (`head`: the journal's newest seq); on a
@@ -595,6 +677,9 @@ impl Durables {
             map.remove(&d.key);
         }
         lock(&d.links).clear();
+        if let Some(hold) = lock(&d.lease).take() {
+            hold.stop.cancel();
+        }
         Ok(())
     }
 
@@ -706,6 +791,16 @@ impl DurableHandle {
         &self.durable.key.name
     }
 
+    /// Why the durable's events stopped (its channel closed): `Some` with the reason when this
+    /// instance lost the durable's lease (the consumer subscribes again), `None` when the
+    /// durable was deleted.
+    pub fn lost(&self) -> Option<&'static str> {
+        self.durable
+            .lease_lost
+            .load(Ordering::Acquire)
+            .then_some("this bridge instance lost the durable's lease (its store is unreachable?): subscribe again")
+    }
+
     fn after_ack(&self, out: AckOutcome) -> AckOutcome {
         if out.ignored > 0 {
             self.stats
@@ -754,6 +849,9 @@ impl Durable {
             deleted: CancellationToken::new(),
             saving: tokio::sync::Mutex::new(()),
             moved: AtomicU64::new(0),
+            attach: tokio::sync::Mutex::new(()),
+            lease: Mutex::new(None),
+            lease_lost: AtomicBool::new(false),
             heartbeat: (limits.ttl / 4).clamp(Duration::from_secs(1), Duration::from_secs(60)),
         }
     }
@@ -956,6 +1054,8 @@ async fn pump(d: Arc<Durable>, hub: Arc<Hub>, allow: Arc<Filter>) {
     // The save in progress: saves run beside the pump (one at a time, each of the newest
     // state), so handing out events never waits for the store's commit.
     let mut saving: Option<tokio::task::JoinHandle<()>> = None;
+    // On a shared store: whether this instance still holds the durable's lease.
+    let mut lease = lock(&d.lease).as_ref().map(|h| h.held.clone());
     loop {
         requeue_wanted(&d, &store).await;
         let now = now_ms();
@@ -1029,6 +1129,14 @@ async fn pump(d: Arc<Durable>, hub: Arc<Hub>, allow: Arc<Filter>) {
             _ = async { if let Some(h) = saving.as_mut() { let _ = h.await; } }, if saving.is_some() => {
                 saving = None;
             }
+            held = lease_changed(&mut lease), if lease.is_some() => {
+                if !held {
+                    warn!(consumer = %d.key.consumer, durable = %d.key.name, "lost the durable's lease; its connections are told to subscribe again");
+                    d.lease_lost.store(true, Ordering::Release);
+                    lease = None;
+                    lock(&d.links).clear();
+                }
+            }
             _ = heartbeat.tick() => {
                 d.touch();
                 if let Err(e) = d.save_if(&store, true).await {
@@ -1059,6 +1167,26 @@ async fn pump(d: Arc<Durable>, hub: Arc<Hub>, allow: Arc<Filter>) {
         let _ = h.await;
     }
     let _ = d.save_if(&store, false).await;
+    // Saved: give the lease up, unless a connection attached meanwhile (its subscribe then
+    // started a pump that serves under the same lease).
+    drop(lease);
+    let _attaching = d.attach.lock().await;
+    if !d.serving() {
+        if let Some(hold) = lock(&d.lease).take() {
+            hold.stop.cancel();
+        }
+    }
+}
+
+/// The lease flag's next value (false when its keeper is gone).
+async fn lease_changed(lease: &mut Option<tokio::sync::watch::Receiver<bool>>) -> bool {
+    match lease {
+        Some(rx) => match rx.changed().await {
+            Ok(()) => *rx.borrow(),
+            Err(_) => false,
+        },
+        None => std::future::pending().await,
+    }
 }
 
 async fn sleep_until(at: Option<tokio::time::Instant>) {

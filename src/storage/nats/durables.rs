@@ -37,7 +37,7 @@ pub const MAX_KEY_BYTES: usize = 1024;
 const DELETE_TRIES: usize = 16;
 
 /// The bucket key of `key`; an error when the names are too long to make a subject of.
-fn encode_key(key: &DurableKey) -> Result<String, StoreError> {
+pub(crate) fn encode_key(key: &DurableKey) -> Result<String, StoreError> {
     let encoded = format!("{}_{}", hex::encode(&key.consumer), hex::encode(&key.name));
     if encoded.len() > MAX_KEY_BYTES {
         return Err(StoreError::Nats {

@@ -63,12 +63,41 @@ impl Leases {
     /// lease until every receiver of the flag is dropped (the supervisor has drained its
     /// connection and ended), and then releases the lease.
     pub fn keep(&self, upstream: &str, stop: CancellationToken) -> watch::Receiver<bool> {
+        self.keep_key(
+            format!("upstream.{}", super::token(upstream)),
+            "upstream",
+            upstream,
+            stop,
+        )
+    }
+
+    /// Starts keeping the lease of the durable subscription `key`, as [`Leases::keep`] does
+    /// for an upstream: one instance at a time serves a durable (its pump and its
+    /// connections), so two instances never hand out its events at once.
+    pub fn keep_durable(
+        &self,
+        key: &crate::storage::DurableKey,
+        stop: CancellationToken,
+    ) -> Result<watch::Receiver<bool>, StoreError> {
+        let token = super::durables::encode_key(key)?;
+        let what = format!("{}/{}", key.consumer, key.name);
+        Ok(self.keep_key(format!("durable.{token}"), "durable", &what, stop))
+    }
+
+    /// Keeps the lease under `key` for the `kind` (`upstream`, `durable`) named `name` (for
+    /// logs).
+    fn keep_key(
+        &self,
+        key: String,
+        kind: &'static str,
+        name: &str,
+        stop: CancellationToken,
+    ) -> watch::Receiver<bool> {
         let (tx, rx) = watch::channel(false);
         let bucket = self.bucket.clone();
-        let key = format!("upstream.{}", super::token(upstream));
         let value = Bytes::from(self.instance.clone());
         let ttl = self.ttl;
-        let name = upstream.to_string();
+        let name = name.to_string();
         tokio::spawn(async move {
             // The revision and when the write that produced it was sent: the server's expiry
             // of that write is at least a TTL after this instant.
@@ -98,18 +127,18 @@ impl Leases {
                             .await
                         {
                             Ok(Ok(Some(rev))) => {
-                                info!(upstream = %name, "upstream lease acquired");
+                                info!(kind, name = %name, "lease acquired");
                                 let _ = tx.send(true);
                                 renew_failed = false;
                                 Some((rev, sent))
                             }
                             Ok(Ok(None)) => None,
                             Ok(Err(e)) => {
-                                warn!(upstream = %name, error = %e, "cannot try the upstream lease");
+                                warn!(kind, name = %name, error = %e, "cannot try the lease");
                                 None
                             }
                             Err(_) => {
-                                warn!(upstream = %name, "no answer from NATS to the upstream lease");
+                                warn!(kind, name = %name, "no answer from NATS to the lease");
                                 None
                             }
                         }
@@ -130,22 +159,22 @@ impl Leases {
                                 Some((rev, sent))
                             }
                             Ok(Ok(None)) => {
-                                warn!(upstream = %name, "upstream lease taken by another instance");
+                                warn!(kind, name = %name, "lease taken by another instance");
                                 let _ = tx.send(false);
                                 None
                             }
                             Ok(Err(e)) if Instant::now() < give_up => {
-                                warn!(upstream = %name, error = %e, "cannot renew the upstream lease; retrying");
+                                warn!(kind, name = %name, error = %e, "cannot renew the lease; retrying");
                                 renew_failed = true;
                                 Some((rev, renewed))
                             }
                             Ok(Err(e)) => {
-                                warn!(upstream = %name, error = %e, "cannot renew the upstream lease; giving the upstream up");
+                                warn!(kind, name = %name, error = %e, "cannot renew the lease; giving it up");
                                 let _ = tx.send(false);
                                 None
                             }
                             Err(_) => {
-                                warn!(upstream = %name, "no answer from NATS to the lease renewal; giving the upstream up");
+                                warn!(kind, name = %name, "no answer from NATS to the lease renewal; giving it up");
                                 let _ = tx.send(false);
                                 None
                             }
