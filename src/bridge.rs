@@ -185,6 +185,26 @@ impl Bridge {
         // Started before any upstream or consumer can add to or read from the journal (with
         // NATS, the live stream is the journal's tail, from its head as it is now).
         let ingest_publish = live.start(&publish, shutdown.child_token()).await?;
+        // The hub (and the durable subscriptions it loads from the store) before any upstream
+        // starts: nothing the upstreams journal waits behind loading them.
+        let hub = Hub::new(
+            config.consumers.clone(),
+            store.clone(),
+            publish.clone(),
+            shutdown.clone(),
+            &config.limits,
+            traces.clone(),
+            config.server.admin_token.clone(),
+            leases.clone(),
+        );
+        hub.durables.load().await?;
+        tokio::spawn(hub.durables.clone().expire_idle(
+            (config.limits.durable_ttl / 4).clamp(
+                std::time::Duration::from_secs(1),
+                std::time::Duration::from_secs(60),
+            ),
+            shutdown.child_token(),
+        ));
         let stats = Arc::new(IngestStats::default());
         let frame_limits = upstream::FrameLimits::new(&config.limits, config.storage.dedup_window);
         let upstreams = Arc::new(Upstreams::start(
@@ -206,24 +226,6 @@ impl Bridge {
             stats.clone(),
         );
 
-        let hub = Hub::new(
-            config.consumers.clone(),
-            store.clone(),
-            publish.clone(),
-            shutdown.clone(),
-            &config.limits,
-            traces.clone(),
-            config.server.admin_token.clone(),
-            leases.clone(),
-        );
-        hub.durables.load().await?;
-        tokio::spawn(hub.durables.clone().expire_idle(
-            (config.limits.durable_ttl / 4).clamp(
-                std::time::Duration::from_secs(1),
-                std::time::Duration::from_secs(60),
-            ),
-            shutdown.child_token(),
-        ));
         let http_limits = HttpLimits::from_config(config);
         let http_stats = Arc::new(HttpStats::new(http_limits.max_connections));
         let app = http::router(Arc::new(AppState {
