@@ -474,6 +474,12 @@ impl Durables {
         };
         let attaching = durable.clone();
         let _attaching = attaching.attach.lock().await;
+        if durable.deleted.is_cancelled() {
+            return Err(refused(
+                "unavailable",
+                "the durable was deleted while subscribing; subscribe again",
+            ));
+        }
         if let Some(leases) = &self.leases {
             self.ensure_lease(&durable, leases).await?;
         }
