@@ -133,6 +133,16 @@ impl Bridge {
     /// A start that fails, or whose future is dropped half-way, stops whatever it had
     /// started before it returns.
     pub async fn start(config: &Config) -> Result<Bridge, BridgeError> {
+        Self::start_watched(config).await.map(|(bridge, _)| bridge)
+    }
+
+    /// Starts as [`Bridge::start`] does, and also returns a receiver of the live stream taken
+    /// before any upstream started: the caller sees every event the bridge publishes, the
+    /// first ones included (a receiver from [`Bridge::subscribe`] after the start may miss
+    /// what a fast provider sent meanwhile). Tests and embedders that count events use it.
+    pub async fn start_watched(
+        config: &Config,
+    ) -> Result<(Bridge, broadcast::Receiver<Arc<Published>>), BridgeError> {
         crate::install_crypto_provider();
         // Before anything starts: a certificate that cannot be used stops the start here.
         let server_tls = config.server.tls.as_ref().map(Acceptor::new).transpose()?;
@@ -181,7 +191,7 @@ impl Bridge {
             })?;
 
         let (queue_tx, queue_rx) = mpsc::channel(ingest::INGEST_QUEUE);
-        let (publish, _) = broadcast::channel(ingest::PUBLISH_CAPACITY);
+        let (publish, watched) = broadcast::channel(ingest::PUBLISH_CAPACITY);
         // Started before any upstream or consumer can add to or read from the journal (with
         // NATS, the live stream is the journal's tail, from its head as it is now).
         let ingest_publish = live.start(&publish, shutdown.child_token()).await?;
@@ -247,7 +257,7 @@ impl Bridge {
             server_tls.clone(),
         ));
         info!(listen = %local_addr, tls = server_tls.is_some(), upstreams = config.upstreams.len(), webhooks = config.webhooks.len(), "bridge started");
-        Ok(Bridge {
+        let bridge = Bridge {
             upstreams,
             router,
             current: tokio::sync::Mutex::new(config.clone()),
@@ -263,7 +273,8 @@ impl Bridge {
             local_addr,
             server_tls,
             traces,
-        })
+        };
+        Ok((bridge, watched))
     }
 
     /// The address the HTTP server listens on (useful with port 0).

@@ -174,8 +174,9 @@ pub async fn next_matching(
 
 /// Starts a bridge and waits until every upstream is subscribed.
 pub async fn start_bridge(config: &Config) -> (Bridge, broadcast::Receiver<Arc<Published>>) {
-    let bridge = Bridge::start(config).await.expect("bridge starts");
-    let rx = bridge.subscribe();
+    // The receiver is taken before any upstream starts: a provider that sends at once (on
+    // subscribe) cannot publish before the test listens.
+    let (bridge, rx) = Bridge::start_watched(config).await.expect("bridge starts");
     for u in bridge.upstreams() {
         wait_subscribed(&u).await;
     }
