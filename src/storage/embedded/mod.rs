@@ -24,6 +24,7 @@
 //! endpoint's delivery queue, with the deliveries it holds); this module ties them into the
 //! [`Store`].
 
+mod checkpoint;
 mod ids;
 mod queries;
 mod queue;
@@ -72,6 +73,8 @@ pub struct EmbeddedStore {
     dedup_window_ms: i64,
     /// What each endpoint's queues have handed out and not had answered.
     held: queue::HeldSets,
+    /// Copies the log into the database off the writer thread (stopped when dropped).
+    _checkpointer: checkpoint::Checkpointer,
 }
 
 /// How an [`EmbeddedStore`] is opened (from `[storage]`).
@@ -158,6 +161,13 @@ impl EmbeddedStore {
         }
         let mut writer = schema::open_connection(path, durability)?;
         schema::migrate(&mut writer)?;
+        // Checkpoints run on their own thread; the writer's own is only a backstop.
+        writer
+            .execute_batch(&format!(
+                "PRAGMA wal_autocheckpoint = {};",
+                checkpoint::FALLBACK_PAGES
+            ))
+            .map_err(db("configure the writer's checkpoint"))?;
         let epoch = schema::load_or_create_epoch(&writer)?;
         let pruned_through = retention::load_pruned_through(&writer)?;
         let stored_head = schema::stored_head(&writer)?;
@@ -175,6 +185,7 @@ impl EmbeddedStore {
         };
         let ids = ids::IdIndex::open(&mut writer, head.load(Ordering::Relaxed), id_generation)?;
         let writer = Writer::spawn(writer, ids, shared, path)?;
+        let checkpointer = checkpoint::Checkpointer::spawn(path, durability)?;
         info!(path = %path.display(), epoch = %epoch, head = head.load(Ordering::Relaxed), "embedded store open");
         Ok(Arc::new(EmbeddedStore {
             writer,
@@ -186,6 +197,7 @@ impl EmbeddedStore {
             path: path.to_path_buf(),
             dedup_window_ms: i64::try_from(dedup_window.as_millis()).unwrap_or(i64::MAX),
             held: queue::HeldSets::default(),
+            _checkpointer: checkpointer,
         }))
     }
 
