@@ -106,7 +106,7 @@ pub async fn post(
         consumer: consumer.name.to_string(),
         name,
     };
-    match hub.durables.ack(&key, Some(&seqs), None) {
+    match hub.durables.ack(&key, &seqs) {
         Ok(out) => axum::Json(json!({"acked": out.acked, "ignored": out.ignored})).into_response(),
         Err(super::durable::AdminError::Unknown { .. }) => bad(
             StatusCode::NOT_FOUND,

@@ -304,10 +304,11 @@ async fn durable_run(dur: Duration) -> Res<DurableRun> {
         .iter()
         .map(|p| p.sent.load(Ordering::Relaxed))
         .collect();
-    // Let the others catch up with what was sent, then stop.
+    // Let the others catch up with what was sent (held events count once another worker
+    // acked them), then stop.
     let want: u64 = sent.iter().sum();
     let end = Instant::now() + Duration::from_secs(30);
-    while distinct(&shared) < want && Instant::now() < end {
+    while shared.processed.load(Ordering::Relaxed) < want && Instant::now() < end {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     stop.cancel();
@@ -324,12 +325,6 @@ async fn durable_run(dur: Duration) -> Res<DurableRun> {
         redelivery_ms,
         closed: false,
     })
-}
-
-/// Processed so far: the workers record marks only when they end, so this reads the
-/// processed counter plus what worker 0 holds.
-fn distinct(shared: &Shared) -> u64 {
-    shared.processed.load(Ordering::Relaxed)
 }
 
 /// Distinct events handled, and duplicates beyond the redeliveries the drop caused.

@@ -485,7 +485,7 @@ impl Durables {
         }
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(max_unacked.saturating_mul(2).max(2));
-        let (acked, known, read_through) = {
+        let (acked, pending) = {
             let mut links = lock(&durable.links);
             links.insert(
                 conn,
@@ -500,11 +500,10 @@ impl Durables {
             if start_pump {
                 tokio::spawn(pump(durable.clone(), hub.clone(), consumer.allow.clone()));
             }
-            (st.floor(), st.unacked(), st.read_through())
+            (st.floor(), st.pending(pos.head))
         };
         durable.touch();
         durable.wake.notify_one();
-        let pending = (known as u64).saturating_add(pos.head.saturating_sub(read_through));
         Ok(Subscribed {
             acked,
             pending,
@@ -620,34 +619,11 @@ impl Durables {
     }
 
     /// Acks from outside a connection (`POST /v1/durables/{name}/ack`, for SSE consumers):
-    /// `seqs`, or with `upto` every event up to it that a connection holds.
-    pub fn ack(
-        &self,
-        key: &DurableKey,
-        seqs: Option<&[u64]>,
-        upto: Option<u64>,
-    ) -> Result<AckOutcome, AdminError> {
+    /// `seqs`, whichever connection holds them.
+    pub fn ack(&self, key: &DurableKey, seqs: &[u64]) -> Result<AckOutcome, AdminError> {
         let d = self.get(key)?;
-        let out = {
-            let mut st = lock(&d.state);
-            let mut out = seqs.map(|s| st.ack(s)).unwrap_or_default();
-            if let Some(upto) = upto {
-                let more = st.ack_upto(None, upto);
-                out.acked += more.acked;
-                out.ignored += more.ignored;
-            }
-            out
-        };
-        if out.ignored > 0 {
-            self.stats
-                .acks_ignored
-                .fetch_add(out.ignored, Ordering::Relaxed);
-        }
-        if out.acked > 0 {
-            d.touch();
-            d.wake.notify_one();
-        }
-        Ok(out)
+        let out = lock(&d.state).ack(seqs);
+        Ok(acked(&d, &self.stats, out))
     }
 
     /// Acks that settled nothing since start (unknown or already acked seqs).
@@ -780,7 +756,7 @@ impl DurableHandle {
 
     /// Acknowledges every event this connection holds up to `upto`.
     pub fn ack_upto(&self, upto: u64) -> AckOutcome {
-        let out = lock(&self.durable.state).ack_upto(Some(self.conn), upto);
+        let out = lock(&self.durable.state).ack_upto(self.conn, upto);
         self.after_ack(out)
     }
 
@@ -808,17 +784,21 @@ impl DurableHandle {
     }
 
     fn after_ack(&self, out: AckOutcome) -> AckOutcome {
-        if out.ignored > 0 {
-            self.stats
-                .acks_ignored
-                .fetch_add(out.ignored, Ordering::Relaxed);
-        }
-        if out.acked > 0 {
-            self.durable.touch();
-            self.durable.wake.notify_one();
-        }
-        out
+        acked(&self.durable, &self.stats, out)
     }
+}
+
+/// After an ack of `d`: ignored seqs are counted; settled ones mark the durable active and
+/// wake its pump (its connections have room again, its state is to be saved).
+fn acked(d: &Durable, stats: &Stats, out: AckOutcome) -> AckOutcome {
+    if out.ignored > 0 {
+        stats.acks_ignored.fetch_add(out.ignored, Ordering::Relaxed);
+    }
+    if out.acked > 0 {
+        d.touch();
+        d.wake.notify_one();
+    }
+    out
 }
 
 impl Drop for DurableHandle {
@@ -921,10 +901,10 @@ impl Durable {
             name: self.key.name.clone(),
             filter: self.filter_config.clone(),
             acked: st.floor(),
-            pending: (st.unacked() as u64).saturating_add(head.saturating_sub(st.read_through())),
+            pending: st.pending(head),
             lag: head.saturating_sub(st.floor()),
             connections: st.connections(),
-            dead: st.dead_letters().len(),
+            dead: st.dead_count(),
             redeliveries: st.redeliveries(),
             ack_wait_ms: settings.ack_wait_ms,
             max_deliver: settings.max_deliver,

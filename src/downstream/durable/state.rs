@@ -197,6 +197,18 @@ impl DurableState {
         self.outstanding.len()
     }
 
+    /// How many dead letters are kept now.
+    pub fn dead_count(&self) -> usize {
+        self.dead.len()
+    }
+
+    /// Events after the floor not acknowledged yet: those read and unacked, plus every
+    /// journal event after the read cursor up to `head` (whether those match is known only
+    /// once read, so this is an upper bound while any are unread).
+    pub fn pending(&self, head: u64) -> u64 {
+        (self.outstanding.len() as u64).saturating_add(head.saturating_sub(self.read_through))
+    }
+
     /// Dead letters kept now.
     pub fn dead_letters(&self) -> Vec<DeadLetter> {
         self.dead.values().copied().collect()
@@ -353,14 +365,12 @@ impl DurableState {
         out
     }
 
-    /// Acknowledges every event `conn` holds up to `upto` (never another connection's);
-    /// with `None`, every held event up to `upto`, whoever holds it (acks from outside a
-    /// connection, as SSE consumers send them).
-    pub fn ack_upto(&mut self, conn: Option<ConnId>, upto: u64) -> AckOutcome {
+    /// Acknowledges every event `conn` holds up to `upto` (never another connection's).
+    pub fn ack_upto(&mut self, conn: ConnId, upto: u64) -> AckOutcome {
         let held: Vec<u64> = self
             .outstanding
             .range(..=upto)
-            .filter(|(_, e)| e.holder.is_some() && (conn.is_none() || e.holder == conn))
+            .filter(|(_, e)| e.holder == Some(conn))
             .map(|(s, _)| *s)
             .collect();
         let mut out = self.ack(&held);
@@ -473,11 +483,6 @@ impl DurableState {
             c.held = 0;
         }
         self.dirty = true;
-    }
-
-    /// Unacked events that are known (read and outstanding).
-    pub fn unacked(&self) -> usize {
-        self.outstanding.len()
     }
 
     /// The state to save if it changed since the last call.
@@ -706,7 +711,7 @@ mod tests {
             }
         );
         assert_eq!(
-            d.ack_upto(Some(1), 50),
+            d.ack_upto(1, 50),
             AckOutcome {
                 acked: 0,
                 ignored: 1
@@ -728,7 +733,7 @@ mod tests {
             vec![(1, 1, 1), (2, 2, 1), (1, 3, 1), (2, 4, 1)],
             "round-robin over the connections"
         );
-        assert_eq!(d.ack_upto(Some(1), 4).acked, 2);
+        assert_eq!(d.ack_upto(1, 4).acked, 2);
         assert_eq!(d.floor(), 1);
         assert_eq!(d.outstanding(), 2);
     }
