@@ -25,6 +25,7 @@
 //! [`Store`].
 
 mod checkpoint;
+mod cursor;
 mod ids;
 mod queries;
 mod queue;
@@ -71,8 +72,8 @@ pub struct EmbeddedStore {
     path: PathBuf,
     /// `storage.dedup_window` in milliseconds.
     dedup_window_ms: i64,
-    /// What each endpoint's queues have handed out and not had answered.
-    held: queue::HeldSets,
+    /// Each endpoint's deliveries in memory: what its queues hold, and its cursor.
+    endpoints: queue::Endpoints,
     /// Copies the log into the database off the writer thread (stopped when dropped).
     _checkpointer: checkpoint::Checkpointer,
 }
@@ -196,9 +197,17 @@ impl EmbeddedStore {
             health,
             path: path.to_path_buf(),
             dedup_window_ms: i64::try_from(dedup_window.as_millis()).unwrap_or(i64::MAX),
-            held: queue::HeldSets::default(),
+            endpoints: queue::Endpoints::default(),
             _checkpointer: checkpointer,
         }))
+    }
+
+    /// How far `endpoint`'s cursor deliveries are done in memory (0: no queue in this
+    /// process; the saved cursor counts then).
+    fn done_through(&self, endpoint: &str) -> u64 {
+        self.endpoints
+            .get(endpoint)
+            .map_or(0, |state| state.watermark())
     }
 
     /// The database file.
@@ -273,12 +282,27 @@ impl Store for EmbeddedStore {
         endpoint: &str,
         options: QueueOptions,
     ) -> Result<Arc<dyn DeliveryQueue>, StoreError> {
+        let state = match self.endpoints.get(endpoint) {
+            Some(state) => state,
+            None => {
+                let name = endpoint.to_string();
+                let saved = self
+                    .readers
+                    .with_reader(move |conn| queries::cursor(conn, &name))
+                    .await?;
+                // Saved at once: retention keeps what a cursor still owes only once the
+                // cursor has a row.
+                self.writer.save_cursor(endpoint, saved).await?;
+                self.endpoints.of(endpoint, saved)
+            }
+        };
         Ok(Arc::new(queue::EmbeddedQueue {
             endpoint: endpoint.to_string(),
             options,
             writer: self.writer.clone(),
             readers: self.readers.clone(),
-            held: self.held.of(endpoint),
+            state,
+            head: self.head.clone(),
         }))
     }
 
@@ -288,17 +312,19 @@ impl Store for EmbeddedStore {
         state: DeliveryState,
         limit: usize,
     ) -> Result<Vec<DeliveryInfo>, StoreError> {
+        let after = self.done_through(endpoint);
         let endpoint = endpoint.to_string();
         let limit = to_i64(limit as u64);
         self.readers
-            .with_reader(move |conn| queries::deliveries(conn, &endpoint, state, limit))
+            .with_reader(move |conn| queries::deliveries(conn, &endpoint, state, limit, after))
             .await
     }
 
     async fn counts(&self, endpoint: &str) -> Result<DeliveryCounts, StoreError> {
+        let after = self.done_through(endpoint);
         let endpoint = endpoint.to_string();
         self.readers
-            .with_reader(move |conn| queries::counts(conn, &endpoint))
+            .with_reader(move |conn| queries::counts(conn, &endpoint, after))
             .await
     }
 

@@ -8,8 +8,9 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::schema::{open_connection, open_replay_connection, DEAD, PENDING};
-use super::{db, REPLAY_READERS};
+use super::cursor::target_pattern;
+use super::schema::{meta_number, open_connection, open_replay_connection, DEAD, PENDING};
+use super::{db, to_i64, REPLAY_READERS};
 use crate::storage::config::Durability;
 use crate::storage::{
     AttemptRecord, DeliveryCounts, DeliveryInfo, DeliveryState, DueDelivery, DurableKey,
@@ -207,6 +208,84 @@ pub(super) fn due(
         .map_err(db("read due deliveries"))
 }
 
+/// `endpoint`'s saved delivery cursor (cursor.rs); one that never saved one starts at the
+/// floor the file recorded when cursors came to it (0 for a file made with them).
+pub(super) fn cursor(conn: &Connection, endpoint: &str) -> Result<u64, StoreError> {
+    let saved: Option<i64> = conn
+        .prepare_cached("SELECT seq FROM cursors WHERE endpoint = ?1")
+        .and_then(|mut st| st.query_row([endpoint], |r| r.get(0)).optional())
+        .map_err(db("read delivery cursor"))?;
+    match saved {
+        Some(seq) => Ok(u64::try_from(seq).unwrap_or(0)),
+        None => meta_number(conn, "cursor_floor", "read the cursor floor"),
+    }
+}
+
+/// Up to `limit` events above `after`, up to `through`, routed to `endpoint` and without a
+/// delivery row (a replay's row delivers those), oldest first: what the endpoint's cursor
+/// hands out next.
+pub(super) fn scan(
+    conn: &Connection,
+    endpoint: &str,
+    after: u64,
+    through: u64,
+    limit: i64,
+) -> Result<Vec<DueDelivery>, StoreError> {
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT e.seq, e.id, e.body FROM events e
+             WHERE e.seq > ?1 AND e.seq <= ?2 AND instr(e.targets, ?3) > 0
+               AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.endpoint = ?4 AND d.seq = e.seq)
+             ORDER BY e.seq LIMIT ?5",
+        )
+        .map_err(db("prepare delivery scan"))?;
+    let rows = stmt
+        .query_map(
+            params![
+                to_i64(after),
+                to_i64(through),
+                target_pattern(endpoint),
+                endpoint,
+                limit
+            ],
+            |r| {
+                Ok(DueDelivery {
+                    seq: u64::try_from(r.get::<_, i64>(0)?).unwrap_or(0),
+                    id: r.get(1)?,
+                    bytes: Bytes::from(r.get::<_, Vec<u8>>(2)?),
+                    attempts: 0,
+                })
+            },
+        )
+        .map_err(db("scan deliveries"))?;
+    rows.collect::<Result<Vec<_>, _>>()
+        .map_err(db("scan deliveries"))
+}
+
+/// The events at `seqs` (those still journalled), as first attempts: deliveries handed back
+/// unattempted and offered again.
+pub(super) fn by_seqs(conn: &Connection, seqs: &[u64]) -> Result<Vec<DueDelivery>, StoreError> {
+    let mut stmt = conn
+        .prepare_cached("SELECT seq, id, body FROM events WHERE seq = ?1")
+        .map_err(db("prepare read by seq"))?;
+    let mut out = Vec::with_capacity(seqs.len());
+    for &seq in seqs {
+        let row = stmt
+            .query_row([to_i64(seq)], |r| {
+                Ok(DueDelivery {
+                    seq,
+                    id: r.get(1)?,
+                    bytes: Bytes::from(r.get::<_, Vec<u8>>(2)?),
+                    attempts: 0,
+                })
+            })
+            .optional()
+            .map_err(db("read by seq"))?;
+        out.extend(row);
+    }
+    Ok(out)
+}
+
 /// When `endpoint`'s next pending delivery after `after_ms` falls due (`None`: none waits).
 pub(super) fn next_due(
     conn: &Connection,
@@ -222,11 +301,15 @@ pub(super) fn next_due(
 }
 
 /// Up to `limit` of `endpoint`'s deliveries in `state`, oldest first, with their attempts.
+///
+/// Pending deliveries include the events above the endpoint's cursor (`after`, or the saved
+/// cursor when further) that no attempt has reached yet (no attempts, due at receipt).
 pub(super) fn deliveries(
     conn: &Connection,
     endpoint: &str,
     state: DeliveryState,
     limit: i64,
+    after: u64,
 ) -> Result<Vec<DeliveryInfo>, StoreError> {
     let code = match state {
         DeliveryState::Pending => PENDING,
@@ -238,7 +321,7 @@ pub(super) fn deliveries(
              WHERE d.endpoint = ?1 AND d.state = ?2 ORDER BY d.seq LIMIT ?3",
         )
         .map_err(db("prepare list"))?;
-    let rows = stmt
+    let mut rows = stmt
         .query_map(params![endpoint, code, limit], |r| {
             Ok((
                 r.get::<_, i64>(0)?,
@@ -249,6 +332,34 @@ pub(super) fn deliveries(
         .map_err(db("list deliveries"))?
         .collect::<Result<Vec<_>, _>>()
         .map_err(db("list deliveries"))?;
+    if state == DeliveryState::Pending {
+        let after = after.max(cursor(conn, endpoint)?);
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT e.seq, e.id, e.recv_ms FROM events e
+                 WHERE e.seq > ?1 AND instr(e.targets, ?2) > 0
+                   AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.endpoint = ?3 AND d.seq = e.seq)
+                 ORDER BY e.seq LIMIT ?4",
+            )
+            .map_err(db("prepare list"))?;
+        let backlog = stmt
+            .query_map(
+                params![to_i64(after), target_pattern(endpoint), endpoint, limit],
+                |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, i64>(2)?,
+                    ))
+                },
+            )
+            .map_err(db("list deliveries"))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(db("list deliveries"))?;
+        rows.extend(backlog);
+        rows.sort_by_key(|r| r.0);
+        rows.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+    }
     let mut attempts_stmt = conn
         .prepare_cached(
             "SELECT at_ms, status, error, duration_ms FROM attempts WHERE endpoint = ?1 AND seq = ?2 ORDER BY n",
@@ -283,19 +394,44 @@ pub(super) fn deliveries(
     Ok(out)
 }
 
-/// How many of `endpoint`'s deliveries are pending and dead.
-pub(super) fn counts(conn: &Connection, endpoint: &str) -> Result<DeliveryCounts, StoreError> {
-    conn.query_row(
-        "SELECT COALESCE(SUM(state = 0), 0), COALESCE(SUM(state = 1), 0) FROM deliveries WHERE endpoint = ?1",
-        params![endpoint],
-        |r| {
-            Ok(DeliveryCounts {
-                pending: r.get::<_, i64>(0)? as u64,
-                dead: r.get::<_, i64>(1)? as u64,
+/// How many of `endpoint`'s deliveries are pending and dead; pending includes the events
+/// above its cursor (`after`, or the saved cursor when further) not yet attempted. That part
+/// reads the backlog's rows, so it costs in proportion to how far the endpoint is behind.
+pub(super) fn counts(
+    conn: &Connection,
+    endpoint: &str,
+    after: u64,
+) -> Result<DeliveryCounts, StoreError> {
+    let mut counts = conn
+        .prepare_cached(
+            "SELECT COALESCE(SUM(state = 0), 0), COALESCE(SUM(state = 1), 0) FROM deliveries WHERE endpoint = ?1",
+        )
+        .and_then(|mut st| {
+            st.query_row(params![endpoint], |r| {
+                Ok(DeliveryCounts {
+                    pending: u64::try_from(r.get::<_, i64>(0)?).unwrap_or(0),
+                    dead: u64::try_from(r.get::<_, i64>(1)?).unwrap_or(0),
+                })
             })
-        },
-    )
-    .map_err(db("count deliveries"))
+        })
+        .map_err(db("count deliveries"))?;
+    let after = after.max(cursor(conn, endpoint)?);
+    let backlog: i64 = conn
+        .prepare_cached(
+            "SELECT COUNT(*) FROM events e WHERE e.seq > ?1 AND instr(e.targets, ?2) > 0
+               AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.endpoint = ?3 AND d.seq = e.seq)",
+        )
+        .and_then(|mut st| {
+            st.query_row(
+                params![to_i64(after), target_pattern(endpoint), endpoint],
+                |r| r.get(0),
+            )
+        })
+        .map_err(db("count deliveries"))?;
+    counts.pending = counts
+        .pending
+        .saturating_add(u64::try_from(backlog).unwrap_or(0));
+    Ok(counts)
 }
 
 /// Why `endpoint` is disabled (`None`: it is not).

@@ -1,14 +1,24 @@
-//! The embedded store's delivery queue ([`DeliveryQueue`]): due rows read from the file, and
-//! in memory, per endpoint, the seqs handed out and not yet answered ([`HeldSet`]). A held
-//! row is still `pending` in the file (so a crash forgets nothing: it is sent again after a
-//! restart); the set only keeps this process from handing it out twice. It is bounded by the
-//! queue's `max_held`, and every entry leaves it when its handle is answered or dropped.
+//! The embedded store's delivery queue ([`DeliveryQueue`]). An endpoint's deliveries come
+//! from two places:
+//! - its **cursor** over the journal (cursor.rs): events routed to it that no attempt has
+//!   reached, read in seq order with nothing written per delivery but, now and then, the
+//!   cursor; an ordered endpoint turns them into rows first (their subjects order them);
+//! - **rows** in `deliveries`: attempts that failed (retries, dead letters) and replays.
+//!
+//! In memory, per endpoint ([`EndpointState`]): the seqs handed out and not yet answered
+//! ([`HeldSet`], so nothing is handed out twice at once) and the cursor's [`Lane`]. A held
+//! delivery is still owed in the file (above the saved cursor, or a pending row), so a crash
+//! forgets nothing: it is sent again after a restart. Both are bounded by the queue's
+//! `max_held`, and every entry leaves when its handle is answered or dropped.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
+use tracing::warn;
 
+use super::cursor::Lane;
 use super::queries::{self, Readers};
 use super::to_i64;
 use super::writer::Writer;
@@ -17,9 +27,12 @@ use crate::storage::{
     StoreError,
 };
 
-/// The seqs of one endpoint's deliveries handed out and not yet answered. Shared by every
-/// queue the store gives out for that endpoint, so a queue made on a reload never hands out
-/// what the previous one's attempts still hold.
+/// Most journal seqs one scan query examines: a query for an endpoint that few events go to
+/// never runs through a long journal in one go (the reader is shared); the scan goes on with
+/// the next chunk.
+const SCAN_CHUNK: u64 = 4_096;
+
+/// The seqs of one endpoint's deliveries handed out and not yet answered.
 ///
 /// A delivery is un-held once its outcome is committed, which may happen while a `due` query
 /// runs on a snapshot read before that commit: its row there is stale (still due, attempt
@@ -68,14 +81,14 @@ impl HeldSet {
     }
 
     /// Holds and hands out up to `room` of `rows` (read by `reading`): none held already,
-    /// none un-held while the query ran.
+    /// none un-held while the query ran. Each handle un-holds through `holder`.
     pub(super) fn take(
-        self: &Arc<Self>,
+        &self,
+        holder: &Arc<dyn Holder>,
         reading: Reading<'_>,
         rows: Vec<DueDelivery>,
         room: usize,
     ) -> Vec<HeldDelivery> {
-        let holder: Arc<dyn Holder> = self.clone();
         let mut out = Vec::with_capacity(room.min(rows.len()));
         {
             let mut state = self.lock();
@@ -92,12 +105,21 @@ impl HeldSet {
         out
     }
 
+    /// Holds `rows`, which nothing else can hold (the cursor hands each seq out once).
+    fn hold(&self, holder: &Arc<dyn Holder>, rows: Vec<DueDelivery>) -> Vec<HeldDelivery> {
+        let mut state = self.lock();
+        rows.into_iter()
+            .map(|row| {
+                state.seqs.insert(row.seq);
+                HeldDelivery::new(row, holder.clone())
+            })
+            .collect()
+    }
+
     fn held(&self) -> usize {
         self.lock().seqs.len()
     }
-}
 
-impl Holder for HeldSet {
     fn unhold(&self, seq: u64) {
         let mut state = self.lock();
         if state.seqs.remove(&seq) && state.reading > 0 {
@@ -106,21 +128,83 @@ impl Holder for HeldSet {
     }
 }
 
-/// Every endpoint's [`HeldSet`], by endpoint name (one small entry per endpoint ever asked
-/// for a queue: the configured endpoints).
-#[derive(Debug, Default)]
-pub(super) struct HeldSets {
-    by_endpoint: Mutex<HashMap<String, Arc<HeldSet>>>,
+/// One endpoint's deliveries in memory: what its queues hold and its cursor. Shared by every
+/// queue the store gives out for the endpoint, so a queue made on a reload never hands out
+/// what the previous one's attempts still hold, and continues its cursor.
+#[derive(Debug)]
+pub(super) struct EndpointState {
+    held: HeldSet,
+    lane: Mutex<Lane>,
+    /// One cursor scan at a time (two would hand out the same events).
+    scanning: tokio::sync::Mutex<()>,
 }
 
-impl HeldSets {
-    /// `endpoint`'s set, created empty the first time.
-    pub(super) fn of(&self, endpoint: &str) -> Arc<HeldSet> {
-        let mut map = self
-            .by_endpoint
+impl EndpointState {
+    fn lane(&self) -> MutexGuard<'_, Lane> {
+        self.lane
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        map.entry(endpoint.to_string()).or_default().clone()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// How far the endpoint's deliveries are known done in memory (at least the saved
+    /// cursor): the admin API's pending list starts above it.
+    pub(super) fn watermark(&self) -> u64 {
+        self.lane().watermark()
+    }
+}
+
+impl Holder for EndpointState {
+    fn unhold(&self, seq: u64) {
+        // Back to the cursor's open events first, so the next `due` offers it again.
+        self.lane().release(seq);
+        self.held.unhold(seq);
+    }
+}
+
+/// Every endpoint's [`EndpointState`], by endpoint name (one small entry per endpoint ever
+/// asked for a queue: the configured endpoints).
+#[derive(Debug, Default)]
+pub(super) struct Endpoints {
+    by_name: Mutex<HashMap<String, Arc<EndpointState>>>,
+}
+
+impl Endpoints {
+    fn map(&self) -> MutexGuard<'_, HashMap<String, Arc<EndpointState>>> {
+        self.by_name
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// `endpoint`'s state, if a queue was made for it.
+    pub(super) fn get(&self, endpoint: &str) -> Option<Arc<EndpointState>> {
+        self.map().get(endpoint).cloned()
+    }
+
+    /// `endpoint`'s state, created with its cursor at `saved` the first time.
+    pub(super) fn of(&self, endpoint: &str, saved: u64) -> Arc<EndpointState> {
+        self.map()
+            .entry(endpoint.to_string())
+            .or_insert_with(|| {
+                Arc::new(EndpointState {
+                    held: HeldSet::default(),
+                    lane: Mutex::new(Lane::new(saved)),
+                    scanning: tokio::sync::Mutex::new(()),
+                })
+            })
+            .clone()
+    }
+}
+
+/// Ends a cursor save on every path: a save whose future is dropped half-way must not leave
+/// the lane believing one is still under way (no save would ever start again).
+struct Saving<'a> {
+    state: &'a EndpointState,
+    saved: Option<u64>,
+}
+
+impl Drop for Saving<'_> {
+    fn drop(&mut self) {
+        self.state.lane().saved(self.saved);
     }
 }
 
@@ -131,26 +215,152 @@ pub(super) struct EmbeddedQueue {
     pub(super) options: QueueOptions,
     pub(super) writer: Writer,
     pub(super) readers: Readers,
-    pub(super) held: Arc<HeldSet>,
+    pub(super) state: Arc<EndpointState>,
+    /// The journal's head (the last seq committed).
+    pub(super) head: Arc<AtomicU64>,
+}
+
+impl EmbeddedQueue {
+    fn holder(&self) -> Arc<dyn Holder> {
+        self.state.clone()
+    }
+
+    /// Offers again, held, up to `room` of the cursor's deliveries that were handed back.
+    async fn released(&self, room: usize) -> Result<Vec<HeldDelivery>, StoreError> {
+        let seqs = self.state.lane().take_released(room);
+        if seqs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let wanted = seqs.clone();
+        let rows = match self
+            .readers
+            .with_reader(move |conn| queries::by_seqs(conn, &wanted))
+            .await
+        {
+            Ok(rows) => rows,
+            Err(e) => {
+                let mut lane = self.state.lane();
+                for seq in seqs {
+                    lane.release(seq);
+                }
+                return Err(e);
+            }
+        };
+        // One no longer journalled was made a row by retention: the row delivers it.
+        if rows.len() < seqs.len() {
+            let mut lane = self.state.lane();
+            for seq in seqs.iter().filter(|s| !rows.iter().any(|r| r.seq == **s)) {
+                lane.finish(*seq);
+            }
+        }
+        Ok(self.state.held.hold(&self.holder(), rows))
+    }
+
+    /// Reads, holds and hands out up to `room` events from the cursor on; nothing when
+    /// another scan of this endpoint runs.
+    async fn scan(&self, room: usize) -> Result<Vec<HeldDelivery>, StoreError> {
+        let Ok(_turn) = self.state.scanning.try_lock() else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        loop {
+            let after = self.state.lane().scanned();
+            // Every seq up to the head is committed, so a read starting after this sees it.
+            let head = self.head.load(Ordering::Acquire);
+            let want = room.saturating_sub(out.len());
+            if after >= head || want == 0 {
+                return Ok(out);
+            }
+            let through = head.min(after.saturating_add(SCAN_CHUNK));
+            let endpoint = self.endpoint.clone();
+            let limit = to_i64(want as u64);
+            let rows = self
+                .readers
+                .with_reader(move |conn| queries::scan(conn, &endpoint, after, through, limit))
+                .await?;
+            // A full answer examined the journal only up to its last event.
+            let through = match rows.last() {
+                Some(last) if rows.len() >= want => last.seq,
+                _ => through,
+            };
+            let seqs: Vec<u64> = rows.iter().map(|r| r.seq).collect();
+            self.state.lane().scanned_through(through, &seqs);
+            out.extend(self.state.held.hold(&self.holder(), rows));
+        }
+    }
+
+    /// Moves the saved cursor up to what is done, one save at a time (a save under way picks
+    /// up every advance made before it commits; the loop takes the rest).
+    async fn save_cursor(&self) {
+        loop {
+            let Some(seq) = self.state.lane().to_save() else {
+                return;
+            };
+            let mut saving = Saving {
+                state: &self.state,
+                saved: None,
+            };
+            match self.writer.save_cursor(&self.endpoint, seq).await {
+                Ok(()) => saving.saved = Some(seq),
+                Err(e) => {
+                    // Kept in memory; the next delivery tries again. A crash meanwhile sends
+                    // the deliveries above the saved cursor again.
+                    warn!(webhook = %self.endpoint, error = %e, "cannot save the delivery cursor");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// An ordered endpoint works on rows: the events its cursor has not reached become
+    /// pending rows (with their subjects), and the cursor moves to the head.
+    async fn materialise(&self, now_ms: i64) -> Result<(), StoreError> {
+        let head = self.head.load(Ordering::Acquire);
+        if self.state.lane().scanned() >= head {
+            return Ok(());
+        }
+        self.writer
+            .materialise(&self.endpoint, head, now_ms)
+            .await?;
+        let mut lane = self.state.lane();
+        lane.scanned_through(head, &[]);
+        lane.saved(Some(head));
+        Ok(())
+    }
 }
 
 #[async_trait]
 impl DeliveryQueue for EmbeddedQueue {
     async fn due(&self, now_ms: i64, limit: usize) -> Result<Vec<HeldDelivery>, StoreError> {
-        let room = limit.min(self.options.max_held.saturating_sub(self.held.held()));
+        let room = limit.min(self.options.max_held.saturating_sub(self.state.held.held()));
         if room == 0 {
             return Ok(Vec::new());
         }
-        let (held, reading) = self.held.begin();
-        // Held rows are still pending (and due) in the file: read enough to pass them.
-        let endpoint = self.endpoint.clone();
-        let ordered = self.options.ordered;
-        let rows = to_i64(room.saturating_add(held) as u64);
-        let rows = self
-            .readers
-            .with_reader(move |conn| queries::due(conn, &endpoint, now_ms, rows, ordered))
-            .await?;
-        Ok(self.held.take(reading, rows, room))
+        let mut out = Vec::new();
+        if self.options.ordered {
+            self.materialise(now_ms).await?;
+        } else {
+            out = self.released(room).await?;
+        }
+        if out.len() < room {
+            let (held, reading) = self.state.held.begin();
+            // Held rows are still pending (and due) in the file: read enough to pass them.
+            let endpoint = self.endpoint.clone();
+            let ordered = self.options.ordered;
+            let rows = to_i64(room.saturating_add(held) as u64);
+            let rows = self
+                .readers
+                .with_reader(move |conn| queries::due(conn, &endpoint, now_ms, rows, ordered))
+                .await?;
+            let left = room.saturating_sub(out.len());
+            out.extend(self.state.held.take(&self.holder(), reading, rows, left));
+        }
+        if !self.options.ordered && out.len() < room {
+            let more = self.scan(room.saturating_sub(out.len())).await?;
+            out.extend(more);
+        }
+        out.sort_by_key(|d| d.seq);
+        Ok(out)
     }
 
     async fn next_due(&self, after_ms: i64) -> Result<Option<i64>, StoreError> {
@@ -166,13 +376,33 @@ impl DeliveryQueue for EmbeddedQueue {
         attempt: AttemptRecord,
         next: NextStep,
     ) -> Result<(), StoreError> {
-        let result = self
-            .writer
-            .record(&self.endpoint, held.seq, attempt, next)
-            .await;
-        // Un-held only now that the outcome is committed (or failed: then it is still
-        // pending and due, and goes out again), however this future ends.
-        drop(held);
+        let seq = held.seq;
+        let from_cursor = self.state.lane().is_open(seq);
+        let result = if from_cursor && next == NextStep::Delivered {
+            // Nothing to write for it: the cursor moves past it.
+            Ok(())
+        } else {
+            // The handle lives across the write: if this future is dropped half-way, the
+            // handle releases the delivery.
+            self.writer
+                .record(&self.endpoint, seq, attempt, next, from_cursor)
+                .await
+        };
+        // Answered: from here on this function un-holds it, not the handle.
+        drop(held.into_delivery());
+        // Un-held only now that the outcome is committed (or failed: then it is still owed
+        // and goes out again).
+        {
+            let mut lane = self.state.lane();
+            match &result {
+                Ok(()) => lane.finish(seq),
+                Err(_) => lane.release(seq),
+            }
+        }
+        self.state.held.unhold(seq);
+        if from_cursor && result.is_ok() {
+            self.save_cursor().await;
+        }
         result
     }
 }
@@ -181,7 +411,7 @@ impl DeliveryQueue for EmbeddedQueue {
 mod tests {
     use super::super::test_support::{queue_options, received, temp_db};
     use super::super::EmbeddedStore;
-    use super::HeldSet;
+    use super::Endpoints;
     use crate::storage::config::Durability;
     use crate::storage::{
         AttemptRecord, DeliveryState, DueDelivery, HeldDelivery, NextStep, QueueOptions, Store,
@@ -253,9 +483,12 @@ mod tests {
 
     #[test]
     fn a_delivery_un_held_while_a_query_reads_is_not_handed_out_from_that_read() {
-        let set = std::sync::Arc::new(HeldSet::default());
+        let endpoints = Endpoints::default();
+        let state = endpoints.of("hook", 0);
+        let holder: std::sync::Arc<dyn crate::storage::Holder> = state.clone();
+        let set = &state.held;
         let (_, reading) = set.begin();
-        let held = set.take(reading, vec![row(1), row(2)], 10);
+        let held = set.take(&holder, reading, vec![row(1), row(2)], 10);
         assert_eq!(seqs(&held), [1, 2]);
         // A query starts; meanwhile 1's outcome is committed and it is un-held.
         let (n, reading) = set.begin();
@@ -263,15 +496,15 @@ mod tests {
         let mut held = held.into_iter();
         drop(held.next());
         // The query's row of 1 predates that commit: not handed out; 3 is.
-        let out = set.take(reading, vec![row(1), row(3)], 10);
+        let out = set.take(&holder, reading, vec![row(1), row(3)], 10);
         assert_eq!(seqs(&out), [3]);
         // The next query reads afresh: 1 goes out again.
         let (_, reading) = set.begin();
-        assert_eq!(seqs(&set.take(reading, vec![row(1)], 10)), [1]);
+        assert_eq!(seqs(&set.take(&holder, reading, vec![row(1)], 10)), [1]);
         // Un-held with no query running: nothing is marked stale.
         drop(out);
         let (_, reading) = set.begin();
-        assert_eq!(seqs(&set.take(reading, vec![row(3)], 10)), [3]);
+        assert_eq!(seqs(&set.take(&holder, reading, vec![row(3)], 10)), [3]);
         drop(held);
     }
 
@@ -341,5 +574,120 @@ mod tests {
         assert_eq!(seqs(&q.due(i64::MAX, 10).await.unwrap()), [2]);
         let _ =
             std::fs::remove_dir_all(temp_db("held-ordered").parent().unwrap().parent().unwrap());
+    }
+
+    /// Events routed to "hook" with the given subjects, in order.
+    async fn store_with_subjects(name: &str, subjects: &[&str]) -> std::sync::Arc<EmbeddedStore> {
+        let store = EmbeddedStore::open(&temp_db(name), Durability::Normal).unwrap();
+        let batch = subjects
+            .iter()
+            .enumerate()
+            .map(|(i, subject)| {
+                let mut e = received(&format!("e{i}"), chrono::Duration::zero(), &["hook"]);
+                e.envelope.subject = Some((*subject).to_string());
+                crate::storage::NewEvent::new(e.envelope, e.targets).unwrap()
+            })
+            .collect();
+        store.append(batch).await.unwrap();
+        store
+    }
+
+    #[tokio::test]
+    async fn an_ordered_endpoint_orders_each_subject_on_its_own() {
+        let store = store_with_subjects("ordered-subjects", &["a", "a", "b"]).await;
+        let q = store
+            .delivery_queue(
+                "hook",
+                QueueOptions {
+                    ordered: true,
+                    ..options(16)
+                },
+            )
+            .await
+            .unwrap();
+        // 2 waits behind 1 (subject a); 3 (subject b) does not.
+        assert_eq!(seqs(&q.due(i64::MAX, 10).await.unwrap()), [1, 3]);
+        let _ = std::fs::remove_dir_all(
+            temp_db("ordered-subjects")
+                .parent()
+                .unwrap()
+                .parent()
+                .unwrap(),
+        );
+    }
+
+    #[tokio::test]
+    async fn a_first_attempt_writes_nothing_unless_it_fails_and_the_cursor_survives_a_restart() {
+        let path = temp_db("cursor-restart");
+        let rows = |path: &std::path::Path| -> i64 {
+            let conn = rusqlite::Connection::open(path).unwrap();
+            conn.query_row("SELECT COUNT(*) FROM deliveries", [], |r| r.get(0))
+                .unwrap()
+        };
+        let t = chrono::Utc::now().timestamp_millis() + 1_000;
+        {
+            let store = store_with("cursor-restart", 4).await;
+            let q = store.delivery_queue("hook", options(16)).await.unwrap();
+            let mut due = q.due(t, 10).await.unwrap().into_iter();
+            let (one, two, three) = (
+                due.next().unwrap(),
+                due.next().unwrap(),
+                due.next().unwrap(),
+            );
+            let four = due.next().unwrap();
+            q.record(one, attempt(), NextStep::Delivered).await.unwrap();
+            assert_eq!(rows(&path), 0, "a delivery made at once leaves no row");
+            q.record(two, attempt(), NextStep::RetryAt(t + 5_000))
+                .await
+                .unwrap();
+            assert_eq!(rows(&path), 1, "a failed one gets its row");
+            q.record(four, attempt(), NextStep::Delivered)
+                .await
+                .unwrap();
+            // 3 is still held (its attempt runs) when the process dies.
+            std::mem::forget(three);
+        }
+        let store = EmbeddedStore::open(&path, Durability::Normal).unwrap();
+        let q = store.delivery_queue("hook", options(16)).await.unwrap();
+        // The cursor stopped below 3: 3 and 4 again (at-least-once), 1 never; 2 at its time.
+        let due = q.due(t, 10).await.unwrap();
+        assert_eq!(seqs(&due), [3, 4]);
+        drop(due);
+        let retry = q.due(t + 5_000, 10).await.unwrap();
+        assert_eq!(seqs(&retry), [2, 3, 4]);
+        assert_eq!(retry[0].attempts, 1);
+        let pending = store
+            .deliveries("hook", DeliveryState::Pending, 10)
+            .await
+            .unwrap();
+        assert_eq!(pending.iter().map(|d| d.seq).collect::<Vec<_>>(), [2, 3, 4]);
+        assert_eq!(store.counts("hook").await.unwrap().pending, 3);
+        drop(retry);
+        let _ = std::fs::remove_dir_all(path.parent().unwrap().parent().unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_replayed_event_above_the_cursor_is_delivered_once_by_its_row() {
+        let store = store_with("cursor-replay", 2).await;
+        // Replayed before the cursor reached it: the row delivers it, the cursor skips it.
+        assert_eq!(
+            store
+                .replay(
+                    "hook",
+                    crate::storage::ReplaySelection::Seqs { from: 2, to: 2 }
+                )
+                .await
+                .unwrap(),
+            1
+        );
+        let q = store.delivery_queue("hook", options(16)).await.unwrap();
+        let due = q.due(i64::MAX, 10).await.unwrap();
+        assert_eq!(seqs(&due), [1, 2]);
+        for d in due {
+            q.record(d, attempt(), NextStep::Delivered).await.unwrap();
+        }
+        assert!(q.due(i64::MAX, 10).await.unwrap().is_empty());
+        let _ =
+            std::fs::remove_dir_all(temp_db("cursor-replay").parent().unwrap().parent().unwrap());
     }
 }

@@ -127,6 +127,31 @@ pub(super) fn prune(
         }
         return Ok(0);
     };
+    // A cursor below the new retention point still owes the events above it: they become
+    // rows (kept below the retention point like any pending delivery) and the cursor moves
+    // up. Only an endpoint a retention period behind (disabled, failing, or gone from the
+    // config) has such a cursor; the endpoints are those with a cursor and those the pruned
+    // events name (one that never had a queue starts at the floor).
+    let mut owed: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
+    {
+        let mut stmt = tx
+            .prepare_cached(
+                "SELECT endpoint FROM cursors WHERE seq < ?2
+                 UNION SELECT DISTINCT targets FROM events WHERE seq > ?1 AND seq <= ?2 AND targets IS NOT NULL",
+            )
+            .map_err(db("read delivery cursors"))?;
+        let rows = stmt
+            .query_map(params![from, through], |r| r.get::<_, String>(0))
+            .map_err(db("read delivery cursors"))?;
+        for row in rows {
+            let row = row.map_err(db("read delivery cursors"))?;
+            owed.extend(row.split(',').filter(|n| !n.is_empty()).map(str::to_string));
+        }
+    }
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    for endpoint in owed {
+        super::writer::materialise(&tx, &endpoint, u64::try_from(through).unwrap_or(0), now_ms)?;
+    }
     let deleted = tx
         .execute(
             "DELETE FROM events WHERE seq > ?1 AND seq <= ?2

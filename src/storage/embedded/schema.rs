@@ -96,6 +96,20 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (consumer, name)
     ) WITHOUT ROWID;
     "#,
+    r#"
+    -- 0.8.0: delivery cursors (issue 15; storage/embedded/cursor.rs). An event carries the
+    -- endpoints it is routed to (`,a,b,`; names cannot hold a comma) instead of a delivery
+    -- row per endpoint; each endpoint reads its events from its cursor on, and a row is
+    -- written only for an attempt that failed (or a replay). Rows pending in a file written
+    -- before stay rows; every endpoint's cursor starts at the head the file had then.
+    ALTER TABLE events ADD COLUMN targets TEXT;
+    CREATE TABLE cursors (
+        endpoint TEXT PRIMARY KEY,
+        seq      INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    INSERT OR REPLACE INTO meta (key, value)
+        SELECT 'cursor_floor', CAST(COALESCE(MAX(seq), 0) AS TEXT) FROM events;
+    "#,
 ];
 
 /// `deliveries.state` of a delivery still to be made (or in flight).
@@ -236,11 +250,14 @@ mod tests {
             store.append(vec![new("a"), new("b")]).await.unwrap();
             store.read_from(1, 10).await.unwrap()
         };
-        // Back to exactly what version 4 made: no durables table, user_version 4.
+        // Back to exactly what version 4 made: no durables table, no cursors, user_version 4.
         {
             let conn = open_connection(&path, Durability::Normal).unwrap();
-            conn.execute_batch("DROP TABLE durables; PRAGMA user_version = 4;")
-                .unwrap();
+            conn.execute_batch(
+                "DROP TABLE durables; DROP TABLE cursors; ALTER TABLE events DROP COLUMN targets;
+                 DELETE FROM meta WHERE key = 'cursor_floor'; PRAGMA user_version = 4;",
+            )
+            .unwrap();
         }
         // Also a fresh file created at version 4 and migrated from there.
         let fresh = temp_db("schema-v4-fresh");
@@ -276,5 +293,70 @@ mod tests {
         for p in [&path, &fresh] {
             let _ = std::fs::remove_dir_all(p.parent().unwrap().parent().unwrap());
         }
+    }
+
+    /// A file of 0.7.0's schema (version 5: a delivery row per event and endpoint, written
+    /// at ingest) keeps its pending rows; the endpoint's cursor starts at that file's head,
+    /// so no event is delivered twice and the new ones come from the cursor.
+    #[tokio::test]
+    async fn a_file_of_the_schema_before_cursors_keeps_its_rows_and_delivers_new_events_once() {
+        use crate::storage::embedded::test_support::{queue_options, received};
+        use crate::storage::{AttemptRecord, NextStep, Store};
+        let path = temp_db("schema-v5");
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        {
+            let mut conn = open_connection(&path, Durability::Normal).unwrap();
+            migrate_through(&mut conn, 5).unwrap();
+            conn.execute_batch(
+                r#"INSERT INTO meta (key, value) VALUES ('epoch', 'v5');
+                INSERT INTO events (seq, id, recv_ms, body) VALUES
+                    (1, 'a', 0, CAST('{"id":"a","subject":"s"}' AS BLOB)),
+                    (2, 'b', 0, CAST('{"id":"b","subject":"s"}' AS BLOB)),
+                    (3, 'c', 0, CAST('{"id":"c"}' AS BLOB));
+                INSERT INTO deliveries (endpoint, seq, state, attempts, next_at_ms, subject) VALUES
+                    ('hook', 1, 0, 0, 0, 's'), ('hook', 2, 0, 1, 0, 's');
+                INSERT INTO attempts (endpoint, seq, n, at_ms, status, error, duration_ms) VALUES
+                    ('hook', 2, 1, 0, 500, NULL, 3);"#,
+            )
+            .unwrap();
+        }
+        let attempt = AttemptRecord {
+            at_ms: 0,
+            status: Some(200),
+            error: None,
+            duration_ms: 1,
+        };
+        {
+            let store = EmbeddedStore::open(&path, Durability::Normal).unwrap();
+            let counts = store.counts("hook").await.unwrap();
+            assert_eq!((counts.pending, counts.dead), (2, 0));
+            let q = store.delivery_queue("hook", queue_options()).await.unwrap();
+            let due = q.due(i64::MAX, 10).await.unwrap();
+            let got: Vec<(u64, u32)> = due.iter().map(|d| (d.seq, d.attempts)).collect();
+            assert_eq!(got, [(1, 0), (2, 1)], "the rows, and not event 3 (no row)");
+            for d in due {
+                q.record(d, attempt.clone(), NextStep::Delivered)
+                    .await
+                    .unwrap();
+            }
+            store
+                .append(vec![received("d", chrono::Duration::zero(), &["hook"])])
+                .await
+                .unwrap();
+            let due = q.due(i64::MAX, 10).await.unwrap();
+            assert_eq!(due.iter().map(|d| d.seq).collect::<Vec<_>>(), [4]);
+            for d in due {
+                q.record(d, attempt.clone(), NextStep::Delivered)
+                    .await
+                    .unwrap();
+            }
+            assert!(q.due(i64::MAX, 10).await.unwrap().is_empty());
+        }
+        // Reopened: the cursor was saved past 4, nothing is owed.
+        let store = EmbeddedStore::open(&path, Durability::Normal).unwrap();
+        let q = store.delivery_queue("hook", queue_options()).await.unwrap();
+        assert!(q.due(i64::MAX, 10).await.unwrap().is_empty());
+        assert_eq!(store.counts("hook").await.unwrap().pending, 0);
+        let _ = std::fs::remove_dir_all(path.parent().unwrap().parent().unwrap());
     }
 }

@@ -14,6 +14,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::oneshot;
 use tracing::{error, info, warn};
 
+use super::cursor::{target_pattern, targets_column};
 use super::ids::{self, IdIndex};
 use super::retention::Schedule;
 use super::{db, to_i64, COMMAND_QUEUE};
@@ -39,6 +40,24 @@ enum Command {
         seq: u64,
         attempt: AttemptRecord,
         next: NextStep,
+        /// The delivery was read from the endpoint's cursor (it has no row yet): a failed
+        /// attempt writes its row.
+        from_cursor: bool,
+        reply: Reply<()>,
+    },
+    /// Moves `endpoint`'s cursor up to `seq` (never back).
+    SaveCursor {
+        endpoint: String,
+        seq: u64,
+        reply: Reply<()>,
+    },
+    /// Writes a pending row for each event above `endpoint`'s cursor, up to `through`, that
+    /// is routed to it, and moves the cursor to `through`: an ordered endpoint's queue works
+    /// on rows (their subjects order them).
+    Materialise {
+        endpoint: String,
+        through: u64,
+        now_ms: i64,
         reply: Reply<()>,
     },
     Replay {
@@ -143,19 +162,49 @@ impl Writer {
         .await
     }
 
-    /// Records an attempt at `endpoint`'s delivery of `seq` and what comes next.
+    /// Records an attempt at `endpoint`'s delivery of `seq` and what comes next;
+    /// `from_cursor`: the delivery has no row yet (see [`Command::Record`]).
     pub(super) async fn record(
         &self,
         endpoint: &str,
         seq: u64,
         attempt: AttemptRecord,
         next: NextStep,
+        from_cursor: bool,
     ) -> Result<(), StoreError> {
         self.ask(|reply| Command::Record {
             endpoint: endpoint.to_string(),
             seq,
             attempt,
             next,
+            from_cursor,
+            reply,
+        })
+        .await
+    }
+
+    /// Moves `endpoint`'s cursor up to `seq` (never back); answers once committed.
+    pub(super) async fn save_cursor(&self, endpoint: &str, seq: u64) -> Result<(), StoreError> {
+        self.ask(|reply| Command::SaveCursor {
+            endpoint: endpoint.to_string(),
+            seq,
+            reply,
+        })
+        .await
+    }
+
+    /// Turns `endpoint`'s events above its cursor, up to `through`, into pending rows due at
+    /// `now_ms`, and moves the cursor there; answers once committed.
+    pub(super) async fn materialise(
+        &self,
+        endpoint: &str,
+        through: u64,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.ask(|reply| Command::Materialise {
+            endpoint: endpoint.to_string(),
+            through,
+            now_ms,
             reply,
         })
         .await
@@ -459,6 +508,8 @@ fn reply_error(command: Command, e: StoreError) {
             let _ = reply.send(Err(e));
         }
         Command::Record { reply, .. }
+        | Command::SaveCursor { reply, .. }
+        | Command::Materialise { reply, .. }
         | Command::SetDisabled { reply, .. }
         | Command::SaveDurable { reply, .. } => {
             let _ = reply.send(Err(e));
@@ -498,6 +549,8 @@ fn reply(command: Command, result: Done) {
         }
         (
             Command::Record { reply, .. }
+            | Command::SaveCursor { reply, .. }
+            | Command::Materialise { reply, .. }
             | Command::SetDisabled { reply, .. }
             | Command::SaveDurable { reply, .. },
             _,
@@ -547,9 +600,23 @@ fn commit(
                 seq,
                 attempt,
                 next,
+                from_cursor,
                 ..
             } => {
-                record_attempt(&tx, endpoint, *seq, attempt, *next)?;
+                record_attempt(&tx, endpoint, *seq, attempt, *next, *from_cursor)?;
+                Done::Unit
+            }
+            Command::SaveCursor { endpoint, seq, .. } => {
+                save_cursor(&tx, endpoint, *seq)?;
+                Done::Unit
+            }
+            Command::Materialise {
+                endpoint,
+                through,
+                now_ms,
+                ..
+            } => {
+                materialise(&tx, endpoint, *through, *now_ms)?;
                 Done::Unit
             }
             Command::Replay {
@@ -617,14 +684,13 @@ fn append_batch(
     window_ms: i64,
     mut next_seq: u64,
 ) -> Result<(Outcome, u64), StoreError> {
+    // An event's deliveries are its `targets`: each endpoint's queue reads them from its
+    // cursor on (cursor.rs), so no row is written per delivery.
     let mut insert = tx
-        .prepare_cached("INSERT INTO events (seq, id, recv_ms, body) VALUES (?1, ?2, ?3, ?4)")
-        .map_err(db("prepare append"))?;
-    let mut enqueue = tx
         .prepare_cached(
-            "INSERT OR IGNORE INTO deliveries (endpoint, seq, state, attempts, next_at_ms, subject) VALUES (?1, ?2, 0, 0, ?3, ?4)",
+            "INSERT INTO events (seq, id, recv_ms, body, targets) VALUES (?1, ?2, ?3, ?4, ?5)",
         )
-        .map_err(db("prepare enqueue"))?;
+        .map_err(db("prepare append"))?;
     let mut latest = tx
         .prepare_cached("SELECT seq, recv_ms FROM latest WHERE base = ?1")
         .map_err(db("prepare dedup lookup"))?;
@@ -682,23 +748,19 @@ fn append_batch(
                 }
             };
             insert
-                .execute(params![to_i64(next_seq), id, recv_ms, &body[..]])
+                .execute(params![
+                    to_i64(next_seq),
+                    id,
+                    recv_ms,
+                    &body[..],
+                    targets_column(&new.targets)
+                ])
                 .map_err(db("append"))?;
             ids.insert(tx, h, to_i64(next_seq))?;
             if renewed.is_some() {
                 remember
                     .execute(params![envelope.id, to_i64(next_seq), recv_ms])
                     .map_err(db("dedup record"))?;
-            }
-            for target in &new.targets {
-                enqueue
-                    .execute(params![
-                        target.as_ref(),
-                        to_i64(next_seq),
-                        now_ms,
-                        envelope.subject
-                    ])
-                    .map_err(db("enqueue delivery"))?;
             }
             outcome.push(Some((next_seq, body, renewed)));
             next_seq += 1;
@@ -720,7 +782,21 @@ fn record_attempt(
     seq: u64,
     attempt: &AttemptRecord,
     next: NextStep,
+    from_cursor: bool,
 ) -> Result<(), StoreError> {
+    if from_cursor {
+        if next == NextStep::Delivered {
+            // Nothing to write: the cursor moves past it (`save_cursor`).
+            return Ok(());
+        }
+        // Its first failure: the delivery gets its row, then is updated as any other.
+        tx.prepare_cached(
+            "INSERT OR IGNORE INTO deliveries (endpoint, seq, state, attempts, next_at_ms, subject)
+             SELECT ?1, seq, 0, 0, 0, json_extract(body, '$.subject') FROM events WHERE seq = ?2",
+        )
+        .and_then(|mut st| st.execute(params![endpoint, to_i64(seq)]))
+        .map_err(db("write delivery row"))?;
+    }
     let seq = to_i64(seq);
     // Cached statements: this runs once per webhook attempt, and compiling the SQL every time
     // (`execute`) was ~7 % of the bridge's CPU in the webhook benchmark (issue 8, perf:
@@ -809,6 +885,49 @@ fn select_ids(
         }
     }
     Ok(seqs)
+}
+
+/// Moves `endpoint`'s cursor up to `seq`; a cursor already further stays where it is.
+fn save_cursor(tx: &rusqlite::Transaction<'_>, endpoint: &str, seq: u64) -> Result<(), StoreError> {
+    tx.prepare_cached(
+        "INSERT INTO cursors (endpoint, seq) VALUES (?1, ?2)
+         ON CONFLICT (endpoint) DO UPDATE SET seq = max(seq, excluded.seq)",
+    )
+    .and_then(|mut st| st.execute(params![endpoint, to_i64(seq)]))
+    .map_err(db("save delivery cursor"))?;
+    Ok(())
+}
+
+/// Writes a pending row, due at `now_ms`, for each of `endpoint`'s events above its cursor
+/// and up to `through` (none already has one: rows above a cursor come only from replays,
+/// which `OR IGNORE` leaves as they are), and moves the cursor to `through`. Used by an
+/// ordered endpoint's queue and by retention (which must not prune what a cursor still owes).
+pub(super) fn materialise(
+    tx: &rusqlite::Transaction<'_>,
+    endpoint: &str,
+    through: u64,
+    now_ms: i64,
+) -> Result<(), StoreError> {
+    let from = super::queries::cursor(tx, endpoint)?;
+    if from >= through {
+        return Ok(());
+    }
+    tx.prepare_cached(
+        "INSERT OR IGNORE INTO deliveries (endpoint, seq, state, attempts, next_at_ms, subject)
+         SELECT ?1, seq, 0, 0, ?4, json_extract(body, '$.subject') FROM events
+         WHERE seq > ?2 AND seq <= ?3 AND instr(targets, ?5) > 0",
+    )
+    .and_then(|mut st| {
+        st.execute(params![
+            endpoint,
+            to_i64(from),
+            to_i64(through),
+            now_ms,
+            target_pattern(endpoint)
+        ])
+    })
+    .map_err(db("write delivery rows"))?;
+    save_cursor(tx, endpoint, through)
 }
 
 /// Re-queues each seq for `endpoint`: pending, due now, attempts reset (an existing dead or
