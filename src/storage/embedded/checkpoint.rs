@@ -4,9 +4,17 @@
 //! and webhook records waited (12 % of the writer's samples in the issue 8 profile, and the
 //! tail of commit latency). Here a thread of its own runs `PRAGMA wal_checkpoint(PASSIVE)`
 //! every [`INTERVAL`] on its own connection: a passive checkpoint copies what no reader still
-//! needs without blocking the writer, which goes on appending to the log; once the log is
-//! long, a `RESTART` checkpoint (a short one, right after a passive) starts it over. The
-//! writer keeps
+//! needs without blocking the writer, which goes on appending to the log.
+//!
+//! Starting the log over: SQLite restarts it when a write transaction begins while the
+//! whole log is copied and no reader uses it. Under continuous writes a passive checkpoint
+//! never gets there (commits land while it copies), so once the log is long this thread
+//! takes the [`CommitGate`] for one more passive checkpoint: no commit can land meanwhile,
+//! and it has only the frames committed since the last one to copy (a few), so the writer
+//! waits that long at most, and its next transaction starts the log over. (`RESTART`, used
+//! before, waits for readers with the busy handler's sleeps while holding the writer back:
+//! the 30–40 ms tail of commit latency in the latency bench.) A `RESTART` remains the
+//! fallback when readers keep the log from being started over for long. The writer also keeps
 //! an automatic checkpoint at a far larger size ([`FALLBACK_PAGES`]), so the log stays
 //! bounded even if this thread could not keep up. Durability is unchanged: a commit is in the
 //! log before it is acknowledged, whoever copies it into the database later.
@@ -33,6 +41,23 @@ pub(super) const FALLBACK_PAGES: u32 = 65_536;
 /// slows down. `RESTART` copies what the last passive one left (a few frames) and makes the
 /// writer start the log over; it holds new writes back only for that short copy.
 const RESTART_FRAMES: i64 = 8_192;
+/// Past this many frames (128 MiB) the gentle restart has not worked (readers kept the log
+/// in use every time): a `RESTART` checkpoint, which waits for them, starts it over.
+const FORCE_RESTART_FRAMES: i64 = RESTART_FRAMES * 4;
+
+/// Held by the writer for each of its write transactions, and by the checkpoint thread for
+/// the short checkpoint that lets the log start over (see the module doc).
+#[derive(Debug, Default)]
+pub(super) struct CommitGate(Mutex<()>);
+
+impl CommitGate {
+    /// Holds back commits (or waits for the one under way) until the guard is dropped.
+    pub(super) fn hold(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
 
 /// The checkpoint thread; dropping it stops the thread (and waits for it).
 pub(super) struct Checkpointer {
@@ -41,14 +66,19 @@ pub(super) struct Checkpointer {
 }
 
 impl Checkpointer {
-    /// Starts checkpointing the database at `path`.
-    pub(super) fn spawn(path: &Path, durability: Durability) -> Result<Checkpointer, StoreError> {
+    /// Starts checkpointing the database at `path`, whose writer holds `gate` for its
+    /// transactions.
+    pub(super) fn spawn(
+        path: &Path,
+        durability: Durability,
+        gate: Arc<CommitGate>,
+    ) -> Result<Checkpointer, StoreError> {
         let conn = schema::open_connection(path, durability)?;
         let stop = Arc::new((Mutex::new(false), Condvar::new()));
         let flag = stop.clone();
         let thread = std::thread::Builder::new()
             .name("wsbridge-checkpoint".into())
-            .spawn(move || run(&conn, &flag))
+            .spawn(move || run(&conn, &flag, &gate))
             .map_err(|source| StoreError::Io {
                 path: path.to_path_buf(),
                 source,
@@ -60,7 +90,14 @@ impl Checkpointer {
     }
 }
 
-fn run(conn: &Connection, stop: &(Mutex<bool>, Condvar)) {
+/// `PRAGMA wal_checkpoint(mode)`: (busy, frames in the log, frames copied).
+fn checkpoint(conn: &Connection, mode: &str) -> rusqlite::Result<(i64, i64, i64)> {
+    conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
+        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+    })
+}
+
+fn run(conn: &Connection, stop: &(Mutex<bool>, Condvar), gate: &CommitGate) {
     let (lock, wake) = stop;
     loop {
         {
@@ -74,27 +111,28 @@ fn run(conn: &Connection, stop: &(Mutex<bool>, Condvar)) {
                 return;
             }
         }
-        // (busy, frames in the log, frames copied): only for the debug log.
-        match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, i64>(1)?,
-                r.get::<_, i64>(2)?,
-            ))
-        }) {
-            Ok((busy, log, copied)) => {
-                if busy != 0 {
-                    debug!(
-                        log,
-                        copied, "checkpoint could not finish (a reader still needs the log)"
-                    );
-                } else if log > RESTART_FRAMES {
-                    if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(()))
-                    {
-                        debug!(error = %e, "log restart failed; trying again");
+        match checkpoint(conn, "PASSIVE") {
+            Ok((_, log, _)) if log > FORCE_RESTART_FRAMES => {
+                if let Err(e) = checkpoint(conn, "RESTART") {
+                    debug!(error = %e, "log restart failed; trying again");
+                }
+            }
+            Ok((_, log, _)) if log > RESTART_FRAMES => {
+                // The rest, with commits held back: the writer's next transaction then
+                // finds the whole log copied and starts it over.
+                let held = gate.hold();
+                let result = checkpoint(conn, "PASSIVE");
+                drop(held);
+                if let Ok((_, log, copied)) = result {
+                    if copied < log {
+                        debug!(
+                            log,
+                            copied, "checkpoint could not finish (a reader still needs the log)"
+                        );
                     }
                 }
             }
+            Ok(_) => {}
             Err(e) => debug!(error = %e, "checkpoint failed; trying again"),
         }
     }
@@ -129,7 +167,9 @@ mod tests {
                 "PRAGMA wal_autocheckpoint = {FALLBACK_PAGES}; CREATE TABLE t (x BLOB);"
             ))
             .expect("schema");
-        let checkpointer = Checkpointer::spawn(&db, Durability::Normal).expect("spawn");
+        let checkpointer =
+            Checkpointer::spawn(&db, Durability::Normal, Arc::new(CommitGate::default()))
+                .expect("spawn");
         for _ in 0..200 {
             writer
                 .execute("INSERT INTO t VALUES (zeroblob(4096))", [])

@@ -178,7 +178,9 @@ impl EmbeddedStore {
         let head = Arc::new(AtomicU64::new(head));
         let pruned = Arc::new(AtomicU64::new(pruned_through));
         let health = Arc::new(WriterHealth::default());
+        let gate = Arc::new(checkpoint::CommitGate::default());
         let shared = WriterShared {
+            gate: gate.clone(),
             head: head.clone(),
             pruned: pruned.clone(),
             retention,
@@ -186,7 +188,7 @@ impl EmbeddedStore {
         };
         let ids = ids::IdIndex::open(&mut writer, head.load(Ordering::Relaxed), id_generation)?;
         let writer = Writer::spawn(writer, ids, shared, path)?;
-        let checkpointer = checkpoint::Checkpointer::spawn(path, durability)?;
+        let checkpointer = checkpoint::Checkpointer::spawn(path, durability, gate)?;
         info!(path = %path.display(), epoch = %epoch, head = head.load(Ordering::Relaxed), "embedded store open");
         Ok(Arc::new(EmbeddedStore {
             writer,

@@ -14,6 +14,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::oneshot;
 use tracing::{error, info, warn};
 
+use super::checkpoint::CommitGate;
 use super::cursor::{target_pattern, targets_column};
 use super::ids::{self, IdIndex};
 use super::retention::Schedule;
@@ -266,6 +267,9 @@ pub(super) struct WriterShared {
     pub(super) retention: Option<Duration>,
     /// Whether commits succeed.
     pub(super) health: Arc<WriterHealth>,
+    /// Held for every write transaction (the checkpoint thread holds it to let the log
+    /// start over: checkpoint.rs).
+    pub(super) gate: Arc<CommitGate>,
 }
 
 /// Whether the writer's commits succeed, for readiness and metrics: while they fail (the
@@ -332,7 +336,10 @@ fn writer_loop(
     };
     let mut pruning = Schedule::new(shared.retention);
     loop {
-        pruning.run_if_due(&mut conn, &shared.pruned);
+        {
+            let _gate = shared.gate.hold();
+            pruning.run_if_due(&mut conn, &shared.pruned);
+        }
         let first = match pruning.wait() {
             Some(wait) => match commands.recv_timeout(wait) {
                 Ok(c) => c,
@@ -359,6 +366,7 @@ fn writer_loop(
         // retrying cannot cure (a statement one command makes impossible) must not wedge the
         // writer: the batch is split and only the command that fails on its own is refused;
         // within an append, only the events that fail on their own are rejected.
+        let _gate = shared.gate.hold();
         match commit_retrying(&mut conn, &mut pending, &mut journal) {
             Ok(()) => {}
             Err(e) if pending.len() == 1 => {
