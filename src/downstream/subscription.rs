@@ -12,12 +12,16 @@
 //! as a task of its own (it reads the journal while the connection writes), with a bounded
 //! queue ([`QUEUE`]) it waits on, so a consumer reading at full speed is never punished for a
 //! burst; when the journal has nothing more, the task hands the live receiver back and ends.
-//! The ring holds [`crate::ingest::PUBLISH_CAPACITY`] events, one copy for all consumers; a
-//! consumer that falls further behind than the ring holds cannot keep up: the feed cancels
-//! the connection's `slow` token, the connection is closed (`4001 slow consumer`) and the
-//! consumer resumes from its cursor. A long replay (`from` far back) that the ring outruns is
-//! not that: the feed goes back to the journal from its cursor and catches up again (a
-//! bounded number of rounds).
+//! The ring holds [`crate::ingest::PUBLISH_CAPACITY`] events, one copy for all consumers. A
+//! consumer that falls further behind than the ring holds goes back to the journal from its
+//! cursor and catches up from there (as a replay does), so a reader that is as fast as
+//! ingest but was outrun for a moment (a burst, a pause of its own) loses nothing and is not
+//! disconnected; the journal holds what the ring no longer does. One that falls a ring behind
+//! more than [`MAX_LIVE_CATCH_UPS`] times within [`LIVE_CATCH_UP_WINDOW`] cannot keep up: the
+//! feed cancels the connection's `slow` token, the connection is closed (`4001 slow
+//! consumer`) and the consumer resumes from its cursor. One that stops reading is closed by
+//! the replay's stall rule below. A long replay (`from` far back) that the ring outruns
+//! catches up the same way (a bounded number of rounds).
 //!
 //! Replay memory is bounded apart from the queue length: a replay reads bounded pages
 //! ([`PAGE`] events, and bytes from its connection's budget) and every replayed event holds
@@ -46,6 +50,12 @@ const PAGE: usize = 256;
 /// How many times a replay may be outrun by the live ring before the consumer counts as
 /// unable to keep up (a consumer faster than ingest needs fewer rounds each time).
 const MAX_CATCH_UPS: u32 = 8;
+/// How many times a consumer reading live may fall a whole ring behind, within
+/// [`LIVE_CATCH_UP_WINDOW`], and catch up from the journal; once more is the slow-consumer
+/// verdict (it reads slower than ingest writes).
+pub const MAX_LIVE_CATCH_UPS: u32 = 4;
+/// The window [`MAX_LIVE_CATCH_UPS`] counts in.
+pub const LIVE_CATCH_UP_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Where a subscription starts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -208,6 +218,37 @@ pub struct Feed {
     in_sync: bool,
     /// How many times a replay has been outrun by the live ring.
     catch_ups: u32,
+    /// Catch-ups from the journal after the feed was in sync.
+    live_catch_ups: LiveCatchUps,
+}
+
+/// Counts a live feed's catch-ups from the journal in windows of [`LIVE_CATCH_UP_WINDOW`].
+#[derive(Debug)]
+struct LiveCatchUps {
+    window_start: tokio::time::Instant,
+    in_window: u32,
+}
+
+impl LiveCatchUps {
+    fn new(now: tokio::time::Instant) -> LiveCatchUps {
+        LiveCatchUps {
+            window_start: now,
+            in_window: 0,
+        }
+    }
+
+    /// Whether one more catch-up is allowed at `now` (counted when it is).
+    fn allow(&mut self, now: tokio::time::Instant) -> bool {
+        if now.duration_since(self.window_start) >= LIVE_CATCH_UP_WINDOW {
+            self.window_start = now;
+            self.in_window = 0;
+        }
+        if self.in_window >= MAX_LIVE_CATCH_UPS {
+            return false;
+        }
+        self.in_window += 1;
+        true
+    }
 }
 
 /// What one live receive means for the feed.
@@ -360,8 +401,14 @@ impl Feed {
                 self.catch_ups += 1;
                 LiveStep::Replay
             }
+            Err(broadcast::error::RecvError::Lagged(_))
+                if self.in_sync && self.live_catch_ups.allow(tokio::time::Instant::now()) =>
+            {
+                // A ring behind once live: the journal holds what the ring no longer does.
+                LiveStep::Replay
+            }
             Err(broadcast::error::RecvError::Lagged(_)) => {
-                // More than the ring behind once live (or replays that never catch up): this
+                // A ring behind too often once live (or replays that never catch up): this
                 // consumer cannot keep up.
                 self.shared.control.slow.cancel();
                 LiveStep::End(FeedEnd::SlowConsumer)
@@ -539,6 +586,7 @@ pub async fn open(
         shared,
         in_sync: false,
         catch_ups: 0,
+        live_catch_ups: LiveCatchUps::new(tokio::time::Instant::now()),
     })
 }
 
@@ -556,6 +604,26 @@ pub enum OpenError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_live_feed_catches_up_a_few_times_a_minute_then_is_slow() {
+        let start = tokio::time::Instant::now();
+        let mut catch_ups = LiveCatchUps::new(start);
+        for _ in 0..MAX_LIVE_CATCH_UPS {
+            assert!(catch_ups.allow(tokio::time::Instant::now()));
+        }
+        assert!(
+            !catch_ups.allow(tokio::time::Instant::now()),
+            "one more within the minute: too slow"
+        );
+        tokio::time::advance(LIVE_CATCH_UP_WINDOW - std::time::Duration::from_millis(1)).await;
+        assert!(!catch_ups.allow(tokio::time::Instant::now()));
+        tokio::time::advance(std::time::Duration::from_millis(1)).await;
+        assert!(
+            catch_ups.allow(tokio::time::Instant::now()),
+            "a new minute, a new allowance"
+        );
+    }
 
     fn pos(first: u64, head: u64) -> JournalPosition {
         JournalPosition {

@@ -28,9 +28,15 @@ fn consumers() -> String {
 }
 
 async fn setup() -> (Bridge, Simulator, Simulator) {
+    setup_with("").await
+}
+
+/// [`setup`] with `top` (a `[limits]` table, say) before the upstreams.
+async fn setup_with(top: &str) -> (Bridge, Simulator, Simulator) {
     let vb = start_sim(Provider::Voipbin).await;
     let hs = start_sim(Provider::Hashi).await;
     let cfg = config(&[
+        top.to_string(),
         upstream_block("vb", &vb, FAST),
         upstream_block("hs", &hs, FAST),
         consumers(),
@@ -239,7 +245,9 @@ async fn resume_from_seq_has_no_gap_and_no_duplicate_while_events_keep_arriving(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_consumer_is_closed_with_4001_and_a_fast_one_gets_everything() {
-    let (bridge, vb, _hs) = setup().await;
+    // Fallen a ring behind, a consumer catches up from the journal; one whose replayed events
+    // then stay unwritten past the stall timeout gets the verdict.
+    let (bridge, vb, _hs) = setup_with("[limits]\nreplay_stall_timeout = \"500ms\"\n").await;
     let mut fast = connect(&bridge, ALL_TOKEN).await;
     let mut slow = connect_small_window(&bridge, ALL_TOKEN).await;
     for ws in [&mut fast, &mut slow] {
@@ -247,10 +255,10 @@ async fn a_slow_consumer_is_closed_with_4001_and_a_fast_one_gets_everything() {
         send(ws, json!({"op": "subscribe", "id": "all"})).await;
         assert_eq!(recv(ws).await["op"], "subscribed");
     }
-    // The fast consumer reads concurrently; the slow one does not read at all until the end.
-    // Enough events to overflow the server's socket send buffer (up to 4 MiB here) plus the
-    // shared ring (8192 events) behind the slow one.
-    const TOTAL: usize = 30_000;
+    // The fast consumer reads concurrently; the slow one does not read until the end, when
+    // the events beyond its socket buffers (up to 4 MiB here) and the shared ring (8192
+    // events) can only come from the journal.
+    const TOTAL: usize = 60_000;
     let reader = tokio::spawn(async move {
         let got = events(&mut fast, TOTAL).await;
         got.iter()
@@ -263,8 +271,21 @@ async fn a_slow_consumer_is_closed_with_4001_and_a_fast_one_gets_everything() {
     let fast_seqs = reader.await.expect("fast reader");
     assert_eq!(fast_seqs, (1..=TOTAL as u64).collect::<Vec<_>>());
 
-    // The slow one: whatever was buffered, then a close with 4001 "slow consumer".
+    // The slow one reads half (by then from the journal: more than its buffers and the ring
+    // hold), then stops: the rest of its catch-up waits unwritten, the verdict.
     let mut received = 0usize;
+    while received < TOTAL / 2 {
+        match tokio::time::timeout(DEADLINE, slow.next()).await {
+            Ok(Some(Ok(Message::Text(_)))) => received += 1,
+            Ok(Some(Ok(_))) => continue,
+            other => panic!("expected events, got {other:?}"),
+        }
+    }
+    eventually("the slow-consumer verdict", DEADLINE, || async {
+        (bridge.hub().counters().slow_disconnects >= 1).then_some(())
+    })
+    .await;
+    // Whatever was buffered, then a close with 4001 "slow consumer".
     let close = loop {
         match tokio::time::timeout(DEADLINE, slow.next()).await {
             Ok(Some(Ok(Message::Text(_)))) => received += 1,
@@ -280,7 +301,36 @@ async fn a_slow_consumer_is_closed_with_4001_and_a_fast_one_gets_everything() {
         received < TOTAL,
         "the slow consumer was cut off, not fed everything"
     );
-    assert!(bridge.hub().counters().slow_disconnects >= 1);
+    bridge.shutdown().await;
+}
+
+/// A consumer that stops reading for a moment while more than the ring's worth of events
+/// arrives, then reads on, catches up from the journal: every event, in order, no 4001.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_consumer_outrun_by_the_ring_once_catches_up_from_the_journal() {
+    let (bridge, vb, _hs) = setup().await;
+    let mut fast = connect(&bridge, ALL_TOKEN).await;
+    let mut paused = connect_small_window(&bridge, ALL_TOKEN).await;
+    for ws in [&mut fast, &mut paused] {
+        recv(ws).await;
+        send(ws, json!({"op": "subscribe", "id": "all"})).await;
+        assert_eq!(recv(ws).await["op"], "subscribed");
+    }
+    // More than the ring (8192) plus the socket buffers behind the paused one.
+    const TOTAL: usize = 30_000;
+    let reader = tokio::spawn(async move { events(&mut fast, TOTAL).await.len() });
+    for i in 0..TOTAL {
+        vb.emit(numbered_call(i)).await;
+    }
+    // Every event is journalled and published once the fast consumer has them all.
+    assert_eq!(reader.await.expect("fast reader"), TOTAL);
+    let got = events(&mut paused, TOTAL).await;
+    let seqs: Vec<u64> = got
+        .iter()
+        .map(|f| f["seq"].as_u64().expect("seq"))
+        .collect();
+    assert_eq!(seqs, (1..=TOTAL as u64).collect::<Vec<_>>());
+    assert_eq!(bridge.hub().counters().slow_disconnects, 0);
     bridge.shutdown().await;
 }
 
