@@ -305,6 +305,7 @@ impl Store for EmbeddedStore {
             readers: self.readers.clone(),
             state,
             head: self.head.clone(),
+            next_due: std::sync::Mutex::new(None),
         }))
     }
 

@@ -218,9 +218,17 @@ pub(super) struct EmbeddedQueue {
     pub(super) state: Arc<EndpointState>,
     /// The journal's head (the last seq committed).
     pub(super) head: Arc<AtomicU64>,
+    /// The next retry time the last `due` read, and the time it was asked at.
+    pub(super) next_due: Mutex<Option<(i64, Option<i64>)>>,
 }
 
 impl EmbeddedQueue {
+    fn next_due_read(&self) -> MutexGuard<'_, Option<(i64, Option<i64>)>> {
+        self.next_due
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     fn holder(&self) -> Arc<dyn Holder> {
         self.state.clone()
     }
@@ -256,12 +264,35 @@ impl EmbeddedQueue {
         Ok(self.state.held.hold(&self.holder(), rows))
     }
 
-    /// Reads, holds and hands out up to `room` events from the cursor on; nothing when
-    /// another scan of this endpoint runs.
-    async fn scan(&self, room: usize) -> Result<Vec<HeldDelivery>, StoreError> {
-        let Ok(_turn) = self.state.scanning.try_lock() else {
-            return Ok(Vec::new());
+    /// Holds and hands out the first `want` of `rows`, which a scan read from the cursor
+    /// (`after`) up to `through`, asked for up to `asked`; returns them and whether the scan
+    /// examined everything up to `through`.
+    fn take_scanned(
+        &self,
+        rows: Vec<DueDelivery>,
+        after: u64,
+        through: u64,
+        asked: usize,
+        want: usize,
+    ) -> (Vec<HeldDelivery>, bool) {
+        let complete = rows.len() < asked && rows.len() <= want;
+        let mut rows = rows;
+        rows.truncate(want);
+        // An answer cut short (by the query's limit or here) examined the journal only up
+        // to its last event kept.
+        let through = if complete {
+            through
+        } else {
+            rows.last().map_or(after, |last| last.seq)
         };
+        let seqs: Vec<u64> = rows.iter().map(|r| r.seq).collect();
+        self.state.lane().scanned_through(through, &seqs);
+        (self.state.held.hold(&self.holder(), rows), complete)
+    }
+
+    /// Reads, holds and hands out up to `room` more events from the cursor on, a chunk at a
+    /// time, up to the head (the caller holds the endpoint's scan turn).
+    async fn scan_more(&self, room: usize) -> Result<Vec<HeldDelivery>, StoreError> {
         let mut out = Vec::new();
         loop {
             let after = self.state.lane().scanned();
@@ -278,14 +309,8 @@ impl EmbeddedQueue {
                 .readers
                 .with_reader(move |conn| queries::scan(conn, &endpoint, after, through, limit))
                 .await?;
-            // A full answer examined the journal only up to its last event.
-            let through = match rows.last() {
-                Some(last) if rows.len() >= want => last.seq,
-                _ => through,
-            };
-            let seqs: Vec<u64> = rows.iter().map(|r| r.seq).collect();
-            self.state.lane().scanned_through(through, &seqs);
-            out.extend(self.state.held.hold(&self.holder(), rows));
+            let (held, _) = self.take_scanned(rows, after, through, want, want);
+            out.extend(held);
         }
     }
 
@@ -336,34 +361,71 @@ impl DeliveryQueue for EmbeddedQueue {
         if room == 0 {
             return Ok(Vec::new());
         }
+        let ordered = self.options.ordered;
         let mut out = Vec::new();
-        if self.options.ordered {
+        if ordered {
             self.materialise(now_ms).await?;
         } else {
             out = self.released(room).await?;
+            if out.len() >= room {
+                return Ok(out);
+            }
         }
-        if out.len() < room {
-            let (held, reading) = self.state.held.begin();
-            // Held rows are still pending (and due) in the file: read enough to pass them.
-            let endpoint = self.endpoint.clone();
-            let ordered = self.options.ordered;
-            let rows = to_i64(room.saturating_add(held) as u64);
-            let rows = self
-                .readers
-                .with_reader(move |conn| queries::due(conn, &endpoint, now_ms, rows, ordered))
-                .await?;
-            let left = room.saturating_sub(out.len());
-            out.extend(self.state.held.take(&self.holder(), reading, rows, left));
+        // One read for the rows due, the cursor's next chunk and the next retry time (the
+        // dispatcher asks for it next): one trip to the reader per refill.
+        let turn = if ordered {
+            None
+        } else {
+            self.state.scanning.try_lock().ok()
+        };
+        let after = self.state.lane().scanned();
+        let head = self.head.load(Ordering::Acquire);
+        let through = head.min(after.saturating_add(SCAN_CHUNK));
+        let scan = turn.is_some() && after < head;
+        let want = room.saturating_sub(out.len());
+        let (held, reading) = self.state.held.begin();
+        let endpoint = self.endpoint.clone();
+        // Held rows are still pending (and due) in the file: read enough to pass them.
+        let row_limit = to_i64(want.saturating_add(held) as u64);
+        let scan_limit = to_i64(want as u64);
+        let (rows, scanned, next) = self
+            .readers
+            .with_reader(move |conn| {
+                let rows = queries::due(conn, &endpoint, now_ms, row_limit, ordered)?;
+                let scanned = if scan {
+                    Some(queries::scan(conn, &endpoint, after, through, scan_limit)?)
+                } else {
+                    None
+                };
+                let next = queries::next_due(conn, &endpoint, now_ms)?;
+                Ok((rows, scanned, next))
+            })
+            .await?;
+        *self.next_due_read() = Some((now_ms, next));
+        out.extend(self.state.held.take(&self.holder(), reading, rows, want));
+        if let Some(scanned) = scanned {
+            let want = room.saturating_sub(out.len());
+            let (held, complete) = self.take_scanned(scanned, after, through, want, want);
+            out.extend(held);
+            // A sparse endpoint's chunk may hold fewer of its events than there is room for.
+            if complete && through < head && out.len() < room {
+                let more = self.scan_more(room.saturating_sub(out.len())).await?;
+                out.extend(more);
+            }
         }
-        if !self.options.ordered && out.len() < room {
-            let more = self.scan(room.saturating_sub(out.len())).await?;
-            out.extend(more);
-        }
+        drop(turn);
         out.sort_by_key(|d| d.seq);
         Ok(out)
     }
 
     async fn next_due(&self, after_ms: i64) -> Result<Option<i64>, StoreError> {
+        // Read by the `due` just before, in the same snapshot (a retry recorded since then
+        // wakes the dispatcher anyway).
+        if let Some((at, next)) = self.next_due_read().take() {
+            if at == after_ms {
+                return Ok(next);
+            }
+        }
         let endpoint = self.endpoint.clone();
         self.readers
             .with_reader(move |conn| queries::next_due(conn, &endpoint, after_ms))
