@@ -300,6 +300,11 @@ pub(super) fn next_due(
     .map_err(db("read next due"))
 }
 
+/// A listed delivery: (seq, event id, when it is due).
+fn listed(r: &rusqlite::Row<'_>) -> rusqlite::Result<(i64, String, i64)> {
+    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+}
+
 /// Up to `limit` of `endpoint`'s deliveries in `state`, oldest first, with their attempts.
 ///
 /// Pending deliveries include the events above the endpoint's cursor (`after`, or the saved
@@ -322,13 +327,7 @@ pub(super) fn deliveries(
         )
         .map_err(db("prepare list"))?;
     let mut rows = stmt
-        .query_map(params![endpoint, code, limit], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, i64>(2)?,
-            ))
-        })
+        .query_map(params![endpoint, code, limit], listed)
         .map_err(db("list deliveries"))?
         .collect::<Result<Vec<_>, _>>()
         .map_err(db("list deliveries"))?;
@@ -345,13 +344,7 @@ pub(super) fn deliveries(
         let backlog = stmt
             .query_map(
                 params![to_i64(after), target_pattern(endpoint), endpoint, limit],
-                |r| {
-                    Ok((
-                        r.get::<_, i64>(0)?,
-                        r.get::<_, String>(1)?,
-                        r.get::<_, i64>(2)?,
-                    ))
-                },
+                listed,
             )
             .map_err(db("list deliveries"))?
             .collect::<Result<Vec<_>, _>>()

@@ -617,16 +617,7 @@ mod tests {
     async fn an_ordered_endpoint_holds_back_the_subject_of_a_held_delivery() {
         // Every test event has the same subject.
         let store = store_with("held-ordered", 2).await;
-        let q = store
-            .delivery_queue(
-                "hook",
-                QueueOptions {
-                    ordered: true,
-                    ..options(16)
-                },
-            )
-            .await
-            .unwrap();
+        let q = ordered_queue(&store).await;
         let mut due = q.due(i64::MAX, 10).await.unwrap();
         assert_eq!(seqs(&due), [1]);
         assert!(q.due(i64::MAX, 10).await.unwrap().is_empty(), "1 is held");
@@ -636,6 +627,17 @@ mod tests {
         assert_eq!(seqs(&q.due(i64::MAX, 10).await.unwrap()), [2]);
         let _ =
             std::fs::remove_dir_all(temp_db("held-ordered").parent().unwrap().parent().unwrap());
+    }
+
+    /// An ordered queue for "hook".
+    async fn ordered_queue(
+        store: &EmbeddedStore,
+    ) -> std::sync::Arc<dyn crate::storage::DeliveryQueue> {
+        let options = QueueOptions {
+            ordered: true,
+            ..options(16)
+        };
+        store.delivery_queue("hook", options).await.unwrap()
     }
 
     /// Events routed to "hook" with the given subjects, in order.
@@ -657,16 +659,7 @@ mod tests {
     #[tokio::test]
     async fn an_ordered_endpoint_orders_each_subject_on_its_own() {
         let store = store_with_subjects("ordered-subjects", &["a", "a", "b"]).await;
-        let q = store
-            .delivery_queue(
-                "hook",
-                QueueOptions {
-                    ordered: true,
-                    ..options(16)
-                },
-            )
-            .await
-            .unwrap();
+        let q = ordered_queue(&store).await;
         // 2 waits behind 1 (subject a); 3 (subject b) does not.
         assert_eq!(seqs(&q.due(i64::MAX, 10).await.unwrap()), [1, 3]);
         let _ = std::fs::remove_dir_all(
