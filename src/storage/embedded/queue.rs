@@ -404,8 +404,9 @@ impl DeliveryQueue for EmbeddedQueue {
         *self.next_due_read() = Some((now_ms, next));
         out.extend(self.state.held.take(&self.holder(), reading, rows, want));
         if let Some(scanned) = scanned {
-            let want = room.saturating_sub(out.len());
-            let (held, complete) = self.take_scanned(scanned, after, through, want, want);
+            // The rows due took their share of the room first.
+            let left = room.saturating_sub(out.len());
+            let (held, complete) = self.take_scanned(scanned, after, through, want, left);
             out.extend(held);
             // A sparse endpoint's chunk may hold fewer of its events than there is room for.
             if complete && through < head && out.len() < room {
