@@ -308,7 +308,8 @@ fn listed(r: &rusqlite::Row<'_>) -> rusqlite::Result<(i64, String, i64)> {
 /// Up to `limit` of `endpoint`'s deliveries in `state`, oldest first, with their attempts.
 ///
 /// Pending deliveries include the events above the endpoint's cursor (`after`, or the saved
-/// cursor when further) that no attempt has reached yet (no attempts, due at receipt).
+/// cursor when further) that no attempt has reached yet (no attempts, due at receipt), those
+/// within [`OWED_WINDOW`] positions of it.
 pub(super) fn deliveries(
     conn: &Connection,
     endpoint: &str,
@@ -336,14 +337,21 @@ pub(super) fn deliveries(
         let mut stmt = conn
             .prepare_cached(
                 "SELECT e.seq, e.id, e.recv_ms FROM events e
-                 WHERE e.seq > ?1 AND instr(e.targets, ?2) > 0
+                 WHERE e.seq > ?1 AND e.seq <= ?5 AND instr(e.targets, ?2) > 0
                    AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.endpoint = ?3 AND d.seq = e.seq)
                  ORDER BY e.seq LIMIT ?4",
             )
             .map_err(db("prepare list"))?;
+        let window_end = to_i64(after.saturating_add(OWED_WINDOW));
         let backlog = stmt
             .query_map(
-                params![to_i64(after), target_pattern(endpoint), endpoint, limit],
+                params![
+                    to_i64(after),
+                    target_pattern(endpoint),
+                    endpoint,
+                    limit,
+                    window_end
+                ],
                 listed,
             )
             .map_err(db("list deliveries"))?
@@ -387,9 +395,16 @@ pub(super) fn deliveries(
     Ok(out)
 }
 
+/// Journal positions above an endpoint's cursor whose routes a count or a listing examines:
+/// the status page, the metrics and the admin API ask often, and share the reader with every
+/// dispatcher, so an endpoint far behind (disabled for days) must not make them read millions
+/// of events.
+const OWED_WINDOW: u64 = 10_000;
+
 /// How many of `endpoint`'s deliveries are pending and dead; pending includes the events
-/// above its cursor (`after`, or the saved cursor when further) not yet attempted. That part
-/// reads the backlog's rows, so it costs in proportion to how far the endpoint is behind.
+/// above its cursor (`after`, or the saved cursor when further) not yet attempted: exactly
+/// within [`OWED_WINDOW`] positions of the cursor, and beyond that every journal position up
+/// to the head counts (an upper bound, for an endpoint that far behind).
 pub(super) fn counts(
     conn: &Connection,
     endpoint: &str,
@@ -409,21 +424,29 @@ pub(super) fn counts(
         })
         .map_err(db("count deliveries"))?;
     let after = after.max(cursor(conn, endpoint)?);
+    let window_end = after.saturating_add(OWED_WINDOW);
     let backlog: i64 = conn
         .prepare_cached(
-            "SELECT COUNT(*) FROM events e WHERE e.seq > ?1 AND instr(e.targets, ?2) > 0
+            "SELECT COUNT(*) FROM events e WHERE e.seq > ?1 AND e.seq <= ?4 AND instr(e.targets, ?2) > 0
                AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.endpoint = ?3 AND d.seq = e.seq)",
         )
         .and_then(|mut st| {
             st.query_row(
-                params![to_i64(after), target_pattern(endpoint), endpoint],
+                params![
+                    to_i64(after),
+                    target_pattern(endpoint),
+                    endpoint,
+                    to_i64(window_end)
+                ],
                 |r| r.get(0),
             )
         })
         .map_err(db("count deliveries"))?;
+    let beyond = super::schema::stored_head(conn)?.saturating_sub(window_end);
     counts.pending = counts
         .pending
-        .saturating_add(u64::try_from(backlog).unwrap_or(0));
+        .saturating_add(u64::try_from(backlog).unwrap_or(0))
+        .saturating_add(beyond);
     Ok(counts)
 }
 

@@ -746,4 +746,24 @@ mod tests {
         let _ =
             std::fs::remove_dir_all(temp_db("cursor-replay").parent().unwrap().parent().unwrap());
     }
+
+    #[tokio::test]
+    async fn owed_events_are_counted_exactly_near_the_cursor_and_bounded_beyond() {
+        let store = store_with("owed-window", 10_000).await;
+        let unrouted = (0..100)
+            .map(|i| received(&format!("u{i}"), chrono::Duration::zero(), &[]))
+            .collect();
+        store.append(unrouted).await.unwrap();
+        // The 10,000 positions above the cursor are examined; the 100 beyond count as owed
+        // (an upper bound), so a count never reads more than the window.
+        assert_eq!(store.counts("hook").await.unwrap().pending, 10_100);
+        let q = store.delivery_queue("hook", options(16)).await.unwrap();
+        let due = q.due(i64::MAX, 16).await.unwrap();
+        for d in due {
+            q.record(d, attempt(), NextStep::Delivered).await.unwrap();
+        }
+        // The window now starts above 16: 9,984 owed in it, plus the 84 positions beyond.
+        assert_eq!(store.counts("hook").await.unwrap().pending, 9_984 + 84);
+        let _ = std::fs::remove_dir_all(temp_db("owed-window").parent().unwrap().parent().unwrap());
+    }
 }
