@@ -111,7 +111,7 @@ impl Lane {
 
     /// The cursor to save now, if it should move and no save is under way (the caller
     /// saves it, then reports with [`Lane::saved`]).
-    pub(super) fn to_save(&mut self) -> Option<u64> {
+    pub(super) fn begin_save(&mut self) -> Option<u64> {
         let mark = self.watermark();
         if self.saving || mark <= self.saved {
             return None;
@@ -120,7 +120,7 @@ impl Lane {
         Some(mark)
     }
 
-    /// The save [`Lane::to_save`] asked for ended: committed at `seq`, or failed (`None`).
+    /// The save [`Lane::begin_save`] asked for ended: committed at `seq`, or failed (`None`).
     pub(super) fn saved(&mut self, seq: Option<u64>) {
         self.saving = false;
         if let Some(seq) = seq {
@@ -198,17 +198,17 @@ mod tests {
     #[test]
     fn one_save_at_a_time_and_never_backwards() {
         let mut lane = Lane::new(0);
-        assert_eq!(lane.to_save(), None, "nothing moved");
+        assert_eq!(lane.begin_save(), None, "nothing moved");
         lane.scanned_through(5, &[3]);
-        assert_eq!(lane.to_save(), Some(2));
+        assert_eq!(lane.begin_save(), Some(2));
         lane.finish(3);
-        assert_eq!(lane.to_save(), None, "a save is under way");
+        assert_eq!(lane.begin_save(), None, "a save is under way");
         lane.saved(Some(2));
         assert_eq!(lane.saved_at(), 2);
-        assert_eq!(lane.to_save(), Some(5), "the advance made meanwhile");
+        assert_eq!(lane.begin_save(), Some(5), "the advance made meanwhile");
         lane.saved(None);
         assert_eq!(lane.saved_at(), 2, "a failed save changes nothing");
-        assert_eq!(lane.to_save(), Some(5), "and is tried again");
+        assert_eq!(lane.begin_save(), Some(5), "and is tried again");
         lane.saved(Some(5));
         lane.saved(Some(4));
         assert_eq!(lane.saved_at(), 5, "never moves back");

@@ -318,7 +318,7 @@ impl EmbeddedQueue {
     /// up every advance made before it commits; the loop takes the rest).
     async fn save_cursor(&self) {
         loop {
-            let Some(seq) = self.state.lane().to_save() else {
+            let Some(seq) = self.state.lane().begin_save() else {
                 return;
             };
             let mut saving = Saving {
