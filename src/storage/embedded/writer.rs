@@ -1,7 +1,7 @@
 //! The writer thread: it owns the write connection and applies the store's commands
-//! (appends, attempt records, replays, endpoint state, durable consumers' state) in group
-//! commits. A failed commit is
-//! retried while the environment is at fault and split when a command is.
+//! (appends, attempt records, delivery cursors, replays, endpoint state, durable consumers'
+//! state) in group commits. A failed commit is retried while the environment is at fault and
+//! split when a command is.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
