@@ -1423,6 +1423,7 @@ async fn two_stores_appending_the_same_ids_at_once_store_each_once() {
     let ids: BTreeSet<&str> = journal.iter().map(|e| e.id.as_str()).collect();
     assert_eq!(journal.len(), MANY, "no id twice in the journal");
     assert_eq!(ids.len(), MANY);
+    cleanup(SHARED_NATS, &prefix).await;
 }
 
 /// One append over several chunks, with ids back after the dedup window among new ones (in
@@ -1430,7 +1431,7 @@ async fn two_stores_appending_the_same_ids_at_once_store_each_once() {
 /// the batch in its order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_over_several_chunks_keeps_its_order_with_returned_ids_in_it() {
-    let (_prefix, store) = bare_store("chunks").await;
+    let (prefix, store) = bare_store("chunks").await;
     let returning = |i: usize| (10..15).contains(&i) || (400..405).contains(&i);
     let old: Vec<_> = (0..MANY)
         .filter(|i| returning(*i))
@@ -1467,4 +1468,5 @@ async fn a_batch_over_several_chunks_keeps_its_order_with_returned_ids_in_it() {
     let ids: BTreeSet<&str> = journal.iter().map(|e| e.id.as_str()).collect();
     assert_eq!(journal.len(), MANY + 10);
     assert_eq!(ids.len(), MANY + 10, "every id unique in the journal");
+    cleanup(SHARED_NATS, &prefix).await;
 }
