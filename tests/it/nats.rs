@@ -1369,3 +1369,104 @@ async fn seq_at_seeks_the_journal_by_the_time_it_stored_each_event() {
     assert_eq!(Store::seq_at(s, 0).await.expect("seek"), head);
     cleanup(SHARED_NATS, &prefix).await;
 }
+
+/// An event with id `id`, received `ago` before now (the id index decides by that time).
+fn received_event(id: &str, ago: chrono::Duration) -> wsbridge::storage::NewEvent {
+    let recv = chrono::Utc::now() - ago;
+    let mut e = envelope(0);
+    e.id = id.to_string();
+    e.data = json!({ "id": id });
+    e.recvtime = recv.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+    wsbridge::storage::NewEvent::new(e, Vec::new()).expect("an envelope serialises")
+}
+
+/// Events of one append above the store's chunk (the store publishes an append's events a
+/// chunk at a time, as soon as their id claims are answered).
+const MANY: usize = 700;
+
+/// Two instances appending the same ids at once, in batches spanning several chunks, with
+/// copies inside each batch: each id is stored once, by exactly one of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_stores_appending_the_same_ids_at_once_store_each_once() {
+    let (prefix, a) = bare_store("sameids").await;
+    let b = store_on(&prefix).await;
+    let batch = || {
+        let mut events: Vec<_> = (0..MANY)
+            .map(|i| received_event(&format!("s{i}"), chrono::Duration::seconds(1)))
+            .collect();
+        // The same frame twice in one batch (two connections), in different chunks.
+        events.push(received_event("s3", chrono::Duration::seconds(1)));
+        events.insert(200, received_event("s450", chrono::Duration::seconds(1)));
+        events
+    };
+    let (ra, rb) = tokio::join!(
+        Store::append(a.as_ref(), batch()),
+        Store::append(b.as_ref(), batch())
+    );
+    let (ra, rb) = (ra.expect("append on a"), rb.expect("append on b"));
+    assert_eq!((ra.len(), rb.len()), (MANY + 2, MANY + 2));
+    let mut stored: BTreeMap<String, usize> = BTreeMap::new();
+    for outcome in ra.iter().chain(rb.iter()) {
+        match outcome {
+            wsbridge::storage::Appended::Stored { envelope, .. } => {
+                *stored.entry(envelope.id.clone()).or_default() += 1;
+            }
+            wsbridge::storage::Appended::Duplicate => {}
+            other => panic!("unexpected outcome {other:?}"),
+        }
+    }
+    assert_eq!(stored.len(), MANY, "every id stored");
+    assert!(stored.values().all(|n| *n == 1), "each once: {stored:?}");
+    let journal = Store::read_from(a.as_ref(), 1, 4 * MANY)
+        .await
+        .expect("journal reads");
+    let ids: BTreeSet<&str> = journal.iter().map(|e| e.id.as_str()).collect();
+    assert_eq!(journal.len(), MANY, "no id twice in the journal");
+    assert_eq!(ids.len(), MANY);
+    cleanup(SHARED_NATS, &prefix).await;
+}
+
+/// One append over several chunks, with ids back after the dedup window among new ones (in
+/// the first chunk and a later one): the returned ids get fresh ids, and the journal holds
+/// the batch in its order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_over_several_chunks_keeps_its_order_with_returned_ids_in_it() {
+    let (prefix, store) = bare_store("chunks").await;
+    let returning = |i: usize| (10..15).contains(&i) || (400..405).contains(&i);
+    let old: Vec<_> = (0..MANY)
+        .filter(|i| returning(*i))
+        .map(|i| received_event(&format!("r{i}"), chrono::Duration::minutes(10)))
+        .collect();
+    let first = Store::append(store.as_ref(), old).await.expect("append");
+    assert!(first
+        .iter()
+        .all(|a| matches!(a, wsbridge::storage::Appended::Stored { .. })));
+    let batch = (0..MANY)
+        .map(|i| received_event(&format!("r{i}"), chrono::Duration::seconds(1)))
+        .collect();
+    let outcomes = Store::append(store.as_ref(), batch).await.expect("append");
+    let mut last_seq = 0;
+    for (i, outcome) in outcomes.iter().enumerate() {
+        let wsbridge::storage::Appended::Stored { seq, envelope, .. } = outcome else {
+            panic!("event {i} not stored: {outcome:?}");
+        };
+        assert!(
+            *seq > last_seq,
+            "event {i} out of order: {seq} after {last_seq}"
+        );
+        last_seq = *seq;
+        let base = format!("r{i}");
+        if returning(i) {
+            assert_ne!(envelope.id, base, "back after the window: a fresh id");
+        } else {
+            assert_eq!(envelope.id, base);
+        }
+    }
+    let journal = Store::read_from(store.as_ref(), 1, 4 * MANY)
+        .await
+        .expect("journal reads");
+    let ids: BTreeSet<&str> = journal.iter().map(|e| e.id.as_str()).collect();
+    assert_eq!(journal.len(), MANY + 10);
+    assert_eq!(ids.len(), MANY + 10, "every id unique in the journal");
+    cleanup(SHARED_NATS, &prefix).await;
+}

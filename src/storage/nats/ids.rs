@@ -19,11 +19,8 @@
 //! stream's duplicate window is twice the dedup window, so that every copy the index calls a
 //! copy is still inside it whatever the instances' clock skew and publish delays.
 
-use std::future::IntoFuture;
-
 use async_nats::jetstream::{self, context::PublishErrorKind, stream};
 use bytes::Bytes;
-use futures_util::future::join_all;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -79,49 +76,38 @@ impl IdIndex {
         })
     }
 
-    /// The id each event is journalled under, given its base id and receive time (unix ms):
-    /// the base itself for a base never seen, the id of the newest event with that base when
-    /// received within the dedup window of it (a copy), a fresh id when received after it.
+    /// Sends the first claim of `base` (received at `recv_ms`, unix ms): it holds only if the
+    /// base was never seen, which is the common case, so an append sends its events' first
+    /// claims pipelined and reads the answers with [`IdIndex::first_claim_won`].
+    pub(crate) async fn claim(
+        &self,
+        base: &str,
+        recv_ms: i64,
+    ) -> Result<jetstream::context::PublishAckFuture, StoreError> {
+        self.send_claim(base, 0, base, recv_ms).await
+    }
+
+    /// What the answer to a first claim says: `true` when it won (the event is journalled
+    /// under its base), `false` when the base has a record (decide with
+    /// [`IdIndex::resolve_contested`]).
+    pub(crate) fn first_claim_won(
+        answer: Result<jetstream::publish::PublishAck, jetstream::context::PublishError>,
+    ) -> Result<bool, StoreError> {
+        match answer {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Ok(false),
+            Err(e) => Err(nats_err("claim an event id")(e)),
+        }
+    }
+
+    /// The id an event is journalled under when the first claim of its base lost (the base
+    /// has a record): the id of the newest event with that base when received within the
+    /// dedup window of it (a copy), a fresh id when received after it (claimed again).
     /// `None` for an event received more than the window *before* the newest one (an
     /// instance that held it through a long outage): the journal already moved past it, and
     /// publishing it under the newest id would store that id twice once JetStream's window
     /// is over, so it is taken for a copy of what the other instances stored.
-    pub(crate) async fn resolve(
-        &self,
-        events: &[(&str, i64)],
-    ) -> Result<Vec<Option<String>>, StoreError> {
-        // First claims, pipelined: most bases are new.
-        let mut acks = Vec::with_capacity(events.len());
-        for &(base, recv_ms) in events {
-            acks.push(self.send_claim(base, 0, base, recv_ms).await?);
-        }
-        let firsts = join_all(acks.into_iter().map(|ack| ack.into_future())).await;
-        let mut out: Vec<Option<Option<String>>> = Vec::with_capacity(events.len());
-        let mut contested = Vec::new();
-        for (i, ack) in firsts.into_iter().enumerate() {
-            match ack {
-                Ok(_) => out.push(Some(Some(events[i].0.to_string()))),
-                Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
-                    out.push(None);
-                    contested.push(i);
-                }
-                Err(e) => return Err(nats_err("claim an event id")(e)),
-            }
-        }
-        let settled = join_all(
-            contested
-                .iter()
-                .map(|&i| self.resolve_contested(events[i].0, events[i].1)),
-        )
-        .await;
-        for (i, id) in contested.into_iter().zip(settled) {
-            out[i] = Some(id?);
-        }
-        Ok(out.into_iter().flatten().collect())
-    }
-
-    /// A base that has a record: read it and decide, claiming again on a return.
-    async fn resolve_contested(
+    pub(crate) async fn resolve_contested(
         &self,
         base: &str,
         recv_ms: i64,

@@ -47,6 +47,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer, stream};
 use async_trait::async_trait;
 use bytes::Bytes;
+use futures_util::future::join_all;
 use futures_util::StreamExt;
 use tracing::{error, info, warn};
 
@@ -72,6 +73,9 @@ const READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// nats-server caps (`max_control_line`, 4096 bytes by default) and answers by dropping the
 /// connection: a subject built from an upstream's event type must stay far below that.
 pub const MAX_SUBJECT_BYTES: usize = 256;
+/// Events of an append whose id claims are awaited together before they are published (see
+/// [`NatsStore::claim_and_publish`]).
+const CHUNK: usize = 128;
 
 /// Builds the `StoreError` of a failed NATS operation.
 pub(crate) fn nats_err<E>(op: &'static str) -> impl FnOnce(E) -> StoreError
@@ -379,54 +383,106 @@ impl NatsStore {
         *backoff = (*backoff * 2).min(Duration::from_secs(1));
     }
 
-    /// Publishes what is not yet in `done`, in order, then waits for every ack. Fills `done`
-    /// with every outcome it got; returns the first failure that a retry may cure, if any.
+    /// One round of an append: claims the ids of the events not claimed yet (see [`ids`]),
+    /// publishes what is claimed and not yet in `done`, in order, then waits for every ack.
+    /// Fills `done` with every outcome it got; returns the first failure that a retry may
+    /// cure, if any.
+    ///
+    /// Every first claim is sent at once (most bases are new: their answers come back in
+    /// one round trip), and the events are published a chunk ([`CHUNK`]) at a time as soon
+    /// as the chunk's claims are answered: the server answers the next chunk's claims while
+    /// this one's events travel, instead of the whole batch waiting for the slowest claim.
+    /// An event is published only once its id is decided, and in the batch's order.
     ///
     /// A refusal no retry can cure (larger than the server's `max_payload`, or refused by the
     /// stream for this message alone, such as its `max_msg_size`) is that event's
     /// [`Appended::Rejected`]: retrying it would hold back every event behind it (the ingest
     /// queue fills, upstreams stall) on every instance that reads the same upstream.
-    async fn publish_batch(
+    async fn claim_and_publish(
         &self,
         prepared: &mut [Prepared],
         done: &mut [Option<Appended>],
     ) -> Result<(), StoreError> {
+        let mut claims = Vec::with_capacity(prepared.len());
+        for (i, p) in prepared.iter().enumerate() {
+            if !p.claimed && done[i].is_none() {
+                claims.push((i, self.ids.claim(&p.base, p.recv_ms).await?));
+            }
+        }
+        let mut claims = claims.into_iter().peekable();
         let mut acks = Vec::with_capacity(prepared.len());
         let mut failed = None;
-        for (i, p) in prepared.iter().enumerate() {
-            if done[i].is_some() {
-                continue;
+        let mut start = 0;
+        while start < prepared.len() && failed.is_none() {
+            let end = start.saturating_add(CHUNK).min(prepared.len());
+            let mut chunk = Vec::new();
+            while let Some(claim) = claims.next_if(|(i, _)| *i < end) {
+                chunk.push(claim);
             }
-            let mut publish = jetstream::message::PublishMessage::build()
-                .payload(p.payload.clone())
-                .message_id(&p.id);
-            if !p.targets.is_empty() {
-                publish = publish.header(HEADER_TARGETS, p.targets.as_str());
+            let answers = join_all(
+                chunk
+                    .into_iter()
+                    .map(|(i, ack)| async move { (i, ack.await) }),
+            )
+            .await;
+            let mut contested = Vec::new();
+            for (i, answer) in answers {
+                match ids::IdIndex::first_claim_won(answer) {
+                    Ok(true) => prepared[i].claimed = true,
+                    Ok(false) => contested.push(i),
+                    Err(e) => {
+                        failed.get_or_insert(e);
+                    }
+                }
             }
-            let ack = match self.js.send_publish(p.subject.clone(), publish).await {
-                Ok(ack) => ack,
-                // The client refuses it before sending.
-                Err(e) if e.kind() == jetstream::context::PublishErrorKind::MaxPayloadExceeded => {
-                    error!(
-                        event_id = %p.id,
-                        size = p.payload.len(),
-                        max_payload = self.client.max_payload(),
-                        "event larger than the NATS server's max_payload; rejected (not journalled)"
-                    );
-                    done[i] = Some(Appended::Rejected);
+            let settled = join_all(contested.iter().map(|&i| {
+                self.ids
+                    .resolve_contested(&prepared[i].base, prepared[i].recv_ms)
+            }))
+            .await;
+            for (i, id) in contested.into_iter().zip(settled) {
+                match id {
+                    // Already journalled by another instance (or an earlier round).
+                    Ok(None) => {
+                        prepared[i].claimed = true;
+                        done[i] = Some(Appended::Duplicate);
+                    }
+                    Ok(Some(id)) => {
+                        prepared[i].claimed = true;
+                        if let Err(e) = prepared[i].renew(id) {
+                            error!(event_id = %prepared[i].base, error = %e, "event cannot be serialised under its renewed id; rejected (not journalled)");
+                            done[i] = Some(Appended::Rejected);
+                        }
+                    }
+                    Err(e) => {
+                        failed.get_or_insert(e);
+                    }
+                }
+            }
+            // After a failed claim nothing more is published this round: the events keep
+            // their order.
+            if failed.is_some() {
+                break;
+            }
+            for (i, p) in prepared.iter().enumerate().take(end).skip(start) {
+                if !p.claimed || done[i].is_some() {
                     continue;
                 }
-                Err(e) => {
-                    failed = Some(nats_err("publish to the journal")(e));
-                    break;
+                match self.send_event(p).await {
+                    Ok(Some(ack)) => acks.push((i, ack)),
+                    Ok(None) => done[i] = Some(Appended::Rejected),
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
                 }
-            };
-            acks.push((i, ack));
+            }
+            start = end;
         }
         // Every ack sent for is awaited, so that one failure does not make the events after
         // it look like duplicates when they are published again; all at once, so that an
         // outage costs one ack timeout, not one per event.
-        let acks = futures_util::future::join_all(
+        let acks = join_all(
             acks.into_iter()
                 .map(|(i, ack)| async move { (i, ack.await) }),
         )
@@ -469,6 +525,33 @@ impl NatsStore {
         match failed {
             Some(e) => Err(e),
             None => Ok(()),
+        }
+    }
+
+    /// Sends one event's publish; returns its ack to await, or `None` when the client refuses
+    /// it for good before sending (larger than the server's `max_payload`).
+    async fn send_event(
+        &self,
+        p: &Prepared,
+    ) -> Result<Option<jetstream::context::PublishAckFuture>, StoreError> {
+        let mut publish = jetstream::message::PublishMessage::build()
+            .payload(p.payload.clone())
+            .message_id(&p.id);
+        if !p.targets.is_empty() {
+            publish = publish.header(HEADER_TARGETS, p.targets.as_str());
+        }
+        match self.js.send_publish(p.subject.clone(), publish).await {
+            Ok(ack) => Ok(Some(ack)),
+            Err(e) if e.kind() == jetstream::context::PublishErrorKind::MaxPayloadExceeded => {
+                error!(
+                    event_id = %p.id,
+                    size = p.payload.len(),
+                    max_payload = self.client.max_payload(),
+                    "event larger than the NATS server's max_payload; rejected (not journalled)"
+                );
+                Ok(None)
+            }
+            Err(e) => Err(nats_err("publish to the journal")(e)),
         }
     }
 
@@ -627,72 +710,72 @@ fn refused_for_good(e: &jetstream::context::PublishError) -> Option<&jetstream::
         .then_some(api)
 }
 
-/// One event ready to publish.
+/// One event on its way to the journal.
 struct Prepared {
     subject: String,
+    /// The event id as ingest gave it: its key in the id index.
+    base: String,
+    /// The id it is published under: `base`, or a renewed id once the index said so.
     id: String,
+    /// When the bridge received it (unix ms): the id index decides by it.
+    recv_ms: i64,
+    /// Whether the id index has decided its id (or that it is a copy).
+    claimed: bool,
     targets: String,
     payload: Bytes,
+    /// Until its outcome is known.
     envelope: Option<crate::envelope::Envelope>,
+}
+
+impl Prepared {
+    fn new(names: &Names, n: NewEvent, now_ms: i64) -> Prepared {
+        let mut envelope = n.envelope;
+        envelope.seq = None;
+        Prepared {
+            subject: names.event_subject(&envelope.provider, &envelope.event_type),
+            base: envelope.id.clone(),
+            id: envelope.id.clone(),
+            recv_ms: envelope.received_ms().unwrap_or(now_ms),
+            claimed: false,
+            targets: n
+                .targets
+                .iter()
+                .map(|t| t.as_ref())
+                .collect::<Vec<_>>()
+                .join(","),
+            // Ingest serialised the envelope; only one stored under a renewed id is
+            // serialised again, with that id.
+            payload: n.unsequenced,
+            envelope: Some(envelope),
+        }
+    }
+
+    /// Journals it under `id`, which the id index gave it.
+    fn renew(&mut self, id: String) -> Result<(), StoreError> {
+        if id == self.id {
+            return Ok(());
+        }
+        if let Some(envelope) = self.envelope.as_mut() {
+            envelope.id.clone_from(&id);
+            self.payload = envelope.to_unsequenced()?;
+        }
+        self.id = id;
+        Ok(())
+    }
 }
 
 #[async_trait]
 impl Store for NatsStore {
     async fn append(&self, batch: Vec<NewEvent>) -> Result<Vec<Appended>, StoreError> {
-        let mut backoff = Duration::from_millis(50);
         let now_ms = chrono::Utc::now().timestamp_millis();
-        let keys: Vec<(&str, i64)> = batch
-            .iter()
-            .map(|n| {
-                (
-                    n.envelope.id.as_str(),
-                    n.envelope.received_ms().unwrap_or(now_ms),
-                )
-            })
+        let mut prepared: Vec<Prepared> = batch
+            .into_iter()
+            .map(|n| Prepared::new(&self.names, n, now_ms))
             .collect();
-        let ids = loop {
-            match self.ids.resolve(&keys).await {
-                Ok(ids) => break ids,
-                Err(e) => self.failed_round(e, &mut backoff).await,
-            }
-        };
-        let mut prepared = Vec::with_capacity(batch.len());
-        // Events the id index already calls copies are not published; their slots in the
-        // answer say so.
-        let mut copies = Vec::new();
-        for (i, (n, id)) in batch.into_iter().zip(ids).enumerate() {
-            let Some(id) = id else {
-                copies.push(i);
-                continue;
-            };
-            let mut envelope = n.envelope;
-            envelope.seq = None;
-            // Ingest serialised the envelope; only one stored under a renewed id is
-            // serialised again, with that id.
-            let payload = if id == envelope.id {
-                n.unsequenced
-            } else {
-                envelope.id = id;
-                envelope.to_unsequenced()?
-            };
-            prepared.push(Prepared {
-                subject: self
-                    .names
-                    .event_subject(&envelope.provider, &envelope.event_type),
-                id: envelope.id.clone(),
-                targets: n
-                    .targets
-                    .iter()
-                    .map(|t| t.as_ref())
-                    .collect::<Vec<_>>()
-                    .join(","),
-                payload,
-                envelope: Some(envelope),
-            });
-        }
         let mut done: Vec<Option<Appended>> = vec![None; prepared.len()];
+        let mut backoff = Duration::from_millis(50);
         loop {
-            match self.publish_batch(&mut prepared, &mut done).await {
+            match self.claim_and_publish(&mut prepared, &mut done).await {
                 Ok(()) => break,
                 Err(e) => self.failed_round(e, &mut backoff).await,
             }
@@ -700,14 +783,10 @@ impl Store for NatsStore {
         if !self.journal_ok.swap(true, Ordering::Relaxed) {
             info!("journal publishes succeed again");
         }
-        let mut out: Vec<Appended> = done
+        Ok(done
             .into_iter()
             .map(|d| d.unwrap_or(Appended::Duplicate))
-            .collect();
-        for i in copies {
-            out.insert(i.min(out.len()), Appended::Duplicate);
-        }
-        Ok(out)
+            .collect())
     }
 
     async fn read_from(&self, from: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
