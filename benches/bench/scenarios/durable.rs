@@ -52,6 +52,8 @@ struct Shared {
     again: Mutex<HashMap<u64, Instant>>,
     /// (upstream, n) of every event handled, per worker, for loss and duplicate counts.
     marks: Mutex<Vec<(usize, u64)>>,
+    /// When worker 0 closed its connection (the drop whose redelivery is measured).
+    closed: Mutex<Option<Instant>>,
 }
 
 /// `"key":<number>` in a frame.
@@ -176,6 +178,10 @@ async fn worker(mut ws: Ws, idx: usize, shared: Arc<Shared>, stop: CancellationT
             break;
         }
     }
+    drop(ws);
+    if idx == 0 {
+        *shared.closed.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+    }
     shared
         .marks
         .lock()
@@ -262,10 +268,16 @@ async fn durable_run(dur: Duration) -> Res<DurableRun> {
     let first = handles.next();
     let redelivery_ms = match (full, first) {
         (Ok(()), Some(h0)) => {
-            // The worker returns and its socket is dropped (closed without a goodbye).
+            // The worker returns and its socket is dropped (closed without a goodbye); the
+            // clock starts when it dropped it.
+            let cancelled = Instant::now();
             drop0.cancel();
             let _ = h0.await;
-            let dropped = Instant::now();
+            let dropped = shared
+                .closed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .unwrap_or(cancelled);
             let held: Vec<u64> = shared
                 .held
                 .lock()
