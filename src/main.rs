@@ -13,12 +13,6 @@ use wsbridge::config::Config;
 use wsbridge::demo;
 use wsbridge::telemetry::{self, LogFormat};
 
-/// mimalloc instead of the system allocator: ingest, fan-out and webhooks allocate and free
-/// small buffers at a high rate on every worker thread (glibc malloc and free were ~13 % of
-/// the runtime's samples in the ingest profile).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Bridges providers' real-time WebSocket APIs (VoicePact, VoIPBIN, Hashi built in, any other
 /// by a dialect file) into one CloudEvents stream.
 #[derive(Parser, Debug)]
