@@ -14,6 +14,25 @@
 //! (at-least-once; receivers deduplicate by `webhook-id`), nothing is skipped.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// Least time between two saves of one endpoint's cursor: at thousands of deliveries a
+/// second a save per delivery would be a write transaction each on the journal's one writer.
+/// A crash re-sends at most what was delivered within it (at-least-once).
+pub(super) const SAVE_INTERVAL: Duration = Duration::from_millis(50);
+
+/// What to do about the saved cursor after an advance ([`Lane::begin_save`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum SaveStep {
+    /// Save it at this seq now (then report with [`Lane::saved`]).
+    Now(u64),
+    /// Save it at this time (the last save was too recent); nothing else is scheduled.
+    At(Instant),
+    /// Nothing: it has not moved, or a save is under way or scheduled.
+    Nothing,
+}
 
 /// An event the lane handed out (or has to hand out again) and that is not finished.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,6 +57,10 @@ pub(super) struct Lane {
     open: BTreeMap<u64, Open>,
     /// A save of the cursor is under way (one at a time: a later one picks up every advance).
     saving: bool,
+    /// When the last save started.
+    last_save: Option<Instant>,
+    /// A save is scheduled for later ([`SaveStep::At`]).
+    deferred: bool,
 }
 
 impl Lane {
@@ -48,6 +71,8 @@ impl Lane {
             scanned: saved,
             open: BTreeMap::new(),
             saving: false,
+            last_save: None,
+            deferred: false,
         }
     }
 
@@ -109,15 +134,32 @@ impl Lane {
         }
     }
 
-    /// The cursor to save now, if it should move and no save is under way (the caller
-    /// saves it, then reports with [`Lane::saved`]).
-    pub(super) fn begin_save(&mut self) -> Option<u64> {
+    /// Whether and when to save the cursor at `now`: at most one save under way, at most
+    /// one every [`SAVE_INTERVAL`], and one scheduled when an advance comes too soon (so the
+    /// last advance is saved even when no delivery follows).
+    pub(super) fn begin_save(&mut self, now: Instant) -> SaveStep {
         let mark = self.watermark();
         if self.saving || mark <= self.saved {
-            return None;
+            return SaveStep::Nothing;
+        }
+        if let Some(due) = self.last_save.map(|last| last + SAVE_INTERVAL) {
+            if now < due {
+                if self.deferred {
+                    return SaveStep::Nothing;
+                }
+                self.deferred = true;
+                return SaveStep::At(due);
+            }
         }
         self.saving = true;
-        Some(mark)
+        self.deferred = false;
+        self.last_save = Some(now);
+        SaveStep::Now(mark)
+    }
+
+    /// The scheduled save's time came: it runs through [`Lane::begin_save`] like any other.
+    pub(super) fn deferred_due(&mut self) {
+        self.deferred = false;
     }
 
     /// The save [`Lane::begin_save`] asked for ended: committed at `seq`, or failed (`None`).
@@ -195,20 +237,46 @@ mod tests {
         assert_eq!(lane.watermark(), 20, "all finished: everything scanned");
     }
 
-    #[test]
-    fn one_save_at_a_time_and_never_backwards() {
+    #[tokio::test(start_paused = true)]
+    async fn one_save_at_a_time_at_most_one_per_interval_and_never_backwards() {
+        use super::{SaveStep, SAVE_INTERVAL};
+        use tokio::time::Instant;
+        let now = Instant::now;
         let mut lane = Lane::new(0);
-        assert_eq!(lane.begin_save(), None, "nothing moved");
+        assert_eq!(lane.begin_save(now()), SaveStep::Nothing, "nothing moved");
         lane.scanned_through(5, &[3]);
-        assert_eq!(lane.begin_save(), Some(2));
+        assert_eq!(lane.begin_save(now()), SaveStep::Now(2));
         lane.finish(3);
-        assert_eq!(lane.begin_save(), None, "a save is under way");
+        assert_eq!(
+            lane.begin_save(now()),
+            SaveStep::Nothing,
+            "a save is under way"
+        );
         lane.saved(Some(2));
         assert_eq!(lane.saved_at(), 2);
-        assert_eq!(lane.begin_save(), Some(5), "the advance made meanwhile");
+        // Too soon after the last: one save is scheduled, and only one.
+        let due = now() + SAVE_INTERVAL;
+        assert_eq!(lane.begin_save(now()), SaveStep::At(due));
+        assert_eq!(
+            lane.begin_save(now()),
+            SaveStep::Nothing,
+            "already scheduled"
+        );
+        tokio::time::advance(SAVE_INTERVAL).await;
+        lane.deferred_due();
+        assert_eq!(
+            lane.begin_save(now()),
+            SaveStep::Now(5),
+            "the advance made meanwhile"
+        );
         lane.saved(None);
         assert_eq!(lane.saved_at(), 2, "a failed save changes nothing");
-        assert_eq!(lane.begin_save(), Some(5), "and is tried again");
+        tokio::time::advance(SAVE_INTERVAL).await;
+        assert_eq!(
+            lane.begin_save(now()),
+            SaveStep::Now(5),
+            "and is tried again"
+        );
         lane.saved(Some(5));
         lane.saved(Some(4));
         assert_eq!(lane.saved_at(), 5, "never moves back");

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use async_trait::async_trait;
 use tracing::warn;
 
-use super::cursor::Lane;
+use super::cursor::{Lane, SaveStep};
 use super::queries::{self, Readers};
 use super::to_i64;
 use super::writer::Writer;
@@ -195,6 +195,18 @@ impl Endpoints {
     }
 }
 
+/// Saves `endpoint`'s cursor at `seq` (which [`Lane::begin_save`] handed out) and reports
+/// the outcome to the lane.
+async fn save_cursor(state: &EndpointState, writer: &Writer, endpoint: &str, seq: u64) {
+    let mut saving = Saving { state, saved: None };
+    match writer.save_cursor(endpoint, seq).await {
+        Ok(()) => saving.saved = Some(seq),
+        // Kept in memory; the next delivery tries again. A crash meanwhile sends the
+        // deliveries above the saved cursor again.
+        Err(e) => warn!(webhook = %endpoint, error = %e, "cannot save the delivery cursor"),
+    }
+}
+
 /// Ends a cursor save on every path: a save whose future is dropped half-way must not leave
 /// the lane believing one is still under way (no save would ever start again).
 struct Saving<'a> {
@@ -314,25 +326,28 @@ impl EmbeddedQueue {
         }
     }
 
-    /// Moves the saved cursor up to what is done, one save at a time (a save under way picks
-    /// up every advance made before it commits; the loop takes the rest).
+    /// Moves the saved cursor up to what is done: now, or (the last save being too recent)
+    /// by a task at the time the lane names, so the last advance is saved even when no
+    /// delivery follows it.
     async fn save_cursor(&self) {
-        loop {
-            let Some(seq) = self.state.lane().begin_save() else {
-                return;
-            };
-            let mut saving = Saving {
-                state: &self.state,
-                saved: None,
-            };
-            match self.writer.save_cursor(&self.endpoint, seq).await {
-                Ok(()) => saving.saved = Some(seq),
-                Err(e) => {
-                    // Kept in memory; the next delivery tries again. A crash meanwhile sends
-                    // the deliveries above the saved cursor again.
-                    warn!(webhook = %self.endpoint, error = %e, "cannot save the delivery cursor");
-                    return;
-                }
+        let step = self.state.lane().begin_save(tokio::time::Instant::now());
+        match step {
+            SaveStep::Nothing => {}
+            SaveStep::Now(seq) => save_cursor(&self.state, &self.writer, &self.endpoint, seq).await,
+            SaveStep::At(at) => {
+                let (state, writer, endpoint) = (
+                    self.state.clone(),
+                    self.writer.clone(),
+                    self.endpoint.clone(),
+                );
+                tokio::spawn(async move {
+                    tokio::time::sleep_until(at).await;
+                    state.lane().deferred_due();
+                    let step = state.lane().begin_save(tokio::time::Instant::now());
+                    if let SaveStep::Now(seq) = step {
+                        save_cursor(&state, &writer, &endpoint, seq).await;
+                    }
+                });
             }
         }
     }
