@@ -195,15 +195,30 @@ impl Endpoints {
     }
 }
 
-/// Saves `endpoint`'s cursor at `seq` (which [`Lane::begin_save`] handed out) and reports
-/// the outcome to the lane.
-async fn save_cursor(state: &EndpointState, writer: &Writer, endpoint: &str, seq: u64) {
-    let mut saving = Saving { state, saved: None };
-    match writer.save_cursor(endpoint, seq).await {
-        Ok(()) => saving.saved = Some(seq),
-        // Kept in memory; the next delivery tries again. A crash meanwhile sends the
-        // deliveries above the saved cursor again.
-        Err(e) => warn!(webhook = %endpoint, error = %e, "cannot save the delivery cursor"),
+/// Saves `endpoint`'s cursor for as long as the lane says a save is due now; `Some(at)`:
+/// one more is due at `at` (the caller schedules it: the lane counts it as scheduled).
+async fn save_while_due(
+    state: &EndpointState,
+    writer: &Writer,
+    endpoint: &str,
+) -> Option<tokio::time::Instant> {
+    loop {
+        let step = state.lane().begin_save(tokio::time::Instant::now());
+        let seq = match step {
+            SaveStep::Now(seq) => seq,
+            SaveStep::At(at) => return Some(at),
+            SaveStep::Nothing => return None,
+        };
+        let mut saving = Saving { state, saved: None };
+        match writer.save_cursor(endpoint, seq).await {
+            Ok(()) => saving.saved = Some(seq),
+            // Kept in memory; the next delivery tries again. A crash meanwhile sends the
+            // deliveries above the saved cursor again.
+            Err(e) => {
+                warn!(webhook = %endpoint, error = %e, "cannot save the delivery cursor");
+                return None;
+            }
+        }
     }
 }
 
@@ -330,26 +345,25 @@ impl EmbeddedQueue {
     /// by a task at the time the lane names, so the last advance is saved even when no
     /// delivery follows it.
     async fn save_cursor(&self) {
-        let step = self.state.lane().begin_save(tokio::time::Instant::now());
-        match step {
-            SaveStep::Nothing => {}
-            SaveStep::Now(seq) => save_cursor(&self.state, &self.writer, &self.endpoint, seq).await,
-            SaveStep::At(at) => {
-                let (state, writer, endpoint) = (
-                    self.state.clone(),
-                    self.writer.clone(),
-                    self.endpoint.clone(),
-                );
-                tokio::spawn(async move {
-                    tokio::time::sleep_until(at).await;
-                    state.lane().deferred_due();
-                    let step = state.lane().begin_save(tokio::time::Instant::now());
-                    if let SaveStep::Now(seq) = step {
-                        save_cursor(&state, &writer, &endpoint, seq).await;
-                    }
-                });
+        let Some(at) = save_while_due(&self.state, &self.writer, &self.endpoint).await else {
+            return;
+        };
+        let (state, writer, endpoint) = (
+            self.state.clone(),
+            self.writer.clone(),
+            self.endpoint.clone(),
+        );
+        tokio::spawn(async move {
+            let mut at = at;
+            loop {
+                tokio::time::sleep_until(at).await;
+                state.lane().deferred_due();
+                match save_while_due(&state, &writer, &endpoint).await {
+                    Some(later) => at = later,
+                    None => return,
+                }
             }
-        }
+        });
     }
 
     /// An ordered endpoint works on rows: the events its cursor has not reached become
@@ -780,5 +794,33 @@ mod tests {
         // The window now starts above 16: 9,984 owed in it, plus the 84 positions beyond.
         assert_eq!(store.counts("hook").await.unwrap().pending, 9_984 + 84);
         let _ = std::fs::remove_dir_all(temp_db("owed-window").parent().unwrap().parent().unwrap());
+    }
+
+    #[tokio::test]
+    async fn the_last_advance_is_saved_even_when_no_delivery_follows() {
+        let path = temp_db("cursor-trailing");
+        let store = store_with("cursor-trailing", 2).await;
+        let q = store.delivery_queue("hook", options(16)).await.unwrap();
+        let mut due = q.due(i64::MAX, 10).await.unwrap().into_iter();
+        let (one, two) = (due.next().unwrap(), due.next().unwrap());
+        q.record(one, attempt(), NextStep::Delivered).await.unwrap();
+        // Within the save interval of the first save: this one is saved later, by itself.
+        q.record(two, attempt(), NextStep::Delivered).await.unwrap();
+        let saved = || -> i64 {
+            let conn = rusqlite::Connection::open(&path).unwrap();
+            conn.query_row("SELECT seq FROM cursors WHERE endpoint = 'hook'", [], |r| {
+                r.get(0)
+            })
+            .unwrap()
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while saved() < 2 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the trailing save never came"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let _ = std::fs::remove_dir_all(path.parent().unwrap().parent().unwrap());
     }
 }
