@@ -208,6 +208,16 @@ pub(super) fn due(
         .map_err(db("read due deliveries"))
 }
 
+/// The events an endpoint is owed from its cursor, as one SQL rule for the scan, the listing
+/// and the count: above `?1`, up to `?2`, routed to it (`?3`: its target pattern) and without
+/// a delivery row of it (`?4`: its name; a row delivers those).
+macro_rules! owed_events {
+    () => {
+        "FROM events e WHERE e.seq > ?1 AND e.seq <= ?2 AND instr(e.targets, ?3) > 0
+           AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.endpoint = ?4 AND d.seq = e.seq)"
+    };
+}
+
 /// `endpoint`'s saved delivery cursor (cursor.rs); one that never saved one starts at the
 /// floor the file recorded when cursors came to it (0 for a file made with them).
 pub(super) fn cursor(conn: &Connection, endpoint: &str) -> Result<u64, StoreError> {
@@ -232,12 +242,11 @@ pub(super) fn scan(
     limit: i64,
 ) -> Result<Vec<DueDelivery>, StoreError> {
     let mut stmt = conn
-        .prepare_cached(
-            "SELECT e.seq, e.id, e.body FROM events e
-             WHERE e.seq > ?1 AND e.seq <= ?2 AND instr(e.targets, ?3) > 0
-               AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.endpoint = ?4 AND d.seq = e.seq)
-             ORDER BY e.seq LIMIT ?5",
-        )
+        .prepare_cached(concat!(
+            "SELECT e.seq, e.id, e.body ",
+            owed_events!(),
+            " ORDER BY e.seq LIMIT ?5"
+        ))
         .map_err(db("prepare delivery scan"))?;
     let rows = stmt
         .query_map(
@@ -335,22 +344,21 @@ pub(super) fn deliveries(
     if state == DeliveryState::Pending {
         let after = after.max(cursor(conn, endpoint)?);
         let mut stmt = conn
-            .prepare_cached(
-                "SELECT e.seq, e.id, e.recv_ms FROM events e
-                 WHERE e.seq > ?1 AND e.seq <= ?5 AND instr(e.targets, ?2) > 0
-                   AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.endpoint = ?3 AND d.seq = e.seq)
-                 ORDER BY e.seq LIMIT ?4",
-            )
+            .prepare_cached(concat!(
+                "SELECT e.seq, e.id, e.recv_ms ",
+                owed_events!(),
+                " ORDER BY e.seq LIMIT ?5"
+            ))
             .map_err(db("prepare list"))?;
         let window_end = to_i64(after.saturating_add(OWED_WINDOW));
         let backlog = stmt
             .query_map(
                 params![
                     to_i64(after),
+                    window_end,
                     target_pattern(endpoint),
                     endpoint,
-                    limit,
-                    window_end
+                    limit
                 ],
                 listed,
             )
@@ -426,17 +434,14 @@ pub(super) fn counts(
     let after = after.max(cursor(conn, endpoint)?);
     let window_end = after.saturating_add(OWED_WINDOW);
     let backlog: i64 = conn
-        .prepare_cached(
-            "SELECT COUNT(*) FROM events e WHERE e.seq > ?1 AND e.seq <= ?4 AND instr(e.targets, ?2) > 0
-               AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.endpoint = ?3 AND d.seq = e.seq)",
-        )
+        .prepare_cached(concat!("SELECT COUNT(*) ", owed_events!()))
         .and_then(|mut st| {
             st.query_row(
                 params![
                     to_i64(after),
+                    to_i64(window_end),
                     target_pattern(endpoint),
-                    endpoint,
-                    to_i64(window_end)
+                    endpoint
                 ],
                 |r| r.get(0),
             )
