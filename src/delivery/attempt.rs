@@ -184,22 +184,36 @@ pub(super) async fn attempt(
 
 /// Builds, signs and sends the request; `Err` is a failure without a response.
 /// `traceparent`: the attempt's span, sent so that the receiver can join the trace.
+///
+/// The request is built directly rather than through reqwest's builder: the builder parses
+/// every header name given as text (allocating the custom ones) and merges a header map
+/// entry by entry, per request (the webhook profile, issue 15).
 async fn send(
     endpoint: &Endpoint,
     due: &DueDelivery,
     traceparent: Option<&str>,
 ) -> Result<Response, Failure> {
+    use reqwest::header::{HeaderName, HeaderValue, CONTENT_TYPE};
     let config = &endpoint.config;
-    let mut request = endpoint
-        .client
-        .post(config.url.clone())
-        .headers(endpoint.static_headers.clone());
+    let mut request = reqwest::Request::new(reqwest::Method::POST, config.url.clone());
+    let headers = request.headers_mut();
+    *headers = endpoint.static_headers.clone();
+    // A value the journal holds that HTTP cannot carry fails the attempt, recorded as such.
+    let unsendable = |what: &str| {
+        Failure::new(
+            Reason::Other,
+            format!("the {what} cannot be sent as an HTTP header value"),
+        )
+    };
     if let Some(value) = traceparent {
-        request = request.header("traceparent", value);
+        headers.insert(
+            HeaderName::from_static("traceparent"),
+            HeaderValue::from_str(value).map_err(|_| unsendable("traceparent"))?,
+        );
     }
     let body: Bytes = match config.mode {
         Mode::Structured => {
-            request = request.header(reqwest::header::CONTENT_TYPE, CLOUDEVENTS_JSON);
+            headers.insert(CONTENT_TYPE, HeaderValue::from_static(CLOUDEVENTS_JSON));
             due.bytes.clone()
         }
         Mode::Binary => {
@@ -212,24 +226,30 @@ async fn send(
                     format!("journalled envelope unreadable: {e}"),
                 )
             })?;
-            request = request
-                .header(
-                    reqwest::header::CONTENT_TYPE,
-                    envelope.datacontenttype.as_str(),
-                )
-                .header("ce-specversion", ce_header(&envelope.specversion))
-                .header("ce-id", ce_header(&envelope.id))
-                .header("ce-source", ce_header(&envelope.source))
-                .header("ce-type", ce_header(&envelope.event_type))
-                .header("ce-time", ce_header(&envelope.time))
-                .header("ce-provider", ce_header(&envelope.provider))
-                .header("ce-recvtime", ce_header(&envelope.recvtime));
+            let mut ce = |name: &'static str, value: &str| {
+                // `ce_header` leaves only printable ASCII: always a valid value.
+                if let Ok(v) = HeaderValue::try_from(ce_header(value)) {
+                    headers.insert(HeaderName::from_static(name), v);
+                }
+            };
+            ce("ce-specversion", &envelope.specversion);
+            ce("ce-id", &envelope.id);
+            ce("ce-source", &envelope.source);
+            ce("ce-type", &envelope.event_type);
+            ce("ce-time", &envelope.time);
+            ce("ce-provider", &envelope.provider);
+            ce("ce-recvtime", &envelope.recvtime);
             if let Some(subject) = &envelope.subject {
-                request = request.header("ce-subject", ce_header(subject));
+                ce("ce-subject", subject);
             }
             if let Some(seq) = envelope.seq {
-                request = request.header("ce-seq", seq.to_string());
+                ce("ce-seq", &seq.to_string());
             }
+            headers.insert(
+                CONTENT_TYPE,
+                HeaderValue::from_str(envelope.datacontenttype.as_str())
+                    .map_err(|_| unsendable("datacontenttype"))?,
+            );
             // `data` exactly as journalled: serde_json wrote it compactly from the payload, so
             // this is the payload's own serialisation (parsing it into a tree and writing it
             // again could even change a float's last digit).
@@ -239,12 +259,22 @@ async fn send(
     // Signed just before sending: receivers reject timestamps older than a few minutes.
     let timestamp = Utc::now().timestamp();
     let signature = endpoint.signer.sign(&due.id, timestamp, &body);
-    let response = request
-        .header(HEADER_ID, due.id.as_str())
-        .header(HEADER_TIMESTAMP, timestamp.to_string())
-        .header(HEADER_SIGNATURE, signature)
-        .body(body)
-        .send()
+    headers.insert(
+        HeaderName::from_static(HEADER_ID),
+        HeaderValue::from_str(&due.id).map_err(|_| unsendable("event id"))?,
+    );
+    headers.insert(
+        HeaderName::from_static(HEADER_TIMESTAMP),
+        HeaderValue::from(timestamp),
+    );
+    headers.insert(
+        HeaderName::from_static(HEADER_SIGNATURE),
+        HeaderValue::try_from(signature).map_err(|_| unsendable("signature"))?,
+    );
+    *request.body_mut() = Some(body.into());
+    let response = endpoint
+        .client
+        .execute(request)
         .await
         .map_err(|e| describe(e, &config.url))?;
     let status = response.status().as_u16();
