@@ -20,6 +20,7 @@
 
 mod consumers;
 mod frames;
+mod nats_raw;
 mod prefill;
 mod pusher;
 mod raw;
