@@ -174,7 +174,11 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             let bridge = Bridge::start(&config)
                 .await
                 .context("starting the bridge")?;
-            let mut events = bridge.subscribe();
+            // The event log (one debug line per event) reads the live ring like a consumer:
+            // only when it is on. Subscribed always, it woke this thread for every event
+            // published, at whatever log level (issue 15's ingest profile: ~8,000 wake-ups a
+            // second at full speed).
+            let mut events = tracing::enabled!(tracing::Level::DEBUG).then(|| bridge.subscribe());
             info!(
                 upstreams = config.upstreams.len(),
                 "wsbridge running; Ctrl-C or SIGTERM stops"
@@ -205,7 +209,12 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                             }
                         }
                     }
-                    got = events.recv() => match got {
+                    got = async {
+                        match events.as_mut() {
+                            Some(events) => events.recv().await,
+                            None => std::future::pending().await,
+                        }
+                    } => match got {
                         Ok(p) => tracing::debug!(seq = p.envelope.seq.unwrap_or(0), r#type = %p.envelope.event_type,
                             subject = p.envelope.subject.as_deref().unwrap_or(""), source = %p.envelope.source, "event"),
                         Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => info!(skipped = n, "event log fell behind"),
