@@ -73,7 +73,7 @@ impl Checkpointer {
         durability: Durability,
         gate: Arc<CommitGate>,
     ) -> Result<Checkpointer, StoreError> {
-        let conn = schema::open_connection(path, durability)?;
+        let conn = schema::open_reader_connection(path, durability)?;
         let stop = Arc::new((Mutex::new(false), Condvar::new()));
         let flag = stop.clone();
         let thread = std::thread::Builder::new()

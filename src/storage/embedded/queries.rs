@@ -9,7 +9,7 @@ use bytes::Bytes;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::cursor::target_pattern;
-use super::schema::{meta_number, open_connection, open_replay_connection, DEAD, PENDING};
+use super::schema::{meta_number, open_reader_connection, open_replay_connection, DEAD, PENDING};
 use super::{db, to_i64, REPLAY_READERS};
 use crate::storage::config::Durability;
 use crate::storage::{
@@ -43,7 +43,7 @@ impl ReplayReaders {
 impl Readers {
     /// Opens the reader and the first replay reader of the file at `path`.
     pub(super) fn open(path: &Path, durability: Durability) -> Result<Readers, StoreError> {
-        let reader = open_connection(path, durability)?;
+        let reader = open_reader_connection(path, durability)?;
         let replay = ReplayReaders {
             turns: Arc::new(tokio::sync::Semaphore::new(REPLAY_READERS)),
             idle: Mutex::new(Vec::with_capacity(REPLAY_READERS)),
