@@ -17,6 +17,24 @@ pub(crate) struct Row {
     pub(crate) met: String,
 }
 
+impl Row {
+    /// A raw baseline's figure under the row of the system it is compared with: only a
+    /// result, no measurement of loss, duplicates or CPU.
+    pub(crate) fn raw_figure(result: String) -> Row {
+        Row {
+            scenario: String::new(),
+            system: System::Raw,
+            result,
+            latency: "–".into(),
+            lost: "–".into(),
+            dup: "–".into(),
+            cpu: "–".into(),
+            goal: String::new(),
+            met: String::new(),
+        }
+    }
+}
+
 /// The CPU cell: server / load tool.
 pub(crate) fn cpu_cell(cpu: &CpuUse) -> String {
     format!("{:.0}% / {:.0}%", cpu.server, cpu.tool)

@@ -122,21 +122,11 @@ pub(crate) async fn scenario_ingest(o: &Opts, rows: &mut Vec<Row>) -> Res<()> {
             "  ingest NATS raw: {:.0} ev/s with claims, {:.0} ev/s events only",
             raw.with_claims, raw.events_only
         );
-        rows.push(Row {
-            scenario: String::new(),
-            system: System::Raw,
-            result: format!(
-                "JetStream alone: {:.0}k ev/s (claim + event), {:.0}k (event only)",
-                raw.with_claims / 1000.0,
-                raw.events_only / 1000.0
-            ),
-            latency: "–".into(),
-            lost: "–".into(),
-            dup: "–".into(),
-            cpu: "–".into(),
-            goal: String::new(),
-            met: String::new(),
-        });
+        rows.push(Row::raw_figure(format!(
+            "JetStream alone: {:.0}k ev/s (claim + event), {:.0}k (event only)",
+            raw.with_claims / 1000.0,
+            raw.events_only / 1000.0
+        )));
     }
     Ok(())
 }

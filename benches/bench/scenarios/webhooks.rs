@@ -120,17 +120,10 @@ pub(crate) async fn scenario_webhooks(o: &Opts, rows: &mut Vec<Row>) -> Res<()> 
         },
     });
     if let Some(r) = raw {
-        rows.push(Row {
-            scenario: String::new(),
-            system: System::Raw,
-            result: format!("{:.1}k posts/s (pre-signed, no store)", r.rate / 1000.0),
-            latency: "–".into(),
-            lost: "–".into(),
-            dup: "–".into(),
-            cpu: "–".into(),
-            goal: String::new(),
-            met: String::new(),
-        });
+        rows.push(Row::raw_figure(format!(
+            "{:.1}k posts/s (pre-signed, no store)",
+            r.rate / 1000.0
+        )));
     }
     Ok(())
 }
