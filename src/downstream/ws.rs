@@ -239,7 +239,10 @@ async fn session(
 
     let ready = match hub.store.position().await {
         Ok(pos) => {
+            // Text at once: a `Value` bound here would live (with its map on the heap) for
+            // the whole session.
             json!({"op": "ready", "session": session_id, "consumer": &*consumer.name, "epoch": pos.epoch, "head": pos.head})
+                .to_string()
         }
         Err(e) => {
             let _ = socket
@@ -248,7 +251,7 @@ async fn session(
             return;
         }
     };
-    if socket.send(Message::text(ready.to_string())).await.is_err() {
+    if socket.send(Message::text(ready)).await.is_err() {
         return;
     }
 
@@ -323,8 +326,9 @@ async fn session(
                 let (item, mut feed) = match next {
                     Next::Plain(item, feed) => (item, feed),
                     Next::Durable(Some(first), mut events) => {
+                        // Boxed, as the plain write below.
                         let sent = tokio::select! {
-                            r = write_durable_events(&mut socket, &sub.id_json, first, &mut events, &hub) => r,
+                            r = Box::pin(write_durable_events(&mut socket, &sub.id_json, first, &mut events, &hub)) => r,
                             _ = &mut slow_verdict => true,
                         };
                         if !sent {
@@ -353,9 +357,12 @@ async fn session(
                 if item.as_ref().and_then(FeedItem::event_text).is_some() {
                     let Some(first) = item.take() else { continue };
                     // A write stuck on a consumer that stopped reading must not hide the
-                    // slow-consumer verdict.
+                    // slow-consumer verdict. Boxed: a task's future is as large as its largest
+                    // await, so inline the write's state would be part of every idle
+                    // session's task (+0.3 KiB per idle consumer, issue 15 memory bench); a
+                    // box per batch of frames costs nothing next to the frames.
                     let (sent, rest) = tokio::select! {
-                        r = write_events(&mut socket, &sub.id_json, first, &mut feed, &hub, &budget) => r,
+                        r = Box::pin(write_events(&mut socket, &sub.id_json, first, &mut feed, &hub, &budget)) => r,
                         _ = &mut slow_verdict => (true, None),
                     };
                     if !sent {
